@@ -1,0 +1,31 @@
+"""attnhut_jax: attention mechanisms from frontier labs as Flax linen modules.
+
+Every mechanism is built from plain ints, initialised with ``init`` and called with ``apply`` on a
+(batch, seq, dim) array; parameters mirror attnhut 0.5.0's ``state_dict`` names.
+
+    import jax, jax.numpy as jnp
+    from attnhut_jax import GroupedQueryAttention
+    attn = GroupedQueryAttention(dim=512, num_heads=8, num_kv_heads=2)
+    x = jnp.ones((2, 128, 512))
+    variables = attn.init(jax.random.key(0), x)
+    y = attn.apply(variables, x)
+"""
+
+from .differential import DifferentialAttention, lambda_init
+from .gqa import GroupedQueryAttention
+from .mla import MultiHeadLatentAttention
+from .mqa import MultiQueryAttention
+from .slot import SlotAttention
+from .standard import StandardAttention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StandardAttention",
+    "MultiQueryAttention",
+    "GroupedQueryAttention",
+    "MultiHeadLatentAttention",
+    "DifferentialAttention",
+    "lambda_init",
+    "SlotAttention",
+]

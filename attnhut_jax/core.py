@@ -1,0 +1,292 @@
+"""Shared building blocks: every mechanism imports this module and nothing else of its siblings.
+
+Dimension key, used in array names and einsum strings throughout the package:
+
+    B batch            T query length        S key length        D model width
+    N query heads      K kv heads / groups   G query heads per kv head (N = K * G)
+    H head width       V value head width    R rope width        L latent width
+
+Semantics follow attnhut 0.5.0 (``attnhut/utils.py``, ``attnhut/rope.py``):
+
+* masked logits are filled with the dtype's most negative *finite* value, never ``-inf``;
+* a query row with no visible key returns zeros (torch's SDPA does the same for such rows);
+* the softmax runs in float32 when the operands are half precision;
+* query head ``n`` reads kv head ``n // G`` (contiguous grouping, as ``repeat_kv``);
+* the causal rule lets query ``i`` see key ``j`` when ``j <= i + (S - T)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax.linen import dtypes
+
+Array = jax.Array
+Dtype = Any
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_input(x: Array, dim: int, owner: str) -> None:
+    """Raise if ``x`` is not a (batch, seq, dim) array."""
+    if not hasattr(x, "ndim") or not hasattr(x, "shape"):
+        raise TypeError(f"{owner}: expected an array of shape (batch, seq, {dim}), got {type(x)!r}")
+    if x.ndim != 3:
+        raise ValueError(
+            f"{owner}: expected input of rank 3 (batch, seq, dim={dim}), got shape {tuple(x.shape)}"
+        )
+    if x.shape[-1] != dim:
+        raise ValueError(f"{owner}: input width {x.shape[-1]} != dim={dim} (shape {tuple(x.shape)})")
+    if x.shape[1] < 1:
+        raise ValueError(f"{owner}: sequence length must be >= 1, got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{owner}: input must be floating point, got dtype {x.dtype}")
+
+
+def check_positive(owner: str, **values: int | float) -> None:
+    """Raise ``ValueError`` naming every value that is not >= 1."""
+    bad = {k: v for k, v in values.items() if v is None or v < 1}
+    if bad:
+        named = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise ValueError(f"{owner}: {named} must be >= 1")
+
+
+def check_divisible(owner: str, num: tuple[str, int], den: tuple[str, int]) -> None:
+    """Raise ``ValueError`` unless ``num`` is divisible by ``den`` (both given as (name, value))."""
+    (nn_, nv), (dn, dv) = num, den
+    if dv < 1 or nv % dv != 0:
+        raise ValueError(f"{owner}: {nn_}={nv} must be divisible by {dn}={dv}")
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def torch_linear_init(fan_in: int):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default for Linear weights and biases."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str | None],
+          dtype: Dtype) -> Array:
+    """Declare a parameter whose value carries logical axis names (``nn.LogicallyPartitioned``)."""
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def ones_param(module: nn.Module, name: str, size: int, axis: str | None, dtype: Dtype) -> Array:
+    """A norm weight initialised to one, as ``nn.Parameter(torch.ones(size))``."""
+    return param(module, name, nn.initializers.ones_init(), (size,), (axis,), dtype)
+
+
+class Linear(nn.Module):
+    """``torch.nn.Linear`` as a Flax module: parameters ``kernel`` (in, out) and ``bias`` (out,).
+
+    ``axes`` names the logical axes of the kernel (input axis, output axis).
+    """
+
+    features: int
+    use_bias: bool = False
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        fan_in = x.shape[-1]
+        init = torch_linear_init(fan_in)
+        kernel = param(self, "kernel", init, (fan_in, self.features), self.axes, self.param_dtype)
+        bias = (param(self, "bias", init, (self.features,), self.axes[1:], self.param_dtype)
+                if self.use_bias else None)
+        x, kernel, bias = dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.einsum("...i,io->...o", x, kernel)
+        return y + bias if bias is not None else y
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def rms_norm(x: Array, weight: Array, eps: float = 1e-6) -> Array:
+    """RMSNorm over the last axis, as ``torch.nn.functional.rms_norm`` (statistics in float32)."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(y.dtype)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+def rope_tables(positions: Array, dim: int, theta: float = 10000.0,
+                dtype: Dtype = jnp.float32) -> tuple[Array, Array]:
+    """cos/sin tables of shape ``positions.shape + (dim,)`` for rotate-half RoPE.
+
+    ``positions`` is (T,) for positions shared by the batch or (B, T) per sample.
+    """
+    if dim <= 0 or dim % 2 != 0:
+        raise ValueError(f"RoPE dim must be a positive even number, got {dim}")
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    freqs = jnp.asarray(positions).astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _rotate_half(x: Array) -> Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x_BTNR: Array, cos: Array, sin: Array) -> Array:
+    """Rotate the leading ``R = cos.shape[-1]`` channels of every head; pass the rest through.
+
+    ``x`` is (B, T, N, H) with ``H >= R``; ``cos``/``sin`` are (T, R) or (B, T, R). ``R == H`` is
+    full RoPE, ``R < H`` partial RoPE (MiniMax's ``rope_dim``).
+    """
+    r, h = cos.shape[-1], x_BTNR.shape[-1]
+    if r % 2 != 0 or r > h:
+        raise ValueError(f"rope width {r} must be even and <= head width {h}")
+    if cos.ndim == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rot, rest = x_BTNR[..., :r], x_BTNR[..., r:]
+    rot = rot * cos + _rotate_half(rot) * sin
+    return rot if r == h else jnp.concatenate([rot, rest], axis=-1)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def causal_mask(q_len: int, k_len: int) -> Array:
+    """Boolean (q_len, k_len), True where query ``i`` may read key ``j``: ``j <= i + k_len - q_len``."""
+    i = jnp.arange(q_len)[:, None]
+    j = jnp.arange(k_len)[None, :]
+    return j <= i + (k_len - q_len)
+
+
+def mask_value(dtype: Dtype) -> float:
+    """The single fill value used for masked logits: the dtype's most negative finite number."""
+    return float(jnp.finfo(dtype).min)
+
+
+def split_attn_mask(attn_mask: Array | None, shape_BNTS: tuple[int, int, int, int],
+                    owner: str) -> tuple[Array | None, Array | None]:
+    """Validate a user ``attn_mask`` as torch's SDPA reads it and split it into (keep, bias).
+
+    A boolean mask is ``keep`` (True = may attend). A floating mask is an additive ``bias``;
+    its ``-inf`` entries are also turned into ``keep=False`` so that no row can go NaN.
+    Either must broadcast to (B, N, T, S).
+    """
+    if attn_mask is None:
+        return None, None
+    if not hasattr(attn_mask, "shape") or not hasattr(attn_mask, "dtype"):
+        raise TypeError(f"{owner}: attn_mask must be an array, got {type(attn_mask)!r}")
+    mshape = tuple(attn_mask.shape)
+    ok = len(mshape) <= 4 and all(
+        m in (1, t) for m, t in zip(mshape[::-1], shape_BNTS[::-1], strict=False))
+    if not ok:
+        raise ValueError(
+            f"{owner}: attn_mask of shape {mshape} does not broadcast to "
+            f"(batch, heads, q_len, k_len)={shape_BNTS}")
+    if attn_mask.dtype == jnp.bool_:
+        return attn_mask, None
+    if jnp.issubdtype(attn_mask.dtype, jnp.floating):
+        return ~jnp.isneginf(attn_mask), attn_mask
+    raise TypeError(f"{owner}: attn_mask must be boolean or floating point, got {attn_mask.dtype}")
+
+
+# ----------------------------------------------------------------------------- attention core
+
+
+def softmax_dtype(dtype: Dtype) -> Dtype:
+    """float32 for half-precision operands, the operand dtype otherwise."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def dot_product_attention(
+    q_BTNH: Array,
+    k_BSKH: Array,
+    v_BSKV: Array,
+    *,
+    keep: Array | None = None,
+    bias: Array | None = None,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> Array:
+    """Masked-softmax attention with GQA grouping; a pure function of arrays.
+
+    Args:
+      q_BTNH: queries (B, T, N, H).
+      k_BSKH: keys (B, S, K, H), K dividing N; query head n reads kv head n // (N // K).
+      v_BSKV: values (B, S, K, V) (V may differ from H, as in MLA).
+      keep: boolean, broadcastable to (B, N, T, S); True where a query may read a key.
+      bias: additive logits, broadcastable to (B, N, T, S).
+      scale: logit scale, default ``H ** -0.5``.
+      dropout_rate: dropout on the attention weights (inverted scaling), needs ``dropout_rng``.
+
+    Returns:
+      (B, T, N, V). Rows with no visible key are zeros.
+    """
+    b, t, n, h = q_BTNH.shape
+    s, k = k_BSKH.shape[1], k_BSKH.shape[2]
+    if k < 1 or n % k != 0:
+        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k}")
+    g = n // k
+    scale = h ** -0.5 if scale is None else scale
+    q_BTKGH = q_BTNH.reshape(b, t, k, g, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(softmax_dtype(q_BTNH.dtype))
+    logits = logits.reshape(b, n, t, s) * scale
+    if bias is not None:
+        logits = logits + bias.astype(logits.dtype)
+    probs = masked_softmax(logits, keep)
+    if dropout_rate > 0.0:
+        if dropout_rng is None:
+            raise ValueError("dropout_rate > 0 needs a dropout_rng")
+        keep_drop = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep_drop, probs / (1.0 - dropout_rate), 0.0)
+    probs_BKGTS = probs.astype(v_BSKV.dtype).reshape(b, k, g, t, s)
+    out = jnp.einsum("BKGTS,BSKV->BTKGV", probs_BKGTS, v_BSKV)
+    return out.reshape(b, t, n, v_BSKV.shape[-1])
+
+
+def masked_softmax(logits: Array, keep: Array | None) -> Array:
+    """Softmax over the last axis with attnhut's rule: finite fill, rows without a key give zeros."""
+    if keep is None:
+        return jax.nn.softmax(logits, axis=-1)
+    keep = jnp.broadcast_to(keep, logits.shape)
+    logits = jnp.where(keep, logits, mask_value(logits.dtype))
+    empty = ~jnp.any(keep, axis=-1, keepdims=True)
+    logits = jnp.where(empty, 0.0, logits)
+    return jnp.where(empty, 0.0, jax.nn.softmax(logits, axis=-1))
+
+
+def attention_dropout(module: nn.Module, rate: float, deterministic: bool) -> tuple[float, Array | None]:
+    """(rate, rng) for ``dot_product_attention``: the ``'dropout'`` stream when training."""
+    if deterministic or rate == 0.0:
+        return 0.0, None
+    return rate, module.make_rng("dropout")
+
+
+def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None, causal: bool,
+         owner: str, scale: float | None = None, dropout_rate: float = 0.0,
+         dropout_rng: Array | None = None) -> Array:
+    """``torch.nn.functional.scaled_dot_product_attention`` as attnhut calls it.
+
+    attnhut passes ``is_causal=self.causal and attn_mask is None``: a user mask *replaces* the
+    causal rule rather than adding to it. We keep that rule so that outputs match.
+    """
+    b, t, n, _ = q_BTNH.shape
+    s = k_BSKH.shape[1]
+    keep, bias = split_attn_mask(attn_mask, (b, n, t, s), owner)
+    if causal and attn_mask is None:
+        keep = causal_mask(t, s)
+    return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, bias=bias, scale=scale,
+                                 dropout_rate=dropout_rate, dropout_rng=dropout_rng)

@@ -1,0 +1,93 @@
+"""Differential Transformer attention (Ye et al., 2024).
+
+Each head computes two softmax maps and subtracts the second, scaled by a learned lambda, so that
+common-mode attention noise cancels. A per-head RMSNorm and a (1 - lambda_init) scale keep the
+output magnitude close to a normal head. As in attnhut, the paper's RoPE is omitted.
+
+Because ``(A1 - lam * A2) V = A1 V - lam * (A2 V)``, the core here is two calls of the shared
+attention function rather than a materialised difference of maps: the form flash kernels need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from . import core
+from .core import Array, Dtype
+
+
+def lambda_init(depth: int) -> float:
+    """Starting lambda for the layer at zero-based ``depth``: ``0.8 - 0.6 * exp(-0.3 * depth)``."""
+    return 0.8 - 0.6 * math.exp(-0.3 * depth)
+
+
+def _normal01(key, shape, dtype=jnp.float32):
+    return 0.1 * nn.initializers.normal(1.0)(key, shape, dtype)
+
+
+class DifferentialAttention(nn.Module):
+    """Two-softmax differential attention.
+
+    Args mirror ``attnhut.DifferentialAttention``: ``dim`` (divisible by 2 * num_heads),
+    ``num_heads``, ``depth`` (sets lambda_init), ``causal`` (True), ``bias``. Parameters: ``q``,
+    ``k``, ``v``, ``proj``, ``head_norm`` (2 * head_dim), ``lambda_q1``, ``lambda_k1``,
+    ``lambda_q2``, ``lambda_k2`` (head_dim each, N(0, 0.1)).
+    """
+
+    dim: int
+    num_heads: int
+    depth: int = 0
+    causal: bool = True
+    bias: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads // 2
+
+    @property
+    def lambda_init(self) -> float:
+        return lambda_init(self.depth)
+
+    def setup(self) -> None:
+        owner = "DifferentialAttention"
+        core.check_positive(owner, dim=self.dim, num_heads=self.num_heads)
+        core.check_divisible(owner, ("dim", self.dim), ("2 * num_heads", 2 * self.num_heads))
+        if self.depth < 0:
+            raise ValueError(f"{owner}: depth={self.depth} must be >= 0")
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.q = core.Linear(self.dim, axes=("embed", "heads"), **kw)
+        self.k = core.Linear(self.dim, axes=("embed", "heads"), **kw)
+        self.v = core.Linear(self.dim, axes=("embed", "heads"), **kw)
+        self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
+        hd = self.head_dim
+        self.head_norm = core.ones_param(self, "head_norm", 2 * hd, "head_dim", self.param_dtype)
+        for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+            setattr(self, name, core.param(self, name, _normal01, (hd,), ("head_dim",),
+                                           self.param_dtype))
+
+    def lambda_value(self) -> Array:
+        """lambda = exp(q1 . k1) - exp(q2 . k2) + lambda_init (a scalar)."""
+        l1 = jnp.exp(jnp.sum(self.lambda_q1 * self.lambda_k1))
+        l2 = jnp.exp(jnp.sum(self.lambda_q2 * self.lambda_k2))
+        return l1 - l2 + self.lambda_init
+
+    def __call__(self, x: Array) -> Array:
+        """(B, T, D) -> (B, T, D)."""
+        core.check_input(x, self.dim, "DifferentialAttention")
+        b, t, _ = x.shape
+        n, hd = self.num_heads, self.head_dim
+        # Query/key head 2i and 2i + 1 form the pair of maps of differential head i.
+        q = self.q(x).reshape(b, t, n, 2, hd)
+        k = self.k(x).reshape(b, t, n, 2, hd)
+        v_BTNV = self.v(x).reshape(b, t, n, 2 * hd)
+        keep = core.causal_mask(t, t) if self.causal else None
+        a1, a2 = (core.dot_product_attention(q[:, :, :, i], k[:, :, :, i], v_BTNV, keep=keep,
+                                             scale=hd ** -0.5) for i in (0, 1))
+        out = a1 - self.lambda_value().astype(a2.dtype) * a2
+        out = core.rms_norm(out, self.head_norm, eps=1e-5) * (1 - self.lambda_init)
+        return self.proj(out.reshape(b, t, self.dim))

@@ -1,0 +1,59 @@
+"""Grouped-query attention (Ainslie et al., 2023)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from . import core
+from .core import Array, Dtype
+
+
+class GroupedQueryAttention(nn.Module):
+    """Query heads share key/value heads in contiguous groups of ``num_heads // num_kv_heads``.
+
+    ``num_kv_heads == num_heads`` is MHA, ``num_kv_heads == 1`` is MQA. Args mirror
+    ``attnhut.GroupedQueryAttention``: ``dim``, ``num_heads``, ``num_kv_heads``, ``causal``,
+    ``dropout``, ``bias``. Parameters: ``q``, ``k``, ``v``, ``proj``.
+    """
+
+    dim: int
+    num_heads: int
+    num_kv_heads: int
+    causal: bool = False
+    dropout: float = 0.0
+    bias: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def setup(self) -> None:
+        owner = "GroupedQueryAttention"
+        core.check_positive(owner, dim=self.dim, num_heads=self.num_heads,
+                            num_kv_heads=self.num_kv_heads)
+        core.check_divisible(owner, ("dim", self.dim), ("num_heads", self.num_heads))
+        core.check_divisible(owner, ("num_heads", self.num_heads),
+                             ("num_kv_heads", self.num_kv_heads))
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.q = core.Linear(self.dim, axes=("embed", "heads"), **kw)
+        self.k = core.Linear(kv_dim, axes=("embed", "kv_heads"), **kw)
+        self.v = core.Linear(kv_dim, axes=("embed", "kv_heads"), **kw)
+        self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
+
+    def __call__(self, x: Array, attn_mask: Array | None = None,
+                 deterministic: bool = True) -> Array:
+        """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T)."""
+        core.check_input(x, self.dim, "GroupedQueryAttention")
+        b, t, _ = x.shape
+        h = self.head_dim
+        q_BTNH = self.q(x).reshape(b, t, self.num_heads, h)
+        k_BTKH = self.k(x).reshape(b, t, self.num_kv_heads, h)
+        v_BTKH = self.v(x).reshape(b, t, self.num_kv_heads, h)
+        rate, rng = core.attention_dropout(self, self.dropout, deterministic)
+        out = core.sdpa(q_BTNH, k_BTKH, v_BTKH, attn_mask=attn_mask, causal=self.causal,
+                        owner="GroupedQueryAttention", dropout_rate=rate, dropout_rng=rng)
+        return self.proj(out.reshape(b, t, self.dim))

@@ -1,0 +1,52 @@
+"""Multi-query attention (Shazeer, 2019)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from . import core
+from .core import Array, Dtype
+
+
+class MultiQueryAttention(nn.Module):
+    """All query heads share one key/value head: the smallest KV cache.
+
+    Args mirror ``attnhut.MultiQueryAttention``: ``dim`` (divisible by ``num_heads``),
+    ``num_heads``, ``causal``, ``dropout``, ``bias``. Parameters: ``q``, ``kv`` (2 * head_dim wide),
+    ``proj``.
+    """
+
+    dim: int
+    num_heads: int
+    causal: bool = False
+    dropout: float = 0.0
+    bias: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def setup(self) -> None:
+        core.check_positive("MultiQueryAttention", dim=self.dim, num_heads=self.num_heads)
+        core.check_divisible("MultiQueryAttention", ("dim", self.dim),
+                             ("num_heads", self.num_heads))
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.q = core.Linear(self.dim, axes=("embed", "heads"), **kw)
+        self.kv = core.Linear(2 * self.head_dim, axes=("embed", "kv_heads"), **kw)
+        self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
+
+    def __call__(self, x: Array, attn_mask: Array | None = None,
+                 deterministic: bool = True) -> Array:
+        """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T)."""
+        core.check_input(x, self.dim, "MultiQueryAttention")
+        b, t, _ = x.shape
+        q_BTNH = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
+        k, v = jnp.split(self.kv(x), 2, axis=-1)
+        rate, rng = core.attention_dropout(self, self.dropout, deterministic)
+        out = core.sdpa(q_BTNH, k[:, :, None, :], v[:, :, None, :], attn_mask=attn_mask,
+                        causal=self.causal, owner="MultiQueryAttention",
+                        dropout_rate=rate, dropout_rng=rng)
+        return self.proj(out.reshape(b, t, self.dim))

@@ -1,0 +1,146 @@
+"""Slot Attention (Locatello et al., 2020).
+
+A small set of slots compete to explain the inputs: the softmax runs over the *slots*, so each
+input is softly assigned to one, then each slot takes the weighted mean of its inputs and is
+refined by a GRU and a residual MLP. The output is the set of slots, (B, num_slots, D).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import core
+from .core import Array, Dtype
+
+
+def _layer_norm(name: str, dtype: Dtype | None, param_dtype: Dtype) -> nn.LayerNorm:
+    """``torch.nn.LayerNorm(dim)``: eps 1e-5, exact two-pass variance, parameters ``scale``/``bias``."""
+    return nn.LayerNorm(
+        epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
+class GRUCell(nn.Module):
+    """``torch.nn.GRUCell(dim, dim)``: gates (r, z, n) stacked in ``kernel_ih``/``kernel_hh`` (D, 3D)."""
+
+    features: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, h: Array) -> Array:
+        d = self.features
+        init = core.torch_linear_init(d)
+        p = {name: core.param(self, name, init, shape, axes, self.param_dtype)
+             for name, shape, axes in (("kernel_ih", (x.shape[-1], 3 * d), ("embed", "gru")),
+                                       ("kernel_hh", (d, 3 * d), ("embed", "gru")),
+                                       ("bias_ih", (3 * d,), ("gru",)),
+                                       ("bias_hh", (3 * d,), ("gru",)))}
+        x, h, *vals = nn.dtypes.promote_dtype(x, h, *p.values(), dtype=self.dtype)
+        w_ih, w_hh, b_ih, b_hh = vals
+        gi = jnp.split(x @ w_ih + b_ih, 3, axis=-1)
+        gh = jnp.split(h @ w_hh + b_hh, 3, axis=-1)
+        r = jax.nn.sigmoid(gi[0] + gh[0])
+        z = jax.nn.sigmoid(gi[1] + gh[1])
+        n = jnp.tanh(gi[2] + r * gh[2])
+        return (1.0 - z) * n + z * h
+
+
+class _MLP(nn.Module):
+    """``nn.Sequential(Linear, ReLU, Linear)``; submodules keep torch's indices ``0`` and ``2``."""
+
+    hidden: int
+    out: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = core.Linear(self.hidden, axes=("embed", "mlp"), name="0", **kw)(x)
+        return core.Linear(self.out, axes=("mlp", "embed"), name="2", **kw)(nn.relu(x))
+
+
+def _xavier_uniform_111(key, shape, dtype=jnp.float32):
+    """``nn.init.xavier_uniform_`` on a (1, 1, D) tensor: fan_in = fan_out = D."""
+    bound = math.sqrt(6.0 / (2 * shape[-1]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class SlotAttention(nn.Module):
+    """Iterative slot attention with GRU refinement.
+
+    Args mirror ``attnhut.SlotAttention``: ``dim``, ``num_slots``, ``num_iters`` (3),
+    ``hidden_dim`` (128; the MLP is ``max(dim, hidden_dim)`` wide), ``eps`` (1e-8). Parameters:
+    ``slot_mu`` (1, 1, D) ~ N(0, 1), ``slot_log_sigma`` (1, 1, D) xavier-uniform, ``to_q``,
+    ``to_k``, ``to_v`` (with bias), ``gru``, ``mlp/0``, ``mlp/2``, ``norm_input``, ``norm_slots``,
+    ``norm_pre_mlp``.
+    """
+
+    dim: int
+    num_slots: int
+    num_iters: int = 3
+    hidden_dim: int = 128
+    eps: float = 1e-8
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        owner = "SlotAttention"
+        core.check_positive(owner, dim=self.dim, num_slots=self.num_slots,
+                            hidden_dim=self.hidden_dim)
+        if self.num_iters < 0:
+            raise ValueError(f"{owner}: num_iters={self.num_iters} must be >= 0")
+        d, pd = self.dim, self.param_dtype
+        self.slot_mu = core.param(self, "slot_mu", nn.initializers.normal(1.0), (1, 1, d),
+                                  (None, None, "embed"), pd)
+        self.slot_log_sigma = core.param(self, "slot_log_sigma", _xavier_uniform_111, (1, 1, d),
+                                         (None, None, "embed"), pd)
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=pd)
+        self.to_q = core.Linear(d, axes=("embed", "heads"), **kw)
+        self.to_k = core.Linear(d, axes=("embed", "heads"), **kw)
+        self.to_v = core.Linear(d, axes=("embed", "heads"), **kw)
+        self.gru = GRUCell(d, dtype=self.dtype, param_dtype=pd)
+        self.mlp = _MLP(max(d, self.hidden_dim), d, dtype=self.dtype, param_dtype=pd)
+        self.norm_input = _layer_norm("norm_input", self.dtype, pd)
+        self.norm_slots = _layer_norm("norm_slots", self.dtype, pd)
+        self.norm_pre_mlp = _layer_norm("norm_pre_mlp", self.dtype, pd)
+
+    def __call__(self, inputs: Array, noise: Array | None = None) -> Array:
+        """(B, S, D) inputs -> (B, num_slots, D) slots.
+
+        ``noise`` is the standard-normal draw (B, num_slots, D) that attnhut takes with
+        ``randn_like``; when None it is drawn from the ``'slots'`` rng stream.
+        """
+        core.check_input(inputs, self.dim, "SlotAttention")
+        b, _, d = inputs.shape
+        shape = (b, self.num_slots, d)
+        if noise is None:
+            noise = jax.random.normal(self.make_rng("slots"), shape, jnp.float32)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(
+                f"SlotAttention: noise must have shape (batch, num_slots, dim)={shape}, "
+                f"got {tuple(noise.shape)}")
+        slots = self.slot_mu + jnp.exp(self.slot_log_sigma) * noise.astype(self.slot_mu.dtype)
+        slots = slots.astype(self.dtype or inputs.dtype)
+
+        inputs = self.norm_input(inputs)
+        k_BSD, v_BSD = self.to_k(inputs), self.to_v(inputs)
+        scale = d ** -0.5
+        for _ in range(self.num_iters):
+            prev = slots
+            q_BND = self.to_q(self.norm_slots(slots)) * scale
+            logits = jnp.einsum("BND,BSD->BNS", q_BND, k_BSD)
+            # Slots compete for each input (softmax over N), then each slot averages its inputs.
+            attn = jax.nn.softmax(logits.astype(core.softmax_dtype(logits.dtype)), axis=1)
+            attn = attn + self.eps
+            attn = (attn / jnp.sum(attn, axis=-1, keepdims=True)).astype(v_BSD.dtype)
+            updates = jnp.einsum("BNS,BSD->BND", attn, v_BSD)
+            slots = self.gru(updates.reshape(-1, d), prev.reshape(-1, d)).reshape(shape)
+            slots = slots + self.mlp(self.norm_pre_mlp(slots))
+        return slots

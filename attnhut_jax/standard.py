@@ -1,0 +1,49 @@
+"""Standard multi-head attention (Vaswani et al., 2017)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from . import core
+from .core import Array, Dtype
+
+
+class StandardAttention(nn.Module):
+    """Plain multi-head scaled dot-product attention, one fused ``qkv`` projection.
+
+    Args mirror ``attnhut.StandardAttention``: ``dim`` (divisible by ``num_heads``), ``num_heads``,
+    ``causal``, ``dropout`` (on attention weights, when ``deterministic=False``), ``bias``.
+    """
+
+    dim: int
+    num_heads: int
+    causal: bool = False
+    dropout: float = 0.0
+    bias: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def setup(self) -> None:
+        core.check_positive("StandardAttention", dim=self.dim, num_heads=self.num_heads)
+        core.check_divisible("StandardAttention", ("dim", self.dim), ("num_heads", self.num_heads))
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
+        self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
+
+    def __call__(self, x: Array, attn_mask: Array | None = None,
+                 deterministic: bool = True) -> Array:
+        """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T)."""
+        core.check_input(x, self.dim, "StandardAttention")
+        b, t, _ = x.shape
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        shape = (b, t, self.num_heads, self.head_dim)
+        rate, rng = core.attention_dropout(self, self.dropout, deterministic)
+        out = core.sdpa(q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=attn_mask,
+                        causal=self.causal, owner="StandardAttention",
+                        dropout_rate=rate, dropout_rng=rng)
+        return self.proj(out.reshape(b, t, self.dim))

@@ -1,0 +1,264 @@
+"""Weights between attnhut (torch) and attnhut_jax (Flax): renaming plus a transpose list.
+
+The rule is the same for every mechanism. A Flax parameter path joined with ``.`` is the torch
+``state_dict`` key, except that a leaf named ``kernel*`` is torch's ``weight*`` transposed
+(Linear weights are (out, in) in torch, (in, out) here) and a LayerNorm ``scale`` is torch's
+``weight``. The set of keys and every shape are checked against the Flax module's abstract
+``init``; nothing is guessed.
+
+A mechanism is registered with the function that reads its constructor arguments off a torch
+module; the Flax class takes the same arguments by the same names, so ``to_torch`` rebuilds the
+torch module from the Flax module's fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import attnhut
+import attnhut_jax
+
+Variables = dict[str, Any]
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _bias(linear: torch.nn.Linear) -> bool:
+    return linear.bias is not None
+
+
+def _depth_from_lambda_init(value: float) -> int:
+    """Invert ``lambda_init(depth) = 0.8 - 0.6 exp(-0.3 depth)`` (attnhut stores only the value)."""
+    depth = round(-math.log((0.8 - value) / 0.6) / 0.3)
+    if not math.isclose(attnhut_jax.lambda_init(depth), value, rel_tol=0, abs_tol=1e-9):
+        raise ValueError(f"DifferentialAttention: lambda_init={value} matches no integer depth")
+    return depth
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    flax_cls: type[nn.Module]
+    torch_cls: type[torch.nn.Module]
+    config: Callable[[torch.nn.Module], dict[str, Any]]
+
+
+SPECS: dict[str, Spec] = {}
+
+
+def register(name: str, config: Callable[[torch.nn.Module], dict[str, Any]]) -> None:
+    """Register attnhut's class ``name`` (same name in both packages) with its config reader."""
+    SPECS[name] = Spec(getattr(attnhut_jax, name), getattr(attnhut, name), config)
+
+
+register("StandardAttention", lambda m: dict(
+    dim=m.qkv.in_features, num_heads=m.num_heads, causal=m.causal, dropout=m.dropout,
+    bias=_bias(m.qkv)))
+register("MultiQueryAttention", lambda m: dict(
+    dim=m.q.in_features, num_heads=m.num_heads, causal=m.causal, dropout=m.dropout,
+    bias=_bias(m.q)))
+register("GroupedQueryAttention", lambda m: dict(
+    dim=m.q.in_features, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, causal=m.causal,
+    dropout=m.dropout, bias=_bias(m.q)))
+register("MultiHeadLatentAttention", lambda m: dict(
+    dim=m.q_down.in_features, num_heads=m.num_heads, q_lora_rank=m.q_lora_rank,
+    kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+    qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, causal=m.causal,
+    rope_theta=m.rope_theta, bias=_bias(m.q_down)))
+register("DifferentialAttention", lambda m: dict(
+    dim=m.q.in_features, num_heads=m.num_heads, depth=_depth_from_lambda_init(m.lambda_init),
+    causal=m.causal, bias=_bias(m.q)))
+register("SlotAttention", lambda m: dict(
+    dim=m.to_q.in_features, num_slots=m.num_slots, num_iters=m.num_iters,
+    hidden_dim=m.mlp[0].out_features, eps=m.eps))
+
+
+def _spec_for_torch(module: Any) -> Spec:
+    spec = SPECS.get(type(module).__name__)
+    if spec is None or not isinstance(module, spec.torch_cls):
+        raise TypeError(
+            f"from_torch: no converter for {type(module).__module__}.{type(module).__qualname__}; "
+            f"known attnhut modules: {', '.join(sorted(SPECS))}")
+    return spec
+
+
+def _spec_for_flax(module: Any) -> Spec:
+    spec = SPECS.get(type(module).__name__)
+    if spec is None or not isinstance(module, spec.flax_cls):
+        raise TypeError(
+            f"to_torch: no converter for {type(module).__module__}.{type(module).__qualname__}; "
+            f"known attnhut_jax modules: {', '.join(sorted(SPECS))}")
+    return spec
+
+
+def constructor_kwargs(flax_module: nn.Module) -> dict[str, Any]:
+    """The Flax module's fields that attnhut's constructor takes (``dtype`` etc. dropped)."""
+    spec = _spec_for_flax(flax_module)
+    import inspect
+
+    names = inspect.signature(spec.torch_cls.__init__).parameters
+    return {k: getattr(flax_module, k) for k in names if k != "self"}
+
+
+# ----------------------------------------------------------------------------- naming rule
+
+
+def torch_key(path: tuple[str, ...]) -> tuple[str, bool]:
+    """(torch state_dict key, transpose?) for a Flax parameter path."""
+    *prefix, leaf = path
+    if leaf.startswith("kernel"):
+        return ".".join([*prefix, "weight" + leaf[len("kernel"):]]), True
+    if leaf == "scale":
+        return ".".join([*prefix, "weight"]), False
+    return ".".join(path), False
+
+
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(p, "key", p)) for p in path)
+
+
+def abstract_variables(flax_module: nn.Module) -> Variables:
+    """Shapes, dtypes and logical-axis boxes of ``flax_module.init``, computed without running it."""
+    x = jax.ShapeDtypeStruct((1, 1, flax_module.dim), jnp.float32)
+    rngs = {"params": jax.random.key(0), "slots": jax.random.key(0), "mask": jax.random.key(0)}
+    return jax.eval_shape(lambda: flax_module.init(rngs, jnp.zeros(x.shape, x.dtype)))
+
+
+def _leaves(variables: Variables):
+    """[(flax path, leaf)] over ``variables['params']``, boxes kept as leaves."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        variables["params"], is_leaf=lambda v: isinstance(v, nn.meta.AxisMetadata))
+    return [(_path_names(p), leaf) for p, leaf in flat]
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+
+def from_state_dict(flax_module: nn.Module, state_dict: Mapping[str, Any]) -> Variables:
+    """Variables for ``flax_module`` from a torch-named state dict (tensors or numpy arrays).
+
+    Raises ``ValueError`` naming missing keys, unexpected keys, or a key whose shape is wrong.
+    The result has the same structure as ``flax_module.init`` (logical-axis boxes included).
+    """
+    abstract = abstract_variables(flax_module)
+    expected = {torch_key(path)[0]: (path, leaf) for path, leaf in _leaves(abstract)}
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{type(flax_module).__name__}: state_dict mismatch; missing keys "
+                         f"{missing}, unexpected keys {extra}")
+    values = {}
+    for key, (path, leaf) in expected.items():
+        arr = _to_numpy(state_dict[key])
+        transpose = torch_key(path)[1]
+        if transpose:
+            arr = arr.T
+        box = leaf if isinstance(leaf, nn.meta.AxisMetadata) else None
+        want = (box.unbox() if box else leaf)
+        if tuple(arr.shape) != tuple(want.shape):
+            shown = tuple(arr.T.shape) if transpose else tuple(arr.shape)
+            need = tuple(want.shape[::-1]) if transpose else tuple(want.shape)
+            raise ValueError(f"{type(flax_module).__name__}: state_dict['{key}'] has shape "
+                             f"{shown}, expected {need}")
+        value = jnp.asarray(arr, dtype=want.dtype)
+        values[path] = box.replace_boxed(value) if box else value
+
+    def fill(path, leaf):
+        return values[_path_names(path)]
+
+    params = jax.tree_util.tree_map_with_path(
+        fill, abstract["params"], is_leaf=lambda v: isinstance(v, nn.meta.AxisMetadata))
+    return {"params": params}
+
+
+def to_state_dict(flax_module: nn.Module, variables: Variables) -> dict[str, np.ndarray]:
+    """The torch-named state dict (numpy arrays) of ``variables``; inverse of ``from_state_dict``."""
+    del flax_module  # the naming rule needs only the paths
+    out = {}
+    for path, leaf in _leaves(variables):
+        key, transpose = torch_key(path)
+        arr = np.asarray(nn.meta.unbox(leaf))
+        out[key] = arr.T if transpose else arr
+    return out
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            return value.float().numpy().astype(jnp.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def from_torch(torch_module: torch.nn.Module) -> tuple[nn.Module, Variables]:
+    """(Flax module, variables) computing what the attnhut ``torch_module`` computes."""
+    spec = _spec_for_torch(torch_module)
+    flax_module = spec.flax_cls(**spec.config(torch_module))
+    return flax_module, from_state_dict(flax_module, torch_module.state_dict())
+
+
+def to_torch(flax_module: nn.Module, variables: Variables) -> torch.nn.Module:
+    """The attnhut module with ``flax_module``'s configuration and ``variables``' weights."""
+    spec = _spec_for_flax(flax_module)
+    torch_module = spec.torch_cls(**constructor_kwargs(flax_module))
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32) if v.dtype == jnp.bfloat16
+                                 else np.ascontiguousarray(v))
+             for k, v in to_state_dict(flax_module, variables).items()}
+    own = torch_module.state_dict()
+    for key, tensor in state.items():
+        if key in own and tuple(own[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"to_torch: '{key}' has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(own[key].shape)}")
+    result = torch_module.load_state_dict(
+        {k: t.to(own[k].dtype) if k in own else t for k, t in state.items()}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"to_torch: missing keys {sorted(result.missing_keys)}, "
+                         f"unexpected keys {sorted(result.unexpected_keys)}")
+    return torch_module
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a torch-named state dict from disk without unpickling code.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(..., weights_only=True)``, which refuses pickled objects other than tensors.
+    """
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, Mapping):
+        raise TypeError(f"{path}: expected a state_dict mapping, got {type(loaded).__name__}")
+    return {k: _to_numpy(v) for k, v in loaded.items()}
+
+
+def save_state_dict(flax_module: nn.Module, variables: Variables,
+                    path: str | os.PathLike) -> None:
+    """Write ``variables`` as a torch-named safetensors file that attnhut can load."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v)
+               for k, v in to_state_dict(flax_module, variables).items()}, os.fspath(path))
+
+
+def load_variables(flax_module: nn.Module, path: str | os.PathLike) -> Variables:
+    """Variables for ``flax_module`` from a torch state dict file (see ``load_state_dict``)."""
+    return from_state_dict(flax_module, load_state_dict(path))
