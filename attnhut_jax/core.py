@@ -21,9 +21,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from flax.linen import dtypes
 
 Array = jax.Array
@@ -236,36 +236,52 @@ def dot_product_attention(
       (B, T, N, V). Rows with no visible key are zeros.
     """
     b, t, n, h = q_BTNH.shape
-    s, k = k_BSKH.shape[1], k_BSKH.shape[2]
+    k = k_BSKH.shape[2]
     if k < 1 or n % k != 0:
         raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k}")
     g = n // k
     scale = h ** -0.5 if scale is None else scale
-    q_BTKGH = q_BTNH.reshape(b, t, k, g, h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(softmax_dtype(q_BTNH.dtype))
-    logits = logits.reshape(b, n, t, s) * scale
+    # Head-major operands: XLA:CPU runs these batched matmuls about 2x faster than the same
+    # einsums written on (B, T, N, H) operands.
+    q_BKGTH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
+    k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
+    v_BKSV = v_BSKV.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH).astype(softmax_dtype(q_BTNH.dtype))
+    logits = logits * scale
     if bias is not None:
-        logits = logits + bias.astype(logits.dtype)
-    probs = masked_softmax(logits, keep)
+        logits = logits + _group_heads(bias, k, g).astype(logits.dtype)
+    probs = masked_softmax(logits, None if keep is None else _group_heads(keep, k, g))
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("dropout_rate > 0 needs a dropout_rng")
         keep_drop = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep_drop, probs / (1.0 - dropout_rate), 0.0)
-    probs_BKGTS = probs.astype(v_BSKV.dtype).reshape(b, k, g, t, s)
-    out = jnp.einsum("BKGTS,BSKV->BTKGV", probs_BKGTS, v_BSKV)
-    return out.reshape(b, t, n, v_BSKV.shape[-1])
+    out = jnp.einsum("BKGTS,BKSV->BKGTV", probs.astype(v_BSKV.dtype), v_BKSV)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, v_BSKV.shape[-1])
+
+
+def _group_heads(a: Array, k: int, g: int) -> Array:
+    """A mask or bias broadcastable to (B, N, T, S), as (B|1, K|1, G|1, T|1, S|1)."""
+    a = a.reshape((1,) * (4 - a.ndim) + tuple(a.shape))
+    if a.shape[1] == 1:
+        return a[:, :, None]
+    return a.reshape(a.shape[0], k, g, *a.shape[2:])
 
 
 def masked_softmax(logits: Array, keep: Array | None) -> Array:
-    """Softmax over the last axis with attnhut's rule: finite fill, rows without a key give zeros."""
+    """Softmax over the last axis with attnhut's rule: finite fill, rows without a key give zeros.
+
+    Written as one max / exp / sum pass (the max is a constant for the gradient) so that XLA
+    fuses it; masked entries are exactly zero and an empty row divides 0 by 1.
+    """
     if keep is None:
         return jax.nn.softmax(logits, axis=-1)
     keep = jnp.broadcast_to(keep, logits.shape)
     logits = jnp.where(keep, logits, mask_value(logits.dtype))
-    empty = ~jnp.any(keep, axis=-1, keepdims=True)
-    logits = jnp.where(empty, 0.0, logits)
-    return jnp.where(empty, 0.0, jax.nn.softmax(logits, axis=-1))
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.where(keep, jnp.exp(logits - row_max), 0.0)
+    den = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(den == 0.0, 1.0, den)
 
 
 def attention_dropout(module: nn.Module, rate: float, deterministic: bool) -> tuple[float, Array | None]:

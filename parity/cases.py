@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 import attnhut
+import numpy as np
 
 from .compare import Case
 
@@ -49,4 +48,20 @@ CASES: list[Case] = [
        lambda: attnhut.DifferentialAttention(64, 4, causal=False, bias=True), shape=(2, 11, 64)),
     _c("SlotAttention", "d32 slots4 iters3", lambda: attnhut.SlotAttention(32, 4),
        shape=(2, 15, 32), noise=True),
+]
+
+
+SPEED_CASES: list[Case] = [
+    Case("StandardAttention", "d256 h8 causal", lambda: attnhut.StandardAttention(256, 8, True),
+         (2, 512, 256)),
+    Case("MultiQueryAttention", "d256 h8 causal",
+         lambda: attnhut.MultiQueryAttention(256, 8, True), (2, 512, 256)),
+    Case("GroupedQueryAttention", "d256 h8 kv2 causal",
+         lambda: attnhut.GroupedQueryAttention(256, 8, 2, True), (2, 512, 256)),
+    Case("MultiHeadLatentAttention", "d256 h8 defaults",
+         lambda: attnhut.MultiHeadLatentAttention(256, 8), (2, 512, 256)),
+    Case("DifferentialAttention", "d256 h4 causal",
+         lambda: attnhut.DifferentialAttention(256, 4), (2, 512, 256)),
+    Case("SlotAttention", "d256 slots8 iters3", lambda: attnhut.SlotAttention(256, 8),
+         (2, 512, 256), noise=True),
 ]

@@ -44,8 +44,6 @@ class Result:
     out_ok: bool
     grad_errs: dict[str, float]
     grad_ok: bool
-    torch_ms: float = float("nan")
-    jax_ms: float = float("nan")
 
     @property
     def grad_err(self) -> float:
@@ -70,7 +68,7 @@ def _time_ms(fn: Callable[[], Any], reps: int) -> float:
     return best * 1e3
 
 
-def run_case(case: Case, *, timing_reps: int = 0) -> Result:
+def run_case(case: Case) -> Result:
     """Forward and backward on both sides with the same input and output cotangent."""
     torch.manual_seed(case.seed)
     tm = case.make().float().eval()
@@ -125,11 +123,54 @@ def run_case(case: Case, *, timing_reps: int = 0) -> Result:
     res = Result(case, out_err, _within(out_j_np, out_t_np, OUT_ATOL, OUT_RTOL), grad_errs,
                  all(e <= GRAD_ATOL for e in grad_errs.values()))
 
-    if timing_reps:
-        x_t2 = torch.from_numpy(x_np)
-        with torch.no_grad():
-            res.torch_ms = _time_ms(lambda: torch_forward(x_t2), timing_reps)
-        fwd = jax.jit(jax_forward)
-        xj = jnp.asarray(x_np)
-        res.jax_ms = _time_ms(lambda: fwd(params, xj).block_until_ready(), timing_reps)
     return res
+
+
+@dataclasses.dataclass
+class Timing:
+    """Best-of-``reps`` milliseconds: torch eager vs jax jit, forward and forward+backward."""
+
+    torch_fwd: float
+    jax_fwd: float
+    torch_fwd_bwd: float
+    jax_fwd_bwd: float
+
+
+def time_case(case: Case, reps: int = 5) -> Timing:
+    """Time both sides on the case's input (gradients w.r.t. the input and all parameters)."""
+    torch.manual_seed(case.seed)
+    tm = case.make().float().eval()
+    fm, variables = from_torch(tm)
+    params = nn.unbox(variables)["params"]
+    x_np = np.random.default_rng(case.seed + 1).standard_normal(case.shape, dtype=np.float32)
+    b, t, d = case.shape
+    torch_kw: dict[str, Any] = {}
+    jax_kw: dict[str, Any] = {}
+    if case.mask is not None:
+        m = case.mask(b, t)
+        torch_kw["attn_mask"], jax_kw["attn_mask"] = torch.from_numpy(m), jnp.asarray(m)
+    if case.noise:
+        jax_kw["noise"] = jnp.zeros((b, tm.num_slots, d))
+    x_t = torch.from_numpy(x_np)
+    x_j = jnp.asarray(x_np)
+
+    def torch_fwd():
+        with torch.no_grad():
+            tm(x_t, **torch_kw)
+
+    def torch_fwd_bwd():
+        xg = x_t.clone().requires_grad_(True)
+        tm(xg, **torch_kw).sum().backward()
+        tm.zero_grad(set_to_none=True)
+
+    def loss(p, x):
+        return fm.apply({"params": p}, x, **jax_kw).sum()
+
+    fwd = jax.jit(lambda p, x: fm.apply({"params": p}, x, **jax_kw))
+    fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return Timing(
+        _time_ms(torch_fwd, reps),
+        _time_ms(lambda: fwd(params, x_j).block_until_ready(), reps),
+        _time_ms(torch_fwd_bwd, reps),
+        _time_ms(lambda: jax.block_until_ready(fwd_bwd(params, x_j)), reps),
+    )

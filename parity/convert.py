@@ -19,13 +19,13 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attnhut
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-import attnhut
 import attnhut_jax
 
 Variables = dict[str, Any]
@@ -214,8 +214,8 @@ def to_torch(flax_module: nn.Module, variables: Variables) -> torch.nn.Module:
     """The attnhut module with ``flax_module``'s configuration and ``variables``' weights."""
     spec = _spec_for_flax(flax_module)
     torch_module = spec.torch_cls(**constructor_kwargs(flax_module))
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32) if v.dtype == jnp.bfloat16
-                                 else np.ascontiguousarray(v))
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32 if v.dtype == jnp.bfloat16
+                                          else v.dtype))
              for k, v in to_state_dict(flax_module, variables).items()}
     own = torch_module.state_dict()
     for key, tensor in state.items():
