@@ -220,6 +220,7 @@ def dot_product_attention(
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
+    sink: Array | None = None,
 ) -> Array:
     """Masked-softmax attention with GQA grouping; a pure function of arrays.
 
@@ -231,6 +232,8 @@ def dot_product_attention(
       bias: additive logits, broadcastable to (B, N, T, S).
       scale: logit scale, default ``H ** -0.5``.
       dropout_rate: dropout on the attention weights (inverted scaling), needs ``dropout_rng``.
+      sink: optional per-head logit (N,) that joins every row's softmax denominator and reads
+        no value (an attention sink, as in DeepSeek-V4's compressed attention).
 
     Returns:
       (B, T, N, V). Rows with no visible key are zeros.
@@ -250,7 +253,9 @@ def dot_product_attention(
     logits = logits * scale
     if bias is not None:
         logits = logits + _group_heads(bias, k, g).astype(logits.dtype)
-    probs = masked_softmax(logits, None if keep is None else _group_heads(keep, k, g))
+    sink_KG = None if sink is None else sink.reshape(k, g).astype(logits.dtype)
+    probs = masked_softmax(logits, None if keep is None else _group_heads(keep, k, g),
+                           None if sink_KG is None else sink_KG[None, :, :, None, None])
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("dropout_rate > 0 needs a dropout_rng")
@@ -268,19 +273,28 @@ def _group_heads(a: Array, k: int, g: int) -> Array:
     return a.reshape(a.shape[0], k, g, *a.shape[2:])
 
 
-def masked_softmax(logits: Array, keep: Array | None) -> Array:
+def masked_softmax(logits: Array, keep: Array | None, sink: Array | None = None) -> Array:
     """Softmax over the last axis with attnhut's rule: finite fill, rows without a key give zeros.
 
     Written as one max / exp / sum pass (the max is a constant for the gradient) so that XLA
-    fuses it; masked entries are exactly zero and an empty row divides 0 by 1.
+    fuses it; masked entries are exactly zero and an empty row divides 0 by 1. ``sink``
+    (broadcastable to ``logits.shape[:-1] + (1,)``) is an extra logit in the denominator only.
     """
-    if keep is None:
+    if keep is None and sink is None:
         return jax.nn.softmax(logits, axis=-1)
-    keep = jnp.broadcast_to(keep, logits.shape)
-    logits = jnp.where(keep, logits, mask_value(logits.dtype))
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    e = jnp.where(keep, jnp.exp(logits - row_max), 0.0)
+    if keep is not None:
+        keep = jnp.broadcast_to(keep, logits.shape)
+        logits = jnp.where(keep, logits, mask_value(logits.dtype))
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    if sink is not None:
+        row_max = jnp.maximum(row_max, sink)
+    row_max = jax.lax.stop_gradient(row_max)
+    e = jnp.exp(logits - row_max)
+    if keep is not None:
+        e = jnp.where(keep, e, 0.0)
     den = jnp.sum(e, axis=-1, keepdims=True)
+    if sink is not None:
+        den = den + jnp.exp(sink - row_max)
     return e / jnp.where(den == 0.0, 1.0, den)
 
 

@@ -26,15 +26,25 @@ GRAD_ATOL = 1e-4
 
 @dataclasses.dataclass
 class Case:
-    """A seeded attnhut module, an input shape, and the extra call arguments both sides get."""
+    """A seeded attnhut module, an input shape, and the extra call arguments both sides get.
+
+    ``call`` adds keyword arguments: ``call(rng, torch_module) -> (torch_kwargs, jax_kwargs)``.
+    ``output`` picks the compared array from what the module returns (both sides).
+    ``selection`` marks a token top-k module (see ``compare_selection``): both sides are run
+    with ``return_aux=True`` and rows whose selections differ only by exact ties at the k-th
+    score are excluded from the output comparison and get a zero cotangent.
+    """
 
     name: str
     config: str
     make: Callable[[], torch.nn.Module]
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
     mask: Callable[[int, int], np.ndarray] | None = None  # (b, t) -> attn_mask
     noise: bool = False  # SlotAttention's randn_like draw, shared by both sides
     seed: int = 0
+    call: Callable[[np.random.Generator, torch.nn.Module], tuple[dict, dict]] | None = None
+    output: Callable[[Any], Any] = staticmethod(lambda out: out)
+    selection: Callable[[Any], tuple[np.ndarray, np.ndarray, int, np.ndarray]] | None = None
 
 
 @dataclasses.dataclass
@@ -44,6 +54,7 @@ class Result:
     out_ok: bool
     grad_errs: dict[str, float]
     grad_ok: bool
+    selection_error: str | None = None
 
     @property
     def grad_err(self) -> float:
@@ -52,6 +63,42 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.out_ok and self.grad_ok
+
+
+def compare_selection(ref, got, score_atol: float = 1e-5) -> tuple[np.ndarray, str | None]:
+    """Compare two token top-k selections modulo exact ties at the k-th score.
+
+    ``ref`` and ``got`` are ``(scores, selected, k, valid)`` with ``scores`` (..., S) float,
+    ``selected`` (..., S) bool, ``k`` the number of keys kept per row before masking and
+    ``valid`` (..., S) bool (the keys a row may select at all). The rule: the scores must agree
+    within ``score_atol``; on every row, each key selected by one side and not the other must
+    score exactly the k-th largest score of that row (on the reference side), i.e. it is a tie
+    that torch is free to break either way. Anything else is a real disagreement and is
+    reported. Returns (rows whose selections are identical, error message or None).
+    """
+    s_ref, sel_ref, k, valid = (np.asarray(a) for a in ref)
+    s_got, sel_got = np.asarray(got[0]), np.asarray(got[1])
+    if s_ref.shape != s_got.shape or sel_ref.shape != sel_got.shape:
+        return np.zeros(sel_ref.shape[:-1], bool), (
+            f"selection shapes differ: {sel_ref.shape} vs {sel_got.shape}")
+    both = np.broadcast_to(valid, s_ref.shape)
+    score_err = float(np.max(np.abs(np.where(both, s_ref - s_got, 0.0)), initial=0.0))
+    if score_err > score_atol + 1e-4 * float(np.max(np.abs(np.where(both, s_ref, 0)), initial=0)):
+        return np.zeros(sel_ref.shape[:-1], bool), f"index scores differ by {score_err:.3e}"
+    k = int(k)
+    kth = -np.sort(-np.where(both, s_ref, -np.inf), axis=-1)[..., min(k, s_ref.shape[-1]) - 1]
+    diff = sel_ref != sel_got
+    tie = np.abs(s_ref - kth[..., None]) <= score_atol
+    bad = diff & ~tie
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        return np.zeros(sel_ref.shape[:-1], bool), (
+            f"selections disagree beyond ties at {idx}: score {s_ref[idx]:.6g}, "
+            f"k-th score {kth[idx[:-1]]:.6g}")
+    counts_ok = (sel_ref.sum(-1) == sel_got.sum(-1))
+    if not counts_ok.all():
+        return np.zeros(sel_ref.shape[:-1], bool), "selections keep different numbers of keys"
+    return ~diff.any(-1), None
 
 
 def _within(a: np.ndarray, b: np.ndarray, atol: float, rtol: float = 0.0) -> bool:
@@ -68,6 +115,22 @@ def _time_ms(fn: Callable[[], Any], reps: int) -> float:
     return best * 1e3
 
 
+def _call_kwargs(case: Case, tm: torch.nn.Module, rng: np.random.Generator):
+    torch_kw: dict[str, Any] = {}
+    jax_kw: dict[str, Any] = {}
+    b, t = case.shape[0], case.shape[1]
+    if case.mask is not None:
+        m = case.mask(b, t)
+        torch_kw["attn_mask"], jax_kw["attn_mask"] = torch.from_numpy(m), jnp.asarray(m)
+    if case.noise:
+        jax_kw["noise"] = "from-torch"  # filled in run_case from the torch generator
+    if case.call is not None:
+        tk, jk = case.call(rng, tm)
+        torch_kw.update(tk)
+        jax_kw.update(jk)
+    return torch_kw, jax_kw
+
+
 def run_case(case: Case) -> Result:
     """Forward and backward on both sides with the same input and output cotangent."""
     torch.manual_seed(case.seed)
@@ -77,52 +140,58 @@ def run_case(case: Case) -> Result:
 
     rng = np.random.default_rng(case.seed + 1)
     x_np = rng.standard_normal(case.shape, dtype=np.float32)
-    b, t, _ = case.shape
-    torch_kw: dict[str, Any] = {}
-    jax_kw: dict[str, Any] = {}
-    if case.mask is not None:
-        m = case.mask(b, t)
-        torch_kw["attn_mask"] = torch.from_numpy(m)
-        jax_kw["attn_mask"] = jnp.asarray(m)
+    torch_kw, jax_kw = _call_kwargs(case, tm, rng)
     noise_seed = case.seed + 7
     if case.noise:
         torch.manual_seed(noise_seed)
-        noise = torch.randn(b, tm.num_slots, case.shape[-1])
+        noise = torch.randn(case.shape[0], tm.num_slots, case.shape[-1])
         jax_kw["noise"] = jnp.asarray(noise.numpy())
 
-    def torch_forward(x):
+    def torch_forward(x, **extra):
         if case.noise:
             torch.manual_seed(noise_seed)  # attnhut draws the same numbers with randn_like
-        return tm(x, **torch_kw)
+        return tm(x, **torch_kw, **extra)
+
+    def jax_forward(p, x, **extra):
+        return fm.apply({"params": p}, x, **jax_kw, **extra)
+
+    row_ok = None
+    sel_error = None
+    if case.selection is not None:
+        with torch.no_grad():
+            t_full = torch_forward(torch.from_numpy(x_np), return_aux=True)
+        j_full = jax_forward(params, jnp.asarray(x_np), return_aux=True)
+        row_ok, sel_error = compare_selection(case.selection(t_full), case.selection(j_full))
 
     x_t = torch.from_numpy(x_np).requires_grad_(True)
-    out_t = torch_forward(x_t)
+    out_t = case.output(torch_forward(x_t))
     g_np = rng.standard_normal(tuple(out_t.shape), dtype=np.float32)
+    if row_ok is not None:  # rows that legitimately differ (ties) get no cotangent
+        g_np = g_np * row_ok.reshape(row_ok.shape + (1,) * (g_np.ndim - row_ok.ndim))
     (out_t * torch.from_numpy(g_np)).sum().backward()
     torch_grads = {"input": x_t.grad.numpy()}
     for name, p in tm.named_parameters():
         torch_grads[name] = (p.grad.numpy() if p.grad is not None
                              else np.zeros(tuple(p.shape), np.float32))
 
-    def jax_forward(p, x):
-        return fm.apply({"params": p}, x, **jax_kw)
-
-    out_j, vjp = jax.vjp(jax_forward, params, jnp.asarray(x_np))
+    out_j, vjp = jax.vjp(lambda p, x: case.output(jax_forward(p, x)), params, jnp.asarray(x_np))
     gp, gx = vjp(jnp.asarray(g_np))
     jax_grads = {"input": np.asarray(gx), **to_state_dict(fm, {"params": gp})}
 
     out_t_np, out_j_np = out_t.detach().numpy(), np.asarray(out_j)
-    out_err = float(np.max(np.abs(out_t_np - out_j_np))) if out_t_np.shape == out_j_np.shape \
-        else float("inf")
+    if row_ok is not None and out_t_np.shape == out_j_np.shape:
+        out_t_np, out_j_np = out_t_np[row_ok], out_j_np[row_ok]
+    out_err = float(np.max(np.abs(out_t_np - out_j_np), initial=0.0)) \
+        if out_t_np.shape == out_j_np.shape else float("inf")
     grad_errs = {}
     for k, ref in torch_grads.items():
         got = jax_grads.get(k)
         grad_errs[k] = (float(np.max(np.abs(got - ref), initial=0.0))
                         if got is not None and got.shape == ref.shape else float("inf"))
     grad_errs.update({k: float("inf") for k in set(jax_grads) - set(torch_grads)})
-    res = Result(case, out_err, _within(out_j_np, out_t_np, OUT_ATOL, OUT_RTOL), grad_errs,
-                 all(e <= GRAD_ATOL for e in grad_errs.values()))
-
+    out_ok = _within(out_j_np, out_t_np, OUT_ATOL, OUT_RTOL) and sel_error is None
+    res = Result(case, out_err, out_ok, grad_errs,
+                 all(e <= GRAD_ATOL for e in grad_errs.values()), sel_error)
     return res
 
 
@@ -142,15 +211,11 @@ def time_case(case: Case, reps: int = 5) -> Timing:
     tm = case.make().float().eval()
     fm, variables = from_torch(tm)
     params = nn.unbox(variables)["params"]
-    x_np = np.random.default_rng(case.seed + 1).standard_normal(case.shape, dtype=np.float32)
-    b, t, d = case.shape
-    torch_kw: dict[str, Any] = {}
-    jax_kw: dict[str, Any] = {}
-    if case.mask is not None:
-        m = case.mask(b, t)
-        torch_kw["attn_mask"], jax_kw["attn_mask"] = torch.from_numpy(m), jnp.asarray(m)
+    rng = np.random.default_rng(case.seed + 1)
+    x_np = rng.standard_normal(case.shape, dtype=np.float32)
+    torch_kw, jax_kw = _call_kwargs(case, tm, rng)
     if case.noise:
-        jax_kw["noise"] = jnp.zeros((b, tm.num_slots, d))
+        jax_kw["noise"] = jnp.zeros((case.shape[0], tm.num_slots, case.shape[-1]))
     x_t = torch.from_numpy(x_np)
     x_j = jnp.asarray(x_np)
 
@@ -160,11 +225,11 @@ def time_case(case: Case, reps: int = 5) -> Timing:
 
     def torch_fwd_bwd():
         xg = x_t.clone().requires_grad_(True)
-        tm(xg, **torch_kw).sum().backward()
+        case.output(tm(xg, **torch_kw)).sum().backward()
         tm.zero_grad(set_to_none=True)
 
     def loss(p, x):
-        return fm.apply({"params": p}, x, **jax_kw).sum()
+        return case.output(fm.apply({"params": p}, x, **jax_kw)).sum()
 
     fwd = jax.jit(lambda p, x: fm.apply({"params": p}, x, **jax_kw))
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))

@@ -50,14 +50,16 @@ class Spec:
     flax_cls: type[nn.Module]
     torch_cls: type[torch.nn.Module]
     config: Callable[[torch.nn.Module], dict[str, Any]]
+    # the input shape ``init`` is traced with (batch and sequence 1 where the module allows)
+    example_shape: Callable[[nn.Module], tuple[int, ...]] = lambda m: (1, 1, m.dim)
 
 
 SPECS: dict[str, Spec] = {}
 
 
-def register(name: str, config: Callable[[torch.nn.Module], dict[str, Any]]) -> None:
+def register(name: str, config: Callable[[torch.nn.Module], dict[str, Any]], **kw: Any) -> None:
     """Register attnhut's class ``name`` (same name in both packages) with its config reader."""
-    SPECS[name] = Spec(getattr(attnhut_jax, name), getattr(attnhut, name), config)
+    SPECS[name] = Spec(getattr(attnhut_jax, name), getattr(attnhut, name), config, **kw)
 
 
 register("StandardAttention", lambda m: dict(
@@ -128,7 +130,7 @@ def _path_names(path) -> tuple[str, ...]:
 
 def abstract_variables(flax_module: nn.Module) -> Variables:
     """Shapes, dtypes and logical-axis boxes of ``flax_module.init``, computed without running it."""
-    x = jax.ShapeDtypeStruct((1, 1, flax_module.dim), jnp.float32)
+    x = jax.ShapeDtypeStruct(_spec_for_flax(flax_module).example_shape(flax_module), jnp.float32)
     rngs = {"params": jax.random.key(0), "slots": jax.random.key(0), "mask": jax.random.key(0)}
     return jax.eval_shape(lambda: flax_module.init(rngs, jnp.zeros(x.shape, x.dtype)))
 

@@ -123,3 +123,21 @@ def test_mask_dtype_errors():
         core.split_attn_mask(jnp.ones((5, 5), jnp.int32), (2, 4, 5, 5), "X")
     with pytest.raises(TypeError, match="must be an array"):
         core.split_attn_mask([[True]], (1, 1, 1, 1), "X")
+
+
+def test_sink_joins_the_denominator_only():
+    ks = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(ks[0], (1, 3, 2, 4))
+    k = jax.random.normal(ks[1], (1, 5, 1, 4))
+    v = jax.random.normal(ks[2], (1, 5, 1, 4))
+    sink = jnp.asarray([0.5, -1.0])
+    keep = jnp.ones((3, 5), bool).at[1].set(False)
+    out = core.dot_product_attention(q, k, v, keep=keep, sink=sink)
+    logits = np.einsum("btnh,bsh->bnts", np.asarray(q, np.float64), np.asarray(k[:, :, 0])) / 2
+    e = np.exp(logits) * np.asarray(keep)
+    den = e.sum(-1, keepdims=True) + np.exp(np.asarray(sink, np.float64))[None, :, None, None]
+    ref = np.einsum("bnts,bsv->btnv", e / den, np.asarray(v[:, :, 0], np.float64))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-6)
+    assert np.all(np.asarray(out[:, 1]) == 0.0)
+    g = jax.grad(lambda s: core.dot_product_attention(q, k, v, keep=keep, sink=s).sum())(sink)
+    assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g) != 0)
