@@ -11,8 +11,14 @@ Every mechanism is built from plain ints, initialised with ``init`` and called w
     y = attn.apply(variables, x)
 """
 
+from .bigbird import BigBirdAttention
+from .cjepa import CausalJEPAAttention, cjepa_masked_loss
+from .compressed import CompressedSparseAttention, GroupedOutputProjection, HeavilyCompressedAttention
+from .deepseek_sparse import DeepSeekSparseAttention, LightningIndexer, dsa_index_aux_loss
+from .delta import DeltaAttention
 from .differential import DifferentialAttention, lambda_init
 from .gqa import GroupedQueryAttention
+from .minimax_sparse import MiniMaxSparseAttention, msa_index_aux_loss
 from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
 from .slot import SlotAttention
@@ -28,4 +34,16 @@ __all__ = [
     "DifferentialAttention",
     "lambda_init",
     "SlotAttention",
+    "BigBirdAttention",
+    "DeltaAttention",
+    "DeepSeekSparseAttention",
+    "LightningIndexer",
+    "dsa_index_aux_loss",
+    "MiniMaxSparseAttention",
+    "msa_index_aux_loss",
+    "HeavilyCompressedAttention",
+    "CompressedSparseAttention",
+    "GroupedOutputProjection",
+    "CausalJEPAAttention",
+    "cjepa_masked_loss",
 ]

@@ -114,6 +114,14 @@ class Linear(nn.Module):
 # ----------------------------------------------------------------------------- norms
 
 
+def layer_norm(name: str, dtype: Dtype | None, param_dtype: Dtype) -> nn.LayerNorm:
+    """``torch.nn.LayerNorm(dim)``: eps 1e-5, two-pass variance, ``scale``/``bias`` on ``embed``."""
+    return nn.LayerNorm(
+        epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
 def rms_norm(x: Array, weight: Array, eps: float = 1e-6) -> Array:
     """RMSNorm over the last axis, as ``torch.nn.functional.rms_norm`` (statistics in float32)."""
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -171,6 +179,32 @@ def causal_mask(q_len: int, k_len: int) -> Array:
     return j <= i + (k_len - q_len)
 
 
+def sliding_window_mask(t: int, window: int, sink: int = 0) -> Array:
+    """(T, T) bool: causal, and key ``j`` among the ``window`` latest keys (``j > i - window``) or
+    among the first ``sink`` keys."""
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    return (j <= i) & ((j > i - window) | (j < sink))
+
+
+def topk_keep(scores: Array, valid: Array, top_k: int) -> Array:
+    """Bool like ``scores`` (..., S): each row's ``min(top_k, S)`` best keys, then ``& valid``.
+
+    Ties at the k-th score go to the lower key index (``jax.lax.top_k``'s order). Invalid keys
+    should carry the fill value: they are picked only when a row has fewer than ``top_k`` valid
+    keys and are then removed by ``& valid`` (attnhut's rule).
+    """
+    _, idx = jax.lax.top_k(scores, min(top_k, scores.shape[-1]))
+    hit = jnp.put_along_axis(jnp.zeros(scores.shape, bool), idx, True, axis=-1, inplace=False)
+    return hit & valid
+
+
+def lightning_scores(q_BTIH: Array, k_BSH: Array, w_BTI: Array) -> Array:
+    """Lightning-indexer scores ``I[t, s] = sum_i w[t, i] * ReLU(q[t, i] . k[s])``, (B, T, S)."""
+    dots = jax.nn.relu(jnp.einsum("BTIH,BSH->BTIS", q_BTIH, k_BSH))
+    return jnp.einsum("BTI,BTIS->BTS", w_BTI, dots)
+
+
 def mask_value(dtype: Dtype) -> float:
     """The single fill value used for masked logits: the dtype's most negative finite number."""
     return float(jnp.finfo(dtype).min)
@@ -210,6 +244,49 @@ def softmax_dtype(dtype: Dtype) -> Dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def attention_weights(
+    q_BTNH: Array,
+    k_BSKH: Array,
+    *,
+    keep: Array | None = None,
+    bias: Array | None = None,
+    scale: float | None = None,
+    sink: Array | None = None,
+) -> Array:
+    """The attention probabilities of ``dot_product_attention``, as (B, K, G, T, S).
+
+    Args:
+      q_BTNH: queries (B, T, N, H).
+      k_BSKH: keys (B, S, K, H), K dividing N; query head n reads kv head n // (N // K).
+      keep: boolean, broadcastable to (B, N, T, S) or, per kv group, (B, K, T, S);
+        True where a query may read a key.
+      bias: additive logits, broadcastable like ``keep``.
+      scale: logit scale, default ``H ** -0.5``.
+      sink: optional per-head logit (N,) that joins every row's softmax denominator and reads
+        no value (an attention sink, as in DeepSeek-V4's compressed attention).
+
+    The probabilities are in float32 for half-precision operands; rows with no visible key
+    are zeros.
+    """
+    b, t, n, h = q_BTNH.shape
+    k = k_BSKH.shape[2]
+    if k < 1 or n % k != 0:
+        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k}")
+    g = n // k
+    scale = h ** -0.5 if scale is None else scale
+    # Head-major operands: XLA:CPU runs these batched matmuls about 2x faster than the same
+    # einsums written on (B, T, N, H) operands.
+    q_BKGTH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
+    k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH).astype(softmax_dtype(q_BTNH.dtype))
+    logits = logits * scale
+    if bias is not None:
+        logits = logits + _group_heads(bias, n, k).astype(logits.dtype)
+    sink_KG = None if sink is None else sink.reshape(k, g).astype(logits.dtype)
+    return masked_softmax(logits, None if keep is None else _group_heads(keep, n, k),
+                          None if sink_KG is None else sink_KG[None, :, :, None, None])
+
+
 def dot_product_attention(
     q_BTNH: Array,
     k_BSKH: Array,
@@ -224,53 +301,35 @@ def dot_product_attention(
 ) -> Array:
     """Masked-softmax attention with GQA grouping; a pure function of arrays.
 
-    Args:
-      q_BTNH: queries (B, T, N, H).
-      k_BSKH: keys (B, S, K, H), K dividing N; query head n reads kv head n // (N // K).
-      v_BSKV: values (B, S, K, V) (V may differ from H, as in MLA).
-      keep: boolean, broadcastable to (B, N, T, S); True where a query may read a key.
-      bias: additive logits, broadcastable to (B, N, T, S).
-      scale: logit scale, default ``H ** -0.5``.
-      dropout_rate: dropout on the attention weights (inverted scaling), needs ``dropout_rng``.
-      sink: optional per-head logit (N,) that joins every row's softmax denominator and reads
-        no value (an attention sink, as in DeepSeek-V4's compressed attention).
-
-    Returns:
-      (B, T, N, V). Rows with no visible key are zeros.
+    ``v_BSKV`` is (B, S, K, V) (V may differ from H, as in MLA); the other arguments are those
+    of ``attention_weights``. ``dropout_rate`` drops attention weights (inverted scaling) with
+    ``dropout_rng``. Returns (B, T, N, V); rows with no visible key are zeros.
     """
-    b, t, n, h = q_BTNH.shape
-    k = k_BSKH.shape[2]
-    if k < 1 or n % k != 0:
-        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k}")
-    g = n // k
-    scale = h ** -0.5 if scale is None else scale
-    # Head-major operands: XLA:CPU runs these batched matmuls about 2x faster than the same
-    # einsums written on (B, T, N, H) operands.
-    q_BKGTH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
-    k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
-    v_BKSV = v_BSKV.transpose(0, 2, 1, 3)
-    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH).astype(softmax_dtype(q_BTNH.dtype))
-    logits = logits * scale
-    if bias is not None:
-        logits = logits + _group_heads(bias, k, g).astype(logits.dtype)
-    sink_KG = None if sink is None else sink.reshape(k, g).astype(logits.dtype)
-    probs = masked_softmax(logits, None if keep is None else _group_heads(keep, k, g),
-                           None if sink_KG is None else sink_KG[None, :, :, None, None])
+    probs = attention_weights(q_BTNH, k_BSKH, keep=keep, bias=bias, scale=scale, sink=sink)
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("dropout_rate > 0 needs a dropout_rng")
         keep_drop = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep_drop, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("BKGTS,BKSV->BKGTV", probs.astype(v_BSKV.dtype), v_BKSV)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, v_BSKV.shape[-1])
+    return attend(probs, v_BSKV)
 
 
-def _group_heads(a: Array, k: int, g: int) -> Array:
-    """A mask or bias broadcastable to (B, N, T, S), as (B|1, K|1, G|1, T|1, S|1)."""
+def attend(probs_BKGTS: Array, v_BSKV: Array) -> Array:
+    """Weights (B, K, G, T, S) times values (B, S, K, V) -> (B, T, N, V)."""
+    b, k, g, t, _ = probs_BKGTS.shape
+    v_BKSV = v_BSKV.transpose(0, 2, 1, 3)
+    out = jnp.einsum("BKGTS,BKSV->BKGTV", probs_BKGTS.astype(v_BSKV.dtype), v_BKSV)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, v_BSKV.shape[-1])
+
+
+def _group_heads(a: Array, n: int, k: int) -> Array:
+    """A mask or bias broadcastable to (B, N, T, S) or (B, K, T, S), as (B, K|1, G|1, T, S)."""
     a = a.reshape((1,) * (4 - a.ndim) + tuple(a.shape))
-    if a.shape[1] == 1:
-        return a[:, :, None]
-    return a.reshape(a.shape[0], k, g, *a.shape[2:])
+    if a.shape[1] == n and n != k:
+        return a.reshape(a.shape[0], k, n // k, *a.shape[2:])
+    if a.shape[1] not in (1, k):
+        raise ValueError(f"mask head axis {a.shape[1]} is neither 1, N={n} nor K={k}")
+    return a[:, :, None]
 
 
 def masked_softmax(logits: Array, keep: Array | None, sink: Array | None = None) -> Array:

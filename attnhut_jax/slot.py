@@ -17,14 +17,6 @@ from . import core
 from .core import Array, Dtype
 
 
-def _layer_norm(name: str, dtype: Dtype | None, param_dtype: Dtype) -> nn.LayerNorm:
-    """``torch.nn.LayerNorm(dim)``: eps 1e-5, exact two-pass variance, parameters ``scale``/``bias``."""
-    return nn.LayerNorm(
-        epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
-
-
 class GRUCell(nn.Module):
     """``torch.nn.GRUCell(dim, dim)``: gates (r, z, n) stacked in ``kernel_ih``/``kernel_hh`` (D, 3D)."""
 
@@ -107,9 +99,9 @@ class SlotAttention(nn.Module):
         self.to_v = core.Linear(d, axes=("embed", "heads"), **kw)
         self.gru = GRUCell(d, dtype=self.dtype, param_dtype=pd)
         self.mlp = _MLP(max(d, self.hidden_dim), d, dtype=self.dtype, param_dtype=pd)
-        self.norm_input = _layer_norm("norm_input", self.dtype, pd)
-        self.norm_slots = _layer_norm("norm_slots", self.dtype, pd)
-        self.norm_pre_mlp = _layer_norm("norm_pre_mlp", self.dtype, pd)
+        self.norm_input = core.layer_norm("norm_input", self.dtype, pd)
+        self.norm_slots = core.layer_norm("norm_slots", self.dtype, pd)
+        self.norm_pre_mlp = core.layer_norm("norm_pre_mlp", self.dtype, pd)
 
     def __call__(self, inputs: Array, noise: Array | None = None) -> Array:
         """(B, S, D) inputs -> (B, num_slots, D) slots.

@@ -55,6 +55,7 @@ class Result:
     grad_errs: dict[str, float]
     grad_ok: bool
     selection_error: str | None = None
+    tied_rows: int = 0  # rows left out of the output comparison (selections differ by ties)
 
     @property
     def grad_err(self) -> float:
@@ -152,6 +153,8 @@ def run_case(case: Case) -> Result:
             torch.manual_seed(noise_seed)  # attnhut draws the same numbers with randn_like
         return tm(x, **torch_kw, **extra)
 
+    # The jax side runs jitted (one compile per case; eager op-by-op dispatch is far slower on
+    # CPU). jit == eager is a property tested separately for every mechanism.
     def jax_forward(p, x, **extra):
         return fm.apply({"params": p}, x, **jax_kw, **extra)
 
@@ -160,7 +163,7 @@ def run_case(case: Case) -> Result:
     if case.selection is not None:
         with torch.no_grad():
             t_full = torch_forward(torch.from_numpy(x_np), return_aux=True)
-        j_full = jax_forward(params, jnp.asarray(x_np), return_aux=True)
+        j_full = jax.jit(lambda p, x: jax_forward(p, x, return_aux=True))(params, jnp.asarray(x_np))
         row_ok, sel_error = compare_selection(case.selection(t_full), case.selection(j_full))
 
     x_t = torch.from_numpy(x_np).requires_grad_(True)
@@ -174,7 +177,8 @@ def run_case(case: Case) -> Result:
         torch_grads[name] = (p.grad.numpy() if p.grad is not None
                              else np.zeros(tuple(p.shape), np.float32))
 
-    out_j, vjp = jax.vjp(lambda p, x: case.output(jax_forward(p, x)), params, jnp.asarray(x_np))
+    out_j, vjp = jax.vjp(jax.jit(lambda p, x: case.output(jax_forward(p, x))), params,
+                         jnp.asarray(x_np))
     gp, gx = vjp(jnp.asarray(g_np))
     jax_grads = {"input": np.asarray(gx), **to_state_dict(fm, {"params": gp})}
 
@@ -191,7 +195,8 @@ def run_case(case: Case) -> Result:
     grad_errs.update({k: float("inf") for k in set(jax_grads) - set(torch_grads)})
     out_ok = _within(out_j_np, out_t_np, OUT_ATOL, OUT_RTOL) and sel_error is None
     res = Result(case, out_err, out_ok, grad_errs,
-                 all(e <= GRAD_ATOL for e in grad_errs.values()), sel_error)
+                 all(e <= GRAD_ATOL for e in grad_errs.values()), sel_error,
+                 0 if row_ok is None else int((~row_ok).sum()))
     return res
 
 
@@ -231,11 +236,11 @@ def time_case(case: Case, reps: int = 5) -> Timing:
     def loss(p, x):
         return case.output(fm.apply({"params": p}, x, **jax_kw)).sum()
 
-    fwd = jax.jit(lambda p, x: fm.apply({"params": p}, x, **jax_kw))
+    fwd = jax.jit(lambda p, x: case.output(fm.apply({"params": p}, x, **jax_kw)))
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     return Timing(
         _time_ms(torch_fwd, reps),
-        _time_ms(lambda: fwd(params, x_j).block_until_ready(), reps),
+        _time_ms(lambda: jax.block_until_ready(fwd(params, x_j)), reps),
         _time_ms(torch_fwd_bwd, reps),
         _time_ms(lambda: jax.block_until_ready(fwd_bwd(params, x_j)), reps),
     )

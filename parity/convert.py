@@ -82,6 +82,49 @@ register("DifferentialAttention", lambda m: dict(
 register("SlotAttention", lambda m: dict(
     dim=m.to_q.in_features, num_slots=m.num_slots, num_iters=m.num_iters,
     hidden_dim=m.mlp[0].out_features, eps=m.eps))
+register("BigBirdAttention", lambda m: dict(
+    dim=m.qkv.in_features, num_heads=m.num_heads, block_size=m.block_size,
+    num_window_blocks=m.window, num_random_blocks=m.random, num_global_blocks=m.globals,
+    causal=m.causal, seed=m.seed, bias=_bias(m.qkv)))
+register("DeltaAttention", lambda m: dict(
+    dim=m.qkv.in_features, num_heads=m.num_heads, window=m.window, sink=m.sink,
+    stride=m.stride, bias=_bias(m.qkv)))
+register("LightningIndexer", lambda m: dict(
+    dim=m.wq.in_features, num_heads=m.num_heads, head_dim=m.head_dim, bias=_bias(m.wq)))
+register("DeepSeekSparseAttention", lambda m: dict(
+    dim=m.qkv.in_features, num_heads=m.num_heads, top_k=m.top_k,
+    num_index_heads=m.indexer.num_heads, index_head_dim=m.indexer.head_dim, causal=m.causal,
+    bias=_bias(m.qkv)))
+register("MiniMaxSparseAttention", lambda m: dict(
+    dim=m.q.in_features, num_heads=m.num_heads, num_kv_groups=m.num_kv_groups,
+    block_size=m.block_size, top_k=m.top_k, index_dim=m.index_dim, rope_dim=m.rope_dim,
+    causal=m.causal, use_rope=m.use_rope, rope_theta=m.rope_theta,
+    force_current_block=m.force_current_block, bias=_bias(m.q)))
+register("HeavilyCompressedAttention", lambda m: dict(
+    dim=m.q_down.in_features, num_heads=m.num_heads, compression_rate=m.rate,
+    kv_dim=m.kv_dim, q_lora_rank=m.q_down.out_features, num_groups=m.proj.num_groups,
+    window=m.window, bias=_bias(m.q_down)))
+register("CompressedSparseAttention", lambda m: dict(
+    dim=m.q_down.in_features, num_heads=m.num_heads, compression_rate=m.rate, top_k=m.top_k,
+    kv_dim=m.kv_dim, q_lora_rank=m.q_down.out_features, num_index_heads=m.num_index_heads,
+    index_dim=m.index_dim, num_groups=m.proj.num_groups, window=m.window,
+    bias=_bias(m.q_down)))
+
+
+def _cjepa_config(m: torch.nn.Module) -> dict[str, Any]:
+    """attnhut keeps no dim/num_heads/mlp_dim/dropout: read them off the layers. With depth 0 there
+    is no attention at all; num_heads=1 (always valid) and the default mlp_dim stand in."""
+    first = m.blocks[0] if len(m.blocks) else None
+    return dict(
+        dim=m.id_proj.in_features, num_heads=first.attn.num_heads if first else 1,
+        num_slots=m.num_slots, history_frames=m.history_frames, pred_frames=m.pred_frames,
+        num_masked_slots=m.num_masked_slots, depth=len(m.blocks),
+        mlp_dim=first.mlp[1].out_features if first else None,
+        dropout=first.attn.dropout if first else 0.0, bias=_bias(m.id_proj))
+
+
+register("CausalJEPAAttention", _cjepa_config,
+         example_shape=lambda fm: (1, fm.history_frames, fm.num_slots, fm.dim))
 
 
 def _spec_for_torch(module: Any) -> Spec:

@@ -1,0 +1,120 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2): lightning-indexer top-k token selection.
+
+A light indexer scores every (query, key) pair with gated ReLU,
+``I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s])``, and each query keeps its ``top_k`` keys for
+the main attention. Selection is per token and shared by all heads.
+
+Ties at the k-th score (ReLU zeros make them common) are broken towards the lower key index,
+which is what ``jax.lax.top_k`` does. torch leaves the choice among tied keys unspecified, so
+parity compares selections modulo such ties (see ``parity/compare.py``).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import core
+from .core import Array, Dtype
+
+
+class LightningIndexer(nn.Module):
+    """The scorer ``I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s])``, unmasked, (B, T, S).
+
+    Args mirror ``attnhut.LightningIndexer``: ``dim``, ``num_heads`` (4), ``head_dim`` (64),
+    ``bias``. Parameters: ``wq``, ``wk`` (one shared key head), ``ww`` (per-head gates).
+    """
+
+    dim: int
+    num_heads: int = 4
+    head_dim: int = 64
+    bias: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        core.check_positive("LightningIndexer", dim=self.dim, num_heads=self.num_heads,
+                            head_dim=self.head_dim)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.wq = core.Linear(self.num_heads * self.head_dim, axes=("embed", "index"), **kw)
+        self.wk = core.Linear(self.head_dim, axes=("embed", "index"), **kw)
+        self.ww = core.Linear(self.num_heads, axes=("embed", None), **kw)
+
+    def __call__(self, x: Array) -> Array:
+        core.check_input(x, self.dim, "LightningIndexer")
+        b, t, _ = x.shape
+        q_BTIH = self.wq(x).reshape(b, t, self.num_heads, self.head_dim)
+        return core.lightning_scores(q_BTIH, self.wk(x), self.ww(x))
+
+
+class DeepSeekSparseAttention(nn.Module):
+    """Lightning-indexer top-k token selection on a multi-head backbone.
+
+    Args mirror ``attnhut.DeepSeekSparseAttention``: ``dim``, ``num_heads``, ``top_k`` (64),
+    ``num_index_heads`` (4), ``index_head_dim`` (64), ``causal`` (True), ``bias``. Parameters:
+    ``qkv``, ``proj``, ``indexer/{wq,wk,ww}``.
+
+    The indexer is not trained by the output (hard top-k has no gradient); train it with
+    ``dsa_index_aux_loss``.
+    """
+
+    dim: int
+    num_heads: int
+    top_k: int = 64
+    num_index_heads: int = 4
+    index_head_dim: int = 64
+    causal: bool = True
+    bias: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def setup(self) -> None:
+        owner = "DeepSeekSparseAttention"
+        core.check_positive(owner, dim=self.dim, num_heads=self.num_heads, top_k=self.top_k,
+                            num_index_heads=self.num_index_heads,
+                            index_head_dim=self.index_head_dim)
+        core.check_divisible(owner, ("dim", self.dim), ("num_heads", self.num_heads))
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
+        self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
+        self.indexer = LightningIndexer(self.dim, self.num_index_heads, self.index_head_dim,
+                                        self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def __call__(self, x: Array, return_aux: bool = False):
+        """(B, T, D) -> (B, T, D), or ``(out, aux)`` with ``return_aux=True``.
+
+        ``aux['index_scores']`` (B, T, T): indexer scores, invalid (future) keys at the fill
+        value; ``aux['selected']`` (B, T, T) bool: the keys each query attends.
+        """
+        core.check_input(x, self.dim, "DeepSeekSparseAttention")
+        b, t, _ = x.shape
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        shape = (b, t, self.num_heads, self.head_dim)
+        valid = core.causal_mask(t, t) if self.causal else jnp.ones((t, t), bool)
+        scores = self.indexer(x)
+        scores = jnp.where(valid, scores, core.mask_value(scores.dtype))
+        selected = core.topk_keep(scores, valid, self.top_k)
+        out = core.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                         keep=selected[:, None], scale=self.head_dim ** -0.5)
+        out = self.proj(out.reshape(b, t, self.dim))
+        if return_aux:
+            return out, {"index_scores": scores, "selected": selected}
+        return out
+
+
+def dsa_index_aux_loss(index_scores: Array, attn_weights: Array) -> Array:
+    """KL warm-up loss fitting the indexer to the dense attention's spread.
+
+    ``index_scores`` (B, T, S) from the aux dict; ``attn_weights`` (B, N, T, S) dense attention
+    (a constant here). The target is the head-summed attention normalised per query; the loss
+    is the cross-entropy of ``log_softmax(index_scores)`` against it, averaged over queries.
+    """
+    target = jax.lax.stop_gradient(attn_weights).astype(jnp.float32).sum(axis=1)
+    target = target / jnp.maximum(target.sum(axis=-1, keepdims=True), 1e-9)
+    log_p = jax.nn.log_softmax(index_scores.astype(jnp.float32), axis=-1)
+    return -(target * log_p).sum(axis=-1).mean()

@@ -1,0 +1,65 @@
+"""Delta Attention (Willette et al., NeurIPS 2025).
+
+A sliding-window + sink base shifts each row's output away from full attention because every
+row renormalises over a different key set. Every ``stride``-th query also gets full causal
+attention; the gap between dense and sparse at that anchor is added to the ``stride`` rows it
+starts. Training free: it corrects a sparse model at inference.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from . import core
+from .core import Array, Dtype
+
+
+class DeltaAttention(nn.Module):
+    """Sliding-window + sink attention with the delta correction (always causal).
+
+    Args mirror ``attnhut.DeltaAttention``: ``dim``, ``num_heads``, ``window`` (256), ``sink``
+    (4), ``stride`` (16; 1 recovers full causal attention), ``bias``. Parameters: ``qkv``,
+    ``proj``.
+    """
+
+    dim: int
+    num_heads: int
+    window: int = 256
+    sink: int = 4
+    stride: int = 16
+    bias: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def setup(self) -> None:
+        owner = "DeltaAttention"
+        core.check_positive(owner, dim=self.dim, num_heads=self.num_heads, window=self.window,
+                            stride=self.stride)
+        core.check_divisible(owner, ("dim", self.dim), ("num_heads", self.num_heads))
+        if self.sink < 0:
+            raise ValueError(f"{owner}: sink={self.sink} must be >= 0")
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
+        self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
+
+    def __call__(self, x: Array) -> Array:
+        """(B, T, D) -> (B, T, D)."""
+        core.check_input(x, self.dim, "DeltaAttention")
+        b, t, _ = x.shape
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        shape = (b, t, self.num_heads, self.head_dim)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        scale = self.head_dim ** -0.5
+        sparse = core.dot_product_attention(q, k, v, keep=core.sliding_window_mask(t, self.window, self.sink),
+                                            scale=scale)
+        anchors = jnp.arange(0, t, self.stride)
+        dense = core.dot_product_attention(q[:, anchors], k, v,
+                                           keep=core.causal_mask(t, t)[anchors], scale=scale)
+        delta = dense - sparse[:, anchors]
+        out = sparse + jnp.repeat(delta, self.stride, axis=1)[:, :t]
+        return self.proj(out.reshape(b, t, self.dim))

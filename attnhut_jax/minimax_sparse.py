@@ -1,0 +1,167 @@
+"""MiniMax Sparse Attention (MiniMax, 2026), attnhut 0.5.0 semantics: top-k blocks on GQA.
+
+A cheap index branch (one index query per kv group, one index key shared by all groups) scores
+every token, max-pools the scores into key blocks, and keeps each query's ``top_k`` blocks per
+group; the group's query heads attend only there. The index branch reads a stop-gradient of
+``x`` and is trained only by ``msa_index_aux_loss``. Both branches get QK-RMSNorm and partial
+RoPE on their first ``rope_dim`` channels. A query's own block is always kept
+(``force_current_block``), so no softmax row is empty.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import core
+from .core import Array, Dtype
+
+
+def select_blocks(qi_BTKI: Array, ki_BSI: Array, *, block_size: int, top_k: int, causal: bool,
+                  force_current_block: bool) -> tuple[Array, Array]:
+    """Block selection of the index branch.
+
+    Returns ``(block_keep (B, K, T, nb) bool, index_scores (B, K, T, S) float32)``. Token scores
+    are causally masked (finite fill) before max-pooling, so a future block never wins for an
+    earlier query; blocks starting after the query are dropped after the top-k.
+    """
+    b, t, _, di = qi_BTKI.shape
+    s = ki_BSI.shape[1]
+    scores = jnp.einsum("BTKI,BSI->BKTS", qi_BTKI.astype(jnp.float32),
+                        ki_BSI.astype(jnp.float32)) * di ** -0.5
+    fill = core.mask_value(jnp.float32)
+    if causal:
+        scores = jnp.where(core.causal_mask(t, s), scores, fill)
+    nb = -(-s // block_size)
+    padded = jnp.pad(scores, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - s)),
+                     constant_values=fill)
+    block_scores = padded.reshape(b, -1, t, nb, block_size).max(axis=-1)
+    _, idx = jax.lax.top_k(block_scores, max(1, min(top_k, nb)))
+    keep = jnp.put_along_axis(jnp.zeros(block_scores.shape, bool), idx, True, axis=-1,
+                              inplace=False)
+    pos = jnp.arange(t)[:, None]
+    if causal:
+        keep = keep & (jnp.arange(nb)[None, :] * block_size <= pos)
+    if force_current_block:
+        keep = keep | (jnp.minimum(pos // block_size, nb - 1) == jnp.arange(nb)[None, :])
+    return keep, scores
+
+
+class MiniMaxSparseAttention(nn.Module):
+    """Top-k block selection on a GQA backbone.
+
+    Args mirror ``attnhut.MiniMaxSparseAttention`` 0.5.0: ``dim``, ``num_heads``,
+    ``num_kv_groups`` (dividing num_heads), ``block_size`` (128), ``top_k`` (16), ``index_dim``
+    (head_dim), ``rope_dim`` (min(head_dim, index_dim)), ``causal`` (True), ``use_rope`` (True),
+    ``rope_theta``, ``force_current_block`` (True), ``bias``. Parameters: ``q``, ``k``, ``v``,
+    ``idx_q``, ``idx_k``, ``q_norm``, ``k_norm``, ``idx_q_norm``, ``idx_k_norm``, ``proj``.
+    """
+
+    dim: int
+    num_heads: int
+    num_kv_groups: int
+    block_size: int = 128
+    top_k: int = 16
+    index_dim: int | None = None
+    rope_dim: int | None = None
+    causal: bool = True
+    use_rope: bool = True
+    rope_theta: float = 10000.0
+    force_current_block: bool = True
+    bias: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def resolved_dims(self) -> tuple[int, int]:
+        """(index_dim, rope_dim) with attnhut's defaults applied."""
+        di = self.index_dim or self.head_dim
+        return di, (self.rope_dim if self.rope_dim is not None else min(self.head_dim, di))
+
+    def setup(self) -> None:
+        owner = "MiniMaxSparseAttention"
+        core.check_positive(owner, dim=self.dim, num_heads=self.num_heads,
+                            num_kv_groups=self.num_kv_groups, block_size=self.block_size,
+                            top_k=self.top_k)
+        core.check_divisible(owner, ("dim", self.dim), ("num_heads", self.num_heads))
+        core.check_divisible(owner, ("num_heads", self.num_heads),
+                             ("num_kv_groups", self.num_kv_groups))
+        d, (di, rd) = self.head_dim, self.resolved_dims()
+        if self.use_rope and (rd % 2 or rd < 2 or rd > d or rd > di):
+            raise ValueError(f"{owner}: rope_dim={rd} must be even, >= 2 and <= head_dim={d} "
+                             f"and <= index_dim={di}")
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kv = self.num_kv_groups * d
+        self.q = core.Linear(self.dim, axes=("embed", "heads"), **kw)
+        self.k = core.Linear(kv, axes=("embed", "kv_heads"), **kw)
+        self.v = core.Linear(kv, axes=("embed", "kv_heads"), **kw)
+        self.idx_q = core.Linear(self.num_kv_groups * di, axes=("embed", "kv_heads"), **kw)
+        self.idx_k = core.Linear(di, axes=("embed", "index"), **kw)
+        pd = self.param_dtype
+        self.q_norm = core.ones_param(self, "q_norm", d, "head_dim", pd)
+        self.k_norm = core.ones_param(self, "k_norm", d, "head_dim", pd)
+        self.idx_q_norm = core.ones_param(self, "idx_q_norm", di, "index", pd)
+        self.idx_k_norm = core.ones_param(self, "idx_k_norm", di, "index", pd)
+        self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
+
+    def __call__(self, x: Array, return_aux: bool = False):
+        """(B, T, D) -> (B, T, D), or ``(out, aux)`` with ``return_aux=True``.
+
+        aux: ``index_scores`` (B, K, T, T) float32, ``attn_weights`` (B, N, T, T), ``keep``
+        (B, K, T, T) bool: what ``msa_index_aux_loss`` takes.
+        """
+        core.check_input(x, self.dim, "MiniMaxSparseAttention")
+        b, t, _ = x.shape
+        kg, d = self.num_kv_groups, self.head_dim
+        di, rd = self.resolved_dims()
+        xd = jax.lax.stop_gradient(x)  # the index branch is trained only by the aux loss
+        q_BTNH = core.rms_norm(self.q(x).reshape(b, t, self.num_heads, d), self.q_norm)
+        k_BTKH = core.rms_norm(self.k(x).reshape(b, t, kg, d), self.k_norm)
+        v_BTKH = self.v(x).reshape(b, t, kg, d)
+        qi_BTKI = core.rms_norm(self.idx_q(xd).reshape(b, t, kg, di), self.idx_q_norm)
+        ki_BT1I = core.rms_norm(self.idx_k(xd).reshape(b, t, 1, di), self.idx_k_norm)
+        if self.use_rope:
+            cos, sin = core.rope_tables(jnp.arange(t), rd, self.rope_theta, q_BTNH.dtype)
+            q_BTNH, k_BTKH, qi_BTKI, ki_BT1I = (core.apply_rope(a, cos, sin)
+                                                for a in (q_BTNH, k_BTKH, qi_BTKI, ki_BT1I))
+
+        block_keep, index_scores = select_blocks(
+            qi_BTKI, ki_BT1I[:, :, 0], block_size=self.block_size, top_k=self.top_k,
+            causal=self.causal, force_current_block=self.force_current_block)
+        keep_BKTS = jnp.repeat(block_keep, self.block_size, axis=-1)[..., :t]
+        if self.causal:
+            keep_BKTS = keep_BKTS & core.causal_mask(t, t)
+        probs = core.attention_weights(q_BTNH, k_BTKH, keep=keep_BKTS, scale=d ** -0.5)
+        out = self.proj(core.attend(probs, v_BTKH).reshape(b, t, self.dim))
+        if return_aux:
+            aux = {"index_scores": index_scores,
+                   "attn_weights": probs.astype(q_BTNH.dtype).reshape(b, self.num_heads, t, t),
+                   "keep": keep_BKTS}
+            return out, aux
+        return out
+
+
+def msa_index_aux_loss(index_scores: Array, attn_weights: Array, keep: Array,
+                       eps: float = 1e-9) -> Array:
+    """KL(teacher || student) aligning the index branch with the main branch (attnhut 0.5.0).
+
+    teacher: the main attention (a constant) averaged over each group's heads, (B, K, T, S);
+    student: ``softmax(index_scores)`` over the same selected support ``keep``. Summed over keys,
+    averaged over queries and groups. Only the index branch receives gradient.
+    """
+    b, n, t, s = attn_weights.shape
+    groups = index_scores.shape[1]
+    if n % groups != 0:
+        raise ValueError(f"msa_index_aux_loss: attn_weights heads {n} not divisible by index "
+                         f"groups {groups}")
+    teacher = jax.lax.stop_gradient(attn_weights).astype(jnp.float32)
+    teacher = teacher.reshape(b, groups, n // groups, t, s).mean(axis=2)
+    scores = jnp.where(keep, index_scores.astype(jnp.float32), core.mask_value(jnp.float32))
+    log_student = jax.nn.log_softmax(scores, axis=-1)
+    kl = teacher * (jnp.log(jnp.maximum(teacher, eps)) - log_student)
+    kl = jnp.where(teacher > 0, kl, 0.0)
+    return kl.sum(axis=-1).mean()
