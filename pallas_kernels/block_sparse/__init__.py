@@ -1,0 +1,15 @@
+"""Block-sparse attention: kernel, jnp reference and on-device block-table builders."""
+
+from .kernel import BlockSizes, block_sparse_attention
+from .reference import block_sparse_attention_reference, token_keep
+from .tables import blocks_from_token_mask, build_tables, tile_visits
+
+__all__ = [
+    "BlockSizes",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "token_keep",
+    "build_tables",
+    "tile_visits",
+    "blocks_from_token_mask",
+]

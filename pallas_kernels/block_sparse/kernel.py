@@ -1,0 +1,346 @@
+"""Block-sparse flash attention in Pallas (GPU-style grid; interpret mode on CPU).
+
+Work in progress towards the block-sparse issue: forward and fused backward (dq; dk/dv) with
+online softmax in float32, per-token membership inside visited blocks, causal masking inside
+partially visible blocks, key validity, GQA (all query heads of a kv group share each K/V block
+load) and an optional per-head sink logit. Exactness for any selection is tested against
+``reference.block_sparse_attention_reference`` in interpret mode. Not yet done: tuning and
+lowering checks for real GPUs/TPUs, and a TPU (Mosaic) variant with scalar-prefetched tables.
+
+Layout: operands are transposed to head-major (B, N, T, H) so that a kernel instance reads
+contiguous (tokens, width) tiles. Grid (B, K, query tiles) for the forward and dq passes, (B, K,
+key blocks) for dk/dv; each instance walks its row of the block table (``tables.py``): a dynamic
+trip count, so only selected blocks are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from .tables import build_tables
+
+Array = jax.Array
+_MIN = float(jnp.finfo(jnp.float32).min)
+_BIG = float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Query tile size; the key block size is the selection's granularity (``block_k``)."""
+
+    block_q: int = 64
+
+
+def _dot_t(a: Array, b: Array) -> Array:
+    """a @ b.T in float32."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a: Array, b: Array) -> Array:
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _tn_dot(a: Array, b: Array) -> Array:
+    """a.T @ b in float32."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _mask(keep_col, valid_row, q_pos, k_pos, *, s_len: int, causal: bool, q_offset: int):
+    """(block_q, block_k) membership: selected block, valid key, in range, causal."""
+    m = (keep_col != 0) & (valid_row[None, :] != 0) & (k_pos[None, :] < s_len)
+    if causal:
+        m = m & (k_pos[None, :] <= q_pos[:, None] + q_offset)
+    return m
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(table_ref, keep_ref, valid_ref, sink_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                scale: float, causal: bool, block_q: int, block_k: int, groups: int, s_len: int,
+                q_offset: int, has_sink: bool):
+    i = pl.program_id(2)
+    q_pos = i * block_q + jnp.arange(block_q)
+    qs = [q_ref[g].astype(jnp.float32) * scale for g in range(groups)]
+    vw = v_ref.shape[-1]
+    init = tuple((jnp.zeros((block_q, vw), jnp.float32), jnp.full((block_q,), _MIN, jnp.float32),
+                  jnp.zeros((block_q,), jnp.float32)) for _ in range(groups))
+
+    def body(idx, carry):
+        j = table_ref[idx + 1]
+        start = j * block_k
+        k_pos = start + jnp.arange(block_k)
+        kb = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
+        vb = v_ref[pl.ds(start, block_k), :]
+        mask = _mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos, k_pos,
+                     s_len=s_len, causal=causal, q_offset=q_offset)
+        out = []
+        for g in range(groups):  # every head of the group reuses the K/V block just loaded
+            acc, m, l = carry[g]
+            s = jnp.where(mask, _dot_t(qs[g], kb), _MIN)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            corr = jnp.exp(m - m_new)
+            p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+            l = l * corr + p.sum(axis=-1)
+            acc = acc * corr[:, None] + _dot(p.astype(vb.dtype), vb)
+            out.append((acc, m_new, l))
+        return tuple(out)
+
+    carry = jax.lax.fori_loop(0, table_ref[0], body, init)
+    for g in range(groups):
+        acc, m, l = carry[g]
+        if has_sink:
+            sk = sink_ref[g].astype(jnp.float32)
+            m_fin = jnp.maximum(m, sk)
+            l_fin = l * jnp.exp(m - m_fin) + jnp.exp(sk - m_fin)
+            acc = acc * jnp.exp(m - m_fin)[:, None]
+        else:
+            m_fin, l_fin = m, l
+        safe = jnp.where(l_fin > 0, l_fin, 1.0)
+        o_ref[g] = (acc / safe[:, None]).astype(o_ref.dtype)
+        lse_ref[g] = jnp.where(l_fin > 0, m_fin + jnp.log(safe), _BIG)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(table_ref, keep_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, *, scale: float, causal: bool, block_q: int, block_k: int, groups: int,
+               s_len: int, q_offset: int):
+    i = pl.program_id(2)
+    q_pos = i * block_q + jnp.arange(block_q)
+    qs = [q_ref[g].astype(jnp.float32) for g in range(groups)]
+    dos = [do_ref[g].astype(jnp.float32) for g in range(groups)]
+
+    def body(idx, dqs):
+        j = table_ref[idx + 1]
+        start = j * block_k
+        k_pos = start + jnp.arange(block_k)
+        kb = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
+        vb = v_ref[pl.ds(start, block_k), :].astype(jnp.float32)
+        mask = _mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos, k_pos,
+                     s_len=s_len, causal=causal, q_offset=q_offset)
+        out = []
+        for g in range(groups):
+            s = _dot_t(qs[g], kb) * scale
+            p = jnp.where(mask, jnp.exp(s - lse_ref[g][:, None]), 0.0)
+            ds = p * (_dot_t(dos[g], vb) - delta_ref[g][:, None])
+            out.append(dqs[g] + _dot(ds, kb) * scale)
+        return tuple(out)
+
+    init = tuple(jnp.zeros(q_ref.shape[1:], jnp.float32) for _ in range(groups))
+    dqs = jax.lax.fori_loop(0, table_ref[0], body, init)
+    for g in range(groups):
+        dq_ref[g] = dqs[g].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(table_ref, keep_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, *, scale: float, causal: bool, block_q: int, block_k: int,
+                groups: int, s_len: int, q_offset: int):
+    j = pl.program_id(2)
+    k_pos = j * block_k + jnp.arange(block_k)
+    kb = k_ref[...].astype(jnp.float32)
+    vb = v_ref[...].astype(jnp.float32)
+    valid = valid_ref[...]
+
+    def body(idx, carry):
+        dk, dv = carry
+        i = table_ref[idx + 1]
+        rows = pl.ds(i * block_q, block_q)
+        q_pos = i * block_q + jnp.arange(block_q)
+        mask = _mask(keep_ref[rows, :], valid, q_pos, k_pos, s_len=s_len, causal=causal,
+                     q_offset=q_offset)
+        for g in range(groups):  # all heads of the group accumulate into the shared dK, dV
+            qg = q_ref[g, rows, :].astype(jnp.float32)
+            dog = do_ref[g, rows, :].astype(jnp.float32)
+            s = _dot_t(qg, kb) * scale
+            p = jnp.where(mask, jnp.exp(s - lse_ref[g, rows][:, None]), 0.0)
+            dv = dv + _tn_dot(p, dog)
+            ds = p * (_dot_t(dog, vb) - delta_ref[g, rows][:, None])
+            dk = dk + _tn_dot(ds, qg) * scale
+        return dk, dv
+
+    init = (jnp.zeros(k_ref.shape, jnp.float32), jnp.zeros(v_ref.shape, jnp.float32))
+    dk, dv = jax.lax.fori_loop(0, table_ref[0], body, init)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    block_q: int
+    block_k: int
+    causal: bool
+    scale: float
+    t: int
+    s: int
+    interpret: bool
+
+
+def _prepare(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, st: _Static):
+    """Pad to whole tiles, go head-major, build the tables and the int8 masks."""
+    b, t, n, h = q_BTNH.shape
+    kg = k_BSKH.shape[2]
+    qt, j = -(-t // st.block_q), -(-st.s // st.block_k)
+    tp, sp = qt * st.block_q, j * st.block_k
+    q = jnp.pad(q_BTNH, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    k = jnp.pad(k_BSKH, ((0, 0), (0, sp - st.s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    v = jnp.pad(v_BSKV, ((0, 0), (0, sp - st.s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    keep = jnp.pad(block_keep_BKTJ.astype(jnp.int8), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+    valid = (jnp.ones((b, st.s), jnp.int8) if key_valid_BS is None
+             else key_valid_BS.astype(jnp.int8))
+    valid = jnp.pad(valid, ((0, 0), (0, sp - st.s)))
+    fwd_table, bwd_table = build_tables(block_keep_BKTJ, block_q=st.block_q, block_k=st.block_k,
+                                        causal=st.causal, q_offset=st.s - st.t)
+    return q, k, v, keep, valid, fwd_table, bwd_table, (b, n, kg, qt, j, tp, sp)
+
+
+def _forward(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, sink_N, st: _Static):
+    q, k, v, keep, valid, fwd_table, bwd_table, dims = _prepare(
+        q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, st)
+    b, n, kg, qt, j, tp, sp = dims
+    g, h, vw = n // kg, q.shape[-1], v.shape[-1]
+    sink = (jnp.zeros((kg, g), jnp.float32) if sink_N is None
+            else sink_N.astype(jnp.float32).reshape(kg, g))
+    kernel = functools.partial(_fwd_kernel, scale=st.scale, causal=st.causal, block_q=st.block_q,
+                               block_k=st.block_k, groups=g, s_len=st.s, q_offset=st.s - st.t,
+                               has_sink=sink_N is not None)
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(b, kg, qt),
+        in_specs=[
+            pl.BlockSpec((None, None, None, j + 1), lambda bi, ki, qi: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, None, st.block_q, j), lambda bi, ki, qi: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, sp), lambda bi, ki, qi: (bi, 0)),
+            pl.BlockSpec((None, g), lambda bi, ki, qi: (ki, 0)),
+            pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, None, sp, h), lambda bi, ki, qi: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, None, sp, vw), lambda bi, ki, qi: (bi, ki, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, g, st.block_q, vw), lambda bi, ki, qi: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, g, st.block_q), lambda bi, ki, qi: (bi, ki, qi)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((b, n, tp, vw), q_BTNH.dtype),
+                   jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
+        interpret=st.interpret,
+        name="block_sparse_attention_fwd",
+    )(fwd_table, keep, valid, sink, q, k, v)
+    out = o.transpose(0, 2, 1, 3)[:, : st.t]
+    return out, (q, k, v, keep, valid, fwd_table, bwd_table, o, lse, dims)
+
+
+def _backward(res, do_BTNV, sink_N, st: _Static):
+    q, k, v, keep, valid, fwd_table, bwd_table, o, lse, dims = res
+    b, n, kg, qt, j, tp, sp = dims
+    g, h, vw = n // kg, q.shape[-1], v.shape[-1]
+    do = jnp.pad(do_BTNV, ((0, 0), (0, tp - st.t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # (B, N, Tp)
+    common = dict(scale=st.scale, causal=st.causal, block_q=st.block_q, block_k=st.block_k,
+                  groups=g, s_len=st.s, q_offset=st.s - st.t)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, **common),
+        grid=(b, kg, qt),
+        in_specs=[
+            pl.BlockSpec((None, None, None, j + 1), lambda bi, ki, qi: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, None, st.block_q, j), lambda bi, ki, qi: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, sp), lambda bi, ki, qi: (bi, 0)),
+            pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, None, sp, h), lambda bi, ki, qi: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, None, sp, vw), lambda bi, ki, qi: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, g, st.block_q, vw), lambda bi, ki, qi: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, g, st.block_q), lambda bi, ki, qi: (bi, ki, qi)),
+            pl.BlockSpec((None, g, st.block_q), lambda bi, ki, qi: (bi, ki, qi)),
+        ],
+        out_specs=pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=st.interpret,
+        name="block_sparse_attention_dq",
+    )(fwd_table, keep, valid, q, k, v, do, lse, delta)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, **common),
+        grid=(b, kg, j),
+        in_specs=[
+            pl.BlockSpec((None, None, None, qt + 1), lambda bi, ki, ji: (bi, ki, ji, 0)),
+            pl.BlockSpec((None, None, tp, 1), lambda bi, ki, ji: (bi, ki, 0, ji)),
+            pl.BlockSpec((None, st.block_k), lambda bi, ki, ji: (bi, ji)),
+            pl.BlockSpec((None, g, tp, h), lambda bi, ki, ji: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, None, st.block_k, h), lambda bi, ki, ji: (bi, ki, ji, 0)),
+            pl.BlockSpec((None, None, st.block_k, vw), lambda bi, ki, ji: (bi, ki, ji, 0)),
+            pl.BlockSpec((None, g, tp, vw), lambda bi, ki, ji: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, g, tp), lambda bi, ki, ji: (bi, ki, 0)),
+            pl.BlockSpec((None, g, tp), lambda bi, ki, ji: (bi, ki, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, None, st.block_k, h), lambda bi, ki, ji: (bi, ki, ji, 0)),
+                   pl.BlockSpec((None, None, st.block_k, vw), lambda bi, ki, ji: (bi, ki, ji, 0))],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        interpret=st.interpret,
+        name="block_sparse_attention_dkv",
+    )(bwd_table, keep, valid, q, k, v, do, lse, delta)
+    dsink = None
+    if sink_N is not None:  # d/ds of a denominator-only logit: -sum_t p_sink(t) * delta(t)
+        p_sink = jnp.exp(sink_N.astype(jnp.float32)[None, :, None] - lse)[:, :, : st.t]
+        dsink = -(p_sink * delta[:, :, : st.t]).sum(axis=(0, 2)).astype(sink_N.dtype)
+    dq = dq.transpose(0, 2, 1, 3)[:, : st.t]
+    dk = dk.transpose(0, 2, 1, 3)[:, : st.s]
+    dv = dv.transpose(0, 2, 1, 3)[:, : st.s]
+    return dq, dk, dv, dsink
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("st",))
+def _attention(q, k, v, block_keep, key_valid, sink, st: _Static):
+    return _forward(q, k, v, block_keep, key_valid, sink, st)[0]
+
+
+def _attention_fwd(q, k, v, block_keep, key_valid, sink, st: _Static):
+    out, res = _forward(q, k, v, block_keep, key_valid, sink, st)
+    return out, (res, sink, block_keep, key_valid)
+
+
+def _attention_bwd(st: _Static, saved, do):
+    res, sink, block_keep, key_valid = saved
+    dq, dk, dv, dsink = _backward(res, do, sink, st)
+    # the selection and key validity are not differentiated (as in attnhut)
+    zero_keep = None if block_keep is None else jnp.zeros_like(block_keep, dtype=jax.dtypes.float0)
+    zero_valid = None if key_valid is None else jnp.zeros_like(key_valid,
+                                                                dtype=jax.dtypes.float0)
+    return dq, dk, dv, zero_keep, zero_valid, dsink
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,
+                           *, block_k: int, causal: bool, scale: float | None = None,
+                           sink: Array | None = None, key_valid_BS: Array | None = None,
+                           block_sizes: BlockSizes = BlockSizes(),
+                           interpret: bool | None = None) -> Array:
+    """Attention over the selected key blocks only; equals ``block_sparse_attention_reference``.
+
+    ``block_keep_BKTJ`` (B, K, T, ceil(S / block_k)) bool: key blocks each query token of each
+    kv group may read (per token, so any selection is exact). ``interpret`` defaults to True off
+    GPU/TPU. Differentiable in q, k, v and ``sink``.
+    """
+    b, t, n, h = q_BTNH.shape
+    s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
+    if n % kg:
+        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kg}")
+    j = -(-s // block_k)
+    if block_keep_BKTJ.shape != (b, kg, t, j):
+        raise ValueError(f"block_keep must have shape (B, K, T, ceil(S / block_k))={(b, kg, t, j)}, "
+                         f"got {tuple(block_keep_BKTJ.shape)}")
+    if interpret is None:
+        interpret = jax.default_backend() not in ("gpu", "tpu")
+    st = _Static(block_sizes.block_q, block_k, causal, h ** -0.5 if scale is None else scale,
+                 t, s, interpret)
+    keep = block_keep_BKTJ.astype(bool)
+    valid = None if key_valid_BS is None else key_valid_BS.astype(bool)
+    return _attention(q_BTNH, k_BSKH, v_BSKV, keep, valid, sink, st=st)

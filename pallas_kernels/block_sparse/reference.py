@@ -1,0 +1,54 @@
+"""The pure-jnp reference every block-sparse kernel must equal.
+
+Semantics (shared with ``attnhut_jax.core``): query token ``t`` of query head ``n`` (kv group
+``n // G``) reads key ``s`` iff ``block_keep[b, n // G, t, s // block_k]`` and, when given,
+``key_valid[b, s]`` and, when causal, ``s <= t + (S - T)``. Masked logits never contribute; a
+row with nothing visible returns zeros; an optional per-head ``sink`` logit joins the softmax
+denominator and reads no value. Softmax statistics are float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def token_keep(block_keep_BKTJ: Array, s: int, block_k: int, *, causal: bool,
+               key_valid_BS: Array | None = None) -> Array:
+    """(B, K, T, S) bool token-level membership implied by a block selection and the rules."""
+    t = block_keep_BKTJ.shape[2]
+    keep = jnp.repeat(block_keep_BKTJ, block_k, axis=-1)[..., :s]
+    if causal:
+        keep = keep & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))
+    if key_valid_BS is not None:
+        keep = keep & key_valid_BS[:, None, None, :]
+    return keep
+
+
+def block_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
+                                     block_keep_BKTJ: Array, *, block_k: int, causal: bool,
+                                     scale: float | None = None, sink: Array | None = None,
+                                     key_valid_BS: Array | None = None) -> Array:
+    """Masked dense attention with the block-sparse semantics; returns (B, T, N, V)."""
+    b, t, n, h = q_BTNH.shape
+    s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
+    g = n // kg
+    scale = h ** -0.5 if scale is None else scale
+    keep = token_keep(block_keep_BKTJ, s, block_k, causal=causal, key_valid_BS=key_valid_BS)
+    q = q_BTNH.reshape(b, t, kg, g, h).astype(jnp.float32)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH.astype(jnp.float32)) * scale
+    keep = keep[:, :, None]
+    logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    if sink is not None:
+        m = jnp.maximum(m, sink.reshape(1, kg, g, 1, 1).astype(jnp.float32))
+    m = jax.lax.stop_gradient(m)
+    e = jnp.where(keep, jnp.exp(logits - m), 0.0)
+    den = e.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        den = den + jnp.exp(sink.reshape(1, kg, g, 1, 1).astype(jnp.float32) - m)
+    p = e / jnp.where(den == 0, 1.0, den)
+    out = jnp.einsum("BKGTS,BSKV->BTKGV", p, v_BSKV.astype(jnp.float32))
+    return out.reshape(b, t, n, v_BSKV.shape[-1]).astype(q_BTNH.dtype)
