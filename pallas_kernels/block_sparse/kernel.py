@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from .tables import build_tables
 
@@ -183,6 +184,18 @@ class _Static:
     t: int
     s: int
     interpret: bool
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def compiler_params(self):
+        # GPU lowering: Triton, chosen deliberately. The kernel is a tile program with a
+        # data-dependent trip count and data-dependent block offsets (the block table), which
+        # Triton's SIMT model expresses directly and which lowers unchanged under jax 0.10 and
+        # 0.11. ``pl.pallas_call`` with Mosaic GPU is itself deprecated in favour of
+        # ``plgpu.kernel`` with explicit warpgroup/TMA pipelines, a Hopper-only rewrite that is
+        # the follow-up for peak H100 throughput once the semantics here are settled.
+        return pl_triton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _prepare(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, st: _Static):
@@ -232,6 +245,7 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, sink_N, st: 
         out_shape=[jax.ShapeDtypeStruct((b, n, tp, vw), q_BTNH.dtype),
                    jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
         interpret=st.interpret,
+        compiler_params=st.compiler_params,
         name="block_sparse_attention_fwd",
     )(fwd_table, keep, valid, sink, q, k, v)
     out = o.transpose(0, 2, 1, 3)[:, : st.t]
@@ -263,6 +277,7 @@ def _backward(res, do_BTNV, sink_N, st: _Static):
         out_specs=pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=st.interpret,
+        compiler_params=st.compiler_params,
         name="block_sparse_attention_dq",
     )(fwd_table, keep, valid, q, k, v, do, lse, delta)
     dk, dv = pl.pallas_call(
@@ -283,6 +298,7 @@ def _backward(res, do_BTNV, sink_N, st: _Static):
                    pl.BlockSpec((None, None, st.block_k, vw), lambda bi, ki, ji: (bi, ki, ji, 0))],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         interpret=st.interpret,
+        compiler_params=st.compiler_params,
         name="block_sparse_attention_dkv",
     )(bwd_table, keep, valid, q, k, v, do, lse, delta)
     dsink = None
