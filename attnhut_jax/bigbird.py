@@ -86,6 +86,7 @@ class BigBirdAttention(nn.Module):
     causal: bool = False
     seed: int = 0
     bias: bool = False
+    impl: core.Impl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -103,6 +104,7 @@ class BigBirdAttention(nn.Module):
         if self.num_random_blocks < 0 or self.num_global_blocks < 0:
             raise ValueError(f"{owner}: num_random_blocks={self.num_random_blocks} and "
                              f"num_global_blocks={self.num_global_blocks} must be >= 0")
+        core.check_impl(owner, self.impl)
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
         self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
@@ -112,14 +114,10 @@ class BigBirdAttention(nn.Module):
         return bigbird_block_mask(num_blocks, self.num_window_blocks, self.num_random_blocks,
                                   self.num_global_blocks, self.causal, self.seed)
 
-    def token_keep(self, t: int) -> np.ndarray:
-        """(T, T) bool token pattern for an unpadded length ``t`` (block pattern, then causal)."""
+    def block_keep(self, t: int) -> np.ndarray:
+        """(T, nb) bool: the key blocks each query token's block attends (a host constant)."""
         nb = -(-t // self.block_size)
-        blk = np.arange(t) // self.block_size
-        keep = self.block_mask(nb)[blk[:, None], blk[None, :]]
-        if self.causal:
-            keep = keep & np.tril(np.ones((t, t), bool))
-        return keep
+        return self.block_mask(nb)[np.arange(t) // self.block_size]
 
     def __call__(self, x: Array, key_padding_mask: Array | None = None) -> Array:
         """(B, T, D) -> (B, T, D). ``key_padding_mask`` (B, T): True for real tokens.
@@ -132,12 +130,16 @@ class BigBirdAttention(nn.Module):
         b, t, _ = x.shape
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
         shape = (b, t, self.num_heads, self.head_dim)
-        keep = jnp.asarray(self.token_keep(t))[None, None]
+        valid = None
         if key_padding_mask is not None:
             if tuple(key_padding_mask.shape) != (b, t):
                 raise ValueError(f"BigBirdAttention: key_padding_mask must have shape (batch, seq)="
                                  f"{(b, t)}, got {tuple(key_padding_mask.shape)}")
-            keep = keep & key_padding_mask.astype(bool)[:, None, None, :]
-        out = core.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                         keep=keep, scale=self.head_dim ** -0.5)
+            valid = key_padding_mask.astype(bool)
+        block_keep = jnp.broadcast_to(jnp.asarray(self.block_keep(t)),
+                                      (b, self.num_heads, t, -(-t // self.block_size)))
+        out = core.block_sparse_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                          block_keep, block_k=self.block_size, causal=self.causal,
+                                          impl=self.impl, scale=self.head_dim ** -0.5,
+                                          key_valid_BS=valid)
         return self.proj(out.reshape(b, t, self.dim))

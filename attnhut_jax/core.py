@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen import dtypes
+
+from pallas_kernels import block_sparse
 
 Array = jax.Array
 Dtype = Any
@@ -379,3 +381,54 @@ def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None
         keep = causal_mask(t, s)
     return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, bias=bias, scale=scale,
                                  dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+
+# ----------------------------------------------------------------------------- block-sparse seam
+
+Impl = Literal["auto", "reference", "pallas"]
+IMPLS: tuple[str, ...] = ("auto", "reference", "pallas")
+
+
+def check_impl(owner: str, impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"{owner}: impl={impl!r} must be one of {IMPLS}")
+
+
+def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale,
+                            sink, key_valid_BS):
+    keep = block_sparse.token_keep(block_keep_BKTJ, k_BSKH.shape[1], block_k, causal=causal,
+                                   key_valid_BS=key_valid_BS)
+    return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, scale=scale, sink=sink)
+
+
+def _block_sparse_pallas(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale,
+                         sink, key_valid_BS):
+    return block_sparse.block_sparse_attention(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
+                                               block_k=block_k, causal=causal, scale=scale,
+                                               sink=sink, key_valid_BS=key_valid_BS)
+
+
+_BLOCK_SPARSE = {"reference": _block_sparse_reference, "pallas": _block_sparse_pallas}
+
+
+def resolve_impl(impl: str) -> str:
+    """``auto``: the fused kernel where it runs natively (GPU), the masked-dense reference
+    elsewhere (the kernel's TPU variant and the CPU block-gather path are not written yet)."""
+    if impl != "auto":
+        return impl
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
+
+
+def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,
+                           *, block_k: int, causal: bool, impl: str = "auto",
+                           scale: float | None = None, sink: Array | None = None,
+                           key_valid_BS: Array | None = None) -> Array:
+    """Attention restricted to selected key blocks (per query token and kv group), any impl.
+
+    Query token ``t`` of kv group ``k`` reads key ``s`` iff ``block_keep[b, k, t, s // block_k]``
+    (and ``key_valid[b, s]``, and ``s <= t + S - T`` when causal). Every impl computes the same
+    numbers; ``pallas`` reads only the selected blocks (interpret mode off accelerators).
+    """
+    return _BLOCK_SPARSE[resolve_impl(impl)](q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
+                                             block_k=block_k, causal=causal, scale=scale,
+                                             sink=sink, key_valid_BS=key_valid_BS)

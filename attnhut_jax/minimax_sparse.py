@@ -18,34 +18,55 @@ from . import core
 from .core import Array, Dtype
 
 
-def select_blocks(qi_BTKI: Array, ki_BSI: Array, *, block_size: int, top_k: int, causal: bool,
-                  force_current_block: bool) -> tuple[Array, Array]:
-    """Block selection of the index branch.
-
-    Returns ``(block_keep (B, K, T, nb) bool, index_scores (B, K, T, S) float32)``. Token scores
-    are causally masked (finite fill) before max-pooling, so a future block never wins for an
-    earlier query; blocks starting after the query are dropped after the top-k.
-    """
-    b, t, _, di = qi_BTKI.shape
-    s = ki_BSI.shape[1]
+def _index_logits(qi_BTKI: Array, ki_BSI: Array, causal: bool, s_offset: int = 0) -> Array:
+    """Index scores (B, K, T, S') in float32 of the queries against keys ``s_offset + [0, S')``,
+    with the finite fill on keys after the query when causal."""
+    t, di = qi_BTKI.shape[1], qi_BTKI.shape[-1]
     scores = jnp.einsum("BTKI,BSI->BKTS", qi_BTKI.astype(jnp.float32),
                         ki_BSI.astype(jnp.float32)) * di ** -0.5
-    fill = core.mask_value(jnp.float32)
     if causal:
-        scores = jnp.where(core.causal_mask(t, s), scores, fill)
+        pos_s = s_offset + jnp.arange(ki_BSI.shape[1])
+        scores = jnp.where(pos_s[None, :] <= jnp.arange(t)[:, None], scores,
+                           core.mask_value(jnp.float32))
+    return scores
+
+
+def block_scores(qi_BTKI: Array, ki_BSI: Array, *, block_size: int, causal: bool) -> Array:
+    """Max-pooled index scores (B, K, T, nb), one key block at a time.
+
+    Never materialises the (T, S) token scores: a scan over key blocks keeps only (T, block)
+    scores alive, so memory is O(T * nb) rather than O(T * S).
+    """
+    b, t, kg, _ = qi_BTKI.shape
+    s = ki_BSI.shape[1]
     nb = -(-s // block_size)
-    padded = jnp.pad(scores, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - s)),
-                     constant_values=fill)
-    block_scores = padded.reshape(b, -1, t, nb, block_size).max(axis=-1)
-    _, idx = jax.lax.top_k(block_scores, max(1, min(top_k, nb)))
-    keep = jnp.put_along_axis(jnp.zeros(block_scores.shape, bool), idx, True, axis=-1,
+    fill = core.mask_value(jnp.float32)
+    ki = jnp.pad(ki_BSI, ((0, 0), (0, nb * block_size - s), (0, 0)))
+    ki_JBSI = ki.reshape(b, nb, block_size, -1).swapaxes(0, 1)
+
+    def one_block(j, ki_BSI_j):
+        sc = _index_logits(qi_BTKI, ki_BSI_j, causal, j * block_size)
+        pad = j * block_size + jnp.arange(block_size) >= s
+        return jnp.where(pad, fill, sc).max(axis=-1)
+
+    maxima = jax.lax.map(lambda a: one_block(*a), (jnp.arange(nb), ki_JBSI))  # (nb, B, K, T)
+    return jnp.moveaxis(maxima, 0, -1)
+
+
+def select_blocks(block_scores_BKTJ: Array, *, t: int, block_size: int, top_k: int,
+                  causal: bool, force_current_block: bool) -> Array:
+    """(B, K, T, nb) bool: each query's top-k blocks per group, minus blocks after the query,
+    plus the query's own block when ``force_current_block``."""
+    nb = block_scores_BKTJ.shape[-1]
+    _, idx = jax.lax.top_k(block_scores_BKTJ, max(1, min(top_k, nb)))
+    keep = jnp.put_along_axis(jnp.zeros(block_scores_BKTJ.shape, bool), idx, True, axis=-1,
                               inplace=False)
     pos = jnp.arange(t)[:, None]
     if causal:
         keep = keep & (jnp.arange(nb)[None, :] * block_size <= pos)
     if force_current_block:
         keep = keep | (jnp.minimum(pos // block_size, nb - 1) == jnp.arange(nb)[None, :])
-    return keep, scores
+    return keep
 
 
 class MiniMaxSparseAttention(nn.Module):
@@ -70,6 +91,7 @@ class MiniMaxSparseAttention(nn.Module):
     rope_theta: float = 10000.0
     force_current_block: bool = True
     bias: bool = False
+    impl: core.Impl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -90,6 +112,7 @@ class MiniMaxSparseAttention(nn.Module):
         core.check_divisible(owner, ("dim", self.dim), ("num_heads", self.num_heads))
         core.check_divisible(owner, ("num_heads", self.num_heads),
                              ("num_kv_groups", self.num_kv_groups))
+        core.check_impl(owner, self.impl)
         d, (di, rd) = self.head_dim, self.resolved_dims()
         if self.use_rope and (rd % 2 or rd < 2 or rd > d or rd > di):
             raise ValueError(f"{owner}: rope_dim={rd} must be even, >= 2 and <= head_dim={d} "
@@ -129,20 +152,41 @@ class MiniMaxSparseAttention(nn.Module):
             q_BTNH, k_BTKH, qi_BTKI, ki_BT1I = (core.apply_rope(a, cos, sin)
                                                 for a in (q_BTNH, k_BTKH, qi_BTKI, ki_BT1I))
 
-        block_keep, index_scores = select_blocks(
-            qi_BTKI, ki_BT1I[:, :, 0], block_size=self.block_size, top_k=self.top_k,
-            causal=self.causal, force_current_block=self.force_current_block)
+        sel = dict(t=t, block_size=self.block_size, top_k=self.top_k, causal=self.causal,
+                   force_current_block=self.force_current_block)
+        if not return_aux:
+            # default path: block scores from a scan over key blocks, then the block-sparse core;
+            # no (T, T) array is built.
+            scores = block_scores(qi_BTKI, ki_BT1I[:, :, 0], block_size=self.block_size,
+                                  causal=self.causal)
+            block_keep = select_blocks(scores, **sel)
+            out = core.block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, block_keep,
+                                              block_k=self.block_size, causal=self.causal,
+                                              impl=self.impl, scale=d ** -0.5)
+            return self.proj(out.reshape(b, t, self.dim))
+
+        # aux path: the aux loss needs token-level scores and weights, so they are materialised
+        index_scores = _index_logits(qi_BTKI, ki_BT1I[:, :, 0], self.causal)
+        nb = -(-t // self.block_size)
+        padded = jnp.pad(index_scores, ((0, 0), (0, 0), (0, 0), (0, nb * self.block_size - t)),
+                         constant_values=core.mask_value(jnp.float32))
+        block_keep = select_blocks(padded.reshape(b, kg, t, nb, self.block_size).max(axis=-1),
+                                   **sel)
         keep_BKTS = jnp.repeat(block_keep, self.block_size, axis=-1)[..., :t]
         if self.causal:
             keep_BKTS = keep_BKTS & core.causal_mask(t, t)
         probs = core.attention_weights(q_BTNH, k_BTKH, keep=keep_BKTS, scale=d ** -0.5)
-        out = self.proj(core.attend(probs, v_BTKH).reshape(b, t, self.dim))
-        if return_aux:
-            aux = {"index_scores": index_scores,
-                   "attn_weights": probs.astype(q_BTNH.dtype).reshape(b, self.num_heads, t, t),
-                   "keep": keep_BKTS}
-            return out, aux
-        return out
+        if core.resolve_impl(self.impl) == "reference":
+            out = core.attend(probs, v_BTKH)
+        else:
+            out = core.block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, block_keep,
+                                              block_k=self.block_size, causal=self.causal,
+                                              impl=self.impl, scale=d ** -0.5)
+        out = self.proj(out.reshape(b, t, self.dim))
+        aux = {"index_scores": index_scores,
+               "attn_weights": probs.astype(q_BTNH.dtype).reshape(b, self.num_heads, t, t),
+               "keep": keep_BKTS}
+        return out, aux
 
 
 def msa_index_aux_loss(index_scores: Array, attn_weights: Array, keep: Array,
