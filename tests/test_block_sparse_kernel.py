@@ -35,12 +35,12 @@ def _inputs(b, t, s, n, kg, h, vw, bk, p, seed, dtype=jnp.float32, sink=False, v
 
 
 def _check(b, t, s, n, kg, h, bk, bq, causal, p, seed, dtype=jnp.float32, sink=False,
-           valid=False):
+           valid=False, **rules):
     q, k, v, keep, sk, kv, g = _inputs(b, t, s, n, kg, h, h + 2, bk, p, seed, dtype, sink, valid)
 
     def run(fn):
         def loss(q, k, v, sk):
-            out = fn(q, k, v, keep, block_k=bk, causal=causal, sink=sk, key_valid_BS=kv)
+            out = fn(q, k, v, keep, block_k=bk, causal=causal, sink=sk, key_valid_BS=kv, **rules)
             return (out.astype(jnp.float32) * g.astype(jnp.float32)).sum(), out
         argn = (0, 1, 2, 3) if sink else (0, 1, 2)
         (_, out), grads = jax.value_and_grad(loss, argnums=argn, has_aux=True)(q, k, v, sk)
@@ -66,6 +66,17 @@ def test_kernel_matches_reference_gqa_sink_padding(causal):
 def test_kernel_short_query_over_longer_keys_and_tiny_lengths():
     _check(1, 20, 33, 2, 1, 8, 8, 16, True, 0.5, 1, sink=True)  # causal offset S - T
     _check(1, 3, 3, 2, 2, 8, 8, 16, True, 1.0, 2)  # T smaller than one block / tile
+
+
+def test_kernel_window_sink_keys_and_explicit_positions():
+    # sliding window with sink keys (Delta's base) on a causal square problem
+    _check(1, 29, 29, 4, 2, 8, 4, 8, True, 1.0, 4, window=5, num_sink_keys=3)
+    # HCA's layout: 6 pooled entries (position (c + 1) * rate) before 24 raw tokens, a window on
+    # the raw part only (the entries are the "sink" keys), one query per raw token
+    rate, c, t = 4, 6, 24
+    k_pos = jnp.concatenate([(jnp.arange(c) + 1) * rate, jnp.arange(t)])
+    _check(1, t, c + t, 2, 1, 8, 4, 8, True, 1.0, 5, sink=True, q_pos_T=jnp.arange(t),
+           k_pos_S=k_pos, window=3, num_sink_keys=c)
 
 
 def test_kernel_bfloat16():

@@ -51,22 +51,27 @@ def _tn_dot(a: Array, b: Array) -> Array:
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _mask(keep_col, valid_row, q_pos, k_pos, *, s_len: int, causal: bool, q_offset: int):
-    """(block_q, block_k) membership: selected block, valid key, in range, causal."""
-    m = (keep_col != 0) & (valid_row[None, :] != 0) & (k_pos[None, :] < s_len)
+def _mask(keep_col, valid_row, q_pos, k_pos, k_idx, *, s_len: int, causal: bool,
+          window: int | None, num_sink_keys: int):
+    """(block_q, block_k) membership: selected block, valid key in range, and the token rules
+    on positions: causal ``k_pos <= q_pos``; window ``k_pos > q_pos - window`` unless the key is
+    one of the first ``num_sink_keys`` keys."""
+    m = (keep_col != 0) & (valid_row[None, :] != 0) & (k_idx[None, :] < s_len)
     if causal:
-        m = m & (k_pos[None, :] <= q_pos[:, None] + q_offset)
+        m = m & (k_pos[None, :] <= q_pos[:, None])
+    if window is not None:
+        m = m & ((k_idx[None, :] < num_sink_keys) | (k_pos[None, :] > q_pos[:, None] - window))
     return m
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(table_ref, keep_ref, valid_ref, sink_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                scale: float, causal: bool, block_q: int, block_k: int, groups: int, s_len: int,
-                q_offset: int, has_sink: bool):
-    i = pl.program_id(2)
-    q_pos = i * block_q + jnp.arange(block_q)
+def _fwd_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, sink_ref, q_ref, k_ref, v_ref,
+                o_ref, lse_ref, *, scale: float, has_sink: bool, block_k: int, groups: int,
+                **rules):
+    q_pos = qpos_ref[...]
+    block_q = q_pos.shape[0]
     qs = [q_ref[g].astype(jnp.float32) * scale for g in range(groups)]
     vw = v_ref.shape[-1]
     init = tuple((jnp.zeros((block_q, vw), jnp.float32), jnp.full((block_q,), _MIN, jnp.float32),
@@ -75,11 +80,11 @@ def _fwd_kernel(table_ref, keep_ref, valid_ref, sink_ref, q_ref, k_ref, v_ref, o
     def body(idx, carry):
         j = table_ref[idx + 1]
         start = j * block_k
-        k_pos = start + jnp.arange(block_k)
+        k_idx = start + jnp.arange(block_k)
         kb = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
         vb = v_ref[pl.ds(start, block_k), :]
-        mask = _mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos, k_pos,
-                     s_len=s_len, causal=causal, q_offset=q_offset)
+        mask = _mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos,
+                     kpos_ref[pl.ds(start, block_k)], k_idx, **rules)
         out = []
         for g in range(groups):  # every head of the group reuses the K/V block just loaded
             acc, m, l = carry[g]
@@ -110,22 +115,21 @@ def _fwd_kernel(table_ref, keep_ref, valid_ref, sink_ref, q_ref, k_ref, v_ref, o
 # ----------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(table_ref, keep_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, scale: float, causal: bool, block_q: int, block_k: int, groups: int,
-               s_len: int, q_offset: int):
-    i = pl.program_id(2)
-    q_pos = i * block_q + jnp.arange(block_q)
+def _dq_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, dq_ref, *, scale: float, block_q: int, block_k: int,
+               groups: int, **rules):
+    q_pos = qpos_ref[...]
     qs = [q_ref[g].astype(jnp.float32) for g in range(groups)]
     dos = [do_ref[g].astype(jnp.float32) for g in range(groups)]
 
     def body(idx, dqs):
         j = table_ref[idx + 1]
         start = j * block_k
-        k_pos = start + jnp.arange(block_k)
+        k_idx = start + jnp.arange(block_k)
         kb = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
         vb = v_ref[pl.ds(start, block_k), :].astype(jnp.float32)
-        mask = _mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos, k_pos,
-                     s_len=s_len, causal=causal, q_offset=q_offset)
+        mask = _mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos,
+                     kpos_ref[pl.ds(start, block_k)], k_idx, **rules)
         out = []
         for g in range(groups):
             s = _dot_t(qs[g], kb) * scale
@@ -140,11 +144,12 @@ def _dq_kernel(table_ref, keep_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_
         dq_ref[g] = dqs[g].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(table_ref, keep_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, scale: float, causal: bool, block_q: int, block_k: int,
-                groups: int, s_len: int, q_offset: int):
+def _dkv_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref,
+                lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int, block_k: int,
+                groups: int, **rules):
     j = pl.program_id(2)
-    k_pos = j * block_k + jnp.arange(block_k)
+    k_idx = j * block_k + jnp.arange(block_k)
+    k_pos = kpos_ref[...]
     kb = k_ref[...].astype(jnp.float32)
     vb = v_ref[...].astype(jnp.float32)
     valid = valid_ref[...]
@@ -153,9 +158,7 @@ def _dkv_kernel(table_ref, keep_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse
         dk, dv = carry
         i = table_ref[idx + 1]
         rows = pl.ds(i * block_q, block_q)
-        q_pos = i * block_q + jnp.arange(block_q)
-        mask = _mask(keep_ref[rows, :], valid, q_pos, k_pos, s_len=s_len, causal=causal,
-                     q_offset=q_offset)
+        mask = _mask(keep_ref[rows, :], valid, qpos_ref[rows], k_pos, k_idx, **rules)
         for g in range(groups):  # all heads of the group accumulate into the shared dK, dV
             qg = q_ref[g, rows, :].astype(jnp.float32)
             dog = do_ref[g, rows, :].astype(jnp.float32)
@@ -184,6 +187,8 @@ class _Static:
     t: int
     s: int
     interpret: bool
+    window: int | None = None
+    num_sink_keys: int = 0
     num_warps: int = 4
     num_stages: int = 2
 
@@ -197,8 +202,14 @@ class _Static:
         # the follow-up for peak H100 throughput once the semantics here are settled.
         return pl_triton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
+    @property
+    def rules(self) -> dict:
+        return dict(s_len=self.s, causal=self.causal, window=self.window,
+                    num_sink_keys=self.num_sink_keys)
 
-def _prepare(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, st: _Static):
+
+def _prepare(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S,
+             st: _Static):
     """Pad to whole tiles, go head-major, build the tables and the int8 masks."""
     b, t, n, h = q_BTNH.shape
     kg = k_BSKH.shape[2]
@@ -212,20 +223,25 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, st: _Static)
              else key_valid_BS.astype(jnp.int8))
     valid = jnp.pad(valid, ((0, 0), (0, sp - st.s)))
     fwd_table, bwd_table = build_tables(block_keep_BKTJ, block_q=st.block_q, block_k=st.block_k,
-                                        causal=st.causal, q_offset=st.s - st.t)
-    return q, k, v, keep, valid, fwd_table, bwd_table, (b, n, kg, qt, j, tp, sp)
+                                        q_pos=q_pos_T, k_pos=k_pos_S, causal=st.causal,
+                                        window=st.window, num_sink_keys=st.num_sink_keys)
+    # padded query rows sit at the last real position (their output is dropped); padded keys
+    # are removed by the ``k_idx < S`` rule
+    q_pos = jnp.pad(q_pos_T.astype(jnp.int32), (0, tp - t), mode="edge")
+    k_pos = jnp.pad(k_pos_S.astype(jnp.int32), (0, sp - st.s), mode="edge")
+    return q, k, v, keep, valid, q_pos, k_pos, fwd_table, bwd_table, (b, n, kg, qt, j, tp, sp)
 
 
-def _forward(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, sink_N, st: _Static):
-    q, k, v, keep, valid, fwd_table, bwd_table, dims = _prepare(
-        q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, st)
+def _forward(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S, sink_N,
+             st: _Static):
+    q, k, v, keep, valid, q_pos, k_pos, fwd_table, bwd_table, dims = _prepare(
+        q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S, st)
     b, n, kg, qt, j, tp, sp = dims
     g, h, vw = n // kg, q.shape[-1], v.shape[-1]
     sink = (jnp.zeros((kg, g), jnp.float32) if sink_N is None
             else sink_N.astype(jnp.float32).reshape(kg, g))
-    kernel = functools.partial(_fwd_kernel, scale=st.scale, causal=st.causal, block_q=st.block_q,
-                               block_k=st.block_k, groups=g, s_len=st.s, q_offset=st.s - st.t,
-                               has_sink=sink_N is not None)
+    kernel = functools.partial(_fwd_kernel, scale=st.scale, has_sink=sink_N is not None,
+                               block_k=st.block_k, groups=g, **st.rules)
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, kg, qt),
@@ -233,6 +249,8 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, sink_N, st: 
             pl.BlockSpec((None, None, None, j + 1), lambda bi, ki, qi: (bi, ki, qi, 0)),
             pl.BlockSpec((None, None, st.block_q, j), lambda bi, ki, qi: (bi, ki, qi, 0)),
             pl.BlockSpec((None, sp), lambda bi, ki, qi: (bi, 0)),
+            pl.BlockSpec((st.block_q,), lambda bi, ki, qi: (qi,)),
+            pl.BlockSpec((sp,), lambda bi, ki, qi: (0,)),
             pl.BlockSpec((None, g), lambda bi, ki, qi: (ki, 0)),
             pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
             pl.BlockSpec((None, None, sp, h), lambda bi, ki, qi: (bi, ki, 0, 0)),
@@ -247,19 +265,18 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, sink_N, st: 
         interpret=st.interpret,
         compiler_params=st.compiler_params,
         name="block_sparse_attention_fwd",
-    )(fwd_table, keep, valid, sink, q, k, v)
+    )(fwd_table, keep, valid, q_pos, k_pos, sink, q, k, v)
     out = o.transpose(0, 2, 1, 3)[:, : st.t]
-    return out, (q, k, v, keep, valid, fwd_table, bwd_table, o, lse, dims)
+    return out, (q, k, v, keep, valid, q_pos, k_pos, fwd_table, bwd_table, o, lse, dims)
 
 
 def _backward(res, do_BTNV, sink_N, st: _Static):
-    q, k, v, keep, valid, fwd_table, bwd_table, o, lse, dims = res
+    q, k, v, keep, valid, q_pos, k_pos, fwd_table, bwd_table, o, lse, dims = res
     b, n, kg, qt, j, tp, sp = dims
     g, h, vw = n // kg, q.shape[-1], v.shape[-1]
     do = jnp.pad(do_BTNV, ((0, 0), (0, tp - st.t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # (B, N, Tp)
-    common = dict(scale=st.scale, causal=st.causal, block_q=st.block_q, block_k=st.block_k,
-                  groups=g, s_len=st.s, q_offset=st.s - st.t)
+    common = dict(scale=st.scale, block_q=st.block_q, block_k=st.block_k, groups=g, **st.rules)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **common),
         grid=(b, kg, qt),
@@ -267,6 +284,8 @@ def _backward(res, do_BTNV, sink_N, st: _Static):
             pl.BlockSpec((None, None, None, j + 1), lambda bi, ki, qi: (bi, ki, qi, 0)),
             pl.BlockSpec((None, None, st.block_q, j), lambda bi, ki, qi: (bi, ki, qi, 0)),
             pl.BlockSpec((None, sp), lambda bi, ki, qi: (bi, 0)),
+            pl.BlockSpec((st.block_q,), lambda bi, ki, qi: (qi,)),
+            pl.BlockSpec((sp,), lambda bi, ki, qi: (0,)),
             pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
             pl.BlockSpec((None, None, sp, h), lambda bi, ki, qi: (bi, ki, 0, 0)),
             pl.BlockSpec((None, None, sp, vw), lambda bi, ki, qi: (bi, ki, 0, 0)),
@@ -279,7 +298,7 @@ def _backward(res, do_BTNV, sink_N, st: _Static):
         interpret=st.interpret,
         compiler_params=st.compiler_params,
         name="block_sparse_attention_dq",
-    )(fwd_table, keep, valid, q, k, v, do, lse, delta)
+    )(fwd_table, keep, valid, q_pos, k_pos, q, k, v, do, lse, delta)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, **common),
         grid=(b, kg, j),
@@ -287,6 +306,8 @@ def _backward(res, do_BTNV, sink_N, st: _Static):
             pl.BlockSpec((None, None, None, qt + 1), lambda bi, ki, ji: (bi, ki, ji, 0)),
             pl.BlockSpec((None, None, tp, 1), lambda bi, ki, ji: (bi, ki, 0, ji)),
             pl.BlockSpec((None, st.block_k), lambda bi, ki, ji: (bi, ji)),
+            pl.BlockSpec((tp,), lambda bi, ki, ji: (0,)),
+            pl.BlockSpec((st.block_k,), lambda bi, ki, ji: (ji,)),
             pl.BlockSpec((None, g, tp, h), lambda bi, ki, ji: (bi, ki, 0, 0)),
             pl.BlockSpec((None, None, st.block_k, h), lambda bi, ki, ji: (bi, ki, ji, 0)),
             pl.BlockSpec((None, None, st.block_k, vw), lambda bi, ki, ji: (bi, ki, ji, 0)),
@@ -300,7 +321,7 @@ def _backward(res, do_BTNV, sink_N, st: _Static):
         interpret=st.interpret,
         compiler_params=st.compiler_params,
         name="block_sparse_attention_dkv",
-    )(bwd_table, keep, valid, q, k, v, do, lse, delta)
+    )(bwd_table, keep, valid, q_pos, k_pos, q, k, v, do, lse, delta)
     dsink = None
     if sink_N is not None:  # d/ds of a denominator-only logit: -sum_t p_sink(t) * delta(t)
         p_sink = jnp.exp(sink_N.astype(jnp.float32)[None, :, None] - lse)[:, :, : st.t]
@@ -312,23 +333,21 @@ def _backward(res, do_BTNV, sink_N, st: _Static):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("st",))
-def _attention(q, k, v, block_keep, key_valid, sink, st: _Static):
-    return _forward(q, k, v, block_keep, key_valid, sink, st)[0]
+def _attention(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st: _Static):
+    return _forward(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st)[0]
 
 
-def _attention_fwd(q, k, v, block_keep, key_valid, sink, st: _Static):
-    out, res = _forward(q, k, v, block_keep, key_valid, sink, st)
-    return out, (res, sink, block_keep, key_valid)
+def _attention_fwd(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st: _Static):
+    out, res = _forward(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st)
+    return out, (res, sink, (block_keep, key_valid, q_pos, k_pos))
 
 
 def _attention_bwd(st: _Static, saved, do):
-    res, sink, block_keep, key_valid = saved
+    res, sink, selection = saved
     dq, dk, dv, dsink = _backward(res, do, sink, st)
-    # the selection and key validity are not differentiated (as in attnhut)
-    zero_keep = None if block_keep is None else jnp.zeros_like(block_keep, dtype=jax.dtypes.float0)
-    zero_valid = None if key_valid is None else jnp.zeros_like(key_valid,
-                                                                dtype=jax.dtypes.float0)
-    return dq, dk, dv, zero_keep, zero_valid, dsink
+    # the selection, key validity and positions are not differentiated (as in attnhut)
+    zeros = tuple(None if a is None else jnp.zeros(a.shape, jax.dtypes.float0) for a in selection)
+    return (dq, dk, dv, *zeros, dsink)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -337,13 +356,18 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,
                            *, block_k: int, causal: bool, scale: float | None = None,
                            sink: Array | None = None, key_valid_BS: Array | None = None,
+                           q_pos_T: Array | None = None, k_pos_S: Array | None = None,
+                           window: int | None = None, num_sink_keys: int = 0,
                            block_sizes: BlockSizes = BlockSizes(),
                            interpret: bool | None = None) -> Array:
     """Attention over the selected key blocks only; equals ``block_sparse_attention_reference``.
 
     ``block_keep_BKTJ`` (B, K, T, ceil(S / block_k)) bool: key blocks each query token of each
-    kv group may read (per token, so any selection is exact). ``interpret`` defaults to True off
-    GPU/TPU. Differentiable in q, k, v and ``sink``.
+    kv group may read (per token, so any selection is exact). Token rules inside the blocks use
+    positions (``q_pos_T`` default ``arange(T) + S - T``, ``k_pos_S`` default ``arange(S)``):
+    causal keeps ``k_pos <= q_pos``; ``window`` keeps ``k_pos > q_pos - window`` except for the
+    first ``num_sink_keys`` keys. ``interpret`` defaults to True off GPU/TPU. Differentiable in
+    q, k, v and ``sink``.
     """
     b, t, n, h = q_BTNH.shape
     s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
@@ -356,7 +380,10 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "tpu")
     st = _Static(block_sizes.block_q, block_k, causal, h ** -0.5 if scale is None else scale,
-                 t, s, interpret)
+                 t, s, interpret, window, num_sink_keys)
     keep = block_keep_BKTJ.astype(bool)
     valid = None if key_valid_BS is None else key_valid_BS.astype(bool)
-    return _attention(q_BTNH, k_BSKH, v_BSKV, keep, valid, sink, st=st)
+    q_pos = jnp.arange(t, dtype=jnp.int32) + (s - t) if q_pos_T is None else q_pos_T
+    k_pos = jnp.arange(s, dtype=jnp.int32) if k_pos_S is None else k_pos_S
+    return _attention(q_BTNH, k_BSKH, v_BSKV, keep, valid, q_pos.astype(jnp.int32),
+                      k_pos.astype(jnp.int32), sink, st=st)

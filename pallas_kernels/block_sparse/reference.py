@@ -16,12 +16,19 @@ Array = jax.Array
 
 
 def token_keep(block_keep_BKTJ: Array, s: int, block_k: int, *, causal: bool,
-               key_valid_BS: Array | None = None) -> Array:
+               key_valid_BS: Array | None = None, q_pos_T: Array | None = None,
+               k_pos_S: Array | None = None, window: int | None = None,
+               num_sink_keys: int = 0) -> Array:
     """(B, K, T, S) bool token-level membership implied by a block selection and the rules."""
     t = block_keep_BKTJ.shape[2]
     keep = jnp.repeat(block_keep_BKTJ, block_k, axis=-1)[..., :s]
+    q_pos = jnp.arange(t) + (s - t) if q_pos_T is None else q_pos_T
+    k_pos = jnp.arange(s) if k_pos_S is None else k_pos_S
     if causal:
-        keep = keep & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))
+        keep = keep & (k_pos[None, :] <= q_pos[:, None])
+    if window is not None:
+        keep = keep & ((jnp.arange(s) < num_sink_keys)[None, :]
+                       | (k_pos[None, :] > q_pos[:, None] - window))
     if key_valid_BS is not None:
         keep = keep & key_valid_BS[:, None, None, :]
     return keep
@@ -30,13 +37,18 @@ def token_keep(block_keep_BKTJ: Array, s: int, block_k: int, *, causal: bool,
 def block_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
                                      block_keep_BKTJ: Array, *, block_k: int, causal: bool,
                                      scale: float | None = None, sink: Array | None = None,
-                                     key_valid_BS: Array | None = None) -> Array:
+                                     key_valid_BS: Array | None = None,
+                                     q_pos_T: Array | None = None, k_pos_S: Array | None = None,
+                                     window: int | None = None,
+                                     num_sink_keys: int = 0) -> Array:
     """Masked dense attention with the block-sparse semantics; returns (B, T, N, V)."""
     b, t, n, h = q_BTNH.shape
     s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
     g = n // kg
     scale = h ** -0.5 if scale is None else scale
-    keep = token_keep(block_keep_BKTJ, s, block_k, causal=causal, key_valid_BS=key_valid_BS)
+    keep = token_keep(block_keep_BKTJ, s, block_k, causal=causal, key_valid_BS=key_valid_BS,
+                      q_pos_T=q_pos_T, k_pos_S=k_pos_S, window=window,
+                      num_sink_keys=num_sink_keys)
     q = q_BTNH.reshape(b, t, kg, g, h).astype(jnp.float32)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH.astype(jnp.float32)) * scale
     keep = keep[:, :, None]
