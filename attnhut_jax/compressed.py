@@ -160,6 +160,9 @@ def _queries(mod: nn.Module, x: Array, c_q: Array) -> Array:
     return core.rms_norm(q_BTNH, mod.q_norm)
 
 
+_BLOCK_K = 64  # key block of HCA's block-sparse core; the token rules are exact at any size
+
+
 class HeavilyCompressedAttention(nn.Module):
     """HCA: heavy non-overlapped KV compression, every visible entry kept, plus a raw window.
 
@@ -178,10 +181,12 @@ class HeavilyCompressedAttention(nn.Module):
     num_groups: int | None = None
     window: int = 64
     bias: bool = False
+    impl: core.Impl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
+        core.check_impl("HeavilyCompressedAttention", self.impl)
         c, ql, g = _resolved("HeavilyCompressedAttention", self.dim, self.num_heads, self.kv_dim,
                              self.q_lora_rank, self.num_groups, self.compression_rate, self.window)
         n, pd = self.num_heads, self.param_dtype
@@ -207,11 +212,19 @@ class HeavilyCompressedAttention(nn.Module):
         comp_BCH = compress(kv_BTH, self.z(x), self.pos_bias, self.compression_rate)
         kv_BSH = core.rms_norm(jnp.concatenate([comp_BCH, kv_BTH], axis=1), self.kv_norm)
         q_BTNH = _queries(self, x, self.q_down(x))
-        keep_TS = jnp.concatenate(
-            [compressed_visible(t, comp_BCH.shape[1], self.compression_rate),
-             core.sliding_window_mask(t, self.window)], axis=1)
-        out_BTNH = shared_kv_attention(q_BTNH, kv_BSH, keep_TS, self.sink,
-                                       q_BTNH.shape[-1] ** -0.5)
+        # Keys are [pooled entries | raw tokens]. Entry c sits at position (c + 1) * rate, so the
+        # causal rule shows it once its whole run is past; the entries are exempt from the window
+        # (they are the first C keys), the raw tokens are windowed.
+        nc, b = comp_BCH.shape[1], x.shape[0]
+        q_pos = jnp.arange(t)
+        k_pos = jnp.concatenate([(jnp.arange(nc) + 1) * self.compression_rate, q_pos])
+        keep_TJ = core.window_block_keep(q_pos, k_pos, _BLOCK_K, window=self.window,
+                                         num_sink_keys=nc)
+        kv_BS1H = kv_BSH[:, :, None, :]
+        out_BTNH = core.block_sparse_attention(
+            q_BTNH, kv_BS1H, kv_BS1H, jnp.broadcast_to(keep_TJ, (b, 1, *keep_TJ.shape)),
+            block_k=_BLOCK_K, causal=True, impl=self.impl, scale=q_BTNH.shape[-1] ** -0.5,
+            sink=self.sink, q_pos_T=q_pos, k_pos_S=k_pos, window=self.window, num_sink_keys=nc)
         return self.proj(out_BTNH)
 
 

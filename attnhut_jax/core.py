@@ -395,17 +395,17 @@ def check_impl(owner: str, impl: str) -> None:
 
 
 def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale,
-                            sink, key_valid_BS):
+                            sink, **rules):
     keep = block_sparse.token_keep(block_keep_BKTJ, k_BSKH.shape[1], block_k, causal=causal,
-                                   key_valid_BS=key_valid_BS)
+                                   **rules)
     return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, scale=scale, sink=sink)
 
 
 def _block_sparse_pallas(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale,
-                         sink, key_valid_BS):
+                         sink, **rules):
     return block_sparse.block_sparse_attention(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
                                                block_k=block_k, causal=causal, scale=scale,
-                                               sink=sink, key_valid_BS=key_valid_BS)
+                                               sink=sink, **rules)
 
 
 _BLOCK_SPARSE = {"reference": _block_sparse_reference, "pallas": _block_sparse_pallas}
@@ -422,13 +422,31 @@ def resolve_impl(impl: str) -> str:
 def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,
                            *, block_k: int, causal: bool, impl: str = "auto",
                            scale: float | None = None, sink: Array | None = None,
-                           key_valid_BS: Array | None = None) -> Array:
+                           key_valid_BS: Array | None = None, q_pos_T: Array | None = None,
+                           k_pos_S: Array | None = None, window: int | None = None,
+                           num_sink_keys: int = 0) -> Array:
     """Attention restricted to selected key blocks (per query token and kv group), any impl.
 
     Query token ``t`` of kv group ``k`` reads key ``s`` iff ``block_keep[b, k, t, s // block_k]``
-    (and ``key_valid[b, s]``, and ``s <= t + S - T`` when causal). Every impl computes the same
-    numbers; ``pallas`` reads only the selected blocks (interpret mode off accelerators).
+    and ``key_valid[b, s]`` and the token rules on positions hold (causal: ``k_pos <= q_pos``;
+    ``window``: ``k_pos > q_pos - window`` unless ``s < num_sink_keys``; positions default to
+    ``arange(T) + S - T`` and ``arange(S)``). Every impl computes the same numbers; ``pallas``
+    reads only the selected blocks (interpret mode off accelerators).
     """
-    return _BLOCK_SPARSE[resolve_impl(impl)](q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
-                                             block_k=block_k, causal=causal, scale=scale,
-                                             sink=sink, key_valid_BS=key_valid_BS)
+    return _BLOCK_SPARSE[resolve_impl(impl)](
+        q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, block_k=block_k, causal=causal, scale=scale,
+        sink=sink, key_valid_BS=key_valid_BS, q_pos_T=q_pos_T, k_pos_S=k_pos_S, window=window,
+        num_sink_keys=num_sink_keys)
+
+
+def window_block_keep(q_pos_T: Array, k_pos_S: Array, block_k: int, *, window: int,
+                      num_sink_keys: int = 0) -> Array:
+    """(T, J) bool: key blocks holding a key that a causal ``window`` (plus the first
+    ``num_sink_keys`` keys) lets each query read. O(T * J), no (T, S) array."""
+    s = k_pos_S.shape[0]
+    j = -(-s // block_k)
+    kp = jnp.pad(k_pos_S, (0, j * block_k - s), mode="edge").reshape(j, block_k)
+    lo, hi = kp.min(axis=1), kp.max(axis=1)
+    q = q_pos_T[:, None]
+    sink_block = (jnp.arange(j) * block_k < num_sink_keys)[None, :]
+    return (sink_block & (lo[None, :] <= q)) | ((lo[None, :] <= q) & (hi[None, :] > q - window))

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from . import core
 from .core import Array, Dtype
 
+_BLOCK_K = 64  # key block of the block-sparse core; the window rule is exact at any size
+
 
 class DeltaAttention(nn.Module):
     """Sliding-window + sink attention with the delta correction (always causal).
@@ -29,6 +31,7 @@ class DeltaAttention(nn.Module):
     sink: int = 4
     stride: int = 16
     bias: bool = False
+    impl: core.Impl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -43,6 +46,7 @@ class DeltaAttention(nn.Module):
         core.check_divisible(owner, ("dim", self.dim), ("num_heads", self.num_heads))
         if self.sink < 0:
             raise ValueError(f"{owner}: sink={self.sink} must be >= 0")
+        core.check_impl(owner, self.impl)
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
         self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
@@ -55,11 +59,17 @@ class DeltaAttention(nn.Module):
         shape = (b, t, self.num_heads, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         scale = self.head_dim ** -0.5
-        sparse = core.dot_product_attention(q, k, v, keep=core.sliding_window_mask(t, self.window, self.sink),
-                                            scale=scale)
+        n, bk = self.num_heads, _BLOCK_K
+        pos = jnp.arange(t)
+        keep_TJ = core.window_block_keep(pos, pos, bk, window=self.window, num_sink_keys=self.sink)
+        sparse = core.block_sparse_attention(
+            q, k, v, jnp.broadcast_to(keep_TJ, (b, n, *keep_TJ.shape)), block_k=bk, causal=True,
+            impl=self.impl, scale=scale, window=self.window, num_sink_keys=self.sink)
         anchors = jnp.arange(0, t, self.stride)
-        dense = core.dot_product_attention(q[:, anchors], k, v,
-                                           keep=core.causal_mask(t, t)[anchors], scale=scale)
+        every_block = jnp.ones((b, n, anchors.shape[0], keep_TJ.shape[1]), bool)
+        dense = core.block_sparse_attention(q[:, anchors], k, v, every_block, block_k=bk,
+                                            causal=True, impl=self.impl, scale=scale,
+                                            q_pos_T=anchors)
         delta = dense - sparse[:, anchors]
         out = sparse + jnp.repeat(delta, self.stride, axis=1)[:, :t]
         return self.proj(out.reshape(b, t, self.dim))

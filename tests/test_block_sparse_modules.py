@@ -19,6 +19,9 @@ MODULES = {
                                                 impl=impl),
     "bigbird_causal": lambda impl: ah.BigBirdAttention(32, 4, block_size=4, causal=True,
                                                        impl=impl),
+    "delta": lambda impl: ah.DeltaAttention(32, 4, window=5, sink=2, stride=4, impl=impl),
+    "hca": lambda impl: ah.HeavilyCompressedAttention(32, 4, compression_rate=4, window=3,
+                                                      impl=impl),
 }
 
 
