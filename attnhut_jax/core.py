@@ -385,8 +385,8 @@ def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None
 
 # ----------------------------------------------------------------------------- block-sparse seam
 
-Impl = Literal["auto", "reference", "pallas"]
-IMPLS: tuple[str, ...] = ("auto", "reference", "pallas")
+Impl = Literal["auto", "reference", "pallas", "xla"]
+IMPLS: tuple[str, ...] = ("auto", "reference", "pallas", "xla")
 
 
 def check_impl(owner: str, impl: str) -> None:
@@ -408,15 +408,24 @@ def _block_sparse_pallas(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, ca
                                                sink=sink, **rules)
 
 
-_BLOCK_SPARSE = {"reference": _block_sparse_reference, "pallas": _block_sparse_pallas}
+def _block_sparse_xla(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale, sink,
+                      **rules):
+    return block_sparse.block_sparse_attention_xla(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
+                                                   block_k=block_k, causal=causal, scale=scale,
+                                                   sink=sink, block_q=min(block_k, 128), **rules)
+
+
+_BLOCK_SPARSE = {"reference": _block_sparse_reference, "pallas": _block_sparse_pallas,
+                 "xla": _block_sparse_xla}
 
 
 def resolve_impl(impl: str) -> str:
-    """``auto``: the fused kernel where it runs natively (GPU), the masked-dense reference
-    elsewhere (the kernel's TPU variant and the CPU block-gather path are not written yet)."""
+    """``auto``: the fused Pallas kernel where it runs natively (GPU), the XLA block-gather path
+    elsewhere (CPU; and TPU until the kernel's Mosaic TPU variant exists). Both read only the
+    selected blocks and build no (T, S) array."""
     if impl != "auto":
         return impl
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
 def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,

@@ -1,4 +1,5 @@
-"""The block-sparse Pallas kernel (interpret mode) equals its jnp reference: outputs and grads."""
+"""The block-sparse Pallas kernel (interpret mode) and the XLA block-gather path equal the jnp
+reference: outputs and gradients."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pallas_kernels.block_sparse import (
     BlockSizes,
     block_sparse_attention,
     block_sparse_attention_reference,
+    block_sparse_attention_xla,
     build_tables,
     tile_visits,
 )
@@ -47,15 +49,17 @@ def _check(b, t, s, n, kg, h, bk, bq, causal, p, seed, dtype=jnp.float32, sink=F
         return out, grads
 
     kern = lambda *a, **kw: block_sparse_attention(*a, block_sizes=BlockSizes(bq), **kw)  # noqa: E731
-    out, grads = run(kern)
+    xla = lambda *a, **kw: block_sparse_attention_xla(*a, block_q=bq, **kw)  # noqa: E731
     ref_out, ref_grads = run(block_sparse_attention_reference)
     atol, gtol = TOL[dtype]
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-    np.testing.assert_allclose(f32(out), f32(ref_out), atol=atol, rtol=atol)
-    assert np.all(f32(out)[:, 0] == 0.0)  # the empty row
-    for name, a, r in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, strict=False):
-        scale = max(1.0, float(np.abs(f32(r)).max()))
-        np.testing.assert_allclose(f32(a), f32(r), atol=gtol * scale, err_msg=name)
+    for impl, fn in (("pallas", kern), ("xla", xla)):
+        out, grads = run(fn)
+        np.testing.assert_allclose(f32(out), f32(ref_out), atol=atol, rtol=atol, err_msg=impl)
+        assert np.all(f32(out)[:, 0] == 0.0)  # the empty row
+        for name, a, r in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, strict=False):
+            scale = max(1.0, float(np.abs(f32(r)).max()))
+            np.testing.assert_allclose(f32(a), f32(r), atol=gtol * scale, err_msg=f"{impl} {name}")
 
 
 @pytest.mark.parametrize("causal", [True, False])

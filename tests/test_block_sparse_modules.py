@@ -28,7 +28,7 @@ MODULES = {
 @pytest.mark.parametrize("name", list(MODULES))
 def test_impls_agree_on_outputs_and_gradients(name):
     x = jax.random.normal(jax.random.key(0), (2, 29, 32))
-    ref_m, pal_m = MODULES[name]("reference"), MODULES[name]("pallas")
+    ref_m = MODULES[name]("reference")
     v = ref_m.init(jax.random.key(1), x)
     params = nn.unbox(v)["params"]
 
@@ -36,24 +36,27 @@ def test_impls_agree_on_outputs_and_gradients(name):
         return lambda p, x: (m.apply({"params": p}, x) ** 2).sum()
 
     (l_ref, g_ref) = jax.value_and_grad(loss(ref_m), argnums=(0, 1))(params, x)
-    (l_pal, g_pal) = jax.value_and_grad(loss(pal_m), argnums=(0, 1))(params, x)
-    np.testing.assert_allclose(float(l_pal), float(l_ref), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(pal_m.apply(v, x)), np.asarray(ref_m.apply(v, x)),
-                               atol=2e-5)
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4,
-                                                rtol=1e-4), g_pal, g_ref)
+    for impl in ("pallas", "xla"):
+        m = MODULES[name](impl)
+        (l_imp, g_imp) = jax.jit(jax.value_and_grad(loss(m), argnums=(0, 1)))(params, x)
+        np.testing.assert_allclose(float(l_imp), float(l_ref), rtol=1e-5, err_msg=impl)
+        np.testing.assert_allclose(np.asarray(m.apply(v, x)), np.asarray(ref_m.apply(v, x)),
+                                   atol=2e-5, err_msg=impl)
+        jax.tree_util.tree_map(
+            lambda a, b, impl=impl: np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), atol=2e-4, rtol=1e-4, err_msg=impl), g_imp, g_ref)
     # auto picks one of the two and agrees as well
     np.testing.assert_allclose(np.asarray(MODULES[name]("auto").apply(v, x)),
                                np.asarray(ref_m.apply(v, x)), atol=2e-5)
 
 
-def test_bigbird_key_padding_through_the_kernel():
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_bigbird_key_padding_through_the_kernel(impl):
     x = jax.random.normal(jax.random.key(0), (2, 21, 32))
     kpm = jax.random.bernoulli(jax.random.key(3), 0.7, (2, 21)).at[1].set(False)
-    ref_m, pal_m = MODULES["bigbird"]("reference"), MODULES["bigbird"]("pallas")
+    ref_m, imp_m = MODULES["bigbird"]("reference"), MODULES["bigbird"](impl)
     v = ref_m.init(jax.random.key(1), x)
-    np.testing.assert_allclose(np.asarray(pal_m.apply(v, x, kpm)),
+    np.testing.assert_allclose(np.asarray(imp_m.apply(v, x, kpm)),
                                np.asarray(ref_m.apply(v, x, kpm)), atol=2e-5)
 
 
@@ -78,16 +81,26 @@ def _avals(jaxpr):
                 yield from _avals(getattr(inner, "jaxpr", inner))
 
 
-def test_msa_pallas_path_builds_no_sequence_by_sequence_array():
-    t = 96
-    m = ah.MiniMaxSparseAttention(32, 4, 2, block_size=16, top_k=2, impl="pallas")
+@pytest.mark.parametrize("name", ["msa", "bigbird", "delta", "hca"])
+@pytest.mark.parametrize("impl", ["auto", "pallas", "xla"])
+def test_default_paths_build_no_sequence_by_sequence_array(name, impl):
+    t = 100  # larger than every feature width in these modules (3 * 32 = 96)
+    m = MODULES[name](impl)
     x = jnp.zeros((1, t, 32))
     v = m.init(jax.random.key(0), x)
-    jaxpr = jax.make_jaxpr(lambda v, x: m.apply(v, x))(v, x).jaxpr
+    jaxpr = jax.make_jaxpr(lambda v, x: jax.grad(lambda x: m.apply(v, x).sum())(x))(v, x).jaxpr
     shapes = list(_avals(jaxpr))
     assert shapes
     bad = [s for s in shapes if sum(d >= t for d in s) >= 2]
     assert not bad, bad
+
+
+def test_the_jaxpr_check_can_fail():
+    m = MODULES["msa"]("reference")
+    x = jnp.zeros((1, 100, 32))
+    v = m.init(jax.random.key(0), x)
+    shapes = _avals(jax.make_jaxpr(lambda v, x: m.apply(v, x))(v, x).jaxpr)
+    assert any(sum(d >= 100 for d in s) >= 2 for s in shapes)
 
 
 def test_unknown_impl_is_rejected():
