@@ -420,12 +420,13 @@ _BLOCK_SPARSE = {"reference": _block_sparse_reference, "pallas": _block_sparse_p
 
 
 def resolve_impl(impl: str) -> str:
-    """``auto``: the fused Pallas kernel where it runs natively (GPU), the XLA block-gather path
-    elsewhere (CPU; and TPU until the kernel's Mosaic TPU variant exists). Both read only the
-    selected blocks and build no (T, S) array."""
+    """``auto``: the fused Pallas kernel where it runs natively (GPU); elsewhere, for now, the
+    masked-dense reference. The ``xla`` block-gather path is faster forward on CPU at long
+    lengths, but its reverse mode (autodiff through the block loop) is slower than the
+    reference's, so it is opt-in until it gets its own fused backward."""
     if impl != "auto":
         return impl
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
 def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,

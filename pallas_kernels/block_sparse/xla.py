@@ -50,52 +50,59 @@ def block_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
     kp = jnp.pad(k_pos.astype(jnp.int32), (0, sp - s), mode="edge")
     sink_KG = (None if sink is None else sink.astype(jnp.float32).reshape(kg, g))
 
-    def tile(args):
-        bi, ki, qi = args
-        q_GQH = q[bi, ki, qi].astype(jnp.float32) * scale
-        row = fwd_table[bi, ki, qi]
-        keep_QJ = keep[bi, ki, qi]
-        q_pos_Q = qp[qi]
+    def group(xs):
+        """One (batch, kv group): a sequential map over its query tiles. Each group's K/V are
+        mapped inputs, so the backward accumulates dK/dV in a (S, H) buffer per group rather than
+        in the full (B, K, S, H) tensor."""
+        q_QGBH, k_SH, v_SV, keep_QBJ, table_QM, valid_S, sink_G = xs
 
-        def visit(carry, m):
-            def step(carry):
-                acc, mx, l = carry
-                jb = row[m + 1]
-                start = jb * block_k
-                kb = jax.lax.dynamic_slice_in_dim(k[bi, ki], start, block_k).astype(jnp.float32)
-                vb = jax.lax.dynamic_slice_in_dim(v[bi, ki], start, block_k)
-                k_idx = start + jnp.arange(block_k)
-                k_pos_K = jax.lax.dynamic_slice_in_dim(kp, start, block_k)
-                mask = (jax.lax.dynamic_index_in_dim(keep_QJ, jb, axis=1)
-                        & jax.lax.dynamic_slice_in_dim(valid[bi], start, block_k)[None, :]
-                        & (k_idx < s)[None, :])
-                if causal:
-                    mask = mask & (k_pos_K[None, :] <= q_pos_Q[:, None])
-                if window is not None:
-                    mask = mask & ((k_idx < num_sink_keys)[None, :]
-                                   | (k_pos_K[None, :] > q_pos_Q[:, None] - window))
-                sc = jnp.where(mask, jnp.einsum("GQH,KH->GQK", q_GQH, kb), _MIN)
-                m_new = jnp.maximum(mx, sc.max(axis=-1))
-                corr = jnp.exp(mx - m_new)
-                p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
-                acc = acc * corr[..., None] + jnp.einsum("GQK,KV->GQV", p.astype(vb.dtype), vb,
-                                                         preferred_element_type=jnp.float32)
-                return acc, m_new, l * corr + p.sum(axis=-1)
+        def tile(ys):
+            q_GQH, keep_QJ, row, q_pos_Q = ys
+            q_GQH = q_GQH.astype(jnp.float32) * scale
 
-            return jax.lax.cond(m < row[0], step, lambda c: c, carry), None
+            def visit(carry, m):
+                def step(carry):
+                    acc, mx, l = carry
+                    jb = row[m + 1]
+                    start = jb * block_k
+                    kb = jax.lax.dynamic_slice_in_dim(k_SH, start, block_k).astype(jnp.float32)
+                    vb = jax.lax.dynamic_slice_in_dim(v_SV, start, block_k)
+                    k_idx = start + jnp.arange(block_k)
+                    k_pos_K = jax.lax.dynamic_slice_in_dim(kp, start, block_k)
+                    mask = (jax.lax.dynamic_index_in_dim(keep_QJ, jb, axis=1)
+                            & jax.lax.dynamic_slice_in_dim(valid_S, start, block_k)[None, :]
+                            & (k_idx < s)[None, :])
+                    if causal:
+                        mask = mask & (k_pos_K[None, :] <= q_pos_Q[:, None])
+                    if window is not None:
+                        mask = mask & ((k_idx < num_sink_keys)[None, :]
+                                       | (k_pos_K[None, :] > q_pos_Q[:, None] - window))
+                    sc = jnp.where(mask, jnp.einsum("GQH,KH->GQK", q_GQH, kb), _MIN)
+                    m_new = jnp.maximum(mx, sc.max(axis=-1))
+                    corr = jnp.exp(mx - m_new)
+                    p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
+                    acc = acc * corr[..., None] + jnp.einsum(
+                        "GQK,KV->GQV", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+                    return acc, m_new, l * corr + p.sum(axis=-1)
 
-        init = (jnp.zeros((g, block_q, vw), jnp.float32), jnp.full((g, block_q), _MIN),
-                jnp.zeros((g, block_q), jnp.float32))
-        (acc, mx, l), _ = jax.lax.scan(visit, init, jnp.arange(j))
-        if sink_KG is not None:
-            sk = sink_KG[ki][:, None]
-            m_fin = jnp.maximum(mx, sk)
-            l = l * jnp.exp(mx - m_fin) + jnp.exp(sk - m_fin)
-            acc = acc * jnp.exp(mx - m_fin)[..., None]
-        return acc / jnp.where(l > 0, l, 1.0)[..., None]
+                return jax.lax.cond(m < row[0], step, lambda c: c, carry), None
 
-    idx = jnp.stack(jnp.meshgrid(jnp.arange(b), jnp.arange(kg), jnp.arange(qt), indexing="ij"),
-                    axis=-1).reshape(-1, 3)
-    out = jax.lax.map(jax.checkpoint(tile), (idx[:, 0], idx[:, 1], idx[:, 2]))  # (B K Qt) G bq V
+            init = (jnp.zeros((g, block_q, vw), jnp.float32), jnp.full((g, block_q), _MIN),
+                    jnp.zeros((g, block_q), jnp.float32))
+            (acc, mx, l), _ = jax.lax.scan(visit, init, jnp.arange(j))
+            if sink_G is not None:
+                sk = sink_G[:, None]
+                m_fin = jnp.maximum(mx, sk)
+                l = l * jnp.exp(mx - m_fin) + jnp.exp(sk - m_fin)
+                acc = acc * jnp.exp(mx - m_fin)[..., None]
+            return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+        return jax.lax.map(jax.checkpoint(tile), (q_QGBH, keep_QBJ, table_QM, qp))
+
+    flat = lambda a: a.reshape(b * kg, *a.shape[2:])  # noqa: E731
+    sinks = None if sink_KG is None else jnp.broadcast_to(sink_KG, (b, kg, g)).reshape(b * kg, g)
+    xs = (flat(q), flat(k), flat(v), flat(keep), flat(fwd_table),
+          jnp.repeat(valid, kg, axis=0), sinks)
+    out = jax.lax.map(group, xs)  # (B K) Qt G bq V
     out = out.reshape(b, kg, qt, g, block_q, vw).transpose(0, 2, 4, 1, 3, 5)
     return out.reshape(b, tp, n, vw)[:, :t].astype(q_BTNH.dtype)
