@@ -10,7 +10,6 @@ skipped where its (B, N, T, T) float32 score tensors alone would exceed ``--torc
 from __future__ import annotations
 
 import argparse
-import time
 
 import attnhut
 import jax
@@ -19,22 +18,13 @@ import numpy as np
 import torch
 
 from parity import from_torch
+from parity.compare import best_ms
 
 CONFIGS = {
     "MiniMaxSparseAttention": lambda: attnhut.MiniMaxSparseAttention(512, 8, 2, block_size=128,
                                                                      top_k=4),
     "BigBirdAttention": lambda: attnhut.BigBirdAttention(512, 8, block_size=64),
 }
-
-
-def _best(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def main() -> None:
@@ -57,7 +47,7 @@ def main() -> None:
             if gib <= args.torch_gib:
                 with torch.no_grad():
                     xt = torch.from_numpy(x)
-                    torch_ms = f"{_best(lambda tm=tm, xt=xt: tm(xt), args.reps):9.0f}"
+                    torch_ms = f"{best_ms(lambda tm=tm, xt=xt: tm(xt), args.reps):9.0f}"
             else:
                 torch_ms = f"{'skip':>9}"
             cells = []
@@ -65,7 +55,7 @@ def main() -> None:
                 m = fm.clone(impl=impl)
                 f = jax.jit(m.apply)
                 xj = jnp.asarray(x)
-                ms = _best(lambda f=f, v=variables, xj=xj: f(v, xj).block_until_ready(), args.reps)
+                ms = best_ms(lambda f=f, v=variables, xj=xj: f(v, xj).block_until_ready(), args.reps)
                 cells.append(f"{ms:10.0f}")
             print(f"{name:<24} {t:>6} {torch_ms} " + " ".join(cells), flush=True)
 

@@ -106,7 +106,8 @@ def _within(a: np.ndarray, b: np.ndarray, atol: float, rtol: float = 0.0) -> boo
     return a.shape == b.shape and bool(np.all(np.abs(a - b) <= atol + rtol * np.abs(b)))
 
 
-def _time_ms(fn: Callable[[], Any], reps: int) -> float:
+def best_ms(fn: Callable[[], Any], reps: int) -> float:
+    """Best wall time of ``reps`` calls of ``fn`` after one warm-up call, in milliseconds."""
     fn()
     best = float("inf")
     for _ in range(reps):
@@ -123,8 +124,10 @@ def _call_kwargs(case: Case, tm: torch.nn.Module, rng: np.random.Generator):
     if case.mask is not None:
         m = case.mask(b, t)
         torch_kw["attn_mask"], jax_kw["attn_mask"] = torch.from_numpy(m), jnp.asarray(m)
-    if case.noise:
-        jax_kw["noise"] = "from-torch"  # filled in run_case from the torch generator
+    if case.noise:  # SlotAttention: the draw attnhut makes with randn_like, from a known seed
+        torch.manual_seed(case.seed + 7)
+        noise = torch.randn(case.shape[0], tm.num_slots, case.shape[-1])
+        jax_kw["noise"] = jnp.asarray(noise.numpy())
     if case.call is not None:
         tk, jk = case.call(rng, tm)
         torch_kw.update(tk)
@@ -132,21 +135,21 @@ def _call_kwargs(case: Case, tm: torch.nn.Module, rng: np.random.Generator):
     return torch_kw, jax_kw
 
 
-def run_case(case: Case) -> Result:
-    """Forward and backward on both sides with the same input and output cotangent."""
+def _setup(case: Case):
+    """The seeded torch module, its conversion, the input and both sides' call kwargs."""
     torch.manual_seed(case.seed)
     tm = case.make().float().eval()
     fm, variables = from_torch(tm)
-    params = nn.unbox(variables)["params"]
-
     rng = np.random.default_rng(case.seed + 1)
     x_np = rng.standard_normal(case.shape, dtype=np.float32)
     torch_kw, jax_kw = _call_kwargs(case, tm, rng)
+    return tm, fm, nn.unbox(variables)["params"], rng, x_np, torch_kw, jax_kw
+
+
+def run_case(case: Case) -> Result:
+    """Forward and backward on both sides with the same input and output cotangent."""
+    tm, fm, params, rng, x_np, torch_kw, jax_kw = _setup(case)
     noise_seed = case.seed + 7
-    if case.noise:
-        torch.manual_seed(noise_seed)
-        noise = torch.randn(case.shape[0], tm.num_slots, case.shape[-1])
-        jax_kw["noise"] = jnp.asarray(noise.numpy())
 
     def torch_forward(x, **extra):
         if case.noise:
@@ -212,15 +215,7 @@ class Timing:
 
 def time_case(case: Case, reps: int = 5) -> Timing:
     """Time both sides on the case's input (gradients w.r.t. the input and all parameters)."""
-    torch.manual_seed(case.seed)
-    tm = case.make().float().eval()
-    fm, variables = from_torch(tm)
-    params = nn.unbox(variables)["params"]
-    rng = np.random.default_rng(case.seed + 1)
-    x_np = rng.standard_normal(case.shape, dtype=np.float32)
-    torch_kw, jax_kw = _call_kwargs(case, tm, rng)
-    if case.noise:
-        jax_kw["noise"] = jnp.zeros((case.shape[0], tm.num_slots, case.shape[-1]))
+    tm, fm, params, _, x_np, torch_kw, jax_kw = _setup(case)
     x_t = torch.from_numpy(x_np)
     x_j = jnp.asarray(x_np)
 
@@ -239,8 +234,8 @@ def time_case(case: Case, reps: int = 5) -> Timing:
     fwd = jax.jit(lambda p, x: case.output(fm.apply({"params": p}, x, **jax_kw)))
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     return Timing(
-        _time_ms(torch_fwd, reps),
-        _time_ms(lambda: jax.block_until_ready(fwd(params, x_j)), reps),
-        _time_ms(torch_fwd_bwd, reps),
-        _time_ms(lambda: jax.block_until_ready(fwd_bwd(params, x_j)), reps),
+        best_ms(torch_fwd, reps),
+        best_ms(lambda: jax.block_until_ready(fwd(params, x_j)), reps),
+        best_ms(torch_fwd_bwd, reps),
+        best_ms(lambda: jax.block_until_ready(fwd_bwd(params, x_j)), reps),
     )
