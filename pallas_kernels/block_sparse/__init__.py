@@ -2,7 +2,7 @@
 
 from .kernel import BlockSizes, block_sparse_attention
 from .reference import block_sparse_attention_reference, token_keep
-from .tables import blocks_from_token_mask, build_tables, tile_visits
+from .tables import build_tables, tile_visits
 from .xla import block_sparse_attention_xla
 
 __all__ = [
@@ -13,5 +13,4 @@ __all__ = [
     "token_keep",
     "build_tables",
     "tile_visits",
-    "blocks_from_token_mask",
 ]

@@ -74,10 +74,3 @@ def build_tables(block_keep_BKTJ: Array, *, block_q: int, block_k: int, causal: 
                         q_pos=q_pos, k_pos=k_pos, window=window, num_sink_keys=num_sink_keys)
     return _compact(visit), _compact(jnp.swapaxes(visit, -1, -2))
 
-
-def blocks_from_token_mask(keep_BKTS: Array, block_k: int) -> Array:
-    """(B, K, T, J) block selection covering a token-level keep mask (any key of the block)."""
-    b, k, t, s = keep_BKTS.shape
-    j = -(-s // block_k)
-    keep = jnp.pad(keep_BKTS, ((0, 0), (0, 0), (0, 0), (0, j * block_k - s)))
-    return keep.reshape(b, k, t, j, block_k).any(axis=-1)
