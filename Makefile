@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[parity,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[parity,dev,examples]'
 	touch $(STAMP)
 
 demo: $(STAMP)
