@@ -403,16 +403,18 @@ def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k,
 
 def _block_sparse_pallas(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale,
                          sink, **rules):
-    return block_sparse.block_sparse_attention(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
-                                               block_k=block_k, causal=causal, scale=scale,
-                                               sink=sink, **rules)
+    """The Mosaic variant on TPU; the GPU-style kernel elsewhere (interpret mode off GPU)."""
+    kernel = (block_sparse.block_sparse_attention_tpu if jax.default_backend() == "tpu"
+              else block_sparse.block_sparse_attention)
+    return kernel(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, block_k=block_k, causal=causal,
+                  scale=scale, sink=sink, **rules)
 
 
 def _block_sparse_xla(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale, sink,
                       **rules):
     return block_sparse.block_sparse_attention_xla(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
                                                    block_k=block_k, causal=causal, scale=scale,
-                                                   sink=sink, block_q=min(block_k, 128), **rules)
+                                                   sink=sink, **rules)
 
 
 _BLOCK_SPARSE = {"reference": _block_sparse_reference, "pallas": _block_sparse_pallas,
@@ -420,13 +422,12 @@ _BLOCK_SPARSE = {"reference": _block_sparse_reference, "pallas": _block_sparse_p
 
 
 def resolve_impl(impl: str) -> str:
-    """``auto``: the fused Pallas kernel where it runs natively (GPU); elsewhere, for now, the
-    masked-dense reference. The ``xla`` block-gather path is faster forward on CPU at long
-    lengths, but its reverse mode (autodiff through the block loop) is slower than the
-    reference's, so it is opt-in until it gets its own fused backward."""
+    """``auto``: the fused Pallas kernel where it compiles natively (GPU, TPU); elsewhere the XLA
+    block-gather path with its fused backward, the fastest exact path on CPU (see the README's
+    benchmark table)."""
     if impl != "auto":
         return impl
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
 
 
 def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,

@@ -31,26 +31,46 @@ def _index_logits(qi_BTKI: Array, ki_BSI: Array, causal: bool, s_offset: int = 0
     return scores
 
 
-def block_scores(qi_BTKI: Array, ki_BSI: Array, *, block_size: int, causal: bool) -> Array:
-    """Max-pooled index scores (B, K, T, nb), one key block at a time.
+def block_scores(qi_BTKI: Array, ki_BSI: Array, *, block_size: int, causal: bool,
+                 tile: int = 512) -> Array:
+    """Max-pooled index scores (B, K, T, nb), computed tile by tile.
 
-    Never materialises the (T, S) token scores: a scan over key blocks keeps only (T, block)
-    scores alive, so memory is O(T * nb) rather than O(T * S).
+    Never materialises the (T, S) token scores: queries go in tiles of ``tile`` tokens (whole
+    key blocks, at most a quarter of the sequence) and each tile walks key chunks of the same
+    size, so only (tile, tile) scores are alive and memory is O(T * nb). When causal, a query
+    tile visits only the chunks at or before it, which halves the work; the scores themselves
+    are dense over the visible triangle, as the mechanism defines them.
     """
     b, t, kg, _ = qi_BTKI.shape
     s = ki_BSI.shape[1]
     nb = -(-s // block_size)
+    cb = max(1, min(tile // block_size, nb // 4))  # key blocks per chunk; >= 4 chunks
+    ck = cb * block_size  # keys per chunk = queries per tile
+    nq, nk = -(-t // ck), -(-nb // cb)
     fill = core.mask_value(jnp.float32)
-    ki = jnp.pad(ki_BSI, ((0, 0), (0, nb * block_size - s), (0, 0)))
-    ki_JBSI = ki.reshape(b, nb, block_size, -1).swapaxes(0, 1)
+    qi_QBCKI = jnp.pad(qi_BTKI, ((0, 0), (0, nq * ck - t), (0, 0), (0, 0)))
+    qi_QBCKI = qi_QBCKI.reshape(b, nq, ck, kg, -1).swapaxes(0, 1)
+    ki = jnp.pad(ki_BSI, ((0, 0), (0, nk * ck - s), (0, 0)))
 
-    def one_block(j, ki_BSI_j):
-        sc = _index_logits(qi_BTKI, ki_BSI_j, causal, j * block_size)
-        pad = j * block_size + jnp.arange(block_size) >= s
-        return jnp.where(pad, fill, sc).max(axis=-1)
+    def query_tile(xs):
+        i, qi_BCKI = xs
 
-    maxima = jax.lax.map(lambda a: one_block(*a), (jnp.arange(nb), ki_JBSI))  # (nb, B, K, T)
-    return jnp.moveaxis(maxima, 0, -1)
+        def chunk(jc, out_BKCJ):
+            ki_BCI = jax.lax.dynamic_slice_in_dim(ki, jc * ck, ck, axis=1)
+            sc = _index_logits(qi_BCKI, ki_BCI, False)
+            k_pos = jc * ck + jnp.arange(ck)
+            ok = (k_pos < s)[None, :]
+            if causal:
+                ok = ok & (k_pos[None, :] <= i * ck + jnp.arange(ck)[:, None])
+            pooled = jnp.where(ok, sc, fill).reshape(b, kg, ck, cb, block_size).max(axis=-1)
+            return jax.lax.dynamic_update_slice_in_dim(out_BKCJ, pooled, jc * cb, axis=3)
+
+        init = jnp.full((b, kg, ck, nk * cb), fill, jnp.float32)
+        return jax.lax.fori_loop(0, jnp.minimum(i + 1, nk) if causal else nk, chunk, init)
+
+    tiles = jax.lax.map(query_tile, (jnp.arange(nq), qi_QBCKI))  # (nq, B, K, ck, nk * cb)
+    out = jnp.moveaxis(tiles, 0, 2).reshape(b, kg, nq * ck, nk * cb)
+    return out[:, :, :t, :nb]
 
 
 def select_blocks(block_scores_BKTJ: Array, *, t: int, block_size: int, top_k: int,

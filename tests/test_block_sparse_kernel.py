@@ -18,6 +18,7 @@ from pallas_kernels.block_sparse import (
     build_tables,
     tile_visits,
 )
+from pallas_kernels.block_sparse.tpu import block_sparse_attention_tpu
 
 # per-dtype tolerances: (output atol, gradient atol), relative to unit-scale inputs
 TOL = {jnp.float32: (2e-5, 5e-5), jnp.bfloat16: (3e-2, 6e-2)}
@@ -37,7 +38,7 @@ def _inputs(b, t, s, n, kg, h, vw, bk, p, seed, dtype=jnp.float32, sink=False, v
 
 
 def _check(b, t, s, n, kg, h, bk, bq, causal, p, seed, dtype=jnp.float32, sink=False,
-           valid=False, **rules):
+           valid=False, impls=("pallas", "xla"), **rules):
     q, k, v, keep, sk, kv, g = _inputs(b, t, s, n, kg, h, h + 2, bk, p, seed, dtype, sink, valid)
 
     def run(fn):
@@ -50,11 +51,13 @@ def _check(b, t, s, n, kg, h, bk, bq, causal, p, seed, dtype=jnp.float32, sink=F
 
     kern = lambda *a, **kw: block_sparse_attention(*a, block_sizes=BlockSizes(bq), **kw)  # noqa: E731
     xla = lambda *a, **kw: block_sparse_attention_xla(*a, block_q=bq, **kw)  # noqa: E731
+    tpu = lambda *a, **kw: block_sparse_attention_tpu(*a, block_sizes=BlockSizes(bq), **kw)  # noqa: E731
+    fns = {"pallas": kern, "xla": xla, "tpu": tpu}
     ref_out, ref_grads = run(block_sparse_attention_reference)
     atol, gtol = TOL[dtype]
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-    for impl, fn in (("pallas", kern), ("xla", xla)):
-        out, grads = run(fn)
+    for impl in impls:
+        out, grads = run(fns[impl])
         np.testing.assert_allclose(f32(out), f32(ref_out), atol=atol, rtol=atol, err_msg=impl)
         assert np.all(f32(out)[:, 0] == 0.0)  # the empty row
         for name, a, r in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, strict=False):
@@ -81,6 +84,30 @@ def test_kernel_window_sink_keys_and_explicit_positions():
     k_pos = jnp.concatenate([(jnp.arange(c) + 1) * rate, jnp.arange(t)])
     _check(1, t, c + t, 2, 1, 8, 4, 8, True, 1.0, 5, sink=True, q_pos_T=jnp.arange(t),
            k_pos_S=k_pos, window=3, num_sink_keys=c)
+
+
+def test_tpu_kernel_matches_reference_in_interpret_mode():
+    """The Mosaic variant under ``pltpu.InterpretParams()`` (which also checks its DMAs): GQA,
+    sink, key validity, an empty row, T not a multiple of the tile; then the window rules."""
+    _check(1, 40, 40, 4, 2, 8, 8, 32, True, 0.4, 0, sink=True, valid=True, impls=("tpu",))
+
+
+def test_tpu_kernel_window_rules_bidirectional_bfloat16():
+    _check(1, 29, 29, 2, 1, 8, 8, 32, False, 1.0, 4, dtype=jnp.bfloat16, window=5,
+           num_sink_keys=3, impls=("tpu",))
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_check_grads_against_finite_differences(impl):
+    """``jax.test_util.check_grads``: the custom VJPs agree with numerical derivatives."""
+    from jax.test_util import check_grads
+
+    q, k, v, keep, sk, kv, _ = _inputs(1, 11, 11, 2, 1, 4, 4, 4, 0.6, 7, sink=True, valid=True)
+    fn = dict(pallas=lambda *a, **kw: block_sparse_attention(*a, block_sizes=BlockSizes(8), **kw),
+              xla=lambda *a, **kw: block_sparse_attention_xla(*a, block_q=8, **kw))[impl]
+    check_grads(lambda q, k, v, sk: fn(q, k, v, keep, block_k=4, causal=True, sink=sk,
+                                       key_valid_BS=kv),
+                (q, k, v, sk), order=1, modes=["rev"], atol=2e-2, rtol=2e-2, eps=1e-2)
 
 
 def test_kernel_bfloat16():
@@ -149,3 +176,25 @@ def test_kernels_lower_for_cuda_with_jax_export():
         text = exported.mlir_module()
         assert "xla.gpu.triton" in text
     assert text.count("xla.gpu.triton") >= 3  # forward, dq and dk/dv kernels
+
+
+def test_tpu_kernels_lower_with_jax_export():
+    """Forward, dq and dk/dv of the Mosaic variant lower for TPU (block shapes, scalar prefetch
+    and the kernel bodies pass Pallas' Mosaic lowering; Mosaic's own compile needs a TPU)."""
+    from jax import export
+
+    b, t, n, kg, h, bk = 1, 512, 8, 2, 128, 64
+    q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((b, t, kg, h), jnp.bfloat16)
+    keep = jax.ShapeDtypeStruct((b, kg, t, t // bk), jnp.bool_)
+    sink = jax.ShapeDtypeStruct((n,), jnp.float32)
+
+    def fwd_bwd(q, k, v, keep, sink):
+        def loss(q, k, v, sink):
+            out = block_sparse_attention_tpu(q, k, v, keep, block_k=bk, causal=True, sink=sink,
+                                             window=128, num_sink_keys=64, interpret=False)
+            return out.astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sink)
+
+    text = export.export(jax.jit(fwd_bwd), platforms=["tpu"])(q, k, k, keep, sink).mlir_module()
+    assert text.count("tpu_custom_call") == 3  # forward, dq and dk/dv

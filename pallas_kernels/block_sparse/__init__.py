@@ -1,8 +1,10 @@
-"""Block-sparse attention: kernel, jnp reference and on-device block-table builders."""
+"""Block-sparse attention: GPU-style and TPU (Mosaic) kernels, an XLA path, the jnp reference and
+the on-device block-table builders."""
 
 from .kernel import BlockSizes, block_sparse_attention
 from .reference import block_sparse_attention_reference, token_keep
 from .tables import build_tables, tile_visits
+from .tpu import block_sparse_attention_tpu
 from .xla import block_sparse_attention_xla
 
 __all__ = [
@@ -10,6 +12,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "block_sparse_attention_xla",
+    "block_sparse_attention_tpu",
     "token_keep",
     "build_tables",
     "tile_visits",

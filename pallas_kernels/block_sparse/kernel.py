@@ -51,17 +51,33 @@ def _tn_dot(a: Array, b: Array) -> Array:
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _mask(keep_col, valid_row, q_pos, k_pos, k_idx, *, s_len: int, causal: bool,
-          window: int | None, num_sink_keys: int):
+def _row(x):
+    return x if x.ndim == 2 else x[None, :]
+
+
+def _col(x):
+    return x if x.ndim == 2 else x[:, None]
+
+
+def token_mask(keep_col, valid_row, q_pos, k_pos, k_idx, *, s_len: int, causal: bool,
+               window: int | None, num_sink_keys: int):
     """(block_q, block_k) membership: selected block, valid key in range, and the token rules
     on positions: causal ``k_pos <= q_pos``; window ``k_pos > q_pos - window`` unless the key is
-    one of the first ``num_sink_keys`` keys."""
-    m = (keep_col != 0) & (valid_row[None, :] != 0) & (k_idx[None, :] < s_len)
+    one of the first ``num_sink_keys`` keys. Query vectors may come as (block_q,) or
+    (block_q, 1), key vectors as (block_k,) or (1, block_k) (the TPU layout)."""
+    k_idx, k_pos, q_pos = _row(k_idx), _row(k_pos), _col(q_pos)
+    m = (keep_col != 0) & (_row(valid_row) != 0) & (k_idx < s_len)
     if causal:
-        m = m & (k_pos[None, :] <= q_pos[:, None])
+        m = m & (k_pos <= q_pos)
     if window is not None:
-        m = m & ((k_idx[None, :] < num_sink_keys) | (k_pos[None, :] > q_pos[:, None] - window))
+        m = m & ((k_idx < num_sink_keys) | (k_pos > q_pos - window))
     return m
+
+
+def sink_grad(sink_N: Array, lse_BNT: Array, delta_BNT: Array, t: int) -> Array:
+    """d/d sink of a denominator-only logit: ``-sum_t p_sink(t) * delta(t)`` over real rows."""
+    p_sink = jnp.exp(sink_N.astype(jnp.float32)[None, :, None] - lse_BNT)[:, :, :t]
+    return -(p_sink * delta_BNT[:, :, :t]).sum(axis=(0, 2)).astype(sink_N.dtype)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -83,7 +99,7 @@ def _fwd_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, sink_ref, q_
         k_idx = start + jnp.arange(block_k)
         kb = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
         vb = v_ref[pl.ds(start, block_k), :]
-        mask = _mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos,
+        mask = token_mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos,
                      kpos_ref[pl.ds(start, block_k)], k_idx, **rules)
         out = []
         for g in range(groups):  # every head of the group reuses the K/V block just loaded
@@ -128,7 +144,7 @@ def _dq_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, q_ref, k_ref,
         k_idx = start + jnp.arange(block_k)
         kb = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
         vb = v_ref[pl.ds(start, block_k), :].astype(jnp.float32)
-        mask = _mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos,
+        mask = token_mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos,
                      kpos_ref[pl.ds(start, block_k)], k_idx, **rules)
         out = []
         for g in range(groups):
@@ -158,7 +174,7 @@ def _dkv_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, q_ref, k_ref
         dk, dv = carry
         i = table_ref[idx + 1]
         rows = pl.ds(i * block_q, block_q)
-        mask = _mask(keep_ref[rows, :], valid, qpos_ref[rows], k_pos, k_idx, **rules)
+        mask = token_mask(keep_ref[rows, :], valid, qpos_ref[rows], k_pos, k_idx, **rules)
         for g in range(groups):  # all heads of the group accumulate into the shared dK, dV
             qg = q_ref[g, rows, :].astype(jnp.float32)
             dog = do_ref[g, rows, :].astype(jnp.float32)
@@ -322,35 +338,58 @@ def _backward(res, do_BTNV, sink_N, st: _Static):
         compiler_params=st.compiler_params,
         name="block_sparse_attention_dkv",
     )(bwd_table, keep, valid, q_pos, k_pos, q, k, v, do, lse, delta)
-    dsink = None
-    if sink_N is not None:  # d/ds of a denominator-only logit: -sum_t p_sink(t) * delta(t)
-        p_sink = jnp.exp(sink_N.astype(jnp.float32)[None, :, None] - lse)[:, :, : st.t]
-        dsink = -(p_sink * delta[:, :, : st.t]).sum(axis=(0, 2)).astype(sink_N.dtype)
+    dsink = None if sink_N is None else sink_grad(sink_N, lse, delta, st.t)
     dq = dq.transpose(0, 2, 1, 3)[:, : st.t]
     dk = dk.transpose(0, 2, 1, 3)[:, : st.s]
     dv = dv.transpose(0, 2, 1, 3)[:, : st.s]
     return dq, dk, dv, dsink
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("st",))
-def _attention(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st: _Static):
-    return _forward(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st)[0]
+def sparse_attention_vjp(forward, backward):
+    """The differentiable entry point shared by every implementation of these semantics.
+
+    ``forward(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st) -> (out, residuals)`` and
+    ``backward(residuals, d_out, sink, st) -> (dq, dk, dv, dsink)``. The selection, key validity
+    and positions are not differentiated (as in attnhut): they get float0 zeros.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnames=("st",))
+    def attention(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st: _Static):
+        return forward(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st)[0]
+
+    def fwd(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st: _Static):
+        out, res = forward(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st)
+        return out, (res, sink, (block_keep, key_valid, q_pos, k_pos))
+
+    def bwd(st: _Static, saved, do):
+        res, sink, selection = saved
+        dq, dk, dv, dsink = backward(res, do, sink, st)
+        zeros = tuple(None if a is None else jnp.zeros(a.shape, jax.dtypes.float0)
+                      for a in selection)
+        return (dq, dk, dv, *zeros, dsink)
+
+    attention.defvjp(fwd, bwd)
+    return attention
 
 
-def _attention_fwd(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st: _Static):
-    out, res = _forward(q, k, v, block_keep, key_valid, q_pos, k_pos, sink, st)
-    return out, (res, sink, (block_keep, key_valid, q_pos, k_pos))
+def checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S, *,
+                     block_k: int):
+    """Validate shapes; return (keep bool, key_valid bool or None, q_pos int32, k_pos int32)."""
+    b, t, n, _ = q_BTNH.shape
+    s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
+    if n % kg:
+        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kg}")
+    j = -(-s // block_k)
+    if block_keep_BKTJ.shape != (b, kg, t, j):
+        raise ValueError(f"block_keep must have shape (B, K, T, ceil(S / block_k))={(b, kg, t, j)}, "
+                         f"got {tuple(block_keep_BKTJ.shape)}")
+    valid = None if key_valid_BS is None else key_valid_BS.astype(bool)
+    q_pos = jnp.arange(t, dtype=jnp.int32) + (s - t) if q_pos_T is None else q_pos_T
+    k_pos = jnp.arange(s, dtype=jnp.int32) if k_pos_S is None else k_pos_S
+    return block_keep_BKTJ.astype(bool), valid, q_pos.astype(jnp.int32), k_pos.astype(jnp.int32)
 
 
-def _attention_bwd(st: _Static, saved, do):
-    res, sink, selection = saved
-    dq, dk, dv, dsink = _backward(res, do, sink, st)
-    # the selection, key validity and positions are not differentiated (as in attnhut)
-    zeros = tuple(None if a is None else jnp.zeros(a.shape, jax.dtypes.float0) for a in selection)
-    return (dq, dk, dv, *zeros, dsink)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = sparse_attention_vjp(_forward, _backward)
 
 
 def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,
@@ -369,21 +408,11 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
     first ``num_sink_keys`` keys. ``interpret`` defaults to True off GPU/TPU. Differentiable in
     q, k, v and ``sink``.
     """
-    b, t, n, h = q_BTNH.shape
-    s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
-    if n % kg:
-        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kg}")
-    j = -(-s // block_k)
-    if block_keep_BKTJ.shape != (b, kg, t, j):
-        raise ValueError(f"block_keep must have shape (B, K, T, ceil(S / block_k))={(b, kg, t, j)}, "
-                         f"got {tuple(block_keep_BKTJ.shape)}")
+    keep, valid, q_pos, k_pos = checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS,
+                                                 q_pos_T, k_pos_S, block_k=block_k)
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "tpu")
+    h = q_BTNH.shape[-1]
     st = _Static(block_sizes.block_q, block_k, causal, h ** -0.5 if scale is None else scale,
-                 t, s, interpret, window, num_sink_keys)
-    keep = block_keep_BKTJ.astype(bool)
-    valid = None if key_valid_BS is None else key_valid_BS.astype(bool)
-    q_pos = jnp.arange(t, dtype=jnp.int32) + (s - t) if q_pos_T is None else q_pos_T
-    k_pos = jnp.arange(s, dtype=jnp.int32) if k_pos_S is None else k_pos_S
-    return _attention(q_BTNH, k_BSKH, v_BSKV, keep, valid, q_pos.astype(jnp.int32),
-                      k_pos.astype(jnp.int32), sink, st=st)
+                 q_BTNH.shape[1], k_BSKH.shape[1], interpret, window, num_sink_keys)
+    return _attention(q_BTNH, k_BSKH, v_BSKV, keep, valid, q_pos, k_pos, sink, st=st)

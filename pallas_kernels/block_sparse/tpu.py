@@ -1,0 +1,306 @@
+"""TPU (Mosaic) variant of the block-sparse kernel: selected blocks streamed by scalar prefetch.
+
+Same semantics, tables and fused backward as ``kernel.py``; what differs is how blocks reach the
+core. On TPU a kernel instance cannot chase pointers into HBM cheaply, so the tables are
+*scalar-prefetched* into SMEM (``pltpu.PrefetchScalarGridSpec``) and the block index maps read
+them: the grid gets one trailing ``arbitrary`` axis over table slots, slot ``m`` of a query tile
+DMAs key block ``table[.., m + 1]`` into VMEM while slot ``m - 1`` computes (Pallas' pipeline
+double-buffers it). Slots past the row's count repeat the last index, which the pipeline
+recognises as "same block, no copy", and their compute is skipped with ``pl.when``; so HBM
+traffic is exactly the selected blocks. Online-softmax state lives in VMEM scratch across the
+slot axis.
+
+Layouts follow Mosaic's tiling rule (the last two block dims divisible by (8, 128) or equal to
+the array's): per-query vectors are (T, 1) columns, per-key vectors (J, 1, block_k) rows, and
+the per-token selection is stored key-block-major, (B, K, J, T, 1) int8, so that one slot reads
+the (block_q, 1) membership column of its block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from .kernel import (
+    _BIG,
+    _MIN,
+    BlockSizes,
+    _dot,
+    _dot_t,
+    _Static,
+    _tn_dot,
+    checked_operands,
+    sink_grad,
+    sparse_attention_vjp,
+    token_mask,
+)
+from .tables import build_tables
+
+Array = jax.Array
+_F32 = jnp.float32
+TPU_BLOCK_SIZES = BlockSizes(block_q=128)
+
+
+def _prepare(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S,
+             st: _Static):
+    b, t, n, _ = q_BTNH.shape
+    kg = k_BSKH.shape[2]
+    bq, bk = st.block_q, st.block_k
+    qt, j = -(-t // bq), -(-st.s // bk)
+    tp, sp = qt * bq, j * bk
+    q = jnp.pad(q_BTNH, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    k = jnp.pad(k_BSKH, ((0, 0), (0, sp - st.s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    v = jnp.pad(v_BSKV, ((0, 0), (0, sp - st.s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    keep = jnp.pad(block_keep_BKTJ.astype(jnp.int8), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+    keep = jnp.swapaxes(keep, 2, 3)[..., None]  # B K J Tp 1
+    valid = (jnp.ones((b, st.s), jnp.int32) if key_valid_BS is None
+             else key_valid_BS.astype(jnp.int32))
+    valid = jnp.pad(valid, ((0, 0), (0, sp - st.s))).reshape(b, j, 1, bk)
+    fwd_table, bwd_table = build_tables(block_keep_BKTJ, block_q=bq, block_k=bk, q_pos=q_pos_T,
+                                        k_pos=k_pos_S, causal=st.causal, window=st.window,
+                                        num_sink_keys=st.num_sink_keys)
+    q_pos = jnp.pad(q_pos_T, (0, tp - t), mode="edge").reshape(tp, 1)
+    k_pos = jnp.pad(k_pos_S, (0, sp - st.s), mode="edge").reshape(j, 1, bk)
+    return dict(q=q, k=k, v=v, keep=keep, valid=valid, q_pos=q_pos, k_pos=k_pos, fwd=fwd_table,
+                bwd=bwd_table, dims=(b, n, kg, n // kg, qt, j, tp, sp))
+
+
+def _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, jb, st: _Static):
+    k_idx = jb * st.block_k + jax.lax.broadcasted_iota(jnp.int32, (1, st.block_k), 1)
+    return token_mask(keep_ref[...], valid_ref[...], qpos_ref[...], kpos_ref[...], k_idx,
+                      **st.rules)
+
+
+def _params(st: _Static):
+    return dict(interpret=pltpu.InterpretParams() if st.interpret else False,
+                compiler_params=pltpu.CompilerParams(
+                    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(table_ref, q_ref, k_ref, v_ref, keep_ref, valid_ref, qpos_ref, kpos_ref,
+                sink_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, st: _Static, groups: int,
+                has_sink: bool):
+    bi, ki, qi, m = (pl.program_id(a) for a in range(4))
+
+    @pl.when(m == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
+        m_ref[...] = jnp.full(m_ref.shape, _MIN, _F32)
+        l_ref[...] = jnp.zeros(l_ref.shape, _F32)
+
+    @pl.when(m < table_ref[bi, ki, qi, 0])
+    def _visit():
+        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, table_ref[bi, ki, qi, m + 1], st)
+        kb = k_ref[...].astype(_F32)
+        vb = v_ref[...]
+        for g in range(groups):  # the group's heads share the K/V block in VMEM
+            s = jnp.where(mask, _dot_t(q_ref[g].astype(_F32) * st.scale, kb), _MIN)
+            m_old = m_ref[g]
+            m_new = jnp.maximum(m_old, s.max(axis=-1, keepdims=True))
+            corr = jnp.exp(m_old - m_new)
+            p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+            l_ref[g] = l_ref[g] * corr + p.sum(axis=-1, keepdims=True)
+            acc_ref[g] = acc_ref[g] * corr + _dot(p.astype(vb.dtype), vb)
+            m_ref[g] = m_new
+
+    @pl.when(m == pl.num_programs(3) - 1)
+    def _finish():
+        for g in range(groups):
+            acc, mx, l = acc_ref[g], m_ref[g], l_ref[g]
+            if has_sink:
+                sk = sink_ref[g]  # (1, 1)
+                m_fin = jnp.maximum(mx, sk)
+                l = l * jnp.exp(mx - m_fin) + jnp.exp(sk - m_fin)
+                acc = acc * jnp.exp(mx - m_fin)
+                mx = m_fin
+            safe = jnp.where(l > 0, l, 1.0)
+            o_ref[g] = (acc / safe).astype(o_ref.dtype)
+            lse_ref[g] = jnp.where(l > 0, mx + jnp.log(safe), _BIG)
+
+
+def _forward(q_BTNH, k_BSKH, v_BSKV, block_keep, key_valid, q_pos_T, k_pos_S, sink_N,
+             st: _Static):
+    p = _prepare(q_BTNH, k_BSKH, v_BSKV, block_keep, key_valid, q_pos_T, k_pos_S, st)
+    b, n, kg, g, qt, j, tp, sp = p["dims"]
+    bq, bk, h, vw = st.block_q, st.block_k, p["q"].shape[-1], p["v"].shape[-1]
+    sink = (jnp.zeros((kg, g, 1, 1), _F32) if sink_N is None
+            else sink_N.astype(_F32).reshape(kg, g, 1, 1))
+    kv_row = lambda bi, ki, qi, m, tb: (bi, ki, tb[bi, ki, qi, m + 1], 0)  # noqa: E731
+    spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(b, kg, qt, j),
+        in_specs=[
+            pl.BlockSpec((None, g, bq, h), lambda bi, ki, qi, m, tb: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, None, bk, h), kv_row),
+            pl.BlockSpec((None, None, bk, vw), kv_row),
+            pl.BlockSpec((None, None, None, bq, 1),
+                         lambda bi, ki, qi, m, tb: (bi, ki, tb[bi, ki, qi, m + 1], qi, 0)),
+            pl.BlockSpec((None, None, 1, bk),
+                         lambda bi, ki, qi, m, tb: (bi, tb[bi, ki, qi, m + 1], 0, 0)),
+            pl.BlockSpec((bq, 1), lambda bi, ki, qi, m, tb: (qi, 0)),
+            pl.BlockSpec((None, 1, bk), lambda bi, ki, qi, m, tb: (tb[bi, ki, qi, m + 1], 0, 0)),
+            pl.BlockSpec((None, g, 1, 1), lambda bi, ki, qi, m, tb: (ki, 0, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, g, bq, vw), lambda bi, ki, qi, m, tb: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, g, bq, 1), lambda bi, ki, qi, m, tb: (bi, ki, qi, 0)),
+        ],
+        scratch_shapes=[pltpu.VMEM((g, bq, vw), _F32), pltpu.VMEM((g, bq, 1), _F32),
+                        pltpu.VMEM((g, bq, 1), _F32)],
+    )
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st, groups=g, has_sink=sink_N is not None),
+        grid_spec=spec,
+        out_shape=[jax.ShapeDtypeStruct((b, n, tp, vw), q_BTNH.dtype),
+                   jax.ShapeDtypeStruct((b, n, tp, 1), _F32)],
+        name="block_sparse_attention_tpu_fwd",
+        **_params(st),
+    )(p["fwd"], p["q"], p["k"], p["v"], p["keep"], p["valid"], p["q_pos"], p["k_pos"], sink)
+    return o.transpose(0, 2, 1, 3)[:, : st.t], (p, o, lse)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_ref, valid_ref,
+               qpos_ref, kpos_ref, dq_ref, acc_ref, *, st: _Static, groups: int):
+    bi, ki, qi, m = (pl.program_id(a) for a in range(4))
+
+    @pl.when(m == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
+
+    @pl.when(m < table_ref[bi, ki, qi, 0])
+    def _visit():
+        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, table_ref[bi, ki, qi, m + 1], st)
+        kb, vb = k_ref[...].astype(_F32), v_ref[...].astype(_F32)
+        for g in range(groups):
+            s = _dot_t(q_ref[g].astype(_F32), kb) * st.scale
+            p = jnp.where(mask, jnp.exp(s - lse_ref[g]), 0.0)
+            ds = p * (_dot_t(do_ref[g].astype(_F32), vb) - delta_ref[g])
+            acc_ref[g] = acc_ref[g] + _dot(ds, kb) * st.scale
+
+    @pl.when(m == pl.num_programs(3) - 1)
+    def _finish():
+        dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_ref, valid_ref,
+                qpos_ref, kpos_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, st: _Static, groups: int):
+    bi, ki, jb, m = (pl.program_id(a) for a in range(4))
+
+    @pl.when(m == 0)
+    def _init():
+        dk_acc[...] = jnp.zeros(dk_acc.shape, _F32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, _F32)
+
+    @pl.when(m < table_ref[bi, ki, jb, 0])
+    def _visit():
+        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, jb, st)
+        kb, vb = k_ref[...].astype(_F32), v_ref[...].astype(_F32)
+        for g in range(groups):  # every head of the group accumulates into the shared dK, dV
+            qg, dog = q_ref[g].astype(_F32), do_ref[g].astype(_F32)
+            p = jnp.where(mask, jnp.exp(_dot_t(qg, kb) * st.scale - lse_ref[g]), 0.0)
+            dv_acc[...] += _tn_dot(p, dog)
+            ds = p * (_dot_t(dog, vb) - delta_ref[g])
+            dk_acc[...] += _tn_dot(ds, qg) * st.scale
+
+    @pl.when(m == pl.num_programs(3) - 1)
+    def _finish():
+        dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _backward(res, do_BTNV, sink_N, st: _Static):
+    p, o, lse = res
+    b, n, kg, g, qt, j, tp, sp = p["dims"]
+    bq, bk, h, vw = st.block_q, st.block_k, p["q"].shape[-1], p["v"].shape[-1]
+    do = jnp.pad(do_BTNV, ((0, 0), (0, tp - st.t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1, keepdims=True)  # B N Tp 1
+    operands = (p["q"], p["k"], p["v"], do, lse, delta, p["keep"], p["valid"], p["q_pos"],
+                p["k_pos"])
+
+    def specs(q_row, kv_row):
+        """Block specs of ``operands`` given the query-tile and key-block index functions."""
+        def tile(bi, ki, a, m, tb):
+            return (bi, ki, q_row(bi, ki, a, m, tb), 0)
+
+        def block(bi, ki, a, m, tb):
+            return (bi, ki, kv_row(bi, ki, a, m, tb), 0)
+
+        return [
+            pl.BlockSpec((None, g, bq, h), tile),
+            pl.BlockSpec((None, None, bk, h), block),
+            pl.BlockSpec((None, None, bk, vw), block),
+            pl.BlockSpec((None, g, bq, vw), tile),
+            pl.BlockSpec((None, g, bq, 1), tile),
+            pl.BlockSpec((None, g, bq, 1), tile),
+            pl.BlockSpec((None, None, None, bq, 1), lambda bi, ki, a, m, tb: (
+                bi, ki, kv_row(bi, ki, a, m, tb), q_row(bi, ki, a, m, tb), 0)),
+            pl.BlockSpec((None, None, 1, bk),
+                         lambda bi, ki, a, m, tb: (bi, kv_row(bi, ki, a, m, tb), 0, 0)),
+            pl.BlockSpec((bq, 1), lambda bi, ki, a, m, tb: (q_row(bi, ki, a, m, tb), 0)),
+            pl.BlockSpec((None, 1, bk), lambda bi, ki, a, m, tb: (kv_row(bi, ki, a, m, tb), 0, 0)),
+        ]
+
+    own = lambda bi, ki, a, m, tb: a  # noqa: E731 - the grid's own tile / block
+    listed = lambda bi, ki, a, m, tb: tb[bi, ki, a, m + 1]  # noqa: E731 - from the table
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, st=st, groups=g),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(b, kg, qt, j), in_specs=specs(own, listed),
+            out_specs=pl.BlockSpec((None, g, bq, h), lambda bi, ki, a, m, tb: (bi, ki, a, 0)),
+            scratch_shapes=[pltpu.VMEM((g, bq, h), _F32)]),
+        out_shape=jax.ShapeDtypeStruct(p["q"].shape, p["q"].dtype),
+        name="block_sparse_attention_tpu_dq",
+        **_params(st),
+    )(p["fwd"], *operands)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, st=st, groups=g),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(b, kg, j, qt), in_specs=specs(listed, own),
+            out_specs=[pl.BlockSpec((None, None, bk, h), lambda bi, ki, a, m, tb: (bi, ki, a, 0)),
+                       pl.BlockSpec((None, None, bk, vw), lambda bi, ki, a, m, tb: (bi, ki, a, 0))],
+            scratch_shapes=[pltpu.VMEM((bk, h), _F32), pltpu.VMEM((bk, vw), _F32)]),
+        out_shape=[jax.ShapeDtypeStruct(p["k"].shape, p["k"].dtype),
+                   jax.ShapeDtypeStruct(p["v"].shape, p["v"].dtype)],
+        name="block_sparse_attention_tpu_dkv",
+        **_params(st),
+    )(p["bwd"], *operands)
+    dsink = None if sink_N is None else sink_grad(sink_N, lse[..., 0], delta[..., 0], st.t)
+    return (dq.transpose(0, 2, 1, 3)[:, : st.t], dk.transpose(0, 2, 1, 3)[:, : st.s],
+            dv.transpose(0, 2, 1, 3)[:, : st.s], dsink)
+
+
+_attention = sparse_attention_vjp(_forward, _backward)
+
+
+def block_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
+                               block_keep_BKTJ: Array, *, block_k: int, causal: bool,
+                               scale: float | None = None, sink: Array | None = None,
+                               key_valid_BS: Array | None = None, q_pos_T: Array | None = None,
+                               k_pos_S: Array | None = None, window: int | None = None,
+                               num_sink_keys: int = 0,
+                               block_sizes: BlockSizes = TPU_BLOCK_SIZES,
+                               interpret: bool | None = None) -> Array:
+    """The TPU kernel; arguments and semantics as ``kernel.block_sparse_attention``.
+
+    ``interpret`` defaults to True off TPU (``pltpu.InterpretParams()``, which also checks DMA
+    and scratch use). Mosaic wants ``block_q`` a multiple of 32 (the int8 selection column) and
+    ``block_k`` a multiple of 8.
+    """
+    keep, valid, q_pos, k_pos = checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS,
+                                                 q_pos_T, k_pos_S, block_k=block_k)
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    h = q_BTNH.shape[-1]
+    st = _Static(block_sizes.block_q, block_k, causal, h ** -0.5 if scale is None else scale,
+                 q_BTNH.shape[1], k_BSKH.shape[1], interpret, window, num_sink_keys)
+    return _attention(q_BTNH, k_BSKH, v_BSKV, keep, valid, q_pos, k_pos, sink, st=st)
