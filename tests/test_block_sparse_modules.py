@@ -14,6 +14,8 @@ MODULES = {
     "msa": lambda impl: ah.MiniMaxSparseAttention(32, 4, 2, block_size=8, top_k=2, impl=impl),
     "msa_bidir": lambda impl: ah.MiniMaxSparseAttention(32, 4, 1, block_size=8, top_k=1,
                                                         causal=False, impl=impl),
+    "msa_topk_over_blocks": lambda impl: ah.MiniMaxSparseAttention(32, 4, 4, block_size=8,
+                                                                   top_k=9, impl=impl),
     "bigbird": lambda impl: ah.BigBirdAttention(32, 4, block_size=8, num_window_blocks=1,
                                                 num_random_blocks=1, num_global_blocks=1,
                                                 impl=impl),
@@ -82,7 +84,7 @@ def _avals(jaxpr):
 
 
 @pytest.mark.parametrize("name", ["msa", "bigbird", "delta", "hca"])
-@pytest.mark.parametrize("impl", ["pallas", "xla"])
+@pytest.mark.parametrize("impl", ["auto", "pallas", "xla"])
 def test_default_paths_build_no_sequence_by_sequence_array(name, impl):
     t = 100  # larger than every feature width in these modules (3 * 32 = 96)
     m = MODULES[name](impl)
