@@ -1,0 +1,92 @@
+"""examples/compare.py and examples/patterns.py draw real PNGs; the read maps mean what they say."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import compare  # noqa: E402
+import patterns  # noqa: E402
+import train_lm as tl  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SMALL = ["--seq-len", "32", "--dim", "32", "--depth", "1"]
+
+
+def test_compare_draws_curves_and_table(tmp_path):
+    out = tmp_path / "cmp.png"
+    rows = compare.main(["--attn", "standard,mqa", "--steps", "4", "--eval-every", "2",
+                         "--batch-size", "8", "--out", str(out), *SMALL])
+    assert out.read_bytes()[:8] == PNG and out.stat().st_size > 10_000
+    md = out.with_suffix(".md").read_text()
+    assert "| `standard` |" in md and "| `mqa` |" in md
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [r["attn"] for r in saved] == ["standard", "mqa"] == [r["attn"] for r in rows]
+    assert all(len(r["train_loss"]) == 4 and [e["step"] for e in r["evals"]] == [0, 2, 4]
+               for r in saved)
+    # MQA caches one K/V head, standard attention all of them
+    assert saved[0]["kv_cache_bytes_per_token"] == 4 * saved[1]["kv_cache_bytes_per_token"]
+    with pytest.raises(ValueError, match="'flash'"):
+        compare.main(["--attn", "standard,flash"])
+
+
+def test_patterns_draws_selections(tmp_path):
+    out = tmp_path / "p.png"
+    views = patterns.main(["--attn", "deepseek_sparse,heavily_compressed", "--steps", "0",
+                           "--out", str(out), "--seq-len", "64", "--impl", "reference"])
+    assert out.read_bytes()[:8] == PNG and out.stat().st_size > 10_000
+    assert set(views) == {"deepseek_sparse", "heavily_compressed"}
+    assert all(0.0 <= v <= 1.0 for v in views.values())
+    with pytest.raises(ValueError, match="'gqa'"):
+        patterns.main(["--attn", "gqa", "--out", str(out)])
+
+
+CFG = dataclasses.replace(tl.Config(), seq_len=16, window=4, compression_rate=4, block_size=4)
+
+
+def test_read_map_of_heavily_compressed():
+    m = tl.key_read_map(dataclasses.replace(CFG, attn="heavily_compressed"), None, 16)
+    # query 9: raw window 6..9; entries 0 and 1 (runs 0..3, 4..7) are complete, entry 2 is not
+    np.testing.assert_array_equal(m[9], [.5] * 6 + [1.0] * 4 + [0.0] * 6)
+    assert np.all(np.triu(m, 1) == 0)
+
+
+def test_read_map_of_compressed_sparse_follows_the_selection():
+    sel = np.zeros((16, 4), bool)
+    sel[12, 1] = True  # query 12 keeps entry 1 only: it pools runs 1 and 0 (overlap)
+    m = tl.key_read_map(dataclasses.replace(CFG, attn="compressed_sparse"), sel, 16)
+    np.testing.assert_array_equal(m[12], [.5] * 8 + [0.0] * 1 + [1.0] * 4 + [0.0] * 3)
+    np.testing.assert_array_equal(m[3], [1.0] * 4 + [0.0] * 12)
+
+
+def test_read_map_of_delta_and_bigbird():
+    cfg = dataclasses.replace(CFG, attn="delta")
+    m = tl.key_read_map(cfg, None, 16)
+    stride = tl.make_attention(cfg, 0).stride  # 16: anchor of every row here is 0
+    assert stride == 16
+    np.testing.assert_array_equal(m[9], [1.0] * 4 + [0.0] * 2 + [1.0] * 4 + [0.0] * 6)
+    big = dataclasses.replace(CFG, attn="bigbird")
+    mb = tl.key_read_map(big, None, 16)
+    blocks = tl.make_attention(big, big.depth - 1).block_mask(4)  # the last layer's seed
+    np.testing.assert_array_equal(mb > 0, np.repeat(np.repeat(blocks, 4, 0), 4, 1)
+                                  & np.tril(np.ones((16, 16), bool)))
+
+
+def test_recall_view_counts_key_or_value_in_view():
+    cfg = dataclasses.replace(tl.Config(), num_pairs=2, num_queries=2)
+    tokens = np.array([5, 40, 7, 41, 0, 0, 7, 41, 5, 40])
+    weights = np.zeros(10)
+    weights[[6, 8]] = 1
+    m = np.zeros((10, 10))
+    m[6, 3] = 1.0   # query of key 7 sees the value after its pair's key
+    assert tl.recall_view(cfg, tokens, weights, m) == 0.5
+    m[8, 0] = 0.5   # query of key 5 sees its pair's key through a summary
+    assert tl.recall_view(cfg, tokens, weights, m) == 1.0
