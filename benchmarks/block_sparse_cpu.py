@@ -5,8 +5,9 @@ the parameters and the input): milliseconds, best of ``--reps``, for MiniMax Spa
 8 heads, 2 kv groups, blocks of 128, top 4) and BigBird (dim 512, 8 heads, blocks of 64) at
 batch 1, per sequence length and attnhut_jax ``impl`` (``auto`` is the default path), then the
 growth ratios and the process's peak resident memory. attnhut and the masked-dense
-``reference`` are skipped where their (B, N, T, T) float32 score tensor alone would exceed
-``--dense-gib``.
+``reference`` are skipped where their (B, N, T, T) float32 score tensors would not fit in
+``--dense-gib`` (one tensor for a forward, eight for forward + backward: autograd keeps the
+scores, probabilities and masks alive).
 
     .venv/bin/python benchmarks/block_sparse_cpu.py --lengths 2048 8192 32768 --backward
     .venv/bin/python benchmarks/block_sparse_cpu.py --mechanisms MiniMaxSparseAttention \\
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=["auto", "reference"])
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--dense-gib", type=float, default=6.0)
+    ap.add_argument("--dense-gib", type=float, default=12.0)
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
@@ -84,7 +85,7 @@ def main() -> None:
             fm, variables = from_torch(tm)
             for t in args.lengths:
                 x = np.random.default_rng(0).standard_normal((1, t, 512), dtype=np.float32)
-                dense_gib = 8 * t * t * 4 / 2**30
+                dense_gib = 8 * t * t * 4 / 2**30 * (8 if backward else 1)
                 cells = []
                 for col in cols:
                     if col in DENSE and dense_gib > args.dense_gib:

@@ -1,11 +1,13 @@
 """Block-sparse flash attention in Pallas (GPU-style grid; interpret mode on CPU).
 
-Work in progress towards the block-sparse issue: forward and fused backward (dq; dk/dv) with
-online softmax in float32, per-token membership inside visited blocks, causal masking inside
-partially visible blocks, key validity, GQA (all query heads of a kv group share each K/V block
-load) and an optional per-head sink logit. Exactness for any selection is tested against
-``reference.block_sparse_attention_reference`` in interpret mode. Not yet done: tuning and
-lowering checks for real GPUs/TPUs, and a TPU (Mosaic) variant with scalar-prefetched tables.
+Forward and fused backward (dq; dk/dv) with online softmax in float32, per-token membership
+inside visited blocks, causal masking inside partially visible blocks, key validity, GQA (all
+query heads of a kv group share each K/V block load) and an optional per-head sink logit.
+Exactness for any selection is tested against ``reference.block_sparse_attention_reference`` in
+interpret mode, and the three kernels are lowered for CUDA with ``jax.export`` in the tests. The
+TPU variant is ``tpu.py``; the XLA path for CPU is ``xla.py``; all three share the masking rule,
+the tables and the ``custom_vjp`` defined here. Not measured on a real GPU yet (no device was
+lent to this work), so block sizes, warps and stages are untuned defaults.
 
 Layout: operands are transposed to head-major (B, N, T, H) so that a kernel instance reads
 contiguous (tokens, width) tiles. Grid (B, K, query tiles) for the forward and dq passes, (B, K,
