@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/python -m parity
-	$(BIN)/python examples/train_lm.py --attn minimax_sparse --steps 400 --eval-every 100 --show
+	$(BIN)/python examples/train_lm.py --attn minimax_sparse --impl reference --steps 300 --eval-every 100 --show
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -73,15 +73,13 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")
     for i, r in enumerate(rows):
-        color = cmap(i % 20)
+        style = dict(color=cmap(i % 10), ls=("-", "--", ":")[i // 10 % 3], lw=1.4, label=r["attn"])
         loss = r["train_loss"]
-        ax_loss.plot(np.arange(1, len(loss) + 1), smooth(loss, 10), color=color, lw=1.4,
-                     label=r["attn"])
+        ax_loss.plot(np.arange(1, len(loss) + 1), smooth(loss, 10), **style)
         steps = [e["step"] for e in r["evals"]]
-        ax_acc.plot(steps, [e["acc"] for e in r["evals"]], "o-", color=color, ms=3, lw=1.4,
-                    label=r["attn"])
+        ax_acc.plot(steps, [e["acc"] for e in r["evals"]], marker="o", ms=3, **style)
     chance = rows[0]["chance_acc"]
     ax_acc.axhline(chance, color="grey", ls=":", lw=1)
     ax_acc.text(0, chance, " chance", va="bottom", color="grey", fontsize=8)
