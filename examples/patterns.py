@@ -38,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p.add_argument("--attn", default=",".join(SHOWN), help="comma-separated sparse mechanisms")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seq-len", type=int, default=tl.Config.seq_len)
+    p.add_argument("--dim", type=int, default=tl.Config.dim)
+    p.add_argument("--depth", type=int, default=tl.Config.depth)
+    p.add_argument("--batch-size", type=int, default=tl.Config.batch_size)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", default="auto", help="sparse core (see train_lm.py --impl)")
     p.add_argument("--out", default="patterns.png")
@@ -48,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         raise ValueError(f"--attn {a.attn!r}: unknown {unknown}; choose from {', '.join(SHOWN)}")
 
     base = dataclasses.replace(tl.Config(), steps=a.steps, seq_len=a.seq_len, seed=a.seed, impl=a.impl,
+                               dim=a.dim, depth=a.depth, batch_size=a.batch_size,
                                eval_every=max(a.steps, 1), progress=sys.stderr.isatty())
     maps, views = {}, {}
     tokens = weights = None

@@ -804,13 +804,18 @@ def recall_view(cfg: Config, tokens: np.ndarray, weights: np.ndarray,
     return float(np.mean(hits))
 
 
+@functools.lru_cache(maxsize=8)
+def _selection_fn(model: LM):
+    return jax.jit(lambda p, t: model.apply({"params": p}, t, with_aux=True,
+                                            mutable=["intermediates"]))
+
+
 def last_layer_selection(result: dict, tokens_BT: Array) -> np.ndarray | None:
     """The last layer's selection for ``tokens`` (None when the mechanism has no selector)."""
     cfg, trainer = result["cfg"], result["trainer"]
     if cfg.attn not in WITH_AUX_LOSS:
         return None
-    _, state = trainer.model.apply({"params": result["state"]["params"]}, tokens_BT,
-                                   with_aux=True, mutable=["intermediates"])
+    _, state = _selection_fn(trainer.model)(result["state"]["params"], tokens_BT)
     sel = state["intermediates"][f"block_{cfg.depth - 1}"]["selection"][0]
     return np.asarray(jax.device_get(sel))
 
