@@ -666,11 +666,14 @@ class Checkpoints:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
-    def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict]:
-        ocp = self.ocp
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+    def restore_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=self.ocp.args.Composite(
+            meta=self.ocp.args.JsonRestore()))["meta"]
+
+    def restore_state(self, step: int, abstract_state: PyTree) -> PyTree:
+        """The train state, each array restored straight into its sharding in ``abstract_state``."""
+        return self.manager.restore(step, args=self.ocp.args.Composite(
+            state=self.ocp.args.StandardRestore(abstract_state)))["state"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -865,9 +868,10 @@ def train(cfg: Config, mesh: Mesh | None = None, log: Callable[[str], None] = pr
     meta: dict[str, Any] = {"config": dataclasses.asdict(cfg), "history": [], "evals": []}
     latest = ckpt.latest_step() if ckpt else None
     if latest is not None:
+        saved = ckpt.restore_meta(latest)
+        _check_resumable(cfg, saved["config"])  # before touching arrays of another shape
         abstract = _abstract(trainer.state_sharding, jax.eval_shape(trainer.init_state))
-        state, saved = ckpt.restore(latest, abstract)
-        _check_resumable(cfg, saved["config"])
+        state = ckpt.restore_state(latest, abstract)
         meta = dict(saved, config=dataclasses.asdict(cfg))
         log(f"resumed from {cfg.ckpt_dir} at step {latest}")
     else:
@@ -895,7 +899,7 @@ def train(cfg: Config, mesh: Mesh | None = None, log: Callable[[str], None] = pr
         done = step + 1
         bar.update(done, metrics["loss"], metrics["acc"],
                    timed_tokens / timed_seconds if timed_seconds else 0.0)
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        if done % cfg.eval_every == 0 or done == stop:
             ev = trainer.evaluate(state["params"], eval_set)
             meta["evals"].append({"step": done, **ev})
             (bar.note if cfg.progress else log)(

@@ -224,9 +224,9 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed["final_loss"] == straight["final_loss"]
     assert resumed["initial_loss"] == straight["initial_loss"]
 
-    other = dataclasses.replace(ckpt, lr=1e-3)
-    with pytest.raises(ValueError, match="lr"):
-        tl.train(other, _one_device_mesh(), log=lambda s: None)
+    for change in (dict(lr=1e-3), dict(dim=64)):  # same shapes / other shapes
+        with pytest.raises(ValueError, match=f"{next(iter(change))}: checkpoint"):
+            tl.train(dataclasses.replace(ckpt, **change), _one_device_mesh(), log=lambda s: None)
 
 
 def test_cli_writes_metrics(tmp_path, capsys):
