@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.token_sparse import ops as token_sparse
+
 from . import core
 from .core import Array, Dtype
 
@@ -234,9 +236,18 @@ class CompressedSparseAttention(nn.Module):
     Args mirror ``attnhut.CompressedSparseAttention``: ``dim``, ``num_heads``,
     ``compression_rate`` (4), ``top_k`` (16), ``kv_dim`` (dim // num_heads), ``q_lora_rank``
     (dim // 2), ``num_index_heads`` (4), ``index_dim`` (64), ``num_groups`` (num_heads),
-    ``window`` (64), ``bias``. Parameters: ``kv_a``, ``kv_b``, ``z_a``, ``z_b``, ``bias_a``,
+    ``window`` (64), ``bias``; plus ``impl`` (``auto``/``reference``/``xla``/``pallas``), which
+    changes no variable. Parameters: ``kv_a``, ``kv_b``, ``z_a``, ``z_b``, ``bias_a``,
     ``bias_b``, ``q_down``, ``q_up``, ``q_norm``, ``kv_norm``, ``sink``, ``idx_q``, ``idx_k``,
     ``idx_w``, ``proj/w``, ``proj/out``.
+
+    ``reference`` scores every (query, entry) pair and attends through a dense
+    (T, C + T) mask, as attnhut does. ``xla`` / ``pallas`` (``auto``: the fastest for the
+    backend) select with the fused indexer top-k (entry ``c`` sits at position
+    ``(c + 1) * rate`` and is valid once that is ``<= t``) and attend over the selected entries,
+    the raw window and the sink only (``token_sparse_attention`` with ``window_start = C``),
+    building no (T, T) array. ``return_aux=True`` builds the (T, C) scores and selects from
+    them, so the returned selection is the one attended.
     """
 
     dim: int
@@ -250,10 +261,12 @@ class CompressedSparseAttention(nn.Module):
     num_groups: int | None = None
     window: int = 64
     bias: bool = False
+    impl: core.Impl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
+        core.check_impl("CompressedSparseAttention", self.impl)
         c, ql, g = _resolved("CompressedSparseAttention", self.dim, self.num_heads, self.kv_dim,
                              self.q_lora_rank, self.num_groups, self.compression_rate, self.window,
                              top_k=self.top_k, num_index_heads=self.num_index_heads,
@@ -300,16 +313,31 @@ class CompressedSparseAttention(nn.Module):
         qi_BTME = self.idx_q(c_q).reshape(b, t, self.num_index_heads, self.index_dim)
         ki_BCE = self.idx_k(comp_BCH)
         w_BTM = self.idx_w(x)
-        scores_BTC = core.lightning_scores(qi_BTME, ki_BCE, w_BTM)
-        visible_TC = compressed_visible(t, nc, r)
-        scores_BTC = jnp.where(visible_TC, scores_BTC, core.mask_value(scores_BTC.dtype))
-        selected_BTC = core.topk_keep(scores_BTC, visible_TC, self.top_k)
-
-        keep_BTS = jnp.concatenate(
-            [selected_BTC, jnp.broadcast_to(core.sliding_window_mask(t, self.window), (b, t, t))], axis=2)
-        out_BTNH = shared_kv_attention(q_BTNH, kv_BSH, keep_BTS[:, None], self.sink,
-                                       q_BTNH.shape[-1] ** -0.5)
+        scale = q_BTNH.shape[-1] ** -0.5
+        impl = token_sparse.resolve_impl(self.impl)
+        aux = None
+        if impl == "reference" or return_aux:
+            scores_BTC = core.lightning_scores(qi_BTME, ki_BCE, w_BTM)
+            visible_TC = compressed_visible(t, nc, r)
+            scores_BTC = jnp.where(visible_TC, scores_BTC, core.mask_value(scores_BTC.dtype))
+            selected_BTC = core.topk_keep(scores_BTC, visible_TC, self.top_k)
+            aux = {"index_scores": scores_BTC, "selected": selected_BTC}
+        if impl == "reference":
+            keep_BTS = jnp.concatenate(
+                [selected_BTC, jnp.broadcast_to(core.sliding_window_mask(t, self.window),
+                                                (b, t, t))], axis=2)
+            out_BTNH = shared_kv_attention(q_BTNH, kv_BSH, keep_BTS[:, None], self.sink, scale)
+        else:
+            if aux is not None:  # attend exactly the selection returned in aux
+                idx_BTM = token_sparse.indices_from_scores(scores_BTC, visible_TC, self.top_k)
+            else:
+                idx_BTM, _ = token_sparse.indexer_topk(
+                    qi_BTME, ki_BCE, w_BTM, self.top_k, causal=True, impl=impl,
+                    q_pos_T=jnp.arange(t), k_pos_S=(jnp.arange(nc) + 1) * r)
+            out_BTNH = token_sparse.token_sparse_attention(
+                q_BTNH, kv_BSH[:, :, None, :], None, idx_BTM, impl=impl, scale=scale,
+                sink=self.sink, window=self.window, window_start=nc)
         out = self.proj(out_BTNH)
         if return_aux:
-            return out, {"index_scores": scores_BTC, "selected": selected_BTC}
+            return out, aux
         return out

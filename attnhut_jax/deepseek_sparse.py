@@ -7,6 +7,13 @@ the main attention. Selection is per token and shared by all heads.
 Ties at the k-th score (ReLU zeros make them common) are broken towards the lower key index,
 which is what ``jax.lax.top_k`` does. torch leaves the choice among tied keys unspecified, so
 parity compares selections modulo such ties (see ``parity/compare.py``).
+
+``impl`` picks how selection and attention run (``pallas_kernels.token_sparse.ops``):
+``reference`` scores every (query, key) pair and attends through a dense (T, T) mask, as attnhut
+does; ``xla`` and ``pallas`` (and ``auto``, the fastest of them for the backend) select with the
+fused indexer top-k and attend over the selected tokens only, building no (T, T) array.
+``return_aux=True`` builds the (T, T) scores for the aux dict whatever the impl, and then selects
+from them, so the returned selection is the one attended.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.token_sparse import ops as token_sparse
 
 from . import core
 from .core import Array, Dtype
@@ -41,19 +50,23 @@ class LightningIndexer(nn.Module):
         self.wk = core.Linear(self.head_dim, axes=("embed", "index"), **kw)
         self.ww = core.Linear(self.num_heads, axes=("embed", None), **kw)
 
+    def project(self, x: Array) -> tuple[Array, Array, Array]:
+        """The indexer's queries (B, T, I, H), shared key (B, S, H) and gates (B, T, I)."""
+        b, t, _ = x.shape
+        return (self.wq(x).reshape(b, t, self.num_heads, self.head_dim), self.wk(x), self.ww(x))
+
     def __call__(self, x: Array) -> Array:
         core.check_input(x, self.dim, "LightningIndexer")
-        b, t, _ = x.shape
-        q_BTIH = self.wq(x).reshape(b, t, self.num_heads, self.head_dim)
-        return core.lightning_scores(q_BTIH, self.wk(x), self.ww(x))
+        return core.lightning_scores(*self.project(x))
 
 
 class DeepSeekSparseAttention(nn.Module):
     """Lightning-indexer top-k token selection on a multi-head backbone.
 
     Args mirror ``attnhut.DeepSeekSparseAttention``: ``dim``, ``num_heads``, ``top_k`` (64),
-    ``num_index_heads`` (4), ``index_head_dim`` (64), ``causal`` (True), ``bias``. Parameters:
-    ``qkv``, ``proj``, ``indexer/{wq,wk,ww}``.
+    ``num_index_heads`` (4), ``index_head_dim`` (64), ``causal`` (True), ``bias``; plus
+    ``impl`` (``auto``/``reference``/``xla``/``pallas``, see the module docstring), which
+    changes no variable. Parameters: ``qkv``, ``proj``, ``indexer/{wq,wk,ww}``.
 
     The indexer is not trained by the output (hard top-k has no gradient); train it with
     ``dsa_index_aux_loss``.
@@ -66,6 +79,7 @@ class DeepSeekSparseAttention(nn.Module):
     index_head_dim: int = 64
     causal: bool = True
     bias: bool = False
+    impl: core.Impl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -75,6 +89,7 @@ class DeepSeekSparseAttention(nn.Module):
 
     def setup(self) -> None:
         owner = "DeepSeekSparseAttention"
+        core.check_impl(owner, self.impl)
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads, top_k=self.top_k,
                             num_index_heads=self.num_index_heads,
                             index_head_dim=self.index_head_dim)
@@ -95,15 +110,28 @@ class DeepSeekSparseAttention(nn.Module):
         b, t, _ = x.shape
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
         shape = (b, t, self.num_heads, self.head_dim)
-        valid = core.causal_mask(t, t) if self.causal else jnp.ones((t, t), bool)
-        scores = self.indexer(x)
-        scores = jnp.where(valid, scores, core.mask_value(scores.dtype))
-        selected = core.topk_keep(scores, valid, self.top_k)
-        out = core.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                         keep=selected[:, None], scale=self.head_dim ** -0.5)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        scale = self.head_dim ** -0.5
+        impl = token_sparse.resolve_impl(self.impl)
+        aux = None
+        if impl == "reference" or return_aux:
+            valid = core.causal_mask(t, t) if self.causal else jnp.ones((t, t), bool)
+            scores = self.indexer(x)
+            scores = jnp.where(valid, scores, core.mask_value(scores.dtype))
+            selected = core.topk_keep(scores, valid, self.top_k)
+            aux = {"index_scores": scores, "selected": selected}
+        if impl == "reference":
+            out = core.dot_product_attention(q, k, v, keep=selected[:, None], scale=scale)
+        else:
+            if aux is not None:  # attend exactly the selection returned in aux
+                indices = token_sparse.indices_from_scores(scores, valid, self.top_k)
+            else:
+                indices, _ = token_sparse.indexer_topk(*self.indexer.project(x), self.top_k,
+                                                       causal=self.causal, impl=impl)
+            out = token_sparse.token_sparse_attention(q, k, v, indices, impl=impl, scale=scale)
         out = self.proj(out.reshape(b, t, self.dim))
         if return_aux:
-            return out, {"index_scores": scores, "selected": selected}
+            return out, aux
         return out
 
 

@@ -1,0 +1,41 @@
+"""Token-level sparse attention (DeepSeek Sparse, Compressed Sparse): each query attends its own
+selected keys, shared by all heads, plus an optional raw causal window and a per-head sink.
+
+Side by side: the Pallas kernels (``kernel.py`` Triton-style GPU, ``kernel_tpu.py`` Mosaic TPU,
+``indexer_kernel.py`` the fused lightning-indexer top-k), the pure-jnp references they must equal
+(``reference.py``), the plain-XLA paths that are fastest on CPU (``xla.py``, ``indexer.py``), the
+on-device bitmask and visit tables (``tables.py``), and one ``impl`` switch over all of them
+(``ops.py``).
+"""
+
+from .indexer import IndexerBlocks, indexer_topk
+from .indexer_kernel import IndexerKernelBlocks, indexer_topk_pallas
+from .kernel import BlockSizes, token_sparse_attention
+from .kernel_tpu import TpuBlockSizes, token_sparse_attention_tpu
+from .reference import (
+    indexer_scores_reference,
+    indexer_topk_reference,
+    token_keep,
+    token_sparse_attention_reference,
+)
+from .tables import build_tables, key_bitmask, tile_visits
+from .xla import token_sparse_attention_xla
+
+__all__ = [
+    "BlockSizes",
+    "IndexerBlocks",
+    "IndexerKernelBlocks",
+    "TpuBlockSizes",
+    "build_tables",
+    "indexer_scores_reference",
+    "indexer_topk",
+    "indexer_topk_pallas",
+    "indexer_topk_reference",
+    "key_bitmask",
+    "tile_visits",
+    "token_keep",
+    "token_sparse_attention",
+    "token_sparse_attention_reference",
+    "token_sparse_attention_tpu",
+    "token_sparse_attention_xla",
+]

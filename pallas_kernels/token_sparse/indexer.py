@@ -1,0 +1,124 @@
+"""Lightning indexer fused with its top-k: each query's ``top_k`` keys without a (T, S) array.
+
+``I[t, s] = sum_i w[t, i] * ReLU(q[t, i] . k[s])``. A sequential ``lax.map`` over (batch, query
+tile). For each query tile we walk its key tiles in ascending order, score a tile in float32,
+give invalid keys (causal rule on positions, padding) the fill value and merge with a running
+(tile, top_k) buffer: ``lax.top_k(concat([running, new]))``. Equal values come out lower
+position first, and the running buffer holds lower key indices than the new tile while itself
+being ordered (value descending, index ascending), so the merge keeps exactly the order of one
+``lax.top_k`` over the whole row: the selection equals ``reference.indexer_topk_reference`` bit
+for bit whenever the scores are equal bit for bit (tested on integer-valued inputs, where they
+are exact), ties included.
+
+Causal skipping: keys after the last index any query of the tile may select are never scored.
+The tile picks (``lax.switch``, only the taken branch runs) the shortest of ``num_ranges``
+static key prefixes (steps of at least ``min_range`` keys) that holds every valid key of the
+tile, and walks that prefix in key tiles
+of ``block_k``. Keys beyond the prefix are invalid for the whole tile; a row with fewer than
+``top_k`` valid keys marks its extra picks ``-1`` either way, so skipping changes nothing.
+Working memory is O(block_q * (block_k + top_k)) per step; the outputs are O(T * top_k).
+
+Valid scores are assumed finite and above the fill value (``finfo(float32).min``); a valid key
+scoring exactly the fill would rank like an invalid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from .reference import FILL, positions
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerBlocks:
+    """Tiling of the fused top-k. Each key tile costs one ``lax.top_k`` over ``top_k + block_k``
+    columns; on CPU that is a partial sort whose fixed cost (sorting the ``top_k`` survivors)
+    dominates, so few wide key tiles are fastest there."""
+
+    block_q: int = 64
+    block_k: int = 8192
+    num_ranges: int = 8
+    min_range: int = 512  # shorter key sequences get one prefix (fewer branches to compile)
+
+
+def _tile_scores(q_QIE: Array, k_KE: Array, w_QI: Array) -> Array:
+    """(bq, bk) float32 scores (operands upcast: scores are ranked in float32)."""
+    f32 = jnp.float32
+    dots = jax.nn.relu(jnp.einsum("QIE,KE->QIK", q_QIE.astype(f32), k_KE.astype(f32)))
+    return jnp.einsum("QI,QIK->QK", w_QI.astype(f32), dots)
+
+
+def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
+                 q_pos_T: Array | None = None, k_pos_S: Array | None = None,
+                 blocks: IndexerBlocks = IndexerBlocks()) -> tuple[Array, Array]:
+    """(indices (B, T, min(top_k, S)) int32, -1 for picks that are not valid keys; their scores).
+
+    Equals ``indexer_topk_reference`` (columns in descending score order, ties towards the
+    lower key index; invalid picks ``-1`` with the fill score). Positions default to
+    ``arange(T) + S - T`` and ``arange(S)``; ``causal`` keeps ``k_pos <= q_pos``. No gradient
+    flows through a selection; the scores are returned for inspection only.
+    """
+    q_BTIE, k_BSE, w_BTI = (jax.lax.stop_gradient(a) for a in (q_BTIE, k_BSE, w_BTI))
+    b, t, ni, e = q_BTIE.shape
+    s = k_BSE.shape[1]
+    m = min(top_k, s)
+    bq = min(blocks.block_q, t)
+    qt = -(-t // bq)
+    tp = qt * bq
+    q_pos, k_pos = positions(t, s, q_pos_T, k_pos_S)
+    qp = jnp.pad(q_pos, (0, tp - t), mode="edge").reshape(qt, bq)
+    q = jnp.pad(q_BTIE, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, qt, bq, ni, e)
+    w = jnp.pad(w_BTI, ((0, 0), (0, tp - t), (0, 0))).reshape(b, qt, bq, ni)
+    step = max(-(-s // blocks.num_ranges), blocks.min_range)
+    ranges = sorted({min(s, step * i) for i in range(1, blocks.num_ranges + 1)}) if causal else [s]
+    s_idx = jnp.arange(s, dtype=jnp.int32)
+
+    def batch(xs):
+        q_b, w_b, k_b = xs
+
+        def tile(ys):
+            q_QIE, w_QI, qp_Q = ys
+
+            def merge(carry, start, size):
+                vals, idx = carry
+                sc = _tile_scores(q_QIE, jax.lax.dynamic_slice_in_dim(k_b, start, size), w_QI)
+                cols = start + jnp.arange(size, dtype=jnp.int32)
+                if causal:
+                    ok = jax.lax.dynamic_slice_in_dim(k_pos, start, size)[None, :] <= qp_Q[:, None]
+                    sc = jnp.where(ok, sc, FILL)
+                vals, pick = jax.lax.top_k(jnp.concatenate([vals, sc], axis=1), m)
+                cat_i = jnp.concatenate([idx, jnp.broadcast_to(cols, sc.shape)], axis=1)
+                return vals, jnp.take_along_axis(cat_i, pick, axis=1)
+
+            def prefix(r):
+                def walk(carry):
+                    bk = min(blocks.block_k, r)
+                    full, rem = divmod(r, bk)
+                    carry, _ = jax.lax.scan(lambda c, j: (merge(c, j * bk, bk), None), carry,
+                                            jnp.arange(full))
+                    return merge(carry, full * bk, rem) if rem else carry
+                return walk
+
+            init = (jnp.full((bq, m), -jnp.inf, jnp.float32), jnp.full((bq, m), -1, jnp.int32))
+            if causal:  # 1 + the last key index any query of the tile may select
+                hi = jnp.where(k_pos <= qp_Q.max(), s_idx + 1, 0).max()
+                branch = jnp.searchsorted(jnp.asarray(ranges, jnp.int32), hi)
+                vals, idx = jax.lax.switch(branch, [prefix(r) for r in ranges], init)
+            else:
+                vals, idx = prefix(s)(init)
+            ok = idx >= 0
+            if causal:
+                ok = ok & (jnp.take(k_pos, jnp.maximum(idx, 0)) <= qp_Q[:, None])
+            return jnp.where(ok, idx, -1), jnp.where(ok, vals, FILL)
+
+        return jax.lax.map(tile, (q_b, w_b, qp))
+
+    idx, vals = jax.lax.map(batch, (q, w, k_BSE))
+    idx = idx.reshape(b, tp, m)[:, :t]
+    vals = vals.reshape(b, tp, m)[:, :t]
+    return idx, vals

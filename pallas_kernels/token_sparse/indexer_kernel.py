@@ -1,0 +1,200 @@
+"""Lightning indexer + exact top-k as one Pallas kernel (GPU-style grid, Triton lowering).
+
+Pallas has no sort or top-k inside kernels, so the running ``lax.top_k`` merge of
+``indexer.py`` is replaced by an exact *radix select* that streams the key tiles: per query
+tile (grid (B, query tiles)), scores are computed tile by tile in float32 and never stored;
+
+1. each score becomes an order-preserving 32-bit key (float bits, negative values with their
+   low 31 bits flipped, then the sign bit flipped, so unsigned key order is float order);
+2. eight passes over the key tiles each fix 4 more bits of the k-th largest key of every row:
+   a 16-bin histogram of the next digit among the valid keys that match the prefix found so
+   far, then the digit where the remaining rank falls (pass 0 also counts the valid keys,
+   ``k = min(top_k, valid)``). After the passes each row knows its exact k-th key ``theta``
+   and how many keys equal to it it still needs;
+3. a last pass keeps the keys ``> theta`` and, among the keys ``== theta``, the first ones in
+   key order (a running count plus an in-tile ``cumsum``): exactly the lower-index-first tie
+   rule of ``lax.top_k``. Kept keys are written compacted in ascending key order with masked
+   scatter stores at ``count + cumsum``.
+
+So the selected *set* equals ``indexer_topk_reference`` (whose columns come in score order;
+here they come in key order, which is all attention needs), with no (T, S) array and O(1)
+state per row; the price is recomputing the scores in 9 passes (cheap next to the score
+matmul's loads on a GPU; on CPU the XLA path of ``indexer.py`` is used). Key tiles after a
+query tile's last valid key are not visited. ``-0.0`` ranks below ``+0.0`` (the total order of
+the float bits).
+
+There is no Mosaic (TPU) variant: Mosaic lowers neither ``cumsum`` nor scatter stores, which
+the compaction needs; on TPU the fused top-k runs as ``indexer.indexer_topk`` (XLA's native
+``TopK`` inside the same tiled loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from .reference import FILL, positions
+
+Array = jax.Array
+_SIGN = -(2 ** 31)  # int32 with only the sign bit set
+_LOW31 = 2 ** 31 - 1
+_PASSES, _DIGIT = 8, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerKernelBlocks:
+    block_q: int = 32
+    block_k: int = 64
+    num_warps: int = 4
+
+
+def _ukey(sc: Array) -> Array:
+    """float32 -> int32 whose *unsigned* order is the float order."""
+    f = jax.lax.bitcast_convert_type(sc, jnp.int32)
+    signed = f ^ (jax.lax.shift_right_arithmetic(f, 31) & _LOW31)  # signed order == float order
+    return signed ^ _SIGN
+
+
+def _srl(x: Array, n: int) -> Array:
+    return jax.lax.shift_right_logical(x, jnp.int32(n))
+
+
+def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_ref, *, heads: int,
+            block_k: int, s_len: int, m: int, causal: bool):
+    bq = q_ref.shape[0]
+    q_pos = qpos_ref[...]
+    qs = [q_ref[:, h, :].astype(jnp.float32) for h in range(heads)]
+    ws = [w_ref[:, pl.ds(h, 1)].astype(jnp.float32) for h in range(heads)]
+    n_tiles = ntiles_ref[0]
+
+    def tile(jt):
+        start = jt * block_k
+        kb = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
+        sc = jnp.zeros((bq, block_k), jnp.float32)
+        for h in range(heads):
+            dots = jax.lax.dot_general(qs[h], kb, (((1,), (1,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+            sc = sc + ws[h] * jnp.maximum(dots, 0.0)
+        cols = start + jnp.arange(block_k)
+        valid = jnp.broadcast_to((cols < s_len)[None, :], (bq, block_k))
+        if causal:
+            valid = valid & (kpos_ref[pl.ds(start, block_k)][None, :] <= q_pos[:, None])
+        return sc, _ukey(sc), valid, cols
+
+    # passes: the k-th largest unsigned key of every row, 4 bits at a time
+    prefix = jnp.zeros((bq,), jnp.int32)
+    rem = jnp.zeros((bq,), jnp.int32)
+    for p in range(_PASSES):
+        shift = 32 - _DIGIT * (p + 1)
+
+        def hist_body(jt, hist, p=p, shift=shift, prefix=prefix):
+            _, u, valid, _ = tile(jt)
+            match = valid
+            if p:
+                match = match & (_srl(u ^ prefix[:, None], shift + _DIGIT) == 0)
+            digit = _srl(u, shift) & (2 ** _DIGIT - 1)
+            return tuple(hist[d] + jnp.sum((match & (digit == d)).astype(jnp.int32), axis=1)
+                         for d in range(2 ** _DIGIT))
+
+        hist = jax.lax.fori_loop(0, n_tiles, hist_body,
+                                 tuple(jnp.zeros((bq,), jnp.int32) for _ in range(2 ** _DIGIT)))
+        if p == 0:
+            total = hist[0]
+            for d in range(1, 2 ** _DIGIT):
+                total = total + hist[d]
+            rem = jnp.minimum(total, m)
+        above = jnp.zeros((bq,), jnp.int32)
+        chosen = jnp.full((bq,), -1, jnp.int32)
+        new_rem = rem
+        for d in reversed(range(2 ** _DIGIT)):
+            hit = (chosen < 0) & (above + hist[d] >= rem)
+            chosen = jnp.where(hit, d, chosen)
+            new_rem = jnp.where(hit, rem - above, new_rem)
+            above = above + hist[d]
+        prefix = prefix | jax.lax.shift_left(jnp.maximum(chosen, 0), jnp.int32(shift))
+        rem = new_rem
+    theta = prefix ^ _SIGN  # signed form: signed compares of keys ^ SIGN are unsigned compares
+
+    idx_ref[...] = jnp.full(idx_ref.shape, -1, jnp.int32)
+    val_ref[...] = jnp.full(val_ref.shape, FILL, jnp.float32)
+    rows = jnp.broadcast_to(jnp.arange(bq)[:, None], (bq, block_k))
+
+    def select_body(jt, carry):
+        taken, ties = carry
+        sc, u, valid, cols = tile(jt)
+        key = u ^ _SIGN
+        eq = valid & (key == theta[:, None])
+        eq_i = eq.astype(jnp.int32)
+        tie_rank = ties[:, None] + jnp.cumsum(eq_i, axis=1) - eq_i
+        keep = (valid & (key > theta[:, None])) | (eq & (tie_rank < rem[:, None]))
+        keep_i = keep.astype(jnp.int32)
+        pos = taken[:, None] + jnp.cumsum(keep_i, axis=1) - keep_i
+        # masked lanes get distinct dump slots past the row's m (never read): a masked store
+        # must not share an address with a kept one (interpret mode writes masked lanes back)
+        pos = jnp.where(keep, pos, m + jnp.arange(block_k)[None, :])
+        pl_triton.store(idx_ref.at[rows, pos], jnp.broadcast_to(cols[None, :], (bq, block_k)),
+                        mask=keep)
+        pl_triton.store(val_ref.at[rows, pos], sc, mask=keep)
+        return taken + keep_i.sum(axis=1), ties + eq_i.sum(axis=1)
+
+    zeros = jnp.zeros((bq,), jnp.int32)
+    jax.lax.fori_loop(0, n_tiles, select_body, (zeros, zeros))
+
+
+def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
+                        q_pos_T: Array | None = None, k_pos_S: Array | None = None,
+                        blocks: IndexerKernelBlocks = IndexerKernelBlocks(),
+                        interpret: bool | None = None) -> tuple[Array, Array]:
+    """(indices (B, T, min(top_k, S)) int32, scores): the set of ``indexer_topk_reference``,
+    in ascending key order, ``-1`` / fill in the unused slots. ``interpret`` defaults to True
+    off GPU."""
+    # a selection has no gradient: cut the tape before the kernel (which has no VJP)
+    q_BTIE, k_BSE, w_BTI = (jax.lax.stop_gradient(a) for a in (q_BTIE, k_BSE, w_BTI))
+    b, t, ni, e = q_BTIE.shape
+    s = k_BSE.shape[1]
+    m = min(top_k, s)
+    mp = pl.next_power_of_2(m + blocks.block_k)  # m slots, then the dump slots
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    bq, bk = blocks.block_q, blocks.block_k
+    qt, j = -(-t // bq), -(-s // bk)
+    tp, sp = qt * bq, j * bk
+    q_pos, k_pos = positions(t, s, q_pos_T, k_pos_S)
+    qp = jnp.pad(q_pos, (0, tp - t), mode="edge")
+    kp = jnp.pad(k_pos, (0, sp - s), constant_values=jnp.iinfo(jnp.int32).max)
+    if causal:  # key tiles up to the last one holding a key valid for some query of the tile
+        q_max = qp.reshape(qt, bq).max(axis=1)
+        hi = jnp.where(kp[None, :] <= q_max[:, None], jnp.arange(sp)[None, :] + 1, 0).max(axis=1)
+        ntiles = (-(-hi // bk)).astype(jnp.int32)
+    else:
+        ntiles = jnp.full((qt,), j, jnp.int32)
+    q = jnp.pad(q_BTIE, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+    w = jnp.pad(w_BTI, ((0, 0), (0, tp - t), (0, 0)))
+    k = jnp.pad(k_BSE, ((0, 0), (0, sp - s), (0, 0)))
+    kernel = functools.partial(_kernel, heads=ni, block_k=bk, s_len=s, m=m, causal=causal)
+    idx, vals = pl.pallas_call(
+        kernel,
+        grid=(b, qt),
+        in_specs=[
+            pl.BlockSpec((1,), lambda bi, qi: (qi,)),
+            pl.BlockSpec((bq,), lambda bi, qi: (qi,)),
+            pl.BlockSpec((sp,), lambda bi, qi: (0,)),
+            pl.BlockSpec((None, bq, ni, e), lambda bi, qi: (bi, qi, 0, 0)),
+            pl.BlockSpec((None, bq, ni), lambda bi, qi: (bi, qi, 0)),
+            pl.BlockSpec((None, sp, e), lambda bi, qi: (bi, 0, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, bq, mp), lambda bi, qi: (bi, qi, 0)),
+                   pl.BlockSpec((None, bq, mp), lambda bi, qi: (bi, qi, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, mp), jnp.int32),
+                   jax.ShapeDtypeStruct((b, tp, mp), jnp.float32)],
+        interpret=interpret,
+        compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
+        name="lightning_indexer_topk",
+    )(ntiles, qp, kp, q, w, k)
+    idx, vals = idx[:, :t, :m], vals[:, :t, :m]
+    return jax.lax.stop_gradient(idx), jax.lax.stop_gradient(vals)

@@ -1,0 +1,117 @@
+"""The pure-jnp references every token-sparse path must equal (they build (T, S) arrays).
+
+Selection semantics, shared by every path in this package:
+
+* ``indices_BTM`` (B, T, M) int32 lists, for query ``t``, the keys it reads; one selection for
+  all heads (attnhut's DSA and CSA). A row is a *set*: its entries must be distinct (a top-k
+  gives distinct indices); entries outside ``[0, S)`` (``-1`` by convention) are empty slots.
+* ``window`` (optional) adds a contiguous causal window of raw keys: query ``t`` also reads key
+  ``s`` when ``window_start <= s <= window_start + t`` and ``s > window_start + t - window``
+  (CSA's keys are ``[C compressed entries | T raw tokens]``, so ``window_start = C``). A key that
+  is both selected and in the window is read once.
+* ``sink`` (optional, one logit per query head) joins every row's softmax denominator and reads
+  no value. Softmax statistics are float32; masked logits never contribute; a row that reads
+  nothing returns zeros.
+* ``v_BSKV=None`` means keys and values are one shared tensor (CSA's MQA over one KV sequence).
+
+Lightning indexer: ``I[t, s] = sum_i w[t, i] * ReLU(q[t, i] . k[s])``; with ``causal`` the keys
+whose position is after the query's (``k_pos[s] > q_pos[t]``) are invalid. Selection: each
+row's ``min(top_k, S)`` best keys under the order (score descending, key index ascending), which
+is ``jax.lax.top_k``'s order (on equal values the lower index comes first), then invalid keys
+are dropped (set to ``-1``): attnhut's ``topk`` + ``& valid`` with ties broken deterministically.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+FILL = float(jnp.finfo(jnp.float32).min)
+
+
+def positions(t: int, s: int, q_pos_T: Array | None, k_pos_S: Array | None) -> tuple[Array, Array]:
+    """Default positions: queries ``arange(T) + S - T`` (the last query sees every key), keys
+    ``arange(S)``."""
+    q_pos = jnp.arange(t, dtype=jnp.int32) + (s - t) if q_pos_T is None else q_pos_T
+    k_pos = jnp.arange(s, dtype=jnp.int32) if k_pos_S is None else k_pos_S
+    return q_pos.astype(jnp.int32), k_pos.astype(jnp.int32)
+
+
+def window_keep(t: int, s: int, window: int | None, window_start: int = 0) -> Array:
+    """(T, S) bool: the raw-key window of each query (all False without a window)."""
+    if window is None:
+        return jnp.zeros((t, s), bool)
+    raw = jnp.arange(s)[None, :] - window_start
+    q = jnp.arange(t)[:, None]
+    return (raw >= 0) & (raw <= q) & (raw > q - window)
+
+
+def token_keep(indices_BTM: Array, s: int, *, window: int | None = None,
+               window_start: int = 0) -> Array:
+    """(B, T, S) bool: selected keys (empty slots ignored) or'ed with the window."""
+    b, t, _ = indices_BTM.shape
+    idx = jnp.where((indices_BTM >= 0) & (indices_BTM < s), indices_BTM, s)
+    hit = jnp.zeros((b, t, s + 1), bool)
+    hit = jnp.put_along_axis(hit, idx, True, axis=-1, inplace=False)[..., :s]
+    return hit | window_keep(t, s, window, window_start)[None]
+
+
+def token_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
+                                     indices_BTM: Array, *, scale: float | None = None,
+                                     sink: Array | None = None, window: int | None = None,
+                                     window_start: int = 0) -> Array:
+    """Masked dense attention with the token-sparse semantics; returns (B, T, N, V)."""
+    b, t, n, h = q_BTNH.shape
+    s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
+    v_BSKV = k_BSKH if v_BSKV is None else v_BSKV
+    g = n // kg
+    scale = h ** -0.5 if scale is None else scale
+    keep = token_keep(indices_BTM, s, window=window, window_start=window_start)
+    keep = keep[:, None, None]  # B 1 1 T S
+    q = q_BTNH.reshape(b, t, kg, g, h).astype(jnp.float32)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH.astype(jnp.float32)) * scale
+    logits = jnp.where(keep, logits, FILL)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    if sink is not None:
+        m = jnp.maximum(m, sink.reshape(1, kg, g, 1, 1).astype(jnp.float32))
+    m = jax.lax.stop_gradient(m)
+    e = jnp.where(keep, jnp.exp(logits - m), 0.0)
+    den = e.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        den = den + jnp.exp(sink.reshape(1, kg, g, 1, 1).astype(jnp.float32) - m)
+    p = e / jnp.where(den == 0, 1.0, den)
+    out = jnp.einsum("BKGTS,BSKV->BTKGV", p, v_BSKV.astype(jnp.float32))
+    return out.reshape(b, t, n, v_BSKV.shape[-1]).astype(q_BTNH.dtype)
+
+
+def indexer_scores_reference(q_BTIE: Array, k_BSE: Array, w_BTI: Array) -> Array:
+    """Lightning-indexer scores (B, T, S) in float32."""
+    f32 = jnp.float32
+    dots = jax.nn.relu(jnp.einsum("BTIE,BSE->BTIS", q_BTIE.astype(f32), k_BSE.astype(f32)))
+    return jnp.einsum("BTI,BTIS->BTS", w_BTI.astype(f32), dots)
+
+
+def indexer_valid(t: int, s: int, *, causal: bool, q_pos_T: Array | None = None,
+                  k_pos_S: Array | None = None) -> Array:
+    """(T, S) bool: keys a query may select."""
+    if not causal:
+        return jnp.ones((t, s), bool)
+    q_pos, k_pos = positions(t, s, q_pos_T, k_pos_S)
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def indexer_topk_reference(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *,
+                           causal: bool, q_pos_T: Array | None = None,
+                           k_pos_S: Array | None = None) -> tuple[Array, Array]:
+    """(indices (B, T, min(top_k, S)) int32 with -1 for invalid picks, their scores float32).
+
+    Full (T, S) scores, invalid keys at the fill value, ``jax.lax.top_k``: columns come in
+    descending score order, ties towards the lower key index.
+    """
+    t, s = q_BTIE.shape[1], k_BSE.shape[1]
+    valid = indexer_valid(t, s, causal=causal, q_pos_T=q_pos_T, k_pos_S=k_pos_S)
+    scores = jnp.where(valid, indexer_scores_reference(q_BTIE, k_BSE, w_BTI), FILL)
+    vals, idx = jax.lax.top_k(scores, min(top_k, s))
+    ok = jnp.take_along_axis(jnp.broadcast_to(valid, scores.shape), idx, axis=-1)
+    return jnp.where(ok, idx, -1).astype(jnp.int32), vals

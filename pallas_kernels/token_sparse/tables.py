@@ -1,0 +1,78 @@
+"""On-device metadata for the token-sparse kernels: selection bitmask and tile visit tables.
+
+Everything is jnp (no host round trip): the selection comes from the indexer inside the traced
+program.
+
+*Bitmask* ``bits`` (B, T, W) int32, ``W = ceil(S / 32)``: bit ``s % 32`` of word ``s // 32``
+says query ``t`` selected key ``s``. Built by one scatter-add of ``1 << (s % 32)`` per selected
+(query, key): the entries of a row are distinct, so adding powers of two is or-ing them.
+Auxiliary memory: B * T * S / 32 words (plus the tables below), e.g. 128 MiB at T = S = 32768.
+It turns "is key s in query t's set" into one word load and a shift, for a whole (query tile,
+key block) at once, which is what lets a tile share its key loads (see ``kernel.py``).
+
+*Key blocks* are ``block_k = 32 * words_per_block`` consecutive keys. A *forward table* lists,
+per (batch, query tile of ``block_q``), the key blocks that any query of the tile reads: a
+selected key, or (with a window) a key of the tile's window range; a *backward table* lists,
+per key block, the query tiles that read it. Rows are ``[count, idx_0, ..., idx_{M-1}]``,
+indices ascending, the tail padded by repeating the last valid index (a TPU pipeline then skips
+the copy), as in ``block_sparse/tables.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+WORD = 32
+
+
+def key_bitmask(indices_BTM: Array, s: int) -> Array:
+    """(B, T, ceil(S / 32)) int32 selection bitmask; entries outside [0, S) are ignored."""
+    b, t, _ = indices_BTM.shape
+    nw = -(-s // WORD)
+    idx = indices_BTM.astype(jnp.int32)
+    ok = (idx >= 0) & (idx < s)
+    word = jnp.where(ok, idx // WORD, nw)  # invalid entries land in a dropped extra word
+    bit = jnp.where(ok, jnp.left_shift(jnp.int32(1), idx % WORD), 0)
+    bits = jnp.zeros((b, t, nw + 1), jnp.int32)
+    bits = bits.at[jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None], word].add(bit)
+    return bits[..., :nw]
+
+
+def compact(visit: Array) -> Array:
+    """(..., M) bool -> (..., M + 1) int32 rows ``[count, visited indices ascending, padding]``."""
+    m = visit.shape[-1]
+    count = visit.sum(axis=-1, dtype=jnp.int32)
+    order = jnp.argsort(~visit, axis=-1, stable=True).astype(jnp.int32)  # visited first, in order
+    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+    pos = jnp.arange(m, dtype=jnp.int32)
+    order = jnp.where(pos < count[..., None], order, last)
+    return jnp.concatenate([count[..., None], order], axis=-1)
+
+
+def tile_visits(bits_BTW: Array, *, t: int, s: int, block_q: int, words_per_block: int,
+                window: int | None = None, window_start: int = 0) -> Array:
+    """(B, Qt, J) bool: does any query of tile ``i`` read a key of block ``j``."""
+    b, _, nw = bits_BTW.shape
+    bk = WORD * words_per_block
+    qt, j = -(-t // block_q), -(-s // bk)
+    bits = jnp.pad(bits_BTW, ((0, 0), (0, qt * block_q - t), (0, j * words_per_block - nw)))
+    visit = (bits != 0).reshape(b, qt, block_q, j, words_per_block).any(axis=(2, 4))
+    if window is not None:
+        lo_q = jnp.arange(qt) * block_q
+        hi_q = jnp.minimum(lo_q + block_q, t) - 1
+        lo = window_start + jnp.maximum(lo_q - window + 1, 0)
+        hi = jnp.minimum(window_start + hi_q, s - 1)
+        blk = jnp.arange(j)[None, :]
+        win = (blk >= (lo // bk)[:, None]) & (blk <= (hi // bk)[:, None]) & (lo <= hi)[:, None]
+        visit = visit | win[None]
+    return visit
+
+
+def build_tables(bits_BTW: Array, *, t: int, s: int, block_q: int, words_per_block: int,
+                 window: int | None = None, window_start: int = 0) -> tuple[Array, Array]:
+    """(forward table (B, Qt, J + 1), backward table (B, J, Qt + 1)), int32."""
+    visit = tile_visits(bits_BTW, t=t, s=s, block_q=block_q, words_per_block=words_per_block,
+                        window=window, window_start=window_start)
+    return compact(visit), compact(jnp.swapaxes(visit, -1, -2))

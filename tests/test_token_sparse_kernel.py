@@ -1,0 +1,313 @@
+"""Token-sparse attention (Pallas GPU and TPU kernels in interpret mode, XLA path) equals the
+jnp reference in outputs and gradients; the fused indexer top-k equals ``lax.top_k`` on the full
+scores, ties included; every kernel lowers for its accelerator with ``jax.export``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels.token_sparse import (
+    IndexerBlocks,
+    indexer_topk,
+    indexer_topk_reference,
+    token_sparse_attention_reference,
+    token_sparse_attention_xla,
+)
+from pallas_kernels.token_sparse.indexer_kernel import IndexerKernelBlocks, indexer_topk_pallas
+from pallas_kernels.token_sparse.kernel import BlockSizes, token_sparse_attention
+from pallas_kernels.token_sparse.kernel_tpu import TpuBlockSizes, token_sparse_attention_tpu
+from pallas_kernels.token_sparse.tables import build_tables, key_bitmask, tile_visits
+
+# per-dtype tolerances: (output atol, gradient atol), relative to unit-scale inputs
+TOL = {jnp.float32: (2e-5, 5e-5), jnp.bfloat16: (3e-2, 6e-2)}
+
+IMPLS = {
+    "pallas": lambda *a, **kw: token_sparse_attention(*a, block_sizes=BlockSizes(8, 1), **kw),
+    # two key prefixes, and a prefix only while it is at most 4 * M keys: tiles whose
+    # selections reach past it take the row-gather branch, so one run covers both branches
+    "xla": lambda *a, **kw: token_sparse_attention_xla(*a, block_q=8, num_ranges=2, min_range=1,
+                                                       dense_factor=4, **kw),
+}
+
+
+def _selection(key, b, t, s, m, p_empty=0.2, causal=False):
+    """(B, T, M) distinct indices per row (a random subset of the allowed keys), some -1."""
+    k1, k2 = jax.random.split(key)
+    scores = jax.random.uniform(k1, (b, t, s))
+    if causal:
+        scores = jnp.where(jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t), scores, -1)
+    vals, idx = jax.lax.top_k(scores, min(m, s))
+    idx = jnp.where((vals < 0) | jax.random.bernoulli(k2, p_empty, idx.shape), -1, idx)
+    return idx.astype(jnp.int32)
+
+
+def _inputs(b, t, s, n, kg, h, m, seed, dtype=jnp.float32, shared=False, causal=False,
+            p_empty=0.2):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    q = jax.random.normal(ks[0], (b, t, n, h), dtype)
+    k = jax.random.normal(ks[1], (b, s, kg, h), dtype)
+    v = None if shared else jax.random.normal(ks[2], (b, s, kg, h + 2), dtype)
+    idx = _selection(ks[3], b, t, s, m, p_empty, causal)
+    sink = jax.random.normal(ks[4], (n,))
+    g = jax.random.normal(ks[5], (b, t, n, h if shared else h + 2), dtype)
+    return q, k, v, idx, sink, g
+
+
+def _run(fn, q, k, v, idx, sink, g, **kw):
+    """Output and gradients (q, k, v, sink where given) of <out, g>, in one jit."""
+    def loss(q, k, v, sk):
+        out = fn(q, k, v, idx, sink=sk, **kw)
+        return (out.astype(jnp.float32) * g.astype(jnp.float32)).sum(), out
+
+    argnums = tuple(i for i, a in enumerate((q, k, v, sink)) if a is not None)
+    grad = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
+    (_, out), grads = grad(q, k, v, sink)
+    return out, grads
+
+
+def _check(b, t, s, n, kg, h, m, seed, *, dtype=jnp.float32, shared=False, sink=True,
+           impls=tuple(IMPLS), causal=False, p_empty=0.2, **rules):
+    q, k, v, idx, sk, g = _inputs(b, t, s, n, kg, h, m, seed, dtype, shared, causal, p_empty)
+    sk = sk if sink else None
+    ref_out, ref_grads = _run(token_sparse_attention_reference, q, k, v, idx, sk, g, **rules)
+    atol, gtol = TOL[dtype]
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    for name in impls:
+        fn = IMPLS[name] if isinstance(name, str) else name
+        out, grads = _run(fn, q, k, v, idx, sk, g, **rules)
+        np.testing.assert_allclose(f32(out), f32(ref_out), atol=atol, rtol=atol, err_msg=str(name))
+        for a, r in zip(grads, ref_grads, strict=True):
+            scale = max(1.0, float(np.abs(f32(r)).max()))
+            np.testing.assert_allclose(f32(a), f32(r), atol=gtol * scale, err_msg=str(name))
+    return ref_out
+
+
+def test_gqa_sink_padding_and_an_empty_row():
+    # T = 37 is not a multiple of the 8-query tile or of the key blocks; a row reads nothing
+    q, k, v, idx, sk, g = _inputs(2, 37, 37, 4, 2, 8, 5, 0)
+    idx = idx.at[:, 3].set(-1)
+    for fn in IMPLS.values():
+        out = jax.jit(lambda q, k, v, idx, fn=fn: fn(q, k, v, idx))(q, k, v, idx)
+        assert np.all(np.asarray(out)[:, 3] == 0.0)
+    _check(2, 37, 37, 4, 2, 8, 5, 0)
+
+
+def test_top_k_at_least_t_and_top_k_one():
+    _check(1, 13, 13, 4, 1, 8, 40, 2, causal=False, p_empty=0.0)  # M > S: every key (bidir)
+    _check(1, 19, 19, 2, 2, 8, 1, 3, causal=True, sink=False)
+
+
+def test_csa_layout_window_longer_than_sequence_and_empty_prefix():
+    # keys = [C compressed entries | T raw tokens], values are the keys, a window on the raw part
+    c, t = 5, 21
+    rules = dict(window=4, window_start=c)
+    _check(1, t, c + t, 4, 1, 8, 3, 4, shared=True, **rules)
+    # window >= T, and no compressed entry selected at all (as before the first is visible)
+    _check(1, 7, 1 + 7, 2, 1, 8, 1, 6, shared=True, p_empty=1.0, window=100, window_start=1)
+
+
+def test_selected_keys_inside_the_window_are_read_once():
+    c, t = 0, 12
+    q, k, v, _, sk, g = _inputs(1, t, c + t, 2, 1, 8, 3, 7, shared=True)
+    idx = jnp.broadcast_to(jnp.maximum(jnp.arange(t)[:, None] - jnp.arange(3)[None, :], -1),
+                           (1, t, 3)).astype(jnp.int32)  # the 3 latest keys: all in the window
+    ref = token_sparse_attention_reference(q, k, None, idx, sink=sk, window=4)
+    win_only = token_sparse_attention_reference(q, k, None, jnp.full_like(idx, -1), sink=sk,
+                                                window=4)
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(win_only), atol=1e-6)
+    for fn in IMPLS.values():
+        out = jax.jit(lambda q, k, sk, fn=fn: fn(q, k, None, idx, sink=sk, window=4))(q, k, sk)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+
+
+def test_bfloat16():
+    _check(1, 24, 24, 4, 2, 16, 6, 8, dtype=jnp.bfloat16)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(t=st.integers(1, 40), m_rel=st.sampled_from([1, 3, "T", "T+5"]),
+       kv_ratio=st.sampled_from([1, 2, 4]), causal=st.booleans(),
+       window=st.sampled_from([None, 1, 5, 64]), seed=st.integers(0, 99))
+def test_kernels_match_reference_hypothesis(t, m_rel, kv_ratio, causal, window, seed):
+    m = {"T": t, "T+5": t + 5}.get(m_rel, m_rel)
+    if window is None:
+        _check(1, t, t, 4, 4 // kv_ratio, 8, m, seed, causal=causal)
+    else:  # CSA layout: 3 entries before the raw tokens, shared K/V, one kv head
+        _check(1, t, 3 + t, 4, 1, 8, min(m, 3), seed, shared=True, window=window, window_start=3)
+
+
+def test_tpu_kernel_interpret_matches_reference():
+    """The Mosaic kernel under ``pltpu.InterpretParams`` (TPU semantics simulated on CPU)."""
+    tpu = lambda *a, **kw: token_sparse_attention_tpu(  # noqa: E731
+        *a, block_sizes=TpuBlockSizes(16, 1), **kw)
+    # GQA, separate V, sink, a window after 4 leading keys, T not a multiple of the tile
+    _check(1, 19, 4 + 19, 4, 2, 8, 3, 9, window=5, window_start=4, impls=(tpu,))
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def test_bitmask_and_tables_list_exactly_the_read_blocks():
+    b, t, s, m, bq, wpb = 2, 21, 150, 7, 8, 1
+    idx = _selection(jax.random.key(0), b, t, s, m)
+    bits = np.asarray(key_bitmask(idx, s))
+    assert bits.shape == (b, t, 5)
+    dense = np.zeros((b, t, s), bool)
+    for bi, ti, mi in np.ndindex(*idx.shape):
+        if idx[bi, ti, mi] >= 0:
+            dense[bi, ti, idx[bi, ti, mi]] = True
+    unpacked = ((bits[..., None] >> np.arange(32)) & 1).astype(bool).reshape(b, t, -1)[..., :s]
+    np.testing.assert_array_equal(unpacked, dense)
+    window, start = 3, 100
+    visit = np.asarray(tile_visits(jnp.asarray(bits), t=t, s=s, block_q=bq, words_per_block=wpb,
+                                   window=window, window_start=start))
+    raw = np.arange(s)[None, :] - start
+    win = (raw >= 0) & (raw <= np.arange(t)[:, None]) & (raw > np.arange(t)[:, None] - window)
+    read = np.pad(dense | win[None], ((0, 0), (0, 3), (0, 10))).reshape(b, 3, bq, 5, 32)
+    np.testing.assert_array_equal(visit, read.any(axis=(2, 4)))
+    fwd, bwd = (np.asarray(a) for a in build_tables(jnp.asarray(bits), t=t, s=s, block_q=bq,
+                                                   words_per_block=wpb, window=window,
+                                                   window_start=start))
+    for bi, qi in np.ndindex(b, 3):
+        count, row = fwd[bi, qi, 0], fwd[bi, qi, 1:]
+        np.testing.assert_array_equal(row[:count], np.flatnonzero(visit[bi, qi]))
+    for bi, ji in np.ndindex(b, 5):
+        count, row = bwd[bi, ji, 0], bwd[bi, ji, 1:]
+        np.testing.assert_array_equal(row[:count], np.flatnonzero(visit[bi, :, ji]))
+
+
+def test_selection_shape_is_checked():
+    q = jnp.zeros((1, 8, 2, 4))
+    with pytest.raises(ValueError, match=r"indices must have shape \(B, T, M\)"):
+        token_sparse_attention(q, jnp.zeros((1, 8, 1, 4)), None, jnp.zeros((1, 7, 2), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- fused top-k
+
+
+def _int_indexer(seed, b, t, s, ni, e, lo=-2, hi=3):
+    """Integer-valued operands: every score is an exact small integer, so any summation order
+    gives the same bits, ReLU zeros and repeated values make many exact ties."""
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.randint(ks[0], (b, t, ni, e), lo, hi).astype(jnp.float32)
+    k = jax.random.randint(ks[1], (b, s, e), lo, hi).astype(jnp.float32)
+    w = jax.random.randint(ks[2], (b, t, ni), lo, hi).astype(jnp.float32)
+    return q, k, w
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_topk_equals_lax_top_k_on_full_scores_with_ties(causal):
+    q, k, w = _int_indexer(0, 2, 45, 45, 3, 4)
+    blocks = IndexerBlocks(block_q=8, block_k=16, num_ranges=3, min_range=1)  # tiles, prefixes
+    for top_k in (1, 5, 45, 100):
+        ref_i, ref_v = indexer_topk_reference(q, k, w, top_k, causal=causal)
+        got_i, got_v = indexer_topk(q, k, w, top_k, causal=causal, blocks=blocks)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(ref_i), err_msg=str(top_k))
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(ref_v))
+    # the k-th score is really tied in many rows, so the tie rule decides
+    s = np.asarray(jax.jit(lambda: indexer_topk_reference(q, k, w, 45, causal=causal)[1])())
+    assert (s[..., 4:5] == s[..., 5:6]).mean() > 0.3
+
+
+def test_fused_topk_tie_rule_lower_index_first_and_invalid_picks():
+    # one query head, one key width: scores = w * relu(q * k); keys 1..4 tie at 2, key 0 wins
+    k = jnp.asarray([[[3.0], [2.0], [2.0], [2.0], [2.0], [-1.0]]])
+    q = jnp.ones((1, 6, 1, 1))
+    w = jnp.ones((1, 6, 1))
+    idx, vals = indexer_topk(q, k, w, 3, causal=True, blocks=IndexerBlocks(2, 2, 2, 1))
+    np.testing.assert_array_equal(np.asarray(idx)[0], [[0, -1, -1], [0, 1, -1], [0, 1, 2],
+                                                       [0, 1, 2], [0, 1, 2], [0, 1, 2]])
+    fill = np.finfo(np.float32).min
+    np.testing.assert_array_equal(np.asarray(vals)[0, 0], [3.0, fill, fill])
+
+
+def test_fused_topk_with_compressed_entry_positions():
+    # CSA: entry c is at position (c + 1) * rate and valid for query t once that is <= t
+    q, k, w = _int_indexer(1, 1, 30, 8, 2, 4)
+    rate = 4
+    kw = dict(causal=True, q_pos_T=jnp.arange(30), k_pos_S=(jnp.arange(8) + 1) * rate)
+    ref_i, _ = indexer_topk_reference(q, k, w, 3, **kw)
+    got_i, _ = indexer_topk(q, k, w, 3, blocks=IndexerBlocks(8, 4, 2, 1), **kw)
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(ref_i))
+    assert np.all(np.asarray(ref_i)[0, :rate] == -1)  # nothing visible yet: the empty prefix
+
+
+def test_pallas_indexer_kernel_selects_the_same_sets():
+    """Radix-select kernel (interpret mode): the set of ``lax.top_k`` (in key order)."""
+    q, k, w = _int_indexer(2, 1, 37, 37, 3, 4)
+    blocks = IndexerKernelBlocks(block_q=8, block_k=16)
+    # causal: early rows have fewer valid keys than top_k; many rows tie at the k-th score
+    ref_i, ref_v = indexer_topk_reference(q, k, w, 5, causal=True)
+    got_i, got_v = jax.jit(lambda q, k, w: indexer_topk_pallas(q, k, w, 5, causal=True,
+                                                               blocks=blocks))(q, k, w)
+    np.testing.assert_array_equal(np.sort(np.asarray(got_i), -1), np.sort(np.asarray(ref_i), -1))
+    np.testing.assert_array_equal(np.sort(np.asarray(got_v), -1), np.sort(np.asarray(ref_v), -1))
+    ok = np.asarray(got_i) >= 0
+    assert np.all(np.diff(np.where(ok, np.asarray(got_i), 10 ** 6), axis=-1) >= 0)  # key order
+    s = np.asarray(ref_v)
+    assert (s[..., 4] == s[..., 3]).mean() > 0.3  # the tie rule is exercised
+
+
+# ----------------------------------------------------------------------------- lowering
+
+
+def test_kernels_lower_for_cuda_with_jax_export():
+    """Attention forward/backward and the indexer top-k lower through Pallas' Triton path.
+
+    The Triton custom call carries no serialization guarantee, so that one check is disabled.
+    The CSA shape (S = C + T, not a power of two; shared K/V; window; sink) is included.
+    """
+    from jax import export
+
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    sds = jax.ShapeDtypeStruct
+    for s, kg, shared, window in ((256, 2, False, None), (320, 1, True, 64)):
+        q, k = sds((1, 256, 4, 64), jnp.bfloat16), sds((1, s, kg, 64), jnp.bfloat16)
+        idx, sink = sds((1, 256, 32), jnp.int32), sds((4,), jnp.float32)
+
+        def fwd(q, k, v, idx, sink, shared=shared, window=window, s=s):
+            return token_sparse_attention(q, k, None if shared else v, idx, sink=sink,
+                                          window=window, window_start=s - 256, interpret=False)
+
+        def fwd_bwd(q, k, v, idx, sink, fwd=fwd):
+            return jax.grad(lambda *a: fwd(*a[:3], idx, a[3]).astype(jnp.float32).sum(),
+                            argnums=(0, 1, 2, 3))(q, k, v, sink)
+
+        for fn, calls in ((fwd, 1), (fwd_bwd, 3)):
+            text = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(
+                q, k, k, idx, sink).mlir_module()
+            assert text.count("xla.gpu.triton") == calls
+    qi, ki, wi = sds((1, 256, 4, 64), jnp.bfloat16), sds((1, 256, 64), jnp.bfloat16), sds(
+        (1, 256, 4), jnp.bfloat16)
+    text = export.export(jax.jit(lambda *a: indexer_topk_pallas(*a, 64, causal=True,
+                                                                interpret=False)),
+                         platforms=["cuda"], disabled_checks=checks)(qi, ki, wi).mlir_module()
+    assert text.count("xla.gpu.triton") == 1
+
+
+def test_tpu_kernels_lower_with_jax_export():
+    """Forward and both backward kernels lower to Mosaic custom calls for TPU."""
+    from jax import export
+
+    sds = jax.ShapeDtypeStruct
+    for s, kg, shared, window in ((256, 2, False, None), (320, 1, True, 64)):
+        q, k = sds((1, 256, 4, 128), jnp.bfloat16), sds((1, s, kg, 128), jnp.bfloat16)
+        idx, sink = sds((1, 256, 32), jnp.int32), sds((4,), jnp.float32)
+
+        def fwd(q, k, v, idx, sink, shared=shared, window=window, s=s):
+            return token_sparse_attention_tpu(q, k, None if shared else v, idx, sink=sink,
+                                              window=window, window_start=s - 256,
+                                              interpret=False)
+
+        def fwd_bwd(q, k, v, idx, sink, fwd=fwd):
+            return jax.grad(lambda *a: fwd(*a[:3], idx, a[3]).astype(jnp.float32).sum(),
+                            argnums=(0, 1, 2, 3))(q, k, v, sink)
+
+        for fn, calls in ((fwd, 1), (fwd_bwd, 3)):
+            text = export.export(jax.jit(fn), platforms=["tpu"])(q, k, k, idx, sink).mlir_module()
+            assert text.count("tpu_custom_call") == calls
