@@ -88,10 +88,11 @@ def main() -> None:
             else:
                 with torch.no_grad():
                     xt = torch.from_numpy(x)
-                    torch_ms = best_ms(lambda xt=xt: tm(xt), args.reps)
+                    torch_ms = best_ms(lambda xt=xt, tm=tm: tm(xt), args.reps)
                 torch_cell = f"{torch_ms:9.0f}"
             xj = jnp.asarray(x)
-            ms = best_ms(lambda xj=xj: jax.block_until_ready(f(variables, xj)), args.reps)
+            ms = best_ms(lambda xj=xj, f=f, v=variables: jax.block_until_ready(f(v, xj)),
+                         args.reps)
             times[name, t] = ms
             speed = (f"{torch_ms / ms:7.1f}x" if torch_cell.strip() not in ("-", "skip")
                      else f"{'':>8}")

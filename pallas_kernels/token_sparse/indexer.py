@@ -42,7 +42,7 @@ class IndexerBlocks:
 
     block_q: int = 64
     block_k: int = 8192
-    num_ranges: int = 8
+    num_ranges: int = 16
     min_range: int = 512  # shorter key sequences get one prefix (fewer branches to compile)
 
 

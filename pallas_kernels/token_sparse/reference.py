@@ -1,5 +1,8 @@
 """The pure-jnp references every token-sparse path must equal (they build (T, S) arrays).
 
+Dimension key (``attnhut_jax.core``'s, plus): M selected keys per query, I indexer heads,
+E indexer width, W bitmask words (``ceil(S / 32)``).
+
 Selection semantics, shared by every path in this package:
 
 * ``indices_BTM`` (B, T, M) int32 lists, for query ``t``, the keys it reads; one selection for

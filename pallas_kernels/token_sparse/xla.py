@@ -52,7 +52,7 @@ def _prefix_ranges(s: int, m: int, num_ranges: int, dense_factor: int,
 def token_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
                                indices_BTM: Array, *, scale: float | None = None,
                                sink: Array | None = None, window: int | None = None,
-                               window_start: int = 0, block_q: int = 64, num_ranges: int = 8,
+                               window_start: int = 0, block_q: int = 128, num_ranges: int = 8,
                                dense_factor: int = 64, min_range: int = 512) -> Array:
     """Equals ``token_sparse_attention_reference`` (see ``reference.py`` for the semantics)."""
     b, t, n, h = q_BTNH.shape
