@@ -18,7 +18,8 @@ So a key shared by the queries of a tile costs one load instead of one per query
 matmuls run on (block_q x block_k) tiles instead of per-query vectors; the price is the dead
 lanes of visited blocks (keys of a visited block that a query did not select are masked).
 Auxiliary memory: the bitmask (B * T * S / 32 words) plus O(B * T * S / (block_q * block_k))
-for the tables; the logsumexp (B, N, T) is the only forward residual besides the output.
+for the tables; the backward keeps only the output and its logsumexp (B, N, T) besides the
+inputs, the bitmask and the tables.
 
 Layout: operands head-major (B, N, T, H); grid (B, K, query tiles) for forward and dq, (B, K,
 key blocks) for dk/dv; a data-dependent trip count over the table row, so only visited blocks
