@@ -48,7 +48,7 @@ class LightningIndexer(nn.Module):
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
         self.wq = core.Linear(self.num_heads * self.head_dim, axes=("embed", "index"), **kw)
         self.wk = core.Linear(self.head_dim, axes=("embed", "index"), **kw)
-        self.ww = core.Linear(self.num_heads, axes=("embed", None), **kw)
+        self.ww = core.Linear(self.num_heads, axes=("embed", "index_heads"), **kw)
 
     def project(self, x: Array) -> tuple[Array, Array, Array]:
         """The indexer's queries (B, T, I, H), shared key (B, S, H) and gates (B, T, I)."""

@@ -38,7 +38,9 @@ def test_impls_agree_on_outputs_and_gradients(name):
         return lambda p, x: (m.apply({"params": p}, x) ** 2).sum()
 
     (l_ref, g_ref) = jax.value_and_grad(loss(ref_m), argnums=(0, 1))(params, x)
-    for impl in ("pallas", "xla"):
+    # the kernel in interpret mode on the four mechanisms; their variants on the XLA path (the
+    # kernel-level tests cover every rule for both)
+    for impl in ("pallas", "xla") if name in ("msa", "bigbird", "delta", "hca") else ("xla",):
         m = MODULES[name](impl)
         (l_imp, g_imp) = jax.jit(jax.value_and_grad(loss(m), argnums=(0, 1)))(params, x)
         np.testing.assert_allclose(float(l_imp), float(l_ref), rtol=1e-5, err_msg=impl)
