@@ -42,16 +42,25 @@ def block_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array
                                      window: int | None = None,
                                      num_sink_keys: int = 0) -> Array:
     """Masked dense attention with the block-sparse semantics; returns (B, T, N, V)."""
-    b, t, n, h = q_BTNH.shape
-    s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
-    g = n // kg
+    h, s = q_BTNH.shape[-1], k_BSKH.shape[1]
     scale = h ** -0.5 if scale is None else scale
     keep = token_keep(block_keep_BKTJ, s, block_k, causal=causal, key_valid_BS=key_valid_BS,
                       q_pos_T=q_pos_T, k_pos_S=k_pos_S, window=window,
                       num_sink_keys=num_sink_keys)
+    return masked_attention_reference(q_BTNH, k_BSKH, v_BSKV, keep[:, :, None], scale=scale,
+                                      sink=sink)
+
+
+def masked_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, keep: Array, *,
+                               scale: float, sink: Array | None = None) -> Array:
+    """The dense softmax every sparse reference reduces to: ``keep`` broadcastable to
+    (B, K, G, T, S); masked logits never contribute, empty rows give zeros, an optional per-head
+    ``sink`` logit joins the denominator; float32 statistics. Returns (B, T, N, V)."""
+    b, t, n, h = q_BTNH.shape
+    kg = k_BSKH.shape[2]
+    g = n // kg
     q = q_BTNH.reshape(b, t, kg, g, h).astype(jnp.float32)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH.astype(jnp.float32)) * scale
-    keep = keep[:, :, None]
     logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
     m = jnp.max(logits, axis=-1, keepdims=True)
     if sink is not None:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..block_sparse.reference import masked_attention_reference
+
 Array = jax.Array
 FILL = float(jnp.finfo(jnp.float32).min)
 
@@ -65,27 +67,12 @@ def token_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array
                                      sink: Array | None = None, window: int | None = None,
                                      window_start: int = 0) -> Array:
     """Masked dense attention with the token-sparse semantics; returns (B, T, N, V)."""
-    b, t, n, h = q_BTNH.shape
-    s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
+    h, s = q_BTNH.shape[-1], k_BSKH.shape[1]
     v_BSKV = k_BSKH if v_BSKV is None else v_BSKV
-    g = n // kg
     scale = h ** -0.5 if scale is None else scale
     keep = token_keep(indices_BTM, s, window=window, window_start=window_start)
-    keep = keep[:, None, None]  # B 1 1 T S
-    q = q_BTNH.reshape(b, t, kg, g, h).astype(jnp.float32)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH.astype(jnp.float32)) * scale
-    logits = jnp.where(keep, logits, FILL)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    if sink is not None:
-        m = jnp.maximum(m, sink.reshape(1, kg, g, 1, 1).astype(jnp.float32))
-    m = jax.lax.stop_gradient(m)
-    e = jnp.where(keep, jnp.exp(logits - m), 0.0)
-    den = e.sum(axis=-1, keepdims=True)
-    if sink is not None:
-        den = den + jnp.exp(sink.reshape(1, kg, g, 1, 1).astype(jnp.float32) - m)
-    p = e / jnp.where(den == 0, 1.0, den)
-    out = jnp.einsum("BKGTS,BSKV->BTKGV", p, v_BSKV.astype(jnp.float32))
-    return out.reshape(b, t, n, v_BSKV.shape[-1]).astype(q_BTNH.dtype)
+    return masked_attention_reference(q_BTNH, k_BSKH, v_BSKV, keep[:, None, None], scale=scale,
+                                      sink=sink)
 
 
 def indexer_scores_reference(q_BTIE: Array, k_BSE: Array, w_BTI: Array) -> Array:
