@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_sparse import block_sparse_attention, build_tables
+from pallas_kernels.block_sparse import BlockSizes, block_sparse_attention, build_tables
 
 
 def selection(pattern: str, t: int, bk: int, frac: float, seed: int = 0) -> np.ndarray:
@@ -64,6 +64,11 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--fraction", type=float, default=1 / 16)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--block-q", type=int, default=BlockSizes().block_q)
+    ap.add_argument("--num-warps", type=int, default=BlockSizes().num_warps)
+    ap.add_argument("--num-stages", type=int, default=BlockSizes().num_stages)
+    ap.add_argument("--patterns", nargs="+", default=["local", "random"])
+    ap.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"])
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes; dense attention via XLA")
     args = ap.parse_args()
     if args.dry_run:
@@ -76,25 +81,34 @@ def main() -> None:
     print(f"{'pattern':<8} {'T':>6} {'pass':<8} {'kernel':>9} {'cudnn':>9} {'speedup':>8} "
           f"{'kernel TF/s':>12} {'cudnn TF/s':>11}")
     n, h, bk = args.heads, args.head_dim, args.block
+    bs = BlockSizes(args.block_q, args.num_warps, args.num_stages)
+    print(f"kernel {bs}")
     for t in args.lengths:
         ks = jax.random.split(jax.random.key(0), 3)
         q, k, v = (jax.random.normal(kk, (1, t, n, h), jnp.bfloat16) for kk in ks)
-        for pattern in ("local", "random"):
+        for pattern in args.patterns:
             keep = jnp.asarray(selection(pattern, t, bk, args.fraction))[None, None]
             keep = jnp.broadcast_to(keep, (1, n, t, t // bk))
-            fwd_table, _ = build_tables(keep, block_q=64, block_k=bk, causal=True)
+            tables = jax.jit(lambda keep: build_tables(keep, block_q=bs.block_q, block_k=bk,
+                                                       causal=True))
+            fwd_table, _ = tables(keep)
             visited = int(np.asarray(fwd_table[..., 0]).sum())  # (query tile, key block) pairs
-            sparse_flops = 4 * 64 * bk * h * visited
+            sparse_flops = 4 * bs.block_q * bk * h * visited
+            tables_ms = _median_ms(lambda f=tables, a=keep: f(a), args.reps)
+            print(f"  tables alone: {tables_ms:.2f} ms")
             dense_flops = 4 * t * t * h * n / 2
 
             def sparse(q, k, v, keep=keep):
-                return block_sparse_attention(q, k, v, keep, block_k=bk, causal=True)
+                return block_sparse_attention(q, k, v, keep, block_k=bk, causal=True,
+                                              block_sizes=bs)
 
             def dense(q, k, v):
                 return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                    implementation=dense_impl)
 
             for name, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+                if name not in args.passes:
+                    continue
                 row = []
                 for fn in (sparse, dense):
                     if name == "fwd":

@@ -1,18 +1,23 @@
-"""Block-sparse flash attention in Pallas (GPU-style grid; interpret mode on CPU).
+"""Block-sparse flash attention in Pallas (Triton on GPU; interpret mode on CPU).
 
-Forward and fused backward (dq; dk/dv) with online softmax in float32, per-token membership
-inside visited blocks, causal masking inside partially visible blocks, key validity, GQA (all
-query heads of a kv group share each K/V block load) and an optional per-head sink logit.
-Exactness for any selection is tested against ``reference.block_sparse_attention_reference`` in
-interpret mode, and the three kernels are lowered for CUDA with ``jax.export`` in the tests. The
-TPU variant is ``tpu.py``; the XLA path for CPU is ``xla.py``; all three share the masking rule,
-the tables and the ``custom_vjp`` defined here. Not measured on a real GPU yet (no device was
-lent to this work), so block sizes, warps and stages are untuned defaults.
+Forward and fused backward (dq; dk/dv) with online softmax in float32 (the tile loops of
+``pallas_kernels/flash.py``), per-token membership inside visited blocks, causal masking inside
+partially visible blocks, key validity, GQA and an optional per-head sink logit. Exactness for
+any selection is tested against ``reference.block_sparse_attention_reference`` in interpret
+mode, the three kernels are lowered for CUDA with ``jax.export`` in the tests, and
+``benchmarks/gpu_check.py`` compares them compiled on a GPU. The TPU variant is ``tpu.py``;
+the XLA path for CPU is ``xla.py``; all three share the masking rule, the tables and the
+``custom_vjp`` defined here.
 
 Layout: operands are transposed to head-major (B, N, T, H) so that a kernel instance reads
-contiguous (tokens, width) tiles. Grid (B, K, query tiles) for the forward and dq passes, (B, K,
-key blocks) for dk/dv; each instance walks its row of the block table (``tables.py``): a dynamic
-trip count, so only selected blocks are read.
+contiguous (tokens, width) tiles, widths zero-padded to a power of two (``pad_lanes``). Grid
+(B, N, query tiles) for the forward and dq passes, (B, N, key blocks) for dk/dv, one query head
+per instance: query head ``n`` reads the K/V, tables and selection of kv group ``n // G``
+through the index maps. (An instance holding all G heads of a group would load each K/V block
+once, but its G accumulators overflow the H100's 227 KiB of shared memory at head width 128;
+the repeated loads hit L2.) dK/dV are accumulated per query head and summed over the group.
+Each instance walks its row of the block table (``tables.py``): a dynamic trip count, so only
+selected blocks are read.
 """
 
 from __future__ import annotations
@@ -25,32 +30,26 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from ..flash import dkv_tile, dq_tile, forward_tile
 from .tables import build_tables
 
 Array = jax.Array
-_MIN = float(jnp.finfo(jnp.float32).min)
-_BIG = float(jnp.finfo(jnp.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Query tile size; the key block size is the selection's granularity (``block_k``)."""
+    """Query tile size (the key block size is the selection's granularity, ``block_k``) and,
+    for Triton, warps per instance and software-pipelining stages.
+
+    Measured on an H100 (bf16, 16 x 128 heads, T = 32768, key blocks of 128, 1/16 selected;
+    ``benchmarks/gpu_session.sh sweep``, docs/gpu.md): the defaults run forward and backward;
+    ``BlockSizes(128, 8, 3)`` makes the forward 1.6x faster (3.45 against 5.65 ms) but its
+    backward kernels ask for 257 KiB of shared memory (the H100 has 227), so it suits
+    inference only."""
 
     block_q: int = 64
-
-
-def _dot_t(a: Array, b: Array) -> Array:
-    """a @ b.T in float32."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a: Array, b: Array) -> Array:
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _tn_dot(a: Array, b: Array) -> Array:
-    """a.T @ b in float32."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    num_warps: int = 4
+    num_stages: int = 2
 
 
 def _row(x):
@@ -76,119 +75,71 @@ def token_mask(keep_col, valid_row, q_pos, k_pos, k_idx, *, s_len: int, causal: 
     return m
 
 
+def lane_width(w: int) -> int:
+    """Width a Triton tile needs: a power of two (its tensors' sizes must be) and at least 16
+    (the matrix units' smallest K and N)."""
+    return max(16, 1 << (w - 1).bit_length())
+
+
+def pad_lanes(x: Array | None) -> Array | None:
+    """Zero-pad the last axis to ``lane_width``: zero query/key columns leave every logit
+    unchanged and zero value columns give zero outputs, which the callers slice off."""
+    if x is None or x.shape[-1] == lane_width(x.shape[-1]):
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, lane_width(x.shape[-1]) - x.shape[-1])])
+
+
 def sink_grad(sink_N: Array, lse_BNT: Array, delta_BNT: Array, t: int) -> Array:
     """d/d sink of a denominator-only logit: ``-sum_t p_sink(t) * delta(t)`` over real rows."""
     p_sink = jnp.exp(sink_N.astype(jnp.float32)[None, :, None] - lse_BNT)[:, :, :t]
     return -(p_sink * delta_BNT[:, :, :t]).sum(axis=(0, 2)).astype(sink_N.dtype)
 
 
-# ----------------------------------------------------------------------------- forward
+
+# ----------------------------------------------------------------------------- kernels
+# One instance per (batch, query head, tile); K/V, the tables and the selection of query head
+# ``n`` are those of its kv group ``n // G`` (index maps below), so GQA costs no copies.
+
+
+def _mask_fn(keep_ref, valid_ref, k_pos_ref, q_pos, *, block_k: int, rules: dict):
+    """mask_fn for the forward and dq loops: membership of key block ``j`` for this tile."""
+
+    def mask(j, start):
+        return token_mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos,
+                          k_pos_ref[pl.ds(start, block_k)], start + jnp.arange(block_k), **rules)
+
+    return mask
 
 
 def _fwd_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, sink_ref, q_ref, k_ref, v_ref,
-                o_ref, lse_ref, *, scale: float, has_sink: bool, block_k: int, groups: int,
-                **rules):
-    q_pos = qpos_ref[...]
-    block_q = q_pos.shape[0]
-    qs = [q_ref[g].astype(jnp.float32) * scale for g in range(groups)]
-    vw = v_ref.shape[-1]
-    init = tuple((jnp.zeros((block_q, vw), jnp.float32), jnp.full((block_q,), _MIN, jnp.float32),
-                  jnp.zeros((block_q,), jnp.float32)) for _ in range(groups))
-
-    def body(idx, carry):
-        j = table_ref[idx + 1]
-        start = j * block_k
-        k_idx = start + jnp.arange(block_k)
-        kb = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
-        vb = v_ref[pl.ds(start, block_k), :]
-        mask = token_mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos,
-                     kpos_ref[pl.ds(start, block_k)], k_idx, **rules)
-        out = []
-        for g in range(groups):  # every head of the group reuses the K/V block just loaded
-            acc, m, l = carry[g]
-            s = jnp.where(mask, _dot_t(qs[g], kb), _MIN)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            corr = jnp.exp(m - m_new)
-            p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-            l = l * corr + p.sum(axis=-1)
-            acc = acc * corr[:, None] + _dot(p.astype(vb.dtype), vb)
-            out.append((acc, m_new, l))
-        return tuple(out)
-
-    carry = jax.lax.fori_loop(0, table_ref[0], body, init)
-    for g in range(groups):
-        acc, m, l = carry[g]
-        if has_sink:
-            sk = sink_ref[g].astype(jnp.float32)
-            m_fin = jnp.maximum(m, sk)
-            l_fin = l * jnp.exp(m - m_fin) + jnp.exp(sk - m_fin)
-            acc = acc * jnp.exp(m - m_fin)[:, None]
-        else:
-            m_fin, l_fin = m, l
-        safe = jnp.where(l_fin > 0, l_fin, 1.0)
-        o_ref[g] = (acc / safe[:, None]).astype(o_ref.dtype)
-        lse_ref[g] = jnp.where(l_fin > 0, m_fin + jnp.log(safe), _BIG)
-
-
-# ----------------------------------------------------------------------------- backward
+                o_ref, lse_ref, *, scale: float, has_sink: bool, block_k: int, **rules):
+    mask = _mask_fn(keep_ref, valid_ref, kpos_ref, qpos_ref[...], block_k=block_k, rules=rules)
+    sink = sink_ref[0] if has_sink else None
+    out, lse = forward_tile(table_ref, q_ref[...], k_ref, v_ref, sink, mask, scale=scale,
+                            block_k=block_k)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _dq_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, *, scale: float, block_q: int, block_k: int,
-               groups: int, **rules):
-    q_pos = qpos_ref[...]
-    qs = [q_ref[g].astype(jnp.float32) for g in range(groups)]
-    dos = [do_ref[g].astype(jnp.float32) for g in range(groups)]
-
-    def body(idx, dqs):
-        j = table_ref[idx + 1]
-        start = j * block_k
-        k_idx = start + jnp.arange(block_k)
-        kb = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
-        vb = v_ref[pl.ds(start, block_k), :].astype(jnp.float32)
-        mask = token_mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos,
-                     kpos_ref[pl.ds(start, block_k)], k_idx, **rules)
-        out = []
-        for g in range(groups):
-            s = _dot_t(qs[g], kb) * scale
-            p = jnp.where(mask, jnp.exp(s - lse_ref[g][:, None]), 0.0)
-            ds = p * (_dot_t(dos[g], vb) - delta_ref[g][:, None])
-            out.append(dqs[g] + _dot(ds, kb) * scale)
-        return tuple(out)
-
-    init = tuple(jnp.zeros(q_ref.shape[1:], jnp.float32) for _ in range(groups))
-    dqs = jax.lax.fori_loop(0, table_ref[0], body, init)
-    for g in range(groups):
-        dq_ref[g] = dqs[g].astype(dq_ref.dtype)
+               lse_ref, delta_ref, dq_ref, *, scale: float, block_k: int, **rules):
+    mask = _mask_fn(keep_ref, valid_ref, kpos_ref, qpos_ref[...], block_k=block_k, rules=rules)
+    dq = dq_tile(table_ref, q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], k_ref, v_ref,
+                 mask, scale=scale, block_k=block_k)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref,
                 lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int, block_k: int,
-                groups: int, **rules):
-    j = pl.program_id(2)
-    k_idx = j * block_k + jnp.arange(block_k)
-    k_pos = kpos_ref[...]
-    kb = k_ref[...].astype(jnp.float32)
-    vb = v_ref[...].astype(jnp.float32)
-    valid = valid_ref[...]
+                **rules):
+    k_idx = pl.program_id(2) * block_k + jnp.arange(block_k)
+    k_pos, valid = kpos_ref[...], valid_ref[...]
 
-    def body(idx, carry):
-        dk, dv = carry
-        i = table_ref[idx + 1]
-        rows = pl.ds(i * block_q, block_q)
-        mask = token_mask(keep_ref[rows, :], valid, qpos_ref[rows], k_pos, k_idx, **rules)
-        for g in range(groups):  # all heads of the group accumulate into the shared dK, dV
-            qg = q_ref[g, rows, :].astype(jnp.float32)
-            dog = do_ref[g, rows, :].astype(jnp.float32)
-            s = _dot_t(qg, kb) * scale
-            p = jnp.where(mask, jnp.exp(s - lse_ref[g, rows][:, None]), 0.0)
-            dv = dv + _tn_dot(p, dog)
-            ds = p * (_dot_t(dog, vb) - delta_ref[g, rows][:, None])
-            dk = dk + _tn_dot(ds, qg) * scale
-        return dk, dv
+    def mask(i, rows):
+        return token_mask(keep_ref[rows, :], valid, qpos_ref[rows], k_pos, k_idx, **rules)
 
-    init = (jnp.zeros(k_ref.shape, jnp.float32), jnp.zeros(v_ref.shape, jnp.float32))
-    dk, dv = jax.lax.fori_loop(0, table_ref[0], body, init)
+    dk, dv = dkv_tile(table_ref, k_ref[...], v_ref[...], q_ref, do_ref, lse_ref, delta_ref, mask,
+                      scale=scale, block_q=block_q)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -250,33 +201,34 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, q_pos_T, k_p
     return q, k, v, keep, valid, q_pos, k_pos, fwd_table, bwd_table, (b, n, kg, qt, j, tp, sp)
 
 
+
+
 def _forward(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S, sink_N,
              st: _Static):
     q, k, v, keep, valid, q_pos, k_pos, fwd_table, bwd_table, dims = _prepare(
         q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S, st)
     b, n, kg, qt, j, tp, sp = dims
-    g, h, vw = n // kg, q.shape[-1], v.shape[-1]
-    sink = (jnp.zeros((kg, g), jnp.float32) if sink_N is None
-            else sink_N.astype(jnp.float32).reshape(kg, g))
+    g, h, vw, bq = n // kg, q.shape[-1], v.shape[-1], st.block_q
+    sink = jnp.zeros((n,), jnp.float32) if sink_N is None else sink_N.astype(jnp.float32)
     kernel = functools.partial(_fwd_kernel, scale=st.scale, has_sink=sink_N is not None,
-                               block_k=st.block_k, groups=g, **st.rules)
+                               block_k=st.block_k, **st.rules)
     o, lse = pl.pallas_call(
         kernel,
-        grid=(b, kg, qt),
+        grid=(b, n, qt),
         in_specs=[
-            pl.BlockSpec((None, None, None, j + 1), lambda bi, ki, qi: (bi, ki, qi, 0)),
-            pl.BlockSpec((None, None, st.block_q, j), lambda bi, ki, qi: (bi, ki, qi, 0)),
-            pl.BlockSpec((None, sp), lambda bi, ki, qi: (bi, 0)),
-            pl.BlockSpec((st.block_q,), lambda bi, ki, qi: (qi,)),
-            pl.BlockSpec((sp,), lambda bi, ki, qi: (0,)),
-            pl.BlockSpec((None, g), lambda bi, ki, qi: (ki, 0)),
-            pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
-            pl.BlockSpec((None, None, sp, h), lambda bi, ki, qi: (bi, ki, 0, 0)),
-            pl.BlockSpec((None, None, sp, vw), lambda bi, ki, qi: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, None, None, j + 1), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
+            pl.BlockSpec((None, None, bq, j), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
+            pl.BlockSpec((None, sp), lambda bi, ni, qi: (bi, 0)),
+            pl.BlockSpec((bq,), lambda bi, ni, qi: (qi,)),
+            pl.BlockSpec((sp,), lambda bi, ni, qi: (0,)),
+            pl.BlockSpec((1,), lambda bi, ni, qi: (ni,)),
+            pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
+            pl.BlockSpec((None, None, sp, h), lambda bi, ni, qi: (bi, ni // g, 0, 0)),
+            pl.BlockSpec((None, None, sp, vw), lambda bi, ni, qi: (bi, ni // g, 0, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, g, st.block_q, vw), lambda bi, ki, qi: (bi, ki, qi, 0)),
-            pl.BlockSpec((None, g, st.block_q), lambda bi, ki, qi: (bi, ki, qi)),
+            pl.BlockSpec((None, None, bq, vw), lambda bi, ni, qi: (bi, ni, qi, 0)),
+            pl.BlockSpec((None, None, bq), lambda bi, ni, qi: (bi, ni, qi)),
         ],
         out_shape=[jax.ShapeDtypeStruct((b, n, tp, vw), q_BTNH.dtype),
                    jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
@@ -291,55 +243,60 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, q_pos_T, k_p
 def _backward(res, do_BTNV, sink_N, st: _Static):
     q, k, v, keep, valid, q_pos, k_pos, fwd_table, bwd_table, o, lse, dims = res
     b, n, kg, qt, j, tp, sp = dims
-    g, h, vw = n // kg, q.shape[-1], v.shape[-1]
+    g, h, vw, bq, bk = n // kg, q.shape[-1], v.shape[-1], st.block_q, st.block_k
     do = jnp.pad(do_BTNV, ((0, 0), (0, tp - st.t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # (B, N, Tp)
-    common = dict(scale=st.scale, block_q=st.block_q, block_k=st.block_k, groups=g, **st.rules)
+    rows = lambda bi, ni, qi: (bi, ni, qi)  # noqa: E731
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, **common),
-        grid=(b, kg, qt),
+        functools.partial(_dq_kernel, scale=st.scale, block_k=bk, **st.rules),
+        grid=(b, n, qt),
         in_specs=[
-            pl.BlockSpec((None, None, None, j + 1), lambda bi, ki, qi: (bi, ki, qi, 0)),
-            pl.BlockSpec((None, None, st.block_q, j), lambda bi, ki, qi: (bi, ki, qi, 0)),
-            pl.BlockSpec((None, sp), lambda bi, ki, qi: (bi, 0)),
-            pl.BlockSpec((st.block_q,), lambda bi, ki, qi: (qi,)),
-            pl.BlockSpec((sp,), lambda bi, ki, qi: (0,)),
-            pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
-            pl.BlockSpec((None, None, sp, h), lambda bi, ki, qi: (bi, ki, 0, 0)),
-            pl.BlockSpec((None, None, sp, vw), lambda bi, ki, qi: (bi, ki, 0, 0)),
-            pl.BlockSpec((None, g, st.block_q, vw), lambda bi, ki, qi: (bi, ki, qi, 0)),
-            pl.BlockSpec((None, g, st.block_q), lambda bi, ki, qi: (bi, ki, qi)),
-            pl.BlockSpec((None, g, st.block_q), lambda bi, ki, qi: (bi, ki, qi)),
+            pl.BlockSpec((None, None, None, j + 1), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
+            pl.BlockSpec((None, None, bq, j), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
+            pl.BlockSpec((None, sp), lambda bi, ni, qi: (bi, 0)),
+            pl.BlockSpec((bq,), lambda bi, ni, qi: (qi,)),
+            pl.BlockSpec((sp,), lambda bi, ni, qi: (0,)),
+            pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
+            pl.BlockSpec((None, None, sp, h), lambda bi, ni, qi: (bi, ni // g, 0, 0)),
+            pl.BlockSpec((None, None, sp, vw), lambda bi, ni, qi: (bi, ni // g, 0, 0)),
+            pl.BlockSpec((None, None, bq, vw), lambda bi, ni, qi: (bi, ni, qi, 0)),
+            pl.BlockSpec((None, None, bq), rows),
+            pl.BlockSpec((None, None, bq), rows),
         ],
-        out_specs=pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
+        out_specs=pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=st.interpret,
         compiler_params=st.compiler_params,
         name="block_sparse_attention_dq",
     )(fwd_table, keep, valid, q_pos, k_pos, q, k, v, do, lse, delta)
+    # dK, dV per query head (float32 when a group sums several), then summed over the group
+    acc = jnp.float32 if g > 1 else k.dtype
+    whole = lambda bi, ni, ji: (bi, ni, 0)  # noqa: E731
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, **common),
-        grid=(b, kg, j),
+        functools.partial(_dkv_kernel, scale=st.scale, block_q=bq, block_k=bk, **st.rules),
+        grid=(b, n, j),
         in_specs=[
-            pl.BlockSpec((None, None, None, qt + 1), lambda bi, ki, ji: (bi, ki, ji, 0)),
-            pl.BlockSpec((None, None, tp, 1), lambda bi, ki, ji: (bi, ki, 0, ji)),
-            pl.BlockSpec((None, st.block_k), lambda bi, ki, ji: (bi, ji)),
-            pl.BlockSpec((tp,), lambda bi, ki, ji: (0,)),
-            pl.BlockSpec((st.block_k,), lambda bi, ki, ji: (ji,)),
-            pl.BlockSpec((None, g, tp, h), lambda bi, ki, ji: (bi, ki, 0, 0)),
-            pl.BlockSpec((None, None, st.block_k, h), lambda bi, ki, ji: (bi, ki, ji, 0)),
-            pl.BlockSpec((None, None, st.block_k, vw), lambda bi, ki, ji: (bi, ki, ji, 0)),
-            pl.BlockSpec((None, g, tp, vw), lambda bi, ki, ji: (bi, ki, 0, 0)),
-            pl.BlockSpec((None, g, tp), lambda bi, ki, ji: (bi, ki, 0)),
-            pl.BlockSpec((None, g, tp), lambda bi, ki, ji: (bi, ki, 0)),
+            pl.BlockSpec((None, None, None, qt + 1), lambda bi, ni, ji: (bi, ni // g, ji, 0)),
+            pl.BlockSpec((None, None, tp, 1), lambda bi, ni, ji: (bi, ni // g, 0, ji)),
+            pl.BlockSpec((None, bk), lambda bi, ni, ji: (bi, ji)),
+            pl.BlockSpec((tp,), lambda bi, ni, ji: (0,)),
+            pl.BlockSpec((bk,), lambda bi, ni, ji: (ji,)),
+            pl.BlockSpec((None, None, tp, h), lambda bi, ni, ji: (bi, ni, 0, 0)),
+            pl.BlockSpec((None, None, bk, h), lambda bi, ni, ji: (bi, ni // g, ji, 0)),
+            pl.BlockSpec((None, None, bk, vw), lambda bi, ni, ji: (bi, ni // g, ji, 0)),
+            pl.BlockSpec((None, None, tp, vw), lambda bi, ni, ji: (bi, ni, 0, 0)),
+            pl.BlockSpec((None, None, tp), whole),
+            pl.BlockSpec((None, None, tp), whole),
         ],
-        out_specs=[pl.BlockSpec((None, None, st.block_k, h), lambda bi, ki, ji: (bi, ki, ji, 0)),
-                   pl.BlockSpec((None, None, st.block_k, vw), lambda bi, ki, ji: (bi, ki, ji, 0))],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_specs=[pl.BlockSpec((None, None, bk, h), lambda bi, ni, ji: (bi, ni, ji, 0)),
+                   pl.BlockSpec((None, None, bk, vw), lambda bi, ni, ji: (bi, ni, ji, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, n, sp, h), acc),
+                   jax.ShapeDtypeStruct((b, n, sp, vw), acc)],
         interpret=st.interpret,
         compiler_params=st.compiler_params,
         name="block_sparse_attention_dkv",
     )(bwd_table, keep, valid, q_pos, k_pos, q, k, v, do, lse, delta)
+    dk, dv = (a.reshape(b, kg, g, sp, a.shape[-1]).sum(axis=2).astype(k.dtype) for a in (dk, dv))
     dsink = None if sink_N is None else sink_grad(sink_N, lse, delta, st.t)
     dq = dq.transpose(0, 2, 1, 3)[:, : st.t]
     dk = dk.transpose(0, 2, 1, 3)[:, : st.s]
@@ -408,7 +365,7 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
     positions (``q_pos_T`` default ``arange(T) + S - T``, ``k_pos_S`` default ``arange(S)``):
     causal keeps ``k_pos <= q_pos``; ``window`` keeps ``k_pos > q_pos - window`` except for the
     first ``num_sink_keys`` keys. ``interpret`` defaults to True off GPU/TPU. Differentiable in
-    q, k, v and ``sink``.
+    q, k, v and ``sink``. Any head width: widths are zero-padded to ``lane_width`` for Triton.
     """
     keep, valid, q_pos, k_pos = checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS,
                                                  q_pos_T, k_pos_S, block_k=block_k)
@@ -416,5 +373,8 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
         interpret = jax.default_backend() not in ("gpu", "tpu")
     h = q_BTNH.shape[-1]
     st = _Static(block_sizes.block_q, block_k, causal, h ** -0.5 if scale is None else scale,
-                 q_BTNH.shape[1], k_BSKH.shape[1], interpret, window, num_sink_keys)
-    return _attention(q_BTNH, k_BSKH, v_BSKV, keep, valid, q_pos, k_pos, sink, st=st)
+                 q_BTNH.shape[1], k_BSKH.shape[1], interpret, window, num_sink_keys,
+                 block_sizes.num_warps, block_sizes.num_stages)
+    out = _attention(pad_lanes(q_BTNH), pad_lanes(k_BSKH), pad_lanes(v_BSKV), keep, valid, q_pos,
+                     k_pos, sink, st=st)
+    return out[..., : v_BSKV.shape[-1]]

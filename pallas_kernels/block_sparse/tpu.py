@@ -25,14 +25,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ..flash import BIG as _BIG
+from ..flash import MIN as _MIN
+from ..flash import dot as _dot
+from ..flash import dot_t as _dot_t
+from ..flash import tn_dot as _tn_dot
 from .kernel import (
-    _BIG,
-    _MIN,
     BlockSizes,
-    _dot,
-    _dot_t,
     _Static,
-    _tn_dot,
     checked_operands,
     sink_grad,
     sparse_attention_vjp,

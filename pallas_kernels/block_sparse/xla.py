@@ -20,7 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .kernel import _BIG, _MIN, _Static, checked_operands, sink_grad, sparse_attention_vjp, token_mask
+from ..flash import BIG as _BIG
+from ..flash import MIN as _MIN
+from .kernel import _Static, checked_operands, sink_grad, sparse_attention_vjp, token_mask
 from .tables import build_tables
 
 Array = jax.Array

@@ -18,8 +18,10 @@ tile (grid (B, query tiles)), scores are computed tile by tile in float32 and ne
 
 So the selected *set* equals ``indexer_topk_reference`` (whose columns come in score order;
 here they come in key order, which is all attention needs), with no (T, S) array and O(1)
-state per row; the price is recomputing the scores in 9 passes (cheap next to the score
-matmul's loads on a GPU; on CPU the XLA path of ``indexer.py`` is used). Key tiles after a
+state per row; the price is recomputing the scores in 9 passes. On an H100 that price is
+high: 104 ms at T = 32768, top_k 2048, 4 x 64 index heads, where the attention itself takes
+~5 ms (docs/gpu.md; measured with float32 score products; the products now take the input
+dtype, unmeasured). On CPU the XLA path of ``indexer.py`` is used. Key tiles after a
 query tile's last valid key are not visited. ``-0.0`` ranks below ``+0.0`` (the total order of
 the float bits).
 
@@ -68,13 +70,16 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_re
             block_k: int, s_len: int, m: int, causal: bool):
     bq = q_ref.shape[0]
     q_pos = qpos_ref[...]
-    qs = [q_ref[:, h, :].astype(jnp.float32) for h in range(heads)]
+    # products in the input dtype, float32 accumulation: exact products for bf16 inputs on the
+    # tensor cores; float32 inputs follow JAX's default matmul precision like the XLA paths
+    dt = jnp.promote_types(q_ref.dtype, k_ref.dtype)
+    qs = [q_ref[:, h, :].astype(dt) for h in range(heads)]
     ws = [w_ref[:, pl.ds(h, 1)].astype(jnp.float32) for h in range(heads)]
     n_tiles = ntiles_ref[0]
 
     def tile(jt):
         start = jt * block_k
-        kb = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
+        kb = k_ref[pl.ds(start, block_k), :].astype(dt)
         sc = jnp.zeros((bq, block_k), jnp.float32)
         for h in range(heads):
             dots = jax.lax.dot_general(qs[h], kb, (((1,), (1,)), ((), ())),

@@ -21,9 +21,11 @@ Auxiliary memory: the bitmask (B * T * S / 32 words) plus O(B * T * S / (block_q
 for the tables; the backward keeps only the output and its logsumexp (B, N, T) besides the
 inputs, the bitmask and the tables.
 
-Layout: operands head-major (B, N, T, H); grid (B, K, query tiles) for forward and dq, (B, K,
-key blocks) for dk/dv; a data-dependent trip count over the table row, so only visited blocks
-are read. ``kernel_tpu.py`` is the Mosaic (TPU) variant of the same algorithm.
+Layout: operands head-major (B, N, T, H), widths zero-padded to a power of two; grid (B, N,
+query tiles) for forward and dq, (B, N, key blocks) for dk/dv (per query head, summed over
+the GQA group); a data-dependent trip count over the table row, so only visited blocks are
+read. The tile loops are ``pallas_kernels/flash.py``'s, shared with the block-sparse kernel.
+``kernel_tpu.py`` is the Mosaic (TPU) variant of the same algorithm.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from ..block_sparse.kernel import pad_lanes, sink_grad
+from ..flash import dkv_tile, dq_tile, forward_tile
 from .tables import WORD, build_tables, key_bitmask
 
 Array = jax.Array
-_MIN = float(jnp.finfo(jnp.float32).min)
-_BIG = float(jnp.finfo(jnp.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,20 +54,6 @@ class BlockSizes:
     words_per_block: int = 2
     num_warps: int = 4
     num_stages: int = 2
-
-
-def _dot_t(a: Array, b: Array) -> Array:
-    """a @ b.T in float32."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a: Array, b: Array) -> Array:
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _tn_dot(a: Array, b: Array) -> Array:
-    """a.T @ b in float32."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def membership(words, q_idx, start, block_k: int, *, s_len: int, t_len: int,
@@ -94,123 +82,62 @@ def _block_words(bits_ref, rows, j, wpb):
     return [bits_ref[rows, pl.ds(j * wpb + w, 1)] for w in range(wpb)]
 
 
-# ----------------------------------------------------------------------------- forward
+# ----------------------------------------------------------------------------- kernels
+# One instance per (batch, query head, tile); K/V of query head ``n`` are those of kv group
+# ``n // G`` (index maps), the bitmask and the tables are shared by all heads.
+
+
+def _split_refs(rest, shared: bool):
+    """(v_ref, remaining refs): with shared K/V there is no value ref."""
+    return (None, rest) if shared else (rest[0], rest[1:])
 
 
 def _fwd_kernel(table_ref, bits_ref, sink_ref, q_ref, k_ref, *rest, scale: float,
-                has_sink: bool, shared: bool, block_q: int, block_k: int, wpb: int,
-                groups: int, **rules):
-    if shared:
-        o_ref, lse_ref = rest
-        v_ref = k_ref
-    else:
-        v_ref, o_ref, lse_ref = rest
+                has_sink: bool, shared: bool, block_q: int, block_k: int, wpb: int, **rules):
+    v_ref, (o_ref, lse_ref) = _split_refs(rest, shared)
     q_idx = pl.program_id(2) * block_q + jnp.arange(block_q)
-    qs = [q_ref[g].astype(jnp.float32) * scale for g in range(groups)]
-    vw = v_ref.shape[-1]
-    init = tuple((jnp.zeros((block_q, vw), jnp.float32), jnp.full((block_q,), _MIN, jnp.float32),
-                  jnp.zeros((block_q,), jnp.float32)) for _ in range(groups))
 
-    def body(idx, carry):
-        j = table_ref[idx + 1]
-        start = j * block_k
-        kb = k_ref[pl.ds(start, block_k), :]
-        vb = kb if shared else v_ref[pl.ds(start, block_k), :]
-        kb = kb.astype(jnp.float32)
-        mask = membership(_block_words(bits_ref, slice(None), j, wpb), q_idx, start, block_k,
+    def mask(j, start):
+        return membership(_block_words(bits_ref, slice(None), j, wpb), q_idx, start, block_k,
                           **rules)
-        out = []
-        for g in range(groups):  # every head of the group reuses the K/V block just loaded
-            acc, m, l = carry[g]
-            s = jnp.where(mask, _dot_t(qs[g], kb), _MIN)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            corr = jnp.exp(m - m_new)
-            p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-            l = l * corr + p.sum(axis=-1)
-            acc = acc * corr[:, None] + _dot(p.astype(vb.dtype), vb)
-            out.append((acc, m_new, l))
-        return tuple(out)
 
-    carry = jax.lax.fori_loop(0, table_ref[0], body, init)
-    for g in range(groups):
-        acc, m, l = carry[g]
-        if has_sink:
-            sk = sink_ref[g].astype(jnp.float32)
-            m_fin = jnp.maximum(m, sk)
-            l_fin = l * jnp.exp(m - m_fin) + jnp.exp(sk - m_fin)
-            acc = acc * jnp.exp(m - m_fin)[:, None]
-        else:
-            m_fin, l_fin = m, l
-        safe = jnp.where(l_fin > 0, l_fin, 1.0)
-        o_ref[g] = (acc / safe[:, None]).astype(o_ref.dtype)
-        lse_ref[g] = jnp.where(l_fin > 0, m_fin + jnp.log(safe), _BIG)
-
-
-# ----------------------------------------------------------------------------- backward
+    out, lse = forward_tile(table_ref, q_ref[...], k_ref, k_ref if shared else v_ref,
+                            sink_ref[0] if has_sink else None, mask, scale=scale,
+                            block_k=block_k)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _dq_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, scale: float, shared: bool,
-               block_q: int, block_k: int, wpb: int, groups: int, **rules):
-    if shared:
-        do_ref, lse_ref, delta_ref, dq_ref = rest
-        v_ref = k_ref
-    else:
-        v_ref, do_ref, lse_ref, delta_ref, dq_ref = rest
+               block_q: int, block_k: int, wpb: int, **rules):
+    v_ref, (do_ref, lse_ref, delta_ref, dq_ref) = _split_refs(rest, shared)
     q_idx = pl.program_id(2) * block_q + jnp.arange(block_q)
-    qs = [q_ref[g].astype(jnp.float32) for g in range(groups)]
-    dos = [do_ref[g].astype(jnp.float32) for g in range(groups)]
 
-    def body(idx, dqs):
-        j = table_ref[idx + 1]
-        start = j * block_k
-        kb = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)
-        vb = kb if shared else v_ref[pl.ds(start, block_k), :].astype(jnp.float32)
-        mask = membership(_block_words(bits_ref, slice(None), j, wpb), q_idx, start, block_k,
+    def mask(j, start):
+        return membership(_block_words(bits_ref, slice(None), j, wpb), q_idx, start, block_k,
                           **rules)
-        out = []
-        for g in range(groups):
-            s = _dot_t(qs[g], kb) * scale
-            p = jnp.where(mask, jnp.exp(s - lse_ref[g][:, None]), 0.0)
-            ds = p * (_dot_t(dos[g], vb) - delta_ref[g][:, None])
-            out.append(dqs[g] + _dot(ds, kb) * scale)
-        return tuple(out)
 
-    init = tuple(jnp.zeros(q_ref.shape[1:], jnp.float32) for _ in range(groups))
-    dqs = jax.lax.fori_loop(0, table_ref[0], body, init)
-    for g in range(groups):
-        dq_ref[g] = dqs[g].astype(dq_ref.dtype)
+    dq = dq_tile(table_ref, q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], k_ref,
+                 k_ref if shared else v_ref, mask, scale=scale, block_k=block_k)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, scale: float, shared: bool,
-                block_q: int, block_k: int, wpb: int, groups: int, **rules):
+                block_q: int, block_k: int, wpb: int, **rules):
     if shared:
         do_ref, lse_ref, delta_ref, dk_ref = rest
-        v_ref, dv_ref = k_ref, None
+        v_ref = dv_ref = None
     else:
         v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
     j = pl.program_id(2)
-    kb = k_ref[...].astype(jnp.float32)
-    vb = kb if shared else v_ref[...].astype(jnp.float32)
+    kb = k_ref[...]
 
-    def body(idx, carry):
-        dk, dv = carry
-        i = table_ref[idx + 1]
-        rows = pl.ds(i * block_q, block_q)
-        q_idx = i * block_q + jnp.arange(block_q)
-        mask = membership(_block_words(bits_ref, rows, j, wpb), q_idx, j * block_k, block_k,
-                          **rules)
-        for g in range(groups):  # all heads of the group accumulate into the shared dK, dV
-            qg = q_ref[g, rows, :].astype(jnp.float32)
-            dog = do_ref[g, rows, :].astype(jnp.float32)
-            s = _dot_t(qg, kb) * scale
-            p = jnp.where(mask, jnp.exp(s - lse_ref[g, rows][:, None]), 0.0)
-            dv = dv + _tn_dot(p, dog)
-            ds = p * (_dot_t(dog, vb) - delta_ref[g, rows][:, None])
-            dk = dk + _tn_dot(ds, qg) * scale
-        return dk, dv
+    def mask(i, rows):
+        return membership(_block_words(bits_ref, rows, j, wpb), i * block_q + jnp.arange(block_q),
+                          j * block_k, block_k, **rules)
 
-    init = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
-    dk, dv = jax.lax.fori_loop(0, table_ref[0], body, init)
+    dk, dv = dkv_tile(table_ref, kb, kb if shared else v_ref[...], q_ref, do_ref, lse_ref,
+                      delta_ref, mask, scale=scale, block_q=block_q)
     if shared:  # keys are the values: one gradient
         dk_ref[...] = (dk + dv).astype(dk_ref.dtype)
     else:
@@ -283,29 +210,28 @@ def _kv(k, v, shared):
 def _forward(q_BTNH, k_BSKH, v_BSKV, indices_BTM, sink_N, st: _Static):
     q, k, v, bits, fwd_table, bwd_table, dims = _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, st)
     b, n, kg, qt, j, tp, sp = dims
-    g, h = n // kg, q.shape[-1]
+    g, h, bq = n // kg, q.shape[-1], st.block_q
     vw = h if st.shared else v.shape[-1]
     wp = bits.shape[-1]
-    sink = (jnp.zeros((kg, g), jnp.float32) if sink_N is None
-            else sink_N.astype(jnp.float32).reshape(kg, g))
+    sink = jnp.zeros((n,), jnp.float32) if sink_N is None else sink_N.astype(jnp.float32)
     kernel = functools.partial(_fwd_kernel, scale=st.scale, has_sink=sink_N is not None,
-                               groups=g, **st.kernel_args)
-    kv_specs = [pl.BlockSpec((None, None, sp, h), lambda bi, ki, qi: (bi, ki, 0, 0))]
+                               **st.kernel_args)
+    kv_specs = [pl.BlockSpec((None, None, sp, h), lambda bi, ni, qi: (bi, ni // g, 0, 0))]
     if not st.shared:
-        kv_specs.append(pl.BlockSpec((None, None, sp, vw), lambda bi, ki, qi: (bi, ki, 0, 0)))
+        kv_specs.append(pl.BlockSpec((None, None, sp, vw), lambda bi, ni, qi: (bi, ni // g, 0, 0)))
     o, lse = pl.pallas_call(
         kernel,
-        grid=(b, kg, qt),
+        grid=(b, n, qt),
         in_specs=[
-            pl.BlockSpec((None, None, j + 1), lambda bi, ki, qi: (bi, qi, 0)),
-            pl.BlockSpec((None, st.block_q, wp), lambda bi, ki, qi: (bi, qi, 0)),
-            pl.BlockSpec((None, g), lambda bi, ki, qi: (ki, 0)),
-            pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, None, j + 1), lambda bi, ni, qi: (bi, qi, 0)),
+            pl.BlockSpec((None, bq, wp), lambda bi, ni, qi: (bi, qi, 0)),
+            pl.BlockSpec((1,), lambda bi, ni, qi: (ni,)),
+            pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
             *kv_specs,
         ],
         out_specs=[
-            pl.BlockSpec((None, g, st.block_q, vw), lambda bi, ki, qi: (bi, ki, qi, 0)),
-            pl.BlockSpec((None, g, st.block_q), lambda bi, ki, qi: (bi, ki, qi)),
+            pl.BlockSpec((None, None, bq, vw), lambda bi, ni, qi: (bi, ni, qi, 0)),
+            pl.BlockSpec((None, None, bq), lambda bi, ni, qi: (bi, ni, qi)),
         ],
         out_shape=[jax.ShapeDtypeStruct((b, n, tp, vw), q_BTNH.dtype),
                    jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
@@ -320,53 +246,55 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, indices_BTM, sink_N, st: _Static):
 def _backward(res, do_BTNV, sink_N, st: _Static):
     q, k, v, bits, fwd_table, bwd_table, o, lse, dims = res
     b, n, kg, qt, j, tp, sp = dims
-    g, h = n // kg, q.shape[-1]
+    g, h, bq, bk = n // kg, q.shape[-1], st.block_q, st.block_k
     vw = h if st.shared else v.shape[-1]
     wp = bits.shape[-1]
     do = jnp.pad(do_BTNV, ((0, 0), (0, tp - st.t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # (B, N, Tp)
-    common = dict(scale=st.scale, groups=g, **st.kernel_args)
-    kv_full = [pl.BlockSpec((None, None, sp, h), lambda bi, ki, qi: (bi, ki, 0, 0))]
-    kv_block = [pl.BlockSpec((None, None, st.block_k, h), lambda bi, ki, ji: (bi, ki, ji, 0))]
+    common = dict(scale=st.scale, **st.kernel_args)
+    rows = lambda bi, ni, qi: (bi, ni, qi)  # noqa: E731
+    kv_full = [pl.BlockSpec((None, None, sp, h), lambda bi, ni, qi: (bi, ni // g, 0, 0))]
+    kv_block = [pl.BlockSpec((None, None, bk, h), lambda bi, ni, ji: (bi, ni // g, ji, 0))]
     if not st.shared:
-        kv_full.append(pl.BlockSpec((None, None, sp, vw), lambda bi, ki, qi: (bi, ki, 0, 0)))
-        kv_block.append(pl.BlockSpec((None, None, st.block_k, vw),
-                                     lambda bi, ki, ji: (bi, ki, ji, 0)))
+        kv_full.append(pl.BlockSpec((None, None, sp, vw), lambda bi, ni, qi: (bi, ni // g, 0, 0)))
+        kv_block.append(pl.BlockSpec((None, None, bk, vw), lambda bi, ni, ji: (bi, ni // g, ji, 0)))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **common),
-        grid=(b, kg, qt),
+        grid=(b, n, qt),
         in_specs=[
-            pl.BlockSpec((None, None, j + 1), lambda bi, ki, qi: (bi, qi, 0)),
-            pl.BlockSpec((None, st.block_q, wp), lambda bi, ki, qi: (bi, qi, 0)),
-            pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
+            pl.BlockSpec((None, None, j + 1), lambda bi, ni, qi: (bi, qi, 0)),
+            pl.BlockSpec((None, bq, wp), lambda bi, ni, qi: (bi, qi, 0)),
+            pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
             *kv_full,
-            pl.BlockSpec((None, g, st.block_q, vw), lambda bi, ki, qi: (bi, ki, qi, 0)),
-            pl.BlockSpec((None, g, st.block_q), lambda bi, ki, qi: (bi, ki, qi)),
-            pl.BlockSpec((None, g, st.block_q), lambda bi, ki, qi: (bi, ki, qi)),
+            pl.BlockSpec((None, None, bq, vw), lambda bi, ni, qi: (bi, ni, qi, 0)),
+            pl.BlockSpec((None, None, bq), rows),
+            pl.BlockSpec((None, None, bq), rows),
         ],
-        out_specs=pl.BlockSpec((None, g, st.block_q, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
+        out_specs=pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=st.interpret,
         compiler_params=st.compiler_params,
         name="token_sparse_attention_dq",
     )(fwd_table, bits, q, *_kv(k, v, st.shared), do, lse, delta)
-    dkv_shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype)]
-    dkv_specs = [pl.BlockSpec((None, None, st.block_k, h), lambda bi, ki, ji: (bi, ki, ji, 0))]
+    # dK, dV per query head (float32 when a group sums several), then summed over the group
+    acc = jnp.float32 if g > 1 else k.dtype
+    whole = lambda bi, ni, ji: (bi, ni, 0)  # noqa: E731
+    dkv_shapes = [jax.ShapeDtypeStruct((b, n, sp, h), acc)]
+    dkv_specs = [pl.BlockSpec((None, None, bk, h), lambda bi, ni, ji: (bi, ni, ji, 0))]
     if not st.shared:
-        dkv_shapes.append(jax.ShapeDtypeStruct(v.shape, v.dtype))
-        dkv_specs.append(pl.BlockSpec((None, None, st.block_k, vw),
-                                      lambda bi, ki, ji: (bi, ki, ji, 0)))
+        dkv_shapes.append(jax.ShapeDtypeStruct((b, n, sp, vw), acc))
+        dkv_specs.append(pl.BlockSpec((None, None, bk, vw), lambda bi, ni, ji: (bi, ni, ji, 0)))
     dkv = pl.pallas_call(
         functools.partial(_dkv_kernel, **common),
-        grid=(b, kg, j),
+        grid=(b, n, j),
         in_specs=[
-            pl.BlockSpec((None, None, qt + 1), lambda bi, ki, ji: (bi, ji, 0)),
-            pl.BlockSpec((None, tp, wp), lambda bi, ki, ji: (bi, 0, 0)),
-            pl.BlockSpec((None, g, tp, h), lambda bi, ki, ji: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, None, qt + 1), lambda bi, ni, ji: (bi, ji, 0)),
+            pl.BlockSpec((None, tp, wp), lambda bi, ni, ji: (bi, 0, 0)),
+            pl.BlockSpec((None, None, tp, h), lambda bi, ni, ji: (bi, ni, 0, 0)),
             *kv_block,
-            pl.BlockSpec((None, g, tp, vw), lambda bi, ki, ji: (bi, ki, 0, 0)),
-            pl.BlockSpec((None, g, tp), lambda bi, ki, ji: (bi, ki, 0)),
-            pl.BlockSpec((None, g, tp), lambda bi, ki, ji: (bi, ki, 0)),
+            pl.BlockSpec((None, None, tp, vw), lambda bi, ni, ji: (bi, ni, 0, 0)),
+            pl.BlockSpec((None, None, tp), whole),
+            pl.BlockSpec((None, None, tp), whole),
         ],
         out_specs=dkv_specs,
         out_shape=dkv_shapes,
@@ -374,34 +302,38 @@ def _backward(res, do_BTNV, sink_N, st: _Static):
         compiler_params=st.compiler_params,
         name="token_sparse_attention_dkv",
     )(bwd_table, bits, q, *_kv(k, v, st.shared), do, lse, delta)
-    dsink = None
-    if sink_N is not None:  # d/ds of a denominator-only logit: -sum_t p_sink(t) * delta(t)
-        p_sink = jnp.exp(sink_N.astype(jnp.float32)[None, :, None] - lse)[:, :, : st.t]
-        dsink = -(p_sink * delta[:, :, : st.t]).sum(axis=(0, 2)).astype(sink_N.dtype)
+    dkv = [a.reshape(b, kg, g, sp, a.shape[-1]).sum(axis=2).astype(k.dtype) for a in dkv]
+    dsink = None if sink_N is None else sink_grad(sink_N, lse, delta, st.t)
     dq = dq.transpose(0, 2, 1, 3)[:, : st.t]
     dk = dkv[0].transpose(0, 2, 1, 3)[:, : st.s]
     dv = None if st.shared else dkv[1].transpose(0, 2, 1, 3)[:, : st.s]
     return dq, dk, dv, dsink
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("st",))
-def _attention(q, k, v, indices, sink, st: _Static):
-    return _forward(q, k, v, indices, sink, st)[0]
+def token_sparse_vjp(forward, backward):
+    """The differentiable entry point shared by the GPU and TPU kernels:
+    ``forward(q, k, v, indices, sink, st) -> (out, residuals)``,
+    ``backward(residuals, d_out, sink, st) -> (dq, dk, dv, dsink)``. The selection is not
+    differentiated (as in attnhut): it gets float0 zeros."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnames=("st",))
+    def attention(q, k, v, indices, sink, st):
+        return forward(q, k, v, indices, sink, st)[0]
+
+    def fwd(q, k, v, indices, sink, st):
+        out, res = forward(q, k, v, indices, sink, st)
+        return out, (res, sink, indices)
+
+    def bwd(st, saved, do):
+        res, sink, indices = saved
+        dq, dk, dv, dsink = backward(res, do, sink, st)
+        return dq, dk, dv, jnp.zeros(indices.shape, jax.dtypes.float0), dsink
+
+    attention.defvjp(fwd, bwd)
+    return attention
 
 
-def _attention_fwd(q, k, v, indices, sink, st: _Static):
-    out, res = _forward(q, k, v, indices, sink, st)
-    return out, (res, sink, indices)
-
-
-def _attention_bwd(st: _Static, saved, do):
-    res, sink, indices = saved
-    dq, dk, dv, dsink = _backward(res, do, sink, st)
-    # the selection is not differentiated (as in attnhut)
-    return dq, dk, dv, jnp.zeros(indices.shape, jax.dtypes.float0), dsink
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = token_sparse_vjp(_forward, _backward)
 
 
 def check_shapes(q_BTNH, k_BSKH, v_BSKV, indices_BTM) -> None:
@@ -438,4 +370,6 @@ def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
                  h ** -0.5 if scale is None else scale, q_BTNH.shape[1], k_BSKH.shape[1],
                  v_BSKV is None, interpret, window, window_start, block_sizes.num_warps,
                  block_sizes.num_stages)
-    return _attention(q_BTNH, k_BSKH, v_BSKV, indices_BTM.astype(jnp.int32), sink, st=st)
+    out = _attention(pad_lanes(q_BTNH), pad_lanes(k_BSKH), pad_lanes(v_BSKV),
+                     indices_BTM.astype(jnp.int32), sink, st=st)
+    return out[..., : (k_BSKH if v_BSKV is None else v_BSKV).shape[-1]]

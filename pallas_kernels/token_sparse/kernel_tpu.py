@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .kernel import check_shapes
+from ..block_sparse.kernel import sink_grad
+from .kernel import check_shapes, token_sparse_vjp
 from .tables import WORD, build_tables, key_bitmask
 
 Array = jax.Array
@@ -361,34 +362,15 @@ def _backward(res, do_BTNV, sink_N, st: _Static):
         out_shape=out_shape,
         **st.call_kwargs("token_sparse_attention_dkv_tpu"),
     )(bwd_table, bits, q, *kv, do, lse, delta)
-    dsink = None
-    if sink_N is not None:  # d/ds of a denominator-only logit: -sum_t p_sink(t) * delta(t)
-        sk = sink_N.astype(jnp.float32).reshape(1, kg, g, 1)
-        p_sink = jnp.exp(sk - lse)[..., : st.t]
-        dsink = -(p_sink * delta[..., : st.t]).sum(axis=(0, 3)).reshape(n).astype(sink_N.dtype)
+    dsink = None if sink_N is None else sink_grad(sink_N, lse.reshape(b, n, -1),
+                                                  delta.reshape(b, n, -1), st.t)
     dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, h)[:, : st.t]
     dk = dkv[0].transpose(0, 2, 1, 3)[:, : st.s]
     dv = None if st.shared else dkv[1].transpose(0, 2, 1, 3)[:, : st.s]
     return dq, dk, dv, dsink
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("st",))
-def _attention(q, k, v, indices, sink, st: _Static):
-    return _forward(q, k, v, indices, sink, st)[0]
-
-
-def _attention_fwd(q, k, v, indices, sink, st: _Static):
-    out, res = _forward(q, k, v, indices, sink, st)
-    return out, (res, sink, indices)
-
-
-def _attention_bwd(st: _Static, saved, do):
-    res, sink, indices = saved
-    dq, dk, dv, dsink = _backward(res, do, sink, st)
-    return dq, dk, dv, jnp.zeros(indices.shape, jax.dtypes.float0), dsink
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = token_sparse_vjp(_forward, _backward)
 
 
 def token_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
