@@ -21,8 +21,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.token_sparse import ops as token_sparse
-
 from . import core
 from .core import Array, Dtype
 
@@ -314,7 +312,7 @@ class CompressedSparseAttention(nn.Module):
         ki_BCE = self.idx_k(comp_BCH)
         w_BTM = self.idx_w(x)
         scale = q_BTNH.shape[-1] ** -0.5
-        impl = token_sparse.resolve_impl(self.impl)
+        impl = core.resolve_impl(self.impl)
         aux = None
         if impl == "reference" or return_aux:
             scores_BTC = core.lightning_scores(qi_BTME, ki_BCE, w_BTM)
@@ -329,12 +327,12 @@ class CompressedSparseAttention(nn.Module):
             out_BTNH = shared_kv_attention(q_BTNH, kv_BSH, keep_BTS[:, None], self.sink, scale)
         else:
             if aux is not None:  # attend exactly the selection returned in aux
-                idx_BTM = token_sparse.indices_from_scores(scores_BTC, visible_TC, self.top_k)
+                idx_BTM = core.indices_from_scores(scores_BTC, visible_TC, self.top_k)
             else:
-                idx_BTM, _ = token_sparse.indexer_topk(
+                idx_BTM, _ = core.indexer_topk(
                     qi_BTME, ki_BCE, w_BTM, self.top_k, causal=True, impl=impl,
                     q_pos_T=jnp.arange(t), k_pos_S=(jnp.arange(nc) + 1) * r)
-            out_BTNH = token_sparse.token_sparse_attention(
+            out_BTNH = core.token_sparse_attention(
                 q_BTNH, kv_BSH[:, :, None, :], None, idx_BTM, impl=impl, scale=scale,
                 sink=self.sink, window=self.window, window_start=nc)
         out = self.proj(out_BTNH)

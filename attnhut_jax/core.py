@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes
 
-from pallas_kernels import block_sparse
+from pallas_kernels import block_sparse, token_sparse
 
 Array = jax.Array
 Dtype = Any
@@ -383,7 +383,14 @@ def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None
                                  dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
-# ----------------------------------------------------------------------------- block-sparse seam
+# ----------------------------------------------------------------------------- sparse seams
+#
+# The one place where ``impl`` is resolved and dispatched, for the block-sparse modules (MSA,
+# BigBird, Delta, HCA) and the token-sparse ones (DSA, CSA): ``reference`` (attnhut's masked
+# dense computation, builds (T, S)), ``xla`` (the same algorithm as the kernels in plain XLA,
+# the fastest exact path on CPU), ``pallas`` (the Pallas kernels: Triton on GPU, Mosaic on TPU,
+# the GPU kernels in interpret mode elsewhere), ``auto`` (``pallas`` on GPU and TPU, ``xla``
+# elsewhere). Every impl computes the same selection, outputs and gradients.
 
 Impl = Literal["auto", "reference", "pallas", "xla"]
 IMPLS: tuple[str, ...] = ("auto", "reference", "pallas", "xla")
@@ -392,6 +399,19 @@ IMPLS: tuple[str, ...] = ("auto", "reference", "pallas", "xla")
 def check_impl(owner: str, impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"{owner}: impl={impl!r} must be one of {IMPLS}")
+
+
+def resolve_impl(impl: str) -> str:
+    """``auto``: the fused Pallas kernels where they compile natively (GPU, TPU); elsewhere the
+    XLA paths with their fused backward, the fastest exact ones on CPU (see the README's
+    benchmark tables)."""
+    check_impl("resolve_impl", impl)
+    if impl != "auto":
+        return impl
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+
+
+# block-sparse: each query token (per kv group) reads selected key blocks
 
 
 def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale,
@@ -419,15 +439,6 @@ def _block_sparse_xla(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causa
 
 _BLOCK_SPARSE = {"reference": _block_sparse_reference, "pallas": _block_sparse_pallas,
                  "xla": _block_sparse_xla}
-
-
-def resolve_impl(impl: str) -> str:
-    """``auto``: the fused Pallas kernel where it compiles natively (GPU, TPU); elsewhere the XLA
-    block-gather path with its fused backward, the fastest exact path on CPU (see the README's
-    benchmark table)."""
-    if impl != "auto":
-        return impl
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
 
 
 def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,
@@ -461,3 +472,60 @@ def window_block_keep(q_pos_T: Array, k_pos_S: Array, block_k: int, *, window: i
     q = q_pos_T[:, None]
     sink_block = (jnp.arange(j) * block_k < num_sink_keys)[None, :]
     return (sink_block & (lo[None, :] <= q)) | ((lo[None, :] <= q) & (hi[None, :] > q - window))
+
+
+# token-sparse: each query token reads its own selected keys, shared by all heads
+
+
+def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
+                           indices_BTM: Array, *, impl: str = "auto",
+                           scale: float | None = None, sink: Array | None = None,
+                           window: int | None = None, window_start: int = 0) -> Array:
+    """Attention over each query's selected keys (+ optional raw window and sink), any impl.
+
+    ``indices_BTM`` (B, T, M) lists each query's keys (-1: none); ``v_BSKV=None`` reads values
+    from ``k_BSKH`` (CSA's shared KV); ``window`` adds the keys ``s >= window_start`` among the
+    ``window`` latest raw tokens (see ``pallas_kernels.token_sparse.reference``). ``reference``
+    builds a dense (T, S) mask; ``xla`` gathers the selected tokens in plain XLA; ``pallas`` is
+    the Mosaic kernel on TPU and the Triton-style kernel elsewhere (interpret mode off GPU).
+    """
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        fn = token_sparse.token_sparse_attention_reference
+    elif impl == "xla":
+        fn = token_sparse.token_sparse_attention_xla
+    elif jax.default_backend() == "tpu":
+        fn = token_sparse.token_sparse_attention_tpu
+    else:
+        fn = token_sparse.token_sparse_attention
+    return fn(q_BTNH, k_BSKH, v_BSKV, indices_BTM, scale=scale, sink=sink, window=window,
+              window_start=window_start)
+
+
+def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
+                 impl: str = "auto", q_pos_T: Array | None = None,
+                 k_pos_S: Array | None = None) -> tuple[Array, Array]:
+    """Lightning-indexer top-k: (indices (B, T, min(top_k, S)), scores), invalid picks -1.
+
+    See ``pallas_kernels.token_sparse.reference.indexer_topk_reference``. ``reference`` scores
+    every (query, key) pair; ``xla`` is the fused running top-k over key tiles (``indexer.py``);
+    ``pallas`` the radix-select kernel (``indexer_kernel.py``), except on TPU where it is the
+    XLA one. All select the same keys (ties to the lower key index).
+    """
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        fn = token_sparse.indexer_topk_reference
+    elif impl == "pallas" and jax.default_backend() != "tpu":
+        fn = token_sparse.indexer_topk_pallas
+    else:
+        fn = token_sparse.indexer_topk
+    return fn(q_BTIE, k_BSE, w_BTI, top_k, causal=causal, q_pos_T=q_pos_T, k_pos_S=k_pos_S)
+
+
+def indices_from_scores(scores_BTS: Array, valid: Array, top_k: int) -> Array:
+    """Indices of ``jax.lax.top_k`` on already-masked scores (B, T, S), invalid picks -1: the
+    selection ``topk_keep`` marks, as indices (used when the scores are built anyway, e.g. for
+    ``return_aux``)."""
+    _, idx = jax.lax.top_k(scores_BTS, min(top_k, scores_BTS.shape[-1]))
+    ok = jnp.take_along_axis(jnp.broadcast_to(valid, scores_BTS.shape), idx, axis=-1)
+    return jnp.where(ok, idx, -1).astype(jnp.int32)

@@ -8,7 +8,7 @@ Ties at the k-th score (ReLU zeros make them common) are broken towards the lowe
 which is what ``jax.lax.top_k`` does. torch leaves the choice among tied keys unspecified, so
 parity compares selections modulo such ties (see ``parity/compare.py``).
 
-``impl`` picks how selection and attention run (``pallas_kernels.token_sparse.ops``):
+``impl`` picks how selection and attention run (``core``'s token-sparse seam):
 ``reference`` scores every (query, key) pair and attends through a dense (T, T) mask, as attnhut
 does; ``xla`` and ``pallas`` (and ``auto``, the fastest of them for the backend) select with the
 fused indexer top-k and attend over the selected tokens only, building no (T, T) array.
@@ -21,8 +21,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from pallas_kernels.token_sparse import ops as token_sparse
 
 from . import core
 from .core import Array, Dtype
@@ -112,7 +110,7 @@ class DeepSeekSparseAttention(nn.Module):
         shape = (b, t, self.num_heads, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         scale = self.head_dim ** -0.5
-        impl = token_sparse.resolve_impl(self.impl)
+        impl = core.resolve_impl(self.impl)
         aux = None
         if impl == "reference" or return_aux:
             valid = core.causal_mask(t, t) if self.causal else jnp.ones((t, t), bool)
@@ -124,11 +122,11 @@ class DeepSeekSparseAttention(nn.Module):
             out = core.dot_product_attention(q, k, v, keep=selected[:, None], scale=scale)
         else:
             if aux is not None:  # attend exactly the selection returned in aux
-                indices = token_sparse.indices_from_scores(scores, valid, self.top_k)
+                indices = core.indices_from_scores(scores, valid, self.top_k)
             else:
-                indices, _ = token_sparse.indexer_topk(*self.indexer.project(x), self.top_k,
-                                                       causal=self.causal, impl=impl)
-            out = token_sparse.token_sparse_attention(q, k, v, indices, impl=impl, scale=scale)
+                indices, _ = core.indexer_topk(*self.indexer.project(x), self.top_k,
+                                               causal=self.causal, impl=impl)
+            out = core.token_sparse_attention(q, k, v, indices, impl=impl, scale=scale)
         out = self.proj(out.reshape(b, t, self.dim))
         if return_aux:
             return out, aux

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from pallas_kernels.token_sparse import ops
+from attnhut_jax import core
 from parity import from_torch
 from parity.compare import best_ms
 
@@ -50,7 +50,7 @@ def _topk_ms(name: str, fm, t: int, reps: int) -> float:
     q = jax.random.normal(ks[0], (1, t, ni, e))
     k = jax.random.normal(ks[1], (1, s, e))
     w = jax.random.normal(ks[2], (1, t, ni))
-    f = jax.jit(lambda q, k, w: ops.indexer_topk(q, k, w, fm.top_k, impl="auto", **kw))
+    f = jax.jit(lambda q, k, w: core.indexer_topk(q, k, w, fm.top_k, impl="auto", **kw))
     return best_ms(lambda: jax.block_until_ready(f(q, k, w)), reps)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import attnhut_jax as ah
-from pallas_kernels.token_sparse import ops
+from attnhut_jax import core
 
 D = 32
 MODULES = {
@@ -69,14 +69,14 @@ def test_default_selection_equals_the_aux_selection(name):
     def fused(mod, x):
         if name == "dsa":
             q, k, w = mod.indexer.project(x)
-            return ops.indexer_topk(q, k, w, mod.top_k, causal=mod.causal, impl="xla")[0]
+            return core.indexer_topk(q, k, w, mod.top_k, causal=mod.causal, impl="xla")[0]
         comp = ah.compressed.compress_overlap(mod.kv_a(x), mod.kv_b(x), mod.z_a(x), mod.z_b(x),
                                               mod.bias_a, mod.bias_b, mod.compression_rate)
         c, t = comp.shape[1], x.shape[1]
         qi = mod.idx_q(mod.q_down(x)).reshape(*x.shape[:2], mod.num_index_heads, -1)
-        return ops.indexer_topk(qi, mod.idx_k(comp), mod.idx_w(x), mod.top_k, causal=True,
-                                impl="xla", q_pos_T=jnp.arange(t),
-                                k_pos_S=(jnp.arange(c) + 1) * mod.compression_rate)[0]
+        return core.indexer_topk(qi, mod.idx_k(comp), mod.idx_w(x), mod.top_k, causal=True,
+                                 impl="xla", q_pos_T=jnp.arange(t),
+                                 k_pos_S=(jnp.arange(c) + 1) * mod.compression_rate)[0]
 
     idx = np.asarray(jax.jit(lambda v, x: m.apply(v, x, method=fused))(v, x))
     sel = np.zeros(np.asarray(aux["selected"]).shape, bool)
@@ -89,8 +89,8 @@ def test_default_selection_equals_the_aux_selection(name):
 
 
 def test_auto_is_xla_on_cpu_and_variables_do_not_depend_on_impl():
-    assert ops.resolve_impl("auto") == ("pallas" if jax.default_backend() in ("gpu", "tpu")
-                                        else "xla")
+    assert core.resolve_impl("auto") == ("pallas" if jax.default_backend() in ("gpu", "tpu")
+                                         else "xla")
     x = jnp.zeros((1, 5, D))
     for name in MODULES:
         # same names, shapes, dtypes and logical axes for every impl ...

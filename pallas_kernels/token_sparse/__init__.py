@@ -4,8 +4,8 @@ selected keys, shared by all heads, plus an optional raw causal window and a per
 Side by side: the Pallas kernels (``kernel.py`` Triton-style GPU, ``kernel_tpu.py`` Mosaic TPU,
 ``indexer_kernel.py`` the fused lightning-indexer top-k), the pure-jnp references they must equal
 (``reference.py``), the plain-XLA paths that are fastest on CPU (``xla.py``, ``indexer.py``), the
-on-device bitmask and visit tables (``tables.py``), and one ``impl`` switch over all of them
-(``ops.py``).
+on-device bitmask and visit tables (``tables.py``). The ``impl`` switch over them lives in
+``attnhut_jax.core`` (``token_sparse_attention``, ``indexer_topk``), next to block-sparse's.
 """
 
 from .indexer import IndexerBlocks, indexer_topk
