@@ -180,9 +180,12 @@ def run_case(case: Case) -> Result:
         torch_grads[name] = (p.grad.numpy() if p.grad is not None
                              else np.zeros(tuple(p.shape), np.float32))
 
-    out_j, vjp = jax.vjp(jax.jit(lambda p, x: case.output(jax_forward(p, x))), params,
-                         jnp.asarray(x_np))
-    gp, gx = vjp(jnp.asarray(g_np))
+    @jax.jit  # output and its vjp in one program: a single compile for both passes
+    def out_and_grads(p, x, g):
+        out, vjp = jax.vjp(lambda p, x: case.output(jax_forward(p, x)), p, x)
+        return out, vjp(g)
+
+    out_j, (gp, gx) = out_and_grads(params, jnp.asarray(x_np), jnp.asarray(g_np))
     jax_grads = {"input": np.asarray(gx), **to_state_dict(fm, {"params": gp})}
 
     out_t_np, out_j_np = out_t.detach().numpy(), np.asarray(out_j)

@@ -46,7 +46,10 @@ def _check(b, t, s, n, kg, h, bk, bq, causal, p, seed, dtype=jnp.float32, sink=F
             out = fn(q, k, v, keep, block_k=bk, causal=causal, sink=sk, key_valid_BS=kv, **rules)
             return (out.astype(jnp.float32) * g.astype(jnp.float32)).sum(), out
         argn = (0, 1, 2, 3) if sink else (0, 1, 2)
-        (_, out), grads = jax.value_and_grad(loss, argnums=argn, has_aux=True)(q, k, v, sk)
+        # one jit per impl: op-by-op (eager) dispatch compiles every primitive separately and is
+        # several times slower on CPU; the kernels compute the same under both
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=argn, has_aux=True))(
+            q, k, v, sk)
         return out, grads
 
     kern = lambda *a, **kw: block_sparse_attention(*a, block_sizes=BlockSizes(bq), **kw)  # noqa: E731
@@ -105,8 +108,8 @@ def test_check_grads_against_finite_differences(impl):
     q, k, v, keep, sk, kv, _ = _inputs(1, 11, 11, 2, 1, 4, 4, 4, 0.6, 7, sink=True, valid=True)
     fn = dict(pallas=lambda *a, **kw: block_sparse_attention(*a, block_sizes=BlockSizes(8), **kw),
               xla=lambda *a, **kw: block_sparse_attention_xla(*a, block_q=8, **kw))[impl]
-    check_grads(lambda q, k, v, sk: fn(q, k, v, keep, block_k=4, causal=True, sink=sk,
-                                       key_valid_BS=kv),
+    check_grads(jax.jit(lambda q, k, v, sk: fn(q, k, v, keep, block_k=4, causal=True, sink=sk,
+                                               key_valid_BS=kv)),
                 (q, k, v, sk), order=1, modes=["rev"], atol=2e-2, rtol=2e-2, eps=1e-2)
 
 

@@ -31,27 +31,31 @@ MODULES = {
 def test_impls_agree_on_outputs_and_gradients(name):
     x = jax.random.normal(jax.random.key(0), (2, 29, 32))
     ref_m = MODULES[name]("reference")
-    v = ref_m.init(jax.random.key(1), x)
+    v = jax.jit(ref_m.init)(jax.random.key(1), x)
     params = nn.unbox(v)["params"]
 
-    def loss(m):
-        return lambda p, x: (m.apply({"params": p}, x) ** 2).sum()
+    def loss_and_out(m):
+        def f(p, x):
+            out = m.apply({"params": p}, x)
+            return (out ** 2).sum(), out
+        # loss, output and gradients in one jit per impl (eager dispatch is far slower on CPU)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
-    (l_ref, g_ref) = jax.value_and_grad(loss(ref_m), argnums=(0, 1))(params, x)
+    (l_ref, out_ref), g_ref = loss_and_out(ref_m)(params, x)
     # the kernel in interpret mode on the four mechanisms; their variants on the XLA path (the
     # kernel-level tests cover every rule for both)
     for impl in ("pallas", "xla") if name in ("msa", "bigbird", "delta", "hca") else ("xla",):
         m = MODULES[name](impl)
-        (l_imp, g_imp) = jax.jit(jax.value_and_grad(loss(m), argnums=(0, 1)))(params, x)
+        (l_imp, out_imp), g_imp = loss_and_out(m)(params, x)
         np.testing.assert_allclose(float(l_imp), float(l_ref), rtol=1e-5, err_msg=impl)
-        np.testing.assert_allclose(np.asarray(m.apply(v, x)), np.asarray(ref_m.apply(v, x)),
-                                   atol=2e-5, err_msg=impl)
+        np.testing.assert_allclose(np.asarray(out_imp), np.asarray(out_ref), atol=2e-5,
+                                   err_msg=impl)
         jax.tree_util.tree_map(
             lambda a, b, impl=impl: np.testing.assert_allclose(
                 np.asarray(a), np.asarray(b), atol=2e-4, rtol=1e-4, err_msg=impl), g_imp, g_ref)
     # auto picks one of the two and agrees as well
-    np.testing.assert_allclose(np.asarray(MODULES[name]("auto").apply(v, x)),
-                               np.asarray(ref_m.apply(v, x)), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(MODULES[name]("auto").apply)(v, x)),
+                               np.asarray(out_ref), atol=2e-5)
 
 
 @pytest.mark.parametrize("impl", ["pallas", "xla"])
@@ -59,17 +63,17 @@ def test_bigbird_key_padding_through_the_kernel(impl):
     x = jax.random.normal(jax.random.key(0), (2, 21, 32))
     kpm = jax.random.bernoulli(jax.random.key(3), 0.7, (2, 21)).at[1].set(False)
     ref_m, imp_m = MODULES["bigbird"]("reference"), MODULES["bigbird"](impl)
-    v = ref_m.init(jax.random.key(1), x)
-    np.testing.assert_allclose(np.asarray(imp_m.apply(v, x, kpm)),
-                               np.asarray(ref_m.apply(v, x, kpm)), atol=2e-5)
+    v = jax.jit(ref_m.init)(jax.random.key(1), x)
+    np.testing.assert_allclose(np.asarray(jax.jit(imp_m.apply)(v, x, kpm)),
+                               np.asarray(jax.jit(ref_m.apply)(v, x, kpm)), atol=2e-5)
 
 
 def test_msa_aux_path_agrees_with_default_path():
     m = MODULES["msa"]("reference")
     x = jax.random.normal(jax.random.key(0), (2, 29, 32))
-    v = m.init(jax.random.key(1), x)
-    out, _ = m.apply(v, x, return_aux=True)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(m.apply(v, x)), atol=1e-6)
+    v = jax.jit(m.init)(jax.random.key(1), x)
+    out, _ = jax.jit(lambda v, x: m.apply(v, x, return_aux=True))(v, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(jax.jit(m.apply)(v, x)), atol=1e-6)
 
 
 def _avals(jaxpr):
@@ -91,7 +95,7 @@ def test_default_paths_build_no_sequence_by_sequence_array(name, impl):
     t = 100  # larger than every feature width in these modules (3 * 32 = 96)
     m = MODULES[name](impl)
     x = jnp.zeros((1, t, 32))
-    v = m.init(jax.random.key(0), x)
+    v = jax.eval_shape(m.init, jax.random.key(0), x)  # shapes suffice for tracing
     jaxpr = jax.make_jaxpr(lambda v, x: jax.grad(lambda x: m.apply(v, x).sum())(x))(v, x).jaxpr
     shapes = list(_avals(jaxpr))
     assert shapes
@@ -102,7 +106,7 @@ def test_default_paths_build_no_sequence_by_sequence_array(name, impl):
 def test_the_jaxpr_check_can_fail():
     m = MODULES["msa"]("reference")
     x = jnp.zeros((1, 100, 32))
-    v = m.init(jax.random.key(0), x)
+    v = jax.eval_shape(m.init, jax.random.key(0), x)
     shapes = _avals(jax.make_jaxpr(lambda v, x: m.apply(v, x))(v, x).jaxpr)
     assert any(sum(d >= 100 for d in s) >= 2 for s in shapes)
 

@@ -116,7 +116,7 @@ def _aux_both(make, shape, seed=0):
     tm, fm, v, x = _pair(make, shape, seed)
     with torch.no_grad():
         t_out = tm(torch.from_numpy(x), return_aux=True)
-    j_out = fm.apply(v, jnp.asarray(x), return_aux=True)
+    j_out = jax.jit(lambda v, x: fm.apply(v, x, return_aux=True))(v, jnp.asarray(x))
     return t_out, j_out
 
 

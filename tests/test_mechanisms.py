@@ -90,10 +90,15 @@ def test_bfloat16_inputs_stay_finite(name, param_dtype):
     mech = MECHS[name]
     x = _x(dtype=jnp.bfloat16) * 30.0  # large logits
     m, v = _init(mech, x, dtype=jnp.bfloat16, param_dtype=param_dtype)
-    y = _apply(m, v, x)
+
+    def loss(x_):
+        y = _apply(m, v, x_)
+        return y.astype(jnp.float32).sum(), y
+
+    # output and input gradient from one jit (jit == eager is tested in test_jit_equals_eager)
+    (_, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
     assert y.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
-    g = jax.grad(lambda x_: _apply(m, v, x_).astype(jnp.float32).sum())(x)
     assert np.all(np.isfinite(np.asarray(g, np.float32)))
 
 
@@ -179,17 +184,18 @@ def test_gqa_kernel_axes_follow_heads():
 
 def test_initialisers_follow_torch():
     m = ah.GroupedQueryAttention(256, 8, 2, bias=True)
-    v = nn.unbox(m.init(jax.random.key(0), jnp.zeros((1, 1, 256))))["params"]
+    v = nn.unbox(jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 1, 256))))["params"]
     k = np.asarray(v["q"]["kernel"])
     bound = 1 / np.sqrt(256)
     assert k.shape == (256, 256) and np.abs(k).max() <= bound
     assert np.isclose(k.std(), bound / np.sqrt(3), rtol=0.05)
     assert np.abs(np.asarray(v["q"]["bias"])).max() <= bound
-    d = nn.unbox(ah.DifferentialAttention(512, 2).init(jax.random.key(0), jnp.zeros((1, 1, 512))))
+    d = nn.unbox(jax.jit(ah.DifferentialAttention(512, 2).init)(jax.random.key(0),
+                                                                jnp.zeros((1, 1, 512))))
     lam = np.concatenate([np.asarray(d["params"][f"lambda_{n}"]) for n in ("q1", "k1", "q2", "k2")])
     assert np.isclose(lam.std(), 0.1, rtol=0.15) and abs(lam.mean()) < 0.03
     np.testing.assert_array_equal(np.asarray(d["params"]["head_norm"]), 1.0)
-    s = nn.unbox(ah.SlotAttention(256, 3).init(
+    s = nn.unbox(jax.jit(ah.SlotAttention(256, 3).init)(
         {"params": jax.random.key(0), "slots": jax.random.key(1)}, jnp.zeros((1, 2, 256))))
     ls = np.asarray(s["params"]["slot_log_sigma"])
     assert ls.shape == (1, 1, 256) and np.abs(ls).max() <= np.sqrt(6 / 512)

@@ -146,7 +146,7 @@ def test_bigbird_pattern_structure(causal):
 def test_bigbird_pattern_is_fixed_across_traces():
     m = ah.BigBirdAttention(32, 4, block_size=2, num_random_blocks=2, num_global_blocks=1)
     x = jax.random.normal(jax.random.key(0), (1, 17, 32))
-    v = m.init(jax.random.key(1), x)
+    v = jax.jit(m.init)(jax.random.key(1), x)
     a = jax.jit(m.apply)(v, x)
     b = jax.jit(lambda v, x: m.apply(v, x))(v, x)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -159,33 +159,40 @@ def test_delta_stride_one_is_dense_causal_attention():
     d = ah.DeltaAttention(32, 4, window=3, sink=1, stride=1, bias=True)
     s = ah.StandardAttention(32, 4, causal=True, bias=True)
     x = jax.random.normal(jax.random.key(0), (2, 19, 32))
-    v = d.init(jax.random.key(1), x)
-    np.testing.assert_allclose(np.asarray(d.apply(v, x)), np.asarray(s.apply(v, x)), atol=2e-6)
+    v = jax.jit(d.init)(jax.random.key(1), x)
+    np.testing.assert_allclose(np.asarray(jax.jit(d.apply)(v, x)),
+                               np.asarray(jax.jit(s.apply)(v, x)), atol=2e-6)
 
 
 def test_delta_anchor_rows_are_exact_dense_rows():
     d = ah.DeltaAttention(32, 4, window=2, sink=0, stride=4)
     s = ah.StandardAttention(32, 4, causal=True)
     x = jax.random.normal(jax.random.key(0), (1, 13, 32))
-    v = d.init(jax.random.key(1), x)
-    np.testing.assert_allclose(np.asarray(d.apply(v, x))[:, ::4], np.asarray(s.apply(v, x))[:, ::4],
-                               atol=2e-6)
+    v = jax.jit(d.init)(jax.random.key(1), x)
+    np.testing.assert_allclose(np.asarray(jax.jit(d.apply)(v, x))[:, ::4],
+                               np.asarray(jax.jit(s.apply)(v, x))[:, ::4], atol=2e-6)
 
 
 # ----------------------------------------------------------------------------- DSA
+
+
+def _aux(m):
+    """``m.apply(v, x, return_aux=True)`` as one jit: op-by-op dispatch is slow on CPU, and the
+    properties below hold for any trace (jit == eager: test_jit_bf16_and_axes)."""
+    return jax.jit(lambda v, x: m.apply(v, x, return_aux=True))
 
 
 def _dsa(top_k, causal=True, t=13):
     m = ah.DeepSeekSparseAttention(32, 4, top_k=top_k, num_index_heads=2, index_head_dim=8,
                                    causal=causal)
     x = jax.random.normal(jax.random.key(0), (2, t, 32))
-    return m, m.init(jax.random.key(1), x), x
+    return m, jax.jit(m.init)(jax.random.key(1), x), x
 
 
 @pytest.mark.parametrize("top_k", [1, 4, 13, 50])
 def test_dsa_keeps_min_topk_t_plus_one_keys(top_k):
     m, v, x = _dsa(top_k)
-    _, aux = m.apply(v, x, return_aux=True)
+    _, aux = _aux(m)(v, x)
     counts = np.asarray(aux["selected"]).sum(-1)
     np.testing.assert_array_equal(counts, np.minimum(top_k, np.arange(13) + 1)[None].repeat(2, 0))
     assert not np.asarray(aux["selected"] & ~np.tril(np.ones((13, 13), bool))).any()
@@ -194,11 +201,12 @@ def test_dsa_keeps_min_topk_t_plus_one_keys(top_k):
 def test_dsa_topk_at_least_t_is_full_causal_attention():
     m, v, x = _dsa(13)
     s = ah.StandardAttention(32, 4, causal=True)
-    np.testing.assert_allclose(np.asarray(m.apply(v, x)), np.asarray(s.apply(v, x)), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(m.apply)(v, x)),
+                               np.asarray(jax.jit(s.apply)(v, x)), atol=2e-6)
     m2, v2, x2 = _dsa(100, causal=False)
     s2 = ah.StandardAttention(32, 4)
-    np.testing.assert_allclose(np.asarray(m2.apply(v2, x2)), np.asarray(s2.apply(v2, x2)),
-                               atol=2e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(m2.apply)(v2, x2)),
+                               np.asarray(jax.jit(s2.apply)(v2, x2)), atol=2e-6)
 
 
 def test_dsa_ties_break_towards_lower_index():
@@ -229,26 +237,28 @@ def test_dsa_index_aux_loss_matches_torch_and_trains_the_indexer():
         q, k = q.reshape(2, 13, 4, 8), k.reshape(2, 13, 4, 8)
         return core.attention_weights(q, k, keep=core.causal_mask(13, 13)).reshape(2, 4, 13, 13)
 
-    target = teacher({"qkv": params["qkv"], "proj": params["proj"]})
+    target = jax.jit(teacher)({"qkv": params["qkv"], "proj": params["proj"]})
 
+    @jax.jit
     def loss(p):
         _, aux = m.apply({"params": p}, x, return_aux=True)
         return ah.dsa_index_aux_loss(aux["index_scores"], target)
 
+    grad = jax.jit(jax.grad(loss))
     l0 = loss(params)
-    g = jax.grad(loss)(params)
+    g = grad(params)
     assert all(np.abs(np.asarray(a)).max() > 0 for a in jax.tree_util.tree_leaves(g["indexer"]))
     assert all(np.abs(np.asarray(a)).max() == 0 for a in jax.tree_util.tree_leaves(g["qkv"]))
     p = params
     for _ in range(20):
-        gi = jax.grad(loss)(p)
+        gi = grad(p)
         p = jax.tree_util.tree_map(lambda a, b: a - 0.5 * b, p, gi)
     assert float(loss(p)) < float(l0) - 1e-3
 
 
 def test_dsa_output_gives_indexer_no_gradient():
     m, v, x = _dsa(3)
-    g = jax.grad(lambda p: m.apply({"params": p}, x).sum())(nn.unbox(v)["params"])
+    g = jax.jit(jax.grad(lambda p: m.apply({"params": p}, x).sum()))(nn.unbox(v)["params"])
     assert all(np.all(np.asarray(a) == 0) for a in jax.tree_util.tree_leaves(g["indexer"]))
 
 
@@ -259,7 +269,7 @@ def _msa(t=13, **kw):
     cfg = dict(num_kv_groups=2, block_size=4, top_k=2) | kw
     m = ah.MiniMaxSparseAttention(32, 4, **cfg)
     x = jax.random.normal(jax.random.key(0), (2, t, 32))
-    return m, m.init(jax.random.key(1), x), x
+    return m, jax.jit(m.init)(jax.random.key(1), x), x
 
 
 def test_msa_aux_equals_torch():
@@ -269,7 +279,7 @@ def test_msa_aux_equals_torch():
     x = np.random.default_rng(0).standard_normal((2, 11, 32)).astype(np.float32)
     with torch.no_grad():
         _, t_aux = tm(torch.from_numpy(x), return_aux=True)
-    _, j_aux = fm.apply(v, jnp.asarray(x), return_aux=True)
+    _, j_aux = _aux(fm)(v, jnp.asarray(x))
     for key in ("index_scores", "attn_weights"):
         np.testing.assert_allclose(np.asarray(j_aux[key]), t_aux[key].numpy(), atol=1e-5,
                                    rtol=1e-4, err_msg=key)
@@ -281,7 +291,7 @@ def test_msa_aux_equals_torch():
 
 def test_msa_topk_above_num_blocks_keeps_every_causal_key():
     m, v, x = _msa(top_k=10)
-    _, aux = m.apply(v, x, return_aux=True)
+    _, aux = _aux(m)(v, x)
     np.testing.assert_array_equal(np.asarray(aux["keep"]),
                                   np.broadcast_to(np.tril(np.ones((13, 13), bool)), (2, 2, 13, 13)))
 
@@ -290,7 +300,7 @@ def test_msa_index_branch_gradients():
     m, v, x = _msa()
     params = nn.unbox(v)["params"]
     idx = ("idx_q", "idx_k", "idx_q_norm", "idx_k_norm")
-    g_out = jax.grad(lambda p: m.apply({"params": p}, x).sum())(params)
+    g_out = jax.jit(jax.grad(lambda p: m.apply({"params": p}, x).sum()))(params)
     for name in idx:
         assert all(np.all(np.asarray(a) == 0) for a in jax.tree_util.tree_leaves(g_out[name]))
 
@@ -298,9 +308,8 @@ def test_msa_index_branch_gradients():
         _, aux = m.apply({"params": p}, x, return_aux=True)
         return ah.msa_index_aux_loss(aux["index_scores"], aux["attn_weights"], aux["keep"])
 
-    loss = aux_loss(params, x)
+    loss, (gp, gx) = jax.jit(jax.value_and_grad(aux_loss, argnums=(0, 1)))(params, x)
     assert float(loss) >= 0.0
-    gp, gx = jax.grad(aux_loss, argnums=(0, 1))(params, x)
     for name in idx:
         assert any(np.abs(np.asarray(a)).max() > 0 for a in jax.tree_util.tree_leaves(gp[name]))
     for name in ("q", "k", "v", "proj", "q_norm", "k_norm"):
@@ -310,7 +319,7 @@ def test_msa_index_branch_gradients():
 
 def test_msa_selection_is_per_query_block_level():
     m, v, x = _msa(t=16, top_k=1, force_current_block=False)
-    _, aux = m.apply(v, x, return_aux=True)
+    _, aux = _aux(m)(v, x)
     keep = np.asarray(aux["keep"])
     # each query keeps exactly one block: within the causal part, the kept keys form one block
     for b in range(2):
@@ -335,7 +344,7 @@ CAUSAL = {
 def test_causality(name):
     m = CAUSAL[name]()
     x = jax.random.normal(jax.random.key(0), (2, 14, 32))
-    v = m.init(jax.random.key(1), x)
+    v = jax.jit(m.init)(jax.random.key(1), x)
     apply = jax.jit(m.apply)
     y = apply(v, x)
     for p in (0, 5, 13):
@@ -351,11 +360,11 @@ def test_causality(name):
 def test_jit_bf16_and_axes(name):
     m = CAUSAL[name]()
     x = jax.random.normal(jax.random.key(0), (2, 9, 32))
-    v = m.init(jax.random.key(1), x)
+    v = jax.jit(m.init)(jax.random.key(1), x)
     np.testing.assert_allclose(np.asarray(jax.jit(m.apply)(v, x)), np.asarray(m.apply(v, x)),
                                atol=1e-6)
     mb = m.clone(dtype=jnp.bfloat16)
-    yb = mb.apply(v, (x * 20).astype(jnp.bfloat16))
+    yb = jax.jit(mb.apply)(v, (x * 20).astype(jnp.bfloat16))
     assert yb.dtype == jnp.bfloat16 and np.isfinite(np.asarray(yb, np.float32)).all()
     leaves = jax.tree_util.tree_leaves(v["params"], is_leaf=lambda a: isinstance(
         a, nn.LogicallyPartitioned))
@@ -397,6 +406,6 @@ def test_bad_values(make, pattern):
 def test_bigbird_key_padding_mask_shape():
     m = ah.BigBirdAttention(32, 4, 4)
     x = jnp.zeros((2, 5, 32))
-    v = m.init(jax.random.key(0), x)
+    v = jax.jit(m.init)(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape .*\(2, 5\), got \(2, 4\)"):
         m.apply(v, x, jnp.ones((2, 4), bool))

@@ -66,7 +66,7 @@ def _index_grads(attn):
     cfg = dataclasses.replace(TINY, attn=attn)
     model = tl.LM(cfg)
     batch = tl.recall_batch(jax.random.key(0), cfg, 4)
-    params = nn.meta.unbox(model.init(jax.random.key(1), batch["tokens"])["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), batch["tokens"])["params"])
 
     @jax.jit
     def grads(p, c):
@@ -150,8 +150,9 @@ def _spec(specs, path):
 def test_sharded_step_matches_single_device_on_eight_cpus():
     cfg = dataclasses.replace(TINY, batch_size=8)
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # the session's XLA_FLAGS (conftest.py's optimisation level) plus eight host devices
+    flags = os.environ.get("XLA_FLAGS", "").split() + ["--xla_force_host_platform_device_count=8"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
     out = subprocess.run([sys.executable, "-c", SHARDED, json.dumps(fields)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -314,7 +315,7 @@ def test_lm_is_causal():
     cfg = dataclasses.replace(TINY, attn="bigbird")
     model = tl.LM(cfg)
     tokens = tl.recall_batch(jax.random.key(0), cfg, 1)["tokens"]
-    variables = model.init(jax.random.key(1), tokens)
+    variables = jax.jit(model.init)(jax.random.key(1), tokens)
     fwd = jax.jit(lambda v, t: model.apply(v, t)[0])
     a = fwd(variables, tokens)
     b = fwd(variables, tokens.at[:, 20].set((tokens[:, 20] + 1) % cfg.vocab))
