@@ -18,12 +18,11 @@ query-key block pair and head forward, 2.5x that for the backward), cuDNN's on t
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gpu_timing import dense_causal, median_ms, sparse_vs_dense
 
 from pallas_kernels.block_sparse import BlockSizes, block_sparse_attention, build_tables
 
@@ -45,16 +44,6 @@ def selection(pattern: str, t: int, bk: int, frac: float, seed: int = 0) -> np.n
     return np.repeat(keep, bk, axis=0)
 
 
-def _median_ms(fn, reps: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.dry_run:
         args.lengths, args.heads, args.head_dim, args.block, args.reps = [256], 2, 32, 32, 1
-    dense_impl = "xla" if args.dry_run else "cudnn"
+    dense = dense_causal("xla" if args.dry_run else "cudnn")
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}, {dev.platform}: {getattr(dev, 'device_kind', '?')}; bf16, "
           f"{args.heads} heads x {args.head_dim}, blocks of {args.block}, "
@@ -94,7 +83,7 @@ def main() -> None:
             fwd_table, _ = tables(keep)
             visited = int(np.asarray(fwd_table[..., 0]).sum())  # (query tile, key block) pairs
             sparse_flops = 4 * bs.block_q * bk * h * visited
-            tables_ms = _median_ms(lambda f=tables, a=keep: f(a), args.reps)
+            tables_ms = median_ms(lambda f=tables, a=keep: f(a), args.reps)
             print(f"  tables alone: {tables_ms:.2f} ms")
             dense_flops = 4 * t * t * h * n / 2
 
@@ -102,22 +91,8 @@ def main() -> None:
                 return block_sparse_attention(q, k, v, keep, block_k=bk, causal=True,
                                               block_sizes=bs)
 
-            def dense(q, k, v):
-                return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                   implementation=dense_impl)
-
-            for name, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
-                if name not in args.passes:
-                    continue
-                row = []
-                for fn in (sparse, dense):
-                    if name == "fwd":
-                        f = jax.jit(fn)
-                    else:
-                        f = jax.jit(jax.grad(lambda q, k, v, fn=fn: fn(q, k, v).astype(
-                            jnp.float32).sum(), argnums=(0, 1, 2)))
-                    row.append(_median_ms(lambda f=f, qkv=(q, k, v): f(*qkv), args.reps))
-                ks_ms, dn_ms = row
+            for name, mult, ks_ms, dn_ms in sparse_vs_dense(sparse, dense, (q, k, v),
+                                                            args.passes, args.reps):
                 print(f"{pattern:<8} {t:>6} {name:<8} {ks_ms:9.2f} {dn_ms:9.2f} "
                       f"{dn_ms / ks_ms:7.1f}x {mult * sparse_flops / ks_ms / 1e9:12.1f} "
                       f"{mult * dense_flops / dn_ms / 1e9:11.1f}", flush=True)

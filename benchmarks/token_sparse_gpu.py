@@ -25,12 +25,11 @@ the XLA running top-k, and ``lax.top_k`` on the full (T, T) scores) at the same 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gpu_timing import dense_causal, median_ms, sparse_vs_dense
 
 from pallas_kernels.token_sparse import (
     BlockSizes,
@@ -61,16 +60,6 @@ def clustered(t: int, top_k: int, seed: int = 0, segment: int = 256, span: int =
     return out
 
 
-def _median_ms(fn, reps: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,7 +84,7 @@ def main() -> None:
     if args.dry_run:
         args.lengths, args.heads, args.head_dim, args.top_k, args.reps = [512], 2, 32, 64, 1
         args.block_q, args.words_per_block = 16, 1
-    dense_impl = "xla" if args.dry_run else "cudnn"
+    dense = dense_causal("xla" if args.dry_run else "cudnn")
     dev = jax.devices()[0]
     bs = BlockSizes(args.block_q, args.words_per_block, args.num_warps, args.num_stages)
     bq, bk = bs.block_q, 32 * bs.words_per_block
@@ -127,22 +116,8 @@ def main() -> None:
             def sparse(q, k, v, idx=idx):
                 return token_sparse_attention(q, k, v, idx, block_sizes=bs)
 
-            def dense(q, k, v):
-                return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                   implementation=dense_impl)
-
-            for name, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
-                if name not in args.passes:
-                    continue
-                row = []
-                for fn in (sparse, dense):
-                    if name == "fwd":
-                        f = jax.jit(fn)
-                    else:
-                        f = jax.jit(jax.grad(lambda q, k, v, fn=fn: fn(q, k, v).astype(
-                            jnp.float32).sum(), argnums=(0, 1, 2)))
-                    row.append(_median_ms(lambda f=f, qkv=(q, k, v): f(*qkv), args.reps))
-                ks_ms, dn_ms = row
+            for name, mult, ks_ms, dn_ms in sparse_vs_dense(sparse, dense, (q, k, v),
+                                                            args.passes, args.reps):
                 print(f"{pattern:<10} {t:>6} {name:<8} {ks_ms:9.2f} {dn_ms:9.2f} "
                       f"{dn_ms / ks_ms:7.1f}x {visited / causal_pairs:8.3f} "
                       f"{mult * sparse_flops / ks_ms / 1e9:12.1f} "
@@ -158,7 +133,7 @@ def main() -> None:
         for label, fn in variants:
             f = jax.jit(lambda a, b, c, fn=fn: fn(a, b, c, m, causal=True)[0])
             try:
-                ms = _median_ms(lambda f=f, ops=(qi, ki, wi): f(*ops), args.reps)
+                ms = median_ms(lambda f=f, ops=(qi, ki, wi): f(*ops), args.reps)
                 print(f"  {label:<22} {ms:9.2f} ms", flush=True)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the dense one
                 print(f"  {label:<22} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
