@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_walk import jaxpr_shapes
 
 import attnhut_jax as ah
 
@@ -76,19 +77,6 @@ def test_msa_aux_path_agrees_with_default_path():
     np.testing.assert_allclose(np.asarray(out), np.asarray(jax.jit(m.apply)(v, x)), atol=1e-6)
 
 
-def _avals(jaxpr):
-    for eqn in jaxpr.eqns:
-        for var in (*eqn.invars, *eqn.outvars):
-            if hasattr(var, "aval") and hasattr(var.aval, "shape"):
-                yield var.aval.shape
-        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
-            yield from _avals(sub)
-        for p in eqn.params.values():
-            inner = getattr(p, "jaxpr", None)
-            if inner is not None:
-                yield from _avals(getattr(inner, "jaxpr", inner))
-
-
 @pytest.mark.parametrize("name", ["msa", "bigbird", "delta", "hca"])
 @pytest.mark.parametrize("impl", ["auto", "pallas", "xla"])
 def test_default_paths_build_no_sequence_by_sequence_array(name, impl):
@@ -97,7 +85,7 @@ def test_default_paths_build_no_sequence_by_sequence_array(name, impl):
     x = jnp.zeros((1, t, 32))
     v = jax.eval_shape(m.init, jax.random.key(0), x)  # shapes suffice for tracing
     jaxpr = jax.make_jaxpr(lambda v, x: jax.grad(lambda x: m.apply(v, x).sum())(x))(v, x).jaxpr
-    shapes = list(_avals(jaxpr))
+    shapes = list(jaxpr_shapes(jaxpr))
     assert shapes
     bad = [s for s in shapes if sum(d >= t for d in s) >= 2]
     assert not bad, bad
@@ -107,7 +95,7 @@ def test_the_jaxpr_check_can_fail():
     m = MODULES["msa"]("reference")
     x = jnp.zeros((1, 100, 32))
     v = jax.eval_shape(m.init, jax.random.key(0), x)
-    shapes = _avals(jax.make_jaxpr(lambda v, x: m.apply(v, x))(v, x).jaxpr)
+    shapes = jaxpr_shapes(jax.make_jaxpr(lambda v, x: m.apply(v, x))(v, x).jaxpr)
     assert any(sum(d >= 100 for d in s) >= 2 for s in shapes)
 
 

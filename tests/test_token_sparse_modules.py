@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_walk import jaxpr_shapes
 
 import attnhut_jax as ah
 from attnhut_jax import core
@@ -104,18 +105,6 @@ def test_auto_is_xla_on_cpu_and_variables_do_not_depend_on_impl():
         jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
-def _avals(jaxpr):
-    for eqn in jaxpr.eqns:
-        for var in (*eqn.invars, *eqn.outvars):
-            if hasattr(var, "aval") and hasattr(var.aval, "shape"):
-                yield var.aval.shape
-        for p in eqn.params.values():
-            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-                inner = getattr(sub, "jaxpr", None)
-                if inner is not None:
-                    yield from _avals(getattr(inner, "jaxpr", inner))
-
-
 @pytest.mark.parametrize("name", list(MODULES))
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_default_paths_build_no_sequence_by_sequence_array(name, impl):
@@ -124,13 +113,13 @@ def test_default_paths_build_no_sequence_by_sequence_array(name, impl):
     x = jnp.zeros((1, t, D))
     v = jax.eval_shape(m.init, jax.random.key(0), x)
     jaxpr = jax.make_jaxpr(lambda v, x: jax.grad(lambda x: m.apply(v, x).sum())(x))(v, x).jaxpr
-    shapes = list(_avals(jaxpr))
+    shapes = list(jaxpr_shapes(jaxpr))
     assert shapes
     bad = [s for s in shapes if sum(d >= t // 2 for d in s) >= 2]  # T x T and T x C alike
     assert not bad, bad
     # the check can fail: the reference path builds (T, T) masks and scores
     ref = MODULES[name]("reference")
-    ref_shapes = _avals(jax.make_jaxpr(lambda v, x: ref.apply(v, x))(v, x).jaxpr)
+    ref_shapes = jaxpr_shapes(jax.make_jaxpr(lambda v, x: ref.apply(v, x))(v, x).jaxpr)
     assert any(sum(d >= t // 2 for d in s) >= 2 for s in ref_shapes)
 
 
