@@ -123,7 +123,7 @@ def token_sparse_case(b, t, s, n, kg, h, m, dtype, shared=False, window=None, bq
     ks = jax.random.split(jax.random.key(seed), 6)
     q = jax.random.normal(ks[0], (b, t, n, h), dtype)
     k = jax.random.normal(ks[1], (b, s, kg, h), dtype)
-    vw = h if shared else h
+    vw = h
     v = None if shared else jax.random.normal(ks[2], (b, s, kg, vw), dtype)
     idx = _selection(ks[3], b, t, s, m)
     sk = jax.random.normal(ks[4], (n,))

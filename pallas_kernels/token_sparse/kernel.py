@@ -87,6 +87,17 @@ def _block_words(bits_ref, rows, j, wpb):
 # ``n // G`` (index maps), the bitmask and the tables are shared by all heads.
 
 
+def _tile_mask(bits_ref, *, block_q: int, block_k: int, wpb: int, rules: dict):
+    """mask_fn for the forward and dq loops: this query tile's membership in key block ``j``."""
+    q_idx = pl.program_id(2) * block_q + jnp.arange(block_q)
+
+    def mask(j, start):
+        return membership(_block_words(bits_ref, slice(None), j, wpb), q_idx, start, block_k,
+                          **rules)
+
+    return mask
+
+
 def _split_refs(rest, shared: bool):
     """(v_ref, remaining refs): with shared K/V there is no value ref."""
     return (None, rest) if shared else (rest[0], rest[1:])
@@ -95,11 +106,7 @@ def _split_refs(rest, shared: bool):
 def _fwd_kernel(table_ref, bits_ref, sink_ref, q_ref, k_ref, *rest, scale: float,
                 has_sink: bool, shared: bool, block_q: int, block_k: int, wpb: int, **rules):
     v_ref, (o_ref, lse_ref) = _split_refs(rest, shared)
-    q_idx = pl.program_id(2) * block_q + jnp.arange(block_q)
-
-    def mask(j, start):
-        return membership(_block_words(bits_ref, slice(None), j, wpb), q_idx, start, block_k,
-                          **rules)
+    mask = _tile_mask(bits_ref, block_q=block_q, block_k=block_k, wpb=wpb, rules=rules)
 
     out, lse = forward_tile(table_ref, q_ref[...], k_ref, k_ref if shared else v_ref,
                             sink_ref[0] if has_sink else None, mask, scale=scale,
@@ -111,11 +118,7 @@ def _fwd_kernel(table_ref, bits_ref, sink_ref, q_ref, k_ref, *rest, scale: float
 def _dq_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, scale: float, shared: bool,
                block_q: int, block_k: int, wpb: int, **rules):
     v_ref, (do_ref, lse_ref, delta_ref, dq_ref) = _split_refs(rest, shared)
-    q_idx = pl.program_id(2) * block_q + jnp.arange(block_q)
-
-    def mask(j, start):
-        return membership(_block_words(bits_ref, slice(None), j, wpb), q_idx, start, block_k,
-                          **rules)
+    mask = _tile_mask(bits_ref, block_q=block_q, block_k=block_k, wpb=wpb, rules=rules)
 
     dq = dq_tile(table_ref, q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], k_ref,
                  k_ref if shared else v_ref, mask, scale=scale, block_k=block_k)
