@@ -47,8 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     g.add_argument("--compression-rate", type=int, default=d.compression_rate)
     g.add_argument("--index-dim", type=int, default=d.index_dim)
     g.add_argument("--impl", default=d.impl,
-                   help="sparse core for the modules with an impl field (auto, reference, xla, "
-                        "pallas); auto: pallas on GPU/TPU, the module's CPU default elsewhere")
+                   help="sparse core of bigbird, delta and the sparse and compressed mechanisms "
+                        "(auto, reference, xla, pallas); auto: pallas on GPU/TPU, xla elsewhere")
     g = p.add_argument_group("data")
     g.add_argument("--seq-len", type=int, default=d.seq_len)
     g.add_argument("--num-pairs", type=int, default=d.num_pairs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -322,3 +323,20 @@ def test_lm_is_causal():
     b = fwd(variables, tokens.at[:, 20].set((tokens[:, 20] + 1) % cfg.vocab))
     np.testing.assert_array_equal(np.asarray(a[:, :20]), np.asarray(b[:, :20]))
     assert not np.allclose(np.asarray(a[:, 20:]), np.asarray(b[:, 20:]))
+
+
+def test_script_runs_as_a_file_and_as_a_module(monkeypatch, capsys):
+    """``python examples/train_lm.py`` (a fresh process that has only examples/ on its path)
+    and ``python -m examples.train_lm`` (run here the way ``-m`` runs it) take the same flags."""
+    env = dict(os.environ, PYTHONPATH="")  # the script finds the package on its own
+    as_file = subprocess.run([sys.executable, "examples/train_lm.py", "--help"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert as_file.returncode == 0, as_file.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["train_lm.py", "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("examples.train_lm", run_name="__main__", alter_sys=True)
+    assert done.value.code == 0
+    as_module = capsys.readouterr().out
+    for out in (as_file.stdout, as_module):
+        assert "--attn" in out and "--ckpt-dir" in out and "--mesh" in out, out
+    assert as_file.stdout.split("options:")[1] == as_module.split("options:")[1]

@@ -16,7 +16,7 @@ from .analysis import (
     recall_view,
     show_what_it_learned,
 )
-from .config import MECHANISMS, WITH_AUX_LOSS, Config
+from .config import MECHANISMS, WITH_AUX_LOSS, WITH_SPARSE_CORE, Config
 from .data import Batch, Data, TextData, recall_batch
 from .model import LM, Block, attention_with_aux, kv_cache_bytes_per_token, make_attention
 from .sharding import (
@@ -32,7 +32,8 @@ from .training import Checkpoints, Progress, Trainer, loss_fn, optimizer, schedu
 
 __all__ = [
     "Batch", "Block", "Checkpoints", "Config", "Data", "LM", "MECHANISMS", "MESH_AXES",
-    "PATTERNED", "Progress", "RULES", "TextData", "Trainer", "WITH_AUX_LOSS", "attention_with_aux",
+    "PATTERNED", "Progress", "RULES", "TextData", "Trainer", "WITH_AUX_LOSS", "WITH_SPARSE_CORE",
+    "attention_with_aux",
     "describe_sample", "greedy_continue", "key_read_map", "kv_cache_bytes_per_token",
     "last_layer_selection", "loss_fn", "make_attention", "make_mesh", "optimizer",
     "param_partition_specs", "param_shardings", "parse_mesh", "recall_batch", "recall_view",

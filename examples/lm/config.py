@@ -11,6 +11,10 @@ from attnhut_jax import core
 MECHANISMS = ("standard", "gqa", "mqa", "mla", "differential", "delta", "bigbird",
               "minimax_sparse", "deepseek_sparse", "heavily_compressed", "compressed_sparse")
 WITH_AUX_LOSS = ("minimax_sparse", "deepseek_sparse", "compressed_sparse")
+# The mechanisms with a sparse core that ``impl`` picks (auto | reference | xla | pallas); the
+# dense ones keep their own impl default (their impls are another set).
+WITH_SPARSE_CORE = ("bigbird", "delta", "minimax_sparse", "deepseek_sparse", "heavily_compressed",
+                    "compressed_sparse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Config:
     window: int = 32           # delta, heavily_compressed, compressed_sparse
     compression_rate: int = 4  # heavily_compressed, compressed_sparse
     index_dim: int = 16        # width of the index / lightning-indexer heads
-    impl: str = "auto"         # sparse core of the modules that have one: auto|reference|xla|pallas
+    impl: str = "auto"         # sparse core of WITH_SPARSE_CORE: auto|reference|xla|pallas
     # task
     seq_len: int = 128
     num_pairs: int = 8

@@ -15,8 +15,6 @@ them to predict where the main attention looks.
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,7 @@ import jax.numpy as jnp
 import attnhut_jax as ah
 from attnhut_jax import core
 
-from .config import WITH_AUX_LOSS, Config
+from .config import WITH_AUX_LOSS, WITH_SPARSE_CORE, Config
 
 Array = jax.Array
 
@@ -54,7 +52,7 @@ def make_attention(cfg: Config, layer: int, name: str = "attn") -> nn.Module:
                               dict(compression_rate=cfg.compression_rate, top_k=k,
                                    window=cfg.window, index_dim=cfg.index_dim)),
     }[a]
-    if cfg.impl != "auto" and "impl" in {f.name for f in dataclasses.fields(cls)}:
+    if cfg.impl != "auto" and a in WITH_SPARSE_CORE:
         kw["impl"] = cfg.impl
     return cls(*args, **kw, dtype=cfg.compute_dtype, name=name)
 
