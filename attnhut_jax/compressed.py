@@ -187,8 +187,8 @@ class HeavilyCompressedAttention(nn.Module):
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
         """Bytes a decoder caches per token in ``dtype``, amortised at long context: one shared
-        ``kv_dim`` entry per ``compression_rate`` tokens (the raw window is a constant
-        ``window`` tokens, not a per-token cost)."""
+        ``kv_dim`` entry per ``compression_rate`` tokens (the raw window is a constant ``window``
+        tokens, not a per-token cost)."""
         kv_dim = self.kv_dim or self.dim // self.num_heads
         return float(kv_dim / self.compression_rate * jnp.dtype(dtype).itemsize)
 
@@ -272,8 +272,8 @@ class CompressedSparseAttention(nn.Module):
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
         """Bytes a decoder caches per token in ``dtype``, amortised at long context: per
-        ``compression_rate`` tokens one shared ``kv_dim`` entry and its indexer key
-        (``index_dim``); the raw window is a constant ``window`` tokens, not counted."""
+        ``compression_rate`` tokens one shared ``kv_dim`` entry and its indexer key (``index_dim``);
+        the raw window is a constant ``window`` tokens, not counted."""
         kv_dim = self.kv_dim or self.dim // self.num_heads
         return float((kv_dim + self.index_dim) / self.compression_rate * jnp.dtype(dtype).itemsize)
 
@@ -354,9 +354,9 @@ class CompressedSparseAttention(nn.Module):
                 sink=self.sink, window=self.window, window_start=nc)
         out = self.proj(out_BTNH)
         if return_aux:
-            probs_B1NTC = core.attention_weights(
+            probs_BKGTC = core.attention_weights(
                 q_BTNH, kv_BSH[:, :nc, None, :], keep=compressed_visible(t, nc, r), scale=scale,
                 sink=self.sink)
-            aux["dense_weights"] = probs_B1NTC.reshape(b, self.num_heads, t, nc)
+            aux["dense_weights"] = probs_BKGTC.reshape(b, self.num_heads, t, nc)
             return out, aux
         return out

@@ -86,8 +86,8 @@ class DeepSeekSparseAttention(nn.Module):
         return self.dim // self.num_heads
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
-        """Bytes a decoder caches per token in ``dtype``: K and V of every head, plus the lightning indexer's
-        key (``index_head_dim``)."""
+        """Bytes a decoder caches per token in ``dtype``: K and V of every head, plus the lightning
+        indexer's key (``index_head_dim``)."""
         return float((2 * self.dim + self.index_head_dim) * jnp.dtype(dtype).itemsize)
 
     def setup(self) -> None:
@@ -137,8 +137,8 @@ class DeepSeekSparseAttention(nn.Module):
         out = self.proj(out.reshape(b, t, self.dim))
         if return_aux:
             keep = core.causal_mask(t, t) if self.causal else None
-            probs_BN1TS = core.attention_weights(q, k, keep=keep, scale=scale)
-            aux["dense_weights"] = probs_BN1TS.reshape(b, self.num_heads, t, t)
+            probs_BKGTS = core.attention_weights(q, k, keep=keep, scale=scale)
+            aux["dense_weights"] = probs_BKGTS.reshape(b, self.num_heads, t, t)
             return out, aux
         return out
 

@@ -40,8 +40,8 @@ class DeltaAttention(nn.Module):
         return self.dim // self.num_heads
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
-        """Bytes a decoder caches per token in ``dtype``: K and V of every head (the dense correction reads
-        every past key)."""
+        """Bytes a decoder caches per token in ``dtype``: K and V of every head (the dense
+        correction reads every past key)."""
         return float(2 * self.dim * jnp.dtype(dtype).itemsize)
 
     def setup(self) -> None:

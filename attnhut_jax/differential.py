@@ -54,8 +54,8 @@ class DifferentialAttention(nn.Module):
         return lambda_init(self.depth)
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
-        """Bytes a decoder caches per token in ``dtype``: K (two maps per head) and V of every head, ``dim``
-        wide each."""
+        """Bytes a decoder caches per token in ``dtype``: K (two maps per head) and V of every head,
+        ``dim`` wide each."""
         return float(2 * self.dim * jnp.dtype(dtype).itemsize)
 
     def setup(self) -> None:

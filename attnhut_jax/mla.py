@@ -45,8 +45,8 @@ class MultiHeadLatentAttention(nn.Module):
                 self.v_head_dim or head_dim)
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
-        """Bytes a decoder caches per token in ``dtype``: the latent (``kv_lora_rank``) and the rope key
-        shared by all heads."""
+        """Bytes a decoder caches per token in ``dtype``: the latent (``kv_lora_rank``) and the rope
+        key shared by all heads."""
         _, kv_lora_rank, _, rope_dim, _ = self.dims()
         return float((kv_lora_rank + rope_dim) * jnp.dtype(dtype).itemsize)
 
