@@ -333,6 +333,7 @@ def test_script_runs_as_a_file_and_as_a_module(monkeypatch, capsys):
                              env=env, capture_output=True, text=True, timeout=120)
     assert as_file.returncode == 0, as_file.stderr[-2000:]
     monkeypatch.setattr(sys, "argv", ["train_lm.py", "--help"])
+    monkeypatch.delitem(sys.modules, "examples.train_lm")  # run it fresh, as -m does
     with pytest.raises(SystemExit) as done:
         runpy.run_module("examples.train_lm", run_name="__main__", alter_sys=True)
     assert done.value.code == 0
