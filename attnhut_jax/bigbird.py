@@ -94,6 +94,11 @@ class BigBirdAttention(nn.Module):
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``: K and V of every head (global and random
+        blocks reach any past key)."""
+        return float(2 * self.dim * jnp.dtype(dtype).itemsize)
+
     def setup(self) -> None:
         owner = "BigBirdAttention"
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads,

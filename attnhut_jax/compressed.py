@@ -185,6 +185,13 @@ class HeavilyCompressedAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``, amortised at long context: one shared
+        ``kv_dim`` entry per ``compression_rate`` tokens (the raw window is a constant ``window``
+        tokens, not a per-token cost)."""
+        kv_dim = self.kv_dim or self.dim // self.num_heads
+        return float(kv_dim / self.compression_rate * jnp.dtype(dtype).itemsize)
+
     def setup(self) -> None:
         core.check_impl("HeavilyCompressedAttention", self.impl)
         c, ql, g = _resolved("HeavilyCompressedAttention", self.dim, self.num_heads, self.kv_dim,
@@ -263,6 +270,13 @@ class CompressedSparseAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``, amortised at long context: per
+        ``compression_rate`` tokens one shared ``kv_dim`` entry and its indexer key (``index_dim``);
+        the raw window is a constant ``window`` tokens, not counted."""
+        kv_dim = self.kv_dim or self.dim // self.num_heads
+        return float((kv_dim + self.index_dim) / self.compression_rate * jnp.dtype(dtype).itemsize)
+
     def setup(self) -> None:
         core.check_impl("CompressedSparseAttention", self.impl)
         c, ql, g = _resolved("CompressedSparseAttention", self.dim, self.num_heads, self.kv_dim,
@@ -293,8 +307,11 @@ class CompressedSparseAttention(nn.Module):
     def __call__(self, x: Array, return_aux: bool = False) -> Array | tuple[Array, dict[str, Array]]:
         """(B, T, D) -> (B, T, D), causal.
 
-        With ``return_aux`` also returns ``{"index_scores": (B, T, C), "selected": (B, T, C)}``:
-        the indexer scores (fill value where the entry is not yet visible) and the kept entries.
+        With ``return_aux`` also returns ``{"index_scores": (B, T, C), "selected": (B, T, C),
+        "dense_weights": (B, N, T, C)}``: the indexer scores (fill value where the entry is not yet
+        visible), the kept entries, and the main branch's attention over *every* visible entry
+        (no top-k; the sink logit in the denominator, the raw window left out), the target of
+        ``dsa_index_aux_loss(aux["index_scores"], aux["dense_weights"])``.
         """
         core.check_input(x, self.dim, "CompressedSparseAttention")
         b, t, _ = x.shape
@@ -337,5 +354,9 @@ class CompressedSparseAttention(nn.Module):
                 sink=self.sink, window=self.window, window_start=nc)
         out = self.proj(out_BTNH)
         if return_aux:
+            probs_BKGTC = core.attention_weights(
+                q_BTNH, kv_BSH[:, :nc, None, :], keep=compressed_visible(t, nc, r), scale=scale,
+                sink=self.sink)
+            aux["dense_weights"] = probs_BKGTC.reshape(b, self.num_heads, t, nc)
             return out, aux
         return out

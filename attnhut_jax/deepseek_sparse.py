@@ -85,6 +85,11 @@ class DeepSeekSparseAttention(nn.Module):
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``: K and V of every head, plus the lightning
+        indexer's key (``index_head_dim``)."""
+        return float((2 * self.dim + self.index_head_dim) * jnp.dtype(dtype).itemsize)
+
     def setup(self) -> None:
         owner = "DeepSeekSparseAttention"
         core.check_impl(owner, self.impl)
@@ -102,7 +107,9 @@ class DeepSeekSparseAttention(nn.Module):
         """(B, T, D) -> (B, T, D), or ``(out, aux)`` with ``return_aux=True``.
 
         ``aux['index_scores']`` (B, T, T): indexer scores, invalid (future) keys at the fill
-        value; ``aux['selected']`` (B, T, T) bool: the keys each query attends.
+        value; ``aux['selected']`` (B, T, T) bool: the keys each query attends;
+        ``aux['dense_weights']`` (B, N, T, T): the main attention over every visible key (no
+        top-k), the target of ``dsa_index_aux_loss(aux['index_scores'], aux['dense_weights'])``.
         """
         core.check_input(x, self.dim, "DeepSeekSparseAttention")
         b, t, _ = x.shape
@@ -129,6 +136,9 @@ class DeepSeekSparseAttention(nn.Module):
             out = core.token_sparse_attention(q, k, v, indices, impl=impl, scale=scale)
         out = self.proj(out.reshape(b, t, self.dim))
         if return_aux:
+            keep = core.causal_mask(t, t) if self.causal else None
+            probs_BKGTS = core.attention_weights(q, k, keep=keep, scale=scale)
+            aux["dense_weights"] = probs_BKGTS.reshape(b, self.num_heads, t, t)
             return out, aux
         return out
 

@@ -39,6 +39,11 @@ class DeltaAttention(nn.Module):
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``: K and V of every head (the dense
+        correction reads every past key)."""
+        return float(2 * self.dim * jnp.dtype(dtype).itemsize)
+
     def setup(self) -> None:
         owner = "DeltaAttention"
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads, window=self.window,

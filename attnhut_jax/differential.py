@@ -53,6 +53,11 @@ class DifferentialAttention(nn.Module):
     def lambda_init(self) -> float:
         return lambda_init(self.depth)
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``: K (two maps per head) and V of every head,
+        ``dim`` wide each."""
+        return float(2 * self.dim * jnp.dtype(dtype).itemsize)
+
     def setup(self) -> None:
         owner = "DifferentialAttention"
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads)

@@ -30,6 +30,10 @@ class GroupedQueryAttention(nn.Module):
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``: K and V of every kv head."""
+        return float(2 * self.num_kv_heads * self.head_dim * jnp.dtype(dtype).itemsize)
+
     def setup(self) -> None:
         owner = "GroupedQueryAttention"
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads,

@@ -124,6 +124,12 @@ class MiniMaxSparseAttention(nn.Module):
         di = self.index_dim or self.head_dim
         return di, (self.rope_dim if self.rope_dim is not None else min(self.head_dim, di))
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``: K and V of every kv group, plus the index
+        key shared by all groups."""
+        index_dim, _ = self.resolved_dims()
+        return float((2 * self.num_kv_groups * self.head_dim + index_dim) * jnp.dtype(dtype).itemsize)
+
     def setup(self) -> None:
         owner = "MiniMaxSparseAttention"
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads,

@@ -44,6 +44,12 @@ class MultiHeadLatentAttention(nn.Module):
                 self.qk_nope_head_dim or head_dim // 2, self.qk_rope_head_dim or head_dim // 2,
                 self.v_head_dim or head_dim)
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``: the latent (``kv_lora_rank``) and the rope
+        key shared by all heads."""
+        _, kv_lora_rank, _, rope_dim, _ = self.dims()
+        return float((kv_lora_rank + rope_dim) * jnp.dtype(dtype).itemsize)
+
     def setup(self) -> None:
         owner = "MultiHeadLatentAttention"
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads)

@@ -29,6 +29,11 @@ class MultiQueryAttention(nn.Module):
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``: one K and one V head shared by all query
+        heads."""
+        return float(2 * self.head_dim * jnp.dtype(dtype).itemsize)
+
     def setup(self) -> None:
         core.check_positive("MultiQueryAttention", dim=self.dim, num_heads=self.num_heads)
         core.check_divisible("MultiQueryAttention", ("dim", self.dim),

@@ -28,6 +28,10 @@ class StandardAttention(nn.Module):
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``: K and V of every head."""
+        return float(2 * self.dim * jnp.dtype(dtype).itemsize)
+
     def setup(self) -> None:
         core.check_positive("StandardAttention", dim=self.dim, num_heads=self.num_heads)
         core.check_divisible("StandardAttention", ("dim", self.dim), ("num_heads", self.num_heads))

@@ -20,28 +20,32 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import train_lm as tl
+
+if not __package__:  # run as a file (python examples/compare.py): make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples import lm  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--attn", default=",".join(tl.MECHANISMS),
+    p.add_argument("--attn", default=",".join(lm.MECHANISMS),
                    help="comma-separated mechanisms (default: all)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seq-len", type=int, default=tl.Config.seq_len)
-    p.add_argument("--batch-size", type=int, default=tl.Config.batch_size)
-    p.add_argument("--dim", type=int, default=tl.Config.dim)
-    p.add_argument("--depth", type=int, default=tl.Config.depth)
+    p.add_argument("--seq-len", type=int, default=lm.Config.seq_len)
+    p.add_argument("--batch-size", type=int, default=lm.Config.batch_size)
+    p.add_argument("--dim", type=int, default=lm.Config.dim)
+    p.add_argument("--depth", type=int, default=lm.Config.depth)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", default="auto", help="sparse core (see train_lm.py --impl)")
     p.add_argument("--out", default="compare.png", help="PNG path; the table goes to .md beside it")
     a = p.parse_args(argv)
     names = [n.strip() for n in a.attn.split(",") if n.strip()]
-    unknown = [n for n in names if n not in tl.MECHANISMS]
+    unknown = [n for n in names if n not in lm.MECHANISMS]
     if unknown or not names:
         raise ValueError(f"--attn {a.attn!r}: unknown {unknown}; choose from "
-                         f"{', '.join(tl.MECHANISMS)}")
+                         f"{', '.join(lm.MECHANISMS)}")
     a.names = names
     return a
 
@@ -96,13 +100,13 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     a = parse_args(argv)
-    base = dataclasses.replace(tl.Config(), steps=a.steps, eval_every=a.eval_every,
+    base = dataclasses.replace(lm.Config(), steps=a.steps, eval_every=a.eval_every,
                                seq_len=a.seq_len, batch_size=a.batch_size, dim=a.dim,
                                depth=a.depth, seed=a.seed, impl=a.impl, progress=sys.stderr.isatty())
     rows = []
     for name in a.names:
         cfg = dataclasses.replace(base, attn=name)
-        result = tl.train(cfg, log=lambda s: None)
+        result = lm.train(cfg, log=lambda s: None)
         row = {k: v for k, v in result.items() if k not in ("state", "trainer", "cfg")}
         rows.append(row)
         print(f"{name:20s} loss {row['initial_loss']:.3f} -> {row['final_loss']:.3f}  "

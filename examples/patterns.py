@@ -28,19 +28,23 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import train_lm as tl
 
-SHOWN = tl.PATTERNED
+if not __package__:  # run as a file (python examples/patterns.py): make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples import lm  # noqa: E402
+
+SHOWN = lm.PATTERNED
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attn", default=",".join(SHOWN), help="comma-separated sparse mechanisms")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seq-len", type=int, default=tl.Config.seq_len)
-    p.add_argument("--dim", type=int, default=tl.Config.dim)
-    p.add_argument("--depth", type=int, default=tl.Config.depth)
-    p.add_argument("--batch-size", type=int, default=tl.Config.batch_size)
+    p.add_argument("--seq-len", type=int, default=lm.Config.seq_len)
+    p.add_argument("--dim", type=int, default=lm.Config.dim)
+    p.add_argument("--depth", type=int, default=lm.Config.depth)
+    p.add_argument("--batch-size", type=int, default=lm.Config.batch_size)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", default="auto", help="sparse core (see train_lm.py --impl)")
     p.add_argument("--out", default="patterns.png")
@@ -50,20 +54,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if unknown or not names:
         raise ValueError(f"--attn {a.attn!r}: unknown {unknown}; choose from {', '.join(SHOWN)}")
 
-    base = dataclasses.replace(tl.Config(), steps=a.steps, seq_len=a.seq_len, seed=a.seed, impl=a.impl,
+    base = dataclasses.replace(lm.Config(), steps=a.steps, seq_len=a.seq_len, seed=a.seed, impl=a.impl,
                                dim=a.dim, depth=a.depth, batch_size=a.batch_size,
                                eval_every=max(a.steps, 1), progress=sys.stderr.isatty())
     maps, views = {}, {}
     tokens = weights = None
     for name in names:
         cfg = dataclasses.replace(base, attn=name)
-        result = tl.train(cfg, log=lambda s: None)
-        batch = tl.Data(cfg, result["trainer"]).eval_batches()[0]
+        result = lm.train(cfg, log=lambda s: None)
+        batch = lm.Data(cfg, result["trainer"]).eval_batches()[0]
         row = {k: np.asarray(v[:1]) for k, v in jax.device_get(batch).items()}
         tokens, weights = row["tokens"][0], row["weights"][0]
-        sel = tl.last_layer_selection(result, row["tokens"])
-        maps[name] = tl.key_read_map(cfg, None if sel is None else sel[0], cfg.seq_len)
-        views[name] = tl.recall_view(cfg, tokens, weights, maps[name])
+        sel = lm.last_layer_selection(result, row["tokens"])
+        maps[name] = lm.key_read_map(cfg, None if sel is None else sel[0], cfg.seq_len)
+        views[name] = lm.recall_view(cfg, tokens, weights, maps[name])
         print(f"{name:20s} recall view {views[name]:.2f}  reads "
               f"{(maps[name] > 0).sum() / np.tril(np.ones_like(maps[name])).sum():.2f} of the "
               f"causal (query, key) pairs; final recall accuracy {result['final_acc']:.3f}",

@@ -1,11 +1,13 @@
-"""examples/train_lm.py: the train step learns, selectors get their aux gradient, a sharded step
-equals the single-device step, checkpoints resume exactly, bad flags fail with a clear message."""
+"""examples/lm and its command line examples/train_lm.py: the train step learns, selectors get
+their aux gradient, a sharded step equals the single-device step, checkpoints resume exactly, bad
+flags fail with a clear message, and both ways of running the script work."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -20,11 +22,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT))
 
-import train_lm as tl  # noqa: E402
+from examples import lm  # noqa: E402
+from examples.train_lm import main  # noqa: E402
 
-TINY = tl.Config(dim=32, depth=1, heads=4, kv_heads=2, seq_len=32, num_pairs=4, num_queries=4,
+TINY = lm.Config(dim=32, depth=1, heads=4, kv_heads=2, seq_len=32, num_pairs=4, num_queries=4,
                  num_keys=8, num_values=8, batch_size=8, block_size=8, window=8,
                  compression_rate=4, index_dim=8, steps=8, warmup=1, lr=1e-2, eval_batches=2,
                  eval_every=1000, progress=False, impl="reference")
@@ -33,14 +36,14 @@ TINY = tl.Config(dim=32, depth=1, heads=4, kv_heads=2, seq_len=32, num_pairs=4, 
 
 
 def _one_device_mesh():
-    return tl.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])
+    return lm.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])
 
 
 @pytest.mark.parametrize("attn", ["standard", "deepseek_sparse"])
 def test_train_steps_lower_the_loss(attn):
     cfg = dataclasses.replace(TINY, attn=attn)
-    trainer = tl.Trainer.build(cfg, _one_device_mesh())
-    data = tl.Data(cfg, trainer)
+    trainer = lm.Trainer.build(cfg, _one_device_mesh())
+    data = lm.Data(cfg, trainer)
     evals = data.eval_batches()
     state = trainer.init_state()
     before = trainer.evaluate(state["params"], evals)["loss"]
@@ -64,8 +67,8 @@ INDEX_PARAMS = {
 def _index_grads(attn):
     """Gradients of task + c * aux for c = 0 and c = 1, and the aux value (one compile)."""
     cfg = dataclasses.replace(TINY, attn=attn)
-    model = tl.LM(cfg)
-    batch = tl.recall_batch(jax.random.key(0), cfg, 4)
+    model = lm.LM(cfg)
+    batch = lm.recall_batch(jax.random.key(0), cfg, 4)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), batch["tokens"])["params"])
 
     @jax.jit
@@ -101,18 +104,17 @@ SHARDED = textwrap.dedent("""
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
     from jax.sharding import PartitionSpec as P
-    sys.path.insert(0, "examples")
-    import train_lm as tl
+    from examples import lm
     assert jax.device_count() == 8, jax.devices()
-    base = tl.Config(**json.loads(sys.argv[1]))
+    base = lm.Config(**json.loads(sys.argv[1]))
     report = {}
     for attn in ("gqa",):
         cfg = dataclasses.replace(base, attn=attn)
         runs = {}
-        for name, mesh in (("one", tl.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])),
-                           ("eight", tl.make_mesh(tl.parse_mesh("data=4,model=2", 8)))):
-            tr = tl.Trainer.build(cfg, mesh)
-            data = tl.Data(cfg, tr)
+        for name, mesh in (("one", lm.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])),
+                           ("eight", lm.make_mesh(lm.parse_mesh("data=4,model=2", 8)))):
+            tr = lm.Trainer.build(cfg, mesh)
+            data = lm.Data(cfg, tr)
             state = tr.init_state()
             losses = []
             for s in range(3):
@@ -134,7 +136,7 @@ SHARDED = textwrap.dedent("""
         report[attn] = {"losses": l8, "specs": specs, "mu": mu,
                         "replicated": tr8.replicated_params}
     try:
-        tl.Trainer.build(dataclasses.replace(base, batch_size=6), tl.make_mesh({"data": 4, "model": 2}))
+        lm.Trainer.build(dataclasses.replace(base, batch_size=6), lm.make_mesh({"data": 4, "model": 2}))
         report["batch_error"] = "none raised"
     except ValueError as e:
         report["batch_error"] = str(e)
@@ -181,10 +183,10 @@ def test_sharded_step_matches_single_device_on_eight_cpus():
 
 
 def _specs(cfg, mesh_shape):
-    model = tl.LM(cfg)
+    model = lm.LM(cfg)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                               jnp.zeros((1, cfg.seq_len), jnp.int32))["params"])
-    specs, fallback = tl.param_partition_specs(boxed, mesh_shape)
+    specs, fallback = lm.param_partition_specs(boxed, mesh_shape)
     flat = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
     return {jax.tree_util.keystr(p): tuple(s) for p, s in flat}, fallback
 
@@ -208,13 +210,13 @@ def test_rules_place_every_mechanisms_parameters():
 
 def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path):
     cfg = dataclasses.replace(TINY, eval_every=3)
-    straight = tl.train(cfg, _one_device_mesh(), log=lambda s: None)
+    straight = lm.train(cfg, _one_device_mesh(), log=lambda s: None)
 
     ckpt = dataclasses.replace(cfg, ckpt_dir=str(tmp_path / "ckpt"), ckpt_every=2)
-    first = tl.train(ckpt, _one_device_mesh(), log=lambda s: None, stop_after=5)
+    first = lm.train(ckpt, _one_device_mesh(), log=lambda s: None, stop_after=5)
     assert int(first["state"]["step"]) == 5
     logs: list[str] = []
-    resumed = tl.train(ckpt, _one_device_mesh(), log=logs.append)
+    resumed = lm.train(ckpt, _one_device_mesh(), log=logs.append)
     assert any("resumed" in s and "step 5" in s for s in logs), logs
 
     a, b = straight["state"], resumed["state"]
@@ -227,7 +229,7 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path):
 
     for change in (dict(lr=1e-3), dict(dim=64)):  # same shapes / other shapes
         with pytest.raises(ValueError, match=f"{next(iter(change))}: checkpoint"):
-            tl.train(dataclasses.replace(ckpt, **change), _one_device_mesh(), log=lambda s: None)
+            lm.train(dataclasses.replace(ckpt, **change), _one_device_mesh(), log=lambda s: None)
 
 
 def test_cli_writes_metrics(tmp_path, capsys):
@@ -238,7 +240,7 @@ def test_cli_writes_metrics(tmp_path, capsys):
             "--impl", "reference",
             "--steps", "8", "--warmup", "1", "--lr", "1e-2", "--eval-every", "4",
             "--eval-batches", "1", "--metrics-out", str(out), "--no-progress", "--show"]
-    tl.main(args)
+    main(args)
     m = json.loads(out.read_text())
     for key in ("initial_loss", "final_loss", "steps", "devices", "tokens_per_sec"):
         assert key in m, key
@@ -253,7 +255,7 @@ def test_cli_writes_metrics(tmp_path, capsys):
 
 def test_recall_batch_layout():
     cfg = TINY
-    b = jax.device_get(jax.jit(tl.recall_batch, static_argnums=(1, 2))(jax.random.key(3), cfg, 16))
+    b = jax.device_get(jax.jit(lm.recall_batch, static_argnums=(1, 2))(jax.random.key(3), cfg, 16))
     tok, tgt, w = b["tokens"], b["targets"], b["weights"]
     np.testing.assert_array_equal(tgt[:, :-1], tok[:, 1:])
     assert np.all(w.sum(1) == cfg.num_queries)
@@ -269,7 +271,7 @@ def test_text_file_task(tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 40)
     cfg = dataclasses.replace(TINY, text=str(path), steps=3)
-    result = tl.train(cfg, _one_device_mesh(), log=lambda s: None)
+    result = lm.train(cfg, _one_device_mesh(), log=lambda s: None)
     assert result["task"] == "text" and cfg.vocab == 256
     assert result["final_loss"] < result["initial_loss"]
 
@@ -283,29 +285,29 @@ def test_text_file_task(tmp_path):
 ])
 def test_bad_mesh_is_named(spec, message):
     with pytest.raises(ValueError, match=message):
-        tl.parse_mesh(spec, 1)
+        lm.parse_mesh(spec, 1)
     with pytest.raises(ValueError, match=message):
-        tl.main(["--mesh", spec, "--steps", "1", "--no-progress"])
+        main(["--mesh", spec, "--steps", "1", "--no-progress"])
 
 
 def test_mesh_default_and_valid_spec():
-    assert tl.parse_mesh(None, 8) == {"data": 8, "model": 1}
-    assert tl.parse_mesh("model=2,data=4", 8) == {"data": 4, "model": 2}
-    assert tl.parse_mesh("model=8", 8) == {"data": 1, "model": 8}
+    assert lm.parse_mesh(None, 8) == {"data": 8, "model": 1}
+    assert lm.parse_mesh("model=2,data=4", 8) == {"data": 4, "model": 2}
+    assert lm.parse_mesh("model=8", 8) == {"data": 1, "model": 8}
 
 
 def test_unknown_attn_and_bad_sizes_are_named():
     with pytest.raises(ValueError, match="'flash'.*standard, gqa"):
-        tl.main(["--attn", "flash"])
+        main(["--attn", "flash"])
     with pytest.raises(ValueError, match="dim=30 must be divisible by heads=4"):
-        tl.main(["--dim", "30"])
+        main(["--dim", "30"])
     with pytest.raises(ValueError, match="num_queries=9"):
-        tl.main(["--num-queries", "9"])
+        main(["--num-queries", "9"])
 
 
 def test_every_mechanism_is_built_causal():
-    for attn in tl.MECHANISMS:
-        module = tl.make_attention(dataclasses.replace(TINY, attn=attn), 0)
+    for attn in lm.MECHANISMS:
+        module = lm.make_attention(dataclasses.replace(TINY, attn=attn), 0)
         assert getattr(module, "causal", True) is True, attn  # no field: always causal
 
 
@@ -313,11 +315,29 @@ def test_lm_is_causal():
     """Changing a later token never changes earlier logits (BigBird's causal flag is not its
     default, and its block pattern is the least obvious one)."""
     cfg = dataclasses.replace(TINY, attn="bigbird")
-    model = tl.LM(cfg)
-    tokens = tl.recall_batch(jax.random.key(0), cfg, 1)["tokens"]
+    model = lm.LM(cfg)
+    tokens = lm.recall_batch(jax.random.key(0), cfg, 1)["tokens"]
     variables = jax.jit(model.init)(jax.random.key(1), tokens)
     fwd = jax.jit(lambda v, t: model.apply(v, t)[0])
     a = fwd(variables, tokens)
     b = fwd(variables, tokens.at[:, 20].set((tokens[:, 20] + 1) % cfg.vocab))
     np.testing.assert_array_equal(np.asarray(a[:, :20]), np.asarray(b[:, :20]))
     assert not np.allclose(np.asarray(a[:, 20:]), np.asarray(b[:, 20:]))
+
+
+def test_script_runs_as_a_file_and_as_a_module(monkeypatch, capsys):
+    """``python examples/train_lm.py`` (a fresh process that has only examples/ on its path)
+    and ``python -m examples.train_lm`` (run here the way ``-m`` runs it) take the same flags."""
+    env = dict(os.environ, PYTHONPATH="")  # the script finds the package on its own
+    as_file = subprocess.run([sys.executable, "examples/train_lm.py", "--help"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert as_file.returncode == 0, as_file.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["train_lm.py", "--help"])
+    monkeypatch.delitem(sys.modules, "examples.train_lm")  # run it fresh, as -m does
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("examples.train_lm", run_name="__main__", alter_sys=True)
+    assert done.value.code == 0
+    as_module = capsys.readouterr().out
+    for out in (as_file.stdout, as_module):
+        assert "--attn" in out and "--ckpt-dir" in out and "--mesh" in out, out
+    assert as_file.stdout.split("options:")[1] == as_module.split("options:")[1]

@@ -1,0 +1,148 @@
+"""The model: token + learned position embeddings, ``depth`` pre-norm blocks of attention and a
+GELU MLP, a final LayerNorm and a head tied to the embedding (``tied_head=False`` for a separate
+one).
+
+Each block feeds its attention a per-channel mix of the normalised input and that of the previous
+position (RWKV's token shift, ``token_shift=False`` to drop it): it hands every layer the
+previous-token feature that an induction head otherwise needs a whole layer to build, and makes
+recall learnable in a few hundred steps on a CPU.
+
+The index branches of ``minimax_sparse``, ``deepseek_sparse`` and ``compressed_sparse`` get no
+gradient from the task loss (hard top-k); with ``with_aux=True`` the model also returns their
+auxiliary losses, built from what each module returns in its ``return_aux`` dict, which train
+them to predict where the main attention looks.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import attnhut_jax as ah
+from attnhut_jax import core
+
+from .config import WITH_AUX_LOSS, WITH_SPARSE_CORE, Config
+
+Array = jax.Array
+
+
+def make_attention(cfg: Config, layer: int, name: str = "attn") -> nn.Module:
+    """The mechanism ``cfg.attn`` as a causal attention layer of width ``cfg.dim``."""
+    d, n, a, k = cfg.dim, cfg.heads, cfg.attn, cfg.resolved_top_k()
+    cls, args, kw = {
+        "standard": (ah.StandardAttention, (d, n), dict(causal=True)),
+        "gqa": (ah.GroupedQueryAttention, (d, n, cfg.kv_heads), dict(causal=True)),
+        "mqa": (ah.MultiQueryAttention, (d, n), dict(causal=True)),
+        "mla": (ah.MultiHeadLatentAttention, (d, n), dict(causal=True)),
+        # Ye et al. halve the head count so that each (two-map) head keeps a normal head's width.
+        "differential": (ah.DifferentialAttention, (d, max(1, n // 2)),
+                         dict(depth=layer, causal=True)),
+        "delta": (ah.DeltaAttention, (d, n), dict(window=cfg.window)),
+        "bigbird": (ah.BigBirdAttention, (d, n),
+                    dict(block_size=cfg.block_size, causal=True, seed=layer)),
+        "minimax_sparse": (ah.MiniMaxSparseAttention, (d, n, cfg.kv_heads),
+                           dict(block_size=cfg.block_size, top_k=k, index_dim=cfg.index_dim,
+                                causal=True)),
+        "deepseek_sparse": (ah.DeepSeekSparseAttention, (d, n),
+                            dict(top_k=k, index_head_dim=cfg.index_dim, causal=True)),
+        "heavily_compressed": (ah.HeavilyCompressedAttention, (d, n),
+                               dict(compression_rate=cfg.compression_rate, window=cfg.window)),
+        "compressed_sparse": (ah.CompressedSparseAttention, (d, n),
+                              dict(compression_rate=cfg.compression_rate, top_k=k,
+                                   window=cfg.window, index_dim=cfg.index_dim)),
+    }[a]
+    if cfg.impl != "auto" and a in WITH_SPARSE_CORE:
+        kw["impl"] = cfg.impl
+    return cls(*args, **kw, dtype=cfg.compute_dtype, name=name)
+
+
+def attention_with_aux(attn: nn.Module, kind: str, h: Array, with_aux: bool
+                       ) -> tuple[Array, Array, Array | None]:
+    """(output, index aux loss, selection) of one attention layer.
+
+    The selection is what the layer's selector keeps: (B, K, T, T) for minimax_sparse, (B, T, T)
+    for deepseek_sparse, (B, T, C) for compressed_sparse; None elsewhere or without aux.
+    """
+    zero = jnp.zeros((), jnp.float32)
+    if not with_aux or kind not in WITH_AUX_LOSS:
+        return attn(h), zero, None
+    out, aux = attn(h, return_aux=True)
+    if kind == "minimax_sparse":
+        loss = ah.msa_index_aux_loss(aux["index_scores"], aux["attn_weights"], aux["keep"])
+        return out, loss, aux["keep"]
+    # DSA and CSA: the indexer fits the main branch's attention over every visible key / entry.
+    return out, ah.dsa_index_aux_loss(aux["index_scores"], aux["dense_weights"]), aux["selected"]
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(shift(LN(x))), then x + MLP(LN(x)).
+
+    ``shift(h)[t] = mu * h[t] + (1 - mu) * h[t - 1]`` with a learned per-channel ``mu`` (init 0.5)
+    when ``cfg.token_shift``; causal, since position t mixes in only t - 1.
+    """
+
+    cfg: Config
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: Array, with_aux: bool = False) -> tuple[Array, Array]:
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        h = core.layer_norm("ln_attn", dt, jnp.float32)(x)
+        if cfg.token_shift:
+            mu = self.param("shift", nn.with_logical_partitioning(
+                nn.initializers.constant(0.5), ("embed",)), (cfg.dim,))
+            prev = jnp.pad(h, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+            h = h * mu.astype(h.dtype) + prev * (1 - mu).astype(h.dtype)
+        a, aux, selection = attention_with_aux(make_attention(cfg, self.layer), cfg.attn, h,
+                                               with_aux)
+        if selection is not None:
+            self.sow("intermediates", "selection", selection)
+        x = x + a
+        h = core.layer_norm("ln_mlp", dt, jnp.float32)(x)
+        h = core.Linear(cfg.mlp_ratio * cfg.dim, use_bias=True, axes=("embed", "mlp"), dtype=dt,
+                        name="fc")(h)
+        h = core.Linear(cfg.dim, use_bias=True, axes=("mlp", "embed"), dtype=dt,
+                        name="proj")(nn.gelu(h))
+        return x + h, aux
+
+
+class LM(nn.Module):
+    """Decoder-only LM: tokens (B, T) -> float32 logits (B, T, vocab) and the mean index aux loss."""
+
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, tokens_BT: Array, with_aux: bool = False) -> tuple[Array, Array]:
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        t = tokens_BT.shape[1]
+        if t > cfg.seq_len:
+            raise ValueError(f"sequence of length {t} is longer than seq_len={cfg.seq_len}")
+        init = nn.initializers.normal(0.02)
+        embed = nn.Embed(cfg.vocab, cfg.dim, dtype=dt, name="embed",
+                         embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")))
+        pos = self.param("pos_embed", nn.with_logical_partitioning(init, (None, "embed")),
+                         (cfg.seq_len, cfg.dim))
+        x = embed(tokens_BT) + pos[:t].astype(dt)
+        aux = jnp.zeros((), jnp.float32)
+        for i in range(cfg.depth):
+            x, a = Block(cfg, i, name=f"block_{i}")(x, with_aux)
+            aux = aux + a
+        x = core.layer_norm("ln_out", dt, jnp.float32)(x)
+        if cfg.tied_head:
+            logits = embed.attend(x)
+        else:
+            logits = core.Linear(cfg.vocab, axes=("embed", "vocab"), dtype=dt, name="head")(x)
+        return logits.astype(jnp.float32), aux / cfg.depth
+
+
+def kv_cache_bytes_per_token(cfg: Config, dtype=jnp.bfloat16) -> float:
+    """Bytes a decoder caches per generated token, summed over layers (bf16 by default).
+
+    Each layer's attention reports its own ``kv_cache_bytes_per_token``: K and V per kv head (MLA:
+    its latent and shared RoPE key), the index keys a selector caches (MSA, DSA, CSA) included,
+    and the compressed mechanisms at their amortised cost at long context (one entry per
+    ``compression_rate`` tokens; their raw window is a constant ``window`` tokens, not counted).
+    """
+    return sum(make_attention(cfg, layer).kv_cache_bytes_per_token(dtype)
+               for layer in range(cfg.depth))
