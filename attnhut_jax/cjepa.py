@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import core
+from . import core, registry
 from .core import Array, Dtype
 from .standard import StandardAttention
 
@@ -74,10 +74,12 @@ class _MLP(nn.Module):
     bias: bool
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         h = core.layer_norm("0", self.dtype, self.param_dtype)(x)
         h = core.Linear(self.hidden, axes=("embed", "mlp"), name="1", **kw)(h)
         h = nn.Dropout(self.dropout)(jax.nn.gelu(h, approximate=False), deterministic)
@@ -93,13 +95,15 @@ class _Block(nn.Module):
     mlp_dim: int
     dropout: float
     bias: bool
+    impl: registry.DenseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     def setup(self) -> None:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         self.attn = StandardAttention(self.dim, self.num_heads, causal=False, dropout=self.dropout,
-                                      bias=self.bias, **kw)
+                                      bias=self.bias, impl=self.impl, **kw)
         self.mlp = _MLP(self.dim, self.mlp_dim, self.dropout, self.bias, **kw)
 
     def __call__(self, x_BTD: Array, deterministic: bool) -> Array:
@@ -116,15 +120,17 @@ class _Blocks(nn.Module):
     mlp_dim: int
     dropout: float
     bias: bool
+    impl: registry.DenseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @nn.compact
     def __call__(self, x_BTD: Array, deterministic: bool) -> Array:
         for i in range(self.depth):
             x_BTD = _Block(self.dim, self.num_heads, self.mlp_dim, self.dropout, self.bias,
-                           dtype=self.dtype, param_dtype=self.param_dtype, name=str(i))(
-                               x_BTD, deterministic)
+                           impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype,
+                           precision=self.precision, name=str(i))(x_BTD, deterministic)
         return x_BTD
 
 
@@ -157,8 +163,10 @@ class CausalJEPAAttention(nn.Module):
     mlp_dim: int | None = None
     dropout: float = 0.0
     bias: bool = True
+    impl: registry.DenseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @property
     def total_frames(self) -> int:
@@ -177,16 +185,18 @@ class CausalJEPAAttention(nn.Module):
         if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"{_OWNER}: dropout={self.dropout} must be in [0, 1]")
         core.check_divisible(_OWNER, ("dim", self.dim), ("num_heads", self.num_heads))
+        registry.check(_OWNER, "dense", self.impl)
 
         d, pd = self.dim, self.param_dtype
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=pd)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=pd, precision=self.precision)
         self.mask_token = core.param(self, "mask_token", _trunc_normal_002, (1, 1, 1, d),
                                      (None, None, None, "embed"), pd)
         self.time_pos = core.param(self, "time_pos", _trunc_normal_002,
                                    (1, self.total_frames, 1, d), (None, None, None, "embed"), pd)
         self.id_proj = core.Linear(d, axes=("embed", "mlp"), **kw)
         self.blocks = _Blocks(self.depth, d, self.num_heads, self.mlp_dim or 4 * d, self.dropout,
-                              self.bias, dtype=self.dtype, param_dtype=pd)
+                              self.bias, impl=self.impl, dtype=self.dtype, param_dtype=pd,
+                              precision=self.precision)
         self.norm = core.layer_norm("norm", self.dtype, pd)
         self.to_out = core.Linear(d, axes=("mlp", "embed"), **kw)
 

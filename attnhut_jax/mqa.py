@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from . import core
+from . import core, registry
 from .core import Array, Dtype
 
 
@@ -22,8 +22,10 @@ class MultiQueryAttention(nn.Module):
     causal: bool = False
     dropout: float = 0.0
     bias: bool = False
+    impl: registry.DenseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @property
     def head_dim(self) -> int:
@@ -31,9 +33,11 @@ class MultiQueryAttention(nn.Module):
 
     def setup(self) -> None:
         core.check_positive("MultiQueryAttention", dim=self.dim, num_heads=self.num_heads)
+        registry.check("MultiQueryAttention", "dense", self.impl)
         core.check_divisible("MultiQueryAttention", ("dim", self.dim),
                              ("num_heads", self.num_heads))
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         self.q = core.Linear(self.dim, axes=("embed", "heads"), **kw)
         self.kv = core.Linear(2 * self.head_dim, axes=("embed", "kv_heads"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
@@ -48,5 +52,6 @@ class MultiQueryAttention(nn.Module):
         rate, rng = core.attention_dropout(self, self.dropout, deterministic)
         out = core.sdpa(q_BTNH, k[:, :, None, :], v[:, :, None, :], attn_mask=attn_mask,
                         causal=self.causal, owner="MultiQueryAttention",
-                        dropout_rate=rate, dropout_rng=rng)
+                        dropout_rate=rate, dropout_rng=rng, impl=self.impl,
+                        precision=self.precision)
         return self.proj(out.reshape(b, t, self.dim))

@@ -12,7 +12,7 @@ import pytest
 from jaxpr_walk import jaxpr_shapes
 
 import attnhut_jax as ah
-from attnhut_jax import core
+from attnhut_jax import core, registry
 
 D = 32
 MODULES = {
@@ -90,8 +90,9 @@ def test_default_selection_equals_the_aux_selection(name):
 
 
 def test_auto_is_xla_on_cpu_and_variables_do_not_depend_on_impl():
-    assert core.resolve_impl("auto") == ("pallas" if jax.default_backend() in ("gpu", "tpu")
-                                         else "xla")
+    for op in ("dsa", "csa", "token_sparse", "indexer_topk"):
+        assert registry.resolve(op, "auto") == ("pallas" if jax.default_backend() in ("gpu", "tpu")
+                                                else "xla")
     x = jnp.zeros((1, 5, D))
     for name in MODULES:
         # same names, shapes, dtypes and logical axes for every impl ...
@@ -134,5 +135,5 @@ def test_bfloat16_default_path_is_finite(name):
 
 def test_unknown_impl_is_rejected():
     for name in MODULES:
-        with pytest.raises(ValueError, match=r"impl='fast' must be one of"):
+        with pytest.raises(ValueError, match=r"impl='fast' is not an implementation of"):
             MODULES[name]("fast").init(jax.random.key(0), jnp.zeros((1, 3, D)))
