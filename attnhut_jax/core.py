@@ -82,10 +82,38 @@ def torch_linear_init(fan_in: int):
     return init
 
 
+class LogicalAxes(nn.LogicallyPartitioned):
+    """``nn.LogicallyPartitioned`` whose names stay *logical* when Flax NNX wraps the module.
+
+    The names (``embed``, ``heads``, ...) are logical axes that a user maps onto a mesh with
+    ``nn.logical_axis_rules``, not mesh axes. ``nnx.bridge.ToNNX`` would otherwise shard each
+    variable eagerly at creation, reading the logical names as mesh axes, which fails without a
+    mesh; here the NNX variable keeps the names as ``out_sharding`` metadata and is created
+    unsharded, as in linen (shard it with the rules, e.g. ``nnx.get_partition_spec``).
+    """
+
+    def to_nnx_metadata(self) -> dict[str, Any]:
+        metadata = dict(vars(self))
+        metadata["out_sharding"] = metadata.pop("names")
+        metadata["sharding_rules"] = metadata.pop("rules")
+        metadata["eager_sharding"] = False
+        return metadata
+
+
+def logical(init, axes: Sequence[str | None]):
+    """``nn.with_logical_partitioning(init, axes)`` boxing the value as ``LogicalAxes``."""
+    names = tuple(axes)
+
+    def boxed(*args, **kwargs):
+        return LogicalAxes(init(*args, **kwargs), names)
+
+    return boxed
+
+
 def param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str | None],
           dtype: Dtype) -> Array:
-    """Declare a parameter whose value carries logical axis names (``nn.LogicallyPartitioned``)."""
-    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+    """Declare a parameter whose value carries logical axis names (``LogicalAxes``)."""
+    return module.param(name, logical(init, axes), tuple(shape), dtype)
 
 
 def ones_param(module: nn.Module, name: str, size: int, axis: str | None, dtype: Dtype) -> Array:
@@ -126,8 +154,8 @@ def layer_norm(name: str, dtype: Dtype | None, param_dtype: Dtype) -> nn.LayerNo
     """``torch.nn.LayerNorm(dim)``: eps 1e-5, two-pass variance, ``scale``/``bias`` on ``embed``."""
     return nn.LayerNorm(
         epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+        scale_init=logical(nn.initializers.ones_init(), ("embed",)),
+        bias_init=logical(nn.initializers.zeros_init(), ("embed",)))
 
 
 def rms_norm(x: Array, weight: Array, eps: float = 1e-6) -> Array:

@@ -11,4 +11,3 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import jax  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
