@@ -75,6 +75,8 @@ class BigBirdAttention(nn.Module):
     Args mirror ``attnhut.BigBirdAttention``: ``dim``, ``num_heads``, ``block_size`` (64),
     ``num_window_blocks`` (3, odd), ``num_random_blocks`` (3), ``num_global_blocks`` (2),
     ``causal`` (False), ``seed`` (0), ``bias``. Parameters: ``qkv``, ``proj``.
+    ``impl`` picks the registry's ``block_sparse`` op (``auto``/``reference``/``xla``/``pallas``;
+    changes no variable); ``precision`` reaches every matmul.
     """
 
     dim: int

@@ -161,7 +161,8 @@ class GroupedOutputProjection(nn.Module):
     """Heads split into ``num_groups`` groups, each projected to ``group_dim``; then one Linear.
 
     Args mirror ``attnhut.compressed.GroupedOutputProjection``: ``num_heads``, ``head_dim``,
-    ``num_groups`` (divides num_heads), ``dim``, ``group_dim`` (falsy: head_dim), ``bias``.
+    ``num_groups`` (divides num_heads), ``dim``, ``group_dim`` (falsy: head_dim), ``bias``;
+    ``precision`` of both matmuls.
     Parameters: ``w`` (A, Y, O) with Y = (num_heads // num_groups) * head_dim, ``out``.
     """
 
@@ -228,6 +229,8 @@ class HeavilyCompressedAttention(nn.Module):
     ``num_groups`` (num_heads), ``window`` (64), ``bias``; a falsy kv_dim / q_lora_rank /
     num_groups selects the default, as in attnhut. Parameters: ``kv``, ``z``, ``pos_bias``,
     ``q_down``, ``q_up``, ``q_norm``, ``kv_norm``, ``sink``, ``proj/w``, ``proj/out``.
+    ``impl`` picks the registry's ``block_sparse`` op (``auto``/``reference``/``xla``/``pallas``;
+    changes no variable); ``precision`` reaches every matmul.
     """
 
     dim: int
@@ -293,8 +296,10 @@ class CompressedSparseAttention(nn.Module):
     Args mirror ``attnhut.CompressedSparseAttention``: ``dim``, ``num_heads``,
     ``compression_rate`` (4), ``top_k`` (16), ``kv_dim`` (dim // num_heads), ``q_lora_rank``
     (dim // 2), ``num_index_heads`` (4), ``index_dim`` (64), ``num_groups`` (num_heads),
-    ``window`` (64), ``bias``; plus ``impl`` (``auto``/``reference``/``xla``/``pallas``), which
-    changes no variable. Parameters: ``kv_a``, ``kv_b``, ``z_a``, ``z_b``, ``bias_a``,
+    ``window`` (64), ``bias``; plus ``impl`` (the registry's ``csa`` op:
+    ``auto``/``reference``/``xla``/``pallas``), which changes no variable, ``precision`` (every
+    matmul) and ``selector_dtype`` (default float32: the indexer's projections and scores,
+    whatever ``dtype``). Parameters: ``kv_a``, ``kv_b``, ``z_a``, ``z_b``, ``bias_a``,
     ``bias_b``, ``q_down``, ``q_up``, ``q_norm``, ``kv_norm``, ``sink``, ``idx_q``, ``idx_k``,
     ``idx_w``, ``proj/w``, ``proj/out``.
 

@@ -187,20 +187,20 @@ def _rotate_half(x: Array) -> Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x_BTNR: Array, cos: Array, sin: Array) -> Array:
+def apply_rope(x_BTNH: Array, cos: Array, sin: Array) -> Array:
     """Rotate the leading ``R = cos.shape[-1]`` channels of every head; pass the rest through.
 
     ``x`` is (B, T, N, H) with ``H >= R``; ``cos``/``sin`` are (T, R) or (B, T, R). ``R == H`` is
     full RoPE, ``R < H`` partial RoPE (MiniMax's ``rope_dim``).
     """
-    r, h = cos.shape[-1], x_BTNR.shape[-1]
+    r, h = cos.shape[-1], x_BTNH.shape[-1]
     if r % 2 != 0 or r > h:
         raise ValueError(f"rope width {r} must be even and <= head width {h}")
     if cos.ndim == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    rot, rest = x_BTNR[..., :r], x_BTNR[..., r:]
+    rot, rest = x_BTNH[..., :r], x_BTNH[..., r:]
     rot = rot * cos + _rotate_half(rot) * sin
     return rot if r == h else jnp.concatenate([rot, rest], axis=-1)
 

@@ -23,6 +23,8 @@ class DeltaAttention(nn.Module):
     Args mirror ``attnhut.DeltaAttention``: ``dim``, ``num_heads``, ``window`` (256), ``sink``
     (4), ``stride`` (16; 1 recovers full causal attention), ``bias``. Parameters: ``qkv``,
     ``proj``.
+    ``impl`` picks the registry's ``block_sparse`` op (``auto``/``reference``/``xla``/``pallas``;
+    changes no variable); ``precision`` reaches every matmul.
     """
 
     dim: int

@@ -74,7 +74,7 @@ class SlotAttention(nn.Module):
     ``hidden_dim`` (128; the MLP is ``max(dim, hidden_dim)`` wide), ``eps`` (1e-8). Parameters:
     ``slot_mu`` (1, 1, D) ~ N(0, 1), ``slot_log_sigma`` (1, 1, D) xavier-uniform, ``to_q``,
     ``to_k``, ``to_v`` (with bias), ``gru``, ``mlp/0``, ``mlp/2``, ``norm_input``, ``norm_slots``,
-    ``norm_pre_mlp``.
+    ``norm_pre_mlp``. ``precision`` reaches every matmul (Flax's convention).
     """
 
     dim: int
