@@ -475,9 +475,19 @@ def dense_attention_cudnn(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *,
                           dropout_rate: float = 0.0, dropout_rng: Array | None = None,
                           precision: Precision = None) -> Array:
     """The dense core on cuDNN's fused attention; same numbers as ``dense_attention_xla`` up to
-    the kernel's accumulation order. A row whose ``keep`` is all False returns zeros (cuDNN
-    would average it uniformly), attnhut's rule."""
+    the kernel's accumulation order."""
     del dropout_rate, dropout_rng, precision  # rejected / not applicable (half precision)
+    return jax_nn_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, bias=bias, causal=causal,
+                            scale=scale, implementation="cudnn")
+
+
+def jax_nn_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Array | None,
+                     bias: Array | None, causal: bool, scale: float | None,
+                     implementation: str) -> Array:
+    """The dense core through ``jax.nn.dot_product_attention(implementation=...)``, with
+    attnhut's rules: ``keep`` as its boolean mask (an additive ``bias`` is zeroed where ``keep``
+    is False, so ``-inf`` entries become masked keys) and a row with no visible key returns
+    zeros (``jax.nn`` would average it uniformly)."""
     t, s = q_BTNH.shape[1], k_BSKH.shape[1]
     mask = None if keep is None else _full_ts(keep, t, s)
     if bias is not None:
@@ -485,7 +495,7 @@ def dense_attention_cudnn(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *,
         bias = bias.astype(q_BTNH.dtype) if mask is None else jnp.where(mask, bias, 0).astype(
             q_BTNH.dtype)  # -inf entries are already False in ``keep``
     out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKV, bias, mask, scale=scale,
-                                            is_causal=causal, implementation="cudnn")
+                                            is_causal=causal, implementation=implementation)
     if mask is None:
         return out_BTNH
     seen_BNT = jnp.any(mask, axis=-1)  # (B|1, N|K|1, T)

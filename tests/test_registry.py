@@ -212,3 +212,29 @@ def test_precision_reaches_every_matmul(name, impl):
     loose = [str(e.source_info.traceback).splitlines()[-1] if e.source_info.traceback else e
              for e in dots if e.params["precision"] != (highest, highest)]
     assert not loose, loose
+
+
+@pytest.mark.parametrize("case", ["none", "causal", "bool_with_empty_rows", "bias_with_neginf",
+                                  "per_head_mask", "gqa_causal"])
+def test_the_cudnn_adapter_keeps_attnhuts_rules(case):
+    """The cudnn path's mask/bias/empty-row handling, run through ``jax.nn``'s XLA implementation
+    on CPU (cuDNN itself needs a GPU): it computes what the ``xla`` impl computes."""
+    t, n, k = 6, 4, (2 if case == "gqa_causal" else 4)
+    key = iter(jax.random.split(jax.random.key(7), 8))
+    q = jax.random.normal(next(key), (2, t, n, 8))
+    kk = jax.random.normal(next(key), (2, t, k, 8))
+    v = jax.random.normal(next(key), (2, t, k, 8))
+    keep, bias, causal = None, None, case in ("causal", "gqa_causal")
+    if case == "bool_with_empty_rows":
+        keep = jax.random.bernoulli(next(key), 0.5, (2, 1, t, t)).at[:, :, 2].set(False)
+    if case == "bias_with_neginf":
+        bias = jax.random.normal(next(key), (t, t)).at[3].set(-jnp.inf).at[1, :3].set(-jnp.inf)
+        keep = ~jnp.isneginf(bias)
+    if case == "per_head_mask":
+        keep = jax.random.bernoulli(next(key), 0.6, (1, n, t, t))
+    want = core.dense_attention_xla(q, kk, v, keep=keep, bias=bias, causal=causal, scale=0.3)
+    got = core.jax_nn_attention(q, kk, v, keep=keep, bias=bias, causal=causal, scale=0.3,
+                                implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    if case == "bool_with_empty_rows":
+        assert np.all(np.asarray(got)[:, 2] == 0)
