@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from . import core
+from . import core, registry
 from .core import Array, Dtype
 
 
@@ -75,6 +75,8 @@ class BigBirdAttention(nn.Module):
     Args mirror ``attnhut.BigBirdAttention``: ``dim``, ``num_heads``, ``block_size`` (64),
     ``num_window_blocks`` (3, odd), ``num_random_blocks`` (3), ``num_global_blocks`` (2),
     ``causal`` (False), ``seed`` (0), ``bias``. Parameters: ``qkv``, ``proj``.
+    ``impl`` picks the registry's ``block_sparse`` op (``auto``/``reference``/``xla``/``pallas``;
+    changes no variable); ``precision`` reaches every matmul.
     """
 
     dim: int
@@ -86,9 +88,10 @@ class BigBirdAttention(nn.Module):
     causal: bool = False
     seed: int = 0
     bias: bool = False
-    impl: core.Impl = "auto"
+    impl: registry.SparseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @property
     def head_dim(self) -> int:
@@ -109,8 +112,9 @@ class BigBirdAttention(nn.Module):
         if self.num_random_blocks < 0 or self.num_global_blocks < 0:
             raise ValueError(f"{owner}: num_random_blocks={self.num_random_blocks} and "
                              f"num_global_blocks={self.num_global_blocks} must be >= 0")
-        core.check_impl(owner, self.impl)
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        registry.check(owner, "block_sparse", self.impl)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
@@ -146,5 +150,6 @@ class BigBirdAttention(nn.Module):
         out = core.block_sparse_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
                                           block_keep, block_k=self.block_size, causal=self.causal,
                                           impl=self.impl, scale=self.head_dim ** -0.5,
-                                          key_valid_BS=valid)
+                                          key_valid_BS=valid, precision=self.precision,
+                                          owner="BigBirdAttention")
         return self.proj(out.reshape(b, t, self.dim))

@@ -7,8 +7,9 @@ starts as ``mask_token + time_pos[f] + id_proj(slots[:, 0])``: the projection of
 first frame is what tells the predictor *which* object to rebuild. No embedding marks the object
 index, so permuting the objects permutes the prediction.
 
-Grid key (on top of the one in ``core``): F frames (history + future), S objects, M masked
-objects. Cells that are real inputs: frame 0 (every object) and history frames ``1..t-1`` of the
+Grid names follow the project's dimension key (``pallas_kernels/__init__.py``): F frames (history
++ future), U objects (slots); inside the transformer the flattened grid is a sequence of
+T = F * U tokens. Cells that are real inputs: frame 0 (every object) and history frames ``1..t-1`` of the
 objects that are not hidden.
 """
 
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import core
+from . import core, registry
 from .core import Array, Dtype
 from .standard import StandardAttention
 
@@ -34,10 +35,10 @@ def _trunc_normal_002(key, shape, dtype=jnp.float32):
 
 
 def hidden_objects(mask_slots: Array, num_slots: int, owner: str = _OWNER) -> Array:
-    """Boolean (S,) that is True for the objects named by ``mask_slots``.
+    """Boolean (U,) that is True for the objects named by ``mask_slots``.
 
     ``mask_slots`` is an integer index array of rank 0 or 1 (values in ``[-S, S)``, negatives
-    count from the end, repeats allowed, as torch indexing reads them) or a boolean (S,) array.
+    count from the end, repeats allowed, as torch indexing reads them) or a boolean (U,) array.
     Concrete out-of-range indices raise ``ValueError``; under ``jit`` they cannot be checked and
     are dropped.
     """
@@ -74,10 +75,12 @@ class _MLP(nn.Module):
     bias: bool
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         h = core.layer_norm("0", self.dtype, self.param_dtype)(x)
         h = core.Linear(self.hidden, axes=("embed", "mlp"), name="1", **kw)(h)
         h = nn.Dropout(self.dropout)(jax.nn.gelu(h, approximate=False), deterministic)
@@ -93,13 +96,15 @@ class _Block(nn.Module):
     mlp_dim: int
     dropout: float
     bias: bool
+    impl: registry.DenseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     def setup(self) -> None:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         self.attn = StandardAttention(self.dim, self.num_heads, causal=False, dropout=self.dropout,
-                                      bias=self.bias, **kw)
+                                      bias=self.bias, impl=self.impl, **kw)
         self.mlp = _MLP(self.dim, self.mlp_dim, self.dropout, self.bias, **kw)
 
     def __call__(self, x_BTD: Array, deterministic: bool) -> Array:
@@ -116,15 +121,17 @@ class _Blocks(nn.Module):
     mlp_dim: int
     dropout: float
     bias: bool
+    impl: registry.DenseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @nn.compact
     def __call__(self, x_BTD: Array, deterministic: bool) -> Array:
         for i in range(self.depth):
             x_BTD = _Block(self.dim, self.num_heads, self.mlp_dim, self.dropout, self.bias,
-                           dtype=self.dtype, param_dtype=self.param_dtype, name=str(i))(
-                               x_BTD, deterministic)
+                           impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype,
+                           precision=self.precision, name=str(i))(x_BTD, deterministic)
         return x_BTD
 
 
@@ -135,14 +142,16 @@ class CausalJEPAAttention(nn.Module):
     ``num_heads``, ``num_slots`` (objects per frame), ``history_frames``, ``pred_frames`` (1),
     ``num_masked_slots`` (2, objects hidden over the history), ``depth`` (6 blocks), ``mlp_dim``
     (``None`` or 0 means ``4 * dim``), ``dropout`` (attention weights and MLP, when
-    ``deterministic=False``, from the ``'dropout'`` stream), ``bias``.
+    ``deterministic=False``, from the ``'dropout'`` stream), ``bias``; plus ``impl`` (every
+    block's ``StandardAttention``: ``auto``/``xla``/``cudnn``, see there) and ``precision`` (every
+    matmul).
 
     Parameters: ``mask_token`` (1, 1, 1, D), ``time_pos`` (1, F, 1, D), ``id_proj``,
     ``blocks/<i>/attn/{qkv,proj}``, ``blocks/<i>/mlp/{0 (LayerNorm), 1, 4}``, ``norm``, ``to_out``.
 
     ``__call__(slots, mask_slots=None)`` returns ``(pred, mask_slots)`` with ``pred`` of shape
-    (B, F, S, D), F = history_frames + pred_frames. ``predict(slots)`` returns the future frames
-    from a fully visible history. ``slots`` is (B, t, S, D) with ``1 <= t <= history_frames``;
+    (B, F, U, D), F = history_frames + pred_frames. ``predict(slots)`` returns the future frames
+    from a fully visible history. ``slots`` is (B, t, U, D) with ``1 <= t <= history_frames``;
     as in attnhut, a shorter history leaves frames ``t..history_frames-1`` hidden too (and
     ``predict`` then returns the ``F - t`` frames after the history).
     """
@@ -157,8 +166,10 @@ class CausalJEPAAttention(nn.Module):
     mlp_dim: int | None = None
     dropout: float = 0.0
     bias: bool = True
+    impl: registry.DenseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @property
     def total_frames(self) -> int:
@@ -177,16 +188,18 @@ class CausalJEPAAttention(nn.Module):
         if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"{_OWNER}: dropout={self.dropout} must be in [0, 1]")
         core.check_divisible(_OWNER, ("dim", self.dim), ("num_heads", self.num_heads))
+        registry.check(_OWNER, "dense", self.impl)
 
         d, pd = self.dim, self.param_dtype
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=pd)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=pd, precision=self.precision)
         self.mask_token = core.param(self, "mask_token", _trunc_normal_002, (1, 1, 1, d),
                                      (None, None, None, "embed"), pd)
         self.time_pos = core.param(self, "time_pos", _trunc_normal_002,
                                    (1, self.total_frames, 1, d), (None, None, None, "embed"), pd)
         self.id_proj = core.Linear(d, axes=("embed", "mlp"), **kw)
         self.blocks = _Blocks(self.depth, d, self.num_heads, self.mlp_dim or 4 * d, self.dropout,
-                              self.bias, dtype=self.dtype, param_dtype=pd)
+                              self.bias, impl=self.impl, dtype=self.dtype, param_dtype=pd,
+                              precision=self.precision)
         self.norm = core.layer_norm("norm", self.dtype, pd)
         self.to_out = core.Linear(d, axes=("mlp", "embed"), **kw)
 
@@ -210,30 +223,30 @@ class CausalJEPAAttention(nn.Module):
         if not jnp.issubdtype(slots.dtype, jnp.floating):
             raise TypeError(f"{_OWNER}: slots must be floating point, got dtype {slots.dtype}")
 
-    def _grid(self, slots_BtSD: Array, hidden_S: Array) -> Array:
-        """The (B, F, S, D) input grid: real cells carry the slot, hidden cells the query."""
-        t = slots_BtSD.shape[1]
+    def _grid(self, slots_BFUD: Array, hidden_U: Array) -> Array:
+        """The (B, F, U, D) input grid: real cells carry the slot, hidden cells the query."""
+        t = slots_BFUD.shape[1]
         f = self.total_frames
-        anchor_B1SD = self.id_proj(slots_BtSD[:, 0])[:, None]
-        slots_BtSD, mask_token, time_pos, anchor_B1SD = nn.dtypes.promote_dtype(
-            slots_BtSD, self.mask_token, self.time_pos, anchor_B1SD, dtype=self.dtype)
-        query_BFSD = mask_token + time_pos + anchor_B1SD
-        real_BFSD = jnp.pad(slots_BtSD, ((0, 0), (0, f - t), (0, 0), (0, 0))) + time_pos
+        anchor_B1UD = self.id_proj(slots_BFUD[:, 0])[:, None]
+        slots_BFUD, mask_token, time_pos, anchor_B1UD = nn.dtypes.promote_dtype(
+            slots_BFUD, self.mask_token, self.time_pos, anchor_B1UD, dtype=self.dtype)
+        query_BFUD = mask_token + time_pos + anchor_B1UD
+        real_BFUD = jnp.pad(slots_BFUD, ((0, 0), (0, f - t), (0, 0), (0, 0))) + time_pos
         frame_F1 = jnp.arange(f)[:, None]
-        real_FS = (frame_F1 == 0) | ((frame_F1 < t) & ~hidden_S[None, :])
-        return jnp.where(real_FS[None, :, :, None], real_BFSD, query_BFSD)
+        real_FU = (frame_F1 == 0) | ((frame_F1 < t) & ~hidden_U[None, :])
+        return jnp.where(real_FU[None, :, :, None], real_BFUD, query_BFUD)
 
-    def _predict_grid(self, x_BFSD: Array, deterministic: bool) -> Array:
-        b, f, s, d = x_BFSD.shape
-        x_BTD = self.blocks(x_BFSD.reshape(b, f * s, d), deterministic)
+    def _predict_grid(self, x_BFUD: Array, deterministic: bool) -> Array:
+        b, f, s, d = x_BFUD.shape
+        x_BTD = self.blocks(x_BFUD.reshape(b, f * s, d), deterministic)
         return self.to_out(self.norm(x_BTD).reshape(b, f, s, d))
 
     def __call__(self, slots: Array, mask_slots: Array | None = None,
                  deterministic: bool = True) -> tuple[Array, Array]:
-        """(B, t, S, D) slots -> ((B, F, S, D) prediction, the hidden object indices).
+        """(B, t, U, D) slots -> ((B, F, U, D) prediction, the hidden object indices).
 
         ``mask_slots``: indices of the objects hidden over the history (a traced int array is
-        fine under ``jit``), or a boolean (S,) array. When None, ``num_masked_slots`` distinct
+        fine under ``jit``), or a boolean (U,) array. When None, ``num_masked_slots`` distinct
         indices are drawn from the ``'mask'`` rng stream, shared by the whole batch.
         """
         self._check_slots(slots)
@@ -243,11 +256,11 @@ class CausalJEPAAttention(nn.Module):
             mask_slots = order[: min(self.num_masked_slots, self.num_slots)]
         else:
             mask_slots = jnp.asarray(mask_slots)
-        hidden_S = hidden_objects(mask_slots, self.num_slots)
-        return self._predict_grid(self._grid(slots, hidden_S), deterministic), mask_slots
+        hidden_U = hidden_objects(mask_slots, self.num_slots)
+        return self._predict_grid(self._grid(slots, hidden_U), deterministic), mask_slots
 
     def predict(self, slots: Array, deterministic: bool = True) -> Array:
-        """(B, t, S, D) fully visible history -> (B, F - t, S, D) predicted future frames."""
+        """(B, t, U, D) fully visible history -> (B, F - t, U, D) predicted future frames."""
         self._check_slots(slots)
         t = slots.shape[1]
         grid = self._grid(slots, jnp.zeros((self.num_slots,), jnp.bool_))
@@ -257,7 +270,7 @@ class CausalJEPAAttention(nn.Module):
 def cjepa_masked_loss(pred: Array, target: Array, mask_slots: Array, history_frames: int) -> Array:
     """Mean squared error over the cells the predictor had to infer, as attnhut's loss.
 
-    Scored cells of the (F, S) grid: history frames ``1..history_frames-1`` of the hidden
+    Scored cells of the (F, U) grid: history frames ``1..history_frames-1`` of the hidden
     objects, and every object in frames ``>= history_frames``; frame 0 never. The per-cell error
     is the mean over D of the squared difference; the loss is its mean over the batch and the
     scored cells (a weighted sum, so ``mask_slots`` may be traced). With no scored cell the loss
@@ -271,13 +284,13 @@ def cjepa_masked_loss(pred: Array, target: Array, mask_slots: Array, history_fra
     if history_frames < 1:
         raise ValueError(f"{owner}: history_frames={history_frames} must be >= 1")
     b, f, s, _ = pred.shape
-    hidden_S = hidden_objects(mask_slots, s, owner)
+    hidden_U = hidden_objects(mask_slots, s, owner)
     frame_F1 = jnp.arange(f)[:, None]
-    scored_FS = (frame_F1 >= history_frames) | ((frame_F1 >= 1) & hidden_S[None, :])
+    scored_FU = (frame_F1 >= history_frames) | ((frame_F1 >= 1) & hidden_U[None, :])
     out_dtype = jnp.result_type(pred, target)
     acc = jnp.promote_types(out_dtype, jnp.float32)
-    err_BFS = jnp.mean(jnp.square(pred.astype(acc) - target.astype(acc)), axis=-1)
-    total = jnp.sum(jnp.where(scored_FS[None], err_BFS, 0.0))
-    count = b * jnp.sum(scored_FS)
+    err_BFU = jnp.mean(jnp.square(pred.astype(acc) - target.astype(acc)), axis=-1)
+    total = jnp.sum(jnp.where(scored_FU[None], err_BFU, 0.0))
+    count = b * jnp.sum(scored_FU)
     loss = jnp.where(count > 0, total / jnp.maximum(count, 1).astype(acc), jnp.nan)
     return loss.astype(out_dtype)

@@ -7,9 +7,13 @@ last ``window`` raw tokens. A per-head sink logit joins the softmax denominator.
 visible entry; CSA pools with a one-block overlap and keeps only the ``top_k`` entries a
 lightning indexer scores highest. RoPE is left out, as in attnhut.
 
-Dimension key (core's, plus): C compressed entries, P positions pooled into one entry, M indexer
-heads, E indexer width, A output-projection groups, I / O per-group input / output width. H is
-both the query head width and the shared entry width (``kv_dim``).
+Array names follow the project's dimension key (``pallas_kernels/__init__.py``): C compressed
+entries, P positions pooled into one entry, I indexer heads, E indexer width, M selected entries
+per query, A output-projection groups, Y / O per-group input / output width. H is both the
+query head width and the shared entry width (``kv_dim``).
+
+CSA's selector (indexer projections and scores) runs in its own ``selector_dtype``, float32 by
+default, and every impl ranks in float32 (or wider).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import core
+from . import core, registry
 from .core import Array, Dtype
 
 # ----------------------------------------------------------------------------- pure functions
@@ -79,9 +83,9 @@ def compressed_visible(t: int, c: int, rate: int) -> Array:
     return (jnp.arange(c)[None, :] + 1) * rate <= jnp.arange(t)[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("scale",))
+@functools.partial(jax.jit, static_argnames=("scale", "precision"))
 def shared_kv_attention(q_BTNH: Array, kv_BSH: Array, keep: Array, sink_N: Array,
-                        scale: float) -> Array:
+                        scale: float, precision: core.Precision = None) -> Array:
     """Every head reads one shared sequence as both keys and values, with a per-head sink.
 
     ``keep`` broadcasts to (B, N, T, S). Returns (B, T, N, H); a row with no visible entry is
@@ -89,16 +93,67 @@ def shared_kv_attention(q_BTNH: Array, kv_BSH: Array, keep: Array, sink_N: Array
     """
     kv_BS1H = kv_BSH[:, :, None, :]
     return core.dot_product_attention(q_BTNH, kv_BS1H, kv_BS1H, keep=keep, scale=scale,
-                                      sink=sink_N)
+                                      sink=sink_N, precision=precision)
+
+
+def masked_index_scores(qi_BTIE: Array, ki_BCE: Array, w_BTI: Array, visible_TC: Array,
+                        precision: core.Precision = None) -> Array:
+    """Indexer scores (B, T, C) in float32 (or wider), the fill value on entries not yet
+    visible: what every impl ranks."""
+    scores_BTC = core.lightning_scores(qi_BTIE, ki_BCE, w_BTI, precision)
+    scores_BTC = scores_BTC.astype(jnp.promote_types(scores_BTC.dtype, jnp.float32))
+    return jnp.where(visible_TC, scores_BTC, core.mask_value(scores_BTC.dtype))
+
+
+# The registry's ``csa`` op: (q_BTNH, kv_BSH, sink_N, qi_BTIE, ki_BCE, w_BTI, *, top_k, rate,
+# window, scale, index_scores_BTC, precision) -> (B, T, N, H). Keys are [C pooled entries | T raw
+# tokens]; entry c sits at position (c + 1) * rate and is visible once that is <= t.
+# ``index_scores_BTC`` (already masked) is given when built for ``return_aux``: the impl then
+# selects from them, so the selection returned is the one attended.
+
+
+@registry.register("csa", "reference")
+def csa_reference(q_BTNH, kv_BSH, sink_N, qi_BTIE, ki_BCE, w_BTI, *, top_k, rate, window, scale,
+                  index_scores_BTC=None, precision=None):
+    """attnhut's path: score every (query, entry) pair, attend through a dense (T, C + T) mask."""
+    b, t = q_BTNH.shape[:2]
+    visible_TC = compressed_visible(t, ki_BCE.shape[1], rate)
+    if index_scores_BTC is None:
+        index_scores_BTC = masked_index_scores(qi_BTIE, ki_BCE, w_BTI, visible_TC, precision)
+    selected_BTC = core.topk_keep(index_scores_BTC, visible_TC, top_k)
+    keep_BTS = jnp.concatenate(
+        [selected_BTC, jnp.broadcast_to(core.sliding_window_mask(t, window), (b, t, t))], axis=2)
+    return shared_kv_attention(q_BTNH, kv_BSH, keep_BTS[:, None], sink_N, scale, precision)
+
+
+def _csa_token_sparse(q_BTNH, kv_BSH, sink_N, qi_BTIE, ki_BCE, w_BTI, *, top_k, rate, window,
+                      scale, index_scores_BTC=None, precision=None, impl):
+    """Fused indexer top-k over the entries, then attention over the selected entries, the raw
+    window and the sink only (``token_sparse_attention`` with ``window_start = C``)."""
+    t, nc = q_BTNH.shape[1], ki_BCE.shape[1]
+    if index_scores_BTC is not None:
+        indices_BTM = core.indices_from_scores(index_scores_BTC, compressed_visible(t, nc, rate),
+                                               top_k)
+    else:
+        indices_BTM, _ = core.indexer_topk(
+            qi_BTIE, ki_BCE, w_BTI, top_k, causal=True, impl=impl, q_pos_T=jnp.arange(t),
+            k_pos_S=(jnp.arange(nc) + 1) * rate, precision=precision)
+    return core.token_sparse_attention(q_BTNH, kv_BSH[:, :, None, :], None, indices_BTM,
+                                       impl=impl, scale=scale, sink=sink_N, window=window,
+                                       window_start=nc, precision=precision)
+
+
+registry.register("csa", "xla")(functools.partial(_csa_token_sparse, impl="xla"))
+registry.register("csa", "pallas")(functools.partial(_csa_token_sparse, impl="pallas"))
 
 
 # ----------------------------------------------------------------------------- modules
 
 
 def _xavier_uniform_grouped(key, shape, dtype=jnp.float32):
-    """``nn.init.xavier_uniform_`` on an (A, I, O) tensor: fan_in = I * O, fan_out = A * O."""
-    a, i, o = shape
-    bound = math.sqrt(6.0 / (i * o + a * o))
+    """``nn.init.xavier_uniform_`` on an (A, Y, O) tensor: fan_in = Y * O, fan_out = A * O."""
+    a, y, o = shape
+    bound = math.sqrt(6.0 / (y * o + a * o))
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
@@ -106,8 +161,9 @@ class GroupedOutputProjection(nn.Module):
     """Heads split into ``num_groups`` groups, each projected to ``group_dim``; then one Linear.
 
     Args mirror ``attnhut.compressed.GroupedOutputProjection``: ``num_heads``, ``head_dim``,
-    ``num_groups`` (divides num_heads), ``dim``, ``group_dim`` (falsy: head_dim), ``bias``.
-    Parameters: ``w`` (A, I, O) with I = (num_heads // num_groups) * head_dim, ``out``.
+    ``num_groups`` (divides num_heads), ``dim``, ``group_dim`` (falsy: head_dim), ``bias``;
+    ``precision`` of both matmuls.
+    Parameters: ``w`` (A, Y, O) with Y = (num_heads // num_groups) * head_dim, ``out``.
     """
 
     num_heads: int
@@ -118,6 +174,7 @@ class GroupedOutputProjection(nn.Module):
     bias: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     def setup(self) -> None:
         owner = "GroupedOutputProjection"
@@ -129,14 +186,15 @@ class GroupedOutputProjection(nn.Module):
         self.w = core.param(self, "w", _xavier_uniform_grouped, (self.num_groups, in_g, gd),
                             ("heads", None, None), self.param_dtype)
         self.out = core.Linear(self.dim, use_bias=self.bias, axes=("heads", "embed"),
-                               dtype=self.dtype, param_dtype=self.param_dtype)
+                               dtype=self.dtype, param_dtype=self.param_dtype,
+                               precision=self.precision)
 
     def __call__(self, o_BTNH: Array) -> Array:
         """(B, T, N, H) head outputs -> (B, T, D)."""
         b, t, _, _ = o_BTNH.shape
-        o_BTAI = o_BTNH.reshape(b, t, self.num_groups, -1)
-        o_BTAI, w_AIO = nn.dtypes.promote_dtype(o_BTAI, self.w, dtype=self.dtype)
-        o_BTAO = jnp.einsum("BTAI,AIO->BTAO", o_BTAI, w_AIO)
+        o_BTAY = o_BTNH.reshape(b, t, self.num_groups, -1)
+        o_BTAY, w_AYO = nn.dtypes.promote_dtype(o_BTAY, self.w, dtype=self.dtype)
+        o_BTAO = jnp.einsum("BTAY,AYO->BTAO", o_BTAY, w_AYO, precision=self.precision)
         return self.out(o_BTAO.reshape(b, t, -1))
 
 
@@ -171,6 +229,8 @@ class HeavilyCompressedAttention(nn.Module):
     ``num_groups`` (num_heads), ``window`` (64), ``bias``; a falsy kv_dim / q_lora_rank /
     num_groups selects the default, as in attnhut. Parameters: ``kv``, ``z``, ``pos_bias``,
     ``q_down``, ``q_up``, ``q_norm``, ``kv_norm``, ``sink``, ``proj/w``, ``proj/out``.
+    ``impl`` picks the registry's ``block_sparse`` op (``auto``/``reference``/``xla``/``pallas``;
+    changes no variable); ``precision`` reaches every matmul.
     """
 
     dim: int
@@ -181,9 +241,10 @@ class HeavilyCompressedAttention(nn.Module):
     num_groups: int | None = None
     window: int = 64
     bias: bool = False
-    impl: core.Impl = "auto"
+    impl: registry.SparseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
         """Bytes a decoder caches per token in ``dtype``, amortised at long context: one shared
@@ -193,11 +254,11 @@ class HeavilyCompressedAttention(nn.Module):
         return float(kv_dim / self.compression_rate * jnp.dtype(dtype).itemsize)
 
     def setup(self) -> None:
-        core.check_impl("HeavilyCompressedAttention", self.impl)
+        registry.check("HeavilyCompressedAttention", "block_sparse", self.impl)
         c, ql, g = _resolved("HeavilyCompressedAttention", self.dim, self.num_heads, self.kv_dim,
                              self.q_lora_rank, self.num_groups, self.compression_rate, self.window)
         n, pd = self.num_heads, self.param_dtype
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=pd)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=pd, precision=self.precision)
         zeros = nn.initializers.zeros_init()
         self.kv = core.Linear(c, axes=("embed", "kv"), **kw)
         self.z = core.Linear(c, axes=("embed", "kv"), **kw)
@@ -209,7 +270,7 @@ class HeavilyCompressedAttention(nn.Module):
         self.kv_norm = core.ones_param(self, "kv_norm", c, "kv", pd)
         self.sink = core.param(self, "sink", zeros, (n,), ("heads",), pd)
         self.proj = GroupedOutputProjection(n, c, g, self.dim, bias=self.bias, dtype=self.dtype,
-                                            param_dtype=pd)
+                                            param_dtype=pd, precision=self.precision)
 
     def __call__(self, x: Array) -> Array:
         """(B, T, D) -> (B, T, D), causal."""
@@ -231,7 +292,8 @@ class HeavilyCompressedAttention(nn.Module):
         out_BTNH = core.block_sparse_attention(
             q_BTNH, kv_BS1H, kv_BS1H, jnp.broadcast_to(keep_TJ, (b, 1, *keep_TJ.shape)),
             block_k=_BLOCK_K, causal=True, impl=self.impl, scale=q_BTNH.shape[-1] ** -0.5,
-            sink=self.sink, q_pos_T=q_pos, k_pos_S=k_pos, window=self.window, num_sink_keys=nc)
+            sink=self.sink, q_pos_T=q_pos, k_pos_S=k_pos, window=self.window, num_sink_keys=nc,
+            precision=self.precision, owner="HeavilyCompressedAttention")
         return self.proj(out_BTNH)
 
 
@@ -241,8 +303,10 @@ class CompressedSparseAttention(nn.Module):
     Args mirror ``attnhut.CompressedSparseAttention``: ``dim``, ``num_heads``,
     ``compression_rate`` (4), ``top_k`` (16), ``kv_dim`` (dim // num_heads), ``q_lora_rank``
     (dim // 2), ``num_index_heads`` (4), ``index_dim`` (64), ``num_groups`` (num_heads),
-    ``window`` (64), ``bias``; plus ``impl`` (``auto``/``reference``/``xla``/``pallas``), which
-    changes no variable. Parameters: ``kv_a``, ``kv_b``, ``z_a``, ``z_b``, ``bias_a``,
+    ``window`` (64), ``bias``; plus ``impl`` (the registry's ``csa`` op:
+    ``auto``/``reference``/``xla``/``pallas``), which changes no variable, ``precision`` (every
+    matmul) and ``selector_dtype`` (default float32: the indexer's projections and scores,
+    whatever ``dtype``). Parameters: ``kv_a``, ``kv_b``, ``z_a``, ``z_b``, ``bias_a``,
     ``bias_b``, ``q_down``, ``q_up``, ``q_norm``, ``kv_norm``, ``sink``, ``idx_q``, ``idx_k``,
     ``idx_w``, ``proj/w``, ``proj/out``.
 
@@ -266,9 +330,11 @@ class CompressedSparseAttention(nn.Module):
     num_groups: int | None = None
     window: int = 64
     bias: bool = False
-    impl: core.Impl = "auto"
+    impl: registry.SparseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
+    selector_dtype: Dtype = jnp.float32
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
         """Bytes a decoder caches per token in ``dtype``, amortised at long context: per
@@ -278,13 +344,13 @@ class CompressedSparseAttention(nn.Module):
         return float((kv_dim + self.index_dim) / self.compression_rate * jnp.dtype(dtype).itemsize)
 
     def setup(self) -> None:
-        core.check_impl("CompressedSparseAttention", self.impl)
+        registry.check("CompressedSparseAttention", "csa", self.impl)
         c, ql, g = _resolved("CompressedSparseAttention", self.dim, self.num_heads, self.kv_dim,
                              self.q_lora_rank, self.num_groups, self.compression_rate, self.window,
                              top_k=self.top_k, num_index_heads=self.num_index_heads,
                              index_dim=self.index_dim)
         n, r, pd = self.num_heads, self.compression_rate, self.param_dtype
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=pd)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=pd, precision=self.precision)
         zeros = nn.initializers.zeros_init()
         self.kv_a = core.Linear(c, axes=("embed", "kv"), **kw)
         self.kv_b = core.Linear(c, axes=("embed", "kv"), **kw)
@@ -297,12 +363,13 @@ class CompressedSparseAttention(nn.Module):
         self.q_norm = core.ones_param(self, "q_norm", c, "kv", pd)
         self.kv_norm = core.ones_param(self, "kv_norm", c, "kv", pd)
         self.sink = core.param(self, "sink", zeros, (n,), ("heads",), pd)
+        kw_index = dict(kw, dtype=self.selector_dtype)
         self.idx_q = core.Linear(self.num_index_heads * self.index_dim, axes=("latent", "index"),
-                                 **kw)
-        self.idx_k = core.Linear(self.index_dim, axes=("kv", "index"), **kw)
-        self.idx_w = core.Linear(self.num_index_heads, axes=("embed", "index_heads"), **kw)
+                                 **kw_index)
+        self.idx_k = core.Linear(self.index_dim, axes=("kv", "index"), **kw_index)
+        self.idx_w = core.Linear(self.num_index_heads, axes=("embed", "index_heads"), **kw_index)
         self.proj = GroupedOutputProjection(n, c, g, self.dim, bias=self.bias, dtype=self.dtype,
-                                            param_dtype=pd)
+                                            param_dtype=pd, precision=self.precision)
 
     def __call__(self, x: Array, return_aux: bool = False) -> Array | tuple[Array, dict[str, Array]]:
         """(B, T, D) -> (B, T, D), causal.
@@ -325,38 +392,25 @@ class CompressedSparseAttention(nn.Module):
         q_BTNH = _queries(self, x, c_q)
 
         # Lightning indexer: sum over indexer heads of w * relu(q . k), no scale.
-        qi_BTME = self.idx_q(c_q).reshape(b, t, self.num_index_heads, self.index_dim)
+        qi_BTIE = self.idx_q(c_q).reshape(b, t, self.num_index_heads, self.index_dim)
         ki_BCE = self.idx_k(comp_BCH)
-        w_BTM = self.idx_w(x)
+        w_BTI = self.idx_w(x)
         scale = q_BTNH.shape[-1] ** -0.5
-        impl = core.resolve_impl(self.impl)
         aux = None
-        if impl == "reference" or return_aux:
-            scores_BTC = core.lightning_scores(qi_BTME, ki_BCE, w_BTM)
+        if return_aux:
             visible_TC = compressed_visible(t, nc, r)
-            scores_BTC = jnp.where(visible_TC, scores_BTC, core.mask_value(scores_BTC.dtype))
+            scores_BTC = masked_index_scores(qi_BTIE, ki_BCE, w_BTI, visible_TC, self.precision)
             selected_BTC = core.topk_keep(scores_BTC, visible_TC, self.top_k)
             aux = {"index_scores": scores_BTC, "selected": selected_BTC}
-        if impl == "reference":
-            keep_BTS = jnp.concatenate(
-                [selected_BTC, jnp.broadcast_to(core.sliding_window_mask(t, self.window),
-                                                (b, t, t))], axis=2)
-            out_BTNH = shared_kv_attention(q_BTNH, kv_BSH, keep_BTS[:, None], self.sink, scale)
-        else:
-            if aux is not None:  # attend exactly the selection returned in aux
-                idx_BTM = core.indices_from_scores(scores_BTC, visible_TC, self.top_k)
-            else:
-                idx_BTM, _ = core.indexer_topk(
-                    qi_BTME, ki_BCE, w_BTM, self.top_k, causal=True, impl=impl,
-                    q_pos_T=jnp.arange(t), k_pos_S=(jnp.arange(nc) + 1) * r)
-            out_BTNH = core.token_sparse_attention(
-                q_BTNH, kv_BSH[:, :, None, :], None, idx_BTM, impl=impl, scale=scale,
-                sink=self.sink, window=self.window, window_start=nc)
+        out_BTNH = registry.call(
+            "CompressedSparseAttention", "csa", self.impl, q_BTNH, kv_BSH, self.sink, qi_BTIE,
+            ki_BCE, w_BTI, top_k=self.top_k, rate=r, window=self.window, scale=scale,
+            index_scores_BTC=None if aux is None else scores_BTC, precision=self.precision)
         out = self.proj(out_BTNH)
         if return_aux:
             probs_BKGTC = core.attention_weights(
-                q_BTNH, kv_BSH[:, :nc, None, :], keep=compressed_visible(t, nc, r), scale=scale,
-                sink=self.sink)
+                q_BTNH, kv_BSH[:, :nc, None, :], keep=visible_TC, scale=scale,
+                sink=self.sink, precision=self.precision)
             aux["dense_weights"] = probs_BKGTC.reshape(b, self.num_heads, t, nc)
             return out, aux
         return out

@@ -1,10 +1,8 @@
 """Shared building blocks: every mechanism imports this module and nothing else of its siblings.
 
-Dimension key, used in array names and einsum strings throughout the package:
-
-    B batch            T query length        S key length        D model width
-    N query heads      K kv heads / groups   G query heads per kv head (N = K * G)
-    H head width       V value head width    R rope width        L latent width
+Array names and einsum strings follow the project's one dimension key, written in
+``pallas_kernels/__init__.py`` (B batch, T query length, S key length, N query heads, K kv heads,
+G heads per kv head, H query/key head width, V value head width, ...).
 
 Semantics follow attnhut 0.5.0 (``attnhut/utils.py``, ``attnhut/rope.py``):
 
@@ -19,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,8 +26,14 @@ from flax.linen import dtypes
 
 from pallas_kernels import block_sparse, token_sparse
 
+from . import registry
+
 Array = jax.Array
 Dtype = Any
+Precision = jax.lax.PrecisionLike
+# the sparse modules' impl choice, kept here under its old names for callers of ``core``
+Impl = registry.SparseImpl
+IMPLS = registry.SPARSE_IMPLS
 
 # ----------------------------------------------------------------------------- validation
 
@@ -78,10 +82,38 @@ def torch_linear_init(fan_in: int):
     return init
 
 
+class LogicalAxes(nn.LogicallyPartitioned):
+    """``nn.LogicallyPartitioned`` whose names stay *logical* when Flax NNX wraps the module.
+
+    The names (``embed``, ``heads``, ...) are logical axes that a user maps onto a mesh with
+    ``nn.logical_axis_rules``, not mesh axes. ``nnx.bridge.ToNNX`` would otherwise shard each
+    variable eagerly at creation, reading the logical names as mesh axes, which fails without a
+    mesh; here the NNX variable keeps the names as ``out_sharding`` metadata and is created
+    unsharded, as in linen (shard it with the rules, e.g. ``nnx.get_partition_spec``).
+    """
+
+    def to_nnx_metadata(self) -> dict[str, Any]:
+        metadata = dict(vars(self))
+        metadata["out_sharding"] = metadata.pop("names")
+        metadata["sharding_rules"] = metadata.pop("rules")
+        metadata["eager_sharding"] = False
+        return metadata
+
+
+def logical(init, axes: Sequence[str | None]):
+    """``nn.with_logical_partitioning(init, axes)`` boxing the value as ``LogicalAxes``."""
+    names = tuple(axes)
+
+    def boxed(*args, **kwargs):
+        return LogicalAxes(init(*args, **kwargs), names)
+
+    return boxed
+
+
 def param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str | None],
           dtype: Dtype) -> Array:
-    """Declare a parameter whose value carries logical axis names (``nn.LogicallyPartitioned``)."""
-    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+    """Declare a parameter whose value carries logical axis names (``LogicalAxes``)."""
+    return module.param(name, logical(init, axes), tuple(shape), dtype)
 
 
 def ones_param(module: nn.Module, name: str, size: int, axis: str | None, dtype: Dtype) -> Array:
@@ -92,7 +124,8 @@ def ones_param(module: nn.Module, name: str, size: int, axis: str | None, dtype:
 class Linear(nn.Module):
     """``torch.nn.Linear`` as a Flax module: parameters ``kernel`` (in, out) and ``bias`` (out,).
 
-    ``axes`` names the logical axes of the kernel (input axis, output axis).
+    ``axes`` names the logical axes of the kernel (input axis, output axis); ``precision`` is
+    the matmul's (``jax.lax.PrecisionLike``, Flax's convention).
     """
 
     features: int
@@ -100,6 +133,7 @@ class Linear(nn.Module):
     axes: tuple[str | None, str | None] = ("embed", "mlp")
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -109,7 +143,7 @@ class Linear(nn.Module):
         bias = (param(self, "bias", init, (self.features,), self.axes[1:], self.param_dtype)
                 if self.use_bias else None)
         x, kernel, bias = dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.einsum("...i,io->...o", x, kernel)
+        y = jnp.einsum("...Y,YO->...O", x, kernel, precision=self.precision)
         return y + bias if bias is not None else y
 
 
@@ -120,8 +154,8 @@ def layer_norm(name: str, dtype: Dtype | None, param_dtype: Dtype) -> nn.LayerNo
     """``torch.nn.LayerNorm(dim)``: eps 1e-5, two-pass variance, ``scale``/``bias`` on ``embed``."""
     return nn.LayerNorm(
         epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+        scale_init=logical(nn.initializers.ones_init(), ("embed",)),
+        bias_init=logical(nn.initializers.zeros_init(), ("embed",)))
 
 
 def rms_norm(x: Array, weight: Array, eps: float = 1e-6) -> Array:
@@ -153,20 +187,20 @@ def _rotate_half(x: Array) -> Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x_BTNR: Array, cos: Array, sin: Array) -> Array:
+def apply_rope(x_BTNH: Array, cos: Array, sin: Array) -> Array:
     """Rotate the leading ``R = cos.shape[-1]`` channels of every head; pass the rest through.
 
     ``x`` is (B, T, N, H) with ``H >= R``; ``cos``/``sin`` are (T, R) or (B, T, R). ``R == H`` is
     full RoPE, ``R < H`` partial RoPE (MiniMax's ``rope_dim``).
     """
-    r, h = cos.shape[-1], x_BTNR.shape[-1]
+    r, h = cos.shape[-1], x_BTNH.shape[-1]
     if r % 2 != 0 or r > h:
         raise ValueError(f"rope width {r} must be even and <= head width {h}")
     if cos.ndim == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    rot, rest = x_BTNR[..., :r], x_BTNR[..., r:]
+    rot, rest = x_BTNH[..., :r], x_BTNH[..., r:]
     rot = rot * cos + _rotate_half(rot) * sin
     return rot if r == h else jnp.concatenate([rot, rest], axis=-1)
 
@@ -201,10 +235,11 @@ def topk_keep(scores: Array, valid: Array, top_k: int) -> Array:
     return hit & valid
 
 
-def lightning_scores(q_BTIH: Array, k_BSH: Array, w_BTI: Array) -> Array:
+def lightning_scores(q_BTIE: Array, k_BSE: Array, w_BTI: Array,
+                     precision: Precision = None) -> Array:
     """Lightning-indexer scores ``I[t, s] = sum_i w[t, i] * ReLU(q[t, i] . k[s])``, (B, T, S)."""
-    dots = jax.nn.relu(jnp.einsum("BTIH,BSH->BTIS", q_BTIH, k_BSH))
-    return jnp.einsum("BTI,BTIS->BTS", w_BTI, dots)
+    dots_BTIS = jax.nn.relu(jnp.einsum("BTIE,BSE->BTIS", q_BTIE, k_BSE, precision=precision))
+    return jnp.einsum("BTI,BTIS->BTS", w_BTI, dots_BTIS, precision=precision)
 
 
 def mask_value(dtype: Dtype) -> float:
@@ -254,6 +289,7 @@ def attention_weights(
     bias: Array | None = None,
     scale: float | None = None,
     sink: Array | None = None,
+    precision: Precision = None,
 ) -> Array:
     """The attention probabilities of ``dot_product_attention``, as (B, K, G, T, S).
 
@@ -266,6 +302,7 @@ def attention_weights(
       scale: logit scale, default ``H ** -0.5``.
       sink: optional per-head logit (N,) that joins every row's softmax denominator and reads
         no value (an attention sink, as in DeepSeek-V4's compressed attention).
+      precision: of the logits' matmul (``jax.lax.PrecisionLike``).
 
     The probabilities are in float32 for half-precision operands; rows with no visible key
     are zeros.
@@ -280,8 +317,8 @@ def attention_weights(
     # einsums written on (B, T, N, H) operands.
     q_BKGTH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
     k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
-    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH).astype(softmax_dtype(q_BTNH.dtype))
-    logits = logits * scale
+    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, precision=precision)
+    logits = logits.astype(softmax_dtype(q_BTNH.dtype)) * scale
     if bias is not None:
         logits = logits + _group_heads(bias, n, k).astype(logits.dtype)
     sink_KG = None if sink is None else sink.reshape(k, g).astype(logits.dtype)
@@ -300,6 +337,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     sink: Array | None = None,
+    precision: Precision = None,
 ) -> Array:
     """Masked-softmax attention with GQA grouping; a pure function of arrays.
 
@@ -307,20 +345,22 @@ def dot_product_attention(
     of ``attention_weights``. ``dropout_rate`` drops attention weights (inverted scaling) with
     ``dropout_rng``. Returns (B, T, N, V); rows with no visible key are zeros.
     """
-    probs = attention_weights(q_BTNH, k_BSKH, keep=keep, bias=bias, scale=scale, sink=sink)
+    probs = attention_weights(q_BTNH, k_BSKH, keep=keep, bias=bias, scale=scale, sink=sink,
+                              precision=precision)
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("dropout_rate > 0 needs a dropout_rng")
         keep_drop = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep_drop, probs / (1.0 - dropout_rate), 0.0)
-    return attend(probs, v_BSKV)
+    return attend(probs, v_BSKV, precision=precision)
 
 
-def attend(probs_BKGTS: Array, v_BSKV: Array) -> Array:
+def attend(probs_BKGTS: Array, v_BSKV: Array, precision: Precision = None) -> Array:
     """Weights (B, K, G, T, S) times values (B, S, K, V) -> (B, T, N, V)."""
     b, k, g, t, _ = probs_BKGTS.shape
     v_BKSV = v_BSKV.transpose(0, 2, 1, 3)
-    out = jnp.einsum("BKGTS,BKSV->BKGTV", probs_BKGTS.astype(v_BSKV.dtype), v_BKSV)
+    out = jnp.einsum("BKGTS,BKSV->BKGTV", probs_BKGTS.astype(v_BSKV.dtype), v_BKSV,
+                     precision=precision)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, v_BSKV.shape[-1])
 
 
@@ -366,10 +406,111 @@ def attention_dropout(module: nn.Module, rate: float, deterministic: bool) -> tu
     return rate, module.make_rng("dropout")
 
 
+# ----------------------------------------------------------------------------- dense core
+#
+# The ``dense`` operation of the registry: (B, T, N, H) queries against (B, S, K, H) keys and
+# (B, S, K, V) values, with an optional boolean ``keep``, additive ``bias``, the ``causal`` rule
+# (added to ``keep``) and attention dropout. ``xla`` is ``dot_product_attention``; ``cudnn`` is
+# ``jax.nn.dot_product_attention(implementation="cudnn")`` where cuDNN can run the call.
+
+
+@registry.register("dense", "xla")
+def dense_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Array | None = None,
+                        bias: Array | None = None, causal: bool = False,
+                        scale: float | None = None, dropout_rate: float = 0.0,
+                        dropout_rng: Array | None = None, precision: Precision = None) -> Array:
+    """The dense core in XLA: ``dot_product_attention`` with ``causal`` folded into ``keep``."""
+    if causal:
+        rule = causal_mask(q_BTNH.shape[1], k_BSKH.shape[1])
+        keep = rule if keep is None else keep & rule
+    return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, bias=bias, scale=scale,
+                                 dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                                 precision=precision)
+
+
+_CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def cudnn_unsupported(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Array | None = None,
+                      bias: Array | None = None, causal: bool = False, dropout_rate: float = 0.0,
+                      backend: str | None = None, **_) -> str | None:
+    """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` cannot run this call, or
+    None. Mirrors jax's own checks (``jax._src.cudnn.fused_attention_stablehlo``)."""
+    backend = backend or jax.default_backend()
+    if backend != "gpu":
+        return (f"cuDNN attention needs an NVIDIA GPU, and JAX's default backend is "
+                f"{backend!r}")
+    dtypes_ = {jnp.dtype(a.dtype) for a in (q_BTNH, k_BSKH, v_BSKV)}
+    if len(dtypes_) != 1 or next(iter(dtypes_)) not in _CUDNN_DTYPES:
+        return (f"cuDNN attention takes float16 or bfloat16 operands of one dtype, got "
+                f"q/k/v {q_BTNH.dtype}/{k_BSKH.dtype}/{v_BSKV.dtype} (set dtype=jnp.bfloat16)")
+    t, h, s, v = q_BTNH.shape[1], q_BTNH.shape[-1], k_BSKH.shape[1], v_BSKV.shape[-1]
+    if v != h:
+        return (f"value head width V={v} differs from query/key head width H={h}; "
+                f"jax.nn.dot_product_attention needs V == H")
+    major = int(str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0])
+    h_max = 256 if major >= 9 else 128
+    if h % 8 != 0 or h > h_max:
+        return f"head width H={h} must be a multiple of 8 and <= {h_max} on this GPU"
+    if dropout_rate > 0.0:
+        return (f"attention dropout (rate {dropout_rate}) is not offered by "
+                f"jax.nn.dot_product_attention; use deterministic=True or impl='xla'")
+    if causal and t != s:
+        return f"the causal rule with T={t} != S={s} is bottom-right aligned here, not in cuDNN"
+    if (keep is not None or bias is not None) and (t % 2 or s % 2):
+        return f"a mask or bias needs even lengths for cuDNN's backward, got T={t}, S={s}"
+    return None
+
+
+def _full_ts(a: Array, t: int, s: int) -> Array:
+    """A (.., T|1, S|1) mask or bias as rank 4 with full (T, S) axes, as cuDNN's bias needs."""
+    a = a.reshape((1,) * (4 - a.ndim) + tuple(a.shape))
+    return jnp.broadcast_to(a, (*a.shape[:2], t, s))
+
+
+@registry.register("dense", "cudnn", supports=cudnn_unsupported)
+def dense_attention_cudnn(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *,
+                          keep: Array | None = None, bias: Array | None = None,
+                          causal: bool = False, scale: float | None = None,
+                          dropout_rate: float = 0.0, dropout_rng: Array | None = None,
+                          precision: Precision = None) -> Array:
+    """The dense core on cuDNN's fused attention; same numbers as ``dense_attention_xla`` up to
+    the kernel's accumulation order."""
+    del dropout_rate, dropout_rng, precision  # rejected / not applicable (half precision)
+    return jax_nn_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, bias=bias, causal=causal,
+                            scale=scale, implementation="cudnn")
+
+
+def jax_nn_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Array | None,
+                     bias: Array | None, causal: bool, scale: float | None,
+                     implementation: str) -> Array:
+    """The dense core through ``jax.nn.dot_product_attention(implementation=...)``, with
+    attnhut's rules: ``keep`` as its boolean mask (an additive ``bias`` is zeroed where ``keep``
+    is False, so ``-inf`` entries become masked keys) and a row with no visible key returns
+    zeros (``jax.nn`` would average it uniformly)."""
+    t, s = q_BTNH.shape[1], k_BSKH.shape[1]
+    mask = None if keep is None else _full_ts(keep, t, s)
+    if bias is not None:
+        bias = _full_ts(bias, t, s)
+        bias = bias.astype(q_BTNH.dtype) if mask is None else jnp.where(mask, bias, 0).astype(
+            q_BTNH.dtype)  # -inf entries are already False in ``keep``
+    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKV, bias, mask, scale=scale,
+                                            is_causal=causal, implementation=implementation)
+    if mask is None:
+        return out_BTNH
+    seen_BNT = jnp.any(mask, axis=-1)  # (B|1, N|K|1, T)
+    n, k = q_BTNH.shape[2], k_BSKH.shape[2]
+    if seen_BNT.shape[1] == k and k not in (1, n):
+        seen_BNT = jnp.repeat(seen_BNT, n // k, axis=1)
+    return jnp.where(seen_BNT.transpose(0, 2, 1)[..., None], out_BTNH, 0).astype(out_BTNH.dtype)
+
+
 def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None, causal: bool,
          owner: str, scale: float | None = None, dropout_rate: float = 0.0,
-         dropout_rng: Array | None = None) -> Array:
-    """``torch.nn.functional.scaled_dot_product_attention`` as attnhut calls it.
+         dropout_rng: Array | None = None, impl: str = "xla",
+         precision: Precision = None) -> Array:
+    """``torch.nn.functional.scaled_dot_product_attention`` as attnhut calls it, on the registry's
+    ``dense`` op under ``impl``.
 
     attnhut passes ``is_causal=self.causal and attn_mask is None``: a user mask *replaces* the
     causal rule rather than adding to it. We keep that rule so that outputs match.
@@ -377,68 +518,45 @@ def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None
     b, t, n, _ = q_BTNH.shape
     s = k_BSKH.shape[1]
     keep, bias = split_attn_mask(attn_mask, (b, n, t, s), owner)
-    if causal and attn_mask is None:
-        keep = causal_mask(t, s)
-    return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, bias=bias, scale=scale,
-                                 dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    return registry.call(owner, "dense", impl, q_BTNH, k_BSKH, v_BSKV, keep=keep, bias=bias,
+                         causal=causal and attn_mask is None, scale=scale,
+                         dropout_rate=dropout_rate, dropout_rng=dropout_rng, precision=precision)
 
 
-# ----------------------------------------------------------------------------- sparse seams
+# ----------------------------------------------------------------------------- sparse cores
 #
-# The one place where ``impl`` is resolved and dispatched, for the block-sparse modules (MSA,
-# BigBird, Delta, HCA) and the token-sparse ones (DSA, CSA): ``reference`` (attnhut's masked
-# dense computation, builds (T, S)), ``xla`` (the same algorithm as the kernels in plain XLA,
-# the fastest exact path on CPU), ``pallas`` (the Pallas kernels: Triton on GPU, Mosaic on TPU,
-# the GPU kernels in interpret mode elsewhere), ``auto`` (``pallas`` on GPU and TPU, ``xla``
-# elsewhere). Every impl computes the same selection, outputs and gradients.
+# The registry's ``block_sparse``, ``token_sparse`` and ``indexer_topk`` operations:
+# ``reference`` (attnhut's masked dense computation, builds (T, S)), ``xla`` (the same algorithm
+# as the kernels in plain XLA, the fastest exact path on CPU), ``pallas`` (the Pallas kernels:
+# Mosaic on TPU, the Triton-style ones elsewhere, in interpret mode off GPU). ``auto`` is
+# ``pallas`` on GPU and TPU, ``xla`` elsewhere. Every impl computes the same selection, outputs
+# and gradients.
 
-Impl = Literal["auto", "reference", "pallas", "xla"]
-IMPLS: tuple[str, ...] = ("auto", "reference", "pallas", "xla")
-
-
-def check_impl(owner: str, impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"{owner}: impl={impl!r} must be one of {IMPLS}")
+# block-sparse: query token t of kv group k reads key s iff block_keep[b, k, t, s // block_k],
+# key_valid[b, s] and the token rules on positions hold (causal: k_pos <= q_pos; ``window``:
+# k_pos > q_pos - window unless s < num_sink_keys; positions default to arange(T) + S - T and
+# arange(S)). Arguments: (q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale,
+# sink, key_valid_BS, q_pos_T, k_pos_S, window, num_sink_keys, precision).
 
 
-def resolve_impl(impl: str) -> str:
-    """``auto``: the fused Pallas kernels where they compile natively (GPU, TPU); elsewhere the
-    XLA paths with their fused backward, the fastest exact ones on CPU (see the README's
-    benchmark tables)."""
-    check_impl("resolve_impl", impl)
-    if impl != "auto":
-        return impl
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-
-
-# block-sparse: each query token (per kv group) reads selected key blocks
-
-
-def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale,
-                            sink, **rules):
+@registry.register("block_sparse", "reference")
+def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale=None,
+                            sink=None, precision=None, **rules):
     keep = block_sparse.token_keep(block_keep_BKTJ, k_BSKH.shape[1], block_k, causal=causal,
                                    **rules)
-    return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, scale=scale, sink=sink)
+    return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, scale=scale, sink=sink,
+                                 precision=precision)
 
 
-def _block_sparse_pallas(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale,
-                         sink, **rules):
+@registry.register("block_sparse", "pallas")
+def _block_sparse_pallas(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, **kw):
     """The Mosaic variant on TPU; the GPU-style kernel elsewhere (interpret mode off GPU)."""
     kernel = (block_sparse.block_sparse_attention_tpu if jax.default_backend() == "tpu"
               else block_sparse.block_sparse_attention)
-    return kernel(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, block_k=block_k, causal=causal,
-                  scale=scale, sink=sink, **rules)
+    return kernel(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, **kw)
 
 
-def _block_sparse_xla(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale, sink,
-                      **rules):
-    return block_sparse.block_sparse_attention_xla(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
-                                                   block_k=block_k, causal=causal, scale=scale,
-                                                   sink=sink, **rules)
-
-
-_BLOCK_SPARSE = {"reference": _block_sparse_reference, "pallas": _block_sparse_pallas,
-                 "xla": _block_sparse_xla}
+registry.register("block_sparse", "xla")(block_sparse.block_sparse_attention_xla)
 
 
 def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,
@@ -446,19 +564,13 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
                            scale: float | None = None, sink: Array | None = None,
                            key_valid_BS: Array | None = None, q_pos_T: Array | None = None,
                            k_pos_S: Array | None = None, window: int | None = None,
-                           num_sink_keys: int = 0) -> Array:
-    """Attention restricted to selected key blocks (per query token and kv group), any impl.
-
-    Query token ``t`` of kv group ``k`` reads key ``s`` iff ``block_keep[b, k, t, s // block_k]``
-    and ``key_valid[b, s]`` and the token rules on positions hold (causal: ``k_pos <= q_pos``;
-    ``window``: ``k_pos > q_pos - window`` unless ``s < num_sink_keys``; positions default to
-    ``arange(T) + S - T`` and ``arange(S)``). Every impl computes the same numbers; ``pallas``
-    reads only the selected blocks (interpret mode off accelerators).
-    """
-    return _BLOCK_SPARSE[resolve_impl(impl)](
-        q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, block_k=block_k, causal=causal, scale=scale,
-        sink=sink, key_valid_BS=key_valid_BS, q_pos_T=q_pos_T, k_pos_S=k_pos_S, window=window,
-        num_sink_keys=num_sink_keys)
+                           num_sink_keys: int = 0, precision: Precision = None,
+                           owner: str = "block_sparse_attention") -> Array:
+    """The registry's ``block_sparse`` op under ``impl``, all rule arguments spelled out."""
+    return registry.call(owner, "block_sparse", impl, q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
+                         block_k=block_k, causal=causal, scale=scale, sink=sink,
+                         key_valid_BS=key_valid_BS, q_pos_T=q_pos_T, k_pos_S=k_pos_S,
+                         window=window, num_sink_keys=num_sink_keys, precision=precision)
 
 
 def window_block_keep(q_pos_T: Array, k_pos_S: Array, block_k: int, *, window: int,
@@ -467,65 +579,73 @@ def window_block_keep(q_pos_T: Array, k_pos_S: Array, block_k: int, *, window: i
     ``num_sink_keys`` keys) lets each query read. O(T * J), no (T, S) array."""
     s = k_pos_S.shape[0]
     j = -(-s // block_k)
-    kp = jnp.pad(k_pos_S, (0, j * block_k - s), mode="edge").reshape(j, block_k)
-    lo, hi = kp.min(axis=1), kp.max(axis=1)
-    q = q_pos_T[:, None]
-    sink_block = (jnp.arange(j) * block_k < num_sink_keys)[None, :]
-    return (sink_block & (lo[None, :] <= q)) | ((lo[None, :] <= q) & (hi[None, :] > q - window))
+    k_pos_JS = jnp.pad(k_pos_S, (0, j * block_k - s), mode="edge").reshape(j, block_k)
+    lo_J, hi_J = k_pos_JS.min(axis=1), k_pos_JS.max(axis=1)
+    q_T1 = q_pos_T[:, None]
+    sink_1J = (jnp.arange(j) * block_k < num_sink_keys)[None, :]
+    return (sink_1J & (lo_J[None, :] <= q_T1)) | ((lo_J[None, :] <= q_T1) & (hi_J[None, :] > q_T1 - window))
 
 
-# token-sparse: each query token reads its own selected keys, shared by all heads
+# token-sparse: each query token reads its own selected keys (indices_BTM, -1: none), shared by
+# all heads, plus an optional raw ``window`` over the keys s >= window_start and a per-head sink;
+# v_BSKV=None reads values from k_BSKH (CSA's shared KV). Arguments: (q_BTNH, k_BSKH, v_BSKV,
+# indices_BTM, *, scale, sink, window, window_start, precision).
+
+registry.register("token_sparse", "reference")(token_sparse.token_sparse_attention_reference)
+registry.register("token_sparse", "xla")(token_sparse.token_sparse_attention_xla)
+
+
+@registry.register("token_sparse", "pallas")
+def _token_sparse_pallas(q_BTNH, k_BSKH, v_BSKV, indices_BTM, **kw):
+    """The Mosaic kernel on TPU, the Triton-style one elsewhere (interpret mode off GPU)."""
+    kernel = (token_sparse.token_sparse_attention_tpu if jax.default_backend() == "tpu"
+              else token_sparse.token_sparse_attention)
+    return kernel(q_BTNH, k_BSKH, v_BSKV, indices_BTM, **kw)
 
 
 def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
                            indices_BTM: Array, *, impl: str = "auto",
                            scale: float | None = None, sink: Array | None = None,
-                           window: int | None = None, window_start: int = 0) -> Array:
-    """Attention over each query's selected keys (+ optional raw window and sink), any impl.
+                           window: int | None = None, window_start: int = 0,
+                           precision: Precision = None,
+                           owner: str = "token_sparse_attention") -> Array:
+    """The registry's ``token_sparse`` op under ``impl``."""
+    return registry.call(owner, "token_sparse", impl, q_BTNH, k_BSKH, v_BSKV, indices_BTM,
+                         scale=scale, sink=sink, window=window, window_start=window_start,
+                         precision=precision)
 
-    ``indices_BTM`` (B, T, M) lists each query's keys (-1: none); ``v_BSKV=None`` reads values
-    from ``k_BSKH`` (CSA's shared KV); ``window`` adds the keys ``s >= window_start`` among the
-    ``window`` latest raw tokens (see ``pallas_kernels.token_sparse.reference``). ``reference``
-    builds a dense (T, S) mask; ``xla`` gathers the selected tokens in plain XLA; ``pallas`` is
-    the Mosaic kernel on TPU and the Triton-style kernel elsewhere (interpret mode off GPU).
-    """
-    impl = resolve_impl(impl)
-    if impl == "reference":
-        fn = token_sparse.token_sparse_attention_reference
-    elif impl == "xla":
-        fn = token_sparse.token_sparse_attention_xla
-    elif jax.default_backend() == "tpu":
-        fn = token_sparse.token_sparse_attention_tpu
-    else:
-        fn = token_sparse.token_sparse_attention
-    return fn(q_BTNH, k_BSKH, v_BSKV, indices_BTM, scale=scale, sink=sink, window=window,
-              window_start=window_start)
+
+# indexer top-k: (indices (B, T, min(top_k, S)), scores), invalid picks -1; see
+# ``pallas_kernels.token_sparse.reference.indexer_topk_reference``. ``reference`` scores every
+# (query, key) pair, ``xla`` is the fused running top-k over key tiles, ``pallas`` the
+# radix-select kernel except on TPU, where it is the XLA one. All select the same keys (ties to
+# the lower key index). Arguments: (q_BTIE, k_BSE, w_BTI, top_k, *, causal, q_pos_T, k_pos_S,
+# precision).
+
+registry.register("indexer_topk", "reference")(token_sparse.indexer_topk_reference)
+registry.register("indexer_topk", "xla")(token_sparse.indexer_topk)
+
+
+@registry.register("indexer_topk", "pallas")
+def _indexer_topk_pallas(q_BTIE, k_BSE, w_BTI, top_k, **kw):
+    kernel = (token_sparse.indexer_topk if jax.default_backend() == "tpu"
+              else token_sparse.indexer_topk_pallas)
+    return kernel(q_BTIE, k_BSE, w_BTI, top_k, **kw)
 
 
 def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
-                 impl: str = "auto", q_pos_T: Array | None = None,
-                 k_pos_S: Array | None = None) -> tuple[Array, Array]:
-    """Lightning-indexer top-k: (indices (B, T, min(top_k, S)), scores), invalid picks -1.
-
-    See ``pallas_kernels.token_sparse.reference.indexer_topk_reference``. ``reference`` scores
-    every (query, key) pair; ``xla`` is the fused running top-k over key tiles (``indexer.py``);
-    ``pallas`` the radix-select kernel (``indexer_kernel.py``), except on TPU where it is the
-    XLA one. All select the same keys (ties to the lower key index).
-    """
-    impl = resolve_impl(impl)
-    if impl == "reference":
-        fn = token_sparse.indexer_topk_reference
-    elif impl == "pallas" and jax.default_backend() != "tpu":
-        fn = token_sparse.indexer_topk_pallas
-    else:
-        fn = token_sparse.indexer_topk
-    return fn(q_BTIE, k_BSE, w_BTI, top_k, causal=causal, q_pos_T=q_pos_T, k_pos_S=k_pos_S)
+                 impl: str = "auto", q_pos_T: Array | None = None, k_pos_S: Array | None = None,
+                 precision: Precision = None,
+                 owner: str = "indexer_topk") -> tuple[Array, Array]:
+    """The registry's ``indexer_topk`` op under ``impl``."""
+    return registry.call(owner, "indexer_topk", impl, q_BTIE, k_BSE, w_BTI, top_k, causal=causal,
+                         q_pos_T=q_pos_T, k_pos_S=k_pos_S, precision=precision)
 
 
 def indices_from_scores(scores_BTS: Array, valid: Array, top_k: int) -> Array:
     """Indices of ``jax.lax.top_k`` on already-masked scores (B, T, S), invalid picks -1: the
     selection ``topk_keep`` marks, as indices (used when the scores are built anyway, e.g. for
     ``return_aux``)."""
-    _, idx = jax.lax.top_k(scores_BTS, min(top_k, scores_BTS.shape[-1]))
-    ok = jnp.take_along_axis(jnp.broadcast_to(valid, scores_BTS.shape), idx, axis=-1)
-    return jnp.where(ok, idx, -1).astype(jnp.int32)
+    _, idx_BTM = jax.lax.top_k(scores_BTS, min(top_k, scores_BTS.shape[-1]))
+    ok_BTM = jnp.take_along_axis(jnp.broadcast_to(valid, scores_BTS.shape), idx_BTM, axis=-1)
+    return jnp.where(ok_BTM, idx_BTM, -1).astype(jnp.int32)

@@ -8,22 +8,76 @@ Ties at the k-th score (ReLU zeros make them common) are broken towards the lowe
 which is what ``jax.lax.top_k`` does. torch leaves the choice among tied keys unspecified, so
 parity compares selections modulo such ties (see ``parity/compare.py``).
 
-``impl`` picks how selection and attention run (``core``'s token-sparse seam):
+``impl`` picks how selection and attention run (the registry's ``dsa`` op, defined below):
 ``reference`` scores every (query, key) pair and attends through a dense (T, T) mask, as attnhut
 does; ``xla`` and ``pallas`` (and ``auto``, the fastest of them for the backend) select with the
 fused indexer top-k and attend over the selected tokens only, building no (T, T) array.
 ``return_aux=True`` builds the (T, T) scores for the aux dict whatever the impl, and then selects
 from them, so the returned selection is the one attended.
+
+The selector (indexer projections and scores) runs in its own ``selector_dtype``, float32 by
+default, so a ``dtype=jnp.bfloat16`` module keeps its selection in float32; every impl and the
+aux path rank the scores in float32 (or wider).
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import core
+from . import core, registry
 from .core import Array, Dtype
+
+
+def masked_index_scores(qi_BTIE: Array, ki_BSE: Array, w_BTI: Array, valid_TS: Array,
+                        precision: core.Precision = None) -> Array:
+    """Lightning-indexer scores (B, T, S) in float32 (or wider), the fill value where not
+    ``valid_TS``: what every impl ranks."""
+    scores_BTS = core.lightning_scores(qi_BTIE, ki_BSE, w_BTI, precision)
+    scores_BTS = scores_BTS.astype(jnp.promote_types(scores_BTS.dtype, jnp.float32))
+    return jnp.where(valid_TS, scores_BTS, core.mask_value(scores_BTS.dtype))
+
+
+def _valid(t: int, s: int, causal: bool) -> Array:
+    return core.causal_mask(t, s) if causal else jnp.ones((t, s), bool)
+
+
+# The registry's ``dsa`` op: (q_BTNH, k_BSNH, v_BSNH, qi_BTIE, ki_BSE, w_BTI, *, top_k, causal,
+# scale, index_scores_BTS, precision) -> (B, T, N, H). ``index_scores_BTS`` (already masked, as
+# ``masked_index_scores``) is given when the caller built them for ``return_aux``: the impl then
+# selects from them, so the selection returned is the one attended.
+
+
+@registry.register("dsa", "reference")
+def dsa_reference(q_BTNH, k_BSNH, v_BSNH, qi_BTIE, ki_BSE, w_BTI, *, top_k, causal, scale,
+                  index_scores_BTS=None, precision=None):
+    """attnhut's path: score every (query, key) pair, attend through a dense (T, S) mask."""
+    valid_TS = _valid(q_BTNH.shape[1], k_BSNH.shape[1], causal)
+    if index_scores_BTS is None:
+        index_scores_BTS = masked_index_scores(qi_BTIE, ki_BSE, w_BTI, valid_TS, precision)
+    selected_BTS = core.topk_keep(index_scores_BTS, valid_TS, top_k)
+    return core.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, keep=selected_BTS[:, None],
+                                      scale=scale, precision=precision)
+
+
+def _dsa_token_sparse(q_BTNH, k_BSNH, v_BSNH, qi_BTIE, ki_BSE, w_BTI, *, top_k, causal, scale,
+                      index_scores_BTS=None, precision=None, impl):
+    """Fused indexer top-k, then attention over the selected tokens only (``impl``'s kernels)."""
+    if index_scores_BTS is not None:
+        valid_TS = _valid(q_BTNH.shape[1], k_BSNH.shape[1], causal)
+        indices_BTM = core.indices_from_scores(index_scores_BTS, valid_TS, top_k)
+    else:
+        indices_BTM, _ = core.indexer_topk(qi_BTIE, ki_BSE, w_BTI, top_k, causal=causal,
+                                           impl=impl, precision=precision)
+    return core.token_sparse_attention(q_BTNH, k_BSNH, v_BSNH, indices_BTM, impl=impl,
+                                       scale=scale, precision=precision)
+
+
+registry.register("dsa", "xla")(functools.partial(_dsa_token_sparse, impl="xla"))
+registry.register("dsa", "pallas")(functools.partial(_dsa_token_sparse, impl="pallas"))
 
 
 class LightningIndexer(nn.Module):
@@ -31,31 +85,35 @@ class LightningIndexer(nn.Module):
 
     Args mirror ``attnhut.LightningIndexer``: ``dim``, ``num_heads`` (4), ``head_dim`` (64),
     ``bias``. Parameters: ``wq``, ``wk`` (one shared key head), ``ww`` (per-head gates).
+    ``dtype`` is the selector's dtype and defaults to float32 (not to the input's), so that a
+    selector inside a bfloat16 model still ranks float32 scores; ``precision`` is the matmuls'.
     """
 
     dim: int
     num_heads: int = 4
     head_dim: int = 64
     bias: bool = False
-    dtype: Dtype | None = None
+    dtype: Dtype | None = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     def setup(self) -> None:
         core.check_positive("LightningIndexer", dim=self.dim, num_heads=self.num_heads,
                             head_dim=self.head_dim)
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         self.wq = core.Linear(self.num_heads * self.head_dim, axes=("embed", "index"), **kw)
         self.wk = core.Linear(self.head_dim, axes=("embed", "index"), **kw)
         self.ww = core.Linear(self.num_heads, axes=("embed", "index_heads"), **kw)
 
     def project(self, x: Array) -> tuple[Array, Array, Array]:
-        """The indexer's queries (B, T, I, H), shared key (B, S, H) and gates (B, T, I)."""
+        """The indexer's queries (B, T, I, E), shared key (B, S, E) and gates (B, T, I)."""
         b, t, _ = x.shape
         return (self.wq(x).reshape(b, t, self.num_heads, self.head_dim), self.wk(x), self.ww(x))
 
     def __call__(self, x: Array) -> Array:
         core.check_input(x, self.dim, "LightningIndexer")
-        return core.lightning_scores(*self.project(x))
+        return core.lightning_scores(*self.project(x), precision=self.precision)
 
 
 class DeepSeekSparseAttention(nn.Module):
@@ -64,7 +122,9 @@ class DeepSeekSparseAttention(nn.Module):
     Args mirror ``attnhut.DeepSeekSparseAttention``: ``dim``, ``num_heads``, ``top_k`` (64),
     ``num_index_heads`` (4), ``index_head_dim`` (64), ``causal`` (True), ``bias``; plus
     ``impl`` (``auto``/``reference``/``xla``/``pallas``, see the module docstring), which
-    changes no variable. Parameters: ``qkv``, ``proj``, ``indexer/{wq,wk,ww}``.
+    changes no variable, ``dtype``/``param_dtype``, ``precision`` (of every matmul) and
+    ``selector_dtype`` (default float32: the indexer's projections and scores, whatever
+    ``dtype``). Parameters: ``qkv``, ``proj``, ``indexer/{wq,wk,ww}``.
 
     The indexer is not trained by the output (hard top-k has no gradient); train it with
     ``dsa_index_aux_loss``.
@@ -77,9 +137,11 @@ class DeepSeekSparseAttention(nn.Module):
     index_head_dim: int = 64
     causal: bool = True
     bias: bool = False
-    impl: core.Impl = "auto"
+    impl: registry.SparseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
+    selector_dtype: Dtype = jnp.float32
 
     @property
     def head_dim(self) -> int:
@@ -92,24 +154,26 @@ class DeepSeekSparseAttention(nn.Module):
 
     def setup(self) -> None:
         owner = "DeepSeekSparseAttention"
-        core.check_impl(owner, self.impl)
+        registry.check(owner, "dsa", self.impl)
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads, top_k=self.top_k,
                             num_index_heads=self.num_index_heads,
                             index_head_dim=self.index_head_dim)
         core.check_divisible(owner, ("dim", self.dim), ("num_heads", self.num_heads))
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
         self.indexer = LightningIndexer(self.dim, self.num_index_heads, self.index_head_dim,
-                                        self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+                                        self.bias, dtype=self.selector_dtype,
+                                        param_dtype=self.param_dtype, precision=self.precision)
 
     def __call__(self, x: Array, return_aux: bool = False):
         """(B, T, D) -> (B, T, D), or ``(out, aux)`` with ``return_aux=True``.
 
-        ``aux['index_scores']`` (B, T, T): indexer scores, invalid (future) keys at the fill
-        value; ``aux['selected']`` (B, T, T) bool: the keys each query attends;
-        ``aux['dense_weights']`` (B, N, T, T): the main attention over every visible key (no
-        top-k), the target of ``dsa_index_aux_loss(aux['index_scores'], aux['dense_weights'])``.
+        ``aux['index_scores']`` (B, T, T): indexer scores in float32 (or wider), invalid
+        (future) keys at the fill value; ``aux['selected']`` (B, T, T) bool: the keys each query
+        attends; ``aux['dense_weights']`` (B, N, T, T): the main attention over every visible key
+        (no top-k), the target of ``dsa_index_aux_loss(aux['index_scores'], aux['dense_weights'])``.
         """
         core.check_input(x, self.dim, "DeepSeekSparseAttention")
         b, t, _ = x.shape
@@ -117,27 +181,21 @@ class DeepSeekSparseAttention(nn.Module):
         shape = (b, t, self.num_heads, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         scale = self.head_dim ** -0.5
-        impl = core.resolve_impl(self.impl)
         aux = None
-        if impl == "reference" or return_aux:
+        if return_aux:
             valid = core.causal_mask(t, t) if self.causal else jnp.ones((t, t), bool)
-            scores = self.indexer(x)
-            scores = jnp.where(valid, scores, core.mask_value(scores.dtype))
+            scores = masked_index_scores(*self.indexer.project(x), valid, self.precision)
             selected = core.topk_keep(scores, valid, self.top_k)
             aux = {"index_scores": scores, "selected": selected}
-        if impl == "reference":
-            out = core.dot_product_attention(q, k, v, keep=selected[:, None], scale=scale)
-        else:
-            if aux is not None:  # attend exactly the selection returned in aux
-                indices = core.indices_from_scores(scores, valid, self.top_k)
-            else:
-                indices, _ = core.indexer_topk(*self.indexer.project(x), self.top_k,
-                                               causal=self.causal, impl=impl)
-            out = core.token_sparse_attention(q, k, v, indices, impl=impl, scale=scale)
+        out = registry.call("DeepSeekSparseAttention", "dsa", self.impl, q, k, v,
+                            *self.indexer.project(x), top_k=self.top_k, causal=self.causal,
+                            scale=scale, index_scores_BTS=None if aux is None else scores,
+                            precision=self.precision)
         out = self.proj(out.reshape(b, t, self.dim))
         if return_aux:
             keep = core.causal_mask(t, t) if self.causal else None
-            probs_BKGTS = core.attention_weights(q, k, keep=keep, scale=scale)
+            probs_BKGTS = core.attention_weights(q, k, keep=keep, scale=scale,
+                                                  precision=self.precision)
             aux["dense_weights"] = probs_BKGTS.reshape(b, self.num_heads, t, t)
             return out, aux
         return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from . import core
+from . import core, registry
 from .core import Array, Dtype
 
 _BLOCK_K = 64  # key block of the block-sparse core; the window rule is exact at any size
@@ -23,6 +23,8 @@ class DeltaAttention(nn.Module):
     Args mirror ``attnhut.DeltaAttention``: ``dim``, ``num_heads``, ``window`` (256), ``sink``
     (4), ``stride`` (16; 1 recovers full causal attention), ``bias``. Parameters: ``qkv``,
     ``proj``.
+    ``impl`` picks the registry's ``block_sparse`` op (``auto``/``reference``/``xla``/``pallas``;
+    changes no variable); ``precision`` reaches every matmul.
     """
 
     dim: int
@@ -31,9 +33,10 @@ class DeltaAttention(nn.Module):
     sink: int = 4
     stride: int = 16
     bias: bool = False
-    impl: core.Impl = "auto"
+    impl: registry.SparseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @property
     def head_dim(self) -> int:
@@ -51,8 +54,9 @@ class DeltaAttention(nn.Module):
         core.check_divisible(owner, ("dim", self.dim), ("num_heads", self.num_heads))
         if self.sink < 0:
             raise ValueError(f"{owner}: sink={self.sink} must be >= 0")
-        core.check_impl(owner, self.impl)
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        registry.check(owner, "block_sparse", self.impl)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
@@ -69,12 +73,14 @@ class DeltaAttention(nn.Module):
         keep_TJ = core.window_block_keep(pos, pos, bk, window=self.window, num_sink_keys=self.sink)
         sparse = core.block_sparse_attention(
             q, k, v, jnp.broadcast_to(keep_TJ, (b, n, *keep_TJ.shape)), block_k=bk, causal=True,
-            impl=self.impl, scale=scale, window=self.window, num_sink_keys=self.sink)
+            impl=self.impl, scale=scale, window=self.window, num_sink_keys=self.sink,
+            precision=self.precision, owner="DeltaAttention")
         anchors = jnp.arange(0, t, self.stride)
         every_block = jnp.ones((b, n, anchors.shape[0], keep_TJ.shape[1]), bool)
         dense = core.block_sparse_attention(q[:, anchors], k, v, every_block, block_k=bk,
                                             causal=True, impl=self.impl, scale=scale,
-                                            q_pos_T=anchors)
+                                            q_pos_T=anchors, precision=self.precision,
+                                            owner="DeltaAttention")
         delta = dense - sparse[:, anchors]
         out = sparse + jnp.repeat(delta, self.stride, axis=1)[:, :t]
         return self.proj(out.reshape(b, t, self.dim))

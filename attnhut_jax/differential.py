@@ -15,7 +15,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from . import core
+from . import core, registry
 from .core import Array, Dtype
 
 
@@ -35,6 +35,15 @@ class DifferentialAttention(nn.Module):
     ``num_heads``, ``depth`` (sets lambda_init), ``causal`` (True), ``bias``. Parameters: ``q``,
     ``k``, ``v``, ``proj``, ``head_norm`` (2 * head_dim), ``lambda_q1``, ``lambda_k1``,
     ``lambda_q2``, ``lambda_k2`` (head_dim each, N(0, 0.1)).
+
+    ``impl`` picks the registry's ``dense`` op: ``xla`` (the masked-softmax core), ``cudnn``
+    (``jax.nn.dot_product_attention(implementation="cudnn")``: float16/bfloat16, V == H, head
+    width a multiple of 8 up to 128 or 256, no attention dropout; anything else, or a host
+    without a GPU, raises a ``ValueError`` saying why), ``auto`` (``cudnn`` on GPU where it
+    supports the call, ``xla`` elsewhere); it changes no variable. ``precision`` reaches every
+    matmul (``jax.lax.PrecisionLike``, Flax's convention).
+    Each map reads values twice as wide as its queries (V = 2H), which cuDNN's call does not take:
+    ``cudnn`` always says so, and ``auto`` is ``xla``.
     """
 
     dim: int
@@ -42,8 +51,10 @@ class DifferentialAttention(nn.Module):
     depth: int = 0
     causal: bool = True
     bias: bool = False
+    impl: registry.DenseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @property
     def head_dim(self) -> int:
@@ -64,7 +75,9 @@ class DifferentialAttention(nn.Module):
         core.check_divisible(owner, ("dim", self.dim), ("2 * num_heads", 2 * self.num_heads))
         if self.depth < 0:
             raise ValueError(f"{owner}: depth={self.depth} must be >= 0")
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        registry.check(owner, "dense", self.impl)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         self.q = core.Linear(self.dim, axes=("embed", "heads"), **kw)
         self.k = core.Linear(self.dim, axes=("embed", "heads"), **kw)
         self.v = core.Linear(self.dim, axes=("embed", "heads"), **kw)
@@ -87,12 +100,12 @@ class DifferentialAttention(nn.Module):
         b, t, _ = x.shape
         n, hd = self.num_heads, self.head_dim
         # Query/key head 2i and 2i + 1 form the pair of maps of differential head i.
-        q = self.q(x).reshape(b, t, n, 2, hd)
-        k = self.k(x).reshape(b, t, n, 2, hd)
+        q_BTN2H = self.q(x).reshape(b, t, n, 2, hd)
+        k_BTN2H = self.k(x).reshape(b, t, n, 2, hd)
         v_BTNV = self.v(x).reshape(b, t, n, 2 * hd)
-        keep = core.causal_mask(t, t) if self.causal else None
-        a1, a2 = (core.dot_product_attention(q[:, :, :, i], k[:, :, :, i], v_BTNV, keep=keep,
-                                             scale=hd ** -0.5) for i in (0, 1))
+        a1, a2 = (registry.call("DifferentialAttention", "dense", self.impl, q_BTN2H[:, :, :, i],
+                                k_BTN2H[:, :, :, i], v_BTNV, causal=self.causal, scale=hd ** -0.5,
+                                precision=self.precision) for i in (0, 1))
         out = a1 - self.lambda_value().astype(a2.dtype) * a2
         out = core.rms_norm(out, self.head_norm, eps=1e-5) * (1 - self.lambda_init)
         return self.proj(out.reshape(b, t, self.dim))

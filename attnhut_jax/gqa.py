@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from . import core
+from . import core, registry
 from .core import Array, Dtype
 
 
@@ -15,6 +15,13 @@ class GroupedQueryAttention(nn.Module):
     ``num_kv_heads == num_heads`` is MHA, ``num_kv_heads == 1`` is MQA. Args mirror
     ``attnhut.GroupedQueryAttention``: ``dim``, ``num_heads``, ``num_kv_heads``, ``causal``,
     ``dropout``, ``bias``. Parameters: ``q``, ``k``, ``v``, ``proj``.
+
+    ``impl`` picks the registry's ``dense`` op: ``xla`` (the masked-softmax core), ``cudnn``
+    (``jax.nn.dot_product_attention(implementation="cudnn")``: float16/bfloat16, V == H, head
+    width a multiple of 8 up to 128 or 256, no attention dropout; anything else, or a host
+    without a GPU, raises a ``ValueError`` saying why), ``auto`` (``cudnn`` on GPU where it
+    supports the call, ``xla`` elsewhere); it changes no variable. ``precision`` reaches every
+    matmul (``jax.lax.PrecisionLike``, Flax's convention).
     """
 
     dim: int
@@ -23,8 +30,10 @@ class GroupedQueryAttention(nn.Module):
     causal: bool = False
     dropout: float = 0.0
     bias: bool = False
+    impl: registry.DenseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @property
     def head_dim(self) -> int:
@@ -38,10 +47,12 @@ class GroupedQueryAttention(nn.Module):
         owner = "GroupedQueryAttention"
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads,
                             num_kv_heads=self.num_kv_heads)
+        registry.check(owner, "dense", self.impl)
         core.check_divisible(owner, ("dim", self.dim), ("num_heads", self.num_heads))
         core.check_divisible(owner, ("num_heads", self.num_heads),
                              ("num_kv_heads", self.num_kv_heads))
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         kv_dim = self.num_kv_heads * self.head_dim
         self.q = core.Linear(self.dim, axes=("embed", "heads"), **kw)
         self.k = core.Linear(kv_dim, axes=("embed", "kv_heads"), **kw)
@@ -59,5 +70,6 @@ class GroupedQueryAttention(nn.Module):
         v_BTKH = self.v(x).reshape(b, t, self.num_kv_heads, h)
         rate, rng = core.attention_dropout(self, self.dropout, deterministic)
         out = core.sdpa(q_BTNH, k_BTKH, v_BTKH, attn_mask=attn_mask, causal=self.causal,
-                        owner="GroupedQueryAttention", dropout_rate=rate, dropout_rng=rng)
+                        owner="GroupedQueryAttention", dropout_rate=rate, dropout_rng=rng,
+                        impl=self.impl, precision=self.precision)
         return self.proj(out.reshape(b, t, self.dim))

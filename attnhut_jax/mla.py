@@ -9,7 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from . import core
+from . import core, registry
 from .core import Array, Dtype
 
 
@@ -22,6 +22,15 @@ class MultiHeadLatentAttention(nn.Module):
     ``rope_theta``, ``bias``; ``head_dim = dim // num_heads``. As in attnhut, a falsy rank
     (None or 0) selects the default. Parameters: ``q_down``, ``q_norm``, ``q_up``, ``kv_down``,
     ``kv_norm``, ``kv_up``, ``proj``.
+
+    ``impl`` picks the registry's ``dense`` op: ``xla`` (the masked-softmax core), ``cudnn``
+    (``jax.nn.dot_product_attention(implementation="cudnn")``: float16/bfloat16, V == H, head
+    width a multiple of 8 up to 128 or 256, no attention dropout; anything else, or a host
+    without a GPU, raises a ``ValueError`` saying why), ``auto`` (``cudnn`` on GPU where it
+    supports the call, ``xla`` elsewhere); it changes no variable. ``precision`` reaches every
+    matmul (``jax.lax.PrecisionLike``, Flax's convention).
+    With the defaults V == H (= head_dim); ``cudnn`` needs ``v_head_dim == qk_nope_head_dim +
+    qk_rope_head_dim``.
     """
 
     dim: int
@@ -34,8 +43,10 @@ class MultiHeadLatentAttention(nn.Module):
     causal: bool = True
     rope_theta: float = 10000.0
     bias: bool = False
+    impl: registry.DenseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     def dims(self) -> tuple[int, int, int, int, int]:
         """Resolved (q_lora_rank, kv_lora_rank, nope, rope, v_head_dim), attnhut's defaults applied."""
@@ -53,13 +64,15 @@ class MultiHeadLatentAttention(nn.Module):
     def setup(self) -> None:
         owner = "MultiHeadLatentAttention"
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads)
+        registry.check(owner, "dense", self.impl)
         ql, kvl, nope, rope, vd = self.dims()
         core.check_positive(owner, q_lora_rank=ql, kv_lora_rank=kvl, qk_nope_head_dim=nope,
                             qk_rope_head_dim=rope, v_head_dim=vd)
         if rope % 2 != 0:
             raise ValueError(f"{owner}: qk_rope_head_dim={rope} must be even")
         n = self.num_heads
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         self.q_down = core.Linear(ql, axes=("embed", "latent"), **kw)
         self.q_up = core.Linear(n * (nope + rope), axes=("latent", "heads"), **kw)
         self.kv_down = core.Linear(kvl + rope, axes=("embed", "latent"), **kw)
@@ -88,5 +101,6 @@ class MultiHeadLatentAttention(nn.Module):
         k_BTNH = jnp.concatenate(
             [k_nope_BTNH, jnp.broadcast_to(k_rope_BT1R, (b, t, n, rope))], axis=-1)
         out = core.sdpa(q_BTNH, k_BTNH, v_BTNV, attn_mask=attn_mask, causal=self.causal,
-                        owner="MultiHeadLatentAttention")
+                        owner="MultiHeadLatentAttention", impl=self.impl,
+                        precision=self.precision)
         return self.proj(out.reshape(b, t, n * vd))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from . import core
+from . import core, registry
 from .core import Array, Dtype
 
 
@@ -15,6 +15,13 @@ class MultiQueryAttention(nn.Module):
     Args mirror ``attnhut.MultiQueryAttention``: ``dim`` (divisible by ``num_heads``),
     ``num_heads``, ``causal``, ``dropout``, ``bias``. Parameters: ``q``, ``kv`` (2 * head_dim wide),
     ``proj``.
+
+    ``impl`` picks the registry's ``dense`` op: ``xla`` (the masked-softmax core), ``cudnn``
+    (``jax.nn.dot_product_attention(implementation="cudnn")``: float16/bfloat16, V == H, head
+    width a multiple of 8 up to 128 or 256, no attention dropout; anything else, or a host
+    without a GPU, raises a ``ValueError`` saying why), ``auto`` (``cudnn`` on GPU where it
+    supports the call, ``xla`` elsewhere); it changes no variable. ``precision`` reaches every
+    matmul (``jax.lax.PrecisionLike``, Flax's convention).
     """
 
     dim: int
@@ -22,8 +29,10 @@ class MultiQueryAttention(nn.Module):
     causal: bool = False
     dropout: float = 0.0
     bias: bool = False
+    impl: registry.DenseImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @property
     def head_dim(self) -> int:
@@ -36,9 +45,11 @@ class MultiQueryAttention(nn.Module):
 
     def setup(self) -> None:
         core.check_positive("MultiQueryAttention", dim=self.dim, num_heads=self.num_heads)
+        registry.check("MultiQueryAttention", "dense", self.impl)
         core.check_divisible("MultiQueryAttention", ("dim", self.dim),
                              ("num_heads", self.num_heads))
-        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         self.q = core.Linear(self.dim, axes=("embed", "heads"), **kw)
         self.kv = core.Linear(2 * self.head_dim, axes=("embed", "kv_heads"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
@@ -53,5 +64,6 @@ class MultiQueryAttention(nn.Module):
         rate, rng = core.attention_dropout(self, self.dropout, deterministic)
         out = core.sdpa(q_BTNH, k[:, :, None, :], v[:, :, None, :], attn_mask=attn_mask,
                         causal=self.causal, owner="MultiQueryAttention",
-                        dropout_rate=rate, dropout_rng=rng)
+                        dropout_rate=rate, dropout_rng=rng, impl=self.impl,
+                        precision=self.precision)
         return self.proj(out.reshape(b, t, self.dim))

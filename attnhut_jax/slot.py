@@ -23,6 +23,7 @@ class GRUCell(nn.Module):
     features: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @nn.compact
     def __call__(self, x: Array, h: Array) -> Array:
@@ -35,8 +36,8 @@ class GRUCell(nn.Module):
                                        ("bias_hh", (3 * d,), ("gru",)))}
         x, h, *vals = nn.dtypes.promote_dtype(x, h, *p.values(), dtype=self.dtype)
         w_ih, w_hh, b_ih, b_hh = vals
-        gi = jnp.split(x @ w_ih + b_ih, 3, axis=-1)
-        gh = jnp.split(h @ w_hh + b_hh, 3, axis=-1)
+        gi = jnp.split(jnp.matmul(x, w_ih, precision=self.precision) + b_ih, 3, axis=-1)
+        gh = jnp.split(jnp.matmul(h, w_hh, precision=self.precision) + b_hh, 3, axis=-1)
         r = jax.nn.sigmoid(gi[0] + gh[0])
         z = jax.nn.sigmoid(gi[1] + gh[1])
         n = jnp.tanh(gi[2] + r * gh[2])
@@ -50,10 +51,12 @@ class _MLP(nn.Module):
     out: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
         x = core.Linear(self.hidden, axes=("embed", "mlp"), name="0", **kw)(x)
         return core.Linear(self.out, axes=("mlp", "embed"), name="2", **kw)(nn.relu(x))
 
@@ -71,7 +74,7 @@ class SlotAttention(nn.Module):
     ``hidden_dim`` (128; the MLP is ``max(dim, hidden_dim)`` wide), ``eps`` (1e-8). Parameters:
     ``slot_mu`` (1, 1, D) ~ N(0, 1), ``slot_log_sigma`` (1, 1, D) xavier-uniform, ``to_q``,
     ``to_k``, ``to_v`` (with bias), ``gru``, ``mlp/0``, ``mlp/2``, ``norm_input``, ``norm_slots``,
-    ``norm_pre_mlp``.
+    ``norm_pre_mlp``. ``precision`` reaches every matmul (Flax's convention).
     """
 
     dim: int
@@ -81,6 +84,7 @@ class SlotAttention(nn.Module):
     eps: float = 1e-8
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
 
     def setup(self) -> None:
         owner = "SlotAttention"
@@ -93,12 +97,13 @@ class SlotAttention(nn.Module):
                                   (None, None, "embed"), pd)
         self.slot_log_sigma = core.param(self, "slot_log_sigma", _xavier_uniform_111, (1, 1, d),
                                          (None, None, "embed"), pd)
-        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=pd)
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=pd, precision=self.precision)
         self.to_q = core.Linear(d, axes=("embed", "heads"), **kw)
         self.to_k = core.Linear(d, axes=("embed", "heads"), **kw)
         self.to_v = core.Linear(d, axes=("embed", "heads"), **kw)
-        self.gru = GRUCell(d, dtype=self.dtype, param_dtype=pd)
-        self.mlp = _MLP(max(d, self.hidden_dim), d, dtype=self.dtype, param_dtype=pd)
+        self.gru = GRUCell(d, dtype=self.dtype, param_dtype=pd, precision=self.precision)
+        self.mlp = _MLP(max(d, self.hidden_dim), d, dtype=self.dtype, param_dtype=pd,
+                        precision=self.precision)
         self.norm_input = core.layer_norm("norm_input", self.dtype, pd)
         self.norm_slots = core.layer_norm("norm_slots", self.dtype, pd)
         self.norm_pre_mlp = core.layer_norm("norm_pre_mlp", self.dtype, pd)
@@ -126,13 +131,14 @@ class SlotAttention(nn.Module):
         scale = d ** -0.5
         for _ in range(self.num_iters):
             prev = slots
-            q_BND = self.to_q(self.norm_slots(slots)) * scale
-            logits = jnp.einsum("BND,BSD->BNS", q_BND, k_BSD)
-            # Slots compete for each input (softmax over N), then each slot averages its inputs.
-            attn = jax.nn.softmax(logits.astype(core.softmax_dtype(logits.dtype)), axis=1)
-            attn = attn + self.eps
-            attn = (attn / jnp.sum(attn, axis=-1, keepdims=True)).astype(v_BSD.dtype)
-            updates = jnp.einsum("BNS,BSD->BND", attn, v_BSD)
-            slots = self.gru(updates.reshape(-1, d), prev.reshape(-1, d)).reshape(shape)
+            q_BUD = self.to_q(self.norm_slots(slots)) * scale
+            logits_BUS = jnp.einsum("BUD,BSD->BUS", q_BUD, k_BSD, precision=self.precision)
+            # Slots compete for each input (softmax over U), then each slot averages its inputs.
+            attn_BUS = jax.nn.softmax(logits_BUS.astype(core.softmax_dtype(logits_BUS.dtype)),
+                                      axis=1)
+            attn_BUS = attn_BUS + self.eps
+            attn_BUS = (attn_BUS / jnp.sum(attn_BUS, axis=-1, keepdims=True)).astype(v_BSD.dtype)
+            updates_BUD = jnp.einsum("BUS,BSD->BUD", attn_BUS, v_BSD, precision=self.precision)
+            slots = self.gru(updates_BUD.reshape(-1, d), prev.reshape(-1, d)).reshape(shape)
             slots = slots + self.mlp(self.norm_pre_mlp(slots))
         return slots

@@ -100,5 +100,27 @@ def test_the_jaxpr_check_can_fail():
 
 
 def test_unknown_impl_is_rejected():
-    with pytest.raises(ValueError, match=r"impl='fast' must be one of"):
+    with pytest.raises(ValueError, match=r"impl='fast' is not an implementation of"):
         ah.BigBirdAttention(32, 4, impl="fast").init(jax.random.key(0), jnp.zeros((1, 3, 32)))
+
+
+def test_bfloat16_msa_selects_the_blocks_float32_selects():
+    """MSA's index branch runs in ``selector_dtype`` (float32) under ``dtype=jnp.bfloat16``: the
+    same blocks as a float32 module, on the aux path and on the default path (whose selection
+    equals the aux one, so comparing outputs of a bf16 and a bf16-selector module would not
+    isolate it: compare the block scores the default path ranks)."""
+    kw = dict(block_size=4, top_k=2)
+    m32 = ah.MiniMaxSparseAttention(32, 4, 2, **kw)
+    m16 = ah.MiniMaxSparseAttention(32, 4, 2, dtype=jnp.bfloat16, **kw)
+    x = jax.random.normal(jax.random.key(5), (2, 48, 32))
+    v = jax.jit(m32.init)(jax.random.key(1), x)
+    keep32 = jax.jit(lambda v, x: m32.apply(v, x, return_aux=True)[1]["keep"])(v, x)
+    keep16 = jax.jit(lambda v, x: m16.apply(v, x, return_aux=True)[1]["keep"])(v, x)
+    np.testing.assert_array_equal(np.asarray(keep16), np.asarray(keep32))
+    # a bf16 selector is a real choice: it is what the module used to do, and it moves blocks
+    m16_16 = ah.MiniMaxSparseAttention(32, 4, 2, dtype=jnp.bfloat16, selector_dtype=jnp.bfloat16,
+                                       **kw)
+    s16 = jax.jit(lambda v, x: m16_16.apply(v, x, return_aux=True)[1]["index_scores"])(v, x)
+    s32 = jax.jit(lambda v, x: m32.apply(v, x, return_aux=True)[1]["index_scores"])(v, x)
+    assert s16.dtype == s32.dtype == jnp.float32
+    assert not np.array_equal(np.asarray(s16), np.asarray(s32))

@@ -12,7 +12,7 @@ import pytest
 from jaxpr_walk import jaxpr_shapes
 
 import attnhut_jax as ah
-from attnhut_jax import core
+from attnhut_jax import core, registry
 
 D = 32
 MODULES = {
@@ -59,6 +59,57 @@ def test_impls_agree_on_outputs_and_gradients(name, kw, t, impls):
         assert all(np.all(np.asarray(a) == 0) for a in jax.tree_util.tree_leaves(g_idx))
 
 
+def _selected_indices(name, mod, x, impl):
+    """The indexer top-k of ``mod`` (a bound DSA or CSA) under the registry's ``impl``."""
+    if name == "dsa":
+        q, k, w = mod.indexer.project(x)
+        return core.indexer_topk(q, k, w, mod.top_k, causal=mod.causal, impl=impl)[0]
+    comp = ah.compressed.compress_overlap(mod.kv_a(x), mod.kv_b(x), mod.z_a(x), mod.z_b(x),
+                                          mod.bias_a, mod.bias_b, mod.compression_rate)
+    c, t = comp.shape[1], x.shape[1]
+    qi = mod.idx_q(mod.q_down(x)).reshape(*x.shape[:2], mod.num_index_heads, -1)
+    return core.indexer_topk(qi, mod.idx_k(comp), mod.idx_w(x), mod.top_k, causal=True,
+                             impl=impl, q_pos_T=jnp.arange(t),
+                             k_pos_S=(jnp.arange(c) + 1) * mod.compression_rate)[0]
+
+
+def _as_mask(idx_BTM, shape):
+    sel = np.zeros(shape, bool)
+    for b, t, j in np.ndindex(*idx_BTM.shape):
+        if idx_BTM[b, t, j] >= 0:
+            sel[b, t, idx_BTM[b, t, j]] = True
+    return sel
+
+
+@pytest.mark.parametrize("selector_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", list(MODULES))
+def test_bfloat16_every_impl_selects_the_same_keys(name, selector_dtype):
+    """A bf16 module (and a bf16 selector) ranks in float32 on every path: the aux selection (which
+    the reference path also attends) is the fused top-k's of every impl."""
+    m = MODULES[name]("auto", top_k=4, dtype=jnp.bfloat16, selector_dtype=selector_dtype)
+    x = jax.random.normal(jax.random.key(3), (2, 24, D))
+    v = jax.jit(m.init)(jax.random.key(1), x)
+    _, aux = jax.jit(lambda v, x: m.apply(v, x, return_aux=True))(v, x)
+    assert aux["index_scores"].dtype == jnp.float32
+    want = np.asarray(aux["selected"])
+    for impl in ("reference", "xla", "pallas"):
+        idx = jax.jit(lambda v, x, impl=impl: m.apply(
+            v, x, method=lambda mod, x: _selected_indices(name, mod, x, impl)))(v, x)
+        np.testing.assert_array_equal(_as_mask(np.asarray(idx), want.shape), want, err_msg=impl)
+
+
+def test_bfloat16_dsa_selects_what_float32_selects():
+    """The selector stays float32 under ``dtype=jnp.bfloat16``: same keys as a float32 module
+    (CSA's indexer reads the bf16 query latent and entries, so only DSA's is exact)."""
+    m32 = MODULES["dsa"]("xla", top_k=4)
+    x = jax.random.normal(jax.random.key(4), (2, 40, D))
+    v = jax.jit(m32.init)(jax.random.key(1), x)
+    sel32 = jax.jit(lambda v, x: m32.apply(v, x, return_aux=True)[1]["selected"])(v, x)
+    m16 = MODULES["dsa"]("xla", top_k=4, dtype=jnp.bfloat16)
+    sel16 = jax.jit(lambda v, x: m16.apply(v, x, return_aux=True)[1]["selected"])(v, x)
+    np.testing.assert_array_equal(np.asarray(sel16), np.asarray(sel32))
+
+
 @pytest.mark.parametrize("name", list(MODULES))
 def test_default_selection_equals_the_aux_selection(name):
     """The fused top-k (default path) picks the keys that ``return_aux`` reports."""
@@ -90,8 +141,9 @@ def test_default_selection_equals_the_aux_selection(name):
 
 
 def test_auto_is_xla_on_cpu_and_variables_do_not_depend_on_impl():
-    assert core.resolve_impl("auto") == ("pallas" if jax.default_backend() in ("gpu", "tpu")
-                                         else "xla")
+    for op in ("dsa", "csa", "token_sparse", "indexer_topk"):
+        assert registry.resolve(op, "auto") == ("pallas" if jax.default_backend() in ("gpu", "tpu")
+                                                else "xla")
     x = jnp.zeros((1, 5, D))
     for name in MODULES:
         # same names, shapes, dtypes and logical axes for every impl ...
@@ -134,5 +186,5 @@ def test_bfloat16_default_path_is_finite(name):
 
 def test_unknown_impl_is_rejected():
     for name in MODULES:
-        with pytest.raises(ValueError, match=r"impl='fast' must be one of"):
+        with pytest.raises(ValueError, match=r"impl='fast' is not an implementation of"):
             MODULES[name]("fast").init(jax.random.key(0), jnp.zeros((1, 3, D)))

@@ -1,0 +1,119 @@
+"""The one table of implementations: every ``impl`` choice in ``attnhut_jax`` is resolved here.
+
+An operation is a pure function of arrays with several exact implementations; a module names
+the operation and passes its ``impl`` field, and never branches on the name itself.
+
+    operation       impls                        ``auto`` resolves to
+    dense           xla, cudnn                   cudnn on GPU where cuDNN supports the call,
+                                                 else xla
+    block_sparse    reference, xla, pallas       pallas on GPU and TPU, else xla
+    token_sparse    reference, xla, pallas       pallas on GPU and TPU, else xla
+    indexer_topk    reference, xla, pallas       pallas on GPU and TPU, else xla
+    dsa             reference, xla, pallas       (DeepSeek sparse: select, then attend)
+    csa             reference, xla, pallas       (compressed sparse: select, then attend)
+
+The functions register themselves where they are defined (``core`` for the shared cores, the
+mechanism's file for DSA's and CSA's selection paths) with ``@register(op, impl)``; an impl may
+declare a ``supports`` check that names why a given call cannot run on it. ``select`` resolves an
+impl once per call site (at trace time): an explicit impl that cannot run the call raises a
+``ValueError`` naming why, never falling back; ``auto`` takes the first supported impl in the
+backend's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, get_args
+
+import jax
+
+DenseImpl = Literal["auto", "xla", "cudnn"]
+SparseImpl = Literal["auto", "reference", "xla", "pallas"]
+DENSE_IMPLS: tuple[str, ...] = get_args(DenseImpl)
+SPARSE_IMPLS: tuple[str, ...] = get_args(SparseImpl)
+
+# op -> the impls a module may name (``auto`` included)
+OPERATIONS: dict[str, tuple[str, ...]] = {
+    "dense": DENSE_IMPLS,
+    "block_sparse": SPARSE_IMPLS,
+    "token_sparse": SPARSE_IMPLS,
+    "indexer_topk": SPARSE_IMPLS,
+    "dsa": SPARSE_IMPLS,
+    "csa": SPARSE_IMPLS,
+}
+
+# op kind -> backend -> the order in which ``auto`` tries impls
+_DENSE_ORDER = {"gpu": ("cudnn", "xla")}
+_SPARSE_ORDER = {"gpu": ("pallas",), "tpu": ("pallas",)}
+
+Supports = Callable[..., "str | None"]
+_TABLE: dict[tuple[str, str], tuple[Callable[..., Any], Supports | None]] = {}
+
+
+def register(op: str, impl: str, *, supports: Supports | None = None):
+    """Decorator: ``fn`` implements ``op`` as ``impl``.
+
+    ``supports(*args, **kwargs)``, if given, takes the call's arguments and returns ``None`` when
+    ``fn`` can run them, else a sentence naming why not.
+    """
+    if op not in OPERATIONS:
+        raise ValueError(f"register: unknown operation {op!r}; known: {tuple(OPERATIONS)}")
+    if impl == "auto" or impl not in OPERATIONS[op]:
+        raise ValueError(f"register: impl={impl!r} is not a concrete impl of {op!r}; "
+                         f"allowed: {tuple(i for i in OPERATIONS[op] if i != 'auto')}")
+
+    def add(fn):
+        if (op, impl) in _TABLE:
+            raise ValueError(f"register: ({op!r}, {impl!r}) is already registered")
+        _TABLE[op, impl] = (fn, supports)
+        return fn
+
+    return add
+
+
+def check(owner: str, op: str, impl: str) -> None:
+    """Raise ``ValueError`` naming the module, op and allowed values unless ``impl`` is one."""
+    allowed = OPERATIONS[op]
+    if impl not in allowed:
+        raise ValueError(f"{owner}: impl={impl!r} is not an implementation of {op!r}; "
+                         f"allowed: {allowed}")
+
+
+def implementations(op: str) -> tuple[str, ...]:
+    """The concrete impls registered for ``op``."""
+    return tuple(i for (o, i) in _TABLE if o == op)
+
+
+def auto_order(op: str, backend: str | None = None) -> tuple[str, ...]:
+    """The impls ``auto`` tries for ``op`` on ``backend`` (default: JAX's default backend)."""
+    backend = backend or jax.default_backend()
+    order = _DENSE_ORDER if op == "dense" else _SPARSE_ORDER
+    return order.get(backend, ()) + ("xla",)
+
+
+def resolve(op: str, impl: str, backend: str | None = None) -> str:
+    """``impl`` itself, or for ``auto`` the first impl of ``auto_order`` (support unchecked)."""
+    check("resolve", op, impl)
+    return auto_order(op, backend)[0] if impl == "auto" else impl
+
+
+def select(owner: str, op: str, impl: str, *args, **kwargs) -> Callable[..., Any]:
+    """The function that runs ``op`` with these arguments under ``impl``.
+
+    An explicit impl whose ``supports`` rejects the call raises ``ValueError`` with the reason;
+    ``auto`` takes the first supported impl in ``auto_order``.
+    """
+    check(owner, op, impl)
+    for name in (auto_order(op) if impl == "auto" else (impl,)):
+        fn, supports = _TABLE[op, name]
+        reason = None if supports is None else supports(*args, **kwargs)
+        if reason is None:
+            return fn
+        if impl != "auto":
+            raise ValueError(f"{owner}: impl={impl!r} cannot run {op!r} here: {reason}")
+    raise AssertionError(f"{owner}: no impl of {op!r} supports this call")  # xla supports all
+
+
+def call(owner: str, op: str, impl: str, *args, **kwargs):
+    """``select(owner, op, impl, ...)(...)``: run ``op`` under ``impl``."""
+    return select(owner, op, impl, *args, **kwargs)(*args, **kwargs)
