@@ -31,9 +31,6 @@ from . import registry
 Array = jax.Array
 Dtype = Any
 Precision = jax.lax.PrecisionLike
-# the sparse modules' impl choice, kept here under its old names for callers of ``core``
-Impl = registry.SparseImpl
-IMPLS = registry.SPARSE_IMPLS
 
 # ----------------------------------------------------------------------------- validation
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from attnhut_jax import core
+from attnhut_jax import registry
 
 MECHANISMS = ("standard", "gqa", "mqa", "mla", "differential", "delta", "bigbird",
               "minimax_sparse", "deepseek_sparse", "heavily_compressed", "compressed_sparse")
@@ -76,8 +76,8 @@ class Config:
         if self.attn not in MECHANISMS:
             raise ValueError(f"--attn {self.attn!r} is not a mechanism; choose one of "
                              f"{', '.join(MECHANISMS)}")
-        if self.impl not in core.IMPLS:
-            raise ValueError(f"--impl {self.impl!r} must be one of {core.IMPLS}")
+        if self.impl not in registry.SPARSE_IMPLS:
+            raise ValueError(f"--impl {self.impl!r} must be one of {registry.SPARSE_IMPLS}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype {self.dtype!r} must be float32, bfloat16 or float16")
         ints = dict(dim=self.dim, depth=self.depth, heads=self.heads, kv_heads=self.kv_heads,
