@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pl_triton
 
@@ -96,6 +97,17 @@ def check_heads(n: int, kg: int) -> None:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def table_walk(count, init, visit, finish) -> None:
+    """The TPU kernels' walk over table slots, the last grid axis: ``init()`` the VMEM
+    accumulators at the first slot, ``visit()`` each of the row's ``count`` listed blocks (the
+    slots past it repeat the last block, which the pipeline does not copy again), ``finish()``
+    (normalise, store) at the last slot."""
+    m = pl.program_id(3)
+    pl.when(m == 0)(init)
+    pl.when(m < count)(visit)
+    pl.when(m == pl.num_programs(3) - 1)(finish)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -196,10 +208,10 @@ def head_grad_dtype(g: int, dtype):
     return F32 if g > 1 else dtype
 
 
-def group_sum(d_BNSX: Array, kg: int, dtype) -> Array:
-    """Per-query-head gradients (B, N, S, X) summed over each kv head's group: (B, K, S, X)."""
-    b, n, s, x = d_BNSX.shape
-    return d_BNSX.reshape(b, kg, n // kg, s, x).sum(axis=2).astype(dtype)
+def group_sum(d: Array, kg: int, dtype) -> Array:
+    """Per-query-head gradients (B, N, S, width) summed over each kv head's group: (B, K, S, width)."""
+    b, n, s, x = d.shape
+    return d.reshape(b, kg, n // kg, s, x).sum(axis=2).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -29,23 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ..common import (
-    F32,
-    KernelConfig,
-    cdiv,
-    check_heads,
-    default_scale,
-    group_sum,
-    head_grad_dtype,
-    head_major,
-    pad_axis,
-    pad_lanes,
-    row_delta,
-    rules,
-    sink_grad,
-    sparse_attention_vjp,
-)
-from ..flash import dkv_tile, dq_tile, forward_tile
+from .. import common
+from ..common import F32, KernelConfig
+from ..flash import dkv_call, dkv_tile, dq_call, dq_tile, forward_call, forward_tile
 from .tables import build_tables
 
 Array = jax.Array
@@ -77,7 +63,7 @@ def _col(x):
 
 def token_mask(keep_col, valid_row, q_pos, k_pos, k_idx, *, s_len: int, causal: bool,
                window: int | None, num_sink_keys: int):
-    """(block_q, block_k) membership: selected block, valid key in range, and the token rules
+    """(block_q, block_k) membership: selected block, valid key in range, and the token common.rules
     on positions: causal ``k_pos <= q_pos``; window ``k_pos > q_pos - window`` unless the key is
     one of the first ``num_sink_keys`` keys. Query vectors may come as (block_q,) or
     (block_q, 1), key vectors as (block_k,) or (1, block_k) (the TPU layout)."""
@@ -156,113 +142,66 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg: KernelConfig):
     block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S = selection
     b, t, n, _ = q_BTNH.shape
     kg = k_BSKH.shape[2]
-    qt, j = cdiv(t, cfg.block_q), cdiv(cfg.s, cfg.block_k)
+    qt, j = common.cdiv(t, cfg.block_q), common.cdiv(cfg.s, cfg.block_k)
     tp, sp = qt * cfg.block_q, j * cfg.block_k
-    keep = pad_axis(block_keep_BKTJ.astype(jnp.int8), 2, tp)
+    keep = common.pad_axis(block_keep_BKTJ.astype(jnp.int8), 2, tp)
     valid = (jnp.ones((b, cfg.s), jnp.int8) if key_valid_BS is None
              else key_valid_BS.astype(jnp.int8))
     fwd_table, bwd_table = block_tables(block_keep_BKTJ, q_pos_T, k_pos_S, cfg)
     # padded query rows sit at the last real position (their output is dropped); padded keys
     # are removed by the ``k_idx < S`` rule
-    return dict(q=head_major(q_BTNH, tp), k=head_major(k_BSKH, sp), v=head_major(v_BSKV, sp),
-                keep=keep, valid=pad_axis(valid, 1, sp), fwd=fwd_table, bwd=bwd_table,
-                q_pos=pad_axis(q_pos_T.astype(jnp.int32), 0, tp, mode="edge"),
-                k_pos=pad_axis(k_pos_S.astype(jnp.int32), 0, sp, mode="edge"),
+    return dict(q=common.head_major(q_BTNH, tp), k=common.head_major(k_BSKH, sp),
+                v=common.head_major(v_BSKV, sp), keep=keep, valid=common.pad_axis(valid, 1, sp),
+                fwd=fwd_table, bwd=bwd_table,
+                q_pos=common.pad_axis(q_pos_T.astype(jnp.int32), 0, tp, mode="edge"),
+                k_pos=common.pad_axis(k_pos_S.astype(jnp.int32), 0, sp, mode="edge"),
                 dims=(b, n, kg, qt, j, tp, sp))
+
+
+def _selection_specs(g: int, j: int, bq: int, sp: int):
+    """Forward / dq specs of (table row, selection, key validity, query and key positions)."""
+    return [pl.BlockSpec((None, None, None, j + 1), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
+            pl.BlockSpec((None, None, bq, j), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
+            pl.BlockSpec((None, sp), lambda bi, ni, qi: (bi, 0)),
+            pl.BlockSpec((bq,), lambda bi, ni, qi: (qi,)),
+            pl.BlockSpec((sp,), lambda bi, ni, qi: (0,))]
 
 
 def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
     p = _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg)
     b, n, kg, qt, j, tp, sp = p["dims"]
-    g, h, vw, bq = n // kg, p["q"].shape[-1], p["v"].shape[-1], cfg.block_q
     sink = jnp.zeros((n,), F32) if sink_N is None else sink_N.astype(F32)
-    o, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, has_sink=sink_N is not None),
-        grid=(b, n, qt),
-        in_specs=[
-            pl.BlockSpec((None, None, None, j + 1), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
-            pl.BlockSpec((None, None, bq, j), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
-            pl.BlockSpec((None, sp), lambda bi, ni, qi: (bi, 0)),
-            pl.BlockSpec((bq,), lambda bi, ni, qi: (qi,)),
-            pl.BlockSpec((sp,), lambda bi, ni, qi: (0,)),
-            pl.BlockSpec((1,), lambda bi, ni, qi: (ni,)),
-            pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
-            pl.BlockSpec((None, None, sp, h), lambda bi, ni, qi: (bi, ni // g, 0, 0)),
-            pl.BlockSpec((None, None, sp, vw), lambda bi, ni, qi: (bi, ni // g, 0, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, bq, vw), lambda bi, ni, qi: (bi, ni, qi, 0)),
-            pl.BlockSpec((None, None, bq), lambda bi, ni, qi: (bi, ni, qi)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((b, n, tp, vw), q_BTNH.dtype),
-                   jax.ShapeDtypeStruct((b, n, tp), F32)],
-        interpret=cfg.interpret,
-        compiler_params=cfg.triton_params,
-        name="block_sparse_attention_fwd",
-    )(p["fwd"], p["keep"], p["valid"], p["q_pos"], p["k_pos"], sink, p["q"], p["k"], p["v"])
+    specs = [*_selection_specs(n // kg, j, cfg.block_q, sp),
+             pl.BlockSpec((1,), lambda bi, ni, qi: (ni,))]
+    o, lse = forward_call(
+        functools.partial(_fwd_kernel, cfg=cfg, has_sink=sink_N is not None), cfg,
+        "block_sparse_attention_fwd", specs,
+        (p["fwd"], p["keep"], p["valid"], p["q_pos"], p["k_pos"], sink), p["q"], (p["k"], p["v"]))
     return o.transpose(0, 2, 1, 3)[:, : cfg.t], (p, o, lse)
 
 
 def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     p, o, lse = res
     b, n, kg, qt, j, tp, sp = p["dims"]
-    g, h, vw, bq, bk = n // kg, p["q"].shape[-1], p["v"].shape[-1], cfg.block_q, cfg.block_k
-    do = head_major(do_BTNV, tp)
-    delta = row_delta(do, o)  # (B, N, Tp)
-    operands = (p["keep"], p["valid"], p["q_pos"], p["k_pos"], p["q"], p["k"], p["v"], do, lse,
-                delta)
-    rows = lambda bi, ni, qi: (bi, ni, qi)  # noqa: E731
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg),
-        grid=(b, n, qt),
-        in_specs=[
-            pl.BlockSpec((None, None, None, j + 1), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
-            pl.BlockSpec((None, None, bq, j), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
-            pl.BlockSpec((None, sp), lambda bi, ni, qi: (bi, 0)),
-            pl.BlockSpec((bq,), lambda bi, ni, qi: (qi,)),
-            pl.BlockSpec((sp,), lambda bi, ni, qi: (0,)),
-            pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
-            pl.BlockSpec((None, None, sp, h), lambda bi, ni, qi: (bi, ni // g, 0, 0)),
-            pl.BlockSpec((None, None, sp, vw), lambda bi, ni, qi: (bi, ni // g, 0, 0)),
-            pl.BlockSpec((None, None, bq, vw), lambda bi, ni, qi: (bi, ni, qi, 0)),
-            pl.BlockSpec((None, None, bq), rows),
-            pl.BlockSpec((None, None, bq), rows),
-        ],
-        out_specs=pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
-        out_shape=jax.ShapeDtypeStruct(p["q"].shape, p["q"].dtype),
-        interpret=cfg.interpret,
-        compiler_params=cfg.triton_params,
-        name="block_sparse_attention_dq",
-    )(p["fwd"], *operands)
-    # dK, dV per query head, then summed over the group
-    acc = head_grad_dtype(g, p["k"].dtype)
-    whole = lambda bi, ni, ji: (bi, ni, 0)  # noqa: E731
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg),
-        grid=(b, n, j),
-        in_specs=[
-            pl.BlockSpec((None, None, None, qt + 1), lambda bi, ni, ji: (bi, ni // g, ji, 0)),
-            pl.BlockSpec((None, None, tp, 1), lambda bi, ni, ji: (bi, ni // g, 0, ji)),
-            pl.BlockSpec((None, bk), lambda bi, ni, ji: (bi, ji)),
-            pl.BlockSpec((tp,), lambda bi, ni, ji: (0,)),
-            pl.BlockSpec((bk,), lambda bi, ni, ji: (ji,)),
-            pl.BlockSpec((None, None, tp, h), lambda bi, ni, ji: (bi, ni, 0, 0)),
-            pl.BlockSpec((None, None, bk, h), lambda bi, ni, ji: (bi, ni // g, ji, 0)),
-            pl.BlockSpec((None, None, bk, vw), lambda bi, ni, ji: (bi, ni // g, ji, 0)),
-            pl.BlockSpec((None, None, tp, vw), lambda bi, ni, ji: (bi, ni, 0, 0)),
-            pl.BlockSpec((None, None, tp), whole),
-            pl.BlockSpec((None, None, tp), whole),
-        ],
-        out_specs=[pl.BlockSpec((None, None, bk, h), lambda bi, ni, ji: (bi, ni, ji, 0)),
-                   pl.BlockSpec((None, None, bk, vw), lambda bi, ni, ji: (bi, ni, ji, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, n, sp, h), acc),
-                   jax.ShapeDtypeStruct((b, n, sp, vw), acc)],
-        interpret=cfg.interpret,
-        compiler_params=cfg.triton_params,
-        name="block_sparse_attention_dkv",
-    )(p["bwd"], *operands)
-    dk, dv = (group_sum(a, kg, p["k"].dtype) for a in (dk, dv))
-    dsink = None if sink_N is None else sink_grad(sink_N, lse, delta, cfg.t)
+    g, bk = n // kg, cfg.block_k
+    do = common.head_major(do_BTNV, tp)
+    delta = common.row_delta(do, o)  # (B, N, Tp)
+    masks = (p["keep"], p["valid"], p["q_pos"], p["k_pos"])
+    tensors = (p["q"], (p["k"], p["v"]), do, lse, delta)
+    dq = dq_call(functools.partial(_dq_kernel, cfg=cfg), cfg, "block_sparse_attention_dq",
+                 _selection_specs(g, j, cfg.block_q, sp), (p["fwd"], *masks), *tensors)
+    dkv_specs = [
+        pl.BlockSpec((None, None, None, qt + 1), lambda bi, ni, ji: (bi, ni // g, ji, 0)),
+        pl.BlockSpec((None, None, tp, 1), lambda bi, ni, ji: (bi, ni // g, 0, ji)),
+        pl.BlockSpec((None, bk), lambda bi, ni, ji: (bi, ji)),
+        pl.BlockSpec((tp,), lambda bi, ni, ji: (0,)),
+        pl.BlockSpec((bk,), lambda bi, ni, ji: (ji,)),
+    ]
+    dk, dv = dkv_call(functools.partial(_dkv_kernel, cfg=cfg), cfg, "block_sparse_attention_dkv",
+                      dkv_specs, (p["bwd"], *masks), *tensors)
+    # dK, dV were per query head: summed over each kv head's group
+    dk, dv = (common.group_sum(a, kg, p["k"].dtype) for a in (dk, dv))
+    dsink = None if sink_N is None else common.sink_grad(sink_N, lse, delta, cfg.t)
     return (dq.transpose(0, 2, 1, 3)[:, : cfg.t], dk.transpose(0, 2, 1, 3)[:, : cfg.s],
             dv.transpose(0, 2, 1, 3)[:, : cfg.s], dsink)
 
@@ -273,8 +212,8 @@ def checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_p
     k_pos int32)."""
     b, t, n, _ = q_BTNH.shape
     s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
-    check_heads(n, kg)
-    j = cdiv(s, block_k)
+    common.check_heads(n, kg)
+    j = common.cdiv(s, block_k)
     if block_keep_BKTJ.shape != (b, kg, t, j):
         raise ValueError(f"block_keep must have shape (B, K, T, ceil(S / block_k))={(b, kg, t, j)}, "
                          f"got {tuple(block_keep_BKTJ.shape)}")
@@ -290,13 +229,13 @@ def block_config(q_BTNH, k_BSKH, *, block_q: int, block_k: int, causal: bool,
                  num_stages: int = 2) -> KernelConfig:
     """The ``KernelConfig`` of a block-sparse call (its rule: causal, window, sink keys)."""
     s = k_BSKH.shape[1]
-    return KernelConfig(block_q, block_k, default_scale(q_BTNH.shape[-1], scale), q_BTNH.shape[1],
-                        s, interpret, rules(s_len=s, causal=causal, window=window,
+    return KernelConfig(block_q, block_k, common.default_scale(q_BTNH.shape[-1], scale), q_BTNH.shape[1],
+                        s, interpret, common.rules(s_len=s, causal=causal, window=window,
                                             num_sink_keys=num_sink_keys),
                         num_warps=num_warps, num_stages=num_stages, precision=precision)
 
 
-_attention = sparse_attention_vjp(_forward, _backward)
+_attention = common.sparse_attention_vjp(_forward, _backward)
 
 
 def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,
@@ -325,6 +264,6 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
                        causal=causal, scale=scale, interpret=interpret, window=window,
                        num_sink_keys=num_sink_keys, precision=precision,
                        num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
-    out = _attention(pad_lanes(q_BTNH), pad_lanes(k_BSKH), pad_lanes(v_BSKV), sink, selection,
-                     cfg=cfg)
+    out = _attention(common.pad_lanes(q_BTNH), common.pad_lanes(k_BSKH), common.pad_lanes(v_BSKV), sink,
+                     selection, cfg=cfg)
     return out[..., : v_BSKV.shape[-1]]

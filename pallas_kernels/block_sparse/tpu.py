@@ -25,22 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ..common import (
-    F32,
-    FILL,
-    KernelConfig,
-    cdiv,
-    dot,
-    dot_t,
-    finish_softmax,
-    head_major,
-    online_softmax_step,
-    pad_axis,
-    row_delta,
-    sink_grad,
-    sparse_attention_vjp,
-    tn_dot,
-)
+from .. import common
+from ..common import F32, FILL, KernelConfig
 from .kernel import BlockSizes, block_config, block_tables, checked_operands, token_mask
 
 Array = jax.Array
@@ -52,17 +38,18 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg: KernelConfig):
     b, t, n, _ = q_BTNH.shape
     kg = k_BSKH.shape[2]
     bq, bk = cfg.block_q, cfg.block_k
-    qt, j = cdiv(t, bq), cdiv(cfg.s, bk)
+    qt, j = common.cdiv(t, bq), common.cdiv(cfg.s, bk)
     tp, sp = qt * bq, j * bk
-    keep = pad_axis(block_keep_BKTJ.astype(jnp.int8), 2, tp)
+    keep = common.pad_axis(block_keep_BKTJ.astype(jnp.int8), 2, tp)
     keep = jnp.swapaxes(keep, 2, 3)[..., None]  # B K J Tp 1
     valid = (jnp.ones((b, cfg.s), jnp.int32) if key_valid_BS is None
              else key_valid_BS.astype(jnp.int32))
     fwd_table, bwd_table = block_tables(block_keep_BKTJ, q_pos_T, k_pos_S, cfg)
-    return dict(q=head_major(q_BTNH, tp), k=head_major(k_BSKH, sp), v=head_major(v_BSKV, sp),
-                keep=keep, valid=pad_axis(valid, 1, sp).reshape(b, j, 1, bk),
-                q_pos=pad_axis(q_pos_T, 0, tp, mode="edge").reshape(tp, 1),
-                k_pos=pad_axis(k_pos_S, 0, sp, mode="edge").reshape(j, 1, bk), fwd=fwd_table,
+    return dict(q=common.head_major(q_BTNH, tp), k=common.head_major(k_BSKH, sp),
+                v=common.head_major(v_BSKV, sp), keep=keep,
+                valid=common.pad_axis(valid, 1, sp).reshape(b, j, 1, bk),
+                q_pos=common.pad_axis(q_pos_T, 0, tp, mode="edge").reshape(tp, 1),
+                k_pos=common.pad_axis(k_pos_S, 0, sp, mode="edge").reshape(j, 1, bk), fwd=fwd_table,
                 bwd=bwd_table, dims=(b, n, kg, n // kg, qt, j, tp, sp))
 
 
@@ -81,30 +68,29 @@ def _fwd_kernel(table_ref, q_ref, k_ref, v_ref, keep_ref, valid_ref, qpos_ref, k
     bi, ki, qi, m = (pl.program_id(a) for a in range(4))
     prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
         m_ref[...] = jnp.full(m_ref.shape, FILL, F32)
         l_ref[...] = jnp.zeros(l_ref.shape, F32)
 
-    @pl.when(m < table_ref[bi, ki, qi, 0])
     def _visit():
         mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, table_ref[bi, ki, qi, m + 1], cfg)
         kb = k_ref[...].astype(F32)
         vb = v_ref[...]
         for g in range(groups):  # the group's heads share the K/V block in VMEM
-            s = jnp.where(mask, dot_t(q_ref[g].astype(F32) * cfg.scale, kb, prec), FILL)
-            acc_ref[g], m_ref[g], l_ref[g] = online_softmax_step(
+            s = jnp.where(mask, common.dot_t(q_ref[g].astype(F32) * cfg.scale, kb, prec), FILL)
+            acc_ref[g], m_ref[g], l_ref[g] = common.online_softmax_step(
                 (acc_ref[g], m_ref[g], l_ref[g]), s, mask,
-                lambda p: dot(p.astype(vb.dtype), vb, prec), keepdims=True)
+                lambda p: common.dot(p.astype(vb.dtype), vb, prec), keepdims=True)
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
         for g in range(groups):
-            out, lse = finish_softmax(acc_ref[g], m_ref[g], l_ref[g],
+            out, lse = common.finish_softmax(acc_ref[g], m_ref[g], l_ref[g],
                                       sink_ref[g] if has_sink else None)
             o_ref[g] = out.astype(o_ref.dtype)
             lse_ref[g] = lse
+
+    common.table_walk(table_ref[bi, ki, qi, 0], _init, _visit, _finish)
 
 
 def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
@@ -155,23 +141,22 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_
     bi, ki, qi, m = (pl.program_id(a) for a in range(4))
     prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
 
-    @pl.when(m < table_ref[bi, ki, qi, 0])
     def _visit():
         mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, table_ref[bi, ki, qi, m + 1], cfg)
         kb, vb = k_ref[...].astype(F32), v_ref[...].astype(F32)
         for g in range(groups):
-            s = dot_t(q_ref[g].astype(F32), kb, prec) * cfg.scale
+            s = common.dot_t(q_ref[g].astype(F32), kb, prec) * cfg.scale
             p = jnp.where(mask, jnp.exp(s - lse_ref[g]), 0.0)
-            ds = p * (dot_t(do_ref[g].astype(F32), vb, prec) - delta_ref[g])
-            acc_ref[g] = acc_ref[g] + dot(ds, kb, prec) * cfg.scale
+            ds = p * (common.dot_t(do_ref[g].astype(F32), vb, prec) - delta_ref[g])
+            acc_ref[g] = acc_ref[g] + common.dot(ds, kb, prec) * cfg.scale
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+
+    common.table_walk(table_ref[bi, ki, qi, 0], _init, _visit, _finish)
 
 
 def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_ref, valid_ref,
@@ -180,34 +165,33 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep
     bi, ki, jb, m = (pl.program_id(a) for a in range(4))
     prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
         dk_acc[...] = jnp.zeros(dk_acc.shape, F32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, F32)
 
-    @pl.when(m < table_ref[bi, ki, jb, 0])
     def _visit():
         mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, jb, cfg)
         kb, vb = k_ref[...].astype(F32), v_ref[...].astype(F32)
         for g in range(groups):  # every head of the group accumulates into the shared dK, dV
             qg, dog = q_ref[g].astype(F32), do_ref[g].astype(F32)
-            p = jnp.where(mask, jnp.exp(dot_t(qg, kb, prec) * cfg.scale - lse_ref[g]), 0.0)
-            dv_acc[...] += tn_dot(p, dog, prec)
-            ds = p * (dot_t(dog, vb, prec) - delta_ref[g])
-            dk_acc[...] += tn_dot(ds, qg, prec) * cfg.scale
+            p = jnp.where(mask, jnp.exp(common.dot_t(qg, kb, prec) * cfg.scale - lse_ref[g]), 0.0)
+            dv_acc[...] += common.tn_dot(p, dog, prec)
+            ds = p * (common.dot_t(dog, vb, prec) - delta_ref[g])
+            dk_acc[...] += common.tn_dot(ds, qg, prec) * cfg.scale
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
         dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+    common.table_walk(table_ref[bi, ki, jb, 0], _init, _visit, _finish)
 
 
 def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     p, o, lse = res
     b, n, kg, g, qt, j, tp, sp = p["dims"]
     bq, bk, h, vw = cfg.block_q, cfg.block_k, p["q"].shape[-1], p["v"].shape[-1]
-    do = head_major(do_BTNV, tp)
-    delta = row_delta(do, o, keepdims=True)  # B N Tp 1
+    do = common.head_major(do_BTNV, tp)
+    delta = common.row_delta(do, o, keepdims=True)  # B N Tp 1
     operands = (p["q"], p["k"], p["v"], do, lse, delta, p["keep"], p["valid"], p["q_pos"],
                 p["k_pos"])
 
@@ -258,12 +242,12 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
         name="block_sparse_attention_tpu_dkv",
         **cfg.mosaic_params,
     )(p["bwd"], *operands)
-    dsink = None if sink_N is None else sink_grad(sink_N, lse[..., 0], delta[..., 0], cfg.t)
+    dsink = None if sink_N is None else common.sink_grad(sink_N, lse[..., 0], delta[..., 0], cfg.t)
     return (dq.transpose(0, 2, 1, 3)[:, : cfg.t], dk.transpose(0, 2, 1, 3)[:, : cfg.s],
             dv.transpose(0, 2, 1, 3)[:, : cfg.s], dsink)
 
 
-_attention = sparse_attention_vjp(_forward, _backward)
+_attention = common.sparse_attention_vjp(_forward, _backward)
 
 
 def block_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,

@@ -20,18 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..common import (
-    F32,
-    FILL,
-    KernelConfig,
-    cdiv,
-    finish_softmax,
-    online_softmax_step,
-    pad_axis,
-    row_delta,
-    sink_grad,
-    sparse_attention_vjp,
-)
+from .. import common
+from ..common import F32, FILL, KernelConfig
 from .kernel import block_config, block_tables, checked_operands, token_mask
 
 Array = jax.Array
@@ -47,23 +37,23 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg: KernelConfig):
     b, t, n, h = q_BTNH.shape
     kg = k_BSKH.shape[2]
     g = n // kg
-    qt, j = cdiv(t, cfg.block_q), cdiv(cfg.s, cfg.block_k)
+    qt, j = common.cdiv(t, cfg.block_q), common.cdiv(cfg.s, cfg.block_k)
     tp, sp = qt * cfg.block_q, j * cfg.block_k
     fwd_table, bwd_table = block_tables(block_keep_BKTJ, q_pos_T, k_pos_S, cfg)
     flat = lambda a: a.reshape(b * kg, *a.shape[2:])  # noqa: E731
-    q_BQTKGH = pad_axis(q_BTNH, 1, tp).reshape(b, qt, cfg.block_q, kg, g, h)
-    keep_BKQTJ = pad_axis(block_keep_BKTJ, 2, tp).reshape(b, kg, qt, cfg.block_q, j)
+    q_BQTKGH = common.pad_axis(q_BTNH, 1, tp).reshape(b, qt, cfg.block_q, kg, g, h)
+    keep_BKQTJ = common.pad_axis(block_keep_BKTJ, 2, tp).reshape(b, kg, qt, cfg.block_q, j)
     valid_BS = jnp.ones((b, cfg.s), bool) if key_valid_BS is None else key_valid_BS
     # padded query rows sit at the last real position (their output is dropped); padded keys
     # are removed by the ``k_idx < S`` rule
     return dict(q=flat(q_BQTKGH.transpose(0, 3, 1, 4, 2, 5)),  # BK Q G T H
-                k=flat(pad_axis(k_BSKH, 1, sp).transpose(0, 2, 1, 3)),  # BK S H
-                v=flat(pad_axis(v_BSKV, 1, sp).transpose(0, 2, 1, 3)),  # BK S V
+                k=flat(common.pad_axis(k_BSKH, 1, sp).transpose(0, 2, 1, 3)),  # BK S H
+                v=flat(common.pad_axis(v_BSKV, 1, sp).transpose(0, 2, 1, 3)),  # BK S V
                 keep=flat(keep_BKQTJ),  # BK Q T J
-                valid=jnp.repeat(pad_axis(valid_BS, 1, sp), kg, axis=0),  # BK S
+                valid=jnp.repeat(common.pad_axis(valid_BS, 1, sp), kg, axis=0),  # BK S
                 fwd=flat(fwd_table), bwd=flat(bwd_table),
-                q_pos=pad_axis(q_pos_T, 0, tp, mode="edge").reshape(qt, cfg.block_q),
-                k_pos=pad_axis(k_pos_S, 0, sp, mode="edge"), dims=(b, n, kg, g, qt, j, tp, sp))
+                q_pos=common.pad_axis(q_pos_T, 0, tp, mode="edge").reshape(qt, cfg.block_q),
+                k_pos=common.pad_axis(k_pos_S, 0, sp, mode="edge"), dims=(b, n, kg, g, qt, j, tp, sp))
 
 
 def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
@@ -90,14 +80,14 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
                 s_GTS = jnp.einsum("GTH,SH->GTS", q_GTH, kb_SH, precision=prec,
                                    preferred_element_type=F32) * cfg.scale
                 s_GTS = jnp.where(mask_TS, s_GTS, FILL)
-                return online_softmax_step(carry, s_GTS, mask_TS, lambda p_GTS: jnp.einsum(
+                return common.online_softmax_step(carry, s_GTS, mask_TS, lambda p_GTS: jnp.einsum(
                     "GTS,SV->GTV", p_GTS.astype(vb_SV.dtype), vb_SV, precision=prec,
                     preferred_element_type=F32))
 
             init = (jnp.zeros((g, cfg.block_q, vw), F32), jnp.full((g, cfg.block_q), FILL, F32),
                     jnp.zeros((g, cfg.block_q), F32))
             acc_GTV, m_GT, l_GT = jax.lax.fori_loop(0, row[0], body, init)
-            out_GTV, lse_GT = finish_softmax(acc_GTV, m_GT, l_GT,
+            out_GTV, lse_GT = common.finish_softmax(acc_GTV, m_GT, l_GT,
                                              None if sink_KG is None else sink_KG[ki][:, None],
                                              lambda x: x[..., None])
             return out_GTV.astype(q_BTNH.dtype), lse_GT
@@ -116,9 +106,9 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     b, n, kg, g, qt, j, tp, sp = p["dims"]
     bk, bq, k_pos_S, q_pos_QT = cfg.block_k, cfg.block_q, p["k_pos"], p["q_pos"]
     prec = cfg.precision
-    do = pad_axis(do_BTNV, 1, tp)
+    do = common.pad_axis(do_BTNV, 1, tp)
     do = do.reshape(b, qt, bq, kg, g, -1).transpose(0, 3, 1, 4, 2, 5).reshape(o.shape)
-    delta = row_delta(do, o)  # BK Q G T
+    delta = common.row_delta(do, o)  # BK Q G T
     q_dtype, k_dtype, v_dtype = p["q"].dtype, p["k"].dtype, p["v"].dtype
 
     def probs(q_GTH, kb_SH, keep_col, validb_S, q_pos_T, start, lse_GT):
@@ -183,32 +173,33 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
 
         return jax.lax.map(kblock, (jnp.arange(j), table_JM))
 
-    common = (p["q"], p["k"], p["v"], p["keep"])
+    operands = (p["q"], p["k"], p["v"], p["keep"])
     tail = (p["valid"], do, lse, delta)
-    dq = jax.lax.map(dq_group, (*common, p["fwd"], *tail))  # BK Q G T H
-    dk, dv = jax.lax.map(dkv_group, (*common, p["bwd"], *tail))  # BK J S H
+    dq = jax.lax.map(dq_group, (*operands, p["fwd"], *tail))  # BK Q G T H
+    dk, dv = jax.lax.map(dkv_group, (*operands, p["bwd"], *tail))  # BK J S H
     dq = dq.reshape(b, kg, qt, g, bq, -1).transpose(0, 2, 4, 1, 3, 5).reshape(b, tp, n, -1)
     dk = dk.reshape(b, kg, sp, -1).transpose(0, 2, 1, 3)
     dv = dv.reshape(b, kg, sp, -1).transpose(0, 2, 1, 3)
     dsink = None
     if sink_N is not None:
         by_head = lambda a: a.reshape(b, kg, qt, g, bq).transpose(0, 1, 3, 2, 4).reshape(b, n, tp)  # noqa: E731
-        dsink = sink_grad(sink_N, by_head(lse), by_head(delta), cfg.t)
+        dsink = common.sink_grad(sink_N, by_head(lse), by_head(delta), cfg.t)
     return dq[:, : cfg.t], dk[:, : cfg.s], dv[:, : cfg.s], dsink
 
 
-_attention = sparse_attention_vjp(_forward, _backward)
+_attention = common.sparse_attention_vjp(_forward, _backward)
 
 
 def block_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
-                               block_keep_BKTJ: Array, *, block_k: int, causal: bool,
-                               scale: float | None = None, sink: Array | None = None,
-                               key_valid_BS: Array | None = None, q_pos_T: Array | None = None,
-                               k_pos_S: Array | None = None, window: int | None = None,
-                               num_sink_keys: int = 0, block_q: int = 64,
+                               block_keep_BKTJ: Array, *, block_k: int, block_q: int = 64,
+                               causal: bool, scale: float | None = None,
+                               sink: Array | None = None, key_valid_BS: Array | None = None,
+                               q_pos_T: Array | None = None, k_pos_S: Array | None = None,
+                               window: int | None = None, num_sink_keys: int = 0,
                                precision: jax.lax.PrecisionLike = None) -> Array:
-    """Equals ``block_sparse_attention_reference`` (arguments as ``kernel.block_sparse_attention``);
-    differentiable in q, k, v and ``sink`` through the fused backward above."""
+    """Equals ``block_sparse_attention_reference`` (arguments as ``kernel.block_sparse_attention``;
+    ``block_q`` the query tile); differentiable in q, k, v and ``sink`` through the fused backward
+    above."""
     selection = checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S,
                                  block_k=block_k)
     cfg = block_config(q_BTNH, k_BSKH, block_q=block_q, block_k=block_k, causal=causal,

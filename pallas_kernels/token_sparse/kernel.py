@@ -38,23 +38,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ..common import (
-    F32,
-    KernelConfig,
-    cdiv,
-    check_heads,
-    default_scale,
-    group_sum,
-    head_grad_dtype,
-    head_major,
-    pad_axis,
-    pad_lanes,
-    row_delta,
-    rules,
-    sink_grad,
-    sparse_attention_vjp,
-)
-from ..flash import dkv_tile, dq_tile, forward_tile
+from .. import common
+from ..common import F32, KernelConfig
+from ..flash import dkv_call, dkv_tile, dq_call, dq_tile, forward_call, forward_tile
 from .tables import WORD, build_tables, key_bitmask, membership
 
 Array = jax.Array
@@ -77,8 +63,8 @@ def token_config(q_BTNH, k_BSKH, v_BSKV, *, block_q: int, words_per_block: int,
                  num_stages: int = 2) -> KernelConfig:
     """The ``KernelConfig`` of a token-sparse call (its rule: the raw window)."""
     t, s = q_BTNH.shape[1], k_BSKH.shape[1]
-    return KernelConfig(block_q, WORD * words_per_block, default_scale(q_BTNH.shape[-1], scale),
-                        t, s, interpret, rules(s_len=s, t_len=t, window=window,
+    return KernelConfig(block_q, WORD * words_per_block, common.default_scale(q_BTNH.shape[-1], scale),
+                        t, s, interpret, common.rules(s_len=s, t_len=t, window=window,
                                                window_start=window_start),
                         shared_kv=v_BSKV is None, num_warps=num_warps, num_stages=num_stages,
                         precision=precision)
@@ -170,123 +156,61 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, cfg: KernelConfig):
     """Pad to whole tiles, go head-major, build the bitmask and the tables."""
     b, t, n, _ = q_BTNH.shape
     kg = k_BSKH.shape[2]
-    qt, j = cdiv(t, cfg.block_q), cdiv(cfg.s, cfg.block_k)
+    qt, j = common.cdiv(t, cfg.block_q), common.cdiv(cfg.s, cfg.block_k)
     tp, sp = qt * cfg.block_q, j * cfg.block_k
     bits = key_bitmask(indices_BTM, cfg.s)
     fwd_table, bwd_table = token_tables(bits, cfg)
-    bits = pad_axis(pad_axis(bits, 1, tp), 2, j * (cfg.block_k // WORD))
-    return dict(q=head_major(q_BTNH, tp), k=head_major(k_BSKH, sp),
-                v=None if cfg.shared_kv else head_major(v_BSKV, sp), bits=bits, fwd=fwd_table,
+    bits = common.pad_axis(common.pad_axis(bits, 1, tp), 2, j * (cfg.block_k // WORD))
+    return dict(q=common.head_major(q_BTNH, tp), k=common.head_major(k_BSKH, sp),
+                v=None if cfg.shared_kv else common.head_major(v_BSKV, sp), bits=bits, fwd=fwd_table,
                 bwd=bwd_table, dims=(b, n, kg, qt, j, tp, sp))
 
 
-def _kv(p, shared):
-    return (p["k"],) if shared else (p["k"], p["v"])
+def _kv(p, cfg: KernelConfig):
+    return (p["k"],) if cfg.shared_kv else (p["k"], p["v"])
 
 
 def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, indices_BTM, cfg: KernelConfig):
     p = _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, cfg)
     b, n, kg, qt, j, tp, sp = p["dims"]
-    g, h, bq = n // kg, p["q"].shape[-1], cfg.block_q
-    vw = h if cfg.shared_kv else p["v"].shape[-1]
-    wp = p["bits"].shape[-1]
     sink = jnp.zeros((n,), F32) if sink_N is None else sink_N.astype(F32)
-    kv_specs = [pl.BlockSpec((None, None, sp, h), lambda bi, ni, qi: (bi, ni // g, 0, 0))]
-    if not cfg.shared_kv:
-        kv_specs.append(pl.BlockSpec((None, None, sp, vw), lambda bi, ni, qi: (bi, ni // g, 0, 0)))
-    o, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, has_sink=sink_N is not None),
-        grid=(b, n, qt),
-        in_specs=[
-            pl.BlockSpec((None, None, j + 1), lambda bi, ni, qi: (bi, qi, 0)),
-            pl.BlockSpec((None, bq, wp), lambda bi, ni, qi: (bi, qi, 0)),
-            pl.BlockSpec((1,), lambda bi, ni, qi: (ni,)),
-            pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
-            *kv_specs,
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, bq, vw), lambda bi, ni, qi: (bi, ni, qi, 0)),
-            pl.BlockSpec((None, None, bq), lambda bi, ni, qi: (bi, ni, qi)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((b, n, tp, vw), q_BTNH.dtype),
-                   jax.ShapeDtypeStruct((b, n, tp), F32)],
-        interpret=cfg.interpret,
-        compiler_params=cfg.triton_params,
-        name="token_sparse_attention_fwd",
-    )(p["fwd"], p["bits"], sink, p["q"], *_kv(p, cfg.shared_kv))
+    specs = [pl.BlockSpec((None, None, j + 1), lambda bi, ni, qi: (bi, qi, 0)),
+             pl.BlockSpec((None, cfg.block_q, p["bits"].shape[-1]), lambda bi, ni, qi: (bi, qi, 0)),
+             pl.BlockSpec((1,), lambda bi, ni, qi: (ni,))]
+    o, lse = forward_call(
+        functools.partial(_fwd_kernel, cfg=cfg, has_sink=sink_N is not None), cfg,
+        "token_sparse_attention_fwd", specs, (p["fwd"], p["bits"], sink), p["q"], _kv(p, cfg))
     return o.transpose(0, 2, 1, 3)[:, : cfg.t], (p, o, lse)
 
 
 def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     p, o, lse = res
     b, n, kg, qt, j, tp, sp = p["dims"]
-    g, h, bq, bk = n // kg, p["q"].shape[-1], cfg.block_q, cfg.block_k
-    vw = h if cfg.shared_kv else p["v"].shape[-1]
     wp = p["bits"].shape[-1]
-    do = head_major(do_BTNV, tp)
-    delta = row_delta(do, o)  # (B, N, Tp)
-    rows = lambda bi, ni, qi: (bi, ni, qi)  # noqa: E731
-    kv_full = [pl.BlockSpec((None, None, sp, h), lambda bi, ni, qi: (bi, ni // g, 0, 0))]
-    kv_block = [pl.BlockSpec((None, None, bk, h), lambda bi, ni, ji: (bi, ni // g, ji, 0))]
-    if not cfg.shared_kv:
-        kv_full.append(pl.BlockSpec((None, None, sp, vw), lambda bi, ni, qi: (bi, ni // g, 0, 0)))
-        kv_block.append(pl.BlockSpec((None, None, bk, vw), lambda bi, ni, ji: (bi, ni // g, ji, 0)))
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg),
-        grid=(b, n, qt),
-        in_specs=[
-            pl.BlockSpec((None, None, j + 1), lambda bi, ni, qi: (bi, qi, 0)),
-            pl.BlockSpec((None, bq, wp), lambda bi, ni, qi: (bi, qi, 0)),
-            pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
-            *kv_full,
-            pl.BlockSpec((None, None, bq, vw), lambda bi, ni, qi: (bi, ni, qi, 0)),
-            pl.BlockSpec((None, None, bq), rows),
-            pl.BlockSpec((None, None, bq), rows),
-        ],
-        out_specs=pl.BlockSpec((None, None, bq, h), lambda bi, ni, qi: (bi, ni, qi, 0)),
-        out_shape=jax.ShapeDtypeStruct(p["q"].shape, p["q"].dtype),
-        interpret=cfg.interpret,
-        compiler_params=cfg.triton_params,
-        name="token_sparse_attention_dq",
-    )(p["fwd"], p["bits"], p["q"], *_kv(p, cfg.shared_kv), do, lse, delta)
-    # dK, dV per query head, then summed over the group
-    acc = head_grad_dtype(g, p["k"].dtype)
-    whole = lambda bi, ni, ji: (bi, ni, 0)  # noqa: E731
-    dkv_shapes = [jax.ShapeDtypeStruct((b, n, sp, h), acc)]
-    dkv_specs = [pl.BlockSpec((None, None, bk, h), lambda bi, ni, ji: (bi, ni, ji, 0))]
-    if not cfg.shared_kv:
-        dkv_shapes.append(jax.ShapeDtypeStruct((b, n, sp, vw), acc))
-        dkv_specs.append(pl.BlockSpec((None, None, bk, vw), lambda bi, ni, ji: (bi, ni, ji, 0)))
-    dkv = pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg),
-        grid=(b, n, j),
-        in_specs=[
-            pl.BlockSpec((None, None, qt + 1), lambda bi, ni, ji: (bi, ji, 0)),
-            pl.BlockSpec((None, tp, wp), lambda bi, ni, ji: (bi, 0, 0)),
-            pl.BlockSpec((None, None, tp, h), lambda bi, ni, ji: (bi, ni, 0, 0)),
-            *kv_block,
-            pl.BlockSpec((None, None, tp, vw), lambda bi, ni, ji: (bi, ni, 0, 0)),
-            pl.BlockSpec((None, None, tp), whole),
-            pl.BlockSpec((None, None, tp), whole),
-        ],
-        out_specs=dkv_specs,
-        out_shape=dkv_shapes,
-        interpret=cfg.interpret,
-        compiler_params=cfg.triton_params,
-        name="token_sparse_attention_dkv",
-    )(p["bwd"], p["bits"], p["q"], *_kv(p, cfg.shared_kv), do, lse, delta)
-    dkv = [group_sum(a, kg, p["k"].dtype).transpose(0, 2, 1, 3)[:, : cfg.s] for a in dkv]
-    dsink = None if sink_N is None else sink_grad(sink_N, lse, delta, cfg.t)
+    do = common.head_major(do_BTNV, tp)
+    delta = common.row_delta(do, o)  # (B, N, Tp)
+    tensors = (p["q"], _kv(p, cfg), do, lse, delta)
+    dq = dq_call(functools.partial(_dq_kernel, cfg=cfg), cfg, "token_sparse_attention_dq",
+                 [pl.BlockSpec((None, None, j + 1), lambda bi, ni, qi: (bi, qi, 0)),
+                  pl.BlockSpec((None, cfg.block_q, wp), lambda bi, ni, qi: (bi, qi, 0))],
+                 (p["fwd"], p["bits"]), *tensors)
+    dkv = dkv_call(functools.partial(_dkv_kernel, cfg=cfg), cfg, "token_sparse_attention_dkv",
+                   [pl.BlockSpec((None, None, qt + 1), lambda bi, ni, ji: (bi, ji, 0)),
+                    pl.BlockSpec((None, tp, wp), lambda bi, ni, ji: (bi, 0, 0))],
+                   (p["bwd"], p["bits"]), *tensors)
+    # dK, dV were per query head: summed over each kv head's group
+    dkv = [common.group_sum(a, kg, p["k"].dtype).transpose(0, 2, 1, 3)[:, : cfg.s] for a in dkv]
+    dsink = None if sink_N is None else common.sink_grad(sink_N, lse, delta, cfg.t)
     dq = dq.transpose(0, 2, 1, 3)[:, : cfg.t]
     return dq, dkv[0], None if cfg.shared_kv else dkv[1], dsink
 
 
-_attention = sparse_attention_vjp(_forward, _backward)
+_attention = common.sparse_attention_vjp(_forward, _backward)
 
 
 def check_shapes(q_BTNH, k_BSKH, v_BSKV, indices_BTM) -> None:
     b, t, n, _ = q_BTNH.shape
-    check_heads(n, k_BSKH.shape[2])
+    common.check_heads(n, k_BSKH.shape[2])
     if indices_BTM.ndim != 3 or indices_BTM.shape[:2] != (b, t):
         raise ValueError(f"indices must have shape (B, T, M) with (B, T)={(b, t)}, "
                          f"got {tuple(indices_BTM.shape)}")
@@ -317,6 +241,6 @@ def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
                        interpret=interpret, window=window, window_start=window_start,
                        precision=precision, num_warps=block_sizes.num_warps,
                        num_stages=block_sizes.num_stages)
-    out = _attention(pad_lanes(q_BTNH), pad_lanes(k_BSKH), pad_lanes(v_BSKV), sink,
+    out = _attention(common.pad_lanes(q_BTNH), common.pad_lanes(k_BSKH), common.pad_lanes(v_BSKV), sink,
                      indices_BTM.astype(jnp.int32), cfg=cfg)
     return out[..., : (k_BSKH if v_BSKV is None else v_BSKV).shape[-1]]

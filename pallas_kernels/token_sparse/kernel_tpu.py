@@ -32,21 +32,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ..common import (
-    F32,
-    FILL,
-    KernelConfig,
-    cdiv,
-    dot,
-    dot_t,
-    finish_softmax,
-    online_softmax_step,
-    pad_axis,
-    row_delta,
-    sink_grad,
-    sparse_attention_vjp,
-    tn_dot,
-)
+from .. import common
+from ..common import F32, FILL, KernelConfig
 from .kernel import check_shapes, token_config, token_tables
 from .tables import WORD, key_bitmask, membership
 
@@ -84,30 +71,29 @@ def _fwd_kernel(table_ref, sink_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelC
     b, kg, i, m = (pl.program_id(a) for a in range(4))
     prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
         acc_scr[...] = jnp.zeros_like(acc_scr)
         m_scr[...] = jnp.full_like(m_scr, FILL)
         l_scr[...] = jnp.zeros_like(l_scr)
 
-    @pl.when(m < table_ref[b, i, 0])
     def _visit():
         mask = _membership_t(bits_ref, table_ref[b, i, m + 1], i, cfg)
         kb = k_ref[...]
         vb = kb if cfg.shared_kv else v_ref[...]
         for g in range(groups):  # all heads of the group reuse the K/V block
-            s = jnp.where(mask, dot_t(kb, q_ref[g], prec) * cfg.scale, FILL)  # (block_k, block_q)
-            acc_scr[g], m_scr[g], l_scr[g] = online_softmax_step(
+            s = jnp.where(mask, common.dot_t(kb, q_ref[g], prec) * cfg.scale, FILL)  # (block_k, block_q)
+            acc_scr[g], m_scr[g], l_scr[g] = common.online_softmax_step(
                 (acc_scr[g], m_scr[g], l_scr[g]), s, mask,
-                lambda p: tn_dot(vb, p.astype(vb.dtype), prec), axis=0, keepdims=True)
+                lambda p: common.tn_dot(vb, p.astype(vb.dtype), prec), axis=0, keepdims=True)
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
         for g in range(groups):
-            out, lse = finish_softmax(acc_scr[g], m_scr[g], l_scr[g],
+            out, lse = common.finish_softmax(acc_scr[g], m_scr[g], l_scr[g],
                                       sink_ref[kg, g] if has_sink else None)
             o_ref[g] = out.astype(o_ref.dtype)
             lse_ref[pl.ds(g, 1), :] = lse
+
+    common.table_walk(table_ref[b, i, 0], _init, _visit, _finish)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -118,25 +104,24 @@ def _dq_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig, grou
     b, i, m = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
         dq_scr[...] = jnp.zeros_like(dq_scr)
 
-    @pl.when(m < table_ref[b, i, 0])
     def _visit():
         mask = _membership_t(bits_ref, table_ref[b, i, m + 1], i, cfg)
         kb = k_ref[...]
         vb = kb if cfg.shared_kv else v_ref[...]
         for g in range(groups):
-            s = dot_t(kb, q_ref[g], prec) * cfg.scale
+            s = common.dot_t(kb, q_ref[g], prec) * cfg.scale
             p = jnp.where(mask, jnp.exp(s - lse_ref[pl.ds(g, 1), :]), 0.0)
-            dp = dot_t(vb, do_ref[g], prec)
+            dp = common.dot_t(vb, do_ref[g], prec)
             ds = p * (dp - delta_ref[pl.ds(g, 1), :])
-            dq_scr[g] = dq_scr[g] + tn_dot(ds, kb.astype(F32), prec) * cfg.scale
+            dq_scr[g] = dq_scr[g] + common.tn_dot(ds, kb.astype(F32), prec) * cfg.scale
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
+
+    common.table_walk(table_ref[b, i, 0], _init, _visit, _finish)
 
 
 def _dkv_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig, groups: int):
@@ -148,31 +133,30 @@ def _dkv_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig, gro
     b, j, m = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
         dk_scr[...] = jnp.zeros_like(dk_scr)
         dv_scr[...] = jnp.zeros_like(dv_scr)
 
-    @pl.when(m < table_ref[b, j, 0])
     def _visit():
         mask = _membership_t(bits_ref, j, table_ref[b, j, m + 1], cfg)
         kb = k_ref[...]
         vb = kb if cfg.shared_kv else v_ref[...]
         for g in range(groups):  # all heads of the group accumulate into the shared dK, dV
             qg, dog = q_ref[g], do_ref[g]
-            s = dot_t(kb, qg, prec) * cfg.scale
+            s = common.dot_t(kb, qg, prec) * cfg.scale
             p = jnp.where(mask, jnp.exp(s - lse_ref[pl.ds(g, 1), :]), 0.0)
-            dv_scr[...] += dot(p, dog.astype(F32), prec)
-            ds = p * (dot_t(vb, dog, prec) - delta_ref[pl.ds(g, 1), :])
-            dk_scr[...] += dot(ds, qg.astype(F32), prec) * cfg.scale
+            dv_scr[...] += common.dot(p, dog.astype(F32), prec)
+            ds = p * (common.dot_t(vb, dog, prec) - delta_ref[pl.ds(g, 1), :])
+            dk_scr[...] += common.dot(ds, qg.astype(F32), prec) * cfg.scale
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
         if cfg.shared_kv:
             dk_ref[...] = (dk_scr[...] + dv_scr[...]).astype(dk_ref.dtype)
         else:
             dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
             dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+    common.table_walk(table_ref[b, j, 0], _init, _visit, _finish)
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -182,15 +166,15 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, cfg: KernelConfig):
     b, t, n, h = q_BTNH.shape
     kg = k_BSKH.shape[2]
     g = n // kg
-    qt, j = cdiv(t, cfg.block_q), cdiv(cfg.s, cfg.block_k)
+    qt, j = common.cdiv(t, cfg.block_q), common.cdiv(cfg.s, cfg.block_k)
     tp, sp = qt * cfg.block_q, j * cfg.block_k
-    k_BKSH = pad_axis(k_BSKH, 1, sp).transpose(0, 2, 1, 3)
-    v_BKSV = None if cfg.shared_kv else pad_axis(v_BSKV, 1, sp).transpose(0, 2, 1, 3)
+    k_BKSH = common.pad_axis(k_BSKH, 1, sp).transpose(0, 2, 1, 3)
+    v_BKSV = None if cfg.shared_kv else common.pad_axis(v_BSKV, 1, sp).transpose(0, 2, 1, 3)
     bits = key_bitmask(indices_BTM, cfg.s)
     fwd_table, bwd_table = token_tables(bits, cfg)
     wp = j * (cfg.block_k // WORD)
-    bits_BZT = pad_axis(pad_axis(bits, 1, tp), 2, wp).transpose(0, 2, 1)
-    q_BKGTH = pad_axis(q_BTNH, 1, tp).reshape(b, tp, kg, g, h).transpose(0, 2, 3, 1, 4)
+    bits_BZT = common.pad_axis(common.pad_axis(bits, 1, tp), 2, wp).transpose(0, 2, 1)
+    q_BKGTH = common.pad_axis(q_BTNH, 1, tp).reshape(b, tp, kg, g, h).transpose(0, 2, 3, 1, 4)
     return dict(q=q_BKGTH, k=k_BKSH, v=v_BKSV, bits=bits_BZT, fwd=fwd_table, bwd=bwd_table,
                 dims=(b, n, kg, g, qt, j, tp, sp, wp))
 
@@ -245,8 +229,8 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     h = p["q"].shape[-1]
     vw = h if cfg.shared_kv else p["v"].shape[-1]
     bq, bk = cfg.block_q, cfg.block_k
-    do_BKGTV = pad_axis(do_BTNV, 1, tp).reshape(b, tp, kg, g, vw).transpose(0, 2, 3, 1, 4)
-    delta = row_delta(do_BKGTV, o_BKGTV)  # B K G Tp
+    do_BKGTV = common.pad_axis(do_BTNV, 1, tp).reshape(b, tp, kg, g, vw).transpose(0, 2, 3, 1, 4)
+    delta = common.row_delta(do_BKGTV, o_BKGTV)  # B K G Tp
     operands = (p["bits"], p["q"], *_kv(p, cfg.shared_kv), do_BKGTV, lse, delta)
 
     def specs(q_row, kv_row):
@@ -297,7 +281,7 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
         name="token_sparse_attention_dkv_tpu",
         **cfg.mosaic_params,
     )(p["bwd"], *operands)
-    dsink = None if sink_N is None else sink_grad(sink_N, lse.reshape(b, n, -1),
+    dsink = None if sink_N is None else common.sink_grad(sink_N, lse.reshape(b, n, -1),
                                                   delta.reshape(b, n, -1), cfg.t)
     dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, h)[:, : cfg.t]
     dk = dkv[0].transpose(0, 2, 1, 3)[:, : cfg.s]
@@ -305,7 +289,7 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     return dq, dk, dv, dsink
 
 
-_attention = sparse_attention_vjp(_forward, _backward)
+_attention = common.sparse_attention_vjp(_forward, _backward)
 
 
 def token_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
