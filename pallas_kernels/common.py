@@ -95,6 +95,12 @@ def check_heads(n: int, kg: int) -> None:
         raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kg}")
 
 
+def at_most_f32(*xs):
+    """Wider floats (float64 under ``jax_enable_x64``) cast to float32, others (and None)
+    unchanged: for the TPU kernels, whose hardware and Mosaic lowering have no float64."""
+    return tuple(x if x is None or jnp.finfo(x.dtype).bits <= 32 else x.astype(F32) for x in xs)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

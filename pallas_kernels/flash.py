@@ -99,8 +99,8 @@ def dkv_tile(table_ref, kb, vb, q_ref, do_ref, lse_ref, delta_ref, mask_fn, *, s
 
 
 # ----------------------------------------------------------------------------- pallas calls
-# The three passes' ``pl.pallas_call``s. Operands are head-major (B, N, Tp, X) for queries and
-# per-query-head results, (B, K, Sp, X) for keys and values (query head ``ni`` reads kv head
+# The three passes' ``pl.pallas_call``s. Operands are head-major (B, N, Tp, width) for queries and
+# per-query-head results, (B, K, Sp, width) for keys and values (query head ``ni`` reads kv head
 # ``ni // G``). Each kernel family passes its own leading operands (tables, selection or
 # bitmask, positions, sink) with their block specs; the query/key/value operands follow in a
 # fixed order: forward ``q, *kv``; dq and dk/dv ``q, *kv, do, lse, delta`` (``kv`` is ``(k,)``
@@ -108,7 +108,7 @@ def dkv_tile(table_ref, kb, vb, q_ref, do_ref, lse_ref, delta_ref, mask_fn, *, s
 
 
 def _rows_spec(bq: int, width: int | None = None):
-    """This instance's query tile of a (B, N, Tp[, X]) array; grid (B, N, Q)."""
+    """This instance's query tile of a (B, N, Tp[, width]) array; grid (B, N, Q)."""
     if width is None:
         return pl.BlockSpec((None, None, bq), lambda bi, ni, qi: (bi, ni, qi))
     return pl.BlockSpec((None, None, bq, width), lambda bi, ni, qi: (bi, ni, qi, 0))
@@ -165,7 +165,7 @@ def dq_call(kernel, cfg: KernelConfig, name: str, specs, operands, q, kv, do, ls
 
 def dkv_call(kernel, cfg: KernelConfig, name: str, specs, operands, q, kv, do, lse, delta):
     """Per-query-head dK (and dV unless ``kv`` is only the keys) over grid (B, N, J), each
-    (B, N, Sp, X), float32 when a kv head's group sums several query heads."""
+    (B, N, Sp, width), float32 when a kv head's group sums several query heads."""
     b, n, tp, h = q.shape
     kg, sp = kv[0].shape[1:3]
     g, bk = n // kg, cfg.block_k

@@ -263,7 +263,8 @@ def block_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
 
     ``interpret`` defaults to True off TPU (``pltpu.InterpretParams()``, which also checks DMA
     and scratch use). Mosaic wants ``block_q`` a multiple of 32 (the int8 selection column) and
-    ``block_k`` a multiple of 8.
+    ``block_k`` a multiple of 8. float64 operands (under ``jax_enable_x64``) are computed in
+    float32, as a TPU must.
     """
     selection = checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S,
                                  block_k=block_k)
@@ -272,4 +273,5 @@ def block_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
     cfg = block_config(q_BTNH, k_BSKH, block_q=block_sizes.block_q, block_k=block_k,
                        causal=causal, scale=scale, interpret=interpret, window=window,
                        num_sink_keys=num_sink_keys, precision=precision)
-    return _attention(q_BTNH, k_BSKH, v_BSKV, sink, selection, cfg=cfg)
+    out = _attention(*common.at_most_f32(q_BTNH, k_BSKH, v_BSKV, sink), selection, cfg=cfg)
+    return out.astype(q_BTNH.dtype)

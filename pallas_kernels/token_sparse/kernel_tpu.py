@@ -300,7 +300,8 @@ def token_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
                                interpret: bool | None = None,
                                precision: jax.lax.PrecisionLike = None) -> Array:
     """The TPU kernel; same contract as ``kernel.token_sparse_attention``. ``interpret``
-    defaults to True off TPU (``pltpu.InterpretParams``)."""
+    defaults to True off TPU (``pltpu.InterpretParams``). float64 operands (under
+    ``jax_enable_x64``) are computed in float32, as a TPU must."""
     check_shapes(q_BTNH, k_BSKH, v_BSKV, indices_BTM)
     t = q_BTNH.shape[1]
     if interpret is None:
@@ -311,4 +312,6 @@ def token_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
                        words_per_block=block_sizes.words_per_block, scale=scale,
                        interpret=interpret, window=window, window_start=window_start,
                        precision=precision)
-    return _attention(q_BTNH, k_BSKH, v_BSKV, sink, indices_BTM.astype(jnp.int32), cfg=cfg)
+    out = _attention(*common.at_most_f32(q_BTNH, k_BSKH, v_BSKV, sink),
+                     indices_BTM.astype(jnp.int32), cfg=cfg)
+    return out.astype(q_BTNH.dtype)
