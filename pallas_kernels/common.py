@@ -9,15 +9,20 @@ logsumexp, all under one ``jax.custom_vjp``. Here:
 * fill constants: ``FILL``, a masked logit or an invalid score (finite, so an empty row gives
   zeros, never NaN); ``BIG``, the logsumexp saved for a row that sees no key and no sink;
 * ``KernelConfig``: the static (hashable) configuration a wrapper hands its kernels, with the
-  Triton and Mosaic compiler parameters it implies;
+  Triton and Mosaic compiler parameters it implies; ``table_walk``, the TPU kernels' walk over
+  table slots;
 * layout: ``lane_width`` / ``pad_lanes`` (Triton tiles need power-of-two widths),
-  ``head_major`` (pad the sequence to whole tiles, (B, S, K, H) -> (B, K, S, H));
+  ``head_major`` (pad the sequence to whole tiles, (B, S, K, H) -> (B, K, S, H)),
+  ``at_most_f32`` (the TPU kernels compute float64 operands in float32);
 * the float32-accumulating products ``dot_t`` / ``dot`` / ``tn_dot``, each with ``precision``;
 * the softmax pieces: ``online_softmax_step``, ``finish_softmax`` (the sink joins here),
   ``row_delta`` (rowsum(dO * O)), ``sink_grad``, ``group_sum`` (per-query-head dK/dV summed
-  over the group of a kv head);
+  over the group of a kv head); ``masked_attention_reference``, the dense softmax that both
+  families' references reduce to;
 * ``compact``: a visit matrix -> table rows ``[count, indices ascending, padding]``;
 * ``sparse_attention_vjp``: the differentiable entry point, selections not differentiated.
+
+The Triton passes' ``pl.pallas_call``s and tile loops are ``flash.py``'s.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Array = jax.Array
 def tile_visits(block_keep_BKTJ: Array, *, block_q: int, block_k: int, causal: bool,
                 q_pos: Array | None = None, k_pos: Array | None = None, window: int | None = None,
                 num_sink_keys: int = 0) -> Array:
-    """(B, K, Qt, J) bool: does any token of query tile ``i`` read key block ``j``.
+    """(B, K, Q, J) bool: does any token of query tile ``i`` read key block ``j``.
 
     Blocks that the token rules exclude for the whole tile are dropped too, so a selection that
     names them costs nothing: when ``causal``, blocks whose first key position is after the
@@ -60,7 +60,7 @@ def tile_visits(block_keep_BKTJ: Array, *, block_q: int, block_k: int, causal: b
 def build_tables(block_keep_BKTJ: Array, *, block_q: int, block_k: int, causal: bool,
                  q_pos: Array | None = None, k_pos: Array | None = None,
                  window: int | None = None, num_sink_keys: int = 0) -> tuple[Array, Array]:
-    """(forward table (B, K, Qt, J + 1), backward table (B, K, J, Qt + 1)), int32."""
+    """(forward table (B, K, Q, J + 1), backward table (B, K, J, Q + 1)), int32."""
     visit = tile_visits(block_keep_BKTJ, block_q=block_q, block_k=block_k, causal=causal,
                         q_pos=q_pos, k_pos=k_pos, window=window, num_sink_keys=num_sink_keys)
     return compact(visit), compact(jnp.swapaxes(visit, -1, -2))

@@ -63,7 +63,7 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
     sink_KG = None if sink_N is None else jnp.asarray(sink_N, F32).reshape(kg, g)
 
     def group(xs):
-        q_QGTH, k_SH, v_SV, keep_QTJ, table_QM, valid_S, ki = xs
+        q_QGTH, k_SH, v_SV, keep_QTJ, table_QJ, valid_S, ki = xs
 
         def tile(ys):
             q_GTH, keep_TJ, row, q_pos_T = ys
@@ -92,7 +92,7 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
                                              lambda x: x[..., None])
             return out_GTV.astype(q_BTNH.dtype), lse_GT
 
-        return jax.lax.map(tile, (q_QGTH, keep_QTJ, table_QM, p["q_pos"]))
+        return jax.lax.map(tile, (q_QGTH, keep_QTJ, table_QJ, p["q_pos"]))
 
     kidx = jnp.tile(jnp.arange(kg), b)
     o, lse = jax.lax.map(group, (p["q"], p["k"], p["v"], p["keep"], p["fwd"], p["valid"], kidx))
@@ -120,7 +120,7 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
         return jnp.where(mask_TS, jnp.exp(s_GTS - lse_GT[..., None]), 0.0)
 
     def dq_group(xs):
-        q_QGTH, k_SH, v_SV, keep_QTJ, table_QM, valid_S, do_QGTV, lse_QGT, delta_QGT = xs
+        q_QGTH, k_SH, v_SV, keep_QTJ, table_QJ, valid_S, do_QGTV, lse_QGT, delta_QGT = xs
 
         def tile(ys):
             q_GTH, keep_TJ, row, q_pos_T, do_GTV, lse_GT, delta_GT = ys
@@ -141,11 +141,11 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
             dq_GTH = jax.lax.fori_loop(0, row[0], body, jnp.zeros(q_GTH.shape, F32))
             return dq_GTH.astype(q_dtype)
 
-        return jax.lax.map(tile, (q_QGTH, keep_QTJ, table_QM, q_pos_QT, do_QGTV, lse_QGT,
+        return jax.lax.map(tile, (q_QGTH, keep_QTJ, table_QJ, q_pos_QT, do_QGTV, lse_QGT,
                                   delta_QGT))
 
     def dkv_group(xs):
-        q_QGTH, k_SH, v_SV, keep_QTJ, table_JM, valid_S, do_QGTV, lse_QGT, delta_QGT = xs
+        q_QGTH, k_SH, v_SV, keep_QTJ, table_JQ, valid_S, do_QGTV, lse_QGT, delta_QGT = xs
 
         def kblock(ys):
             jb, row = ys
@@ -171,7 +171,7 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
                                                                 jnp.zeros(vb_SV.shape, F32)))
             return dk_SH.astype(k_dtype), dv_SV.astype(v_dtype)
 
-        return jax.lax.map(kblock, (jnp.arange(j), table_JM))
+        return jax.lax.map(kblock, (jnp.arange(j), table_JQ))
 
     operands = (p["q"], p["k"], p["v"], p["keep"])
     tail = (p["valid"], do, lse, delta)
