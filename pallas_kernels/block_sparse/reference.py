@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..common import default_scale, masked_attention_reference
+
 Array = jax.Array
 
 
@@ -40,36 +42,13 @@ def block_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array
                                      key_valid_BS: Array | None = None,
                                      q_pos_T: Array | None = None, k_pos_S: Array | None = None,
                                      window: int | None = None,
-                                     num_sink_keys: int = 0) -> Array:
+                                     num_sink_keys: int = 0,
+                                     precision: jax.lax.PrecisionLike = None) -> Array:
     """Masked dense attention with the block-sparse semantics; returns (B, T, N, V)."""
-    h, s = q_BTNH.shape[-1], k_BSKH.shape[1]
-    scale = h ** -0.5 if scale is None else scale
+    s = k_BSKH.shape[1]
     keep = token_keep(block_keep_BKTJ, s, block_k, causal=causal, key_valid_BS=key_valid_BS,
                       q_pos_T=q_pos_T, k_pos_S=k_pos_S, window=window,
                       num_sink_keys=num_sink_keys)
-    return masked_attention_reference(q_BTNH, k_BSKH, v_BSKV, keep[:, :, None], scale=scale,
-                                      sink=sink)
-
-
-def masked_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, keep: Array, *,
-                               scale: float, sink: Array | None = None) -> Array:
-    """The dense softmax every sparse reference reduces to: ``keep`` broadcastable to
-    (B, K, G, T, S); masked logits never contribute, empty rows give zeros, an optional per-head
-    ``sink`` logit joins the denominator; float32 statistics. Returns (B, T, N, V)."""
-    b, t, n, h = q_BTNH.shape
-    kg = k_BSKH.shape[2]
-    g = n // kg
-    q = q_BTNH.reshape(b, t, kg, g, h).astype(jnp.float32)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH.astype(jnp.float32)) * scale
-    logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    if sink is not None:
-        m = jnp.maximum(m, sink.reshape(1, kg, g, 1, 1).astype(jnp.float32))
-    m = jax.lax.stop_gradient(m)
-    e = jnp.where(keep, jnp.exp(logits - m), 0.0)
-    den = e.sum(axis=-1, keepdims=True)
-    if sink is not None:
-        den = den + jnp.exp(sink.reshape(1, kg, g, 1, 1).astype(jnp.float32) - m)
-    p = e / jnp.where(den == 0, 1.0, den)
-    out = jnp.einsum("BKGTS,BSKV->BTKGV", p, v_BSKV.astype(jnp.float32))
-    return out.reshape(b, t, n, v_BSKV.shape[-1]).astype(q_BTNH.dtype)
+    return masked_attention_reference(q_BTNH, k_BSKH, v_BSKV, keep[:, :, None],
+                                      scale=default_scale(q_BTNH.shape[-1], scale), sink=sink,
+                                      precision=precision)

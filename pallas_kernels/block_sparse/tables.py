@@ -9,7 +9,7 @@ key validity) inside the visited blocks. A *forward table* lists, per (batch, gr
 of ``block_q`` tokens), the key blocks that any token of the tile reads; a *backward table* lists,
 per key block, the query tiles that read it. Row layout: ``[count, idx_0, ..., idx_{M-1}]`` with
 indices ascending and the tail padded by repeating the last valid index (a repeated block index
-makes a TPU pipeline skip the copy), so one int32 row carries both.
+makes a TPU pipeline skip the copy), so one int32 row carries both (``common.compact``).
 """
 
 from __future__ import annotations
@@ -17,24 +17,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..common import compact
+
 Array = jax.Array
-
-
-def _compact(visit: Array) -> Array:
-    """(..., M) bool -> (..., M + 1) int32 rows ``[count, visited indices ascending, padding]``."""
-    m = visit.shape[-1]
-    count = visit.sum(axis=-1, dtype=jnp.int32)
-    order = jnp.argsort(~visit, axis=-1, stable=True).astype(jnp.int32)  # visited first, in order
-    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-    pos = jnp.arange(m, dtype=jnp.int32)
-    order = jnp.where(pos < count[..., None], order, last)
-    return jnp.concatenate([count[..., None], order], axis=-1)
 
 
 def tile_visits(block_keep_BKTJ: Array, *, block_q: int, block_k: int, causal: bool,
                 q_pos: Array | None = None, k_pos: Array | None = None, window: int | None = None,
                 num_sink_keys: int = 0) -> Array:
-    """(B, K, Qt, J) bool: does any token of query tile ``i`` read key block ``j``.
+    """(B, K, Q, J) bool: does any token of query tile ``i`` read key block ``j``.
 
     Blocks that the token rules exclude for the whole tile are dropped too, so a selection that
     names them costs nothing: when ``causal``, blocks whose first key position is after the
@@ -69,8 +60,8 @@ def tile_visits(block_keep_BKTJ: Array, *, block_q: int, block_k: int, causal: b
 def build_tables(block_keep_BKTJ: Array, *, block_q: int, block_k: int, causal: bool,
                  q_pos: Array | None = None, k_pos: Array | None = None,
                  window: int | None = None, num_sink_keys: int = 0) -> tuple[Array, Array]:
-    """(forward table (B, K, Qt, J + 1), backward table (B, K, J, Qt + 1)), int32."""
+    """(forward table (B, K, Q, J + 1), backward table (B, K, J, Q + 1)), int32."""
     visit = tile_visits(block_keep_BKTJ, block_q=block_q, block_k=block_k, causal=causal,
                         q_pos=q_pos, k_pos=k_pos, window=window, num_sink_keys=num_sink_keys)
-    return _compact(visit), _compact(jnp.swapaxes(visit, -1, -2))
+    return compact(visit), compact(jnp.swapaxes(visit, -1, -2))
 

@@ -25,113 +25,80 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ..flash import BIG as _BIG
-from ..flash import MIN as _MIN
-from ..flash import dot as _dot
-from ..flash import dot_t as _dot_t
-from ..flash import tn_dot as _tn_dot
-from .kernel import (
-    BlockSizes,
-    _Static,
-    checked_operands,
-    sink_grad,
-    sparse_attention_vjp,
-    token_mask,
-)
-from .tables import build_tables
+from .. import common
+from ..common import F32, FILL, KernelConfig
+from .kernel import BlockSizes, block_config, block_tables, checked_operands, token_mask
 
 Array = jax.Array
-_F32 = jnp.float32
 TPU_BLOCK_SIZES = BlockSizes(block_q=128)
 
 
-def _prepare(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S,
-             st: _Static):
+def _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg: KernelConfig):
+    block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S = selection
     b, t, n, _ = q_BTNH.shape
     kg = k_BSKH.shape[2]
-    bq, bk = st.block_q, st.block_k
-    qt, j = -(-t // bq), -(-st.s // bk)
+    bq, bk = cfg.block_q, cfg.block_k
+    qt, j = common.cdiv(t, bq), common.cdiv(cfg.s, bk)
     tp, sp = qt * bq, j * bk
-    q = jnp.pad(q_BTNH, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    k = jnp.pad(k_BSKH, ((0, 0), (0, sp - st.s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    v = jnp.pad(v_BSKV, ((0, 0), (0, sp - st.s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    keep = jnp.pad(block_keep_BKTJ.astype(jnp.int8), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+    keep = common.pad_axis(block_keep_BKTJ.astype(jnp.int8), 2, tp)
     keep = jnp.swapaxes(keep, 2, 3)[..., None]  # B K J Tp 1
-    valid = (jnp.ones((b, st.s), jnp.int32) if key_valid_BS is None
+    valid = (jnp.ones((b, cfg.s), jnp.int32) if key_valid_BS is None
              else key_valid_BS.astype(jnp.int32))
-    valid = jnp.pad(valid, ((0, 0), (0, sp - st.s))).reshape(b, j, 1, bk)
-    fwd_table, bwd_table = build_tables(block_keep_BKTJ, block_q=bq, block_k=bk, q_pos=q_pos_T,
-                                        k_pos=k_pos_S, causal=st.causal, window=st.window,
-                                        num_sink_keys=st.num_sink_keys)
-    q_pos = jnp.pad(q_pos_T, (0, tp - t), mode="edge").reshape(tp, 1)
-    k_pos = jnp.pad(k_pos_S, (0, sp - st.s), mode="edge").reshape(j, 1, bk)
-    return dict(q=q, k=k, v=v, keep=keep, valid=valid, q_pos=q_pos, k_pos=k_pos, fwd=fwd_table,
+    fwd_table, bwd_table = block_tables(block_keep_BKTJ, q_pos_T, k_pos_S, cfg)
+    return dict(q=common.head_major(q_BTNH, tp), k=common.head_major(k_BSKH, sp),
+                v=common.head_major(v_BSKV, sp), keep=keep,
+                valid=common.pad_axis(valid, 1, sp).reshape(b, j, 1, bk),
+                q_pos=common.pad_axis(q_pos_T, 0, tp, mode="edge").reshape(tp, 1),
+                k_pos=common.pad_axis(k_pos_S, 0, sp, mode="edge").reshape(j, 1, bk), fwd=fwd_table,
                 bwd=bwd_table, dims=(b, n, kg, n // kg, qt, j, tp, sp))
 
 
-def _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, jb, st: _Static):
-    k_idx = jb * st.block_k + jax.lax.broadcasted_iota(jnp.int32, (1, st.block_k), 1)
+def _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, jb, cfg: KernelConfig):
+    k_idx = jb * cfg.block_k + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
     return token_mask(keep_ref[...], valid_ref[...], qpos_ref[...], kpos_ref[...], k_idx,
-                      **st.rules)
-
-
-def _params(st: _Static):
-    return dict(interpret=pltpu.InterpretParams() if st.interpret else False,
-                compiler_params=pltpu.CompilerParams(
-                    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")))
+                      **cfg.rule)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(table_ref, q_ref, k_ref, v_ref, keep_ref, valid_ref, qpos_ref, kpos_ref,
-                sink_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, st: _Static, groups: int,
-                has_sink: bool):
+                sink_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, cfg: KernelConfig,
+                groups: int, has_sink: bool):
     bi, ki, qi, m = (pl.program_id(a) for a in range(4))
+    prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
-        acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
-        m_ref[...] = jnp.full(m_ref.shape, _MIN, _F32)
-        l_ref[...] = jnp.zeros(l_ref.shape, _F32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
+        m_ref[...] = jnp.full(m_ref.shape, FILL, F32)
+        l_ref[...] = jnp.zeros(l_ref.shape, F32)
 
-    @pl.when(m < table_ref[bi, ki, qi, 0])
     def _visit():
-        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, table_ref[bi, ki, qi, m + 1], st)
-        kb = k_ref[...].astype(_F32)
+        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, table_ref[bi, ki, qi, m + 1], cfg)
+        kb = k_ref[...].astype(F32)
         vb = v_ref[...]
         for g in range(groups):  # the group's heads share the K/V block in VMEM
-            s = jnp.where(mask, _dot_t(q_ref[g].astype(_F32) * st.scale, kb), _MIN)
-            m_old = m_ref[g]
-            m_new = jnp.maximum(m_old, s.max(axis=-1, keepdims=True))
-            corr = jnp.exp(m_old - m_new)
-            p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-            l_ref[g] = l_ref[g] * corr + p.sum(axis=-1, keepdims=True)
-            acc_ref[g] = acc_ref[g] * corr + _dot(p.astype(vb.dtype), vb)
-            m_ref[g] = m_new
+            s = jnp.where(mask, common.dot_t(q_ref[g].astype(F32) * cfg.scale, kb, prec), FILL)
+            acc_ref[g], m_ref[g], l_ref[g] = common.online_softmax_step(
+                (acc_ref[g], m_ref[g], l_ref[g]), s, mask,
+                lambda p: common.dot(p.astype(vb.dtype), vb, prec), keepdims=True)
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
         for g in range(groups):
-            acc, mx, l = acc_ref[g], m_ref[g], l_ref[g]
-            if has_sink:
-                sk = sink_ref[g]  # (1, 1)
-                m_fin = jnp.maximum(mx, sk)
-                l = l * jnp.exp(mx - m_fin) + jnp.exp(sk - m_fin)
-                acc = acc * jnp.exp(mx - m_fin)
-                mx = m_fin
-            safe = jnp.where(l > 0, l, 1.0)
-            o_ref[g] = (acc / safe).astype(o_ref.dtype)
-            lse_ref[g] = jnp.where(l > 0, mx + jnp.log(safe), _BIG)
+            out, lse = common.finish_softmax(acc_ref[g], m_ref[g], l_ref[g],
+                                      sink_ref[g] if has_sink else None)
+            o_ref[g] = out.astype(o_ref.dtype)
+            lse_ref[g] = lse
+
+    common.table_walk(table_ref[bi, ki, qi, 0], _init, _visit, _finish)
 
 
-def _forward(q_BTNH, k_BSKH, v_BSKV, block_keep, key_valid, q_pos_T, k_pos_S, sink_N,
-             st: _Static):
-    p = _prepare(q_BTNH, k_BSKH, v_BSKV, block_keep, key_valid, q_pos_T, k_pos_S, st)
+def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
+    p = _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg)
     b, n, kg, g, qt, j, tp, sp = p["dims"]
-    bq, bk, h, vw = st.block_q, st.block_k, p["q"].shape[-1], p["v"].shape[-1]
-    sink = (jnp.zeros((kg, g, 1, 1), _F32) if sink_N is None
-            else sink_N.astype(_F32).reshape(kg, g, 1, 1))
+    bq, bk, h, vw = cfg.block_q, cfg.block_k, p["q"].shape[-1], p["v"].shape[-1]
+    sink = (jnp.zeros((kg, g, 1, 1), F32) if sink_N is None
+            else sink_N.astype(F32).reshape(kg, g, 1, 1))
     kv_row = lambda bi, ki, qi, m, tb: (bi, ki, tb[bi, ki, qi, m + 1], 0)  # noqa: E731
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
@@ -152,78 +119,79 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, block_keep, key_valid, q_pos_T, k_pos_S, si
             pl.BlockSpec((None, g, bq, vw), lambda bi, ki, qi, m, tb: (bi, ki, qi, 0)),
             pl.BlockSpec((None, g, bq, 1), lambda bi, ki, qi, m, tb: (bi, ki, qi, 0)),
         ],
-        scratch_shapes=[pltpu.VMEM((g, bq, vw), _F32), pltpu.VMEM((g, bq, 1), _F32),
-                        pltpu.VMEM((g, bq, 1), _F32)],
+        scratch_shapes=[pltpu.VMEM((g, bq, vw), F32), pltpu.VMEM((g, bq, 1), F32),
+                        pltpu.VMEM((g, bq, 1), F32)],
     )
     o, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, st=st, groups=g, has_sink=sink_N is not None),
+        functools.partial(_fwd_kernel, cfg=cfg, groups=g, has_sink=sink_N is not None),
         grid_spec=spec,
         out_shape=[jax.ShapeDtypeStruct((b, n, tp, vw), q_BTNH.dtype),
-                   jax.ShapeDtypeStruct((b, n, tp, 1), _F32)],
+                   jax.ShapeDtypeStruct((b, n, tp, 1), F32)],
         name="block_sparse_attention_tpu_fwd",
-        **_params(st),
+        **cfg.mosaic_params,
     )(p["fwd"], p["q"], p["k"], p["v"], p["keep"], p["valid"], p["q_pos"], p["k_pos"], sink)
-    return o.transpose(0, 2, 1, 3)[:, : st.t], (p, o, lse)
+    return o.transpose(0, 2, 1, 3)[:, : cfg.t], (p, o, lse)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_ref, valid_ref,
-               qpos_ref, kpos_ref, dq_ref, acc_ref, *, st: _Static, groups: int):
+               qpos_ref, kpos_ref, dq_ref, acc_ref, *, cfg: KernelConfig, groups: int):
     bi, ki, qi, m = (pl.program_id(a) for a in range(4))
+    prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
-        acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
 
-    @pl.when(m < table_ref[bi, ki, qi, 0])
     def _visit():
-        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, table_ref[bi, ki, qi, m + 1], st)
-        kb, vb = k_ref[...].astype(_F32), v_ref[...].astype(_F32)
+        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, table_ref[bi, ki, qi, m + 1], cfg)
+        kb, vb = k_ref[...].astype(F32), v_ref[...].astype(F32)
         for g in range(groups):
-            s = _dot_t(q_ref[g].astype(_F32), kb) * st.scale
+            s = common.dot_t(q_ref[g].astype(F32), kb, prec) * cfg.scale
             p = jnp.where(mask, jnp.exp(s - lse_ref[g]), 0.0)
-            ds = p * (_dot_t(do_ref[g].astype(_F32), vb) - delta_ref[g])
-            acc_ref[g] = acc_ref[g] + _dot(ds, kb) * st.scale
+            ds = p * (common.dot_t(do_ref[g].astype(F32), vb, prec) - delta_ref[g])
+            acc_ref[g] = acc_ref[g] + common.dot(ds, kb, prec) * cfg.scale
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
 
+    common.table_walk(table_ref[bi, ki, qi, 0], _init, _visit, _finish)
+
 
 def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_ref, valid_ref,
-                qpos_ref, kpos_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, st: _Static, groups: int):
+                qpos_ref, kpos_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, cfg: KernelConfig,
+                groups: int):
     bi, ki, jb, m = (pl.program_id(a) for a in range(4))
+    prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
-        dk_acc[...] = jnp.zeros(dk_acc.shape, _F32)
-        dv_acc[...] = jnp.zeros(dv_acc.shape, _F32)
+        dk_acc[...] = jnp.zeros(dk_acc.shape, F32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, F32)
 
-    @pl.when(m < table_ref[bi, ki, jb, 0])
     def _visit():
-        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, jb, st)
-        kb, vb = k_ref[...].astype(_F32), v_ref[...].astype(_F32)
+        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, jb, cfg)
+        kb, vb = k_ref[...].astype(F32), v_ref[...].astype(F32)
         for g in range(groups):  # every head of the group accumulates into the shared dK, dV
-            qg, dog = q_ref[g].astype(_F32), do_ref[g].astype(_F32)
-            p = jnp.where(mask, jnp.exp(_dot_t(qg, kb) * st.scale - lse_ref[g]), 0.0)
-            dv_acc[...] += _tn_dot(p, dog)
-            ds = p * (_dot_t(dog, vb) - delta_ref[g])
-            dk_acc[...] += _tn_dot(ds, qg) * st.scale
+            qg, dog = q_ref[g].astype(F32), do_ref[g].astype(F32)
+            p = jnp.where(mask, jnp.exp(common.dot_t(qg, kb, prec) * cfg.scale - lse_ref[g]), 0.0)
+            dv_acc[...] += common.tn_dot(p, dog, prec)
+            ds = p * (common.dot_t(dog, vb, prec) - delta_ref[g])
+            dk_acc[...] += common.tn_dot(ds, qg, prec) * cfg.scale
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
         dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
+    common.table_walk(table_ref[bi, ki, jb, 0], _init, _visit, _finish)
 
-def _backward(res, do_BTNV, sink_N, st: _Static):
+
+def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     p, o, lse = res
     b, n, kg, g, qt, j, tp, sp = p["dims"]
-    bq, bk, h, vw = st.block_q, st.block_k, p["q"].shape[-1], p["v"].shape[-1]
-    do = jnp.pad(do_BTNV, ((0, 0), (0, tp - st.t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1, keepdims=True)  # B N Tp 1
+    bq, bk, h, vw = cfg.block_q, cfg.block_k, p["q"].shape[-1], p["v"].shape[-1]
+    do = common.head_major(do_BTNV, tp)
+    delta = common.row_delta(do, o, keepdims=True)  # B N Tp 1
     operands = (p["q"], p["k"], p["v"], do, lse, delta, p["keep"], p["valid"], p["q_pos"],
                 p["k_pos"])
 
@@ -253,33 +221,33 @@ def _backward(res, do_BTNV, sink_N, st: _Static):
     own = lambda bi, ki, a, m, tb: a  # noqa: E731 - the grid's own tile / block
     listed = lambda bi, ki, a, m, tb: tb[bi, ki, a, m + 1]  # noqa: E731 - from the table
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, st=st, groups=g),
+        functools.partial(_dq_kernel, cfg=cfg, groups=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(b, kg, qt, j), in_specs=specs(own, listed),
             out_specs=pl.BlockSpec((None, g, bq, h), lambda bi, ki, a, m, tb: (bi, ki, a, 0)),
-            scratch_shapes=[pltpu.VMEM((g, bq, h), _F32)]),
+            scratch_shapes=[pltpu.VMEM((g, bq, h), F32)]),
         out_shape=jax.ShapeDtypeStruct(p["q"].shape, p["q"].dtype),
         name="block_sparse_attention_tpu_dq",
-        **_params(st),
+        **cfg.mosaic_params,
     )(p["fwd"], *operands)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, st=st, groups=g),
+        functools.partial(_dkv_kernel, cfg=cfg, groups=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(b, kg, j, qt), in_specs=specs(listed, own),
             out_specs=[pl.BlockSpec((None, None, bk, h), lambda bi, ki, a, m, tb: (bi, ki, a, 0)),
                        pl.BlockSpec((None, None, bk, vw), lambda bi, ki, a, m, tb: (bi, ki, a, 0))],
-            scratch_shapes=[pltpu.VMEM((bk, h), _F32), pltpu.VMEM((bk, vw), _F32)]),
+            scratch_shapes=[pltpu.VMEM((bk, h), F32), pltpu.VMEM((bk, vw), F32)]),
         out_shape=[jax.ShapeDtypeStruct(p["k"].shape, p["k"].dtype),
                    jax.ShapeDtypeStruct(p["v"].shape, p["v"].dtype)],
         name="block_sparse_attention_tpu_dkv",
-        **_params(st),
+        **cfg.mosaic_params,
     )(p["bwd"], *operands)
-    dsink = None if sink_N is None else sink_grad(sink_N, lse[..., 0], delta[..., 0], st.t)
-    return (dq.transpose(0, 2, 1, 3)[:, : st.t], dk.transpose(0, 2, 1, 3)[:, : st.s],
-            dv.transpose(0, 2, 1, 3)[:, : st.s], dsink)
+    dsink = None if sink_N is None else common.sink_grad(sink_N, lse[..., 0], delta[..., 0], cfg.t)
+    return (dq.transpose(0, 2, 1, 3)[:, : cfg.t], dk.transpose(0, 2, 1, 3)[:, : cfg.s],
+            dv.transpose(0, 2, 1, 3)[:, : cfg.s], dsink)
 
 
-_attention = sparse_attention_vjp(_forward, _backward)
+_attention = common.sparse_attention_vjp(_forward, _backward)
 
 
 def block_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
@@ -289,18 +257,21 @@ def block_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
                                k_pos_S: Array | None = None, window: int | None = None,
                                num_sink_keys: int = 0,
                                block_sizes: BlockSizes = TPU_BLOCK_SIZES,
-                               interpret: bool | None = None) -> Array:
+                               interpret: bool | None = None,
+                               precision: jax.lax.PrecisionLike = None) -> Array:
     """The TPU kernel; arguments and semantics as ``kernel.block_sparse_attention``.
 
     ``interpret`` defaults to True off TPU (``pltpu.InterpretParams()``, which also checks DMA
     and scratch use). Mosaic wants ``block_q`` a multiple of 32 (the int8 selection column) and
-    ``block_k`` a multiple of 8.
+    ``block_k`` a multiple of 8. float64 operands (under ``jax_enable_x64``) are computed in
+    float32, as a TPU must.
     """
-    keep, valid, q_pos, k_pos = checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS,
-                                                 q_pos_T, k_pos_S, block_k=block_k)
+    selection = checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S,
+                                 block_k=block_k)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
-    h = q_BTNH.shape[-1]
-    st = _Static(block_sizes.block_q, block_k, causal, h ** -0.5 if scale is None else scale,
-                 q_BTNH.shape[1], k_BSKH.shape[1], interpret, window, num_sink_keys)
-    return _attention(q_BTNH, k_BSKH, v_BSKV, keep, valid, q_pos, k_pos, sink, st=st)
+    cfg = block_config(q_BTNH, k_BSKH, block_q=block_sizes.block_q, block_k=block_k,
+                       causal=causal, scale=scale, interpret=interpret, window=window,
+                       num_sink_keys=num_sink_keys, precision=precision)
+    out = _attention(*common.at_most_f32(q_BTNH, k_BSKH, v_BSKV, sink), selection, cfg=cfg)
+    return out.astype(q_BTNH.dtype)

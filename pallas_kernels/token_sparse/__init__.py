@@ -4,7 +4,8 @@ selected keys, shared by all heads, plus an optional raw causal window and a per
 Side by side: the Pallas kernels (``kernel.py`` Triton-style GPU, ``kernel_tpu.py`` Mosaic TPU,
 ``indexer_kernel.py`` the fused lightning-indexer top-k), the pure-jnp references they must equal
 (``reference.py``), the plain-XLA paths that are fastest on CPU (``xla.py``, ``indexer.py``), the
-on-device bitmask and visit tables (``tables.py``). The ``impl`` switch over them lives in
+on-device bitmask and visit tables (``tables.py``); what they share with block-sparse is
+``pallas_kernels/common.py``. The ``impl`` switch over them lives in
 ``attnhut_jax.core`` (``token_sparse_attention``, ``indexer_topk``), next to block-sparse's.
 """
 

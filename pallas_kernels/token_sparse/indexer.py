@@ -29,7 +29,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .reference import FILL, positions
+from ..common import F32, FILL
+from .reference import positions
 
 Array = jax.Array
 
@@ -46,22 +47,25 @@ class IndexerBlocks:
     min_range: int = 512  # shorter key sequences get one prefix (fewer branches to compile)
 
 
-def _tile_scores(q_QIE: Array, k_KE: Array, w_QI: Array) -> Array:
-    """(bq, bk) float32 scores (operands upcast: scores are ranked in float32)."""
-    f32 = jnp.float32
-    dots = jax.nn.relu(jnp.einsum("QIE,KE->QIK", q_QIE.astype(f32), k_KE.astype(f32)))
-    return jnp.einsum("QI,QIK->QK", w_QI.astype(f32), dots)
+def _tile_scores(q_TIE: Array, k_SE: Array, w_TI: Array, precision) -> Array:
+    """(block_q, block_k) float32 scores (operands upcast: scores are ranked in float32, as by
+    ``indexer_scores_reference``)."""
+    relu_TIS = jax.nn.relu(jnp.einsum("TIE,SE->TIS", q_TIE.astype(F32), k_SE.astype(F32),
+                                      precision=precision))
+    return jnp.einsum("TI,TIS->TS", w_TI.astype(F32), relu_TIS, precision=precision)
 
 
 def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
                  q_pos_T: Array | None = None, k_pos_S: Array | None = None,
-                 blocks: IndexerBlocks = IndexerBlocks()) -> tuple[Array, Array]:
+                 blocks: IndexerBlocks = IndexerBlocks(),
+                 precision: jax.lax.PrecisionLike = None) -> tuple[Array, Array]:
     """(indices (B, T, min(top_k, S)) int32, -1 for picks that are not valid keys; their scores).
 
     Equals ``indexer_topk_reference`` (columns in descending score order, ties towards the
     lower key index; invalid picks ``-1`` with the fill score). Positions default to
     ``arange(T) + S - T`` and ``arange(S)``; ``causal`` keeps ``k_pos <= q_pos``. No gradient
-    flows through a selection; the scores are returned for inspection only.
+    flows through a selection; the scores are returned for inspection only. Scores are
+    float32 whatever the input dtype; ``precision`` reaches their matrix products.
     """
     q_BTIE, k_BSE, w_BTI = (jax.lax.stop_gradient(a) for a in (q_BTIE, k_BSE, w_BTI))
     b, t, ni, e = q_BTIE.shape
@@ -71,54 +75,54 @@ def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causa
     qt = -(-t // bq)
     tp = qt * bq
     q_pos, k_pos = positions(t, s, q_pos_T, k_pos_S)
-    qp = jnp.pad(q_pos, (0, tp - t), mode="edge").reshape(qt, bq)
-    q = jnp.pad(q_BTIE, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, qt, bq, ni, e)
-    w = jnp.pad(w_BTI, ((0, 0), (0, tp - t), (0, 0))).reshape(b, qt, bq, ni)
+    qp_QT = jnp.pad(q_pos, (0, tp - t), mode="edge").reshape(qt, bq)
+    q_BQTIE = jnp.pad(q_BTIE, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, qt, bq, ni, e)
+    w_BQTI = jnp.pad(w_BTI, ((0, 0), (0, tp - t), (0, 0))).reshape(b, qt, bq, ni)
     step = max(-(-s // blocks.num_ranges), blocks.min_range)
     ranges = sorted({min(s, step * i) for i in range(1, blocks.num_ranges + 1)}) if causal else [s]
     s_idx = jnp.arange(s, dtype=jnp.int32)
 
     def batch(xs):
-        q_b, w_b, k_b = xs
+        q_QTIE, w_QTI, k_SE = xs
 
         def tile(ys):
-            q_QIE, w_QI, qp_Q = ys
+            q_TIE, w_TI, qp_T = ys
 
             def merge(carry, start, size):
-                vals, idx = carry
-                sc = _tile_scores(q_QIE, jax.lax.dynamic_slice_in_dim(k_b, start, size), w_QI)
-                cols = start + jnp.arange(size, dtype=jnp.int32)
+                vals_TM, idx_TM = carry
+                sc_TS = _tile_scores(q_TIE, jax.lax.dynamic_slice_in_dim(k_SE, start, size), w_TI,
+                                     precision)
+                cols_S = start + jnp.arange(size, dtype=jnp.int32)
                 if causal:
-                    ok = jax.lax.dynamic_slice_in_dim(k_pos, start, size)[None, :] <= qp_Q[:, None]
-                    sc = jnp.where(ok, sc, FILL)
-                vals, pick = jax.lax.top_k(jnp.concatenate([vals, sc], axis=1), m)
-                cat_i = jnp.concatenate([idx, jnp.broadcast_to(cols, sc.shape)], axis=1)
-                return vals, jnp.take_along_axis(cat_i, pick, axis=1)
+                    ok_TS = (jax.lax.dynamic_slice_in_dim(k_pos, start, size)[None, :]
+                             <= qp_T[:, None])
+                    sc_TS = jnp.where(ok_TS, sc_TS, FILL)
+                vals_TM, pick_TM = jax.lax.top_k(jnp.concatenate([vals_TM, sc_TS], axis=1), m)
+                cat_i = jnp.concatenate([idx_TM, jnp.broadcast_to(cols_S, sc_TS.shape)], axis=1)
+                return vals_TM, jnp.take_along_axis(cat_i, pick_TM, axis=1)
 
             def prefix(r):
                 def walk(carry):
                     bk = min(blocks.block_k, r)
                     full, rem = divmod(r, bk)
                     carry, _ = jax.lax.scan(lambda c, j: (merge(c, j * bk, bk), None), carry,
-                                            jnp.arange(full))
+                                            jnp.arange(full, dtype=jnp.int32))
                     return merge(carry, full * bk, rem) if rem else carry
                 return walk
 
-            init = (jnp.full((bq, m), -jnp.inf, jnp.float32), jnp.full((bq, m), -1, jnp.int32))
+            init = (jnp.full((bq, m), -jnp.inf, F32), jnp.full((bq, m), -1, jnp.int32))
             if causal:  # 1 + the last key index any query of the tile may select
-                hi = jnp.where(k_pos <= qp_Q.max(), s_idx + 1, 0).max()
+                hi = jnp.where(k_pos <= qp_T.max(), s_idx + 1, 0).max()
                 branch = jnp.searchsorted(jnp.asarray(ranges, jnp.int32), hi)
-                vals, idx = jax.lax.switch(branch, [prefix(r) for r in ranges], init)
+                vals_TM, idx_TM = jax.lax.switch(branch, [prefix(r) for r in ranges], init)
             else:
-                vals, idx = prefix(s)(init)
-            ok = idx >= 0
+                vals_TM, idx_TM = prefix(s)(init)
+            ok_TM = idx_TM >= 0
             if causal:
-                ok = ok & (jnp.take(k_pos, jnp.maximum(idx, 0)) <= qp_Q[:, None])
-            return jnp.where(ok, idx, -1), jnp.where(ok, vals, FILL)
+                ok_TM = ok_TM & (jnp.take(k_pos, jnp.maximum(idx_TM, 0)) <= qp_T[:, None])
+            return jnp.where(ok_TM, idx_TM, -1), jnp.where(ok_TM, vals_TM, FILL)
 
-        return jax.lax.map(tile, (q_b, w_b, qp))
+        return jax.lax.map(tile, (q_QTIE, w_QTI, qp_QT))
 
-    idx, vals = jax.lax.map(batch, (q, w, k_BSE))
-    idx = idx.reshape(b, tp, m)[:, :t]
-    vals = vals.reshape(b, tp, m)[:, :t]
-    return idx, vals
+    idx_BQTM, vals_BQTM = jax.lax.map(batch, (q_BQTIE, w_BQTI, k_BSE))
+    return idx_BQTM.reshape(b, tp, m)[:, :t], vals_BQTM.reshape(b, tp, m)[:, :t]

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from .reference import FILL, positions
+from ..common import F32, FILL, cdiv
+from .reference import positions
 
 Array = jax.Array
 _SIGN = -(2 ** 31)  # int32 with only the sign bit set
@@ -58,7 +59,7 @@ class IndexerKernelBlocks:
 def _ukey(sc: Array) -> Array:
     """float32 -> int32 whose *unsigned* order is the float order."""
     f = jax.lax.bitcast_convert_type(sc, jnp.int32)
-    signed = f ^ (jax.lax.shift_right_arithmetic(f, 31) & _LOW31)  # signed order == float order
+    signed = f ^ (jax.lax.shift_right_arithmetic(f, jnp.int32(31)) & _LOW31)  # signed order == float order
     return signed ^ _SIGN
 
 
@@ -66,30 +67,38 @@ def _srl(x: Array, n: int) -> Array:
     return jax.lax.shift_right_logical(x, jnp.int32(n))
 
 
+def score_dtype(*dtypes):
+    """dtype of the in-kernel score products: the inputs' (float32 accumulation, so bf16
+    products are exact and the scores ranked are float32), at most float32."""
+    dt = jnp.promote_types(*dtypes)
+    return F32 if jnp.finfo(dt).bits > 32 else dt
+
+
 def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_ref, *, heads: int,
-            block_k: int, s_len: int, m: int, causal: bool):
+            block_k: int, s_len: int, m: int, causal: bool, precision):
     bq = q_ref.shape[0]
     q_pos = qpos_ref[...]
     # products in the input dtype, float32 accumulation: exact products for bf16 inputs on the
-    # tensor cores; float32 inputs follow JAX's default matmul precision like the XLA paths
-    dt = jnp.promote_types(q_ref.dtype, k_ref.dtype)
+    # tensor cores; float32 inputs follow ``precision`` (default: JAX's default matmul
+    # precision, like the XLA paths)
+    dt = score_dtype(q_ref.dtype, k_ref.dtype)
     qs = [q_ref[:, h, :].astype(dt) for h in range(heads)]
-    ws = [w_ref[:, pl.ds(h, 1)].astype(jnp.float32) for h in range(heads)]
+    ws = [w_ref[:, pl.ds(h, 1)].astype(F32) for h in range(heads)]
     n_tiles = ntiles_ref[0]
 
     def tile(jt):
         start = jt * block_k
         kb = k_ref[pl.ds(start, block_k), :].astype(dt)
-        sc = jnp.zeros((bq, block_k), jnp.float32)
+        sc_TS = jnp.zeros((bq, block_k), F32)
         for h in range(heads):
-            dots = jax.lax.dot_general(qs[h], kb, (((1,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
-            sc = sc + ws[h] * jnp.maximum(dots, 0.0)
-        cols = start + jnp.arange(block_k)
-        valid = jnp.broadcast_to((cols < s_len)[None, :], (bq, block_k))
+            dots_TS = jax.lax.dot_general(qs[h], kb, (((1,), (1,)), ((), ())), precision=precision,
+                                          preferred_element_type=F32)
+            sc_TS = sc_TS + ws[h] * jnp.maximum(dots_TS, 0.0)
+        cols = start + jnp.arange(block_k, dtype=jnp.int32)
+        valid_TS = jnp.broadcast_to((cols < s_len)[None, :], (bq, block_k))
         if causal:
-            valid = valid & (kpos_ref[pl.ds(start, block_k)][None, :] <= q_pos[:, None])
-        return sc, _ukey(sc), valid, cols
+            valid_TS = valid_TS & (kpos_ref[pl.ds(start, block_k)][None, :] <= q_pos[:, None])
+        return sc_TS, _ukey(sc_TS), valid_TS, cols
 
     # passes: the k-th largest unsigned key of every row, 4 bits at a time
     prefix = jnp.zeros((bq,), jnp.int32)
@@ -103,7 +112,7 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_re
             if p:
                 match = match & (_srl(u ^ prefix[:, None], shift + _DIGIT) == 0)
             digit = _srl(u, shift) & (2 ** _DIGIT - 1)
-            return tuple(hist[d] + jnp.sum((match & (digit == d)).astype(jnp.int32), axis=1)
+            return tuple(hist[d] + jnp.sum(match & (digit == d), axis=1, dtype=jnp.int32)
                          for d in range(2 ** _DIGIT))
 
         hist = jax.lax.fori_loop(0, n_tiles, hist_body,
@@ -127,25 +136,26 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_re
 
     idx_ref[...] = jnp.full(idx_ref.shape, -1, jnp.int32)
     val_ref[...] = jnp.full(val_ref.shape, FILL, jnp.float32)
-    rows = jnp.broadcast_to(jnp.arange(bq)[:, None], (bq, block_k))
+    rows = jnp.broadcast_to(jnp.arange(bq, dtype=jnp.int32)[:, None], (bq, block_k))
 
     def select_body(jt, carry):
         taken, ties = carry
-        sc, u, valid, cols = tile(jt)
+        sc_TS, u, valid_TS, cols = tile(jt)
         key = u ^ _SIGN
-        eq = valid & (key == theta[:, None])
+        eq = valid_TS & (key == theta[:, None])
         eq_i = eq.astype(jnp.int32)
-        tie_rank = ties[:, None] + jnp.cumsum(eq_i, axis=1) - eq_i
-        keep = (valid & (key > theta[:, None])) | (eq & (tie_rank < rem[:, None]))
+        tie_rank = ties[:, None] + jnp.cumsum(eq_i, axis=1, dtype=jnp.int32) - eq_i
+        keep = (valid_TS & (key > theta[:, None])) | (eq & (tie_rank < rem[:, None]))
         keep_i = keep.astype(jnp.int32)
-        pos = taken[:, None] + jnp.cumsum(keep_i, axis=1) - keep_i
+        pos = taken[:, None] + jnp.cumsum(keep_i, axis=1, dtype=jnp.int32) - keep_i
         # masked lanes get distinct dump slots past the row's m (never read): a masked store
         # must not share an address with a kept one (interpret mode writes masked lanes back)
-        pos = jnp.where(keep, pos, m + jnp.arange(block_k)[None, :])
+        pos = jnp.where(keep, pos, m + jnp.arange(block_k, dtype=jnp.int32)[None, :])
         pl_triton.store(idx_ref.at[rows, pos], jnp.broadcast_to(cols[None, :], (bq, block_k)),
                         mask=keep)
-        pl_triton.store(val_ref.at[rows, pos], sc, mask=keep)
-        return taken + keep_i.sum(axis=1), ties + eq_i.sum(axis=1)
+        pl_triton.store(val_ref.at[rows, pos], sc_TS, mask=keep)
+        return (taken + keep_i.sum(axis=1, dtype=jnp.int32),
+                ties + eq_i.sum(axis=1, dtype=jnp.int32))
 
     zeros = jnp.zeros((bq,), jnp.int32)
     jax.lax.fori_loop(0, n_tiles, select_body, (zeros, zeros))
@@ -154,10 +164,11 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_re
 def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
                         q_pos_T: Array | None = None, k_pos_S: Array | None = None,
                         blocks: IndexerKernelBlocks = IndexerKernelBlocks(),
-                        interpret: bool | None = None) -> tuple[Array, Array]:
+                        interpret: bool | None = None,
+                        precision: jax.lax.PrecisionLike = None) -> tuple[Array, Array]:
     """(indices (B, T, min(top_k, S)) int32, scores): the set of ``indexer_topk_reference``,
     in ascending key order, ``-1`` / fill in the unused slots. ``interpret`` defaults to True
-    off GPU."""
+    off GPU. Scores are float32 (``score_dtype``); ``precision`` reaches their products."""
     # a selection has no gradient: cut the tape before the kernel (which has no VJP)
     q_BTIE, k_BSE, w_BTI = (jax.lax.stop_gradient(a) for a in (q_BTIE, k_BSE, w_BTI))
     b, t, ni, e = q_BTIE.shape
@@ -167,21 +178,23 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     bq, bk = blocks.block_q, blocks.block_k
-    qt, j = -(-t // bq), -(-s // bk)
+    qt, j = cdiv(t, bq), cdiv(s, bk)
     tp, sp = qt * bq, j * bk
     q_pos, k_pos = positions(t, s, q_pos_T, k_pos_S)
     qp = jnp.pad(q_pos, (0, tp - t), mode="edge")
     kp = jnp.pad(k_pos, (0, sp - s), constant_values=jnp.iinfo(jnp.int32).max)
     if causal:  # key tiles up to the last one holding a key valid for some query of the tile
         q_max = qp.reshape(qt, bq).max(axis=1)
-        hi = jnp.where(kp[None, :] <= q_max[:, None], jnp.arange(sp)[None, :] + 1, 0).max(axis=1)
+        hi = jnp.where(kp[None, :] <= q_max[:, None], jnp.arange(sp, dtype=jnp.int32)[None, :] + 1,
+                       0).max(axis=1)
         ntiles = (-(-hi // bk)).astype(jnp.int32)
     else:
         ntiles = jnp.full((qt,), j, jnp.int32)
     q = jnp.pad(q_BTIE, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
     w = jnp.pad(w_BTI, ((0, 0), (0, tp - t), (0, 0)))
     k = jnp.pad(k_BSE, ((0, 0), (0, sp - s), (0, 0)))
-    kernel = functools.partial(_kernel, heads=ni, block_k=bk, s_len=s, m=m, causal=causal)
+    kernel = functools.partial(_kernel, heads=ni, block_k=bk, s_len=s, m=m, causal=causal,
+                               precision=precision)
     idx, vals = pl.pallas_call(
         kernel,
         grid=(b, qt),
@@ -196,10 +209,9 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
         out_specs=[pl.BlockSpec((None, bq, mp), lambda bi, qi: (bi, qi, 0)),
                    pl.BlockSpec((None, bq, mp), lambda bi, qi: (bi, qi, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, tp, mp), jnp.int32),
-                   jax.ShapeDtypeStruct((b, tp, mp), jnp.float32)],
+                   jax.ShapeDtypeStruct((b, tp, mp), F32)],
         interpret=interpret,
         compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
         name="lightning_indexer_topk",
     )(ntiles, qp, kp, q, w, k)
-    idx, vals = idx[:, :t, :m], vals[:, :t, :m]
-    return jax.lax.stop_gradient(idx), jax.lax.stop_gradient(vals)
+    return jax.lax.stop_gradient(idx[:, :t, :m]), jax.lax.stop_gradient(vals[:, :t, :m])

@@ -32,14 +32,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ..block_sparse.kernel import sink_grad
-from .kernel import check_shapes, token_sparse_vjp
-from .tables import WORD, build_tables, key_bitmask
+from .. import common
+from ..common import F32, FILL, KernelConfig
+from .kernel import check_shapes, token_config, token_tables
+from .tables import WORD, key_bitmask, membership
 
 Array = jax.Array
-_MIN = float(jnp.finfo(jnp.float32).min)
-_BIG = float(jnp.finfo(jnp.float32).max)
-_LOG2_WORD = WORD.bit_length() - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,222 +46,154 @@ class TpuBlockSizes:
     words_per_block: int = 4
 
 
-def _nt(a, b):
-    """a @ b.T in float32."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _membership_t(bits_ref, j, i, cfg: KernelConfig):
+    """(block_k, block_q) bool: key ``j * block_k + r`` is read by query ``i * block_q + c``;
+    each bitmask row (1, block_q) holds the words of 32 keys for the tile's queries."""
+    shape = (cfg.block_k, cfg.block_q)
+    r = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    c = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    wpb = cfg.block_k // WORD
+    words = [bits_ref[pl.ds(j * wpb + w, 1), :] for w in range(wpb)]
+    return membership(words, i * cfg.block_q + c, r, j * cfg.block_k, **cfg.rule)
 
 
-def _nn(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _tn(a, b):
-    """a.T @ b in float32."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _membership_t(bits_ref, j, i, *, block_q: int, block_k: int, wpb: int, s_len: int,
-                  t_len: int, window: int | None, window_start: int):
-    """(block_k, block_q) bool: key ``j * block_k + r`` is read by query ``i * block_q + c``."""
-    r = jax.lax.broadcasted_iota(jnp.int32, (block_k, block_q), 0)
-    c = jax.lax.broadcasted_iota(jnp.int32, (block_k, block_q), 1)
-    hit = jnp.zeros((block_k, block_q), jnp.bool_)
-    for w in range(wpb):
-        row = bits_ref[pl.ds(j * wpb + w, 1), :]  # (1, block_q) words of 32 keys
-        # r % 32 and r // 32 as bit operations: jnp's integer floor division lowers through
-        # ``sign``, which Mosaic lowers per TPU generation (not exportable without a device)
-        bit = jax.lax.shift_right_logical(row, r & (WORD - 1)) & 1
-        hit = hit | ((jax.lax.shift_right_logical(r, _LOG2_WORD) == w) & (bit != 0))
-    k_idx = j * block_k + r
-    if window is not None:
-        raw = k_idx - window_start
-        q = i * block_q + c
-        hit = hit | ((raw >= 0) & (raw <= q) & (raw > q - window) & (q < t_len))
-    return hit & (k_idx < s_len)
+def _kv_refs(k_ref, rest, shared: bool):
+    """(v_ref, outputs and scratch): with shared K/V the keys are the values."""
+    return (k_ref, rest) if shared else (rest[0], rest[1:])
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(table_ref, sink_ref, bits_ref, q_ref, k_ref, *rest, scale, has_sink, shared,
-                groups, **rules):
-    if shared:
-        o_ref, lse_ref, acc_scr, m_scr, l_scr = rest
-        v_ref = k_ref
-    else:
-        v_ref, o_ref, lse_ref, acc_scr, m_scr, l_scr = rest
+def _fwd_kernel(table_ref, sink_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig,
+                has_sink: bool, groups: int):
+    v_ref, (o_ref, lse_ref, acc_scr, m_scr, l_scr) = _kv_refs(k_ref, rest, cfg.shared_kv)
     b, kg, i, m = (pl.program_id(a) for a in range(4))
+    prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
         acc_scr[...] = jnp.zeros_like(acc_scr)
-        m_scr[...] = jnp.full_like(m_scr, _MIN)
+        m_scr[...] = jnp.full_like(m_scr, FILL)
         l_scr[...] = jnp.zeros_like(l_scr)
 
-    @pl.when(m < table_ref[b, i, 0])
     def _visit():
-        j = table_ref[b, i, m + 1]
-        mask = _membership_t(bits_ref, j, i, **rules)
+        mask = _membership_t(bits_ref, table_ref[b, i, m + 1], i, cfg)
         kb = k_ref[...]
-        vb = kb if shared else v_ref[...]
+        vb = kb if cfg.shared_kv else v_ref[...]
         for g in range(groups):  # all heads of the group reuse the K/V block
-            s = jnp.where(mask, _nt(kb, q_ref[g]) * scale, _MIN)  # (block_k, block_q)
-            m_prev = m_scr[g]
-            m_new = jnp.maximum(m_prev, s.max(axis=0, keepdims=True))
-            corr = jnp.exp(m_prev - m_new)
-            p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-            l_scr[g] = l_scr[g] * corr + p.sum(axis=0, keepdims=True)
-            acc_scr[g] = acc_scr[g] * corr + _tn(vb, p.astype(vb.dtype))  # (V, block_q)
-            m_scr[g] = m_new
+            s = jnp.where(mask, common.dot_t(kb, q_ref[g], prec) * cfg.scale, FILL)  # (block_k, block_q)
+            acc_scr[g], m_scr[g], l_scr[g] = common.online_softmax_step(
+                (acc_scr[g], m_scr[g], l_scr[g]), s, mask,
+                lambda p: common.tn_dot(vb, p.astype(vb.dtype), prec), axis=0, keepdims=True)
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
         for g in range(groups):
-            mx, l, acc = m_scr[g], l_scr[g], acc_scr[g]
-            if has_sink:
-                sk = sink_ref[kg, g]
-                m_fin = jnp.maximum(mx, sk)
-                l = l * jnp.exp(mx - m_fin) + jnp.exp(sk - m_fin)
-                acc = acc * jnp.exp(mx - m_fin)
-            else:
-                m_fin = mx
-            safe = jnp.where(l > 0, l, 1.0)
-            o_ref[g] = (acc / safe).astype(o_ref.dtype)
-            lse_ref[pl.ds(g, 1), :] = jnp.where(l > 0, m_fin + jnp.log(safe), _BIG)
+            out, lse = common.finish_softmax(acc_scr[g], m_scr[g], l_scr[g],
+                                      sink_ref[kg, g] if has_sink else None)
+            o_ref[g] = out.astype(o_ref.dtype)
+            lse_ref[pl.ds(g, 1), :] = lse
+
+    common.table_walk(table_ref[b, i, 0], _init, _visit, _finish)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, scale, shared, groups, **rules):
-    if shared:
-        do_ref, lse_ref, delta_ref, dq_ref, dq_scr = rest
-        v_ref = k_ref
-    else:
-        v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr = rest
+def _dq_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig, groups: int):
+    v_ref, (do_ref, lse_ref, delta_ref, dq_ref, dq_scr) = _kv_refs(k_ref, rest, cfg.shared_kv)
     b, i, m = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
         dq_scr[...] = jnp.zeros_like(dq_scr)
 
-    @pl.when(m < table_ref[b, i, 0])
     def _visit():
-        j = table_ref[b, i, m + 1]
-        mask = _membership_t(bits_ref, j, i, **rules)
+        mask = _membership_t(bits_ref, table_ref[b, i, m + 1], i, cfg)
         kb = k_ref[...]
-        vb = kb if shared else v_ref[...]
+        vb = kb if cfg.shared_kv else v_ref[...]
         for g in range(groups):
-            s = _nt(kb, q_ref[g]) * scale
+            s = common.dot_t(kb, q_ref[g], prec) * cfg.scale
             p = jnp.where(mask, jnp.exp(s - lse_ref[pl.ds(g, 1), :]), 0.0)
-            dp = _nt(vb, do_ref[g])
+            dp = common.dot_t(vb, do_ref[g], prec)
             ds = p * (dp - delta_ref[pl.ds(g, 1), :])
-            dq_scr[g] = dq_scr[g] + _tn(ds, kb.astype(jnp.float32)) * scale
+            dq_scr[g] = dq_scr[g] + common.tn_dot(ds, kb.astype(F32), prec) * cfg.scale
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
 
+    common.table_walk(table_ref[b, i, 0], _init, _visit, _finish)
 
-def _dkv_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, scale, shared, groups, **rules):
-    if shared:
+
+def _dkv_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig, groups: int):
+    if cfg.shared_kv:
         do_ref, lse_ref, delta_ref, dk_ref, dk_scr, dv_scr = rest
         v_ref, dv_ref = k_ref, None
     else:
         v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr = rest
     b, j, m = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    prec = cfg.precision
 
-    @pl.when(m == 0)
     def _init():
         dk_scr[...] = jnp.zeros_like(dk_scr)
         dv_scr[...] = jnp.zeros_like(dv_scr)
 
-    @pl.when(m < table_ref[b, j, 0])
     def _visit():
-        i = table_ref[b, j, m + 1]
-        mask = _membership_t(bits_ref, j, i, **rules)
+        mask = _membership_t(bits_ref, j, table_ref[b, j, m + 1], cfg)
         kb = k_ref[...]
-        vb = kb if shared else v_ref[...]
+        vb = kb if cfg.shared_kv else v_ref[...]
         for g in range(groups):  # all heads of the group accumulate into the shared dK, dV
             qg, dog = q_ref[g], do_ref[g]
-            s = _nt(kb, qg) * scale
+            s = common.dot_t(kb, qg, prec) * cfg.scale
             p = jnp.where(mask, jnp.exp(s - lse_ref[pl.ds(g, 1), :]), 0.0)
-            dv_scr[...] += _nn(p, dog.astype(jnp.float32))
-            ds = p * (_nt(vb, dog) - delta_ref[pl.ds(g, 1), :])
-            dk_scr[...] += _nn(ds, qg.astype(jnp.float32)) * scale
+            dv_scr[...] += common.dot(p, dog.astype(F32), prec)
+            ds = p * (common.dot_t(vb, dog, prec) - delta_ref[pl.ds(g, 1), :])
+            dk_scr[...] += common.dot(ds, qg.astype(F32), prec) * cfg.scale
 
-    @pl.when(m == pl.num_programs(3) - 1)
     def _finish():
-        if shared:
+        if cfg.shared_kv:
             dk_ref[...] = (dk_scr[...] + dv_scr[...]).astype(dk_ref.dtype)
         else:
             dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
             dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
+    common.table_walk(table_ref[b, j, 0], _init, _visit, _finish)
+
 
 # ----------------------------------------------------------------------------- wrappers
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    block_q: int
-    words_per_block: int
-    scale: float
-    t: int
-    s: int
-    shared: bool
-    interpret: bool
-    window: int | None = None
-    window_start: int = 0
-
-    @property
-    def block_k(self) -> int:
-        return WORD * self.words_per_block
-
-    @property
-    def rules(self) -> dict:
-        return dict(block_q=self.block_q, block_k=self.block_k, wpb=self.words_per_block,
-                    s_len=self.s, t_len=self.t, window=self.window,
-                    window_start=self.window_start)
-
-    def call_kwargs(self, name: str) -> dict:
-        sem = ("parallel", "parallel", "parallel", "arbitrary")
-        return dict(interpret=pltpu.InterpretParams() if self.interpret else False,
-                    compiler_params=pltpu.CompilerParams(dimension_semantics=sem), name=name)
-
-
-def _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, st: _Static):
+def _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, cfg: KernelConfig):
     b, t, n, h = q_BTNH.shape
     kg = k_BSKH.shape[2]
     g = n // kg
-    qt, j = -(-t // st.block_q), -(-st.s // st.block_k)
-    tp, sp = qt * st.block_q, j * st.block_k
-    q = jnp.pad(q_BTNH, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
-    q = q.reshape(b, tp, kg, g, h).transpose(0, 2, 3, 1, 4)  # B K G Tp H
-    k = jnp.pad(k_BSKH, ((0, 0), (0, sp - st.s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    v = None if st.shared else jnp.pad(
-        v_BSKV, ((0, 0), (0, sp - st.s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    bits = key_bitmask(indices_BTM, st.s)
-    fwd_table, bwd_table = build_tables(bits, t=t, s=st.s, block_q=st.block_q,
-                                        words_per_block=st.words_per_block, window=st.window,
-                                        window_start=st.window_start)
-    wp = j * st.words_per_block
-    bits = jnp.pad(bits, ((0, 0), (0, tp - t), (0, wp - bits.shape[-1]))).transpose(0, 2, 1)
-    return q, k, v, bits, fwd_table, bwd_table, (b, n, kg, g, qt, j, tp, sp, wp)
+    qt, j = common.cdiv(t, cfg.block_q), common.cdiv(cfg.s, cfg.block_k)
+    tp, sp = qt * cfg.block_q, j * cfg.block_k
+    k_BKSH = common.pad_axis(k_BSKH, 1, sp).transpose(0, 2, 1, 3)
+    v_BKSV = None if cfg.shared_kv else common.pad_axis(v_BSKV, 1, sp).transpose(0, 2, 1, 3)
+    bits = key_bitmask(indices_BTM, cfg.s)
+    fwd_table, bwd_table = token_tables(bits, cfg)
+    wp = j * (cfg.block_k // WORD)
+    bits_BZT = common.pad_axis(common.pad_axis(bits, 1, tp), 2, wp).transpose(0, 2, 1)
+    q_BKGTH = common.pad_axis(q_BTNH, 1, tp).reshape(b, tp, kg, g, h).transpose(0, 2, 3, 1, 4)
+    return dict(q=q_BKGTH, k=k_BKSH, v=v_BKSV, bits=bits_BZT, fwd=fwd_table, bwd=bwd_table,
+                dims=(b, n, kg, g, qt, j, tp, sp, wp))
 
 
-def _forward(q_BTNH, k_BSKH, v_BSKV, indices_BTM, sink_N, st: _Static):
-    q, k, v, bits, fwd_table, bwd_table, dims = _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, st)
-    b, n, kg, g, qt, j, tp, sp, wp = dims
-    h = q.shape[-1]
-    vw = h if st.shared else v.shape[-1]
-    bq, bk = st.block_q, st.block_k
-    sink = (jnp.zeros((kg, g), jnp.float32) if sink_N is None
-            else sink_N.astype(jnp.float32).reshape(kg, g))
-    kv_specs = [pl.BlockSpec((None, None, bk, h), lambda bi, ki, qi, m, tb: (bi, ki, tb[bi, qi, m + 1], 0))]
-    if not st.shared:
-        kv_specs.append(pl.BlockSpec((None, None, bk, vw),
-                                     lambda bi, ki, qi, m, tb: (bi, ki, tb[bi, qi, m + 1], 0)))
+def _kv(p, shared):
+    return (p["k"],) if shared else (p["k"], p["v"])
+
+
+def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, indices_BTM, cfg: KernelConfig):
+    p = _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, cfg)
+    b, n, kg, g, qt, j, tp, sp, wp = p["dims"]
+    h = p["q"].shape[-1]
+    vw = h if cfg.shared_kv else p["v"].shape[-1]
+    bq, bk = cfg.block_q, cfg.block_k
+    sink = (jnp.zeros((kg, g), F32) if sink_N is None else sink_N.astype(F32).reshape(kg, g))
+    kv_row = lambda bi, ki, qi, m, tb: (bi, ki, tb[bi, qi, m + 1], 0)  # noqa: E731
+    kv_specs = [pl.BlockSpec((None, None, bk, h), kv_row)]
+    if not cfg.shared_kv:
+        kv_specs.append(pl.BlockSpec((None, None, bk, vw), kv_row))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(b, kg, qt, j),
@@ -277,100 +207,89 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, indices_BTM, sink_N, st: _Static):
             pl.BlockSpec((None, None, g, vw, bq), lambda bi, ki, qi, m, tb: (bi, ki, 0, 0, qi)),
             pl.BlockSpec((None, None, g, bq), lambda bi, ki, qi, m, tb: (bi, ki, 0, qi)),
         ],
-        scratch_shapes=[pltpu.VMEM((g, vw, bq), jnp.float32), pltpu.VMEM((g, 1, bq), jnp.float32),
-                        pltpu.VMEM((g, 1, bq), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((g, vw, bq), F32), pltpu.VMEM((g, 1, bq), F32),
+                        pltpu.VMEM((g, 1, bq), F32)],
     )
-    kernel = functools.partial(_fwd_kernel, scale=st.scale, has_sink=sink_N is not None,
-                               shared=st.shared, groups=g, **st.rules)
-    o_t, lse = pl.pallas_call(
-        kernel, grid_spec=grid_spec,
+    o_BKGVT, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg, has_sink=sink_N is not None, groups=g),
+        grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((b, kg, g, vw, tp), q_BTNH.dtype),
-                   jax.ShapeDtypeStruct((b, kg, g, tp), jnp.float32)],
-        **st.call_kwargs("token_sparse_attention_fwd_tpu"),
-    )(fwd_table, sink, bits, q, k, *(() if st.shared else (v,)))
-    o = o_t.transpose(0, 1, 2, 4, 3)  # B K G Tp V
-    out = o.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, vw)[:, : st.t]
-    return out, (q, k, v, bits, fwd_table, bwd_table, o, lse, dims)
+                   jax.ShapeDtypeStruct((b, kg, g, tp), F32)],
+        name="token_sparse_attention_fwd_tpu",
+        **cfg.mosaic_params,
+    )(p["fwd"], sink, p["bits"], p["q"], *_kv(p, cfg.shared_kv))
+    o_BKGTV = o_BKGVT.transpose(0, 1, 2, 4, 3)
+    out = o_BKGTV.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, vw)[:, : cfg.t]
+    return out, (p, o_BKGTV, lse)
 
 
-def _backward(res, do_BTNV, sink_N, st: _Static):
-    q, k, v, bits, fwd_table, bwd_table, o, lse, dims = res
-    b, n, kg, g, qt, j, tp, sp, wp = dims
-    h = q.shape[-1]
-    vw = h if st.shared else v.shape[-1]
-    bq, bk = st.block_q, st.block_k
-    do = jnp.pad(do_BTNV, ((0, 0), (0, tp - st.t), (0, 0), (0, 0)))
-    do = do.reshape(b, tp, kg, g, vw).transpose(0, 2, 3, 1, 4)  # B K G Tp V
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # B K G Tp
-    common = dict(scale=st.scale, shared=st.shared, groups=g, **st.rules)
-    kv = (k,) if st.shared else (k, v)
+def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
+    p, o_BKGTV, lse = res
+    b, n, kg, g, qt, j, tp, sp, wp = p["dims"]
+    h = p["q"].shape[-1]
+    vw = h if cfg.shared_kv else p["v"].shape[-1]
+    bq, bk = cfg.block_q, cfg.block_k
+    do_BKGTV = common.pad_axis(do_BTNV, 1, tp).reshape(b, tp, kg, g, vw).transpose(0, 2, 3, 1, 4)
+    delta = common.row_delta(do_BKGTV, o_BKGTV)  # B K G Tp
+    operands = (p["bits"], p["q"], *_kv(p, cfg.shared_kv), do_BKGTV, lse, delta)
 
-    # dq: same walk as the forward
-    kv_specs = [pl.BlockSpec((None, None, bk, h), lambda bi, ki, qi, m, tb: (bi, ki, tb[bi, qi, m + 1], 0))]
-    if not st.shared:
-        kv_specs.append(pl.BlockSpec((None, None, bk, vw),
-                                     lambda bi, ki, qi, m, tb: (bi, ki, tb[bi, qi, m + 1], 0)))
-    row = lambda bi, ki, qi, m, tb: (bi, ki, 0, qi, 0)  # noqa: E731
-    stat = lambda bi, ki, qi, m, tb: (bi, ki, 0, qi)  # noqa: E731
+    def specs(q_row, kv_row):
+        """Block specs of ``operands`` given the query-tile and key-block index functions."""
+        def tile(bi, ki, a, m, tb):
+            return (bi, ki, 0, q_row(bi, a, m, tb), 0)
+
+        def stat(bi, ki, a, m, tb):
+            return (bi, ki, 0, q_row(bi, a, m, tb))
+
+        def block(bi, ki, a, m, tb):
+            return (bi, ki, kv_row(bi, a, m, tb), 0)
+
+        kv = [pl.BlockSpec((None, None, bk, h), block)]
+        if not cfg.shared_kv:
+            kv.append(pl.BlockSpec((None, None, bk, vw), block))
+        return [pl.BlockSpec((None, wp, bq), lambda bi, ki, a, m, tb: (bi, 0, q_row(bi, a, m, tb))),
+                pl.BlockSpec((None, None, g, bq, h), tile), *kv,
+                pl.BlockSpec((None, None, g, bq, vw), tile),
+                pl.BlockSpec((None, None, g, bq), stat), pl.BlockSpec((None, None, g, bq), stat)]
+
+    own = lambda bi, a, m, tb: a  # noqa: E731 - the grid's own tile / block
+    listed = lambda bi, a, m, tb: tb[bi, a, m + 1]  # noqa: E731 - from the table
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, **common),
+        functools.partial(_dq_kernel, cfg=cfg, groups=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=(b, kg, qt, j),
-            in_specs=[
-                pl.BlockSpec((None, wp, bq), lambda bi, ki, qi, m, tb: (bi, 0, qi)),
-                pl.BlockSpec((None, None, g, bq, h), row),
-                *kv_specs,
-                pl.BlockSpec((None, None, g, bq, vw), row),
-                pl.BlockSpec((None, None, g, bq), stat),
-                pl.BlockSpec((None, None, g, bq), stat),
-            ],
-            out_specs=pl.BlockSpec((None, None, g, bq, h), row),
-            scratch_shapes=[pltpu.VMEM((g, bq, h), jnp.float32)],
-        ),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        **st.call_kwargs("token_sparse_attention_dq_tpu"),
-    )(fwd_table, bits, q, *kv, do, lse, delta)
-
-    # dk, dv: per key block, the query tiles of the backward table
-    qrow = lambda bi, ki, ji, m, tb: (bi, ki, 0, tb[bi, ji, m + 1], 0)  # noqa: E731
-    qstat = lambda bi, ki, ji, m, tb: (bi, ki, 0, tb[bi, ji, m + 1])  # noqa: E731
-    kblk = lambda bi, ki, ji, m, tb: (bi, ki, ji, 0)  # noqa: E731
-    kv_specs = [pl.BlockSpec((None, None, bk, h), kblk)]
+            num_scalar_prefetch=1, grid=(b, kg, qt, j), in_specs=specs(own, listed),
+            out_specs=pl.BlockSpec((None, None, g, bq, h),
+                                   lambda bi, ki, a, m, tb: (bi, ki, 0, a, 0)),
+            scratch_shapes=[pltpu.VMEM((g, bq, h), F32)]),
+        out_shape=jax.ShapeDtypeStruct(p["q"].shape, p["q"].dtype),
+        name="token_sparse_attention_dq_tpu",
+        **cfg.mosaic_params,
+    )(p["fwd"], *operands)
+    kblk = lambda bi, ki, a, m, tb: (bi, ki, a, 0)  # noqa: E731
     out_specs = [pl.BlockSpec((None, None, bk, h), kblk)]
-    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype)]
-    if not st.shared:
-        kv_specs.append(pl.BlockSpec((None, None, bk, vw), kblk))
+    out_shape = [jax.ShapeDtypeStruct(p["k"].shape, p["k"].dtype)]
+    if not cfg.shared_kv:
         out_specs.append(pl.BlockSpec((None, None, bk, vw), kblk))
-        out_shape.append(jax.ShapeDtypeStruct(v.shape, v.dtype))
+        out_shape.append(jax.ShapeDtypeStruct(p["v"].shape, p["v"].dtype))
     dkv = pl.pallas_call(
-        functools.partial(_dkv_kernel, **common),
+        functools.partial(_dkv_kernel, cfg=cfg, groups=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=(b, kg, j, qt),
-            in_specs=[
-                pl.BlockSpec((None, wp, bq), lambda bi, ki, ji, m, tb: (bi, 0, tb[bi, ji, m + 1])),
-                pl.BlockSpec((None, None, g, bq, h), qrow),
-                *kv_specs,
-                pl.BlockSpec((None, None, g, bq, vw), qrow),
-                pl.BlockSpec((None, None, g, bq), qstat),
-                pl.BlockSpec((None, None, g, bq), qstat),
-            ],
+            num_scalar_prefetch=1, grid=(b, kg, j, qt), in_specs=specs(listed, own),
             out_specs=out_specs,
-            scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, vw), jnp.float32)],
-        ),
+            scratch_shapes=[pltpu.VMEM((bk, h), F32), pltpu.VMEM((bk, vw), F32)]),
         out_shape=out_shape,
-        **st.call_kwargs("token_sparse_attention_dkv_tpu"),
-    )(bwd_table, bits, q, *kv, do, lse, delta)
-    dsink = None if sink_N is None else sink_grad(sink_N, lse.reshape(b, n, -1),
-                                                  delta.reshape(b, n, -1), st.t)
-    dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, h)[:, : st.t]
-    dk = dkv[0].transpose(0, 2, 1, 3)[:, : st.s]
-    dv = None if st.shared else dkv[1].transpose(0, 2, 1, 3)[:, : st.s]
+        name="token_sparse_attention_dkv_tpu",
+        **cfg.mosaic_params,
+    )(p["bwd"], *operands)
+    dsink = None if sink_N is None else common.sink_grad(sink_N, lse.reshape(b, n, -1),
+                                                  delta.reshape(b, n, -1), cfg.t)
+    dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, h)[:, : cfg.t]
+    dk = dkv[0].transpose(0, 2, 1, 3)[:, : cfg.s]
+    dv = None if cfg.shared_kv else dkv[1].transpose(0, 2, 1, 3)[:, : cfg.s]
     return dq, dk, dv, dsink
 
 
-_attention = token_sparse_vjp(_forward, _backward)
+_attention = common.sparse_attention_vjp(_forward, _backward)
 
 
 def token_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
@@ -378,15 +297,21 @@ def token_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
                                sink: Array | None = None, window: int | None = None,
                                window_start: int = 0,
                                block_sizes: TpuBlockSizes = TpuBlockSizes(),
-                               interpret: bool | None = None) -> Array:
+                               interpret: bool | None = None,
+                               precision: jax.lax.PrecisionLike = None) -> Array:
     """The TPU kernel; same contract as ``kernel.token_sparse_attention``. ``interpret``
-    defaults to True off TPU (``pltpu.InterpretParams``)."""
+    defaults to True off TPU (``pltpu.InterpretParams``). float64 operands (under
+    ``jax_enable_x64``) are computed in float32, as a TPU must."""
     check_shapes(q_BTNH, k_BSKH, v_BSKV, indices_BTM)
-    t, h = q_BTNH.shape[1], q_BTNH.shape[-1]
+    t = q_BTNH.shape[1]
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     # a single tile covers short sequences (the block then equals the array dimension)
     bq = block_sizes.block_q if t > block_sizes.block_q else -(-t // 8) * 8
-    st = _Static(bq, block_sizes.words_per_block, h ** -0.5 if scale is None else scale, t,
-                 k_BSKH.shape[1], v_BSKV is None, interpret, window, window_start)
-    return _attention(q_BTNH, k_BSKH, v_BSKV, indices_BTM.astype(jnp.int32), sink, st=st)
+    cfg = token_config(q_BTNH, k_BSKH, v_BSKV, block_q=bq,
+                       words_per_block=block_sizes.words_per_block, scale=scale,
+                       interpret=interpret, window=window, window_start=window_start,
+                       precision=precision)
+    out = _attention(*common.at_most_f32(q_BTNH, k_BSKH, v_BSKV, sink),
+                     indices_BTM.astype(jnp.int32), cfg=cfg)
+    return out.astype(q_BTNH.dtype)

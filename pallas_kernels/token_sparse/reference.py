@@ -1,7 +1,7 @@
 """The pure-jnp references every token-sparse path must equal (they build (T, S) arrays).
 
-Dimension key (``attnhut_jax.core``'s, plus): M selected keys per query, I indexer heads,
-E indexer width, W bitmask words (``ceil(S / 32)``).
+Array names follow the dimension key of ``pallas_kernels/__init__.py`` (M selected keys per
+query, I indexer heads, E indexer head width, Z bitmask words).
 
 Selection semantics, shared by every path in this package:
 
@@ -29,10 +29,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..block_sparse.reference import masked_attention_reference
+from ..common import F32, FILL, default_scale, masked_attention_reference
 
 Array = jax.Array
-FILL = float(jnp.finfo(jnp.float32).min)
 
 
 def positions(t: int, s: int, q_pos_T: Array | None, k_pos_S: Array | None) -> tuple[Array, Array]:
@@ -65,21 +64,23 @@ def token_keep(indices_BTM: Array, s: int, *, window: int | None = None,
 def token_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
                                      indices_BTM: Array, *, scale: float | None = None,
                                      sink: Array | None = None, window: int | None = None,
-                                     window_start: int = 0) -> Array:
+                                     window_start: int = 0,
+                                     precision: jax.lax.PrecisionLike = None) -> Array:
     """Masked dense attention with the token-sparse semantics; returns (B, T, N, V)."""
-    h, s = q_BTNH.shape[-1], k_BSKH.shape[1]
     v_BSKV = k_BSKH if v_BSKV is None else v_BSKV
-    scale = h ** -0.5 if scale is None else scale
-    keep = token_keep(indices_BTM, s, window=window, window_start=window_start)
-    return masked_attention_reference(q_BTNH, k_BSKH, v_BSKV, keep[:, None, None], scale=scale,
-                                      sink=sink)
+    keep_BTS = token_keep(indices_BTM, k_BSKH.shape[1], window=window, window_start=window_start)
+    return masked_attention_reference(q_BTNH, k_BSKH, v_BSKV, keep_BTS[:, None, None],
+                                      scale=default_scale(q_BTNH.shape[-1], scale), sink=sink,
+                                      precision=precision)
 
 
-def indexer_scores_reference(q_BTIE: Array, k_BSE: Array, w_BTI: Array) -> Array:
-    """Lightning-indexer scores (B, T, S) in float32."""
-    f32 = jnp.float32
-    dots = jax.nn.relu(jnp.einsum("BTIE,BSE->BTIS", q_BTIE.astype(f32), k_BSE.astype(f32)))
-    return jnp.einsum("BTI,BTIS->BTS", w_BTI.astype(f32), dots)
+def indexer_scores_reference(q_BTIE: Array, k_BSE: Array, w_BTI: Array, *,
+                             precision: jax.lax.PrecisionLike = None) -> Array:
+    """Lightning-indexer scores (B, T, S), always float32 whatever the input dtype (operands
+    upcast first): every selector ranks float32 scores, so all impls pick the same keys."""
+    relu_BTIS = jax.nn.relu(jnp.einsum("BTIE,BSE->BTIS", q_BTIE.astype(F32), k_BSE.astype(F32),
+                                       precision=precision))
+    return jnp.einsum("BTI,BTIS->BTS", w_BTI.astype(F32), relu_BTIS, precision=precision)
 
 
 def indexer_valid(t: int, s: int, *, causal: bool, q_pos_T: Array | None = None,
@@ -93,15 +94,17 @@ def indexer_valid(t: int, s: int, *, causal: bool, q_pos_T: Array | None = None,
 
 def indexer_topk_reference(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *,
                            causal: bool, q_pos_T: Array | None = None,
-                           k_pos_S: Array | None = None) -> tuple[Array, Array]:
+                           k_pos_S: Array | None = None,
+                           precision: jax.lax.PrecisionLike = None) -> tuple[Array, Array]:
     """(indices (B, T, min(top_k, S)) int32 with -1 for invalid picks, their scores float32).
 
-    Full (T, S) scores, invalid keys at the fill value, ``jax.lax.top_k``: columns come in
-    descending score order, ties towards the lower key index.
+    Full (T, S) float32 scores, invalid keys at the fill value, ``jax.lax.top_k``: columns come
+    in descending score order, ties towards the lower key index.
     """
     t, s = q_BTIE.shape[1], k_BSE.shape[1]
-    valid = indexer_valid(t, s, causal=causal, q_pos_T=q_pos_T, k_pos_S=k_pos_S)
-    scores = jnp.where(valid, indexer_scores_reference(q_BTIE, k_BSE, w_BTI), FILL)
-    vals, idx = jax.lax.top_k(scores, min(top_k, s))
-    ok = jnp.take_along_axis(jnp.broadcast_to(valid, scores.shape), idx, axis=-1)
-    return jnp.where(ok, idx, -1).astype(jnp.int32), vals
+    valid_TS = indexer_valid(t, s, causal=causal, q_pos_T=q_pos_T, k_pos_S=k_pos_S)
+    scores_BTS = jnp.where(valid_TS, indexer_scores_reference(q_BTIE, k_BSE, w_BTI,
+                                                              precision=precision), FILL)
+    vals_BTM, idx_BTM = jax.lax.top_k(scores_BTS, min(top_k, s))
+    ok_BTM = jnp.take_along_axis(jnp.broadcast_to(valid_TS, scores_BTS.shape), idx_BTM, axis=-1)
+    return jnp.where(ok_BTM, idx_BTM, -1).astype(jnp.int32), vals_BTM

@@ -3,7 +3,7 @@
 Everything is jnp (no host round trip): the selection comes from the indexer inside the traced
 program.
 
-*Bitmask* ``bits`` (B, T, W) int32, ``W = ceil(S / 32)``: bit ``s % 32`` of word ``s // 32``
+*Bitmask* ``bits`` (B, T, Z) int32, ``Z = ceil(S / 32)`` words: bit ``s % 32`` of word ``s // 32``
 says query ``t`` selected key ``s``. Built by one scatter-add of ``1 << (s % 32)`` per selected
 (query, key): the entries of a row are distinct, so adding powers of two is or-ing them.
 Auxiliary memory: B * T * S / 32 words (plus the tables below), e.g. 128 MiB at T = S = 32768.
@@ -15,7 +15,8 @@ per (batch, query tile of ``block_q``), the key blocks that any query of the til
 selected key, or (with a window) a key of the tile's window range; a *backward table* lists,
 per key block, the query tiles that read it. Rows are ``[count, idx_0, ..., idx_{M-1}]``,
 indices ascending, the tail padded by repeating the last valid index (a TPU pipeline then skips
-the copy), as in ``block_sparse/tables.py``.
+the copy), compacted by ``common.compact`` as the block-sparse tables are. ``membership``
+decodes a block's words inside the kernels.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..common import compact
+
 Array = jax.Array
 WORD = 32
+_LOG2_WORD = WORD.bit_length() - 1
 
 
 def key_bitmask(indices_BTM: Array, s: int) -> Array:
-    """(B, T, ceil(S / 32)) int32 selection bitmask; entries outside [0, S) are ignored."""
+    """(B, T, Z = ceil(S / 32)) int32 selection bitmask; entries outside [0, S) are ignored."""
     b, t, _ = indices_BTM.shape
     nw = -(-s // WORD)
     idx = indices_BTM.astype(jnp.int32)
@@ -40,24 +44,36 @@ def key_bitmask(indices_BTM: Array, s: int) -> Array:
     return bits[..., :nw]
 
 
-def compact(visit: Array) -> Array:
-    """(..., M) bool -> (..., M + 1) int32 rows ``[count, visited indices ascending, padding]``."""
-    m = visit.shape[-1]
-    count = visit.sum(axis=-1, dtype=jnp.int32)
-    order = jnp.argsort(~visit, axis=-1, stable=True).astype(jnp.int32)  # visited first, in order
-    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-    pos = jnp.arange(m, dtype=jnp.int32)
-    order = jnp.where(pos < count[..., None], order, last)
-    return jnp.concatenate([count[..., None], order], axis=-1)
+def membership(words, q_idx: Array, col: Array, start, *, s_len: int, t_len: int,
+               window: int | None, window_start: int) -> Array:
+    """Bool, shaped as ``q_idx`` broadcast against ``col``: query ``q_idx`` reads key
+    ``start + col`` of a key block (``col`` the offset inside the block, int32).
+
+    ``words[w]``: the bitmask word of keys ``start + 32 w ...`` for each query, shaped to
+    broadcast the same way. A key is read if its bit is set, or if it lies in the query's raw
+    window. Lane and slot come from bit operations (``col % 32`` and ``col // 32`` lower through
+    ``sign`` in Mosaic, per TPU generation, so they would not export without a device).
+    """
+    lane = col & (WORD - 1)
+    slot = jax.lax.shift_right_logical(col, jnp.int32(_LOG2_WORD))
+    hit = jnp.zeros(jnp.broadcast_shapes(q_idx.shape, col.shape), jnp.bool_)
+    for w, word in enumerate(words):
+        bit = jax.lax.shift_right_logical(word, lane) & 1
+        hit = hit | ((slot == w) & (bit != 0))
+    k_idx = start + col
+    if window is not None:
+        raw = k_idx - window_start
+        hit = hit | ((raw >= 0) & (raw <= q_idx) & (raw > q_idx - window) & (q_idx < t_len))
+    return hit & (k_idx < s_len)
 
 
-def tile_visits(bits_BTW: Array, *, t: int, s: int, block_q: int, words_per_block: int,
+def tile_visits(bits_BTZ: Array, *, t: int, s: int, block_q: int, words_per_block: int,
                 window: int | None = None, window_start: int = 0) -> Array:
-    """(B, Qt, J) bool: does any query of tile ``i`` read a key of block ``j``."""
-    b, _, nw = bits_BTW.shape
+    """(B, Q, J) bool: does any query of tile ``i`` read a key of block ``j``."""
+    b, _, nw = bits_BTZ.shape
     bk = WORD * words_per_block
     qt, j = -(-t // block_q), -(-s // bk)
-    bits = jnp.pad(bits_BTW, ((0, 0), (0, qt * block_q - t), (0, j * words_per_block - nw)))
+    bits = jnp.pad(bits_BTZ, ((0, 0), (0, qt * block_q - t), (0, j * words_per_block - nw)))
     visit = (bits != 0).reshape(b, qt, block_q, j, words_per_block).any(axis=(2, 4))
     if window is not None:
         lo_q = jnp.arange(qt) * block_q
@@ -70,9 +86,9 @@ def tile_visits(bits_BTW: Array, *, t: int, s: int, block_q: int, words_per_bloc
     return visit
 
 
-def build_tables(bits_BTW: Array, *, t: int, s: int, block_q: int, words_per_block: int,
+def build_tables(bits_BTZ: Array, *, t: int, s: int, block_q: int, words_per_block: int,
                  window: int | None = None, window_start: int = 0) -> tuple[Array, Array]:
-    """(forward table (B, Qt, J + 1), backward table (B, J, Qt + 1)), int32."""
-    visit = tile_visits(bits_BTW, t=t, s=s, block_q=block_q, words_per_block=words_per_block,
+    """(forward table (B, Q, J + 1), backward table (B, J, Q + 1)), int32."""
+    visit = tile_visits(bits_BTZ, t=t, s=s, block_q=block_q, words_per_block=words_per_block,
                         window=window, window_start=window_start)
     return compact(visit), compact(jnp.swapaxes(visit, -1, -2))

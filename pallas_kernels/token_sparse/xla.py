@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .reference import FILL
+from ..common import F32, FILL, default_scale
 
 Array = jax.Array
 
@@ -53,92 +53,99 @@ def token_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
                                indices_BTM: Array, *, scale: float | None = None,
                                sink: Array | None = None, window: int | None = None,
                                window_start: int = 0, block_q: int = 128, num_ranges: int = 8,
-                               dense_factor: int = 64, min_range: int = 512) -> Array:
-    """Equals ``token_sparse_attention_reference`` (see ``reference.py`` for the semantics)."""
+                               dense_factor: int = 64, min_range: int = 512,
+                               precision: jax.lax.PrecisionLike = None) -> Array:
+    """Equals ``token_sparse_attention_reference`` (see ``reference.py`` for the semantics).
+    ``precision`` reaches every matrix product (all in float32, see below)."""
     b, t, n, h = q_BTNH.shape
     s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
     shared = v_BSKV is None
     vw = h if shared else v_BSKV.shape[-1]
     g, m = n // kg, indices_BTM.shape[-1]
-    scale = h ** -0.5 if scale is None else scale
+    scale = default_scale(h, scale)
     bq = min(block_q, t)
     qt = -(-t // bq)
     tp = qt * bq
-    q = jnp.pad(q_BTNH, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
-    q = q.reshape(b, qt, bq, kg, g, h).transpose(0, 1, 3, 4, 2, 5)  # B Qt K G bq H
+    q_BQTKGH = jnp.pad(q_BTNH, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, qt, bq, kg, g, h)
     # float32 math throughout (XLA:CPU has no bf16 x bf16 -> f32 dot; a no-op for f32 inputs)
-    q = q.astype(jnp.float32)
-    idx = jnp.pad(indices_BTM.astype(jnp.int32), ((0, 0), (0, tp - t), (0, 0)),
-                  constant_values=-1).reshape(b, qt, bq, m)
-    k = k_BSKH.reshape(b, s, kg * h).astype(jnp.float32)
-    k_head = k_BSKH.transpose(0, 2, 1, 3).astype(jnp.float32)  # B K S H, for the prefix GEMM
-    v = k if shared else v_BSKV.reshape(b, s, kg * vw).astype(jnp.float32)
-    lw = 0 if window is None else min(window + bq - 1, s)
+    q_BQKGTH = q_BQTKGH.transpose(0, 1, 3, 4, 2, 5).astype(F32)
+    idx_BQTM = jnp.pad(indices_BTM.astype(jnp.int32), ((0, 0), (0, tp - t), (0, 0)),
+                       constant_values=-1).reshape(b, qt, bq, m)
+    k_rows = k_BSKH.reshape(b, s, kg * h).astype(F32)  # (B, S, K * H): one row per key
+    k_BKSH = k_BSKH.transpose(0, 2, 1, 3).astype(F32)  # for the prefix GEMM
+    v_rows = k_rows if shared else v_BSKV.reshape(b, s, kg * vw).astype(F32)
+    lw = 0 if window is None else min(window + bq - 1, s)  # keys in a tile's window slab
     ranges = _prefix_ranges(s, m, num_ranges, dense_factor, min_range)
-    sink_KG = None if sink is None else sink.astype(jnp.float32).reshape(kg, g)
+    sink_KG = None if sink is None else sink.astype(F32).reshape(kg, g)
 
     def batch(xs):
-        q_b, idx_b, k_b, kh_b, v_b = xs
+        q_QKGTH, idx_QTM, krows_b, k_KSH, vrows_b = xs
 
         def tile(ys):
-            q_KGQH, idx_QM, t0 = ys
-            t_Q = t0 + jnp.arange(bq)
-            sel = (idx_QM >= 0) & (idx_QM < s)
+            q_KGTH, idx_TM, t0 = ys
+            t_T = t0 + jnp.arange(bq, dtype=jnp.int32)
+            sel_TM = (idx_TM >= 0) & (idx_TM < s)
             if window is not None:  # selected keys inside the window are read there
-                raw = idx_QM - window_start
-                sel = sel & ~((raw >= 0) & (raw <= t_Q[:, None]) & (raw > t_Q[:, None] - window))
-            rows = jnp.where(sel, idx_QM, 0)
+                raw_TM = idx_TM - window_start
+                sel_TM = sel_TM & ~((raw_TM >= 0) & (raw_TM <= t_T[:, None])
+                                    & (raw_TM > t_T[:, None] - window))
+            rows_TM = jnp.where(sel_TM, idx_TM, 0)
 
             def prefix(r):
-                def logits(q_KGQH, rows):
-                    full = jnp.einsum("KGQH,KSH->KGQS", q_KGQH, kh_b[:, :r])
-                    pick = jnp.broadcast_to(rows[None, None], (kg, g, bq, m))
-                    return jnp.take_along_axis(full, pick, axis=-1)
+                def logits(q_KGTH, rows_TM):
+                    s_KGTS = jnp.einsum("KGTH,KSH->KGTS", q_KGTH, k_KSH[:, :r],
+                                        precision=precision)
+                    pick_KGTM = jnp.broadcast_to(rows_TM[None, None], (kg, g, bq, m))
+                    return jnp.take_along_axis(s_KGTS, pick_KGTM, axis=-1)
                 return logits
 
-            def gathered(q_KGQH, rows):
-                k_KQMH = jnp.take(k_b, rows, axis=0).reshape(bq, m, kg, h).transpose(2, 0, 1, 3)
-                return jnp.einsum("KGQH,KQMH->KGQM", q_KGQH, k_KQMH)
+            def gathered(q_KGTH, rows_TM):
+                k_KTMH = jnp.take(krows_b, rows_TM, axis=0).reshape(bq, m, kg, h).transpose(
+                    2, 0, 1, 3)
+                return jnp.einsum("KGTH,KTMH->KGTM", q_KGTH, k_KTMH, precision=precision)
 
-            hi = jnp.where(sel, idx_QM + 1, 0).max()
+            hi = jnp.where(sel_TM, idx_TM + 1, 0).max()
             branch = jnp.searchsorted(jnp.asarray(ranges + [s + 1], jnp.int32), hi)
-            logit = jax.lax.switch(branch, [prefix(r) for r in ranges] + [gathered], q_KGQH, rows)
-            logit = jnp.where(sel[None, None], logit * scale, FILL)
-            mx = logit.max(axis=-1)
+            s_KGTM = jax.lax.switch(branch, [prefix(r) for r in ranges] + [gathered], q_KGTH,
+                                    rows_TM)
+            s_KGTM = jnp.where(sel_TM[None, None], s_KGTM * scale, FILL)
+            mx_KGT = s_KGTM.max(axis=-1)
             if window is not None:
                 start = jnp.clip(window_start + t0 - window + 1, 0, s - lw)
-                kw_LKH = jax.lax.dynamic_slice_in_dim(k_b, start, lw).reshape(lw, kg, h)
-                raw = start + jnp.arange(lw) - window_start
-                win = ((raw[None, :] >= 0) & (raw[None, :] <= t_Q[:, None])
-                       & (raw[None, :] > t_Q[:, None] - window) & (t_Q[:, None] < t))
-                wl = jnp.einsum("KGQH,LKH->KGQL", q_KGQH, kw_LKH)
-                wl = jnp.where(win[None, None], wl * scale, FILL)
-                mx = jnp.maximum(mx, wl.max(axis=-1))
+                kwin_WKH = jax.lax.dynamic_slice_in_dim(krows_b, start, lw).reshape(lw, kg, h)
+                raw_W = start + jnp.arange(lw, dtype=jnp.int32) - window_start
+                win_TW = ((raw_W[None, :] >= 0) & (raw_W[None, :] <= t_T[:, None])
+                          & (raw_W[None, :] > t_T[:, None] - window) & (t_T[:, None] < t))
+                s_KGTW = jnp.einsum("KGTH,WKH->KGTW", q_KGTH, kwin_WKH, precision=precision)
+                s_KGTW = jnp.where(win_TW[None, None], s_KGTW * scale, FILL)
+                mx_KGT = jnp.maximum(mx_KGT, s_KGTW.max(axis=-1))
             if sink_KG is not None:
-                mx = jnp.maximum(mx, sink_KG[:, :, None])
-            mx = jax.lax.stop_gradient(mx)
-            p = jnp.where(sel[None, None], jnp.exp(logit - mx[..., None]), 0.0)
-            den = p.sum(axis=-1)
-            v_QMKV = jnp.take(v_b, rows, axis=0).reshape(bq, m, kg, vw)
+                mx_KGT = jnp.maximum(mx_KGT, sink_KG[:, :, None])
+            mx_KGT = jax.lax.stop_gradient(mx_KGT)
+            p_KGTM = jnp.where(sel_TM[None, None], jnp.exp(s_KGTM - mx_KGT[..., None]), 0.0)
+            den_KGT = p_KGTM.sum(axis=-1)
+            v_TMKV = jnp.take(vrows_b, rows_TM, axis=0).reshape(bq, m, kg, vw)
             if g == 1:  # fused gather-and-reduce over M (XLA:CPU keeps it one loop only
                 # without a broadcast head axis; with one it is 50x slower)
-                p_QMK = p[:, 0].transpose(1, 2, 0)
-                out = (p_QMK[..., None] * v_QMKV).sum(axis=1)[None]  # 1 Q K V
-                out = out.transpose(2, 0, 1, 3)  # K G=1 Q V
+                p_TMK = p_KGTM[:, 0].transpose(1, 2, 0)
+                out_TKV = (p_TMK[..., None] * v_TMKV).sum(axis=1)
+                out_KGTV = out_TKV[None].transpose(2, 0, 1, 3)  # G = 1
             else:  # heads of a group share each row: a batched matmul on the gathered rows
-                out = jnp.einsum("KGQM,KQMV->KGQV", p, v_QMKV.transpose(2, 0, 1, 3))
+                out_KGTV = jnp.einsum("KGTM,KTMV->KGTV", p_KGTM, v_TMKV.transpose(2, 0, 1, 3),
+                                      precision=precision)
             if window is not None:
-                pw = jnp.where(win[None, None], jnp.exp(wl - mx[..., None]), 0.0)
-                den = den + pw.sum(axis=-1)
-                vw_LKV = jax.lax.dynamic_slice_in_dim(v_b, start, lw).reshape(lw, kg, vw)
-                out = out + jnp.einsum("KGQL,LKV->KGQV", pw, vw_LKV)
+                p_KGTW = jnp.where(win_TW[None, None], jnp.exp(s_KGTW - mx_KGT[..., None]), 0.0)
+                den_KGT = den_KGT + p_KGTW.sum(axis=-1)
+                vwin_WKV = jax.lax.dynamic_slice_in_dim(vrows_b, start, lw).reshape(lw, kg, vw)
+                out_KGTV = out_KGTV + jnp.einsum("KGTW,WKV->KGTV", p_KGTW, vwin_WKV,
+                                                 precision=precision)
             if sink_KG is not None:
-                den = den + jnp.exp(sink_KG[:, :, None] - mx)
-            return out / jnp.where(den == 0, 1.0, den)[..., None]
+                den_KGT = den_KGT + jnp.exp(sink_KG[:, :, None] - mx_KGT)
+            return out_KGTV / jnp.where(den_KGT == 0, 1.0, den_KGT)[..., None]
 
-        starts = jnp.arange(qt) * bq
-        return jax.lax.map(jax.checkpoint(tile), (q_b, idx_b, starts))
+        starts = jnp.arange(qt, dtype=jnp.int32) * bq
+        return jax.lax.map(jax.checkpoint(tile), (q_QKGTH, idx_QTM, starts))
 
-    out = jax.lax.map(batch, (q, idx, k, k_head, v))  # B Qt K G bq V
-    out = out.transpose(0, 1, 4, 2, 3, 5).reshape(b, tp, n, vw)
-    return out[:, :t].astype(q_BTNH.dtype)
+    out_BQKGTV = jax.lax.map(batch, (q_BQKGTH, idx_BQTM, k_rows, k_BKSH, v_rows))
+    out_BTNV = out_BQKGTV.transpose(0, 1, 4, 2, 3, 5).reshape(b, tp, n, vw)
+    return out_BTNV[:, :t].astype(q_BTNH.dtype)

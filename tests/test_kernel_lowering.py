@@ -1,0 +1,120 @@
+"""Every Pallas kernel lowers for its accelerator with ``jax.export`` on a CPU-only host.
+
+GPU: the Triton kernels (block-sparse and token-sparse forward, dq and dk/dv; the radix-select
+indexer) are lowered for ``cuda`` inside ``jax.sharding.use_abstract_mesh`` with an abstract
+Hopper device: jax 0.12 asks the mesh which GPU to compile for when none is present (jax 0.10
+falls back to compute capability 9.0 by itself; the same mesh works there). This catches
+operations the GPU lowering does not support. The Triton custom call carries no serialization
+guarantee, so that one safety check is disabled.
+
+TPU: the Mosaic kernels lower to ``tpu_custom_call`` (block shapes, scalar prefetch and the
+kernel bodies pass Pallas' Mosaic lowering; Mosaic's own compile needs a TPU).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import export
+
+from pallas_kernels.block_sparse import BlockSizes, block_sparse_attention
+from pallas_kernels.block_sparse.tpu import block_sparse_attention_tpu
+from pallas_kernels.token_sparse.indexer_kernel import indexer_topk_pallas
+from pallas_kernels.token_sparse.kernel import token_sparse_attention
+from pallas_kernels.token_sparse.kernel_tpu import token_sparse_attention_tpu
+
+sds = jax.ShapeDtypeStruct
+TRITON = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+
+def export_for_cuda(fn, *args) -> str:
+    """MLIR text of ``jax.jit(fn)`` exported for CUDA on a host without a GPU: lowered inside an
+    abstract one-device mesh (axis type ``Auto``) whose device is an H100 (compute capability
+    9.0, 132 SMs)."""
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                       platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,),
+                                     abstract_device=h100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=TRITON)(*args)
+    return exported.mlir_module()
+
+
+def _grad_of(fwd, *nondiff):
+    """fn(q, k, v, sink) -> gradients of sum(fwd(q, k, v, *nondiff, sink)) in all four."""
+    def fwd_bwd(q, k, v, sink):
+        return jax.grad(lambda *a: fwd(*a[:3], *nondiff, a[3]).astype(jnp.float32).sum(),
+                        argnums=(0, 1, 2, 3))(q, k, v, sink)
+    return fwd_bwd
+
+
+def test_block_sparse_kernels_lower_for_cuda():
+    b, t, n, kg, h, bk = 1, 256, 4, 2, 64, 64
+    q, k = sds((b, t, n, h), jnp.bfloat16), sds((b, t, kg, h), jnp.bfloat16)
+    keep, sink = sds((b, kg, t, t // bk), jnp.bool_), sds((n,), jnp.float32)
+
+    def fwd(q, k, v, keep, sink):
+        return block_sparse_attention(q, k, v, keep, block_k=bk, causal=True, sink=sink,
+                                      block_sizes=BlockSizes(64), interpret=False)
+
+    assert export_for_cuda(fwd, q, k, k, keep, sink).count("xla.gpu.triton") == 1
+    text = export_for_cuda(lambda q, k, v, keep, sink: _grad_of(fwd, keep)(q, k, v, sink),
+                           q, k, k, keep, sink)
+    assert text.count("xla.gpu.triton") == 3  # forward, dq and dk/dv kernels
+
+
+def test_token_sparse_kernels_lower_for_cuda():
+    """Includes the CSA shape: S = C + T (not a power of two), shared K/V, window, sink."""
+    for s, kg, shared, window in ((256, 2, False, None), (320, 1, True, 64)):
+        q, k = sds((1, 256, 4, 64), jnp.bfloat16), sds((1, s, kg, 64), jnp.bfloat16)
+        idx, sink = sds((1, 256, 32), jnp.int32), sds((4,), jnp.float32)
+
+        def fwd(q, k, v, idx, sink, shared=shared, window=window, s=s):
+            return token_sparse_attention(q, k, None if shared else v, idx, sink=sink,
+                                          window=window, window_start=s - 256, interpret=False)
+
+        def fwd_bwd(q, k, v, idx, sink, fwd=fwd):
+            return _grad_of(fwd, idx)(q, k, v, sink)
+
+        for fn, calls in ((fwd, 1), (fwd_bwd, 3)):
+            assert export_for_cuda(fn, q, k, k, idx, sink).count("xla.gpu.triton") == calls
+
+
+def test_indexer_kernel_lowers_for_cuda():
+    q, k, w = (sds((1, 256, 4, 64), jnp.bfloat16), sds((1, 256, 64), jnp.bfloat16),
+               sds((1, 256, 4), jnp.bfloat16))
+    text = export_for_cuda(lambda *a: indexer_topk_pallas(*a, 64, causal=True, interpret=False),
+                           q, k, w)
+    assert text.count("xla.gpu.triton") == 1
+
+
+def test_block_sparse_tpu_kernels_lower_for_tpu():
+    b, t, n, kg, h, bk = 1, 512, 8, 2, 128, 64
+    q, k = sds((b, t, n, h), jnp.bfloat16), sds((b, t, kg, h), jnp.bfloat16)
+    keep, sink = sds((b, kg, t, t // bk), jnp.bool_), sds((n,), jnp.float32)
+
+    def fwd(q, k, v, keep, sink):
+        return block_sparse_attention_tpu(q, k, v, keep, block_k=bk, causal=True, sink=sink,
+                                          window=128, num_sink_keys=64, interpret=False)
+
+    fwd_bwd = lambda q, k, v, keep, sink: _grad_of(fwd, keep)(q, k, v, sink)  # noqa: E731
+    text = export.export(jax.jit(fwd_bwd), platforms=["tpu"])(q, k, k, keep, sink).mlir_module()
+    assert text.count("tpu_custom_call") == 3  # forward, dq and dk/dv
+
+
+def test_token_sparse_tpu_kernels_lower_for_tpu():
+    for s, kg, shared, window in ((256, 2, False, None), (320, 1, True, 64)):
+        q, k = sds((1, 256, 4, 128), jnp.bfloat16), sds((1, s, kg, 128), jnp.bfloat16)
+        idx, sink = sds((1, 256, 32), jnp.int32), sds((4,), jnp.float32)
+
+        def fwd(q, k, v, idx, sink, shared=shared, window=window, s=s):
+            return token_sparse_attention_tpu(q, k, None if shared else v, idx, sink=sink,
+                                              window=window, window_start=s - 256,
+                                              interpret=False)
+
+        def fwd_bwd(q, k, v, idx, sink, fwd=fwd):
+            return _grad_of(fwd, idx)(q, k, v, sink)
+
+        for fn, calls in ((fwd, 1), (fwd_bwd, 3)):
+            text = export.export(jax.jit(fn), platforms=["tpu"])(q, k, k, idx, sink).mlir_module()
+            assert text.count("tpu_custom_call") == calls
