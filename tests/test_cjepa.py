@@ -1,140 +1,19 @@
-"""CausalJEPAAttention and cjepa_masked_loss: torch parity, masking semantics, jit, dtypes, errors."""
+"""CausalJEPAAttention and cjepa_masked_loss: masking semantics, jit, dtypes, errors (torch
+parity: torch_parity/test_cjepa_parity.py)."""
 
 from __future__ import annotations
 
-import attnhut
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from attnhut.cjepa import cjepa_masked_loss as torch_loss
 
 import attnhut_jax as ah
-from parity import from_torch, to_torch
-from parity.compare import Case, run_case
-from parity.convert import abstract_variables
-
-# ----------------------------------------------------------------------------- parity
-
-
-class _TorchPredict(attnhut.CausalJEPAAttention):
-    """attnhut's module whose forward is ``predict``, so that the harness can compare it."""
-
-    def forward(self, slots):
-        return self.predict(slots)
-
-
-_TorchPredict.__name__ = "CausalJEPAAttention"  # the converter looks modules up by class name
-
-
-def _cjepa(config, shape, mask_slots, **kw) -> Case:
-    ms = np.asarray(mask_slots)
-    ms = ms.astype(np.int64) if ms.dtype != np.bool_ else ms
-
-    def call(rng, tm):
-        return {"mask_slots": torch.from_numpy(ms)}, {"mask_slots": jnp.asarray(ms)}
-
-    d, h, s, hist = kw.pop("dim", 16), kw.pop("num_heads", 2), shape[2], kw.pop("history_frames")
-    return Case("CausalJEPAAttention", config,
-                lambda: attnhut.CausalJEPAAttention(d, h, s, hist, **kw),
-                shape, call=call, output=lambda o: o[0])
-
-
-def _predict(config, shape, **kw) -> Case:
-    d, h, s, hist = kw.pop("dim", 16), kw.pop("num_heads", 2), shape[2], kw.pop("history_frames")
-    return Case("CausalJEPAAttention", config, lambda: _TorchPredict(d, h, s, hist, **kw), shape,
-                call=lambda rng, tm: ({}, {"method": "predict"}))
-
-
-PARITY = [  # most rows share B=2, F=4, S=3, D=16 so that eager op compilations are reused
-    _cjepa("depth1 hist1 pred3 mask[0]", (2, 1, 3, 16), [0], history_frames=1, pred_frames=3,
-           depth=1),
-    _cjepa("depth2 h4 hist2 pred2 mask[2,0] nobias mlp40", (2, 2, 3, 16), [2, 0], num_heads=4,
-           history_frames=2, pred_frames=2, depth=2, mlp_dim=40, bias=False),
-    _cjepa("depth1 hist4 pred0 mask[1]", (2, 4, 3, 16), [1], history_frames=4, pred_frames=0,
-           num_masked_slots=1, depth=1),
-    _cjepa("depth2 hist3 all objects masked", (2, 3, 3, 16), [0, 1, 2], history_frames=3,
-           num_masked_slots=3, depth=2),
-    _cjepa("depth1 hist3 none masked", (2, 3, 3, 16), np.zeros(0, np.int64), history_frames=3,
-           num_masked_slots=0, depth=1),
-    _cjepa("depth1 hist3 mask[-1,1,1] (negative, repeat)", (2, 3, 3, 16), [-1, 1, 1],
-           history_frames=3, depth=1),
-    _cjepa("depth1 hist3 boolean mask", (2, 3, 3, 16), [True, False, True], history_frames=3,
-           depth=1),
-    _cjepa("depth1 hist3 scalar mask 2", (2, 3, 3, 16), 2, history_frames=3, depth=1),
-    _cjepa("depth1 short history t=2 of 3", (2, 2, 3, 16), [1], history_frames=3, depth=1),
-    _cjepa("depth0 dim30 h4 (no attention)", (2, 2, 3, 30), [0], dim=30, num_heads=4,
-           history_frames=2, depth=0),
-    _predict("predict depth2 hist3 pred1", (2, 3, 3, 16), history_frames=3, depth=2),
-    _predict("predict depth1 short history t=1 of 3", (2, 1, 3, 16), history_frames=3, depth=1,
-             bias=False),
-]
-
-
-@pytest.mark.parametrize("case", PARITY, ids=[c.config for c in PARITY])
-def test_forward_and_gradients_match_attnhut(case: Case):
-    r = run_case(case)
-    assert r.ok, f"out {r.out_err:.2e}, grads {r.grad_errs}"
-    # the input and every parameter were compared
-    torch.manual_seed(0)
-    assert set(r.grad_errs) == {"input", *case.make().state_dict()}
-
-
-@pytest.mark.parametrize("mask_slots,hist,pred_frames", [
-    ([1], 3, 2), ([0, 2, 1], 3, 1), ([], 2, 2), ([-1, 0, 0], 4, 0), ([True, False, False], 2, 1),
-    ([], 2, 0),  # nothing is scored: NaN with zero gradients on both sides
-])
-def test_loss_matches_attnhut(mask_slots, hist, pred_frames):
-    rng = np.random.default_rng(0)
-    shape = (2, hist + pred_frames, 3, 5)
-    p_np, t_np = (rng.standard_normal(shape, dtype=np.float32) for _ in range(2))
-    ms = np.asarray(mask_slots)
-    ms = ms.astype(np.int64) if ms.dtype != np.bool_ else ms
-    p_t, t_t = (torch.from_numpy(a).requires_grad_(True) for a in (p_np, t_np))
-    ref = torch_loss(p_t, t_t, torch.from_numpy(ms), hist)
-    ref.backward()
-    got, (gp, gt) = jax.value_and_grad(ah.cjepa_masked_loss, argnums=(0, 1))(
-        jnp.asarray(p_np), jnp.asarray(t_np), jnp.asarray(ms), hist)
-    np.testing.assert_allclose(float(got), float(ref.detach()), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(gp), p_t.grad.numpy(), atol=1e-7)
-    np.testing.assert_allclose(np.asarray(gt), t_t.grad.numpy(), atol=1e-7)
-
-
-@pytest.mark.parametrize("make", [
-    lambda: attnhut.CausalJEPAAttention(16, 2, 3, 3, pred_frames=2, num_masked_slots=1, depth=2,
-                                        mlp_dim=24, dropout=0.1, bias=False),
-    lambda: attnhut.CausalJEPAAttention(30, 4, 3, 2, pred_frames=0, depth=0),
-])
-def test_conversion_round_trips_exactly(make):
-    torch.manual_seed(0)
-    tm = make()
-    fm, v = from_torch(tm)
-    back = to_torch(fm, v)
-    sa, sb = tm.state_dict(), back.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    fm2, v2 = from_torch(back)
-    assert fm2 == fm
-    jax.tree_util.tree_map(np.testing.assert_array_equal, nn.unbox(v), nn.unbox(v2))
-    shapes = jax.tree_util.tree_map(lambda a: a.shape, abstract_variables(fm))
-    assert jax.tree_util.tree_map(lambda a: a.shape, v) == shapes
-
-
-def test_flax_init_runs_in_torch():
-    fm = ah.CausalJEPAAttention(16, 2, 3, 3, depth=1)
-    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 16))
-    v = fm.init({"params": jax.random.key(1), "mask": jax.random.key(2)}, x)
-    tm = to_torch(fm, v).eval()
-    with torch.no_grad():
-        ref = tm.predict(torch.from_numpy(np.array(x))).numpy()
-    np.testing.assert_allclose(np.asarray(fm.apply(v, x, method="predict")), ref, atol=1e-5)
-
-
-# ----------------------------------------------------------------------------- behaviour
 
 D, S, HIST, PRED = 16, 3, 3, 1
+
 
 
 def _module(**kw) -> ah.CausalJEPAAttention:
@@ -142,12 +21,15 @@ def _module(**kw) -> ah.CausalJEPAAttention:
     return ah.CausalJEPAAttention(D, 2, S, HIST, PRED, **kw)
 
 
+
 def _x(shape=(2, HIST, S, D), dtype=jnp.float32, seed=0):
     return jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
+
 def _init(m, x=None):
     return m.init({"params": jax.random.key(1), "mask": jax.random.key(2)}, _x() if x is None else x)
+
 
 
 def test_permuting_objects_permutes_the_prediction():
@@ -166,6 +48,7 @@ def test_permuting_objects_permutes_the_prediction():
     assert not np.allclose(y, m.apply(v, x, jnp.array([1]))[0], atol=1e-3)
 
 
+
 def test_hidden_history_cells_do_not_read_their_own_slot():
     """A hidden object's frames 1.. never reach the model; frame 0 (its anchor) does."""
     m = _module()
@@ -179,6 +62,7 @@ def test_hidden_history_cells_do_not_read_their_own_slot():
     assert not np.allclose(y, m.apply(v, x.at[:, 1:, 2].add(3.0), mask)[0])
 
 
+
 def test_predict_is_the_future_of_the_unmasked_forward():
     m = _module()
     v = _init(m)
@@ -188,6 +72,7 @@ def test_predict_is_the_future_of_the_unmasked_forward():
     fut = m.apply(v, x, method="predict")
     assert fut.shape == (2, PRED, S, D)
     np.testing.assert_allclose(np.asarray(fut), np.asarray(y[:, HIST:]), atol=1e-6)
+
 
 
 def test_loss_scores_only_inferred_cells():
@@ -213,6 +98,7 @@ def test_loss_scores_only_inferred_cells():
     np.testing.assert_allclose(float(loss), err[:, scored].mean(), rtol=1e-6)
 
 
+
 def test_mask_drawn_from_the_mask_stream():
     m = _module()
     v = _init(m)
@@ -233,6 +119,7 @@ def test_mask_drawn_from_the_mask_stream():
     with pytest.raises(flax.errors.InvalidRngError):
         m.apply(v, x)
     assert m.apply(v, x, jnp.array([1]))[1].shape == (1,)
+
 
 
 def test_jit_equals_eager_with_traced_mask_slots():
@@ -262,6 +149,7 @@ def test_jit_equals_eager_with_traced_mask_slots():
     np.testing.assert_allclose(np.asarray(drawn[0]), np.asarray(eager[0]), atol=1e-6)
 
 
+
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
 def test_bfloat16_inputs_stay_finite(param_dtype):
     m = _module(dtype=jnp.bfloat16, param_dtype=param_dtype)
@@ -276,6 +164,7 @@ def test_bfloat16_inputs_stay_finite(param_dtype):
     assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, np.float32)))
     assert jax.eval_shape(lambda: m.apply(v, x, method="predict")).dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(g, np.float32))) and np.any(np.asarray(g) != 0)
+
 
 
 def test_dropout_uses_the_dropout_stream():
@@ -300,6 +189,7 @@ def test_dropout_uses_the_dropout_stream():
         m.apply(v, x, ms, deterministic=False)
 
 
+
 def test_parameters_carry_logical_axes_and_torch_names():
     m = _module(bias=True)
     v = _init(m)
@@ -318,6 +208,7 @@ def test_parameters_carry_logical_axes_and_torch_names():
                                   np.asarray(m.apply(nn.unbox(v), x, jnp.array([0]))[0]))
 
 
+
 def test_initialisers_follow_torch():
     m = ah.CausalJEPAAttention(128, 4, 1, 16, pred_frames=16, num_masked_slots=1, depth=1)
     p = nn.unbox(jax.jit(m.init)({"params": jax.random.key(0), "mask": jax.random.key(1)},
@@ -329,8 +220,6 @@ def test_initialisers_follow_torch():
     assert np.abs(np.asarray(p["blocks"]["0"]["mlp"]["4"]["kernel"])).max() <= 1 / np.sqrt(512)
     np.testing.assert_array_equal(np.asarray(p["norm"]["scale"]), 1.0)
 
-
-# ----------------------------------------------------------------------------- validation
 
 
 @pytest.mark.parametrize("kw,pattern", [
@@ -349,6 +238,7 @@ def test_bad_constructor_values(kw, pattern):
                jnp.zeros((1, 1, S, kw["dim"])), jnp.array([0]))
 
 
+
 @pytest.mark.parametrize("shape,pattern", [
     ((2, HIST * S, D), r"rank 4 .* got shape \(2, 9, 16\)"),
     ((2, HIST, S, D + 1), r"slot width 17 != dim=16"),
@@ -363,6 +253,7 @@ def test_bad_input_shapes(shape, pattern):
         m.apply(v, jnp.zeros(shape), jnp.array([0]))
     with pytest.raises(ValueError, match=pattern):
         m.apply(v, jnp.zeros(shape), method="predict")
+
 
 
 def test_bad_mask_slots():
@@ -389,6 +280,7 @@ def test_bad_mask_slots():
         ah.cjepa_masked_loss(y, y, jnp.array([0]), 0)
 
 
+
 def test_more_masked_slots_than_objects_hides_every_object_as_attnhut():
     m = ah.CausalJEPAAttention(D, 2, S, HIST, num_masked_slots=S + 2, depth=1)
     x = jax.random.normal(jax.random.key(0), (1, HIST, S, D))
@@ -398,3 +290,4 @@ def test_more_masked_slots_than_objects_hides_every_object_as_attnhut():
     m1 = ah.CausalJEPAAttention(D, 2, 1, HIST, depth=1)  # default num_masked_slots=2, one object
     v1 = m1.init({"params": jax.random.key(1), "mask": jax.random.key(2)}, x[:, :, :1])
     assert m1.apply(v1, x[:, :, :1], rngs={"mask": jax.random.key(3)})[1].shape == (1,)
+

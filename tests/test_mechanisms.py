@@ -203,14 +203,6 @@ def test_initialisers_follow_torch():
     np.testing.assert_array_equal(np.asarray(s["params"]["norm_input"]["scale"]), 1.0)
 
 
-def test_lambda_init_matches_attnhut():
-    import attnhut.differential as td
-
-    for depth in range(12):
-        assert ah.lambda_init(depth) == td.lambda_init(depth)
-        assert ah.DifferentialAttention(8, 1, depth=depth).lambda_init == td.lambda_init(depth)
-
-
 def test_slot_noise_from_rng_stream_and_permutation_invariance():
     m = ah.SlotAttention(16, 4)
     x = _x((2, 9, 16))

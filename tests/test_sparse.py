@@ -1,124 +1,16 @@
-"""BigBird, Delta, DeepSeek Sparse and MiniMax Sparse attention: parity with attnhut 0.5.0 and
-the behaviour their papers promise (selection sizes, causality, aux-loss gradients)."""
+"""BigBird, Delta, DeepSeek Sparse and MiniMax Sparse attention: the behaviour their papers
+promise (selection sizes, causality, aux-loss gradients). Parity with attnhut 0.5.0 is in
+torch_parity/test_sparse_parity.py."""
 
 from __future__ import annotations
 
-import attnhut
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import attnhut_jax as ah
-from parity import from_torch, to_state_dict
-from parity.cases import dsa_case
-from parity.compare import Case, run_case
-
-
-def _cases() -> list[Case]:
-    cases = []
-    add = cases.append
-    # BigBird: lengths that are not multiples of the block, shorter than a block, many blocks.
-    for causal in (False, True):
-        for t, bs, w, r, g in [(1, 4, 3, 3, 2), (3, 4, 3, 1, 1), (13, 4, 3, 1, 1),
-                               (40, 4, 3, 2, 1), (40, 4, 1, 3, 0), (33, 2, 5, 2, 2)]:
-            cfg = f"T={t} bs={bs} win={w} rand={r} glob={g} causal={causal}"
-            add(Case("BigBirdAttention", cfg, lambda bs=bs, w=w, r=r, g=g, c=causal:
-                     attnhut.BigBirdAttention(32, 4, bs, w, r, g, c, seed=3, bias=c),
-                     (2, t, 32)))
-
-    def kpm(rng, tm):
-        m = rng.random((2, 19)) < 0.7
-        m[1, :] = False  # a sample with no real key at all
-        return {"key_padding_mask": torch.from_numpy(m)}, {"key_padding_mask": jnp.asarray(m)}
-
-    add(Case("BigBirdAttention", "key_padding_mask, T=19 bs=4",
-             lambda: attnhut.BigBirdAttention(32, 4, 4, 3, 2, 1, seed=11), (2, 19, 32), call=kpm))
-    # Delta
-    for t, w, s, st in [(1, 4, 1, 3), (17, 4, 2, 3), (17, 32, 0, 5), (16, 3, 4, 16), (9, 1, 0, 2),
-                        (23, 5, 1, 1)]:
-        add(Case("DeltaAttention", f"T={t} window={w} sink={s} stride={st}",
-                 lambda w=w, s=s, st=st: attnhut.DeltaAttention(32, 4, w, s, st, bias=st == 3),
-                 (2, t, 32)))
-    # DeepSeek Sparse: top_k 1, < T, >= T; causal and not; tiny and odd lengths.
-    for causal in (True, False):
-        for t, k in [(1, 4), (7, 1), (13, 3), (13, 64), (16, 5)]:
-            add(dsa_case(f"T={t} top_k={k} causal={causal}",
-                         lambda k=k, c=causal: attnhut.DeepSeekSparseAttention(
-                             32, 4, top_k=k, num_index_heads=3, index_head_dim=8, causal=c, bias=c),
-                         (2, t, 32), k, causal))
-    # MiniMax Sparse
-    msa = [
-        ("K2 bs4 top2 T=13", dict(num_kv_groups=2, block_size=4, top_k=2), 13),
-        ("K1 bs4 top1 T=3 (< block)", dict(num_kv_groups=1, block_size=4, top_k=1), 3),
-        ("K4 bs3 top9 (>= blocks) T=11", dict(num_kv_groups=4, block_size=3, top_k=9), 11),
-        ("K2 idx12 rope4 partial T=10", dict(num_kv_groups=2, block_size=4, top_k=2,
-                                             index_dim=12, rope_dim=4), 10),
-        ("K2 no rope bias T=9", dict(num_kv_groups=2, block_size=2, top_k=2, use_rope=False,
-                                     bias=True), 9),
-        ("K2 bidir T=12", dict(num_kv_groups=2, block_size=4, top_k=2, causal=False), 12),
-        ("K2 no forced block T=12", dict(num_kv_groups=2, block_size=4, top_k=1,
-                                         force_current_block=False, rope_theta=50.0), 12),
-    ]
-    for cfg, kw, t in msa:
-        add(Case("MiniMaxSparseAttention", cfg,
-                 lambda kw=kw: attnhut.MiniMaxSparseAttention(32, 4, **kw), (2, t, 32)))
-    add(Case("LightningIndexer", "h3 d8", lambda: attnhut.LightningIndexer(32, 3, 8, bias=True),
-             (2, 6, 32)))
-    return cases
-
-
-ALL = _cases()
-
-
-@pytest.mark.parametrize("case", ALL, ids=[f"{c.name}[{c.config}]" for c in ALL])
-def test_parity(case):
-    r = run_case(case)
-    assert r.selection_error is None, r.selection_error
-    assert r.ok, f"out {r.out_err:.2e}, grads {r.grad_errs}"
-    rows = case.shape[0] * case.shape[1]
-    assert r.tied_rows <= rows // 2, f"{r.tied_rows} of {rows} rows differ by ties"
-
-
-def test_dsa_cases_exercise_ties():
-    """ReLU zeros give exact ties at the k-th score: the tie rule is really used."""
-    torch.manual_seed(0)
-    tm = attnhut.DeepSeekSparseAttention(32, 4, top_k=3, num_index_heads=3, index_head_dim=8)
-    x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 13, 32), dtype=np.float32))
-    _, aux = tm(x, return_aux=True)
-    s = aux["index_scores"].detach().numpy()
-    kth = -np.sort(-s, -1)[..., 2]
-    assert ((s == kth[..., None]).sum(-1) > 1).any()
-
-
-def test_selection_comparison_fails_on_a_real_disagreement():
-    from parity.compare import compare_selection
-
-    scores = np.array([[3.0, 2.0, 1.0, 0.0]])
-    valid = np.ones((1, 4), bool)
-    ref = np.array([[True, True, False, False]])
-    _, err = compare_selection((scores, ref, 2, valid), (scores, np.array([[True, False, True,
-                                                                            False]])))
-    assert err and "beyond ties" in err
-    tied = np.array([[3.0, 1.0, 1.0, 0.0]])
-    ok_rows, err = compare_selection((tied, ref, 2, valid), (tied, np.array([[True, False, True,
-                                                                             False]])))
-    assert err is None and not ok_rows[0]
-
-
-# ----------------------------------------------------------------------------- BigBird
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("w,r,g,seed", [(3, 3, 2, 0), (1, 2, 0, 5), (5, 1, 1, 123), (3, 0, 2, 9)])
-def test_bigbird_block_pattern_equals_torch_for_every_length(causal, w, r, g, seed):
-    tm = attnhut.BigBirdAttention(32, 4, 4, w, r, g, causal, seed)
-    fm, _ = from_torch(tm)
-    for nb in range(1, 41):
-        np.testing.assert_array_equal(fm.block_mask(nb), tm.block_mask(nb, "cpu").numpy(),
-                                      err_msg=f"num_blocks={nb}")
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -143,6 +35,7 @@ def test_bigbird_pattern_structure(causal):
     assert (other != mask).any()
 
 
+
 def test_bigbird_pattern_is_fixed_across_traces():
     m = ah.BigBirdAttention(32, 4, block_size=2, num_random_blocks=2, num_global_blocks=1)
     x = jax.random.normal(jax.random.key(0), (1, 17, 32))
@@ -151,8 +44,6 @@ def test_bigbird_pattern_is_fixed_across_traces():
     b = jax.jit(lambda v, x: m.apply(v, x))(v, x)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-
-# ----------------------------------------------------------------------------- Delta
 
 
 def test_delta_stride_one_is_dense_causal_attention():
@@ -164,6 +55,7 @@ def test_delta_stride_one_is_dense_causal_attention():
                                np.asarray(jax.jit(s.apply)(v, x)), atol=2e-6)
 
 
+
 def test_delta_anchor_rows_are_exact_dense_rows():
     d = ah.DeltaAttention(32, 4, window=2, sink=0, stride=4)
     s = ah.StandardAttention(32, 4, causal=True)
@@ -173,13 +65,12 @@ def test_delta_anchor_rows_are_exact_dense_rows():
                                np.asarray(jax.jit(s.apply)(v, x))[:, ::4], atol=2e-6)
 
 
-# ----------------------------------------------------------------------------- DSA
-
 
 def _aux(m):
     """``m.apply(v, x, return_aux=True)`` as one jit: op-by-op dispatch is slow on CPU, and the
     properties below hold for any trace (jit == eager: test_jit_bf16_and_axes)."""
     return jax.jit(lambda v, x: m.apply(v, x, return_aux=True))
+
 
 
 def _dsa(top_k, causal=True, t=13):
@@ -189,6 +80,7 @@ def _dsa(top_k, causal=True, t=13):
     return m, jax.jit(m.init)(jax.random.key(1), x), x
 
 
+
 @pytest.mark.parametrize("top_k", [1, 4, 13, 50])
 def test_dsa_keeps_min_topk_t_plus_one_keys(top_k):
     m, v, x = _dsa(top_k)
@@ -196,6 +88,7 @@ def test_dsa_keeps_min_topk_t_plus_one_keys(top_k):
     counts = np.asarray(aux["selected"]).sum(-1)
     np.testing.assert_array_equal(counts, np.minimum(top_k, np.arange(13) + 1)[None].repeat(2, 0))
     assert not np.asarray(aux["selected"] & ~np.tril(np.ones((13, 13), bool))).any()
+
 
 
 def test_dsa_topk_at_least_t_is_full_causal_attention():
@@ -209,6 +102,7 @@ def test_dsa_topk_at_least_t_is_full_causal_attention():
                                np.asarray(jax.jit(s2.apply)(v2, x2)), atol=2e-6)
 
 
+
 def test_dsa_ties_break_towards_lower_index():
     from attnhut_jax.core import topk_keep
 
@@ -217,52 +111,12 @@ def test_dsa_ties_break_towards_lower_index():
     np.testing.assert_array_equal(np.asarray(keep)[0, 0], [True, True, False, False, True])
 
 
-def test_dsa_index_aux_loss_matches_torch_and_trains_the_indexer():
-    from attnhut.deepseek_sparse import dsa_index_aux_loss as torch_loss
-
-    rng = np.random.default_rng(0)
-    scores = rng.standard_normal((2, 5, 5)).astype(np.float32)
-    attn = rng.random((2, 3, 5, 5)).astype(np.float32)
-    ref = torch_loss(torch.from_numpy(scores), torch.from_numpy(attn)).item()
-    assert np.isclose(float(ah.dsa_index_aux_loss(jnp.asarray(scores), jnp.asarray(attn))), ref,
-                      rtol=1e-6)
-
-    m, v, x = _dsa(3)
-    params = nn.unbox(v)["params"]
-    dense = ah.StandardAttention(32, 4, causal=True)
-    from attnhut_jax import core
-
-    def teacher(p):
-        q, k, _ = jnp.split(dense.apply({"params": p}, x, method=lambda mod, x: mod.qkv(x)), 3, -1)
-        q, k = q.reshape(2, 13, 4, 8), k.reshape(2, 13, 4, 8)
-        return core.attention_weights(q, k, keep=core.causal_mask(13, 13)).reshape(2, 4, 13, 13)
-
-    target = jax.jit(teacher)({"qkv": params["qkv"], "proj": params["proj"]})
-
-    @jax.jit
-    def loss(p):
-        _, aux = m.apply({"params": p}, x, return_aux=True)
-        return ah.dsa_index_aux_loss(aux["index_scores"], target)
-
-    grad = jax.jit(jax.grad(loss))
-    l0 = loss(params)
-    g = grad(params)
-    assert all(np.abs(np.asarray(a)).max() > 0 for a in jax.tree_util.tree_leaves(g["indexer"]))
-    assert all(np.abs(np.asarray(a)).max() == 0 for a in jax.tree_util.tree_leaves(g["qkv"]))
-    p = params
-    for _ in range(20):
-        gi = grad(p)
-        p = jax.tree_util.tree_map(lambda a, b: a - 0.5 * b, p, gi)
-    assert float(loss(p)) < float(l0) - 1e-3
-
 
 def test_dsa_output_gives_indexer_no_gradient():
     m, v, x = _dsa(3)
     g = jax.jit(jax.grad(lambda p: m.apply({"params": p}, x).sum()))(nn.unbox(v)["params"])
     assert all(np.all(np.asarray(a) == 0) for a in jax.tree_util.tree_leaves(g["indexer"]))
 
-
-# ----------------------------------------------------------------------------- MSA
 
 
 def _msa(t=13, **kw):
@@ -272,28 +126,13 @@ def _msa(t=13, **kw):
     return m, jax.jit(m.init)(jax.random.key(1), x), x
 
 
-def test_msa_aux_equals_torch():
-    torch.manual_seed(0)
-    tm = attnhut.MiniMaxSparseAttention(32, 4, 2, block_size=4, top_k=2, rope_dim=4)
-    fm, v = from_torch(tm)
-    x = np.random.default_rng(0).standard_normal((2, 11, 32)).astype(np.float32)
-    with torch.no_grad():
-        _, t_aux = tm(torch.from_numpy(x), return_aux=True)
-    _, j_aux = _aux(fm)(v, jnp.asarray(x))
-    for key in ("index_scores", "attn_weights"):
-        np.testing.assert_allclose(np.asarray(j_aux[key]), t_aux[key].numpy(), atol=1e-5,
-                                   rtol=1e-4, err_msg=key)
-    np.testing.assert_array_equal(np.asarray(j_aux["keep"]), t_aux["keep"].numpy())
-    tl = attnhut.msa_index_aux_loss(t_aux["index_scores"], t_aux["attn_weights"], t_aux["keep"])
-    jl = ah.msa_index_aux_loss(j_aux["index_scores"], j_aux["attn_weights"], j_aux["keep"])
-    assert np.isclose(float(jl), tl.item(), rtol=1e-5, atol=1e-6)
-
 
 def test_msa_topk_above_num_blocks_keeps_every_causal_key():
     m, v, x = _msa(top_k=10)
     _, aux = _aux(m)(v, x)
     np.testing.assert_array_equal(np.asarray(aux["keep"]),
                                   np.broadcast_to(np.tril(np.ones((13, 13), bool)), (2, 2, 13, 13)))
+
 
 
 def test_msa_index_branch_gradients():
@@ -317,6 +156,7 @@ def test_msa_index_branch_gradients():
     assert np.all(np.asarray(gx) == 0)
 
 
+
 def test_msa_selection_is_per_query_block_level():
     m, v, x = _msa(t=16, top_k=1, force_current_block=False)
     _, aux = _aux(m)(v, x)
@@ -329,8 +169,6 @@ def test_msa_selection_is_per_query_block_level():
                 assert len(blocks) == 1 and max(blocks) <= t // 4
 
 
-# ----------------------------------------------------------------------------- shared properties
-
 
 CAUSAL = {
     "bigbird": lambda: ah.BigBirdAttention(32, 4, 2, 3, 2, 1, causal=True),
@@ -338,6 +176,7 @@ CAUSAL = {
     "dsa": lambda: ah.DeepSeekSparseAttention(32, 4, top_k=3, num_index_heads=2, index_head_dim=8),
     "msa": lambda: ah.MiniMaxSparseAttention(32, 4, 2, block_size=3, top_k=2),
 }
+
 
 
 @pytest.mark.parametrize("name", list(CAUSAL))
@@ -356,6 +195,7 @@ def test_causality(name):
         assert np.all(np.asarray(g[:, i + 1:]) == 0.0)
 
 
+
 @pytest.mark.parametrize("name", list(CAUSAL))
 def test_jit_bf16_and_axes(name):
     m = CAUSAL[name]()
@@ -370,16 +210,6 @@ def test_jit_bf16_and_axes(name):
         a, nn.LogicallyPartitioned))
     assert all(isinstance(a, nn.LogicallyPartitioned) for a in leaves)
 
-
-def test_state_dict_names_mirror_attnhut():
-    torch.manual_seed(0)
-    for tm in (attnhut.BigBirdAttention(32, 4), attnhut.DeltaAttention(32, 4, bias=True),
-               attnhut.DeepSeekSparseAttention(32, 4), attnhut.MiniMaxSparseAttention(32, 4, 2)):
-        fm, v = from_torch(tm)
-        assert set(to_state_dict(fm, v)) == set(tm.state_dict())
-
-
-# ----------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize("make,pattern", [
@@ -403,9 +233,11 @@ def test_bad_values(make, pattern):
         make().init(jax.random.key(0), jnp.zeros((1, 3, make().dim)))
 
 
+
 def test_bigbird_key_padding_mask_shape():
     m = ah.BigBirdAttention(32, 4, 4)
     x = jnp.zeros((2, 5, 32))
     v = jax.jit(m.init)(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape .*\(2, 5\), got \(2, 4\)"):
         m.apply(v, x, jnp.ones((2, 4), bool))
+

@@ -43,7 +43,7 @@ class BlockSizes:
     for Triton, warps per instance and software-pipelining stages.
 
     Measured on an H100 (bf16, 16 x 128 heads, T = 32768, key blocks of 128, 1/16 selected;
-    ``benchmarks/gpu_session.sh sweep``, docs/gpu.md): the defaults run forward and backward;
+    ``benchmarks/gpu_session.sh sweep``, docs/performance.md): the defaults run forward and backward;
     ``BlockSizes(128, 8, 3)`` makes the forward 1.6x faster (3.45 against 5.65 ms) but its
     backward kernels ask for 257 KiB of shared memory (the H100 has 227), so it suits
     inference only."""

@@ -20,7 +20,7 @@ So the selected *set* equals ``indexer_topk_reference`` (whose columns come in s
 here they come in key order, which is all attention needs), with no (T, S) array and O(1)
 state per row; the price is recomputing the scores in 9 passes. On an H100 that price is
 high: 104 ms at T = 32768, top_k 2048, 4 x 64 index heads, where the attention itself takes
-~5 ms (docs/gpu.md; measured with float32 score products; the products now take the input
+~5 ms (docs/performance.md; measured with float32 score products; the products now take the input
 dtype, unmeasured). On CPU the XLA path of ``indexer.py`` is used. Key tiles after a
 query tile's last valid key are not visited. ``-0.0`` ranks below ``+0.0`` (the total order of
 the float bits).
