@@ -69,6 +69,7 @@ def test_bigbird_key_padding_through_the_kernel(impl):
                                np.asarray(jax.jit(ref_m.apply)(v, x, kpm)), atol=2e-5)
 
 
+@pytest.mark.selections
 def test_msa_aux_path_agrees_with_default_path():
     m = MODULES["msa"]("reference")
     x = jax.random.normal(jax.random.key(0), (2, 29, 32))
@@ -104,6 +105,7 @@ def test_unknown_impl_is_rejected():
         ah.BigBirdAttention(32, 4, impl="fast").init(jax.random.key(0), jnp.zeros((1, 3, 32)))
 
 
+@pytest.mark.selections
 def test_bfloat16_msa_selects_the_blocks_float32_selects():
     """MSA's index branch runs in ``selector_dtype`` (float32) under ``dtype=jnp.bfloat16``: the
     same blocks as a float32 module, on the aux path and on the default path (whose selection

@@ -15,21 +15,17 @@ import attnhut_jax as ah
 D, S, HIST, PRED = 16, 3, 3, 1
 
 
-
 def _module(**kw) -> ah.CausalJEPAAttention:
     kw = {"num_masked_slots": 2, "depth": 2, **kw}
     return ah.CausalJEPAAttention(D, 2, S, HIST, PRED, **kw)
-
 
 
 def _x(shape=(2, HIST, S, D), dtype=jnp.float32, seed=0):
     return jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
-
 def _init(m, x=None):
     return m.init({"params": jax.random.key(1), "mask": jax.random.key(2)}, _x() if x is None else x)
-
 
 
 def test_permuting_objects_permutes_the_prediction():
@@ -48,7 +44,6 @@ def test_permuting_objects_permutes_the_prediction():
     assert not np.allclose(y, m.apply(v, x, jnp.array([1]))[0], atol=1e-3)
 
 
-
 def test_hidden_history_cells_do_not_read_their_own_slot():
     """A hidden object's frames 1.. never reach the model; frame 0 (its anchor) does."""
     m = _module()
@@ -62,7 +57,6 @@ def test_hidden_history_cells_do_not_read_their_own_slot():
     assert not np.allclose(y, m.apply(v, x.at[:, 1:, 2].add(3.0), mask)[0])
 
 
-
 def test_predict_is_the_future_of_the_unmasked_forward():
     m = _module()
     v = _init(m)
@@ -72,7 +66,6 @@ def test_predict_is_the_future_of_the_unmasked_forward():
     fut = m.apply(v, x, method="predict")
     assert fut.shape == (2, PRED, S, D)
     np.testing.assert_allclose(np.asarray(fut), np.asarray(y[:, HIST:]), atol=1e-6)
-
 
 
 def test_loss_scores_only_inferred_cells():
@@ -98,7 +91,6 @@ def test_loss_scores_only_inferred_cells():
     np.testing.assert_allclose(float(loss), err[:, scored].mean(), rtol=1e-6)
 
 
-
 def test_mask_drawn_from_the_mask_stream():
     m = _module()
     v = _init(m)
@@ -119,7 +111,6 @@ def test_mask_drawn_from_the_mask_stream():
     with pytest.raises(flax.errors.InvalidRngError):
         m.apply(v, x)
     assert m.apply(v, x, jnp.array([1]))[1].shape == (1,)
-
 
 
 def test_jit_equals_eager_with_traced_mask_slots():
@@ -149,7 +140,6 @@ def test_jit_equals_eager_with_traced_mask_slots():
     np.testing.assert_allclose(np.asarray(drawn[0]), np.asarray(eager[0]), atol=1e-6)
 
 
-
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
 def test_bfloat16_inputs_stay_finite(param_dtype):
     m = _module(dtype=jnp.bfloat16, param_dtype=param_dtype)
@@ -164,7 +154,6 @@ def test_bfloat16_inputs_stay_finite(param_dtype):
     assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, np.float32)))
     assert jax.eval_shape(lambda: m.apply(v, x, method="predict")).dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(g, np.float32))) and np.any(np.asarray(g) != 0)
-
 
 
 def test_dropout_uses_the_dropout_stream():
@@ -189,7 +178,6 @@ def test_dropout_uses_the_dropout_stream():
         m.apply(v, x, ms, deterministic=False)
 
 
-
 def test_parameters_carry_logical_axes_and_torch_names():
     m = _module(bias=True)
     v = _init(m)
@@ -208,7 +196,6 @@ def test_parameters_carry_logical_axes_and_torch_names():
                                   np.asarray(m.apply(nn.unbox(v), x, jnp.array([0]))[0]))
 
 
-
 def test_initialisers_follow_torch():
     m = ah.CausalJEPAAttention(128, 4, 1, 16, pred_frames=16, num_masked_slots=1, depth=1)
     p = nn.unbox(jax.jit(m.init)({"params": jax.random.key(0), "mask": jax.random.key(1)},
@@ -219,7 +206,6 @@ def test_initialisers_follow_torch():
     assert np.abs(np.asarray(p["id_proj"]["kernel"])).max() <= 1 / np.sqrt(128)
     assert np.abs(np.asarray(p["blocks"]["0"]["mlp"]["4"]["kernel"])).max() <= 1 / np.sqrt(512)
     np.testing.assert_array_equal(np.asarray(p["norm"]["scale"]), 1.0)
-
 
 
 @pytest.mark.parametrize("kw,pattern", [
@@ -238,7 +224,6 @@ def test_bad_constructor_values(kw, pattern):
                jnp.zeros((1, 1, S, kw["dim"])), jnp.array([0]))
 
 
-
 @pytest.mark.parametrize("shape,pattern", [
     ((2, HIST * S, D), r"rank 4 .* got shape \(2, 9, 16\)"),
     ((2, HIST, S, D + 1), r"slot width 17 != dim=16"),
@@ -253,7 +238,6 @@ def test_bad_input_shapes(shape, pattern):
         m.apply(v, jnp.zeros(shape), jnp.array([0]))
     with pytest.raises(ValueError, match=pattern):
         m.apply(v, jnp.zeros(shape), method="predict")
-
 
 
 def test_bad_mask_slots():
@@ -278,7 +262,6 @@ def test_bad_mask_slots():
         ah.cjepa_masked_loss(y, y[..., :15], jnp.array([0]), HIST)
     with pytest.raises(ValueError, match=r"history_frames=0 must be >= 1"):
         ah.cjepa_masked_loss(y, y, jnp.array([0]), 0)
-
 
 
 def test_more_masked_slots_than_objects_hides_every_object_as_attnhut():

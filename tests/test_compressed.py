@@ -15,14 +15,12 @@ import attnhut_jax as ah
 D = 32
 
 
-
 MODULES = {
     "hca": lambda **kw: ah.HeavilyCompressedAttention(D, 4, compression_rate=3, window=4, **kw),
     "csa": lambda **kw: ah.CompressedSparseAttention(D, 4, compression_rate=2, top_k=2,
                                                      num_index_heads=2, index_dim=8, window=3,
                                                      **kw),
 }
-
 
 
 @pytest.mark.parametrize("make,pattern", [
@@ -49,11 +47,9 @@ def test_bad_constructor_values(make, pattern):
         make().init(jax.random.key(0), jnp.zeros((1, 3, 32)))
 
 
-
 def test_bad_grouped_projection():
     with pytest.raises(ValueError, match=r"num_heads=6 must be divisible by num_groups=4"):
         ah.GroupedOutputProjection(6, 5, 4, 16).init(jax.random.key(0), jnp.zeros((1, 2, 6, 5)))
-
 
 
 @pytest.mark.parametrize("name", list(MODULES))

@@ -17,7 +17,6 @@ def test_causal_mask_offset_rule():
     np.testing.assert_array_equal(np.asarray(core.causal_mask(4, 4)), np.tril(np.ones((4, 4), bool)))
 
 
-
 def _naive(q, k, v, keep, scale):
     """Loop-free but per-head attention with repeat-kv, computed in float64 numpy."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -34,7 +33,6 @@ def _naive(q, k, v, keep, scale):
     return np.einsum("bnts,bsnv->btnv", p, v)
 
 
-
 @pytest.mark.parametrize("n,k", [(4, 4), (4, 2), (4, 1), (6, 3)])
 def test_dot_product_attention_matches_repeat_kv_formula(n, k):
     ks = jax.random.split(jax.random.key(0), 4)
@@ -48,7 +46,6 @@ def test_dot_product_attention_matches_repeat_kv_formula(n, k):
     assert np.all(np.asarray(out[:, 1]) == 0.0)
 
 
-
 def test_softmax_runs_in_float32_for_half_inputs():
     q = jnp.full((1, 1, 1, 4), 60.0, jnp.bfloat16)
     k = jnp.stack([jnp.full((4,), 60.0), jnp.full((4,), 59.0)])[None, :, None, :].astype(
@@ -57,7 +54,6 @@ def test_softmax_runs_in_float32_for_half_inputs():
     out = core.dot_product_attention(q, k, v, scale=1.0)
     # logits 14400 vs 14160: a bf16 softmax would see equal logits and give 0.5
     assert out.dtype == jnp.bfloat16 and float(out[0, 0, 0, 0]) == 1.0
-
 
 
 def test_rope_is_relative_and_partial_passes_the_rest_through():
@@ -82,12 +78,10 @@ def test_rope_is_relative_and_partial_passes_the_rest_through():
     np.testing.assert_allclose(np.asarray(core.apply_rope(x, cb, sb)), np.asarray(r))
 
 
-
 @pytest.mark.parametrize("dim", [3, 0, -2])
 def test_rope_rejects_odd_or_empty_dims(dim):
     with pytest.raises(ValueError, match=f"got {dim}"):
         core.rope_tables(jnp.arange(4), dim)
-
 
 
 def test_apply_rope_rejects_tables_wider_than_heads():
@@ -96,12 +90,10 @@ def test_apply_rope_rejects_tables_wider_than_heads():
         core.apply_rope(jnp.zeros((1, 3, 2, 4)), c, s)
 
 
-
 @pytest.mark.parametrize("shape", [(3, 5, 5), (2, 1, 5, 4), (5, 5, 5, 5, 5), (2, 4, 5, 2)])
 def test_mask_shape_errors_name_the_shapes(shape):
     with pytest.raises(ValueError, match=r"attn_mask of shape .* \(batch, heads, q_len, k_len\)"):
         core.split_attn_mask(jnp.ones(shape, bool), (2, 4, 5, 5), "X")
-
 
 
 def test_mask_dtype_errors():
@@ -109,7 +101,6 @@ def test_mask_dtype_errors():
         core.split_attn_mask(jnp.ones((5, 5), jnp.int32), (2, 4, 5, 5), "X")
     with pytest.raises(TypeError, match="must be an array"):
         core.split_attn_mask([[True]], (1, 1, 1, 1), "X")
-
 
 
 def test_sink_joins_the_denominator_only():

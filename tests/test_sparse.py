@@ -35,7 +35,6 @@ def test_bigbird_pattern_structure(causal):
     assert (other != mask).any()
 
 
-
 def test_bigbird_pattern_is_fixed_across_traces():
     m = ah.BigBirdAttention(32, 4, block_size=2, num_random_blocks=2, num_global_blocks=1)
     x = jax.random.normal(jax.random.key(0), (1, 17, 32))
@@ -43,7 +42,6 @@ def test_bigbird_pattern_is_fixed_across_traces():
     a = jax.jit(m.apply)(v, x)
     b = jax.jit(lambda v, x: m.apply(v, x))(v, x)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
 
 
 def test_delta_stride_one_is_dense_causal_attention():
@@ -55,7 +53,6 @@ def test_delta_stride_one_is_dense_causal_attention():
                                np.asarray(jax.jit(s.apply)(v, x)), atol=2e-6)
 
 
-
 def test_delta_anchor_rows_are_exact_dense_rows():
     d = ah.DeltaAttention(32, 4, window=2, sink=0, stride=4)
     s = ah.StandardAttention(32, 4, causal=True)
@@ -65,12 +62,10 @@ def test_delta_anchor_rows_are_exact_dense_rows():
                                np.asarray(jax.jit(s.apply)(v, x))[:, ::4], atol=2e-6)
 
 
-
 def _aux(m):
     """``m.apply(v, x, return_aux=True)`` as one jit: op-by-op dispatch is slow on CPU, and the
     properties below hold for any trace (jit == eager: test_jit_bf16_and_axes)."""
     return jax.jit(lambda v, x: m.apply(v, x, return_aux=True))
-
 
 
 def _dsa(top_k, causal=True, t=13):
@@ -80,7 +75,6 @@ def _dsa(top_k, causal=True, t=13):
     return m, jax.jit(m.init)(jax.random.key(1), x), x
 
 
-
 @pytest.mark.parametrize("top_k", [1, 4, 13, 50])
 def test_dsa_keeps_min_topk_t_plus_one_keys(top_k):
     m, v, x = _dsa(top_k)
@@ -88,7 +82,6 @@ def test_dsa_keeps_min_topk_t_plus_one_keys(top_k):
     counts = np.asarray(aux["selected"]).sum(-1)
     np.testing.assert_array_equal(counts, np.minimum(top_k, np.arange(13) + 1)[None].repeat(2, 0))
     assert not np.asarray(aux["selected"] & ~np.tril(np.ones((13, 13), bool))).any()
-
 
 
 def test_dsa_topk_at_least_t_is_full_causal_attention():
@@ -102,7 +95,6 @@ def test_dsa_topk_at_least_t_is_full_causal_attention():
                                np.asarray(jax.jit(s2.apply)(v2, x2)), atol=2e-6)
 
 
-
 def test_dsa_ties_break_towards_lower_index():
     from attnhut_jax.core import topk_keep
 
@@ -111,12 +103,10 @@ def test_dsa_ties_break_towards_lower_index():
     np.testing.assert_array_equal(np.asarray(keep)[0, 0], [True, True, False, False, True])
 
 
-
 def test_dsa_output_gives_indexer_no_gradient():
     m, v, x = _dsa(3)
     g = jax.jit(jax.grad(lambda p: m.apply({"params": p}, x).sum()))(nn.unbox(v)["params"])
     assert all(np.all(np.asarray(a) == 0) for a in jax.tree_util.tree_leaves(g["indexer"]))
-
 
 
 def _msa(t=13, **kw):
@@ -126,13 +116,11 @@ def _msa(t=13, **kw):
     return m, jax.jit(m.init)(jax.random.key(1), x), x
 
 
-
 def test_msa_topk_above_num_blocks_keeps_every_causal_key():
     m, v, x = _msa(top_k=10)
     _, aux = _aux(m)(v, x)
     np.testing.assert_array_equal(np.asarray(aux["keep"]),
                                   np.broadcast_to(np.tril(np.ones((13, 13), bool)), (2, 2, 13, 13)))
-
 
 
 def test_msa_index_branch_gradients():
@@ -156,7 +144,6 @@ def test_msa_index_branch_gradients():
     assert np.all(np.asarray(gx) == 0)
 
 
-
 def test_msa_selection_is_per_query_block_level():
     m, v, x = _msa(t=16, top_k=1, force_current_block=False)
     _, aux = _aux(m)(v, x)
@@ -169,14 +156,12 @@ def test_msa_selection_is_per_query_block_level():
                 assert len(blocks) == 1 and max(blocks) <= t // 4
 
 
-
 CAUSAL = {
     "bigbird": lambda: ah.BigBirdAttention(32, 4, 2, 3, 2, 1, causal=True),
     "delta": lambda: ah.DeltaAttention(32, 4, window=3, sink=1, stride=3),
     "dsa": lambda: ah.DeepSeekSparseAttention(32, 4, top_k=3, num_index_heads=2, index_head_dim=8),
     "msa": lambda: ah.MiniMaxSparseAttention(32, 4, 2, block_size=3, top_k=2),
 }
-
 
 
 @pytest.mark.parametrize("name", list(CAUSAL))
@@ -195,7 +180,6 @@ def test_causality(name):
         assert np.all(np.asarray(g[:, i + 1:]) == 0.0)
 
 
-
 @pytest.mark.parametrize("name", list(CAUSAL))
 def test_jit_bf16_and_axes(name):
     m = CAUSAL[name]()
@@ -209,7 +193,6 @@ def test_jit_bf16_and_axes(name):
     leaves = jax.tree_util.tree_leaves(v["params"], is_leaf=lambda a: isinstance(
         a, nn.LogicallyPartitioned))
     assert all(isinstance(a, nn.LogicallyPartitioned) for a in leaves)
-
 
 
 @pytest.mark.parametrize("make,pattern", [
@@ -231,7 +214,6 @@ def test_jit_bf16_and_axes(name):
 def test_bad_values(make, pattern):
     with pytest.raises(ValueError, match=pattern):
         make().init(jax.random.key(0), jnp.zeros((1, 3, make().dim)))
-
 
 
 def test_bigbird_key_padding_mask_shape():

@@ -81,6 +81,7 @@ def _as_mask(idx_BTM, shape):
     return sel
 
 
+@pytest.mark.selections
 @pytest.mark.parametrize("selector_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("name", list(MODULES))
 def test_bfloat16_every_impl_selects_the_same_keys(name, selector_dtype):
@@ -98,6 +99,7 @@ def test_bfloat16_every_impl_selects_the_same_keys(name, selector_dtype):
         np.testing.assert_array_equal(_as_mask(np.asarray(idx), want.shape), want, err_msg=impl)
 
 
+@pytest.mark.selections
 def test_bfloat16_dsa_selects_what_float32_selects():
     """The selector stays float32 under ``dtype=jnp.bfloat16``: same keys as a float32 module
     (CSA's indexer reads the bf16 query latent and entries, so only DSA's is exact)."""
@@ -110,6 +112,7 @@ def test_bfloat16_dsa_selects_what_float32_selects():
     np.testing.assert_array_equal(np.asarray(sel16), np.asarray(sel32))
 
 
+@pytest.mark.selections
 @pytest.mark.parametrize("name", list(MODULES))
 def test_default_selection_equals_the_aux_selection(name):
     """The fused top-k (default path) picks the keys that ``return_aux`` reports."""

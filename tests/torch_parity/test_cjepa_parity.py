@@ -24,6 +24,8 @@ class _TorchPredict(attnhut.CausalJEPAAttention):
         return self.predict(slots)
 
 
+_TorchPredict.__name__ = "CausalJEPAAttention"  # the converter looks modules up by class name
+
 
 def _cjepa(config, shape, mask_slots, **kw) -> Case:
     ms = np.asarray(mask_slots)
@@ -38,12 +40,10 @@ def _cjepa(config, shape, mask_slots, **kw) -> Case:
                 shape, call=call, output=lambda o: o[0])
 
 
-
 def _predict(config, shape, **kw) -> Case:
     d, h, s, hist = kw.pop("dim", 16), kw.pop("num_heads", 2), shape[2], kw.pop("history_frames")
     return Case("CausalJEPAAttention", config, lambda: _TorchPredict(d, h, s, hist, **kw), shape,
                 call=lambda rng, tm: ({}, {"method": "predict"}))
-
 
 
 PARITY = [  # most rows share B=2, F=4, S=3, D=16 so that eager op compilations are reused
@@ -71,7 +71,6 @@ PARITY = [  # most rows share B=2, F=4, S=3, D=16 so that eager op compilations 
 ]
 
 
-
 @pytest.mark.parametrize("case", PARITY, ids=[c.config for c in PARITY])
 def test_forward_and_gradients_match_attnhut(case: Case):
     r = run_case(case)
@@ -79,7 +78,6 @@ def test_forward_and_gradients_match_attnhut(case: Case):
     # the input and every parameter were compared
     torch.manual_seed(0)
     assert set(r.grad_errs) == {"input", *case.make().state_dict()}
-
 
 
 @pytest.mark.parametrize("mask_slots,hist,pred_frames", [
@@ -102,7 +100,6 @@ def test_loss_matches_attnhut(mask_slots, hist, pred_frames):
     np.testing.assert_allclose(np.asarray(gt), t_t.grad.numpy(), atol=1e-7)
 
 
-
 @pytest.mark.parametrize("make", [
     lambda: attnhut.CausalJEPAAttention(16, 2, 3, 3, pred_frames=2, num_masked_slots=1, depth=2,
                                         mlp_dim=24, dropout=0.1, bias=False),
@@ -120,7 +117,6 @@ def test_conversion_round_trips_exactly(make):
     jax.tree_util.tree_map(np.testing.assert_array_equal, nn.unbox(v), nn.unbox(v2))
     shapes = jax.tree_util.tree_map(lambda a: a.shape, abstract_variables(fm))
     assert jax.tree_util.tree_map(lambda a: a.shape, v) == shapes
-
 
 
 def test_flax_init_runs_in_torch():

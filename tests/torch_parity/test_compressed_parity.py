@@ -25,11 +25,9 @@ from parity.convert import constructor_kwargs
 D = 32
 
 
-
 # parameters attnhut initialises to constants: randomised in "rand" cases so that the pooling
 # biases, the sink and the norm weights are exercised too
 _CONST_PARAMS = ("pos_bias", "bias_a", "bias_b", "sink", "q_norm", "kv_norm")
-
 
 
 def _rand(m: torch.nn.Module) -> torch.nn.Module:
@@ -41,15 +39,12 @@ def _rand(m: torch.nn.Module) -> torch.nn.Module:
     return m
 
 
-
 def _hca(rand=False, **kw):
     return lambda: (_rand if rand else (lambda m: m))(attnhut.HeavilyCompressedAttention(D, 4, **kw))
 
 
-
 def _csa(rand=False, **kw):
     return lambda: (_rand if rand else (lambda m: m))(attnhut.CompressedSparseAttention(D, 4, **kw))
-
 
 
 HCA_CONFIGS = [  # (label, kwargs, randomise constants, sequence lengths)
@@ -62,7 +57,6 @@ HCA_CONFIGS = [  # (label, kwargs, randomise constants, sequence lengths)
     ("rate5 w64 (window >= T) rand", dict(compression_rate=5), True, (12,)),
     ("defaults (rate16 w64)", dict(), False, (20,)),
 ]
-
 
 
 CSA_CONFIGS = [  # (label, kwargs, randomise constants, sequence lengths)
@@ -79,18 +73,15 @@ CSA_CONFIGS = [  # (label, kwargs, randomise constants, sequence lengths)
 ]
 
 
-
 # one indexer head of width 2: about half the ReLU'd dots are exactly 0, so many index scores
 # tie exactly at 0, often straddling the k-th place
 TIES = dict(compression_rate=2, top_k=2, num_index_heads=1, index_dim=2, window=3)
-
 
 
 def _csa_case(label, kw, rand, t, seed=0):
     rate = kw.get("compression_rate", 4)
     return csa_case(f"{label} T={t}", _csa(rand, **kw), (2, t, D), top_k=kw.get("top_k", 16),
                     rate=rate, seed=seed)
-
 
 
 def _cases() -> list[Case]:
@@ -101,9 +92,7 @@ def _cases() -> list[Case]:
     return cases
 
 
-
 CASES = _cases()
-
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.name}[{c.config}]" for c in CASES])
@@ -112,7 +101,6 @@ def test_parity_with_attnhut(case: Case):
     assert r.selection_error is None, r.selection_error
     assert r.ok, f"out {r.out_err:.3e}, grads {r.grad_errs}"
     assert "input" in r.grad_errs and "proj.w" in r.grad_errs and "sink" in r.grad_errs
-
 
 
 def _pair(make, shape, seed=0):
@@ -124,14 +112,12 @@ def _pair(make, shape, seed=0):
     return tm, fm, v, x
 
 
-
 def _aux_both(make, shape, seed=0):
     tm, fm, v, x = _pair(make, shape, seed)
     with torch.no_grad():
         t_out = tm(torch.from_numpy(x), return_aux=True)
     j_out = jax.jit(lambda v, x: fm.apply(v, x, return_aux=True))(v, jnp.asarray(x))
     return t_out, j_out
-
 
 
 def _straddling_ties(scores, selected, k, valid):
@@ -141,7 +127,6 @@ def _straddling_ties(scores, selected, k, valid):
     n_tied = (s == kth[..., None]).sum(-1)
     n_above = (s > kth[..., None]).sum(-1)
     return np.isfinite(kth) & (n_above + n_tied > k)
-
 
 
 @pytest.mark.parametrize("label,kw,seed", [
@@ -177,7 +162,6 @@ def test_aux_matches_attnhut_modulo_ties(label, kw, seed):
         assert (scores[:, valid] == 0.0).mean() > 0.2
 
 
-
 def test_tie_config_selects_among_zero_scores():
     """Where the k-th score is an exact 0 tie, jax takes the lowest indices (lax.top_k)."""
     (_, t_aux), (_, j_aux) = _aux_both(_csa(True, **TIES), (2, 16, D))
@@ -194,7 +178,6 @@ def test_tie_config_selects_among_zero_scores():
         np.testing.assert_array_equal(chosen, tied[: len(chosen)])
 
 
-
 def test_harness_fails_on_a_real_selection_disagreement(monkeypatch):
     real = core.topk_keep
 
@@ -207,7 +190,6 @@ def test_harness_fails_on_a_real_selection_disagreement(monkeypatch):
     r = run_case(case)
     assert not r.ok
     assert r.selection_error is not None and "disagree beyond ties" in r.selection_error
-
 
 
 def test_top_k_at_least_entries_keeps_every_visible_entry():
@@ -224,7 +206,6 @@ def test_top_k_at_least_entries_keeps_every_visible_entry():
     np.testing.assert_array_equal(np.asarray(y_all), np.asarray(y_more))
 
 
-
 @pytest.mark.parametrize("t,rate", [(1, 4), (3, 4), (4, 4), (9, 4), (7, 1), (5, 2)])
 def test_pooling_matches_attnhut(t, rate):
     g = torch.Generator().manual_seed(t * 10 + rate)
@@ -239,14 +220,12 @@ def test_pooling_matches_attnhut(t, rate):
     assert got.shape == (2, -(-t // rate), 6)
 
 
-
 def test_window_and_visibility_masks_match_attnhut():
     for t, w in [(1, 1), (6, 1), (6, 3), (6, 64)]:
         np.testing.assert_array_equal(np.asarray(core.sliding_window_mask(t, w)),
                                       tc._window_keep(t, w, torch.device("cpu")).numpy())
     np.testing.assert_array_equal(np.asarray(jc.compressed_visible(9, 3, 3)),
                                   (np.arange(3)[None] + 1) * 3 <= np.arange(9)[:, None])
-
 
 
 def test_rows_with_nothing_visible_are_zero_and_finite():
@@ -270,7 +249,6 @@ def test_rows_with_nothing_visible_are_zero_and_finite():
         assert np.all(np.isfinite(np.asarray(g)))
 
 
-
 MODULES = {
     "hca": lambda **kw: ah.HeavilyCompressedAttention(D, 4, compression_rate=3, window=4, **kw),
     "csa": lambda **kw: ah.CompressedSparseAttention(D, 4, compression_rate=2, top_k=2,
@@ -279,10 +257,8 @@ MODULES = {
 }
 
 
-
 def _x(shape=(2, 13, D), dtype=jnp.float32, seed=0):
     return jax.random.normal(jax.random.key(seed), shape, dtype)
-
 
 
 def _randomised(v):
@@ -293,11 +269,9 @@ def _randomised(v):
                            if k in _CONST_PARAMS else a) for k, a in p.items()}}
 
 
-
 def _init(name, x, **kw):
     """(module, variables); variables do not depend on T, so they are built once per config."""
     return MODULES[name](**kw), _variables(name, x.dtype, tuple(sorted(kw.items())))
-
 
 
 @functools.cache
@@ -308,16 +282,13 @@ def _variables(name, dtype, kw):
     return from_state_dict(m, _torch_twin(m).state_dict())
 
 
-
 def _torch_twin(m: nn.Module) -> torch.nn.Module:
     return getattr(attnhut, type(m).__name__)(**constructor_kwargs(m))
-
 
 
 def _jit(m):
     """``m.apply`` as one jit (the properties below hold for any trace; jit == eager is tested)."""
     return jax.jit(m.apply, static_argnames=("return_aux",))
-
 
 
 @pytest.mark.parametrize("name", list(MODULES))
@@ -333,7 +304,6 @@ def test_causal_perturbing_the_future_leaves_the_past(name):
         assert not np.allclose(y[:, p], y2[:, p])
 
 
-
 @pytest.mark.parametrize("name", list(MODULES))
 def test_causal_gradient_from_future_is_exactly_zero(name):
     x = _x()
@@ -345,7 +315,6 @@ def test_causal_gradient_from_future_is_exactly_zero(name):
         g = grad(x, jnp.zeros(x.shape[1]).at[i].set(1.0))
         assert np.all(np.asarray(g[:, i + 1:]) == 0.0)
         assert np.any(np.asarray(g[:, : i + 1]) != 0.0)
-
 
 
 @pytest.mark.parametrize("name", list(MODULES))
@@ -361,7 +330,6 @@ def test_jit_equals_eager(name):
         np.testing.assert_array_equal(np.asarray(aux_e["selected"]), np.asarray(aux_j["selected"]))
 
 
-
 @pytest.mark.parametrize("name,param_dtype", [("hca", jnp.float32), ("hca", jnp.bfloat16),
                                               ("csa", jnp.bfloat16)])
 def test_bfloat16_inputs_stay_finite(name, param_dtype):
@@ -372,7 +340,6 @@ def test_bfloat16_inputs_stay_finite(name, param_dtype):
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
     g = jax.jit(jax.grad(lambda x_: m.apply(v, x_).astype(jnp.float32).sum()))(x)
     assert np.all(np.isfinite(np.asarray(g, np.float32)))
-
 
 
 @pytest.mark.parametrize("name", list(MODULES))
@@ -393,7 +360,6 @@ def test_empty_compressed_prefix_ignores_pooling_parameters(name):
         np.testing.assert_array_equal(np.asarray(apply({"params": moved}, x)), np.asarray(y))
 
 
-
 @pytest.mark.parametrize("name", list(MODULES))
 def test_window_covering_the_sequence(name):
     x = _x((2, 7, D))
@@ -401,7 +367,6 @@ def test_window_covering_the_sequence(name):
     y_wide = _jit(m.clone(window=7))(v, x)
     np.testing.assert_array_equal(np.asarray(y_wide), np.asarray(_jit(m.clone(window=1000))(v, x)))
     assert not np.allclose(_jit(m)(v, x), y_wide)
-
 
 
 @pytest.mark.parametrize("name", list(MODULES))
@@ -424,7 +389,6 @@ def test_parameters_carry_logical_axes(name):
     _, boxed = _init(name, x, bias=True)
     assert isinstance(boxed["params"]["sink"], nn.LogicallyPartitioned)
     assert np.all(np.isfinite(np.asarray(_jit(m)(boxed, x))))
-
 
 
 def test_initialisers_follow_torch():
@@ -454,7 +418,6 @@ def test_initialisers_follow_torch():
     assert hca["pos_bias"].value.shape == (8, 16)
 
 
-
 @pytest.mark.parametrize("make", [
     lambda: attnhut.HeavilyCompressedAttention(32, 4, 3, 12, 10, 2, window=5, bias=True),
     lambda: attnhut.HeavilyCompressedAttention(30, 4),
@@ -477,7 +440,6 @@ def test_converter_round_trip_is_exact(make):
     assert back.proj.num_groups == tm.proj.num_groups
     fm2, _ = from_torch(back)
     assert fm2 == fm
-
 
 
 def test_grouped_output_projection_matches_attnhut():

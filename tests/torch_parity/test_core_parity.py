@@ -21,7 +21,6 @@ def test_rope_matches_attnhut():
     np.testing.assert_allclose(np.asarray(got).transpose(0, 2, 1, 3), ref, atol=1e-6)
 
 
-
 def test_rms_norm_matches_torch():
     import torch
 

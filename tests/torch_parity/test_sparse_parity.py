@@ -70,9 +70,7 @@ def _cases() -> list[Case]:
     return cases
 
 
-
 ALL = _cases()
-
 
 
 @pytest.mark.parametrize("case", ALL, ids=[f"{c.name}[{c.config}]" for c in ALL])
@@ -84,7 +82,6 @@ def test_parity(case):
     assert r.tied_rows <= rows // 2, f"{r.tied_rows} of {rows} rows differ by ties"
 
 
-
 def test_dsa_cases_exercise_ties():
     """ReLU zeros give exact ties at the k-th score: the tie rule is really used."""
     torch.manual_seed(0)
@@ -94,7 +91,6 @@ def test_dsa_cases_exercise_ties():
     s = aux["index_scores"].detach().numpy()
     kth = -np.sort(-s, -1)[..., 2]
     assert ((s == kth[..., None]).sum(-1) > 1).any()
-
 
 
 def test_selection_comparison_fails_on_a_real_disagreement():
@@ -112,7 +108,6 @@ def test_selection_comparison_fails_on_a_real_disagreement():
     assert err is None and not ok_rows[0]
 
 
-
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("w,r,g,seed", [(3, 3, 2, 0), (1, 2, 0, 5), (5, 1, 1, 123), (3, 0, 2, 9)])
 def test_bigbird_block_pattern_equals_torch_for_every_length(causal, w, r, g, seed):
@@ -123,12 +118,10 @@ def test_bigbird_block_pattern_equals_torch_for_every_length(causal, w, r, g, se
                                       err_msg=f"num_blocks={nb}")
 
 
-
 def _aux(m):
     """``m.apply(v, x, return_aux=True)`` as one jit: op-by-op dispatch is slow on CPU, and the
     properties below hold for any trace (jit == eager: test_jit_bf16_and_axes)."""
     return jax.jit(lambda v, x: m.apply(v, x, return_aux=True))
-
 
 
 def _dsa(top_k, causal=True, t=13):
@@ -136,7 +129,6 @@ def _dsa(top_k, causal=True, t=13):
                                    causal=causal)
     x = jax.random.normal(jax.random.key(0), (2, t, 32))
     return m, jax.jit(m.init)(jax.random.key(1), x), x
-
 
 
 def test_dsa_index_aux_loss_matches_torch_and_trains_the_indexer():
@@ -178,7 +170,6 @@ def test_dsa_index_aux_loss_matches_torch_and_trains_the_indexer():
     assert float(loss(p)) < float(l0) - 1e-3
 
 
-
 def test_msa_aux_equals_torch():
     torch.manual_seed(0)
     tm = attnhut.MiniMaxSparseAttention(32, 4, 2, block_size=4, top_k=2, rope_dim=4)
@@ -194,7 +185,6 @@ def test_msa_aux_equals_torch():
     tl = attnhut.msa_index_aux_loss(t_aux["index_scores"], t_aux["attn_weights"], t_aux["keep"])
     jl = ah.msa_index_aux_loss(j_aux["index_scores"], j_aux["attn_weights"], j_aux["keep"])
     assert np.isclose(float(jl), tl.item(), rtol=1e-5, atol=1e-6)
-
 
 
 def test_state_dict_names_mirror_attnhut():
