@@ -60,8 +60,13 @@ class Mechanism:
     ``bad_calls``: a wrong mask (or other shaped call argument) and the error it must raise.
     ``bad_config``: constructor overrides the module must refuse (non-divisible heads where it has
     heads) and the message naming the values.
-    ``bf16_rtol``: bound on ||y_bf16 - y_f32|| / ||y_f32|| for the same (bf16-rounded) params and
-    input; ``bf16_why`` says where the error comes from.
+    ``bf16_rtol``: bound on each output row's error, bf16 against float32 for the same
+    (bf16-rounded) params and input, relative to the rows' RMS norm; ``bf16_why`` says where the
+    error comes from. Measured at these sizes over ten inputs: at most 0.012 for every mechanism
+    (bf16's unit roundoff is 2^-9 = 0.002 per rounding, and a row goes through several).
+    ``bf16_flip_rows``: the fraction of rows allowed past ``bf16_rtol`` (still within 1.0: O(1),
+    not garbage) because bf16 scores select other keys than float32 there; 0 where nothing is
+    selected from the data.
     """
 
     id: str
@@ -71,8 +76,9 @@ class Mechanism:
     full: bool
     call: frozenset[str]
     bad_config: tuple[Mapping[str, Any], str]
-    bf16_rtol: float
     bf16_why: str
+    bf16_rtol: float = 0.02
+    bf16_flip_rows: float = 0.0
     impls: tuple[str, ...] = ()
     cpu_impls: tuple[str, ...] = ()
     future_rows: int = 0
@@ -114,16 +120,16 @@ def _attn_mask_calls(n_heads: int) -> tuple[BadCall, ...]:
 
 _DENSE_HEADS = ({"dim": 30}, r"dim=30 must be divisible by num_heads=4")
 _BF16_DENSE = ("one softmax over float32 logits; the bf16 rounding of q, k, v, the weights and the "
-               "output projection (eps 2^-8, about 0.4%) is what remains")
+               "output projection (unit roundoff 2^-9 each) is what remains")
 
 
-def _dense(id_, cls, kwargs, causal, bf16_rtol=0.02, bad_config=_DENSE_HEADS, why=_BF16_DENSE,
+def _dense(id_, cls, kwargs, causal, bad_config=_DENSE_HEADS, why=_BF16_DENSE,
            mask=True, dropout=True):
     call = ({"attn_mask"} if mask else set()) | ({"deterministic"} if dropout else set())
     return Mechanism(
         id_, cls, {**kwargs, "causal": causal}, causal=causal, full=True, call=frozenset(call),
-        impls=DENSE_IMPLS, cpu_impls=("auto", "xla"), bad_config=bad_config, bf16_rtol=bf16_rtol,
-        bf16_why=why, bad_calls=_attn_mask_calls(kwargs["num_heads"]) if mask else ())
+        impls=DENSE_IMPLS, cpu_impls=("auto", "xla"), bad_config=bad_config, bf16_why=why,
+        bad_calls=_attn_mask_calls(kwargs["num_heads"]) if mask else ())
 
 
 def _variants(make: Callable[[bool], Mechanism]) -> list[Mechanism]:
@@ -148,16 +154,16 @@ MECHANISMS: list[Mechanism] = [
         bad_config=({"num_kv_heads": 3}, r"num_heads=4 must be divisible by num_kv_heads=3"))),
     *_variants(lambda c: _dense(
         f"mla{'' if c else '_bidir'}", ah.MultiHeadLatentAttention, {"dim": D, "num_heads": 4}, c,
-        dropout=False, bf16_rtol=0.03,
+        dropout=False,
         why=_BF16_DENSE + "; two RMSNorms and two more low-rank products",
         # MLA's head widths are free (attnhut's too): too many heads leave no width for them
         bad_config=({"num_heads": 64}, r"qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0 "
                                        r"must be >= 1"))),
     *_variants(lambda c: _dense(
         f"differential{'' if c else '_bidir'}", ah.DifferentialAttention,
-        {"dim": D, "num_heads": 2}, c, mask=False, dropout=False, bf16_rtol=0.05,
-        why="the difference of two softmax maps cancels most of each (lambda is about 0.2-0.8), "
-            "so their bf16 rounding is amplified relative to the result; then RMSNorm",
+        {"dim": D, "num_heads": 2}, c, mask=False, dropout=False,
+        why="two softmax maps whose difference (lambda about 0.2-0.8) cancels part of each, so "
+            "their rounding weighs more in the result; then a per-head RMSNorm",
         bad_config=({"dim": 36, "num_heads": 4}, r"dim=36 must be divisible by 2 \* num_heads=8"))),
     Mechanism(
         "slot", ah.SlotAttention, {"dim": D, "num_slots": _SLOTS, "hidden_dim": D}, causal=None,
@@ -168,7 +174,7 @@ MECHANISMS: list[Mechanism] = [
                            ValueError, rf"noise must have shape \(batch, num_slots, dim\)="
                                        rf"\({B}, {_SLOTS}, {D}\), got \({B}, {_SLOTS + 1}, {D}\)"),),
         # no heads: the constructor value to refuse is the slot count
-        bad_config=({"num_slots": 0}, r"num_slots=0 must be >= 1"), bf16_rtol=0.05,
+        bad_config=({"num_slots": 0}, r"num_slots=0 must be >= 1"),
         bf16_why="three GRU + MLP iterations compound the bf16 rounding of each step"),
     *_variants(lambda c: Mechanism(
         f"bigbird{'_causal' if c else ''}", ah.BigBirdAttention,
@@ -180,12 +186,12 @@ MECHANISMS: list[Mechanism] = [
         bad_calls=(BadCall("key_padding_mask", lambda x: jnp.ones((x.shape[0], T - 1), bool),
                            ValueError, rf"key_padding_mask must have shape \(batch, seq\)="
                                        rf"\({B}, {T}\), got \({B}, {T - 1}\)"),),
-        bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"), bf16_rtol=0.02,
+        bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
         bf16_why=_BF16_DENSE + " (a fixed block pattern: no data-dependent selection)")),
     Mechanism(
         "delta", ah.DeltaAttention, {"dim": D, "num_heads": 4, "window": 3, "sink": 1, "stride": 3},
         causal=True, full=False, call=frozenset(), impls=SPARSE_IMPLS, cpu_impls=SPARSE_IMPLS,
-        bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"), bf16_rtol=0.03,
+        bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
         bf16_why=_BF16_DENSE + "; the correction adds a difference of two attentions"),
     *_variants(lambda c: Mechanism(
         f"dsa{'' if c else '_bidir'}", ah.DeepSeekSparseAttention,
@@ -194,9 +200,10 @@ MECHANISMS: list[Mechanism] = [
         # row t has t + 1 keys at or before it, so top_k = 3 keys include a later one for t < 2
         future_rows=2, call=frozenset({"return_aux"}), aux=True, impls=SPARSE_IMPLS,
         cpu_impls=SPARSE_IMPLS,
-        bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"), bf16_rtol=0.25,
-        bf16_why="the bf16 indexer scores pick other keys than float32 on some rows (issue 11: "
-                 "about 15% of rows), and such a row's output moves by O(1)")),
+        bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
+        bf16_flip_rows=0.1,
+        bf16_why=_BF16_DENSE + "; the bf16 indexer may select other keys than float32 on a few "
+                 "rows (none at these sizes; issue 11 measured 15% of rows at realistic ones)")),
     *_variants(lambda c: Mechanism(
         f"msa{'' if c else '_bidir'}", ah.MiniMaxSparseAttention,
         {"dim": D, "num_heads": 4, "num_kv_groups": 2, "block_size": 3, "top_k": 2, "causal": c},
@@ -205,24 +212,25 @@ MECHANISMS: list[Mechanism] = [
         future_rows=2, call=frozenset({"return_aux"}), aux=True, impls=SPARSE_IMPLS,
         cpu_impls=SPARSE_IMPLS,
         bad_config=({"num_kv_groups": 3}, r"num_heads=4 must be divisible by num_kv_groups=3"),
-        bf16_rtol=0.1,
-        bf16_why="block scores are max-pooled float32 dots of bf16 index projections: a few "
-                 "rows pick another block than float32 does")),
+        bf16_flip_rows=0.1,
+        bf16_why=_BF16_DENSE + "; block scores from bf16 index projections pick another block "
+                 "than float32 on a few rows (at most 1 of 22 over ten inputs)")),
     Mechanism(
         "hca", ah.HeavilyCompressedAttention,
         {"dim": D, "num_heads": 4, "compression_rate": 3, "window": 4}, causal=True,
         # window (4) >= rate (3): every earlier token is in the window or in a visible entry
         full=True, call=frozenset(), impls=SPARSE_IMPLS, cpu_impls=SPARSE_IMPLS,
         bad_config=({"num_groups": 3}, r"num_heads=4 must be divisible by num_groups=3"),
-        bf16_rtol=0.03, bf16_why=_BF16_DENSE + "; softmax-gated pooling and grouped output"),
+        bf16_why=_BF16_DENSE + "; softmax-gated pooling and the grouped output projection"),
     Mechanism(
         "csa", ah.CompressedSparseAttention,
         {"dim": D, "num_heads": 4, "compression_rate": 2, "top_k": 2, "num_index_heads": 2,
          "index_dim": 8, "window": 3}, causal=True, full=False, call=frozenset({"return_aux"}),
         aux=True, impls=SPARSE_IMPLS, cpu_impls=SPARSE_IMPLS,
         bad_config=({"num_groups": 3}, r"num_heads=4 must be divisible by num_groups=3"),
-        bf16_rtol=0.1,
-        bf16_why="the bf16 indexer picks other compressed entries than float32 on some rows"),
+        bf16_flip_rows=0.1,
+        bf16_why=_BF16_DENSE + "; the bf16 indexer may select other compressed entries than "
+                 "float32 on a few rows (none at these sizes)"),
     Mechanism(
         "cjepa", ah.CausalJEPAAttention,
         {"dim": 16, "num_heads": 2, "num_slots": _SLOTS, "history_frames": 3, "pred_frames": 1,
@@ -235,7 +243,7 @@ MECHANISMS: list[Mechanism] = [
                    BadCall("mask_slots", lambda x: jnp.array([_SLOTS]), ValueError,
                            rf"mask_slots values \[{_SLOTS}\] are out of range")),
         bad_config=({"dim": 30, "num_heads": 4}, r"dim=30 must be divisible by num_heads=4"),
-        bf16_rtol=0.03, bf16_why="a pre-norm transformer block: bf16 attention, MLP and LayerNorm"),
+        bf16_why="a pre-norm transformer block: bf16 attention, MLP and LayerNorm"),
 ]
 BY_ID = {m.id: m for m in MECHANISMS}
 assert len(BY_ID) == len(MECHANISMS)

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 from mechanisms_spec import BY_ID, MECHANISMS, Mechanism, params, rngs, variables
 
+import attnhut_jax as ah
+
 ALL = pytest.mark.parametrize("mech", MECHANISMS, ids=str)
 
 
@@ -137,7 +139,8 @@ def test_jit_equals_eager(mech):
 @ALL
 def test_bfloat16_within_stated_tolerance_of_float32(mech):
     """Same params and input, rounded to bf16 once: the float32 run sees the rounded values, so
-    the difference is what computing in bf16 costs, bounded by ``mech.bf16_rtol``."""
+    the difference is what computing in bf16 costs, bounded row by row by ``mech.bf16_rtol``
+    (bar the declared fraction of rows whose selection may flip)."""
     p16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params(mech.id))
     p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), p16)
     x16 = mech.example(seed=4).astype(jnp.bfloat16)
@@ -152,9 +155,13 @@ def test_bfloat16_within_stated_tolerance_of_float32(mech):
     run = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (_, y), _ = run(x16)
     assert y.dtype == jnp.bfloat16
-    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
-    err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
-    assert err <= mech.bf16_rtol, f"relative error {err:.3g} > {mech.bf16_rtol} ({mech.bf16_why})"
+    y, ref = (np.asarray(a, np.float64).reshape(a.shape[0] * a.shape[1], -1) for a in (y, ref))
+    err_rows = np.linalg.norm(y - ref, axis=-1) / np.sqrt(np.mean(np.sum(ref ** 2, axis=-1)))
+    beyond = np.flatnonzero(err_rows > mech.bf16_rtol)
+    assert len(beyond) <= int(mech.bf16_flip_rows * len(err_rows)), (
+        f"rows {beyond.tolist()} of {len(err_rows)} beyond {mech.bf16_rtol}: errors "
+        f"{err_rows[beyond].round(4).tolist()} ({mech.bf16_why})")
+    assert err_rows.max() <= 1.0
     # large logits (inputs x30) stay finite in bf16, forward and backward (same compiled program)
     (_, y_big), g_big = run(x16 * 30)
     assert np.all(np.isfinite(np.asarray(y_big, np.float32)))
@@ -250,3 +257,10 @@ def test_declaration_matches_the_module(mech):
     leaves = jax.tree_util.tree_leaves(v["params"],
                                        is_leaf=lambda a: isinstance(a, nn.LogicallyPartitioned))
     assert leaves and all(isinstance(a, nn.LogicallyPartitioned) for a in leaves)
+
+
+def test_every_mechanism_is_declared():
+    """A module exported by the package is either declared here or a named building block."""
+    blocks = {ah.LightningIndexer, ah.GroupedOutputProjection}
+    exported = {c for c in vars(ah).values() if isinstance(c, type) and issubclass(c, nn.Module)}
+    assert exported - blocks == {m.cls for m in MECHANISMS}
