@@ -88,6 +88,15 @@ def test_causality_both_ways(mech):
         assert t_out == t_in
         # exactly zero gradient from every later position, for every row
         assert not dep[ahead].any(), np.argwhere(dep & ahead)
+        # and no leak through what has no gradient (top-k selections): moving input p leaves
+        # every earlier output bit for bit
+        _, run, _ = _program(mech.id)
+        p, w = params(mech.id), jnp.ones(t_out)
+        (_, y), _ = run(p, x, w)
+        for pos in (0, 4, t_in - 1):
+            (_, y2), _ = run(p, x.at[:, pos].add(3.0), w)
+            np.testing.assert_array_equal(np.asarray(y2[:, :pos]), np.asarray(y[:, :pos]))
+            assert not np.allclose(y2[:, pos], y[:, pos])
         if mech.full:
             np.testing.assert_array_equal(dep, ~ahead)
         else:
@@ -257,10 +266,14 @@ def test_declaration_matches_the_module(mech):
     leaves = jax.tree_util.tree_leaves(v["params"],
                                        is_leaf=lambda a: isinstance(a, nn.LogicallyPartitioned))
     assert leaves and all(isinstance(a, nn.LogicallyPartitioned) for a in leaves)
+    assert all(len(a.names) == a.value.ndim for a in leaves)
+    assert "embed" in {n for a in leaves for n in a.names}
 
 
 def test_every_mechanism_is_declared():
     """A module exported by the package is either declared here or a named building block."""
     blocks = {ah.LightningIndexer, ah.GroupedOutputProjection}
     exported = {c for c in vars(ah).values() if isinstance(c, type) and issubclass(c, nn.Module)}
-    assert exported - blocks == {m.cls for m in MECHANISMS}
+    missing = {c.__name__ for c in exported - blocks - {m.cls for m in MECHANISMS}}
+    assert not missing, f"declare {sorted(missing)} in tests/mechanisms_spec.py"
+    assert {m.cls for m in MECHANISMS} <= exported
