@@ -63,10 +63,9 @@ class Mechanism:
     ``bf16_rtol``: bound on each output row's error, bf16 against float32 for the same
     (bf16-rounded) params and input, relative to the rows' RMS norm; ``bf16_why`` says where the
     error comes from. Measured at these sizes over ten inputs: at most 0.012 for every mechanism
-    (bf16's unit roundoff is 2^-9 = 0.002 per rounding, and a row goes through several).
-    ``bf16_flip_rows``: the fraction of rows allowed past ``bf16_rtol`` (still within 1.0: O(1),
-    not garbage) because bf16 scores select other keys than float32 there; 0 where nothing is
-    selected from the data.
+    (bf16's unit roundoff is 2^-9 = 0.002 per rounding, and a row goes through several). The
+    selectors (DSA, MSA, CSA) rank in float32 under a bf16 module (issue 11's
+    ``selector_dtype``), so they select what float32 selects and no row is exempt.
     """
 
     id: str
@@ -78,7 +77,6 @@ class Mechanism:
     bad_config: tuple[Mapping[str, Any], str]
     bf16_why: str
     bf16_rtol: float = 0.02
-    bf16_flip_rows: float = 0.0
     impls: tuple[str, ...] = ()
     cpu_impls: tuple[str, ...] = ()
     future_rows: int = 0
@@ -201,9 +199,8 @@ MECHANISMS: list[Mechanism] = [
         future_rows=2, call=frozenset({"return_aux"}), aux=True, impls=SPARSE_IMPLS,
         cpu_impls=SPARSE_IMPLS,
         bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
-        bf16_flip_rows=0.1,
-        bf16_why=_BF16_DENSE + "; the bf16 indexer may select other keys than float32 on a few "
-                 "rows (none at these sizes; issue 11 measured 15% of rows at realistic ones)")),
+        bf16_why=_BF16_DENSE + "; the indexer ranks in float32 (selector_dtype), so it selects "
+                 "the keys float32 selects")),
     *_variants(lambda c: Mechanism(
         f"msa{'' if c else '_bidir'}", ah.MiniMaxSparseAttention,
         {"dim": D, "num_heads": 4, "num_kv_groups": 2, "block_size": 3, "top_k": 2, "causal": c},
@@ -212,9 +209,8 @@ MECHANISMS: list[Mechanism] = [
         future_rows=2, call=frozenset({"return_aux"}), aux=True, impls=SPARSE_IMPLS,
         cpu_impls=SPARSE_IMPLS,
         bad_config=({"num_kv_groups": 3}, r"num_heads=4 must be divisible by num_kv_groups=3"),
-        bf16_flip_rows=0.1,
-        bf16_why=_BF16_DENSE + "; block scores from bf16 index projections pick another block "
-                 "than float32 on a few rows (at most 1 of 22 over ten inputs)")),
+        bf16_why=_BF16_DENSE + "; the index branch ranks blocks in float32 (selector_dtype); "
+                 "with bf16 block scores, 1 row in 22 picked another block on some inputs")),
     Mechanism(
         "hca", ah.HeavilyCompressedAttention,
         {"dim": D, "num_heads": 4, "compression_rate": 3, "window": 4}, causal=True,
@@ -228,9 +224,8 @@ MECHANISMS: list[Mechanism] = [
          "index_dim": 8, "window": 3}, causal=True, full=False, call=frozenset({"return_aux"}),
         aux=True, impls=SPARSE_IMPLS, cpu_impls=SPARSE_IMPLS,
         bad_config=({"num_groups": 3}, r"num_heads=4 must be divisible by num_groups=3"),
-        bf16_flip_rows=0.1,
-        bf16_why=_BF16_DENSE + "; the bf16 indexer may select other compressed entries than "
-                 "float32 on a few rows (none at these sizes)"),
+        bf16_why=_BF16_DENSE + "; the indexer ranks in float32 (selector_dtype), so it selects "
+                 "the entries float32 selects"),
     Mechanism(
         "cjepa", ah.CausalJEPAAttention,
         {"dim": 16, "num_heads": 2, "num_slots": _SLOTS, "history_frames": 3, "pred_frames": 1,
