@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mechanisms_spec import MECHANISMS, SPARSE_IMPLS, Mechanism, params
+from mechanisms_spec import BY_ID, MECHANISMS, SPARSE_IMPLS, Mechanism, params
 
 import attnhut_jax as ah
 
@@ -39,7 +39,7 @@ def _weights(shape):
 @functools.cache
 def _run(mech_id: str, impl: str | None):
     """(output, param grads, input grad) of sum(out * r) for a declaration, float32, one jit."""
-    mech = next(m for m in MECHANISMS if m.id == mech_id)
+    mech = BY_ID[mech_id]
     m = mech.make() if impl is None else mech.make(impl=impl)
     x = mech.example(seed=5)
     return _grads(lambda p, x_: mech.apply(m, {"params": p}, x_), params(mech_id), x)
