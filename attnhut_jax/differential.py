@@ -101,10 +101,10 @@ class DifferentialAttention(nn.Module):
         n, hd = self.num_heads, self.head_dim
         # Query/key head 2i and 2i + 1 form the pair of maps of differential head i.
         q_BTN2H = self.q(x).reshape(b, t, n, 2, hd)
-        k_BTN2H = self.k(x).reshape(b, t, n, 2, hd)
-        v_BTNV = self.v(x).reshape(b, t, n, 2 * hd)
+        k_BSN2H = self.k(x).reshape(b, t, n, 2, hd)
+        v_BSNV = self.v(x).reshape(b, t, n, 2 * hd)
         a1, a2 = (registry.call("DifferentialAttention", "dense", self.impl, q_BTN2H[:, :, :, i],
-                                k_BTN2H[:, :, :, i], v_BTNV, causal=self.causal, scale=hd ** -0.5,
+                                k_BSN2H[:, :, :, i], v_BSNV, causal=self.causal, scale=hd ** -0.5,
                                 precision=self.precision) for i in (0, 1))
         out = a1 - self.lambda_value().astype(a2.dtype) * a2
         out = core.rms_norm(out, self.head_norm, eps=1e-5) * (1 - self.lambda_init)

@@ -66,10 +66,10 @@ class GroupedQueryAttention(nn.Module):
         b, t, _ = x.shape
         h = self.head_dim
         q_BTNH = self.q(x).reshape(b, t, self.num_heads, h)
-        k_BTKH = self.k(x).reshape(b, t, self.num_kv_heads, h)
-        v_BTKH = self.v(x).reshape(b, t, self.num_kv_heads, h)
+        k_BSKH = self.k(x).reshape(b, t, self.num_kv_heads, h)
+        v_BSKV = self.v(x).reshape(b, t, self.num_kv_heads, h)
         rate, rng = core.attention_dropout(self, self.dropout, deterministic)
-        out = core.sdpa(q_BTNH, k_BTKH, v_BTKH, attn_mask=attn_mask, causal=self.causal,
+        out = core.sdpa(q_BTNH, k_BSKH, v_BSKV, attn_mask=attn_mask, causal=self.causal,
                         owner="GroupedQueryAttention", dropout_rate=rate, dropout_rng=rng,
                         impl=self.impl, precision=self.precision)
         return self.proj(out.reshape(b, t, self.dim))

@@ -183,13 +183,13 @@ class MiniMaxSparseAttention(nn.Module):
         di, rd = self.resolved_dims()
         xd = jax.lax.stop_gradient(x)  # the index branch is trained only by the aux loss
         q_BTNH = core.rms_norm(self.q(x).reshape(b, t, self.num_heads, d), self.q_norm)
-        k_BTKH = core.rms_norm(self.k(x).reshape(b, t, kg, d), self.k_norm)
-        v_BTKH = self.v(x).reshape(b, t, kg, d)
+        k_BSKH = core.rms_norm(self.k(x).reshape(b, t, kg, d), self.k_norm)
+        v_BSKV = self.v(x).reshape(b, t, kg, d)
         qi_BTKE = core.rms_norm(self.idx_q(xd).reshape(b, t, kg, di), self.idx_q_norm)
         ki_BT1E = core.rms_norm(self.idx_k(xd).reshape(b, t, 1, di), self.idx_k_norm)
         if self.use_rope:
             cos, sin = core.rope_tables(jnp.arange(t), rd, self.rope_theta, q_BTNH.dtype)
-            q_BTNH, k_BTKH = (core.apply_rope(a, cos, sin) for a in (q_BTNH, k_BTKH))
+            q_BTNH, k_BSKH = (core.apply_rope(a, cos, sin) for a in (q_BTNH, k_BSKH))
             cos, sin = core.rope_tables(jnp.arange(t), rd, self.rope_theta, qi_BTKE.dtype)
             qi_BTKE, ki_BT1E = (core.apply_rope(a, cos, sin) for a in (qi_BTKE, ki_BT1E))
 
@@ -201,7 +201,7 @@ class MiniMaxSparseAttention(nn.Module):
             scores_BKTJ = block_scores(qi_BTKE, ki_BT1E[:, :, 0], block_size=self.block_size,
                                        causal=self.causal, precision=self.precision)
             block_keep_BKTJ = select_blocks(scores_BKTJ, **sel)
-            out = core.block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, block_keep_BKTJ,
+            out = core.block_sparse_attention(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
                                               block_k=self.block_size, causal=self.causal,
                                               impl=self.impl, scale=d ** -0.5,
                                               precision=self.precision,
@@ -221,9 +221,9 @@ class MiniMaxSparseAttention(nn.Module):
             keep_BKTS = keep_BKTS & core.causal_mask(t, t)
         # the weights are materialised for the aux loss anyway, so the output reuses them (every
         # impl computes the same numbers; the default path above is where impls differ)
-        probs = core.attention_weights(q_BTNH, k_BTKH, keep=keep_BKTS, scale=d ** -0.5,
+        probs = core.attention_weights(q_BTNH, k_BSKH, keep=keep_BKTS, scale=d ** -0.5,
                                        precision=self.precision)
-        out = self.proj(core.attend(probs, v_BTKH, precision=self.precision).reshape(
+        out = self.proj(core.attend(probs, v_BSKV, precision=self.precision).reshape(
             b, t, self.dim))
         aux = {"index_scores": index_scores,
                "attn_weights": probs.astype(q_BTNH.dtype).reshape(b, self.num_heads, t, t),

@@ -90,17 +90,17 @@ class MultiHeadLatentAttention(nn.Module):
 
         q = self.q_up(core.rms_norm(self.q_down(x), self.q_norm))
         q_BTNH = q.reshape(b, t, n, nope + rope)
-        c_kv, k_rope_BTR = jnp.split(self.kv_down(x), [kvl], axis=-1)
-        kv = self.kv_up(core.rms_norm(c_kv, self.kv_norm)).reshape(b, t, n, nope + vd)
-        k_nope_BTNH, v_BTNV = jnp.split(kv, [nope], axis=-1)
+        c_BSL, k_rope_BSR = jnp.split(self.kv_down(x), [kvl], axis=-1)
+        kv = self.kv_up(core.rms_norm(c_BSL, self.kv_norm)).reshape(b, t, n, nope + vd)
+        k_nope_BSNH, v_BSNV = jnp.split(kv, [nope], axis=-1)
 
         cos, sin = core.rope_tables(jnp.arange(t), rope, self.rope_theta, q_BTNH.dtype)
         q_BTNH = jnp.concatenate(
             [q_BTNH[..., :nope], core.apply_rope(q_BTNH[..., nope:], cos, sin)], axis=-1)
-        k_rope_BT1R = core.apply_rope(k_rope_BTR[:, :, None, :], cos, sin)
-        k_BTNH = jnp.concatenate(
-            [k_nope_BTNH, jnp.broadcast_to(k_rope_BT1R, (b, t, n, rope))], axis=-1)
-        out = core.sdpa(q_BTNH, k_BTNH, v_BTNV, attn_mask=attn_mask, causal=self.causal,
+        k_rope_BS1R = core.apply_rope(k_rope_BSR[:, :, None, :], cos, sin)
+        k_BSNH = jnp.concatenate(
+            [k_nope_BSNH, jnp.broadcast_to(k_rope_BS1R, (b, t, n, rope))], axis=-1)
+        out = core.sdpa(q_BTNH, k_BSNH, v_BSNV, attn_mask=attn_mask, causal=self.causal,
                         owner="MultiHeadLatentAttention", impl=self.impl,
                         precision=self.precision)
         return self.proj(out.reshape(b, t, n * vd))

@@ -100,11 +100,6 @@ def test_the_jaxpr_check_can_fail():
     assert any(sum(d >= 100 for d in s) >= 2 for s in shapes)
 
 
-def test_unknown_impl_is_rejected():
-    with pytest.raises(ValueError, match=r"impl='fast' is not an implementation of"):
-        ah.BigBirdAttention(32, 4, impl="fast").init(jax.random.key(0), jnp.zeros((1, 3, 32)))
-
-
 @pytest.mark.selections
 def test_bfloat16_msa_selects_the_blocks_float32_selects():
     """MSA's index branch runs in ``selector_dtype`` (float32) under ``dtype=jnp.bfloat16``: the

@@ -57,17 +57,6 @@ def test_hidden_history_cells_do_not_read_their_own_slot():
     assert not np.allclose(y, m.apply(v, x.at[:, 1:, 2].add(3.0), mask)[0])
 
 
-def test_predict_is_the_future_of_the_unmasked_forward():
-    m = _module()
-    v = _init(m)
-    x = _x()
-    y, ms = m.apply(v, x, jnp.zeros((0,), jnp.int32))
-    assert ms.shape == (0,)
-    fut = m.apply(v, x, method="predict")
-    assert fut.shape == (2, PRED, S, D)
-    np.testing.assert_allclose(np.asarray(fut), np.asarray(y[:, HIST:]), atol=1e-6)
-
-
 def test_loss_scores_only_inferred_cells():
     f = HIST + PRED
     pred, target = _x((2, f, S, D), seed=1), _x((2, f, S, D), seed=2)
@@ -273,4 +262,3 @@ def test_more_masked_slots_than_objects_hides_every_object_as_attnhut():
     m1 = ah.CausalJEPAAttention(D, 2, 1, HIST, depth=1)  # default num_masked_slots=2, one object
     v1 = m1.init({"params": jax.random.key(1), "mask": jax.random.key(2)}, x[:, :, :1])
     assert m1.apply(v1, x[:, :, :1], rngs={"mask": jax.random.key(3)})[1].shape == (1,)
-
