@@ -432,7 +432,11 @@ def cudnn_unsupported(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Arra
                       bias: Array | None = None, causal: bool = False, dropout_rate: float = 0.0,
                       backend: str | None = None, **_) -> str | None:
     """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` cannot run this call, or
-    None. Mirrors jax's own checks (``jax._src.cudnn.fused_attention_stablehlo``)."""
+    None. Mirrors jax's own checks (``jax._src.cudnn.fused_attention_stablehlo``): a GPU backend,
+    float16/bfloat16 operands of one dtype, V == H, a head width that is a multiple of 8 up to 128
+    (256 from Hopper on), no attention dropout, causal only with T == S, masks and biases of
+    supported shapes. The dense modules' ``impl="cudnn"`` raises a ``ValueError`` with this
+    sentence; ``auto`` takes cuDNN only where this returns None."""
     backend = backend or jax.default_backend()
     if backend != "gpu":
         return (f"cuDNN attention needs an NVIDIA GPU, and JAX's default backend is "
@@ -545,14 +549,16 @@ def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k,
                                  precision=precision)
 
 
-@registry.register("block_sparse", "pallas")
-def _block_sparse_pallas(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, **kw):
-    """The Mosaic variant on TPU; the GPU-style kernel elsewhere (interpret mode off GPU)."""
-    kernel = (block_sparse.block_sparse_attention_tpu if jax.default_backend() == "tpu"
-              else block_sparse.block_sparse_attention)
-    return kernel(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, **kw)
+def _tpu_or_gpu_kernel(on_tpu, elsewhere):
+    """A ``pallas`` entry: the Mosaic TPU kernel on TPU, the GPU-style one elsewhere (interpret
+    mode off GPU); picked when the call is traced."""
+    def kernel(*args, **kw):
+        return (on_tpu if jax.default_backend() == "tpu" else elsewhere)(*args, **kw)
+    return kernel
 
 
+registry.register("block_sparse", "pallas")(_tpu_or_gpu_kernel(
+    block_sparse.block_sparse_attention_tpu, block_sparse.block_sparse_attention))
 registry.register("block_sparse", "xla")(block_sparse.block_sparse_attention_xla)
 
 
@@ -592,12 +598,8 @@ registry.register("token_sparse", "reference")(token_sparse.token_sparse_attenti
 registry.register("token_sparse", "xla")(token_sparse.token_sparse_attention_xla)
 
 
-@registry.register("token_sparse", "pallas")
-def _token_sparse_pallas(q_BTNH, k_BSKH, v_BSKV, indices_BTM, **kw):
-    """The Mosaic kernel on TPU, the Triton-style one elsewhere (interpret mode off GPU)."""
-    kernel = (token_sparse.token_sparse_attention_tpu if jax.default_backend() == "tpu"
-              else token_sparse.token_sparse_attention)
-    return kernel(q_BTNH, k_BSKH, v_BSKV, indices_BTM, **kw)
+registry.register("token_sparse", "pallas")(_tpu_or_gpu_kernel(
+    token_sparse.token_sparse_attention_tpu, token_sparse.token_sparse_attention))
 
 
 def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
@@ -623,11 +625,9 @@ registry.register("indexer_topk", "reference")(token_sparse.indexer_topk_referen
 registry.register("indexer_topk", "xla")(token_sparse.indexer_topk)
 
 
-@registry.register("indexer_topk", "pallas")
-def _indexer_topk_pallas(q_BTIE, k_BSE, w_BTI, top_k, **kw):
-    kernel = (token_sparse.indexer_topk if jax.default_backend() == "tpu"
-              else token_sparse.indexer_topk_pallas)
-    return kernel(q_BTIE, k_BSE, w_BTI, top_k, **kw)
+# on TPU the radix-select kernel gives way to the XLA running top-k
+registry.register("indexer_topk", "pallas")(_tpu_or_gpu_kernel(
+    token_sparse.indexer_topk, token_sparse.indexer_topk_pallas))
 
 
 def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,

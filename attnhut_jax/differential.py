@@ -36,12 +36,9 @@ class DifferentialAttention(nn.Module):
     ``k``, ``v``, ``proj``, ``head_norm`` (2 * head_dim), ``lambda_q1``, ``lambda_k1``,
     ``lambda_q2``, ``lambda_k2`` (head_dim each, N(0, 0.1)).
 
-    ``impl`` picks the registry's ``dense`` op: ``xla`` (the masked-softmax core), ``cudnn``
-    (``jax.nn.dot_product_attention(implementation="cudnn")``: float16/bfloat16, V == H, head
-    width a multiple of 8 up to 128 or 256, no attention dropout; anything else, or a host
-    without a GPU, raises a ``ValueError`` saying why), ``auto`` (``cudnn`` on GPU where it
-    supports the call, ``xla`` elsewhere); it changes no variable. ``precision`` reaches every
-    matmul (``jax.lax.PrecisionLike``, Flax's convention).
+    ``impl`` (``auto`` | ``xla`` | ``cudnn``; no variable depends on it) picks the registry's
+    ``dense`` op, ``core.cudnn_unsupported`` says when cuDNN can run; ``precision`` reaches every
+    matmul (Flax's convention).
     Each map reads values twice as wide as its queries (V = 2H), which cuDNN's call does not take:
     ``cudnn`` always says so, and ``auto`` is ``xla``.
     """

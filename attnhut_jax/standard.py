@@ -15,12 +15,9 @@ class StandardAttention(nn.Module):
     Args mirror ``attnhut.StandardAttention``: ``dim`` (divisible by ``num_heads``), ``num_heads``,
     ``causal``, ``dropout`` (on attention weights, when ``deterministic=False``), ``bias``.
 
-    ``impl`` picks the registry's ``dense`` op: ``xla`` (the masked-softmax core), ``cudnn``
-    (``jax.nn.dot_product_attention(implementation="cudnn")``: float16/bfloat16, V == H, head
-    width a multiple of 8 up to 128 or 256, no attention dropout; anything else, or a host
-    without a GPU, raises a ``ValueError`` saying why), ``auto`` (``cudnn`` on GPU where it
-    supports the call, ``xla`` elsewhere); it changes no variable. ``precision`` reaches every
-    matmul (``jax.lax.PrecisionLike``, Flax's convention).
+    ``impl`` (``auto`` | ``xla`` | ``cudnn``; no variable depends on it) picks the registry's
+    ``dense`` op, ``core.cudnn_unsupported`` says when cuDNN can run; ``precision`` reaches every
+    matmul (Flax's convention).
     """
 
     dim: int

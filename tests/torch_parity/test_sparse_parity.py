@@ -118,19 +118,6 @@ def test_bigbird_block_pattern_equals_torch_for_every_length(causal, w, r, g, se
                                       err_msg=f"num_blocks={nb}")
 
 
-def _aux(m):
-    """``m.apply(v, x, return_aux=True)`` as one jit: op-by-op dispatch is slow on CPU, and the
-    properties below hold for any trace (jit == eager: test_jit_bf16_and_axes)."""
-    return jax.jit(lambda v, x: m.apply(v, x, return_aux=True))
-
-
-def _dsa(top_k, causal=True, t=13):
-    m = ah.DeepSeekSparseAttention(32, 4, top_k=top_k, num_index_heads=2, index_head_dim=8,
-                                   causal=causal)
-    x = jax.random.normal(jax.random.key(0), (2, t, 32))
-    return m, jax.jit(m.init)(jax.random.key(1), x), x
-
-
 def test_dsa_index_aux_loss_matches_torch_and_trains_the_indexer():
     from attnhut.deepseek_sparse import dsa_index_aux_loss as torch_loss
 
@@ -141,17 +128,13 @@ def test_dsa_index_aux_loss_matches_torch_and_trains_the_indexer():
     assert np.isclose(float(ah.dsa_index_aux_loss(jnp.asarray(scores), jnp.asarray(attn))), ref,
                       rtol=1e-6)
 
-    m, v, x = _dsa(3)
+    # the module's own target: its main attention over every visible key (aux["dense_weights"])
+    m = ah.DeepSeekSparseAttention(32, 4, top_k=3, num_index_heads=2, index_head_dim=8)
+    x = jax.random.normal(jax.random.key(0), (2, 13, 32))
+    v = jax.jit(m.init)(jax.random.key(1), x)
     params = nn.unbox(v)["params"]
-    dense = ah.StandardAttention(32, 4, causal=True)
-    from attnhut_jax import core
-
-    def teacher(p):
-        q, k, _ = jnp.split(dense.apply({"params": p}, x, method=lambda mod, x: mod.qkv(x)), 3, -1)
-        q, k = q.reshape(2, 13, 4, 8), k.reshape(2, 13, 4, 8)
-        return core.attention_weights(q, k, keep=core.causal_mask(13, 13)).reshape(2, 4, 13, 13)
-
-    target = jax.jit(teacher)({"qkv": params["qkv"], "proj": params["proj"]})
+    target = jax.jit(lambda p: m.apply({"params": p}, x, return_aux=True)[1]["dense_weights"])(
+        params)
 
     @jax.jit
     def loss(p):
@@ -177,7 +160,7 @@ def test_msa_aux_equals_torch():
     x = np.random.default_rng(0).standard_normal((2, 11, 32)).astype(np.float32)
     with torch.no_grad():
         _, t_aux = tm(torch.from_numpy(x), return_aux=True)
-    _, j_aux = _aux(fm)(v, jnp.asarray(x))
+    _, j_aux = jax.jit(lambda v, x: fm.apply(v, x, return_aux=True))(v, jnp.asarray(x))
     for key in ("index_scores", "attn_weights"):
         np.testing.assert_allclose(np.asarray(j_aux[key]), t_aux[key].numpy(), atol=1e-5,
                                    rtol=1e-4, err_msg=key)
