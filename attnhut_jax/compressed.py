@@ -96,15 +96,6 @@ def shared_kv_attention(q_BTNH: Array, kv_BSH: Array, keep: Array, sink_N: Array
                                       sink=sink_N, precision=precision)
 
 
-def masked_index_scores(qi_BTIE: Array, ki_BCE: Array, w_BTI: Array, visible_TC: Array,
-                        precision: core.Precision = None) -> Array:
-    """Indexer scores (B, T, C) in float32 (or wider), the fill value on entries not yet
-    visible: what every impl ranks."""
-    scores_BTC = core.lightning_scores(qi_BTIE, ki_BCE, w_BTI, precision)
-    scores_BTC = scores_BTC.astype(jnp.promote_types(scores_BTC.dtype, jnp.float32))
-    return jnp.where(visible_TC, scores_BTC, core.mask_value(scores_BTC.dtype))
-
-
 # The registry's ``csa`` op: (q_BTNH, kv_BSH, sink_N, qi_BTIE, ki_BCE, w_BTI, *, top_k, rate,
 # window, scale, index_scores_BTC, precision) -> (B, T, N, H). Keys are [C pooled entries | T raw
 # tokens]; entry c sits at position (c + 1) * rate and is visible once that is <= t.
@@ -119,7 +110,7 @@ def csa_reference(q_BTNH, kv_BSH, sink_N, qi_BTIE, ki_BCE, w_BTI, *, top_k, rate
     b, t = q_BTNH.shape[:2]
     visible_TC = compressed_visible(t, ki_BCE.shape[1], rate)
     if index_scores_BTC is None:
-        index_scores_BTC = masked_index_scores(qi_BTIE, ki_BCE, w_BTI, visible_TC, precision)
+        index_scores_BTC = core.masked_lightning_scores(qi_BTIE, ki_BCE, w_BTI, visible_TC, precision)
     selected_BTC = core.topk_keep(index_scores_BTC, visible_TC, top_k)
     keep_BTS = jnp.concatenate(
         [selected_BTC, jnp.broadcast_to(core.sliding_window_mask(t, window), (b, t, t))], axis=2)
@@ -399,7 +390,7 @@ class CompressedSparseAttention(nn.Module):
         aux = None
         if return_aux:
             visible_TC = compressed_visible(t, nc, r)
-            scores_BTC = masked_index_scores(qi_BTIE, ki_BCE, w_BTI, visible_TC, self.precision)
+            scores_BTC = core.masked_lightning_scores(qi_BTIE, ki_BCE, w_BTI, visible_TC, self.precision)
             selected_BTC = core.topk_keep(scores_BTC, visible_TC, self.top_k)
             aux = {"index_scores": scores_BTC, "selected": selected_BTC}
         out_BTNH = registry.call(

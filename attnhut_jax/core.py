@@ -234,9 +234,19 @@ def topk_keep(scores: Array, valid: Array, top_k: int) -> Array:
 
 def lightning_scores(q_BTIE: Array, k_BSE: Array, w_BTI: Array,
                      precision: Precision = None) -> Array:
-    """Lightning-indexer scores ``I[t, s] = sum_i w[t, i] * ReLU(q[t, i] . k[s])``, (B, T, S)."""
-    dots_BTIS = jax.nn.relu(jnp.einsum("BTIE,BSE->BTIS", q_BTIE, k_BSE, precision=precision))
-    return jnp.einsum("BTI,BTIS->BTS", w_BTI, dots_BTIS, precision=precision)
+    """Lightning-indexer scores ``I[t, s] = sum_i w[t, i] * ReLU(q[t, i] . k[s])``, (B, T, S),
+    always in float32 with the operands upcast first: the one scoring that every selector impl
+    (reference, xla, pallas, ``return_aux``) ranks, so all pick the same keys whatever the
+    selector dtype."""
+    return token_sparse.indexer_scores_reference(q_BTIE, k_BSE, w_BTI, precision=precision)
+
+
+def masked_lightning_scores(q_BTIE: Array, k_BSE: Array, w_BTI: Array, valid_TS: Array,
+                            precision: Precision = None) -> Array:
+    """``lightning_scores`` with the fill value where ``valid_TS`` is False: what DSA's and CSA's
+    selections rank (S is CSA's compressed entries)."""
+    scores_BTS = lightning_scores(q_BTIE, k_BSE, w_BTI, precision)
+    return jnp.where(valid_TS, scores_BTS, mask_value(scores_BTS.dtype))
 
 
 def mask_value(dtype: Dtype) -> float:
@@ -549,16 +559,10 @@ def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k,
                                  precision=precision)
 
 
-def _tpu_or_gpu_kernel(on_tpu, elsewhere):
-    """A ``pallas`` entry: the Mosaic TPU kernel on TPU, the GPU-style one elsewhere (interpret
-    mode off GPU); picked when the call is traced."""
-    def kernel(*args, **kw):
-        return (on_tpu if jax.default_backend() == "tpu" else elsewhere)(*args, **kw)
-    return kernel
-
-
-registry.register("block_sparse", "pallas")(_tpu_or_gpu_kernel(
-    block_sparse.block_sparse_attention_tpu, block_sparse.block_sparse_attention))
+# ``pallas``: the Mosaic kernels on TPU, the GPU-style (Triton) ones elsewhere (interpret mode
+# off GPU); the registry picks the backend's entry.
+registry.register("block_sparse", "pallas")(block_sparse.block_sparse_attention)
+registry.register("block_sparse", "pallas", backend="tpu")(block_sparse.block_sparse_attention_tpu)
 registry.register("block_sparse", "xla")(block_sparse.block_sparse_attention_xla)
 
 
@@ -598,8 +602,8 @@ registry.register("token_sparse", "reference")(token_sparse.token_sparse_attenti
 registry.register("token_sparse", "xla")(token_sparse.token_sparse_attention_xla)
 
 
-registry.register("token_sparse", "pallas")(_tpu_or_gpu_kernel(
-    token_sparse.token_sparse_attention_tpu, token_sparse.token_sparse_attention))
+registry.register("token_sparse", "pallas")(token_sparse.token_sparse_attention)
+registry.register("token_sparse", "pallas", backend="tpu")(token_sparse.token_sparse_attention_tpu)
 
 
 def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
@@ -625,9 +629,9 @@ registry.register("indexer_topk", "reference")(token_sparse.indexer_topk_referen
 registry.register("indexer_topk", "xla")(token_sparse.indexer_topk)
 
 
+registry.register("indexer_topk", "pallas")(token_sparse.indexer_topk_pallas)
 # on TPU the radix-select kernel gives way to the XLA running top-k
-registry.register("indexer_topk", "pallas")(_tpu_or_gpu_kernel(
-    token_sparse.indexer_topk, token_sparse.indexer_topk_pallas))
+registry.register("indexer_topk", "pallas", backend="tpu")(token_sparse.indexer_topk)
 
 
 def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,

@@ -32,22 +32,13 @@ from . import core, registry
 from .core import Array, Dtype
 
 
-def masked_index_scores(qi_BTIE: Array, ki_BSE: Array, w_BTI: Array, valid_TS: Array,
-                        precision: core.Precision = None) -> Array:
-    """Lightning-indexer scores (B, T, S) in float32 (or wider), the fill value where not
-    ``valid_TS``: what every impl ranks."""
-    scores_BTS = core.lightning_scores(qi_BTIE, ki_BSE, w_BTI, precision)
-    scores_BTS = scores_BTS.astype(jnp.promote_types(scores_BTS.dtype, jnp.float32))
-    return jnp.where(valid_TS, scores_BTS, core.mask_value(scores_BTS.dtype))
-
-
 def _valid(t: int, s: int, causal: bool) -> Array:
     return core.causal_mask(t, s) if causal else jnp.ones((t, s), bool)
 
 
 # The registry's ``dsa`` op: (q_BTNH, k_BSNH, v_BSNH, qi_BTIE, ki_BSE, w_BTI, *, top_k, causal,
 # scale, index_scores_BTS, precision) -> (B, T, N, H). ``index_scores_BTS`` (already masked, as
-# ``masked_index_scores``) is given when the caller built them for ``return_aux``: the impl then
+# ``core.masked_lightning_scores``) is given when the caller built them for ``return_aux``: the impl then
 # selects from them, so the selection returned is the one attended.
 
 
@@ -57,7 +48,7 @@ def dsa_reference(q_BTNH, k_BSNH, v_BSNH, qi_BTIE, ki_BSE, w_BTI, *, top_k, caus
     """attnhut's path: score every (query, key) pair, attend through a dense (T, S) mask."""
     valid_TS = _valid(q_BTNH.shape[1], k_BSNH.shape[1], causal)
     if index_scores_BTS is None:
-        index_scores_BTS = masked_index_scores(qi_BTIE, ki_BSE, w_BTI, valid_TS, precision)
+        index_scores_BTS = core.masked_lightning_scores(qi_BTIE, ki_BSE, w_BTI, valid_TS, precision)
     selected_BTS = core.topk_keep(index_scores_BTS, valid_TS, top_k)
     return core.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, keep=selected_BTS[:, None],
                                       scale=scale, precision=precision)
@@ -87,6 +78,8 @@ class LightningIndexer(nn.Module):
     ``bias``. Parameters: ``wq``, ``wk`` (one shared key head), ``ww`` (per-head gates).
     ``dtype`` is the selector's dtype and defaults to float32 (not to the input's), so that a
     selector inside a bfloat16 model still ranks float32 scores; ``precision`` is the matmuls'.
+    The scores are float32 whatever the dtype (the score products upcast their operands, as every
+    selector impl does), so all impls rank the same numbers.
     """
 
     dim: int
@@ -184,7 +177,7 @@ class DeepSeekSparseAttention(nn.Module):
         aux = None
         if return_aux:
             valid = core.causal_mask(t, t) if self.causal else jnp.ones((t, t), bool)
-            scores = masked_index_scores(*self.indexer.project(x), valid, self.precision)
+            scores = core.masked_lightning_scores(*self.indexer.project(x), valid, self.precision)
             selected = core.topk_keep(scores, valid, self.top_k)
             aux = {"index_scores": scores, "selected": selected}
         out = registry.call("DeepSeekSparseAttention", "dsa", self.impl, q, k, v,

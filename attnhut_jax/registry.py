@@ -17,7 +17,9 @@ mechanism's file for DSA's and CSA's selection paths) with ``@register(op, impl)
 declare a ``supports`` check that names why a given call cannot run on it. ``select`` resolves an
 impl once per call site (at trace time): an explicit impl that cannot run the call raises a
 ``ValueError`` naming why, never falling back; ``auto`` takes the first supported impl in the
-backend's order.
+backend's order. An impl may also have a backend-specific entry (``register(..., backend="tpu")``:
+the Mosaic TPU kernels under ``pallas``), which ``select`` prefers on that backend: the backend is
+looked at here and nowhere else.
 """
 
 from __future__ import annotations
@@ -47,11 +49,14 @@ _DENSE_ORDER = {"gpu": ("cudnn", "xla")}
 _SPARSE_ORDER = {"gpu": ("pallas",), "tpu": ("pallas",)}
 
 Supports = Callable[..., "str | None"]
-_TABLE: dict[tuple[str, str], tuple[Callable[..., Any], Supports | None]] = {}
+# (op, impl) -> backend (None: any backend) -> (function, supports)
+_TABLE: dict[tuple[str, str], dict[str | None, tuple[Callable[..., Any], Supports | None]]] = {}
 
 
-def register(op: str, impl: str, *, supports: Supports | None = None):
-    """Decorator: ``fn`` implements ``op`` as ``impl``.
+def register(op: str, impl: str, *, supports: Supports | None = None, backend: str | None = None):
+    """Decorator: ``fn`` implements ``op`` as ``impl`` (on ``backend`` only, if given; a
+    backend-specific entry wins over the generic one there, e.g. the Mosaic TPU kernels under
+    ``pallas``).
 
     ``supports(*args, **kwargs)``, if given, takes the call's arguments and returns ``None`` when
     ``fn`` can run them, else a sentence naming why not.
@@ -63,9 +68,11 @@ def register(op: str, impl: str, *, supports: Supports | None = None):
                          f"allowed: {tuple(i for i in OPERATIONS[op] if i != 'auto')}")
 
     def add(fn):
-        if (op, impl) in _TABLE:
-            raise ValueError(f"register: ({op!r}, {impl!r}) is already registered")
-        _TABLE[op, impl] = (fn, supports)
+        entries = _TABLE.setdefault((op, impl), {})
+        if backend in entries:
+            where = "" if backend is None else f" on {backend!r}"
+            raise ValueError(f"register: ({op!r}, {impl!r}){where} is already registered")
+        entries[backend] = (fn, supports)
         return fn
 
     return add
@@ -104,8 +111,10 @@ def select(owner: str, op: str, impl: str, *args, **kwargs) -> Callable[..., Any
     ``auto`` takes the first supported impl in ``auto_order``.
     """
     check(owner, op, impl)
-    for name in (auto_order(op) if impl == "auto" else (impl,)):
-        fn, supports = _TABLE[op, name]
+    backend = jax.default_backend()
+    for name in (auto_order(op, backend) if impl == "auto" else (impl,)):
+        entries = _TABLE[op, name]
+        fn, supports = entries.get(backend) or entries[None]
         reason = None if supports is None else supports(*args, **kwargs)
         if reason is None:
             return fn

@@ -231,6 +231,7 @@ MECHANISMS: list[Mechanism] = [
         {"dim": 16, "num_heads": 2, "num_slots": _SLOTS, "history_frames": 3, "pred_frames": 1,
          "num_masked_slots": 1, "depth": 1}, causal=False, full=True,
         call=frozenset({"mask_slots", "deterministic"}), shape=(B, 3, _SLOTS, 16),
+        impls=DENSE_IMPLS, cpu_impls=("auto", "xla"),
         fixed=_cjepa_fixed, pair_output=True,
         bad_calls=(BadCall("mask_slots", lambda x: jnp.array([True, False]), ValueError,
                            rf"boolean mask_slots must have shape \(num_slots,\)=\({_SLOTS},\), "

@@ -240,8 +240,7 @@ def test_bad_constructor_value(mech):
 
 @pytest.mark.parametrize("mech", [m for m in MECHANISMS if m.impls], ids=str)
 def test_bad_impl(mech):
-    """Dense mechanisms declare issue 11's impl field ("auto", "xla", "cudnn"); until it exists
-    their constructor refuses the keyword without naming the value, and this fails."""
+    """Every mechanism with an ``impl`` field refuses an unknown one with an error naming it."""
     with pytest.raises((ValueError, TypeError), match=r"impl\W+bogus"):
         _abstract_init(mech, mech.make(impl="bogus"), jnp.zeros(mech.shape))
 

@@ -139,6 +139,7 @@ def test_float64_under_x64_equals_the_reference(family, name):
     assert not jax.config.jax_enable_x64
 
 
+@pytest.mark.selections
 @pytest.mark.parametrize("name", list(INDEXERS))
 def test_float64_indexers_under_x64_select_the_reference_keys(name):
     with jax.enable_x64(True):

@@ -56,6 +56,24 @@ def test_register_refuses_unknown_ops_auto_and_duplicates():
         registry.register("dense", "xla")(lambda *a, **k: None)
 
 
+def test_backend_entries_pick_the_tpu_kernels_on_tpu(monkeypatch):
+    from pallas_kernels import block_sparse, token_sparse
+
+    on = {"cpu": {}, "tpu": {}}
+    for backend in on:
+        monkeypatch.setattr(registry.jax, "default_backend", lambda b=backend: b)
+        for op in ("block_sparse", "token_sparse", "indexer_topk"):
+            on[backend][op] = registry.select("test", op, "pallas")
+    assert on["cpu"] == {"block_sparse": block_sparse.block_sparse_attention,
+                         "token_sparse": token_sparse.token_sparse_attention,
+                         "indexer_topk": token_sparse.indexer_topk_pallas}
+    assert on["tpu"] == {"block_sparse": block_sparse.block_sparse_attention_tpu,
+                         "token_sparse": token_sparse.token_sparse_attention_tpu,
+                         "indexer_topk": token_sparse.indexer_topk}
+    with pytest.raises(ValueError, match=r"\('block_sparse', 'pallas'\) on 'tpu' is already"):
+        registry.register("block_sparse", "pallas", backend="tpu")(lambda *a, **k: None)
+
+
 def test_resolve_auto_per_backend():
     for op in registry.OPERATIONS:
         assert registry.resolve(op, "auto", "cpu") == "xla"

@@ -87,8 +87,12 @@ def _as_mask(idx_BTM, shape):
 def test_bfloat16_every_impl_selects_the_same_keys(name, selector_dtype):
     """A bf16 module (and a bf16 selector) ranks in float32 on every path: the aux selection (which
     the reference path also attends) is the fused top-k's of every impl."""
-    m = MODULES[name]("auto", top_k=4, dtype=jnp.bfloat16, selector_dtype=selector_dtype)
-    x = jax.random.normal(jax.random.key(3), (2, 24, D))
+    # long enough (T = 160, 32-wide index heads) that bf16 products summed in bf16 would reorder
+    # near-tied scores: an impl that ranked such sums would fail here
+    m = MODULES[name]("auto", top_k=16, dtype=jnp.bfloat16, selector_dtype=selector_dtype,
+                      index_head_dim=32) if name == "dsa" else MODULES[name](
+        "auto", top_k=16, dtype=jnp.bfloat16, selector_dtype=selector_dtype, index_dim=32)
+    x = jax.random.normal(jax.random.key(3), (2, 160, D))
     v = jax.jit(m.init)(jax.random.key(1), x)
     _, aux = jax.jit(lambda v, x: m.apply(v, x, return_aux=True))(v, x)
     assert aux["index_scores"].dtype == jnp.float32
