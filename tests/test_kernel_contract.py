@@ -148,5 +148,7 @@ def test_float64_indexers_under_x64_select_the_reference_keys(name):
         ref_i, ref_v = indexer_topk_reference(q, k, w, 3, causal=True)
         assert got_i.dtype == jnp.int32 and got_v.dtype == jnp.float32  # ranked in float32
         np.testing.assert_array_equal(np.sort(got_i, -1), np.sort(ref_i, -1))
-        np.testing.assert_array_equal(np.sort(got_v, -1), np.sort(ref_v, -1))
+        # the selection is exact; the scores may differ in the last float32 bit (the kernel sums
+        # in another order, and XLA's optimiser may reassociate: seen at the default level)
+        np.testing.assert_allclose(np.sort(got_v, -1), np.sort(ref_v, -1), rtol=1e-6, atol=1e-6)
     assert not jax.config.jax_enable_x64
