@@ -174,14 +174,15 @@ class DeepSeekSparseAttention(nn.Module):
         shape = (b, t, self.num_heads, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         scale = self.head_dim ** -0.5
+        index_qkw = self.indexer.project(x)
         aux = None
         if return_aux:
-            valid = core.causal_mask(t, t) if self.causal else jnp.ones((t, t), bool)
-            scores = core.masked_lightning_scores(*self.indexer.project(x), valid, self.precision)
+            valid = _valid(t, t, self.causal)
+            scores = core.masked_lightning_scores(*index_qkw, valid, self.precision)
             selected = core.topk_keep(scores, valid, self.top_k)
             aux = {"index_scores": scores, "selected": selected}
         out = registry.call("DeepSeekSparseAttention", "dsa", self.impl, q, k, v,
-                            *self.indexer.project(x), top_k=self.top_k, causal=self.causal,
+                            *index_qkw, top_k=self.top_k, causal=self.causal,
                             scale=scale, index_scores_BTS=None if aux is None else scores,
                             precision=self.precision)
         out = self.proj(out.reshape(b, t, self.dim))
