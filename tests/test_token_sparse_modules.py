@@ -180,3 +180,20 @@ def test_default_paths_build_no_sequence_by_sequence_array(name, impl):
     ref = MODULES[name]("reference")
     ref_shapes = jaxpr_shapes(jax.make_jaxpr(lambda v, x: ref.apply(v, x))(v, x).jaxpr)
     assert any(sum(d >= t // 2 for d in s) >= 2 for s in ref_shapes)
+
+
+@pytest.mark.selections
+@pytest.mark.parametrize("name", ["dsa", "csa", "msa"])
+def test_eager_and_jit_select_the_same_keys(name):
+    """The selection (``aux``) of one module is the same program's choice eagerly and under jit,
+    in float32 and with a bfloat16 module (rerun at XLA's default optimisation level)."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        if name == "msa":
+            m, key = ah.MiniMaxSparseAttention(D, 4, 2, block_size=4, top_k=2, dtype=dtype), "keep"
+        else:
+            m, key = MODULES[name]("auto", dtype=dtype), "selected"
+        x = jax.random.normal(jax.random.key(4), (2, 37, D))
+        v = m.init(jax.random.key(1), x)
+        eager = m.apply(v, x, return_aux=True)[1][key]
+        jitted = jax.jit(lambda v, x, m=m, key=key: m.apply(v, x, return_aux=True)[1][key])(v, x)
+        np.testing.assert_array_equal(np.asarray(eager), np.asarray(jitted), err_msg=str(dtype))
