@@ -89,6 +89,12 @@ class LogicalAxes(nn.LogicallyPartitioned):
     unsharded, as in linen (shard it with the rules, e.g. ``nnx.get_partition_spec``).
     """
 
+    def _get_partition_name(self, params: dict[Any, Any]) -> str | None:
+        """The name of an axis that ``nn.scan`` / ``nn.vmap`` adds (stacked layers): the one given
+        as ``metadata_params={nn.PARTITION_NAME: ...}``, else None (an unnamed, replicated axis),
+        so the usual ``nn.scan(..., variable_axes={"params": 0})`` works as it is."""
+        return params.get(nn.PARTITION_NAME)
+
     def to_nnx_metadata(self) -> dict[str, Any]:
         metadata = dict(vars(self))
         metadata["out_sharding"] = metadata.pop("names")
