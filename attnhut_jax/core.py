@@ -66,6 +66,68 @@ def check_divisible(owner: str, num: tuple[str, int], den: tuple[str, int]) -> N
         raise ValueError(f"{owner}: {nn_}={nv} must be divisible by {dn}={dv}")
 
 
+# ----------------------------------------------------------------------------- packed sequences
+#
+# ``segment_ids`` (B, T) int: token t reads key s only when both carry the same id and that id
+# is not 0; id 0 marks padding, which no token reads. ``positions`` (B, T) int: the positions
+# RoPE reads (default ``arange(T)``). Both are call arguments, default None (one segment, no
+# padding). Causality stays on the index in the row, which within a segment is the same order.
+
+
+def check_packing(owner: str, x: Array, segment_ids: Array | None,
+                  positions: Array | None) -> tuple[Array | None, Array | None]:
+    """Validate ``segment_ids`` / ``positions`` against ``x`` (B, T, D); returns them as int32."""
+    b, t = x.shape[0], x.shape[1]
+    out = []
+    for name, a in (("segment_ids", segment_ids), ("positions", positions)):
+        if a is None:
+            out.append(None)
+            continue
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise TypeError(f"{owner}: {name} must be an integer array of shape (batch, seq)=({b}, "
+                            f"{t}), got {type(a)!r}")
+        if tuple(a.shape) != (b, t):
+            raise ValueError(f"{owner}: {name} must have shape (batch, seq)=({b}, {t}) like the "
+                             f"input {tuple(x.shape)}, got {tuple(a.shape)}")
+        if not jnp.issubdtype(a.dtype, jnp.integer):
+            raise TypeError(f"{owner}: {name} must be an integer array, got dtype {a.dtype}")
+        out.append(jnp.asarray(a, jnp.int32))
+    return out[0], out[1]
+
+
+def reject_packing(owner: str, segment_ids: Array | None, why: str) -> None:
+    """Raise for a module that cannot take packed sequences, saying why."""
+    if segment_ids is not None:
+        raise ValueError(f"{owner} cannot take segment_ids: {why}")
+
+
+def mask_padding(x_BTD: Array, segment_ids_BT: Array | None) -> Array:
+    """``x`` with its padding tokens (segment id 0) replaced by zeros, so that a NaN or inf there
+    reaches no output and padding inputs get exactly zero gradient."""
+    if segment_ids_BT is None:
+        return x_BTD
+    return jnp.where(segment_ids_BT[..., None] != 0, x_BTD, jnp.zeros((), x_BTD.dtype))
+
+
+def segment_keep(q_seg_BT: Array, k_seg_BS: Array) -> Array:
+    """(B, 1, T, S) bool: query t may read key s (same segment, key not padding). Dense paths
+    only: it is a (T, S) array."""
+    same = q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+    return (same & (k_seg_BS != 0)[:, None, :])[:, None]
+
+
+def rope_positions(positions_BT: Array | None, t: int) -> Array:
+    """The positions RoPE reads: ``positions`` (B, T) when given, else ``arange(T)``."""
+    return jnp.arange(t) if positions_BT is None else positions_BT
+
+
+def query_weights(segment_ids_BT: Array | None, b: int, t: int) -> Array:
+    """(B, T) float32: 1 for queries that count in a per-query mean (not padding), else 0."""
+    if segment_ids_BT is None:
+        return jnp.ones((b, t), jnp.float32)
+    return (segment_ids_BT != 0).astype(jnp.float32)
+
+
 # ----------------------------------------------------------------------------- parameters
 
 
