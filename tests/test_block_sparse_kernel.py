@@ -339,3 +339,23 @@ def test_segment_arguments_are_checked():
             call(q_seg_BT=seg_q.astype(jnp.float32), k_seg_BS=seg_k)
         with pytest.raises(ValueError, match=r"k_sink_BS must have shape \(2, 12\)"):
             call(k_sink_BS=jnp.zeros((2, 8), bool), window=2)
+
+
+def test_core_op_hands_segments_to_every_impl():
+    """``core.block_sparse_attention`` passes the packed-sequence arguments through the registry:
+    its own reference (``dot_product_attention`` on the token membership) and the xla impl
+    equal this package's reference; a lone segment argument is refused."""
+    from attnhut_jax import core
+
+    q, k, v, keep, sk, kv, _ = _inputs(3, 22, 22, 4, 2, 8, 6, 4, 0.7, 24, sink=True, valid=True)
+    kw = dict(block_k=4, causal=True, sink=sk, key_valid_BS=kv, window=5, num_sink_keys=1,
+              q_seg_BT=jnp.asarray(SEG), k_seg_BS=jnp.asarray(SEG),
+              k_sink_BS=jnp.asarray(SINK_KEYS))
+    want = np.asarray(block_sparse_attention_reference(q, k, v, keep, **kw))
+    for impl in ("reference", "xla"):
+        got = jax.jit(lambda q, k, v, impl=impl: core.block_sparse_attention(
+            q, k, v, keep, impl=impl, **kw))(q, k, v)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5, err_msg=impl)
+    with pytest.raises(ValueError, match="both or neither"):
+        core.block_sparse_attention(q, k, v, keep, block_k=4, causal=True, impl="reference",
+                                    q_seg_BT=jnp.asarray(SEG))
