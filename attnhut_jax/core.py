@@ -424,13 +424,15 @@ def dot_product_attention(
     ``keep`` hides from a row (a later token under the causal rule, another segment, padding)
     changes neither that row's output nor any gradient that flows through it; plain masked
     attention would still multiply the hidden value by its zero weight (``0 * nan = nan``) and
-    turn the row NaN. A row that reads a non-finite query, key or value (``keep`` True for it, or
-    no ``keep``) is NaN in every channel, and its gradient stays NaN as well, so nothing
-    non-finite is ever hidden. An additive ``bias`` is not screened (it is the caller's). On
-    finite inputs the result is bit for bit the plain computation: the screening costs one
-    ``isfinite`` pass over q, k, v and one reduction over ``keep``, no matmul.
+    turn the row NaN (and, backwards, every row's query gradient). A row that reads a non-finite
+    query, key or value (``keep`` True for it, or no ``keep``) is NaN in every channel, so
+    nothing non-finite is hidden in the output; no gradient flows back through such a row (its
+    cotangent, NaN or not, reaches no input), so a NaN there cannot spread to the inputs of
+    other rows either. An additive ``bias`` is not screened (it is the caller's). On finite
+    inputs the result is bit for bit the plain computation: the screening costs one ``isfinite``
+    pass over q, k, v and one reduction over ``keep``, no matmul.
     """
-    q_BTNH, k_BSKH, v_BSKV, nan_BTN1 = _screen_nonfinite(q_BTNH, k_BSKH, v_BSKV, keep)
+    q_BTNH, k_BSKH, v_BSKV, bad_BTN1 = _screen_nonfinite(q_BTNH, k_BSKH, v_BSKV, keep)
     probs = attention_weights(q_BTNH, k_BSKH, keep=keep, bias=bias, scale=scale, sink=sink,
                               precision=precision)
     if dropout_rate > 0.0:
@@ -439,15 +441,14 @@ def dot_product_attention(
         keep_drop = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep_drop, probs / (1.0 - dropout_rate), 0.0)
     out_BTNV = attend(probs, v_BSKV, precision=precision)
-    return out_BTNV + nan_BTN1.astype(out_BTNV.dtype)
+    return jnp.where(bad_BTN1, jnp.asarray(jnp.nan, out_BTNV.dtype), out_BTNV)
 
 
 def _screen_nonfinite(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
                       keep: Array | None) -> tuple[Array, Array, Array, Array]:
-    """(q, k, v) with non-finite entries replaced by 0, and a (B, T, N, 1) term that is NaN for
-    the rows that read a non-finite query, key or value and 0 elsewhere: added to the output of
-    the cleaned operands, it gives ``dot_product_attention``'s rule (see there). The term holds
-    no differentiable input, so a row's gradient is NaN exactly when its cotangent is NaN."""
+    """(q, k, v) with every head row holding a non-finite entry replaced by zeros, and (B, T, N, 1)
+    bool: the rows that read a non-finite query, key or value, which ``dot_product_attention``
+    sets to NaN (see there)."""
     b, t, n, _ = q_BTNH.shape
     kv = k_BSKH.shape[2]
     ok_q_BTN = jnp.all(jnp.isfinite(q_BTNH), axis=-1)
@@ -467,7 +468,7 @@ def _screen_nonfinite(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
         reads_bad_BKGT = jnp.any(keep_BKGTS & bad_kv_BK11S, axis=-1)
     bad_BKGT = jnp.broadcast_to((bad_q_BKGT & reads_any_BKGT) | reads_bad_BKGT, (b, kv, n // kv, t))
     bad_BTN1 = bad_BKGT.transpose(0, 3, 1, 2).reshape(b, t, n, 1)
-    return q_BTNH, k_BSKH, v_BSKV, jnp.where(bad_BTN1, jnp.nan, 0.0)
+    return q_BTNH, k_BSKH, v_BSKV, bad_BTN1
 
 
 def attend(probs_BKGTS: Array, v_BSKV: Array, precision: Precision = None) -> Array:
