@@ -326,3 +326,9 @@ def test_modules_that_cannot_pack_refuse_segments(cls, kwargs, shape, why):
         jax.eval_shape(lambda v_: m.apply(v_, x, segment_ids=seg, rngs=rngs), v)
     # None is the default and changes nothing
     jax.eval_shape(lambda v_: m.apply(v_, x, segment_ids=None, rngs=rngs), v)
+
+
+def test_sdpa_takes_query_and_key_segments_together():
+    q = jnp.zeros((B, T, 2, 4))
+    with pytest.raises(ValueError, match="X: give both query and key segment ids or neither"):
+        core.sdpa(q, q, q, attn_mask=None, causal=True, owner="X", q_seg_BT=jnp.asarray(SEG))
