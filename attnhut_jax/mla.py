@@ -84,9 +84,10 @@ class MultiHeadLatentAttention(nn.Module):
 
         ``segment_ids`` (B, T) int: packed sequences, as ``StandardAttention`` takes them
         (segments AND with the causal rule and with ``attn_mask``). ``positions`` (B, T) int: the
-        positions the decoupled RoPE key and query heads rotate by (default ``arange(T)``); give
-        positions restarting at 0 in each segment to make a packed row equal its segments run
-        alone.
+        positions the decoupled RoPE query and key heads rotate by (default ``arange(T)``), one
+        table per row. Positions restarting at 0 in each segment make a packed row compute what
+        its segments compute alone; as RoPE scores depend only on position differences and no
+        score crosses a segment, any per-segment offset gives the same up to float rounding.
         """
         core.check_input(x, self.dim, "MultiHeadLatentAttention")
         seg, pos = core.check_packing("MultiHeadLatentAttention", x, segment_ids, positions)
