@@ -69,6 +69,12 @@ def bigbird_block_mask(num_blocks: int, num_window_blocks: int, num_random_block
     return mask
 
 
+_PACKING_REFUSED = (
+    "its global blocks are the first blocks of the whole row and its random blocks are drawn over "
+    "the whole row length, so a packed segment would read other blocks than it reads when run "
+    "alone; run one sequence per row (key_padding_mask marks padding)")
+
+
 class BigBirdAttention(nn.Module):
     """Global + sliding-window + random block-sparse attention.
 
@@ -128,13 +134,20 @@ class BigBirdAttention(nn.Module):
         nb = -(-t // self.block_size)
         return self.block_mask(nb)[np.arange(t) // self.block_size]
 
-    def __call__(self, x: Array, key_padding_mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, key_padding_mask: Array | None = None, *,
+                 segment_ids: Array | None = None) -> Array:
         """(B, T, D) -> (B, T, D). ``key_padding_mask`` (B, T): True for real tokens.
 
         attnhut pads the sequence to a multiple of ``block_size`` and masks the padded keys;
         padded queries are discarded, so the result equals attending over the first T tokens
         with the pattern cut to (T, T), which is what is computed here.
+
+        Packed sequences are refused: ``segment_ids`` other than None raises ``ValueError``. The
+        global blocks are the row's first blocks and the random blocks are drawn over all blocks
+        of the row, so a segment packed at an offset would read other global and random blocks
+        than it reads alone; no mask can make a packed row equal its segments run alone.
         """
+        core.reject_packing("BigBirdAttention", segment_ids, _PACKING_REFUSED)
         core.check_input(x, self.dim, "BigBirdAttention")
         b, t, _ = x.shape
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)

@@ -242,13 +242,22 @@ class CausalJEPAAttention(nn.Module):
         return self.to_out(self.norm(x_BTD).reshape(b, f, s, d))
 
     def __call__(self, slots: Array, mask_slots: Array | None = None,
-                 deterministic: bool = True) -> tuple[Array, Array]:
+                 deterministic: bool = True, *,
+                 segment_ids: Array | None = None) -> tuple[Array, Array]:
         """(B, t, U, D) slots -> ((B, F, U, D) prediction, the hidden object indices).
 
         ``mask_slots``: indices of the objects hidden over the history (a traced int array is
         fine under ``jit``), or a boolean (U,) array. When None, ``num_masked_slots`` distinct
         indices are drawn from the ``'mask'`` rng stream, shared by the whole batch.
+
+        Packed sequences are refused: ``segment_ids`` other than None raises ``ValueError``. The
+        token sequence is the fixed (frames, objects) grid of one video, whose cells all attend
+        each other; there is no variable-length sequence to pack.
         """
+        core.reject_packing(_OWNER, segment_ids,
+                            "its tokens are the fixed (frames, objects) grid of one video, every "
+                            "cell attending every other; there are no variable-length sequences "
+                            "to pack (give one video per batch row)")
         self._check_slots(slots)
         if mask_slots is None:
             order = jax.random.permutation(self.make_rng("mask"), self.num_slots)

@@ -419,7 +419,20 @@ def dot_product_attention(
     ``v_BSKV`` is (B, S, K, V) (V may differ from H, as in MLA); the other arguments are those
     of ``attention_weights``. ``dropout_rate`` drops attention weights (inverted scaling) with
     ``dropout_rng``. Returns (B, T, N, V); rows with no visible key are zeros.
+
+    Non-finite inputs: a row depends only on what it reads. NaN or inf in a key or value that
+    ``keep`` hides from a row (a later token under the causal rule, another segment, padding)
+    changes neither that row's output nor any gradient that flows through it; plain masked
+    attention would still multiply the hidden value by its zero weight (``0 * nan = nan``) and
+    turn the row NaN (and, backwards, every row's query gradient). A row that reads a non-finite
+    query, key or value (``keep`` True for it, or no ``keep``) is NaN in every channel, so
+    nothing non-finite is hidden in the output; no gradient flows back through such a row (its
+    cotangent, NaN or not, reaches no input), so a NaN there cannot spread to the inputs of
+    other rows either. An additive ``bias`` is not screened (it is the caller's). On finite
+    inputs the result is bit for bit the plain computation: the screening costs one ``isfinite``
+    pass over q, k, v and one reduction over ``keep``, no matmul.
     """
+    q_BTNH, k_BSKH, v_BSKV, bad_BTN1 = _screen_nonfinite(q_BTNH, k_BSKH, v_BSKV, keep)
     probs = attention_weights(q_BTNH, k_BSKH, keep=keep, bias=bias, scale=scale, sink=sink,
                               precision=precision)
     if dropout_rate > 0.0:
@@ -427,7 +440,35 @@ def dot_product_attention(
             raise ValueError("dropout_rate > 0 needs a dropout_rng")
         keep_drop = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep_drop, probs / (1.0 - dropout_rate), 0.0)
-    return attend(probs, v_BSKV, precision=precision)
+    out_BTNV = attend(probs, v_BSKV, precision=precision)
+    return jnp.where(bad_BTN1, jnp.asarray(jnp.nan, out_BTNV.dtype), out_BTNV)
+
+
+def _screen_nonfinite(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
+                      keep: Array | None) -> tuple[Array, Array, Array, Array]:
+    """(q, k, v) with every head row holding a non-finite entry replaced by zeros, and (B, T, N, 1)
+    bool: the rows that read a non-finite query, key or value, which ``dot_product_attention``
+    sets to NaN (see there)."""
+    b, t, n, _ = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    ok_q_BTN = jnp.all(jnp.isfinite(q_BTNH), axis=-1)
+    ok_k_BSK = jnp.all(jnp.isfinite(k_BSKH), axis=-1)
+    ok_v_BSK = jnp.all(jnp.isfinite(v_BSKV), axis=-1)
+    q_BTNH = jnp.where(ok_q_BTN[..., None], q_BTNH, jnp.zeros((), q_BTNH.dtype))
+    k_BSKH = jnp.where(ok_k_BSK[..., None], k_BSKH, jnp.zeros((), k_BSKH.dtype))
+    v_BSKV = jnp.where(ok_v_BSK[..., None], v_BSKV, jnp.zeros((), v_BSKV.dtype))
+    bad_q_BKGT = ~ok_q_BTN.reshape(b, t, kv, n // kv).transpose(0, 2, 3, 1)
+    bad_kv_BK11S = ~(ok_k_BSK & ok_v_BSK).transpose(0, 2, 1)[:, :, None, None, :]
+    if keep is None:
+        reads_any_BKGT = jnp.asarray(k_BSKH.shape[1] > 0)
+        reads_bad_BKGT = jnp.any(bad_kv_BK11S, axis=-1)
+    else:
+        keep_BKGTS = _group_heads(keep, n, kv)
+        reads_any_BKGT = jnp.any(keep_BKGTS, axis=-1)
+        reads_bad_BKGT = jnp.any(keep_BKGTS & bad_kv_BK11S, axis=-1)
+    bad_BKGT = jnp.broadcast_to((bad_q_BKGT & reads_any_BKGT) | reads_bad_BKGT, (b, kv, n // kv, t))
+    bad_BTN1 = bad_BKGT.transpose(0, 3, 1, 2).reshape(b, t, n, 1)
+    return q_BTNH, k_BSKH, v_BSKV, bad_BTN1
 
 
 def attend(probs_BKGTS: Array, v_BSKV: Array, precision: Precision = None) -> Array:
@@ -587,16 +628,28 @@ def jax_nn_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Array
 def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None, causal: bool,
          owner: str, scale: float | None = None, dropout_rate: float = 0.0,
          dropout_rng: Array | None = None, impl: str = "xla",
-         precision: Precision = None) -> Array:
+         precision: Precision = None, q_seg_BT: Array | None = None,
+         k_seg_BS: Array | None = None) -> Array:
     """``torch.nn.functional.scaled_dot_product_attention`` as attnhut calls it, on the registry's
     ``dense`` op under ``impl``.
 
     attnhut passes ``is_causal=self.causal and attn_mask is None``: a user mask *replaces* the
     causal rule rather than adding to it. We keep that rule so that outputs match.
+
+    ``q_seg_BT`` / ``k_seg_BS`` (both or neither, int32 segment ids, 0 = padding) add the
+    packed-sequence rule (``segment_keep``) to the keep mask. Segments always AND in: with the
+    causal rule when there is no ``attn_mask``, with ``attn_mask`` (which still replaces the
+    causal rule) when there is one. Every impl receives the rule as its boolean ``keep``, cuDNN
+    included (``jax.nn.dot_product_attention``'s mask, turned into its additive bias).
     """
     b, t, n, _ = q_BTNH.shape
     s = k_BSKH.shape[1]
     keep, bias = split_attn_mask(attn_mask, (b, n, t, s), owner)
+    if (q_seg_BT is None) != (k_seg_BS is None):
+        raise ValueError(f"{owner}: give both query and key segment ids or neither")
+    if q_seg_BT is not None:
+        seg_B1TS = segment_keep(q_seg_BT, k_seg_BS)
+        keep = seg_B1TS if keep is None else keep & seg_B1TS
     return registry.call(owner, "dense", impl, q_BTNH, k_BSKH, v_BSKV, keep=keep, bias=bias,
                          causal=causal and attn_mask is None, scale=scale,
                          dropout_rate=dropout_rate, dropout_rng=dropout_rng, precision=precision)

@@ -91,17 +91,28 @@ class DifferentialAttention(nn.Module):
         l2 = jnp.exp(jnp.sum(self.lambda_q2 * self.lambda_k2))
         return l1 - l2 + self.lambda_init
 
-    def __call__(self, x: Array) -> Array:
-        """(B, T, D) -> (B, T, D)."""
-        core.check_input(x, self.dim, "DifferentialAttention")
+    def __call__(self, x: Array, *, segment_ids: Array | None = None,
+                 positions: Array | None = None) -> Array:
+        """(B, T, D) -> (B, T, D).
+
+        ``segment_ids`` (B, T) int: packed sequences (``core.check_packing``); both softmax maps
+        read only keys of the query's own segment (and, when ``causal``, not later ones); id 0 is
+        padding, zeroed on input and read by no token. ``positions`` (B, T) int is validated and
+        otherwise unused: as in attnhut the paper's RoPE is omitted, and only RoPE reads positions.
+        """
+        owner = "DifferentialAttention"
+        core.check_input(x, self.dim, owner)
+        seg, _ = core.check_packing(owner, x, segment_ids, positions)
+        x = core.mask_padding(x, seg)
+        keep = None if seg is None else core.segment_keep(seg, seg)
         b, t, _ = x.shape
         n, hd = self.num_heads, self.head_dim
         # Query/key head 2i and 2i + 1 form the pair of maps of differential head i.
         q_BTN2H = self.q(x).reshape(b, t, n, 2, hd)
         k_BSN2H = self.k(x).reshape(b, t, n, 2, hd)
         v_BSNV = self.v(x).reshape(b, t, n, 2 * hd)
-        a1, a2 = (registry.call("DifferentialAttention", "dense", self.impl, q_BTN2H[:, :, :, i],
-                                k_BSN2H[:, :, :, i], v_BSNV, causal=self.causal, scale=hd ** -0.5,
+        a1, a2 = (registry.call(owner, "dense", self.impl, q_BTN2H[:, :, :, i], k_BSN2H[:, :, :, i],
+                                v_BSNV, keep=keep, causal=self.causal, scale=hd ** -0.5,
                                 precision=self.precision) for i in (0, 1))
         out = a1 - self.lambda_value().astype(a2.dtype) * a2
         out = core.rms_norm(out, self.head_norm, eps=1e-5) * (1 - self.lambda_init)

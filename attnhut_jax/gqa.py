@@ -56,10 +56,17 @@ class GroupedQueryAttention(nn.Module):
         self.v = core.Linear(kv_dim, axes=("embed", "kv_heads"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
-    def __call__(self, x: Array, attn_mask: Array | None = None,
-                 deterministic: bool = True) -> Array:
-        """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T)."""
+    def __call__(self, x: Array, attn_mask: Array | None = None, deterministic: bool = True, *,
+                 segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+        """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T).
+
+        ``segment_ids`` / ``positions``: packed sequences, as ``StandardAttention`` takes them
+        (segments AND with the causal rule and with ``attn_mask``; ``positions`` is validated and
+        otherwise unused, this module has no RoPE).
+        """
         core.check_input(x, self.dim, "GroupedQueryAttention")
+        seg, _ = core.check_packing("GroupedQueryAttention", x, segment_ids, positions)
+        x = core.mask_padding(x, seg)
         b, t, _ = x.shape
         h = self.head_dim
         q_BTNH = self.q(x).reshape(b, t, self.num_heads, h)
@@ -68,5 +75,5 @@ class GroupedQueryAttention(nn.Module):
         rate, rng = core.attention_dropout(self, self.dropout, deterministic)
         out = core.sdpa(q_BTNH, k_BSKH, v_BSKV, attn_mask=attn_mask, causal=self.causal,
                         owner="GroupedQueryAttention", dropout_rate=rate, dropout_rng=rng,
-                        impl=self.impl, precision=self.precision)
+                        impl=self.impl, precision=self.precision, q_seg_BT=seg, k_seg_BS=seg)
         return self.proj(out.reshape(b, t, self.dim))

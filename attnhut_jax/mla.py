@@ -78,9 +78,20 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = core.ones_param(self, "kv_norm", kvl, "latent", self.param_dtype)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
-    def __call__(self, x: Array, attn_mask: Array | None = None) -> Array:
-        """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T)."""
+    def __call__(self, x: Array, attn_mask: Array | None = None, *,
+                 segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+        """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T).
+
+        ``segment_ids`` (B, T) int: packed sequences, as ``StandardAttention`` takes them
+        (segments AND with the causal rule and with ``attn_mask``). ``positions`` (B, T) int: the
+        positions the decoupled RoPE query and key heads rotate by (default ``arange(T)``), one
+        table per row. Positions restarting at 0 in each segment make a packed row compute what
+        its segments compute alone; as RoPE scores depend only on position differences and no
+        score crosses a segment, any per-segment offset gives the same up to float rounding.
+        """
         core.check_input(x, self.dim, "MultiHeadLatentAttention")
+        seg, pos = core.check_packing("MultiHeadLatentAttention", x, segment_ids, positions)
+        x = core.mask_padding(x, seg)
         b, t, _ = x.shape
         n = self.num_heads
         _, kvl, nope, rope, vd = self.dims()
@@ -91,7 +102,8 @@ class MultiHeadLatentAttention(nn.Module):
         kv = self.kv_up(core.rms_norm(c_BSL, self.kv_norm)).reshape(b, t, n, nope + vd)
         k_nope_BSNH, v_BSNV = jnp.split(kv, [nope], axis=-1)
 
-        cos, sin = core.rope_tables(jnp.arange(t), rope, self.rope_theta, q_BTNH.dtype)
+        cos, sin = core.rope_tables(core.rope_positions(pos, t), rope, self.rope_theta,
+                                    q_BTNH.dtype)
         q_BTNH = jnp.concatenate(
             [q_BTNH[..., :nope], core.apply_rope(q_BTNH[..., nope:], cos, sin)], axis=-1)
         k_rope_BS1R = core.apply_rope(k_rope_BSR[:, :, None, :], cos, sin)
@@ -99,5 +111,5 @@ class MultiHeadLatentAttention(nn.Module):
             [k_nope_BSNH, jnp.broadcast_to(k_rope_BS1R, (b, t, n, rope))], axis=-1)
         out = core.sdpa(q_BTNH, k_BSNH, v_BSNV, attn_mask=attn_mask, causal=self.causal,
                         owner="MultiHeadLatentAttention", impl=self.impl,
-                        precision=self.precision)
+                        precision=self.precision, q_seg_BT=seg, k_seg_BS=seg)
         return self.proj(out.reshape(b, t, n * vd))

@@ -51,10 +51,17 @@ class MultiQueryAttention(nn.Module):
         self.kv = core.Linear(2 * self.head_dim, axes=("embed", "kv_heads"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
-    def __call__(self, x: Array, attn_mask: Array | None = None,
-                 deterministic: bool = True) -> Array:
-        """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T)."""
+    def __call__(self, x: Array, attn_mask: Array | None = None, deterministic: bool = True, *,
+                 segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+        """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T).
+
+        ``segment_ids`` / ``positions``: packed sequences, as ``StandardAttention`` takes them
+        (segments AND with the causal rule and with ``attn_mask``; ``positions`` is validated and
+        otherwise unused, this module has no RoPE).
+        """
         core.check_input(x, self.dim, "MultiQueryAttention")
+        seg, _ = core.check_packing("MultiQueryAttention", x, segment_ids, positions)
+        x = core.mask_padding(x, seg)
         b, t, _ = x.shape
         q_BTNH = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
         k, v = jnp.split(self.kv(x), 2, axis=-1)
@@ -62,5 +69,5 @@ class MultiQueryAttention(nn.Module):
         out = core.sdpa(q_BTNH, k[:, :, None, :], v[:, :, None, :], attn_mask=attn_mask,
                         causal=self.causal, owner="MultiQueryAttention",
                         dropout_rate=rate, dropout_rng=rng, impl=self.impl,
-                        precision=self.precision)
+                        precision=self.precision, q_seg_BT=seg, k_seg_BS=seg)
         return self.proj(out.reshape(b, t, self.dim))

@@ -108,12 +108,22 @@ class SlotAttention(nn.Module):
         self.norm_slots = core.layer_norm("norm_slots", self.dtype, pd)
         self.norm_pre_mlp = core.layer_norm("norm_pre_mlp", self.dtype, pd)
 
-    def __call__(self, inputs: Array, noise: Array | None = None) -> Array:
+    def __call__(self, inputs: Array, noise: Array | None = None, *,
+                 segment_ids: Array | None = None) -> Array:
         """(B, S, D) inputs -> (B, num_slots, D) slots.
 
         ``noise`` is the standard-normal draw (B, num_slots, D) that attnhut takes with
         ``randn_like``; when None it is drawn from the ``'slots'`` rng stream.
+
+        Packed sequences are refused: ``segment_ids`` other than None raises ``ValueError``. The
+        slots of a sample compete for all of its inputs (the softmax runs over slots, the
+        update averages over every input), and the inputs are a set with no sequence order to
+        split; packing would make slots of one sample explain another's inputs.
         """
+        core.reject_packing("SlotAttention", segment_ids,
+                            "the slots of a sample compete for all of its inputs, which are a set "
+                            "with no sequence order to split into segments; give one sample per "
+                            "batch row")
         core.check_input(inputs, self.dim, "SlotAttention")
         b, _, d = inputs.shape
         shape = (b, self.num_slots, d)

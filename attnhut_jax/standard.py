@@ -47,10 +47,19 @@ class StandardAttention(nn.Module):
         self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
-    def __call__(self, x: Array, attn_mask: Array | None = None,
-                 deterministic: bool = True) -> Array:
-        """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T)."""
+    def __call__(self, x: Array, attn_mask: Array | None = None, deterministic: bool = True, *,
+                 segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+        """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T).
+
+        ``segment_ids`` (B, T) int: packed sequences (``core.check_packing``); token t reads key s
+        only when both carry the same nonzero id, id 0 is padding (zeroed on input, read by no
+        token; its own output is finite). Segments AND with the causal rule and with
+        ``attn_mask`` (which, as in attnhut, replaces the causal rule). ``positions`` (B, T) int
+        is validated and otherwise unused: this module has no RoPE, the only reader of positions.
+        """
         core.check_input(x, self.dim, "StandardAttention")
+        seg, _ = core.check_packing("StandardAttention", x, segment_ids, positions)
+        x = core.mask_padding(x, seg)
         b, t, _ = x.shape
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
         shape = (b, t, self.num_heads, self.head_dim)
@@ -58,5 +67,5 @@ class StandardAttention(nn.Module):
         out = core.sdpa(q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=attn_mask,
                         causal=self.causal, owner="StandardAttention",
                         dropout_rate=rate, dropout_rng=rng, impl=self.impl,
-                        precision=self.precision)
+                        precision=self.precision, q_seg_BT=seg, k_seg_BS=seg)
         return self.proj(out.reshape(b, t, self.dim))

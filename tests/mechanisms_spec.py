@@ -123,7 +123,8 @@ _BF16_DENSE = ("one softmax over float32 logits; the bf16 rounding of q, k, v, t
 
 def _dense(id_, cls, kwargs, causal, bad_config=_DENSE_HEADS, why=_BF16_DENSE,
            mask=True, dropout=True):
-    call = ({"attn_mask"} if mask else set()) | ({"deterministic"} if dropout else set())
+    call = ({"attn_mask"} if mask else set()) | ({"deterministic"} if dropout else set()) | {
+        "segment_ids", "positions"}
     return Mechanism(
         id_, cls, {**kwargs, "causal": causal}, causal=causal, full=True, call=frozenset(call),
         impls=DENSE_IMPLS, cpu_impls=("auto", "xla"), bad_config=bad_config, bf16_why=why,
@@ -165,7 +166,7 @@ MECHANISMS: list[Mechanism] = [
         bad_config=({"dim": 36, "num_heads": 4}, r"dim=36 must be divisible by 2 \* num_heads=8"))),
     Mechanism(
         "slot", ah.SlotAttention, {"dim": D, "num_slots": _SLOTS, "hidden_dim": D}, causal=None,
-        full=True, call=frozenset({"noise"}),
+        full=True, call=frozenset({"noise", "segment_ids"}),
         fixed=lambda x: {"noise": jax.random.normal(jax.random.key(7), (x.shape[0], _SLOTS,
                                                                        x.shape[-1]))},
         bad_calls=(BadCall("noise", lambda x: jnp.zeros((x.shape[0], _SLOTS + 1, x.shape[-1])),
@@ -179,7 +180,7 @@ MECHANISMS: list[Mechanism] = [
         {"dim": D, "num_heads": 4, "block_size": 2, "num_window_blocks": 3,
          "num_random_blocks": 1, "num_global_blocks": 1, "causal": c}, causal=c, full=False,
         # every row's own block and the next window block hold later keys (bar the last)
-        future_rows=T - 1, call=frozenset({"key_padding_mask"}), impls=SPARSE_IMPLS,
+        future_rows=T - 1, call=frozenset({"key_padding_mask", "segment_ids"}), impls=SPARSE_IMPLS,
         cpu_impls=SPARSE_IMPLS,
         bad_calls=(BadCall("key_padding_mask", lambda x: jnp.ones((x.shape[0], T - 1), bool),
                            ValueError, rf"key_padding_mask must have shape \(batch, seq\)="
@@ -230,7 +231,7 @@ MECHANISMS: list[Mechanism] = [
         "cjepa", ah.CausalJEPAAttention,
         {"dim": 16, "num_heads": 2, "num_slots": _SLOTS, "history_frames": 3, "pred_frames": 1,
          "num_masked_slots": 1, "depth": 1}, causal=False, full=True,
-        call=frozenset({"mask_slots", "deterministic"}), shape=(B, 3, _SLOTS, 16),
+        call=frozenset({"mask_slots", "deterministic", "segment_ids"}), shape=(B, 3, _SLOTS, 16),
         impls=DENSE_IMPLS, cpu_impls=("auto", "xla"),
         fixed=_cjepa_fixed, pair_output=True,
         bad_calls=(BadCall("mask_slots", lambda x: jnp.array([True, False]), ValueError,
