@@ -85,10 +85,11 @@ def test_loss_path_output_impls_and_aux():
     np.testing.assert_allclose(float(loss_a), float(ah.msa_index_aux_loss(**aux)), rtol=1e-6)
     np.testing.assert_allclose(float(loss), float(loss_a), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(out_a), np.asarray(out), atol=1e-5)
-    for impl in ("reference", "pallas"):
-        o, lo = jax.jit(lambda v, x, impl=impl: make(impl).apply(v, x, index_loss="sparse"))(v, x)
-        np.testing.assert_allclose(float(lo), float(loss), rtol=1e-5, err_msg=impl)
-        np.testing.assert_allclose(np.asarray(o), np.asarray(out), atol=2e-5, err_msg=impl)
+    # impl="reference" computes the loss attnhut's materialised way (pallas: the tiled loss, as
+    # xla; its output path is covered by test_block_sparse_modules and the packed tests here)
+    o, lo = jax.jit(lambda v, x: make("reference").apply(v, x, index_loss="sparse"))(v, x)
+    np.testing.assert_allclose(float(lo), float(loss), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(out), atol=2e-5)
     # jit == eager
     out_e, loss_e = m.apply(v, x, index_loss="sparse")
     np.testing.assert_allclose(float(loss_e), float(loss), rtol=1e-6)
@@ -150,24 +151,24 @@ def test_tiled_loss_memory_is_linear_in_t():
 
 
 def packed_row_layout():
-    """Two rows of T=37: row 0 holds segments of 16, 8 and 5 tokens (starts 0, 16, 24: block
-    multiples; the last one short) and 8 padding tokens; row 1 one segment of 24 and padding."""
-    seg = np.zeros((2, 37), np.int32)
-    seg[0, :16], seg[0, 16:24], seg[0, 24:29] = 1, 2, 3
-    seg[1, :24] = 5
-    spans = [(0, 0, 16), (0, 16, 24), (0, 24, 29), (1, 0, 24)]
+    """Two rows of T=29: row 0 holds segments of 16 and 5 tokens (the last one short) and 8
+    padding tokens, row 1 segments of 8 and 16 and 5 padding tokens; every segment starts at a
+    multiple of block_size=8."""
+    seg = np.zeros((2, 29), np.int32)
+    seg[0, :16], seg[0, 16:21] = 1, 2
+    seg[1, :8], seg[1, 8:24] = 3, 4
+    spans = [(0, 0, 16), (0, 16, 21), (1, 0, 8), (1, 8, 24)]
     pos = np.zeros_like(seg)
     for r, a, z in spans:
         pos[r, a:z] = np.arange(z - a)
     return jnp.asarray(seg), jnp.asarray(pos), spans
 
 
-@pytest.mark.parametrize("impl,causal", [("xla", True), ("xla", False), ("pallas", True),
-                                         ("reference", True)])
+@pytest.mark.parametrize("impl,causal", [("xla", True), ("pallas", True), ("reference", True)])
 def test_packed_row_equals_each_segment_alone(impl, causal):
     m = make(impl, causal=causal)
     seg, pos, spans = packed_row_layout()
-    params, x = setup(m, t=37)
+    params, x = setup(m, t=29)
     v = {"params": params}
     # NaN in every padding input changes nothing
     x = jnp.where(seg[..., None] == 0, jnp.nan, x)
@@ -196,23 +197,31 @@ def arbitrary_segments():
 @pytest.mark.parametrize("causal", [True, False])
 def test_no_token_depends_on_another_segment(causal):
     seg = arbitrary_segments()
+    sids = (1, 2, 3, 4)
     outs = {}
-    for impl in ("xla", "pallas", "reference"):
+    impls = ("xla", "pallas", "reference") if causal else ("xla", "reference")
+    for impl in impls:
         m = make(impl, causal=causal, top_k=3)
         params, x = setup(m, t=37)
-        v = {"params": params}
-        out, vjp = jax.vjp(lambda x, m=m, v=v: m.apply(v, x, segment_ids=seg), x)
-        outs[impl] = out
-        if impl != "xla":
+
+        def run(p, x, m=m):
+            out, vjp = jax.vjp(lambda x: m.apply({"params": p}, x, segment_ids=seg), x)
+            if m.impl != "xla":
+                return out, None
+            # the gradient of each segment's outputs with respect to the input, one per segment
+            cts = jnp.stack([jnp.where((seg == i)[..., None], 1.0, 0.0) * jnp.ones_like(out)
+                             for i in sids])
+            return out, jax.vmap(lambda ct: vjp(ct)[0])(cts)
+
+        outs[impl], g_x = jax.jit(run)(params, x)
+        if g_x is None:
             continue
-        for sid in (1, 2, 3, 4):
-            mask = (seg == sid)[..., None]
-            (g_x,) = jax.jit(vjp)(jnp.where(mask, 1.0, 0.0) * jnp.ones_like(out))
-            assert np.any(np.asarray(g_x)[np.asarray(seg == sid)])
-            others = np.asarray(seg != sid)
-            np.testing.assert_array_equal(np.asarray(g_x)[others], 0.0)
-    np.testing.assert_allclose(np.asarray(outs["pallas"]), np.asarray(outs["xla"]), atol=2e-5)
-    np.testing.assert_allclose(np.asarray(outs["reference"]), np.asarray(outs["xla"]), atol=2e-5)
+        for i, g in zip(sids, np.asarray(g_x), strict=True):
+            assert np.any(g[np.asarray(seg == i)])
+            np.testing.assert_array_equal(g[np.asarray(seg != i)], 0.0, err_msg=f"segment {i}")
+    for impl in impls[1:]:
+        np.testing.assert_allclose(np.asarray(outs[impl]), np.asarray(outs["xla"]), atol=2e-5,
+                                   err_msg=impl)
 
 
 @pytest.mark.parametrize("causal,force", [(True, True), (False, False)])
@@ -232,16 +241,17 @@ def test_packed_loss_equals_the_masked_mean_oracle(causal, force):
         return masked_mean_oracle(aux, seg)
 
     def aux_path(p, x):
-        return m.apply({"params": p}, x, True, segment_ids=seg, positions=pos,
-                       index_loss="sparse")[2]
+        _, aux, loss = m.apply({"params": p}, x, True, segment_ids=seg, positions=pos,
+                               index_loss="sparse")
+        return loss, aux
 
     l_t, g_t = jax.jit(jax.value_and_grad(tiled))(params, x)
     l_o, g_o = jax.jit(jax.value_and_grad(oracle))(params, x)
     np.testing.assert_allclose(float(l_t), float(l_o), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(float(jax.jit(aux_path)(params, x)), float(l_o), rtol=1e-6)
     close_trees(g_t, g_o, rtol=1e-4, atol=1e-4)
+    l_a, aux = jax.jit(aux_path)(params, x)
+    np.testing.assert_allclose(float(l_a), float(l_o), rtol=1e-6)
     # the aux arrays obey the segment rule
-    _, aux = jax.jit(lambda p, x: m.apply({"params": p}, x, True, segment_ids=seg))(params, x)
     cross = ~np.asarray(core.segment_keep(seg, seg))
     assert not np.any(np.asarray(aux["keep"]) & cross)
     assert not np.any(np.asarray(aux["attn_weights"]) * cross)
