@@ -50,8 +50,11 @@ def masked_mean_oracle(aux, seg_BT):
 
 @pytest.mark.parametrize("causal,force,top_k", [(True, True, 2), (True, False, 9),
                                                 (False, True, 9), (False, False, 2)])
-def test_sparse_loss_equals_the_materialised_loss(causal, force, top_k):
-    """T=29 is not a multiple of block_size=8 (4 blocks): top_k 2 < 4 and 9 >= 4."""
+def test_sparse_loss_equals_the_materialised_loss(causal, force, top_k, monkeypatch):
+    """T=29 is not a multiple of block_size=8 (4 blocks): top_k 2 < 4 and 9 >= 4. The loss
+    tiles hold 200 // (picks * 8) queries (8 or 5 here, or 7 and 6 without the forced block),
+    so several tiles run and the last one is padded."""
+    monkeypatch.setattr(msa, "_LOSS_TILE_KEYS", 200)
     m = make(causal=causal, force_current_block=force, top_k=top_k)
     params, x = setup(m)
 
@@ -225,9 +228,10 @@ def test_no_token_depends_on_another_segment(causal):
 
 
 @pytest.mark.parametrize("causal,force", [(True, True), (False, False)])
-def test_packed_loss_equals_the_masked_mean_oracle(causal, force):
-    """Arbitrary starts: the tiled loss, its gradients, and the return_aux arrays (built with
-    the segment rule) against the masked-mean oracle."""
+def test_packed_loss_equals_the_masked_mean_oracle(causal, force, monkeypatch):
+    """Arbitrary starts: the tiled loss (in tiles of 200 // (picks * 8) queries), its gradients,
+    and the return_aux arrays (built with the segment rule) against the masked-mean oracle."""
+    monkeypatch.setattr(msa, "_LOSS_TILE_KEYS", 200)
     m = make(causal=causal, force_current_block=force, top_k=2)
     seg = arbitrary_segments()
     pos = jnp.maximum(jnp.arange(37)[None] - jnp.array([[0], [3]]), 0)
