@@ -6,6 +6,12 @@ group; the group's query heads attend only there. The index branch reads a stop-
 ``x`` and is trained only by ``msa_index_aux_loss``. Both branches get QK-RMSNorm and partial
 RoPE on their first ``rope_dim`` channels. A query's own block is always kept
 (``force_current_block``), so no softmax row is empty.
+
+Training (issue 12): ``index_loss="sparse"`` returns that loss with the output, computed over
+each query's picked blocks in query tiles (``sparse_index_loss``), so neither pass builds a
+(T, T) array; ``segment_ids`` / ``positions`` pack several sequences in a row (``core``'s
+packed-sequence contract): block scores, picks, the block-sparse op, the aux arrays and the loss
+all see same-segment keys only.
 """
 
 from __future__ import annotations
