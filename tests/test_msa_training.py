@@ -106,6 +106,10 @@ def test_index_loss_values_are_checked():
         m.apply({"params": params}, x, index_loss="dense")
     with pytest.raises(ValueError, match=r"index_loss='kl' is not one of None, 'sparse'"):
         m.apply({"params": params}, x, index_loss="kl")
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \(batch, seq\)=\(1, 8\)"):
+        m.apply({"params": params}, x, segment_ids=jnp.ones((1, 7), jnp.int32))
+    with pytest.raises(TypeError, match="positions must be an integer array"):
+        m.apply({"params": params}, x, positions=jnp.zeros((1, 8)))
 
 
 @pytest.mark.parametrize("impl", ["auto", "xla", "pallas"])
