@@ -6,6 +6,12 @@ group; the group's query heads attend only there. The index branch reads a stop-
 ``x`` and is trained only by ``msa_index_aux_loss``. Both branches get QK-RMSNorm and partial
 RoPE on their first ``rope_dim`` channels. A query's own block is always kept
 (``force_current_block``), so no softmax row is empty.
+
+Training (issue 12): ``index_loss="sparse"`` returns that loss with the output, computed over
+each query's picked blocks in query tiles (``sparse_index_loss``), so neither pass builds a
+(T, T) array; ``segment_ids`` / ``positions`` pack several sequences in a row (``core``'s
+packed-sequence contract): block scores, picks, the block-sparse op, the aux arrays and the loss
+all see same-segment keys only.
 """
 
 from __future__ import annotations
@@ -35,14 +41,17 @@ def _index_logits(qi_BTKE: Array, ki_BSE: Array, causal: bool, s_offset: int = 0
 
 
 def block_scores(qi_BTKE: Array, ki_BSE: Array, *, block_size: int, causal: bool,
-                 tile: int = 512, precision: core.Precision = None) -> Array:
+                 tile: int = 512, precision: core.Precision = None,
+                 q_seg_BT: Array | None = None, k_seg_BS: Array | None = None) -> Array:
     """Max-pooled index scores (B, K, T, J), computed tile by tile.
 
     Never materialises the (T, S) token scores: queries go in tiles of ``tile`` tokens (whole
     key blocks, at most a quarter of the sequence) and each tile walks key chunks of the same
     size, so only (tile, tile) scores are alive and memory is O(T * J). When causal, a query
     tile visits only the chunks at or before it, which halves the work; the scores themselves
-    are dense over the visible triangle, as the mechanism defines them.
+    are dense over the visible triangle, as the mechanism defines them. With segment ids
+    (``q_seg_BT``, ``k_seg_BS``, both or neither) a key counts only for queries of its own
+    segment and padding keys (id 0) for none; a block without such a key scores the fill.
     """
     b, t, kg, _ = qi_BTKE.shape
     s = ki_BSE.shape[1]
@@ -55,42 +64,166 @@ def block_scores(qi_BTKE: Array, ki_BSE: Array, *, block_size: int, causal: bool
     qi_BTKE = jnp.pad(qi_BTKE, ((0, 0), (0, nq * ck - t), (0, 0), (0, 0)))
     qi_tiles = qi_BTKE.reshape(b, nq, ck, kg, -1).swapaxes(0, 1)  # nq tiles of (B, ck, K, E)
     ki_BSE = jnp.pad(ki_BSE, ((0, 0), (0, nk * ck - s), (0, 0)))
+    segments = q_seg_BT is not None
+    if segments:
+        q_seg_tiles = jnp.pad(q_seg_BT, ((0, 0), (0, nq * ck - t))).reshape(b, nq, ck).swapaxes(0, 1)
+        k_seg_BS = jnp.pad(k_seg_BS, ((0, 0), (0, nk * ck - s)))  # padding keys: id 0
+    else:
+        q_seg_tiles = jnp.zeros((nq, 0), jnp.int32)  # unused placeholder for lax.map
 
     def query_tile(xs):
-        i, qi_tile_BTKE = xs
+        i, qi_tile_BTKE, q_seg_tile_BT = xs
 
         def chunk(jc, out_BKTJ):
             ki_chunk_BSE = jax.lax.dynamic_slice_in_dim(ki_BSE, jc * ck, ck, axis=1)
             s_BKTS = _index_logits(qi_tile_BTKE, ki_chunk_BSE, False, precision=precision)
             k_pos_S = jc * ck + jnp.arange(ck)
-            ok_TS = (k_pos_S < s)[None, :]
+            ok_BTS = (k_pos_S < s)[None, None, :]
             if causal:
-                ok_TS = ok_TS & (k_pos_S[None, :] <= i * ck + jnp.arange(ck)[:, None])
-            pooled_BKTJ = jnp.where(ok_TS, s_BKTS, fill).reshape(b, kg, ck, cb, block_size).max(-1)
+                ok_BTS = ok_BTS & (k_pos_S[None, :] <= i * ck + jnp.arange(ck)[:, None])[None]
+            if segments:
+                k_seg_chunk_BS = jax.lax.dynamic_slice_in_dim(k_seg_BS, jc * ck, ck, axis=1)
+                ok_BTS = ok_BTS & (q_seg_tile_BT[:, :, None] == k_seg_chunk_BS[:, None, :]) & (
+                    k_seg_chunk_BS != 0)[:, None, :]
+            pooled_BKTJ = jnp.where(ok_BTS[:, None], s_BKTS, fill).reshape(
+                b, kg, ck, cb, block_size).max(-1)
             return jax.lax.dynamic_update_slice_in_dim(out_BKTJ, pooled_BKTJ, jc * cb, axis=3)
 
         init_BKTJ = jnp.full((b, kg, ck, nk * cb), fill, dtype)
         return jax.lax.fori_loop(0, jnp.minimum(i + 1, nk) if causal else nk, chunk, init_BKTJ)
 
-    tiles = jax.lax.map(query_tile, (jnp.arange(nq), qi_tiles))  # (nq, B, K, ck, nk * cb)
+    tiles = jax.lax.map(query_tile, (jnp.arange(nq), qi_tiles, q_seg_tiles))  # (nq, B, K, ck, nk*cb)
     out_BKTJ = jnp.moveaxis(tiles, 0, 2).reshape(b, kg, nq * ck, nk * cb)
     return out_BKTJ[:, :, :t, :nb]
 
 
+def block_picks(block_scores_BKTJ: Array, *, t: int, block_size: int, top_k: int, causal: bool,
+                force_current_block: bool) -> tuple[Array, Array]:
+    """Each query's picked blocks as indices ``(B, K, T, M)`` int32 and their validity (bool,
+    same shape): the ``min(top_k, J)`` best blocks, valid unless after the query (causal) or
+    holding no key the query may read (their score is the fill), then, with
+    ``force_current_block``, the query's own block, valid unless already among the valid picks.
+    No block is valid twice."""
+    nb = block_scores_BKTJ.shape[-1]
+    top_BKTM = jax.lax.top_k(block_scores_BKTJ, max(1, min(top_k, nb)))[1].astype(jnp.int32)
+    fill = core.mask_value(block_scores_BKTJ.dtype)
+    ok_BKTM = jnp.take_along_axis(block_scores_BKTJ, top_BKTM, axis=-1) > fill
+    pos_T1 = jnp.arange(t)[:, None]
+    if causal:
+        ok_BKTM = ok_BKTM & (top_BKTM * block_size <= pos_T1)
+    if not force_current_block:
+        return top_BKTM, ok_BKTM
+    cur_T1 = jnp.minimum(pos_T1 // block_size, nb - 1).astype(jnp.int32)
+    seen_BKT1 = jnp.any(ok_BKTM & (top_BKTM == cur_T1), axis=-1, keepdims=True)
+    cur_BKT1 = jnp.broadcast_to(cur_T1, seen_BKT1.shape)
+    return (jnp.concatenate([top_BKTM, cur_BKT1], axis=-1),
+            jnp.concatenate([ok_BKTM, ~seen_BKT1], axis=-1))
+
+
+def keep_from_picks(idx_BKTM: Array, ok_BKTM: Array, num_blocks: int) -> Array:
+    """(B, K, T, J) bool: the valid picks of ``block_picks`` as a block mask."""
+    target_BKTM = jnp.where(ok_BKTM, idx_BKTM, num_blocks)  # invalid picks land in a spare column
+    keep = jnp.put_along_axis(jnp.zeros((*idx_BKTM.shape[:-1], num_blocks + 1), bool),
+                              target_BKTM, True, axis=-1, inplace=False)
+    return keep[..., :num_blocks]
+
+
 def select_blocks(block_scores_BKTJ: Array, *, t: int, block_size: int, top_k: int,
                   causal: bool, force_current_block: bool) -> Array:
-    """(B, K, T, J) bool: each query's top-k blocks per group, minus blocks after the query,
-    plus the query's own block when ``force_current_block``."""
-    nb = block_scores_BKTJ.shape[-1]
-    _, idx = jax.lax.top_k(block_scores_BKTJ, max(1, min(top_k, nb)))
-    keep = jnp.put_along_axis(jnp.zeros(block_scores_BKTJ.shape, bool), idx, True, axis=-1,
-                              inplace=False)
-    pos = jnp.arange(t)[:, None]
-    if causal:
-        keep = keep & (jnp.arange(nb)[None, :] * block_size <= pos)
-    if force_current_block:
-        keep = keep | (jnp.minimum(pos // block_size, nb - 1) == jnp.arange(nb)[None, :])
-    return keep
+    """(B, K, T, J) bool: each query's top-k blocks per group, minus blocks after the query or
+    without a key the query may read, plus the query's own block when ``force_current_block``."""
+    idx_BKTM, ok_BKTM = block_picks(block_scores_BKTJ, t=t, block_size=block_size, top_k=top_k,
+                                    causal=causal, force_current_block=force_current_block)
+    return keep_from_picks(idx_BKTM, ok_BKTM, block_scores_BKTJ.shape[-1])
+
+
+# keys (picked blocks x block size) a query tile of the tiled index loss gathers at most
+_LOSS_TILE_KEYS = 1 << 15
+
+
+def sparse_index_loss(q_BTNH: Array, k_BSKH: Array, qi_BTKE: Array, ki_BSE: Array,
+                      idx_BKTM: Array, ok_BKTM: Array, *, block_size: int, causal: bool,
+                      scale: float, q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
+                      precision: core.Precision = None, eps: float = 1e-9,
+                      tile: int | None = None) -> Array:
+    """``msa_index_aux_loss`` over each query's picked blocks only, in memory O(T).
+
+    The picks (``block_picks``'s indices and validity) define the support; a key of a valid
+    pick counts when it exists (< S), is not after the query (causal) and, with segment ids, is
+    of the query's segment and not padding. The teacher is the main attention over that support
+    (softmax of ``q . k * scale``, the weights the output uses) averaged over each group's heads,
+    a constant; the student ``softmax`` of the index scores over the same support. The KL is
+    summed over keys and averaged over (query, group) pairs, padding queries left out.
+
+    Queries go in tiles (``tile``, default about ``_LOSS_TILE_KEYS`` gathered keys per tile)
+    through ``lax.map`` with a rematerialised body: each tile gathers its picked key blocks,
+    recomputes both logits and returns its KL sum, so neither pass keeps a (tile, picked keys)
+    array per tile. Work O(T * M * block_size); gradient reaches ``qi_BTKE`` and ``ki_BSE`` only.
+    """
+    b, t, n, h = q_BTNH.shape
+    s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
+    g, m, e = n // kg, idx_BKTM.shape[-1], qi_BTKE.shape[-1]
+    nb = -(-s // block_size)
+    tq = tile or max(1, min(t, _LOSS_TILE_KEYS // (m * block_size)))
+    nq = -(-t // tq)
+    segments = q_seg_BT is not None
+    w_BT = core.query_weights(q_seg_BT, b, t)
+    dtype_main = core.softmax_dtype(q_BTNH.dtype)
+    dtype_index = jnp.promote_types(qi_BTKE.dtype, jnp.float32)
+    fill = core.mask_value(jnp.float32)
+
+    # the teacher is a constant: its operands get no gradient
+    q_BTNH, k_BSKH = jax.lax.stop_gradient(q_BTNH), jax.lax.stop_gradient(k_BSKH)
+    pad_s = ((0, 0), (0, nb * block_size - s))
+    k_BKJSH = jnp.pad(k_BSKH, (*pad_s, (0, 0), (0, 0))).reshape(
+        b, nb, block_size, kg, h).transpose(0, 3, 1, 2, 4)
+    ki_BJSE = jnp.pad(ki_BSE, (*pad_s, (0, 0))).reshape(b, nb, block_size, e)
+    k_seg_BJS = jnp.pad(k_seg_BS, pad_s).reshape(b, nb, block_size) if segments else None
+
+    def tiles(a: Array, axis: int) -> Array:  # (.., T, ..) -> (nq, .., tq, ..), zero-padded
+        a = jnp.pad(a, [(0, nq * tq - t if d == axis else 0) for d in range(a.ndim)])
+        a = a.reshape(*a.shape[:axis], nq, tq, *a.shape[axis + 1:])
+        return jnp.moveaxis(a, axis, 0)
+
+    xs = (jnp.arange(nq), tiles(q_BTNH, 1), tiles(qi_BTKE, 1), tiles(idx_BKTM, 2),
+          tiles(ok_BKTM, 2), tiles(w_BT, 1),
+          tiles(q_seg_BT, 1) if segments else jnp.zeros((nq, 0), jnp.int32))
+    b_ix = jnp.arange(b)[:, None, None, None]
+    k_ix = jnp.arange(kg)[None, :, None, None]
+
+    @jax.checkpoint
+    def tile_kl(xs):
+        i, q_tile_BTNH, qi_tile_BTKE, idx_tile_BKTM, ok_tile_BKTM, w_tile_BT, q_seg_tile_BT = xs
+        k_pos_BKTMS = idx_tile_BKTM[..., None] * block_size + jnp.arange(block_size)
+        valid_BKTMS = ok_tile_BKTM[..., None] & (k_pos_BKTMS < s)
+        if causal:
+            q_pos_T = i * tq + jnp.arange(tq)
+            valid_BKTMS = valid_BKTMS & (k_pos_BKTMS <= q_pos_T[:, None, None])
+        if segments:
+            k_seg_BKTMS = k_seg_BJS[b_ix, idx_tile_BKTM]
+            valid_BKTMS = valid_BKTMS & (k_seg_BKTMS == q_seg_tile_BT[:, None, :, None, None]) & (
+                k_seg_BKTMS != 0)
+        valid_BKTS = valid_BKTMS.reshape(b, kg, tq, m * block_size)
+        # teacher: the main attention of the group's heads over the support, averaged over heads
+        k_BKTSH = k_BKJSH[b_ix, k_ix, idx_tile_BKTM].reshape(b, kg, tq, m * block_size, h)
+        q_BKGTH = q_tile_BTNH.reshape(b, tq, kg, g, h).transpose(0, 2, 3, 1, 4)
+        logits_BKGTS = jnp.einsum("BKGTH,BKTSH->BKGTS", q_BKGTH, k_BKTSH, precision=precision)
+        probs_BKGTS = core.masked_softmax(logits_BKGTS.astype(dtype_main) * scale,
+                                          valid_BKTS[:, :, None])
+        teacher_BKTS = jax.lax.stop_gradient(
+            probs_BKGTS.astype(q_BTNH.dtype).astype(jnp.float32).mean(axis=2))
+        # student: the index distribution over the same support
+        ki_BKTSE = ki_BJSE[b_ix, idx_tile_BKTM].reshape(b, kg, tq, m * block_size, e)
+        index_BKTS = jnp.einsum("BTKE,BKTSE->BKTS", qi_tile_BTKE.astype(dtype_index),
+                                ki_BKTSE.astype(dtype_index), precision=precision) * e ** -0.5
+        index_BKTS = jnp.where(valid_BKTS, index_BKTS.astype(jnp.float32), fill)
+        log_student_BKTS = jax.nn.log_softmax(index_BKTS, axis=-1)
+        kl_BKTS = teacher_BKTS * (jnp.log(jnp.maximum(teacher_BKTS, eps)) - log_student_BKTS)
+        kl_BKT = jnp.where(teacher_BKTS > 0, kl_BKTS, 0.0).sum(axis=-1)
+        return (kl_BKT * w_tile_BT[:, None, :]).sum()
+
+    total = jax.lax.map(tile_kl, xs).sum()
+    return total / jnp.maximum(kg * w_BT.sum(), 1.0)
 
 
 class MiniMaxSparseAttention(nn.Module):
@@ -171,13 +304,33 @@ class MiniMaxSparseAttention(nn.Module):
         self.idx_k_norm = core.ones_param(self, "idx_k_norm", di, "index", pd)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
-    def __call__(self, x: Array, return_aux: bool = False):
-        """(B, T, D) -> (B, T, D), or ``(out, aux)`` with ``return_aux=True``.
+    def __call__(self, x: Array, return_aux: bool = False, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, index_loss: str | None = None):
+        """(B, T, D) -> (B, T, D); ``(out, aux)`` with ``return_aux=True``; ``(out, loss)`` with
+        ``index_loss``; ``(out, aux, loss)`` with both.
 
         aux: ``index_scores`` (B, K, T, T) float32 (or wider), ``attn_weights`` (B, N, T, T), ``keep``
         (B, K, T, T) bool: what ``msa_index_aux_loss`` takes.
+
+        ``segment_ids`` (B, T) int, ``positions`` (B, T) int: packed sequences (see ``core``): a
+        token reads only keys of its own segment, id 0 is padding (read by none, its inputs
+        zeroed first), and RoPE of both branches reads ``positions`` (default ``arange(T)``).
+
+        ``index_loss="sparse"``: also return attnhut's ``msa_index_aux_loss``, computed over each
+        query's picked blocks only (``sparse_index_loss``: memory O(T), no (T, T) array); with
+        ``impl="reference"`` or ``return_aux`` it is computed from the materialised arrays, as
+        attnhut does. With segments the KL sees same-segment keys only and the mean runs over
+        non-padding (query, group) pairs. Only the index branch receives its gradient.
         """
-        core.check_input(x, self.dim, "MiniMaxSparseAttention")
+        owner = "MiniMaxSparseAttention"
+        core.check_input(x, self.dim, owner)
+        if index_loss == "dense":
+            raise ValueError(f"{owner}: index_loss='dense' is not defined for MSA (attnhut's "
+                             f"msa_index_aux_loss is over the selected blocks); use 'sparse' or None")
+        if index_loss not in (None, "sparse"):
+            raise ValueError(f"{owner}: index_loss={index_loss!r} is not one of None, 'sparse'")
+        seg_BT, pos_BT = core.check_packing(owner, x, segment_ids, positions)
+        x = core.mask_padding(x, seg_BT)
         b, t, _ = x.shape
         kg, d = self.num_kv_groups, self.head_dim
         di, rd = self.resolved_dims()
@@ -188,57 +341,86 @@ class MiniMaxSparseAttention(nn.Module):
         qi_BTKE = core.rms_norm(self.idx_q(xd).reshape(b, t, kg, di), self.idx_q_norm)
         ki_BT1E = core.rms_norm(self.idx_k(xd).reshape(b, t, 1, di), self.idx_k_norm)
         if self.use_rope:
-            cos, sin = core.rope_tables(jnp.arange(t), rd, self.rope_theta, q_BTNH.dtype)
+            pos = core.rope_positions(pos_BT, t)
+            cos, sin = core.rope_tables(pos, rd, self.rope_theta, q_BTNH.dtype)
             q_BTNH, k_BSKH = (core.apply_rope(a, cos, sin) for a in (q_BTNH, k_BSKH))
-            cos, sin = core.rope_tables(jnp.arange(t), rd, self.rope_theta, qi_BTKE.dtype)
+            cos, sin = core.rope_tables(pos, rd, self.rope_theta, qi_BTKE.dtype)
             qi_BTKE, ki_BT1E = (core.apply_rope(a, cos, sin) for a in (qi_BTKE, ki_BT1E))
+        ki_BSE = ki_BT1E[:, :, 0]
 
         sel = dict(t=t, block_size=self.block_size, top_k=self.top_k, causal=self.causal,
                    force_current_block=self.force_current_block)
+        nb = -(-t // self.block_size)
         if not return_aux:
             # default path: block scores from a scan over key blocks, then the block-sparse core;
-            # no (T, T) array is built.
-            scores_BKTJ = block_scores(qi_BTKE, ki_BT1E[:, :, 0], block_size=self.block_size,
-                                       causal=self.causal, precision=self.precision)
-            block_keep_BKTJ = select_blocks(scores_BKTJ, **sel)
+            # no (T, T) array is built (nor by the tiled index loss).
+            scores_BKTJ = block_scores(qi_BTKE, ki_BSE, block_size=self.block_size,
+                                       causal=self.causal, precision=self.precision,
+                                       q_seg_BT=seg_BT, k_seg_BS=seg_BT)
+            idx_BKTM, ok_BKTM = block_picks(scores_BKTJ, **sel)
+            block_keep_BKTJ = keep_from_picks(idx_BKTM, ok_BKTM, nb)
+            seg_kw = {} if seg_BT is None else dict(q_seg_BT=seg_BT, k_seg_BS=seg_BT)
             out = core.block_sparse_attention(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
                                               block_k=self.block_size, causal=self.causal,
                                               impl=self.impl, scale=d ** -0.5,
-                                              precision=self.precision,
-                                              owner="MiniMaxSparseAttention")
-            return self.proj(out.reshape(b, t, self.dim))
+                                              precision=self.precision, owner=owner, **seg_kw)
+            out = self.proj(out.reshape(b, t, self.dim))
+            if index_loss is None:
+                return out
+            if self.impl == "reference":  # attnhut's materialised loss is the reference
+                _, aux = self._dense_aux(q_BTNH, k_BSKH, qi_BTKE, ki_BSE, block_keep_BKTJ, seg_BT)
+                return out, _masked_mean_loss(aux, seg_BT)
+            loss = sparse_index_loss(q_BTNH, k_BSKH, qi_BTKE, ki_BSE, idx_BKTM, ok_BKTM,
+                                     block_size=self.block_size, causal=self.causal,
+                                     scale=d ** -0.5, q_seg_BT=seg_BT, k_seg_BS=seg_BT,
+                                     precision=self.precision)
+            return out, loss
 
         # aux path: the aux loss needs token-level scores and weights, so they are materialised
-        index_scores = _index_logits(qi_BTKE, ki_BT1E[:, :, 0], self.causal,
-                                     precision=self.precision)
-        nb = -(-t // self.block_size)
+        index_scores = _index_logits(qi_BTKE, ki_BSE, self.causal, precision=self.precision)
+        if seg_BT is not None:
+            index_scores = jnp.where(core.segment_keep(seg_BT, seg_BT), index_scores,
+                                     core.mask_value(index_scores.dtype))
         padded = jnp.pad(index_scores, ((0, 0), (0, 0), (0, 0), (0, nb * self.block_size - t)),
                          constant_values=core.mask_value(index_scores.dtype))
         block_keep_BKTJ = select_blocks(
             padded.reshape(b, kg, t, nb, self.block_size).max(axis=-1), **sel)
+        probs, aux = self._dense_aux(q_BTNH, k_BSKH, qi_BTKE, ki_BSE, block_keep_BKTJ, seg_BT,
+                                     index_scores)
+        # the weights are materialised for the aux loss anyway, so the output reuses them (every
+        # impl computes the same numbers; the default path above is where impls differ)
+        out = self.proj(core.attend(probs, v_BSKV, precision=self.precision).reshape(
+            b, t, self.dim))
+        if index_loss is None:
+            return out, aux
+        return out, aux, _masked_mean_loss(aux, seg_BT)
+
+    def _dense_aux(self, q_BTNH: Array, k_BSKH: Array, qi_BTKE: Array, ki_BSE: Array,
+                   block_keep_BKTJ: Array, seg_BT: Array | None,
+                   index_scores: Array | None = None) -> tuple[Array, dict[str, Array]]:
+        """The materialised (T, T) arrays of a selection: the main weights (B, K, G, T, S) and
+        the aux dict ``msa_index_aux_loss`` takes, with the causal and segment rules."""
+        b, t = q_BTNH.shape[:2]
+        if index_scores is None:
+            index_scores = _index_logits(qi_BTKE, ki_BSE, self.causal, precision=self.precision)
+            if seg_BT is not None:
+                index_scores = jnp.where(core.segment_keep(seg_BT, seg_BT), index_scores,
+                                         core.mask_value(index_scores.dtype))
         keep_BKTS = jnp.repeat(block_keep_BKTJ, self.block_size, axis=-1)[..., :t]
         if self.causal:
             keep_BKTS = keep_BKTS & core.causal_mask(t, t)
-        # the weights are materialised for the aux loss anyway, so the output reuses them (every
-        # impl computes the same numbers; the default path above is where impls differ)
-        probs = core.attention_weights(q_BTNH, k_BSKH, keep=keep_BKTS, scale=d ** -0.5,
+        if seg_BT is not None:
+            keep_BKTS = keep_BKTS & core.segment_keep(seg_BT, seg_BT)
+        probs = core.attention_weights(q_BTNH, k_BSKH, keep=keep_BKTS, scale=self.head_dim ** -0.5,
                                        precision=self.precision)
-        out = self.proj(core.attend(probs, v_BSKV, precision=self.precision).reshape(
-            b, t, self.dim))
         aux = {"index_scores": index_scores,
                "attn_weights": probs.astype(q_BTNH.dtype).reshape(b, self.num_heads, t, t),
                "keep": keep_BKTS}
-        return out, aux
+        return probs, aux
 
 
-def msa_index_aux_loss(index_scores: Array, attn_weights: Array, keep: Array,
-                       eps: float = 1e-9) -> Array:
-    """KL(teacher || student) aligning the index branch with the main branch (attnhut 0.5.0).
-
-    teacher: the main attention (a constant) averaged over each group's heads, (B, K, T, S);
-    student: ``softmax(index_scores)`` over the same selected support ``keep``. Summed over keys,
-    averaged over queries and groups. Only the index branch receives gradient.
-    """
+def _msa_kl_BKT(index_scores: Array, attn_weights: Array, keep: Array, eps: float) -> Array:
+    """The KL of ``msa_index_aux_loss`` per query and group, (B, K, T)."""
     b, n, t, s = attn_weights.shape
     groups = index_scores.shape[1]
     if n % groups != 0:
@@ -250,4 +432,25 @@ def msa_index_aux_loss(index_scores: Array, attn_weights: Array, keep: Array,
     log_student = jax.nn.log_softmax(scores, axis=-1)
     kl = teacher * (jnp.log(jnp.maximum(teacher, eps)) - log_student)
     kl = jnp.where(teacher > 0, kl, 0.0)
-    return kl.sum(axis=-1).mean()
+    return kl.sum(axis=-1)
+
+
+def _masked_mean_loss(aux: dict[str, Array], seg_BT: Array | None) -> Array:
+    """``msa_index_aux_loss`` of the materialised arrays, the mean over non-padding (query,
+    group) pairs when packed."""
+    if seg_BT is None:
+        return msa_index_aux_loss(**aux)
+    kl_BKT = _msa_kl_BKT(aux["index_scores"], aux["attn_weights"], aux["keep"], 1e-9)
+    w_BT = core.query_weights(seg_BT, *seg_BT.shape)
+    return (kl_BKT * w_BT[:, None]).sum() / jnp.maximum(kl_BKT.shape[1] * w_BT.sum(), 1.0)
+
+
+def msa_index_aux_loss(index_scores: Array, attn_weights: Array, keep: Array,
+                       eps: float = 1e-9) -> Array:
+    """KL(teacher || student) aligning the index branch with the main branch (attnhut 0.5.0).
+
+    teacher: the main attention (a constant) averaged over each group's heads, (B, K, T, S);
+    student: ``softmax(index_scores)`` over the same selected support ``keep``. Summed over keys,
+    averaged over queries and groups. Only the index branch receives gradient.
+    """
+    return _msa_kl_BKT(index_scores, attn_weights, keep, eps).mean()

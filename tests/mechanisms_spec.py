@@ -207,8 +207,8 @@ MECHANISMS: list[Mechanism] = [
         {"dim": D, "num_heads": 4, "num_kv_groups": 2, "block_size": 3, "top_k": 2, "causal": c},
         causal=c, full=False,
         # each row keeps its own block (force_current_block): rows 0, 1 see keys 1, 2 after them
-        future_rows=2, call=frozenset({"return_aux"}), aux=True, impls=SPARSE_IMPLS,
-        cpu_impls=SPARSE_IMPLS,
+        future_rows=2, call=frozenset({"return_aux", "segment_ids", "positions", "index_loss"}),
+        aux=True, impls=SPARSE_IMPLS, cpu_impls=SPARSE_IMPLS,
         bad_config=({"num_kv_groups": 3}, r"num_heads=4 must be divisible by num_kv_groups=3"),
         bf16_why=_BF16_DENSE + "; the index branch ranks blocks in float32 (selector_dtype); "
                  "with bf16 block scores, 1 row in 22 picked another block on some inputs")),
