@@ -74,10 +74,11 @@ def _run(fn, q, k, v, idx, sink, g, jit=True, **kw):
 
 
 def _check(b, t, s, n, kg, h, m, seed, *, dtype=jnp.float32, shared=False, sink=True,
-           impls=tuple(IMPLS), causal=False, p_empty=0.2, empty_row=None, eager=False, **rules):
+           impls=tuple(IMPLS), causal=False, p_empty=0.2, empty_row=None, eager=False,
+           zero_rows=None, **rules):
     """Every impl's output and gradients equal the reference's; ``empty_row``: that query
-    reads nothing (no selection, no window) and must come out exactly zero; ``eager``: the
-    impls run op by op, outside any jit."""
+    reads nothing (no selection, no window) and must come out exactly zero (``zero_rows``:
+    a (B, T) bool mask of such queries); ``eager``: the impls run op by op, outside any jit."""
     q, k, v, idx, sk, g = _inputs(b, t, s, n, kg, h, m, seed, dtype, shared, causal, p_empty)
     if empty_row is not None:
         idx = idx.at[:, empty_row].set(-1)
@@ -91,7 +92,10 @@ def _check(b, t, s, n, kg, h, m, seed, *, dtype=jnp.float32, shared=False, sink=
         np.testing.assert_allclose(f32(out), f32(ref_out), atol=atol, rtol=atol, err_msg=str(name))
         if empty_row is not None:
             assert np.all(f32(out)[:, empty_row] == 0.0), name
+        if zero_rows is not None:
+            assert np.all(f32(out)[zero_rows] == 0.0), name
         for a, r in zip(grads, ref_grads, strict=True):
+            assert np.all(np.isfinite(f32(a))), name
             scale = max(1.0, float(np.abs(f32(r)).max()))
             np.testing.assert_allclose(f32(a), f32(r), atol=gtol * scale, err_msg=str(name))
     return ref_out
@@ -324,3 +328,103 @@ def indexers_select_the_same_keys(seed: int = 5) -> None:
 @pytest.mark.selections
 def test_every_indexer_selects_the_same_keys_in_float32_and_bfloat16():
     indexers_select_the_same_keys()
+
+
+# ----------------------------------------------------------------------------- packed sequences
+#
+# Segment ids: query t reads key s (selected or in the window) and the indexer may pick s only
+# if k_seg[b, s] == q_seg[b, t] != 0. Three rows: padding at the end; padding at the start and
+# in the middle; a fully padded row. CSA layout: keys = [C entries | T raw tokens], the entries
+# carrying their own ids.
+
+SEG_T, SEG_C = 19, 4
+Q_SEG = np.array([[1] * 7 + [2] * 9 + [0] * 3,
+                  [0] * 2 + [1] * 5 + [0] * 3 + [3] * 9,
+                  [0] * 19], np.int32)
+ENTRY_SEG = np.array([[1, 1, 2, 2], [1, 0, 3, 3], [0, 0, 0, 0]], np.int32)
+CSA_K_SEG = np.concatenate([ENTRY_SEG, Q_SEG], axis=1)
+SEG_IMPLS = {"xla": IMPLS["xla"], "pallas": IMPLS["pallas"], "tpu": lambda *a, **kw: TPU_KERNEL(*a, **kw)}
+
+
+def _oracle_attention(q, k, v, idx, sink, *, window, window_start, q_seg, k_seg):
+    """Loops in numpy: each (b, t, n) softmax over exactly the keys the rules let it read."""
+    q, k, idx = np.asarray(q, np.float64), np.asarray(k, np.float64), np.asarray(idx)
+    v = k if v is None else np.asarray(v, np.float64)
+    b, t, n, h = q.shape
+    s, kg = k.shape[1], k.shape[2]
+    out = np.zeros((b, t, n, v.shape[-1]))
+    for bi, ti, ni in np.ndindex(b, t, n):
+        read = {int(x) for x in idx[bi, ti] if 0 <= x < s}
+        if window is not None:
+            read |= {window_start + r for r in range(max(ti - window + 1, 0), ti + 1)
+                     if window_start + r < s}
+        read = sorted(x for x in read if k_seg[bi, x] == q_seg[bi, ti] != 0)
+        logits = [q[bi, ti, ni] @ k[bi, x, ni // (n // kg)] * h ** -0.5 for x in read]
+        extra = [] if sink is None else [float(sink[ni])]
+        if not logits:
+            continue  # reads nothing: zeros (a sink alone reads no value)
+        mx = max(logits + extra)
+        e = np.exp(np.array(logits) - mx)
+        den = e.sum() + sum(np.exp(x - mx) for x in extra)
+        out[bi, ti, ni] = (e[:, None] * v[bi, read, ni // (n // kg)]).sum(0) / den
+    return out
+
+
+def test_reference_with_segments_equals_a_hand_written_oracle():
+    b, t, c, n = 3, SEG_T, SEG_C, 2
+    q, k, v, idx, sk, _ = _inputs(b, t, c + t, n, 1, 4, 5, 21, p_empty=0.1)
+    rules = dict(window=3, window_start=c, q_seg_BT=jnp.asarray(Q_SEG),
+                 k_seg_BS=jnp.asarray(CSA_K_SEG))
+    for vv, sink in ((v, sk), (None, None)):
+        got = token_sparse_attention_reference(q, k, vv, idx, sink=sink, **rules)
+        want = _oracle_attention(q, k, vv, idx, sink, window=3, window_start=c, q_seg=Q_SEG,
+                                 k_seg=CSA_K_SEG)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    assert np.any(want[Q_SEG != 0] != 0)  # the rows that may read do read
+
+
+def _oracle_topk(scores, top_k, valid):
+    """Per row: the valid keys by (score descending, key ascending), the first top_k, -1 after."""
+    b, t, s = scores.shape
+    out = np.full((b, t, min(top_k, s)), -1, np.int32)
+    for bi, ti in np.ndindex(b, t):
+        keys = sorted((x for x in range(s) if valid[bi, ti, x]),
+                      key=lambda x: (-scores[bi, ti, x], x))[:top_k]
+        out[bi, ti, :len(keys)] = keys
+    return out
+
+
+def test_indexer_reference_with_segments_equals_a_hand_written_oracle():
+    q, k, w = _int_indexer(7, 3, SEG_T, SEG_T, 2, 4)
+    scores = np.asarray(jax.vmap(lambda q, k, w: jnp.einsum(
+        "TI,TIS->TS", w, jax.nn.relu(jnp.einsum("TIE,SE->TIS", q, k))))(q, k, w))
+    same = (Q_SEG[:, :, None] == Q_SEG[:, None, :]) & (Q_SEG[:, None, :] != 0)
+    for causal in (True, False):
+        valid = same & (np.tril(np.ones((SEG_T, SEG_T), bool)) if causal else True)
+        for top_k in (1, 4, 30):
+            got, _ = indexer_topk_reference(q, k, w, top_k, causal=causal,
+                                            q_seg_BT=jnp.asarray(Q_SEG), k_seg_BS=jnp.asarray(Q_SEG))
+            np.testing.assert_array_equal(np.asarray(got), _oracle_topk(scores, top_k, valid))
+    assert np.all(np.asarray(got)[Q_SEG == 0] == -1)
+
+
+def _check_packed(impl, b, t, s, n, kg, h, m, seed, k_seg, **kw):
+    """``_check`` with segment ids, for one impl; padding queries must come out exactly 0."""
+    ref = _check(b, t, s, n, kg, h, m, seed, impls=(SEG_IMPLS[impl],), p_empty=0.1,
+                 q_seg_BT=jnp.asarray(Q_SEG[:b]), k_seg_BS=jnp.asarray(k_seg[:b]),
+                 zero_rows=Q_SEG[:b] == 0, **kw)
+    assert np.any(np.asarray(ref)[Q_SEG[:b] != 0] != 0)
+
+
+@pytest.mark.parametrize("impl", list(SEG_IMPLS))
+def test_kernels_with_segments_csa_layout_window_and_sink(impl):
+    # shared K/V, one kv head, the raw window after 4 entries; selections cross segments freely
+    _check_packed(impl, 3, SEG_T, SEG_C + SEG_T, 4, 1, 8, 3, 31, CSA_K_SEG, shared=True,
+                  window=4, window_start=SEG_C)
+
+
+@pytest.mark.parametrize("impl", list(SEG_IMPLS))
+def test_kernels_with_segments_gqa_without_window(impl):
+    # GQA, separate V, no sink: a padding query and a query whose picks are all of other
+    # segments read nothing and give zeros
+    _check_packed(impl, 3, SEG_T, SEG_T, 4, 2, 8, 6, 32, Q_SEG, sink=False)
