@@ -428,3 +428,54 @@ def test_kernels_with_segments_gqa_without_window(impl):
     # GQA, separate V, no sink: a padding query and a query whose picks are all of other
     # segments read nothing and give zeros
     _check_packed(impl, 3, SEG_T, SEG_T, 4, 2, 8, 6, 32, Q_SEG, sink=False)
+
+
+def _indexer_case(kind):
+    """(q, k, w, keyword arguments) of a packed indexer call: DSA (keys are the tokens, default
+    positions) or CSA (keys are C entries, entry c at position 4 c + 3 with its own id)."""
+    q_seg = jnp.asarray(Q_SEG)
+    if kind == "dsa":
+        return (*_int_indexer(8, 3, SEG_T, SEG_T, 3, 4), dict(q_seg_BT=q_seg, k_seg_BS=q_seg))
+    return (*_int_indexer(9, 3, SEG_T, SEG_C, 3, 4),
+            dict(q_pos_T=jnp.arange(SEG_T), k_pos_S=4 * jnp.arange(SEG_C) + 3, q_seg_BT=q_seg,
+                 k_seg_BS=jnp.asarray(ENTRY_SEG)))
+
+
+@pytest.mark.parametrize("kind,causal", [("dsa", True), ("dsa", False), ("csa", True)])
+def test_indexers_with_segments_select_the_reference_keys(kind, causal):
+    """Integer-valued operands (exact scores, many ties): the XLA running top-k equals the
+    reference column for column, the radix-select kernel selects the same sets (one top_k:
+    its interpret-mode compile is slow); padding queries select nothing."""
+    q, k, w, kw = _indexer_case(kind)
+    for top_k in (1, 3, 30):
+        ref_i, ref_v = indexer_topk_reference(q, k, w, top_k, causal=causal, **kw)
+        assert np.all(np.asarray(ref_i)[Q_SEG == 0] == -1)
+        assert np.any(np.asarray(ref_i) >= 0)
+        got_i, got_v = jax.jit(lambda q, k, w, top_k=top_k: INDEXERS["xla"](
+            q, k, w, top_k, causal=causal, **kw))(q, k, w)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(ref_i), err_msg=str(top_k))
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(ref_v))
+        if top_k == (3 if causal else 30):  # causal: short rows; bidirectional: whole segments
+            got = jax.jit(lambda q, k, w, top_k=top_k: INDEXERS["pallas"](
+                q, k, w, top_k, causal=causal, **kw))(q, k, w)
+            _assert_same_sets(*got, ref_i, ref_v, f"pallas {top_k}")
+
+
+def test_segment_arguments_are_checked():
+    q, k = jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 10, 1, 4))
+    idx = jnp.zeros((1, 8, 2), jnp.int32)
+    qi, ki, wi = jnp.zeros((1, 8, 1, 4)), jnp.zeros((1, 10, 4)), jnp.zeros((1, 8, 1))
+    seg_t, seg_s = jnp.ones((1, 8), jnp.int32), jnp.ones((1, 10), jnp.int32)
+    attention = [token_sparse_attention_reference, *SEG_IMPLS.values()]
+    indexers = [indexer_topk_reference, *INDEXERS.values()]
+    calls = ([lambda f=f, **kw: f(q, k, None, idx, **kw) for f in attention]
+             + [lambda f=f, **kw: f(qi, ki, wi, 2, causal=True, **kw) for f in indexers])
+    for call in calls:
+        with pytest.raises(ValueError, match="q_seg_BT was given without k_seg_BS"):
+            call(q_seg_BT=seg_t)
+        with pytest.raises(ValueError, match="k_seg_BS was given without q_seg_BT"):
+            call(k_seg_BS=seg_s)
+        with pytest.raises(ValueError, match=r"k_seg_BS must have shape \(1, 10\)"):
+            call(q_seg_BT=seg_t, k_seg_BS=seg_t)
+        with pytest.raises(TypeError, match="q_seg_BT must be an integer array"):
+            call(q_seg_BT=seg_t.astype(jnp.float32), k_seg_BS=seg_s)
