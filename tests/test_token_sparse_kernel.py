@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jaxpr_walk import jaxpr_shapes
 
 from pallas_kernels.token_sparse import (
     IndexerBlocks,
@@ -479,3 +480,34 @@ def test_segment_arguments_are_checked():
             call(q_seg_BT=seg_t, k_seg_BS=seg_t)
         with pytest.raises(TypeError, match="q_seg_BT must be an integer array"):
             call(q_seg_BT=seg_t.astype(jnp.float32), k_seg_BS=seg_s)
+
+
+def _long_axes(fn, *args, t):
+    """Shapes in the jaxpr of ``fn`` with two axes of at least T / 2 (T x T, T x S, T x C)."""
+    return [s for s in jaxpr_shapes(jax.make_jaxpr(fn)(*args).jaxpr)
+            if sum(d >= t // 2 for d in s) >= 2]
+
+
+def test_no_t_by_s_array_with_segments():
+    """Forward and backward of the xla, pallas and TPU token-sparse paths and both fused
+    indexers, packed, CSA-sized (C = T / 2 entries before T raw keys): no (T, S) array, kernel
+    bodies and custom-vjp rules included; the reference has one, so the check can fail."""
+    b, t, c, n, m = 1, 300, 150, 2, 8
+    q, k = jnp.zeros((b, t, n, 16)), jnp.zeros((b, c + t, 1, 16))
+    idx = jnp.zeros((b, t, m), jnp.int32)
+    q_seg, k_seg = jnp.ones((b, t), jnp.int32), jnp.ones((b, c + t), jnp.int32)
+    impls = {"reference": token_sparse_attention_reference, "xla": token_sparse_attention_xla,
+             "pallas": token_sparse_attention, "tpu": token_sparse_attention_tpu}
+    for name, fn in impls.items():
+        def loss(q, k, sink, fn=fn):
+            return fn(q, k, None, idx, sink=sink, window=16, window_start=c, q_seg_BT=q_seg,
+                      k_seg_BS=k_seg).sum()
+        bad = _long_axes(jax.grad(loss, argnums=(0, 1, 2)), q, k, jnp.zeros((n,)), t=t)
+        assert bool(bad) == (name == "reference"), (name, bad)
+    qi, ki, wi = jnp.zeros((b, t, 2, 8)), jnp.zeros((b, c, 8)), jnp.zeros((b, t, 2))
+    kw = dict(causal=True, q_pos_T=jnp.arange(t), k_pos_S=2 * jnp.arange(c) + 1,
+              q_seg_BT=q_seg, k_seg_BS=k_seg[:, :c])
+    for name, fn in {"reference": indexer_topk_reference, "xla": indexer_topk,
+                     "pallas": indexer_topk_pallas}.items():
+        bad = _long_axes(lambda q, k, w, fn=fn: fn(q, k, w, 32, **kw), qi, ki, wi, t=t)
+        assert bool(bad) == (name == "reference"), (name, bad)
