@@ -511,3 +511,26 @@ def test_no_t_by_s_array_with_segments():
                      "pallas": indexer_topk_pallas}.items():
         bad = _long_axes(lambda q, k, w, fn=fn: fn(q, k, w, 32, **kw), qi, ki, wi, t=t)
         assert bool(bad) == (name == "reference"), (name, bad)
+
+
+def test_core_wrappers_pass_the_segment_ids_on():
+    """``core.token_sparse_attention`` / ``core.indexer_topk`` under the registry's impls give
+    the packed results (which differ from the unpacked ones)."""
+    from attnhut_jax import core
+
+    c, t = SEG_C, SEG_T
+    q, k, _, idx, sink, _ = _inputs(3, t, c + t, 4, 1, 8, 3, 33, shared=True)
+    segs = dict(q_seg_BT=jnp.asarray(Q_SEG), k_seg_BS=jnp.asarray(CSA_K_SEG))
+    rules = dict(sink=sink, window=4, window_start=c)
+    want = token_sparse_attention_reference(q, k, None, idx, **rules, **segs)
+    assert not np.allclose(want, token_sparse_attention_reference(q, k, None, idx, **rules))
+    for impl in ("reference", "xla", "pallas"):
+        got = jax.jit(lambda q, k, impl=impl: core.token_sparse_attention(
+            q, k, None, idx, impl=impl, **rules, **segs))(q, k)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, err_msg=impl)
+    qi, ki, wi, kw = _indexer_case("csa")
+    ref_i, _ = indexer_topk_reference(qi, ki, wi, 2, causal=True, **kw)
+    for impl in ("reference", "xla"):
+        got_i, _ = jax.jit(lambda qi, impl=impl: core.indexer_topk(
+            qi, ki, wi, 2, causal=True, impl=impl, **kw))(qi)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(ref_i), err_msg=impl)
