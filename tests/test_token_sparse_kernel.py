@@ -18,6 +18,7 @@ from pallas_kernels.token_sparse import (
     IndexerBlocks,
     indexer_topk,
     indexer_topk_reference,
+    token_keep,
     token_sparse_attention_reference,
     token_sparse_attention_xla,
 )
@@ -201,6 +202,28 @@ def test_bitmask_and_tables_list_exactly_the_read_blocks():
     for bi, ji in np.ndindex(b, 5):
         count, row = bwd[bi, ji, 0], bwd[bi, ji, 1:]
         np.testing.assert_array_equal(row[:count], np.flatnonzero(visit[bi, :, ji]))
+
+
+def test_tables_skip_window_blocks_of_other_segments():
+    """With segment ids a window block is listed only for tiles whose segments it holds keys
+    of: here exactly the (tile, block) pairs that some query reads (segments aligned to the
+    tiles), all-padding tiles and blocks listed nowhere; selections of other segments are
+    dropped by ``segment_indices`` before the bitmask."""
+    from pallas_kernels.token_sparse.tables import segment_indices
+
+    t, bq, window = 64, 8, 8
+    seg = np.array([[1] * 32 + [2] * 24 + [0] * 8, [3] * 16 + [0] * 16 + [4] * 32], np.int32)
+    idx = _selection(jax.random.key(3), 2, t, t, 4, p_empty=0.0)
+    q_seg = k_seg = jnp.asarray(seg)
+    kept = segment_indices(idx, q_seg, k_seg)
+    assert np.any(np.asarray(kept) == -1) and np.any(np.asarray(kept) >= 0)
+    bits = key_bitmask(kept, t)
+    visit = np.asarray(tile_visits(bits, t=t, s=t, block_q=bq, words_per_block=1, window=window,
+                                   q_seg_BT=q_seg, k_seg_BS=k_seg))
+    keep = np.asarray(token_keep(idx, t, window=window, q_seg_BT=q_seg, k_seg_BS=k_seg))
+    np.testing.assert_array_equal(visit, keep.reshape(2, 8, bq, 2, 32).any(axis=(2, 4)))
+    assert not visit[0, 7].any() and not visit[1, 2:4].any()  # padding tiles
+    assert visit[0, 4, 1] and not visit[0, 4, 0]  # segment 2's window stops at its start
 
 
 def test_selection_shape_is_checked():
