@@ -12,10 +12,13 @@ order of one ``lax.top_k`` over the whole row: the selection equals
 
 Causal skipping: keys after the last index any query of the tile may select are never scored.
 The tile picks (``lax.switch``, only the taken branch runs) the shortest of ``num_ranges``
-static key prefixes (steps of at least ``min_range`` keys) that holds every valid key of the
-tile, and walks that prefix in key tiles
-of ``block_k``. Keys beyond the prefix are invalid for the whole tile; a row with fewer than
-``top_k`` valid keys marks its extra picks ``-1`` either way, so skipping changes nothing.
+static key-range lengths (steps of at least ``min_range`` keys) that holds every valid key of
+the tile, and walks that range in key tiles of ``block_k``. Packed sequences skip from the
+front too: the range then starts at the tile's first key whose segment id lies within the
+range of the tile's query ids (O(S) per tile to find), so a tile walks about its own
+segments' keys instead of the whole causal prefix. Keys outside the range are invalid for the
+whole tile, and the walk stays in ascending key order; a row with fewer than ``top_k`` valid
+keys marks its extra picks ``-1`` either way, so skipping changes nothing.
 Working memory is O(block_q * (block_k + top_k)) per step; the outputs are O(T * top_k).
 
 Valid scores are assumed finite and above the fill value (``finfo(float32).min``); a valid key
@@ -90,7 +93,8 @@ def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causa
     q_BQTIE = jnp.pad(q_BTIE, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, qt, bq, ni, e)
     w_BQTI = jnp.pad(w_BTI, ((0, 0), (0, tp - t), (0, 0))).reshape(b, qt, bq, ni)
     step = max(-(-s // blocks.num_ranges), blocks.min_range)
-    ranges = sorted({min(s, step * i) for i in range(1, blocks.num_ranges + 1)}) if causal else [s]
+    skip = causal or packed  # the tile's valid keys may be a strict sub-range of [0, S)
+    ranges = sorted({min(s, step * i) for i in range(1, blocks.num_ranges + 1)}) if skip else [s]
     s_idx = jnp.arange(s, dtype=jnp.int32)
 
     def batch(xs):
@@ -117,21 +121,32 @@ def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causa
                 return vals_TM, jnp.take_along_axis(cat_i, pick_TM, axis=1)
 
             def prefix(r):
-                def walk(carry):
+                def walk(carry, lo):  # r keys in ascending order from min(lo, S - r)
+                    base = jnp.minimum(lo, s - r)
                     bk = min(blocks.block_k, r)
                     full, rem = divmod(r, bk)
-                    carry, _ = jax.lax.scan(lambda c, j: (merge(c, j * bk, bk), None), carry,
-                                            jnp.arange(full, dtype=jnp.int32))
-                    return merge(carry, full * bk, rem) if rem else carry
+                    carry, _ = jax.lax.scan(lambda c, j: (merge(c, base + j * bk, bk), None),
+                                            carry, jnp.arange(full, dtype=jnp.int32))
+                    return merge(carry, base + full * bk, rem) if rem else carry
                 return walk
 
             init = (jnp.full((bq, m), -jnp.inf, F32), jnp.full((bq, m), -1, jnp.int32))
-            if causal:  # 1 + the last key index any query of the tile may select
-                hi = jnp.where(k_pos <= qp_T.max(), s_idx + 1, 0).max()
-                branch = jnp.searchsorted(jnp.asarray(ranges, jnp.int32), hi)
-                vals_TM, idx_TM = jax.lax.switch(branch, [prefix(r) for r in ranges], init)
+            if skip:  # [lo, hi): the keys some query of the tile may select
+                ok_S = jnp.ones((s,), bool)
+                if causal:
+                    ok_S = k_pos <= qp_T.max()
+                lo = jnp.int32(0)
+                if packed:  # keys whose id lies in the range of the tile's (non-padding) ids
+                    info = jnp.iinfo(jnp.int32)
+                    q_lo = jnp.where(qseg_T != 0, qseg_T, info.max).min()
+                    q_hi = jnp.where(qseg_T != 0, qseg_T, info.min).max()
+                    ok_S = ok_S & (kseg_S >= q_lo) & (kseg_S <= q_hi) & (kseg_S != 0)
+                    lo = jnp.where(ok_S, s_idx, s).min()
+                hi = jnp.where(ok_S, s_idx + 1, 0).max()
+                branch = jnp.searchsorted(jnp.asarray(ranges, jnp.int32), jnp.maximum(hi - lo, 0))
+                vals_TM, idx_TM = jax.lax.switch(branch, [prefix(r) for r in ranges], init, lo)
             else:
-                vals_TM, idx_TM = prefix(s)(init)
+                vals_TM, idx_TM = prefix(s)(init, jnp.int32(0))
             ok_TM = idx_TM >= 0
             if causal:
                 ok_TM = ok_TM & (jnp.take(k_pos, jnp.maximum(idx_TM, 0)) <= qp_T[:, None])

@@ -22,8 +22,9 @@ state per row; the price is recomputing the scores in 9 passes. On an H100 that 
 high: 104 ms at T = 32768, top_k 2048, 4 x 64 index heads, where the attention itself takes
 ~5 ms (docs/performance.md; measured with float32 score products; the products now take the input
 dtype, unmeasured). On CPU the XLA path of ``indexer.py`` is used. Key tiles after a
-query tile's last valid key are not visited. ``-0.0`` ranks below ``+0.0`` (the total order of
-the float bits).
+query tile's last valid key are not visited, nor, with segment ids, the key tiles before the
+first (after the last) one whose ids' range meets the range of the query tile's ids.
+``-0.0`` ranks below ``+0.0`` (the total order of the float bits).
 
 There is no Mosaic (TPU) variant: Mosaic lowers neither ``cumsum`` nor scatter stores, which
 the compaction needs; on TPU the fused top-k runs as ``indexer.indexer_topk`` (XLA's native
@@ -42,6 +43,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from ..common import F32, FILL, cdiv
 from .reference import check_segments, positions
+from .tables import id_ranges
 
 Array = jax.Array
 _SIGN = -(2 ** 31)  # int32 with only the sign bit set
@@ -74,7 +76,7 @@ def score_dtype(*dtypes):
     return F32 if jnp.finfo(dt).bits > 32 else dt
 
 
-def _kernel(ntiles_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: int, s_len: int, m: int,
+def _kernel(first_ref, end_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: int, s_len: int, m: int,
             causal: bool, packed: bool, precision):
     if packed:  # the tile's query segment ids (bq,) and all key segment ids (Sp,)
         qseg_ref, kseg_ref, q_ref, w_ref, k_ref, idx_ref, val_ref = refs
@@ -89,7 +91,7 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: int, s_l
     dt = score_dtype(q_ref.dtype, k_ref.dtype)
     qs = [q_ref[:, h, :].astype(dt) for h in range(heads)]
     ws = [w_ref[:, pl.ds(h, 1)].astype(F32) for h in range(heads)]
-    n_tiles = ntiles_ref[0]
+    first, end = first_ref[0], end_ref[0]  # the key tiles this query tile walks
 
     def tile(jt):
         start = jt * block_k
@@ -123,7 +125,7 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: int, s_l
             return tuple(hist[d] + jnp.sum(match & (digit == d), axis=1, dtype=jnp.int32)
                          for d in range(2 ** _DIGIT))
 
-        hist = jax.lax.fori_loop(0, n_tiles, hist_body,
+        hist = jax.lax.fori_loop(first, end, hist_body,
                                  tuple(jnp.zeros((bq,), jnp.int32) for _ in range(2 ** _DIGIT)))
         if p == 0:
             total = hist[0]
@@ -166,7 +168,7 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: int, s_l
                 ties + eq_i.sum(axis=1, dtype=jnp.int32))
 
     zeros = jnp.zeros((bq,), jnp.int32)
-    jax.lax.fori_loop(0, n_tiles, select_body, (zeros, zeros))
+    jax.lax.fori_loop(first, end, select_body, (zeros, zeros))
 
 
 def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
@@ -203,6 +205,15 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
         ntiles = (-(-hi // bk)).astype(jnp.int32)
     else:
         ntiles = jnp.full((qt,), j, jnp.int32)
+    first, end = jnp.zeros((b, qt), jnp.int32), jnp.broadcast_to(ntiles, (b, qt))
+    if packed:  # only the key tiles whose ids' range meets the query tile's (padding ignored)
+        q_lo, q_hi = id_ranges(q_seg_BT, bq)  # (B, Q)
+        k_lo, k_hi = id_ranges(k_seg_BS, bk)  # (B, J)
+        meet_BQJ = ((q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+                    & (jnp.arange(j)[None, None, :] < end[:, :, None]))
+        tiles = jnp.arange(j, dtype=jnp.int32)
+        first = jnp.where(meet_BQJ, tiles, j).min(axis=-1)
+        end = jnp.maximum(jnp.where(meet_BQJ, tiles + 1, 0).max(axis=-1), first)
     q = jnp.pad(q_BTIE, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
     w = jnp.pad(w_BTI, ((0, 0), (0, tp - t), (0, 0)))
     k = jnp.pad(k_BSE, ((0, 0), (0, sp - s), (0, 0)))
@@ -217,7 +228,8 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
         kernel,
         grid=(b, qt),
         in_specs=[
-            pl.BlockSpec((1,), lambda bi, qi: (qi,)),
+            pl.BlockSpec((None, 1), lambda bi, qi: (bi, qi)),
+            pl.BlockSpec((None, 1), lambda bi, qi: (bi, qi)),
             pl.BlockSpec((bq,), lambda bi, qi: (qi,)),
             pl.BlockSpec((sp,), lambda bi, qi: (0,)),
             *seg_specs,
@@ -232,5 +244,5 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
         interpret=interpret,
         compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
         name="lightning_indexer_topk",
-    )(ntiles, qp, kp, *segs, q, w, k)
+    )(first, end, qp, kp, *segs, q, w, k)
     return jax.lax.stop_gradient(idx[:, :t, :m]), jax.lax.stop_gradient(vals[:, :t, :m])

@@ -93,7 +93,7 @@ def membership(words, q_idx: Array, col: Array, start, *, s_len: int, t_len: int
     return hit & (k_idx < s_len)
 
 
-def _id_ranges(seg_BX: Array, size: int) -> tuple[Array, Array]:
+def id_ranges(seg_BX: Array, size: int) -> tuple[Array, Array]:
     """Per group of ``size`` consecutive positions, (min, max) of the non-padding segment ids,
     (B, X / size) each; an all-padding group gets the empty range (max int, min int)."""
     b, x = seg_BX.shape
@@ -124,8 +124,8 @@ def tile_visits(bits_BTZ: Array, *, t: int, s: int, block_q: int, words_per_bloc
         win = ((blk >= (lo // bk)[:, None]) & (blk <= (hi // bk)[:, None])
                & (lo <= hi)[:, None])[None]
         if q_seg_BT is not None:
-            q_lo, q_hi = _id_ranges(q_seg_BT, block_q)  # (B, Q)
-            k_lo, k_hi = _id_ranges(k_seg_BS, bk)  # (B, J)
+            q_lo, q_hi = id_ranges(q_seg_BT, block_q)  # (B, Q)
+            k_lo, k_hi = id_ranges(k_seg_BS, bk)  # (B, J)
             win = win & (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
         visit = visit | win
     return visit
