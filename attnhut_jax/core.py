@@ -722,7 +722,8 @@ def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causa
 def indices_from_scores(scores_BTS: Array, valid: Array, top_k: int) -> Array:
     """Indices of ``jax.lax.top_k`` on already-masked scores (B, T, S), invalid picks -1: the
     selection ``topk_keep`` marks, as indices (used when the scores are built anyway, e.g. for
-    ``return_aux``)."""
+    ``return_aux``). ``valid`` broadcasts to the scores: (T, S), or (B, T, S) with the segment
+    rule folded in, as ``indexer_topk_reference`` does with segment ids."""
     _, idx_BTM = jax.lax.top_k(scores_BTS, min(top_k, scores_BTS.shape[-1]))
     ok_BTM = jnp.take_along_axis(jnp.broadcast_to(valid, scores_BTS.shape), idx_BTM, axis=-1)
     return jnp.where(ok_BTM, idx_BTM, -1).astype(jnp.int32)

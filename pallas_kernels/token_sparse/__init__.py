@@ -1,5 +1,7 @@
 """Token-level sparse attention (DeepSeek Sparse, Compressed Sparse): each query attends its own
-selected keys, shared by all heads, plus an optional raw causal window and a per-head sink.
+selected keys, shared by all heads, plus an optional raw causal window and a per-head sink;
+packed sequences pass segment ids (``q_seg_BT``, ``k_seg_BS``) to the attention and to the
+indexer top-k, which then only read / select keys of the query's own segment.
 
 Side by side: the Pallas kernels (``kernel.py`` Triton-style GPU, ``kernel_tpu.py`` Mosaic TPU,
 ``indexer_kernel.py`` the fused lightning-indexer top-k), the pure-jnp references they must equal
