@@ -77,11 +77,15 @@ def _run(fn, q, k, v, idx, sink, g, jit=True, **kw):
 
 def _check(b, t, s, n, kg, h, m, seed, *, dtype=jnp.float32, shared=False, sink=True,
            impls=tuple(IMPLS), causal=False, p_empty=0.2, empty_row=None, eager=False,
-           zero_rows=None, **rules):
+           zero_rows=None, cotangent_rows=None, foreign_keys=None, **rules):
     """Every impl's output and gradients equal the reference's; ``empty_row``: that query
     reads nothing (no selection, no window) and must come out exactly zero (``zero_rows``:
-    a (B, T) bool mask of such queries); ``eager``: the impls run op by op, outside any jit."""
+    a (B, T) bool mask of such queries); ``eager``: the impls run op by op, outside any jit.
+    ``cotangent_rows`` (B, T) bool: the output cotangent is zero elsewhere, and the keys of
+    ``foreign_keys`` (B, S) bool (which those rows may not read) get exactly zero dK, dV."""
     q, k, v, idx, sk, g = _inputs(b, t, s, n, kg, h, m, seed, dtype, shared, causal, p_empty)
+    if cotangent_rows is not None:
+        g = jnp.where(jnp.asarray(cotangent_rows)[:, :, None, None], g, 0)
     if empty_row is not None:
         idx = idx.at[:, empty_row].set(-1)
     sk = sk if sink else None
@@ -96,6 +100,9 @@ def _check(b, t, s, n, kg, h, m, seed, *, dtype=jnp.float32, shared=False, sink=
             assert np.all(f32(out)[:, empty_row] == 0.0), name
         if zero_rows is not None:
             assert np.all(f32(out)[zero_rows] == 0.0), name
+        if foreign_keys is not None:
+            for d in grads[1:3 - shared]:  # dK (and dV)
+                assert np.all(f32(d)[foreign_keys] == 0.0), name
         for a, r in zip(grads, ref_grads, strict=True):
             assert np.all(np.isfinite(f32(a))), name
             scale = max(1.0, float(np.abs(f32(r)).max()))
@@ -449,9 +456,10 @@ def test_kernels_with_segments_csa_layout_window_and_sink(impl):
 
 @pytest.mark.parametrize("impl", list(SEG_IMPLS))
 def test_kernels_with_segments_gqa_without_window(impl):
-    # GQA, separate V, no sink: a padding query and a query whose picks are all of other
-    # segments read nothing and give zeros
-    _check_packed(impl, 3, SEG_T, SEG_T, 4, 2, 8, 6, 32, Q_SEG, sink=False)
+    # GQA, separate V, no sink: padding queries read nothing and give zeros; with the cotangent
+    # on segment 1's outputs only, every other key gets exactly zero dK and dV
+    _check_packed(impl, 3, SEG_T, SEG_T, 4, 2, 8, 6, 32, Q_SEG, sink=False,
+                  cotangent_rows=Q_SEG == 1, foreign_keys=Q_SEG != 1)
 
 
 def _indexer_case(kind):
