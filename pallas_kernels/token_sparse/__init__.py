@@ -1,5 +1,7 @@
 """Token-level sparse attention (DeepSeek Sparse, Compressed Sparse): each query attends its own
-selected keys, shared by all heads, plus an optional raw causal window and a per-head sink.
+selected keys, shared by all heads, plus an optional raw causal window and a per-head sink;
+packed sequences pass segment ids (``q_seg_BT``, ``k_seg_BS``) to the attention and to the
+indexer top-k, which then only read / select keys of the query's own segment.
 
 Side by side: the Pallas kernels (``kernel.py`` Triton-style GPU, ``kernel_tpu.py`` Mosaic TPU,
 ``indexer_kernel.py`` the fused lightning-indexer top-k), the pure-jnp references they must equal
@@ -14,6 +16,7 @@ from .indexer_kernel import IndexerKernelBlocks, indexer_topk_pallas
 from .kernel import BlockSizes, token_sparse_attention
 from .kernel_tpu import TpuBlockSizes, token_sparse_attention_tpu
 from .reference import (
+    check_segments,
     indexer_scores_reference,
     indexer_topk_reference,
     token_keep,
@@ -28,6 +31,7 @@ __all__ = [
     "IndexerKernelBlocks",
     "TpuBlockSizes",
     "build_tables",
+    "check_segments",
     "indexer_scores_reference",
     "indexer_topk",
     "indexer_topk_pallas",

@@ -22,8 +22,9 @@ state per row; the price is recomputing the scores in 9 passes. On an H100 that 
 high: 104 ms at T = 32768, top_k 2048, 4 x 64 index heads, where the attention itself takes
 ~5 ms (docs/performance.md; measured with float32 score products; the products now take the input
 dtype, unmeasured). On CPU the XLA path of ``indexer.py`` is used. Key tiles after a
-query tile's last valid key are not visited. ``-0.0`` ranks below ``+0.0`` (the total order of
-the float bits).
+query tile's last valid key are not visited, nor, with segment ids, the key tiles before the
+first (after the last) one whose ids' range meets the range of the query tile's ids.
+``-0.0`` ranks below ``+0.0`` (the total order of the float bits).
 
 There is no Mosaic (TPU) variant: Mosaic lowers neither ``cumsum`` nor scatter stores, which
 the compaction needs; on TPU the fused top-k runs as ``indexer.indexer_topk`` (XLA's native
@@ -41,7 +42,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from ..common import F32, FILL, cdiv
-from .reference import positions
+from .reference import check_segments, positions
+from .tables import id_ranges
 
 Array = jax.Array
 _SIGN = -(2 ** 31)  # int32 with only the sign bit set
@@ -74,17 +76,22 @@ def score_dtype(*dtypes):
     return F32 if jnp.finfo(dt).bits > 32 else dt
 
 
-def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_ref, *, heads: int,
-            block_k: int, s_len: int, m: int, causal: bool, precision):
+def _kernel(first_ref, end_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: int, s_len: int, m: int,
+            causal: bool, packed: bool, precision):
+    if packed:  # the tile's query segment ids (bq,) and all key segment ids (Sp,)
+        qseg_ref, kseg_ref, q_ref, w_ref, k_ref, idx_ref, val_ref = refs
+    else:
+        q_ref, w_ref, k_ref, idx_ref, val_ref = refs
     bq = q_ref.shape[0]
     q_pos = qpos_ref[...]
+    q_seg = qseg_ref[...] if packed else None
     # products in the input dtype, float32 accumulation: exact products for bf16 inputs on the
     # tensor cores; float32 inputs follow ``precision`` (default: JAX's default matmul
     # precision, like the XLA paths)
     dt = score_dtype(q_ref.dtype, k_ref.dtype)
     qs = [q_ref[:, h, :].astype(dt) for h in range(heads)]
     ws = [w_ref[:, pl.ds(h, 1)].astype(F32) for h in range(heads)]
-    n_tiles = ntiles_ref[0]
+    first, end = first_ref[0], end_ref[0]  # the key tiles this query tile walks
 
     def tile(jt):
         start = jt * block_k
@@ -98,6 +105,9 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_re
         valid_TS = jnp.broadcast_to((cols < s_len)[None, :], (bq, block_k))
         if causal:
             valid_TS = valid_TS & (kpos_ref[pl.ds(start, block_k)][None, :] <= q_pos[:, None])
+        if packed:  # same segment, key not padding
+            k_seg = kseg_ref[pl.ds(start, block_k)][None, :]
+            valid_TS = valid_TS & (k_seg == q_seg[:, None]) & (k_seg != 0)
         return sc_TS, _ukey(sc_TS), valid_TS, cols
 
     # passes: the k-th largest unsigned key of every row, 4 bits at a time
@@ -115,7 +125,7 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_re
             return tuple(hist[d] + jnp.sum(match & (digit == d), axis=1, dtype=jnp.int32)
                          for d in range(2 ** _DIGIT))
 
-        hist = jax.lax.fori_loop(0, n_tiles, hist_body,
+        hist = jax.lax.fori_loop(first, end, hist_body,
                                  tuple(jnp.zeros((bq,), jnp.int32) for _ in range(2 ** _DIGIT)))
         if p == 0:
             total = hist[0]
@@ -158,22 +168,27 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_re
                 ties + eq_i.sum(axis=1, dtype=jnp.int32))
 
     zeros = jnp.zeros((bq,), jnp.int32)
-    jax.lax.fori_loop(0, n_tiles, select_body, (zeros, zeros))
+    jax.lax.fori_loop(first, end, select_body, (zeros, zeros))
 
 
 def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
                         q_pos_T: Array | None = None, k_pos_S: Array | None = None,
+                        q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
                         blocks: IndexerKernelBlocks = IndexerKernelBlocks(),
                         interpret: bool | None = None,
                         precision: jax.lax.PrecisionLike = None) -> tuple[Array, Array]:
     """(indices (B, T, min(top_k, S)) int32, scores): the set of ``indexer_topk_reference``,
     in ascending key order, ``-1`` / fill in the unused slots. ``interpret`` defaults to True
-    off GPU. Scores are float32 (``score_dtype``); ``precision`` reaches their products."""
+    off GPU. Scores are float32 (``score_dtype``); ``precision`` reaches their products.
+    Segment ids ``q_seg_BT`` (B, T), ``k_seg_BS`` (B, S) (both or neither): a key is a
+    candidate only if ``k_seg == q_seg != 0`` (padding queries select nothing)."""
     # a selection has no gradient: cut the tape before the kernel (which has no VJP)
     q_BTIE, k_BSE, w_BTI = (jax.lax.stop_gradient(a) for a in (q_BTIE, k_BSE, w_BTI))
     b, t, ni, e = q_BTIE.shape
     s = k_BSE.shape[1]
     m = min(top_k, s)
+    q_seg_BT, k_seg_BS = check_segments("indexer_topk_pallas", q_seg_BT, k_seg_BS, b, t, s)
+    packed = q_seg_BT is not None
     mp = pl.next_power_of_2(m + blocks.block_k)  # m slots, then the dump slots
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -190,18 +205,34 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
         ntiles = (-(-hi // bk)).astype(jnp.int32)
     else:
         ntiles = jnp.full((qt,), j, jnp.int32)
+    first, end = jnp.zeros((b, qt), jnp.int32), jnp.broadcast_to(ntiles, (b, qt))
+    if packed:  # only the key tiles whose ids' range meets the query tile's (padding ignored)
+        q_lo, q_hi = id_ranges(q_seg_BT, bq)  # (B, Q)
+        k_lo, k_hi = id_ranges(k_seg_BS, bk)  # (B, J)
+        meet_BQJ = ((q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+                    & (jnp.arange(j)[None, None, :] < end[:, :, None]))
+        tiles = jnp.arange(j, dtype=jnp.int32)
+        first = jnp.where(meet_BQJ, tiles, j).min(axis=-1)
+        end = jnp.maximum(jnp.where(meet_BQJ, tiles + 1, 0).max(axis=-1), first)
     q = jnp.pad(q_BTIE, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
     w = jnp.pad(w_BTI, ((0, 0), (0, tp - t), (0, 0)))
     k = jnp.pad(k_BSE, ((0, 0), (0, sp - s), (0, 0)))
     kernel = functools.partial(_kernel, heads=ni, block_k=bk, s_len=s, m=m, causal=causal,
-                               precision=precision)
+                               packed=packed, precision=precision)
+    seg_specs, segs = [], []
+    if packed:  # padded queries and keys get segment 0 (never valid)
+        seg_specs = [pl.BlockSpec((None, bq), lambda bi, qi: (bi, qi)),
+                     pl.BlockSpec((None, sp), lambda bi, qi: (bi, 0))]
+        segs = [jnp.pad(q_seg_BT, ((0, 0), (0, tp - t))), jnp.pad(k_seg_BS, ((0, 0), (0, sp - s)))]
     idx, vals = pl.pallas_call(
         kernel,
         grid=(b, qt),
         in_specs=[
-            pl.BlockSpec((1,), lambda bi, qi: (qi,)),
+            pl.BlockSpec((None, 1), lambda bi, qi: (bi, qi)),
+            pl.BlockSpec((None, 1), lambda bi, qi: (bi, qi)),
             pl.BlockSpec((bq,), lambda bi, qi: (qi,)),
             pl.BlockSpec((sp,), lambda bi, qi: (0,)),
+            *seg_specs,
             pl.BlockSpec((None, bq, ni, e), lambda bi, qi: (bi, qi, 0, 0)),
             pl.BlockSpec((None, bq, ni), lambda bi, qi: (bi, qi, 0)),
             pl.BlockSpec((None, sp, e), lambda bi, qi: (bi, 0, 0)),
@@ -213,5 +244,5 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
         interpret=interpret,
         compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
         name="lightning_indexer_topk",
-    )(ntiles, qp, kp, q, w, k)
+    )(first, end, qp, kp, *segs, q, w, k)
     return jax.lax.stop_gradient(idx[:, :t, :m]), jax.lax.stop_gradient(vals[:, :t, :m])
