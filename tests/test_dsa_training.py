@@ -199,7 +199,7 @@ def test_packed_rows_equal_each_segment_alone_on_every_impl():
                 where = np.flatnonzero(np.asarray(seg[b]) == sid)
                 np.testing.assert_allclose(out[b, where], np.asarray(alone(v, x[b:b + 1, where])[0]),
                                            atol=1e-5, err_msg=f"causal={causal} row {b} seg {sid}")
-        for impl in IMPLS[1:] if causal else ("xla",):
+        for impl in IMPLS[1:]:
             m = _module(impl, causal=causal)
             got = jax.jit(lambda v, x, s, m=m: m.apply(v, x, segment_ids=s))(v, x, seg)
             np.testing.assert_allclose(np.asarray(got), out, atol=1e-5,
