@@ -152,3 +152,31 @@ def test_float64_indexers_under_x64_select_the_reference_keys(name):
         # in another order, and XLA's optimiser may reassociate: seen at the default level)
         np.testing.assert_allclose(np.sort(got_v, -1), np.sort(ref_v, -1), rtol=1e-6, atol=1e-6)
     assert not jax.config.jax_enable_x64
+
+
+SEG_T = jnp.asarray([[1, 1, 1, 2, 2, 0, 2, 2, 3, 3, 0]], jnp.int32)  # (1, T) segment ids
+
+
+@pytest.mark.parametrize("name", [n for n in TOKEN_SPARSE if n != "reference"])
+def test_precision_reaches_every_matrix_product_with_segments(name):
+    """Packed sequences add operands and masks to the token-sparse kernels: still ``precision``
+    on every product, forward and backward."""
+    q, k, v, sink, _, idx, g = _operands(jnp.float32)
+    fn = _attention("token", name, None, idx, precision="high", window=3, q_seg_BT=SEG_T,
+                    k_seg_BS=SEG_T)
+    grads = jax.grad(lambda *a: (fn(*a) * g).sum(), argnums=(0, 1, 2, 3))
+    precisions = _dot_precisions(jax.make_jaxpr(grads)(q, k, v, sink))
+    assert len(precisions) >= 4
+    high = jax.lax.Precision.HIGH
+    assert all(p == (high, high) for p in precisions), precisions
+
+
+@pytest.mark.parametrize("name", [n for n in INDEXERS if n != "reference"])
+def test_precision_reaches_every_matrix_product_of_the_indexers_with_segments(name):
+    q, k, w = _indexer_operands(jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda q, k, w: INDEXERS[name](q, k, w, 3, causal=True,
+                                                          q_seg_BT=SEG_T, k_seg_BS=SEG_T,
+                                                          precision="high"))(q, k, w)
+    precisions = _dot_precisions(jaxpr)
+    high = jax.lax.Precision.HIGH
+    assert precisions and all(p == (high, high) for p in precisions), precisions

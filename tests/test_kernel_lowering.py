@@ -63,21 +63,34 @@ def test_block_sparse_kernels_lower_for_cuda():
     assert text.count("xla.gpu.triton") == 3  # forward, dq and dk/dv kernels
 
 
+# token-sparse cases: (S, kv heads, shared K/V, window, packed): the CSA shape is S = C + T (not
+# a power of two) with shared K/V, window and sink, also with segment ids (packed sequences)
+TOKEN_CASES = ((256, 2, False, None, False), (320, 1, True, 64, False), (320, 1, True, 64, True))
+
+
+def _segments(packed: bool, s: int):
+    """Segment-id arguments of a token-sparse call (abstract (B, T) and (B, S) int32), or none."""
+    if not packed:
+        return {}
+    return dict(q_seg_BT=sds((1, 256), jnp.int32), k_seg_BS=sds((1, s), jnp.int32))
+
+
 def test_token_sparse_kernels_lower_for_cuda():
-    """Includes the CSA shape: S = C + T (not a power of two), shared K/V, window, sink."""
-    for s, kg, shared, window in ((256, 2, False, None), (320, 1, True, 64)):
+    for s, kg, shared, window, packed in TOKEN_CASES:
         q, k = sds((1, 256, 4, 64), jnp.bfloat16), sds((1, s, kg, 64), jnp.bfloat16)
         idx, sink = sds((1, 256, 32), jnp.int32), sds((4,), jnp.float32)
+        segs = _segments(packed, s)
 
-        def fwd(q, k, v, idx, sink, shared=shared, window=window, s=s):
+        def fwd(q, k, v, idx, segs, sink, shared=shared, window=window, s=s):
             return token_sparse_attention(q, k, None if shared else v, idx, sink=sink,
-                                          window=window, window_start=s - 256, interpret=False)
+                                          window=window, window_start=s - 256, interpret=False,
+                                          **segs)
 
-        def fwd_bwd(q, k, v, idx, sink, fwd=fwd):
-            return _grad_of(fwd, idx)(q, k, v, sink)
+        def fwd_bwd(q, k, v, idx, segs, sink, fwd=fwd):
+            return _grad_of(fwd, idx, segs)(q, k, v, sink)
 
         for fn, calls in ((fwd, 1), (fwd_bwd, 3)):
-            assert export_for_cuda(fn, q, k, k, idx, sink).count("xla.gpu.triton") == calls
+            assert export_for_cuda(fn, q, k, k, idx, segs, sink).count("xla.gpu.triton") == calls
 
 
 def test_indexer_kernel_lowers_for_cuda():
@@ -85,6 +98,10 @@ def test_indexer_kernel_lowers_for_cuda():
                sds((1, 256, 4), jnp.bfloat16))
     text = export_for_cuda(lambda *a: indexer_topk_pallas(*a, 64, causal=True, interpret=False),
                            q, k, w)
+    assert text.count("xla.gpu.triton") == 1
+    seg = sds((1, 256), jnp.int32)  # packed sequences: segment ids of queries and keys
+    text = export_for_cuda(lambda q, k, w, qs, ks: indexer_topk_pallas(
+        q, k, w, 64, causal=True, q_seg_BT=qs, k_seg_BS=ks, interpret=False), q, k, w, seg, seg)
     assert text.count("xla.gpu.triton") == 1
 
 
@@ -103,18 +120,20 @@ def test_block_sparse_tpu_kernels_lower_for_tpu():
 
 
 def test_token_sparse_tpu_kernels_lower_for_tpu():
-    for s, kg, shared, window in ((256, 2, False, None), (320, 1, True, 64)):
+    for s, kg, shared, window, packed in TOKEN_CASES:
         q, k = sds((1, 256, 4, 128), jnp.bfloat16), sds((1, s, kg, 128), jnp.bfloat16)
         idx, sink = sds((1, 256, 32), jnp.int32), sds((4,), jnp.float32)
+        segs = _segments(packed, s)
 
-        def fwd(q, k, v, idx, sink, shared=shared, window=window, s=s):
+        def fwd(q, k, v, idx, segs, sink, shared=shared, window=window, s=s):
             return token_sparse_attention_tpu(q, k, None if shared else v, idx, sink=sink,
                                               window=window, window_start=s - 256,
-                                              interpret=False)
+                                              interpret=False, **segs)
 
-        def fwd_bwd(q, k, v, idx, sink, fwd=fwd):
-            return _grad_of(fwd, idx)(q, k, v, sink)
+        def fwd_bwd(q, k, v, idx, segs, sink, fwd=fwd):
+            return _grad_of(fwd, idx, segs)(q, k, v, sink)
 
         for fn, calls in ((fwd, 1), (fwd_bwd, 3)):
-            text = export.export(jax.jit(fn), platforms=["tpu"])(q, k, k, idx, sink).mlir_module()
+            text = export.export(jax.jit(fn), platforms=["tpu"])(q, k, k, idx, segs,
+                                                                 sink).mlir_module()
             assert text.count("tpu_custom_call") == calls

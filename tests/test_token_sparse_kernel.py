@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jaxpr_walk import jaxpr_shapes
 
 from pallas_kernels.token_sparse import (
     IndexerBlocks,
     indexer_topk,
     indexer_topk_reference,
+    token_keep,
     token_sparse_attention_reference,
     token_sparse_attention_xla,
 )
@@ -74,10 +76,11 @@ def _run(fn, q, k, v, idx, sink, g, jit=True, **kw):
 
 
 def _check(b, t, s, n, kg, h, m, seed, *, dtype=jnp.float32, shared=False, sink=True,
-           impls=tuple(IMPLS), causal=False, p_empty=0.2, empty_row=None, eager=False, **rules):
+           impls=tuple(IMPLS), causal=False, p_empty=0.2, empty_row=None, eager=False,
+           zero_rows=None, **rules):
     """Every impl's output and gradients equal the reference's; ``empty_row``: that query
-    reads nothing (no selection, no window) and must come out exactly zero; ``eager``: the
-    impls run op by op, outside any jit."""
+    reads nothing (no selection, no window) and must come out exactly zero (``zero_rows``:
+    a (B, T) bool mask of such queries); ``eager``: the impls run op by op, outside any jit."""
     q, k, v, idx, sk, g = _inputs(b, t, s, n, kg, h, m, seed, dtype, shared, causal, p_empty)
     if empty_row is not None:
         idx = idx.at[:, empty_row].set(-1)
@@ -91,7 +94,10 @@ def _check(b, t, s, n, kg, h, m, seed, *, dtype=jnp.float32, shared=False, sink=
         np.testing.assert_allclose(f32(out), f32(ref_out), atol=atol, rtol=atol, err_msg=str(name))
         if empty_row is not None:
             assert np.all(f32(out)[:, empty_row] == 0.0), name
+        if zero_rows is not None:
+            assert np.all(f32(out)[zero_rows] == 0.0), name
         for a, r in zip(grads, ref_grads, strict=True):
+            assert np.all(np.isfinite(f32(a))), name
             scale = max(1.0, float(np.abs(f32(r)).max()))
             np.testing.assert_allclose(f32(a), f32(r), atol=gtol * scale, err_msg=str(name))
     return ref_out
@@ -196,6 +202,28 @@ def test_bitmask_and_tables_list_exactly_the_read_blocks():
     for bi, ji in np.ndindex(b, 5):
         count, row = bwd[bi, ji, 0], bwd[bi, ji, 1:]
         np.testing.assert_array_equal(row[:count], np.flatnonzero(visit[bi, :, ji]))
+
+
+def test_tables_skip_window_blocks_of_other_segments():
+    """With segment ids a window block is listed only for tiles whose segments it holds keys
+    of: here exactly the (tile, block) pairs that some query reads (segments aligned to the
+    tiles), all-padding tiles and blocks listed nowhere; selections of other segments are
+    dropped by ``segment_indices`` before the bitmask."""
+    from pallas_kernels.token_sparse.tables import segment_indices
+
+    t, bq, window = 64, 8, 8
+    seg = np.array([[1] * 32 + [2] * 24 + [0] * 8, [3] * 16 + [0] * 16 + [4] * 32], np.int32)
+    idx = _selection(jax.random.key(3), 2, t, t, 4, p_empty=0.0)
+    q_seg = k_seg = jnp.asarray(seg)
+    kept = segment_indices(idx, q_seg, k_seg)
+    assert np.any(np.asarray(kept) == -1) and np.any(np.asarray(kept) >= 0)
+    bits = key_bitmask(kept, t)
+    visit = np.asarray(tile_visits(bits, t=t, s=t, block_q=bq, words_per_block=1, window=window,
+                                   q_seg_BT=q_seg, k_seg_BS=k_seg))
+    keep = np.asarray(token_keep(idx, t, window=window, q_seg_BT=q_seg, k_seg_BS=k_seg))
+    np.testing.assert_array_equal(visit, keep.reshape(2, 8, bq, 2, 32).any(axis=(2, 4)))
+    assert not visit[0, 7].any() and not visit[1, 2:4].any()  # padding tiles
+    assert visit[0, 4, 1] and not visit[0, 4, 0]  # segment 2's window stops at its start
 
 
 def test_selection_shape_is_checked():
@@ -324,3 +352,208 @@ def indexers_select_the_same_keys(seed: int = 5) -> None:
 @pytest.mark.selections
 def test_every_indexer_selects_the_same_keys_in_float32_and_bfloat16():
     indexers_select_the_same_keys()
+
+
+# ----------------------------------------------------------------------------- packed sequences
+#
+# Segment ids: query t reads key s (selected or in the window) and the indexer may pick s only
+# if k_seg[b, s] == q_seg[b, t] != 0. Three rows: padding at the end; padding at the start and
+# in the middle; a fully padded row. CSA layout: keys = [C entries | T raw tokens], the entries
+# carrying their own ids.
+
+SEG_T, SEG_C = 19, 4
+Q_SEG = np.array([[1] * 7 + [2] * 9 + [0] * 3,
+                  [0] * 2 + [1] * 5 + [0] * 3 + [3] * 9,
+                  [0] * 19], np.int32)
+ENTRY_SEG = np.array([[1, 1, 2, 2], [1, 0, 3, 3], [0, 0, 0, 0]], np.int32)
+CSA_K_SEG = np.concatenate([ENTRY_SEG, Q_SEG], axis=1)
+SEG_IMPLS = {"xla": IMPLS["xla"], "pallas": IMPLS["pallas"], "tpu": lambda *a, **kw: TPU_KERNEL(*a, **kw)}
+
+
+def _oracle_attention(q, k, v, idx, sink, *, window, window_start, q_seg, k_seg):
+    """Loops in numpy: each (b, t, n) softmax over exactly the keys the rules let it read."""
+    q, k, idx = np.asarray(q, np.float64), np.asarray(k, np.float64), np.asarray(idx)
+    v = k if v is None else np.asarray(v, np.float64)
+    b, t, n, h = q.shape
+    s, kg = k.shape[1], k.shape[2]
+    out = np.zeros((b, t, n, v.shape[-1]))
+    for bi, ti, ni in np.ndindex(b, t, n):
+        read = {int(x) for x in idx[bi, ti] if 0 <= x < s}
+        if window is not None:
+            read |= {window_start + r for r in range(max(ti - window + 1, 0), ti + 1)
+                     if window_start + r < s}
+        read = sorted(x for x in read if k_seg[bi, x] == q_seg[bi, ti] != 0)
+        logits = [q[bi, ti, ni] @ k[bi, x, ni // (n // kg)] * h ** -0.5 for x in read]
+        extra = [] if sink is None else [float(sink[ni])]
+        if not logits:
+            continue  # reads nothing: zeros (a sink alone reads no value)
+        mx = max(logits + extra)
+        e = np.exp(np.array(logits) - mx)
+        den = e.sum() + sum(np.exp(x - mx) for x in extra)
+        out[bi, ti, ni] = (e[:, None] * v[bi, read, ni // (n // kg)]).sum(0) / den
+    return out
+
+
+def test_reference_with_segments_equals_a_hand_written_oracle():
+    b, t, c, n = 3, SEG_T, SEG_C, 2
+    q, k, v, idx, sk, _ = _inputs(b, t, c + t, n, 1, 4, 5, 21, p_empty=0.1)
+    rules = dict(window=3, window_start=c, q_seg_BT=jnp.asarray(Q_SEG),
+                 k_seg_BS=jnp.asarray(CSA_K_SEG))
+    for vv, sink in ((v, sk), (None, None)):
+        got = token_sparse_attention_reference(q, k, vv, idx, sink=sink, **rules)
+        want = _oracle_attention(q, k, vv, idx, sink, window=3, window_start=c, q_seg=Q_SEG,
+                                 k_seg=CSA_K_SEG)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    assert np.any(want[Q_SEG != 0] != 0)  # the rows that may read do read
+
+
+def _oracle_topk(scores, top_k, valid):
+    """Per row: the valid keys by (score descending, key ascending), the first top_k, -1 after."""
+    b, t, s = scores.shape
+    out = np.full((b, t, min(top_k, s)), -1, np.int32)
+    for bi, ti in np.ndindex(b, t):
+        keys = sorted((x for x in range(s) if valid[bi, ti, x]),
+                      key=lambda x: (-scores[bi, ti, x], x))[:top_k]
+        out[bi, ti, :len(keys)] = keys
+    return out
+
+
+def test_indexer_reference_with_segments_equals_a_hand_written_oracle():
+    q, k, w = _int_indexer(7, 3, SEG_T, SEG_T, 2, 4)
+    scores = np.asarray(jax.vmap(lambda q, k, w: jnp.einsum(
+        "TI,TIS->TS", w, jax.nn.relu(jnp.einsum("TIE,SE->TIS", q, k))))(q, k, w))
+    same = (Q_SEG[:, :, None] == Q_SEG[:, None, :]) & (Q_SEG[:, None, :] != 0)
+    for causal in (True, False):
+        valid = same & (np.tril(np.ones((SEG_T, SEG_T), bool)) if causal else True)
+        for top_k in (1, 4, 30):
+            got, _ = indexer_topk_reference(q, k, w, top_k, causal=causal,
+                                            q_seg_BT=jnp.asarray(Q_SEG), k_seg_BS=jnp.asarray(Q_SEG))
+            np.testing.assert_array_equal(np.asarray(got), _oracle_topk(scores, top_k, valid))
+    assert np.all(np.asarray(got)[Q_SEG == 0] == -1)
+
+
+def _check_packed(impl, b, t, s, n, kg, h, m, seed, k_seg, **kw):
+    """``_check`` with segment ids, for one impl; padding queries must come out exactly 0."""
+    ref = _check(b, t, s, n, kg, h, m, seed, impls=(SEG_IMPLS[impl],), p_empty=0.1,
+                 q_seg_BT=jnp.asarray(Q_SEG[:b]), k_seg_BS=jnp.asarray(k_seg[:b]),
+                 zero_rows=Q_SEG[:b] == 0, **kw)
+    assert np.any(np.asarray(ref)[Q_SEG[:b] != 0] != 0)
+
+
+@pytest.mark.parametrize("impl", list(SEG_IMPLS))
+def test_kernels_with_segments_csa_layout_window_and_sink(impl):
+    # shared K/V, one kv head, the raw window after 4 entries; selections cross segments freely
+    _check_packed(impl, 3, SEG_T, SEG_C + SEG_T, 4, 1, 8, 3, 31, CSA_K_SEG, shared=True,
+                  window=4, window_start=SEG_C)
+
+
+@pytest.mark.parametrize("impl", list(SEG_IMPLS))
+def test_kernels_with_segments_gqa_without_window(impl):
+    # GQA, separate V, no sink: a padding query and a query whose picks are all of other
+    # segments read nothing and give zeros
+    _check_packed(impl, 3, SEG_T, SEG_T, 4, 2, 8, 6, 32, Q_SEG, sink=False)
+
+
+def _indexer_case(kind):
+    """(q, k, w, keyword arguments) of a packed indexer call: DSA (keys are the tokens, default
+    positions) or CSA (keys are C entries, entry c at position 4 c + 3 with its own id)."""
+    q_seg = jnp.asarray(Q_SEG)
+    if kind == "dsa":
+        return (*_int_indexer(8, 3, SEG_T, SEG_T, 3, 4), dict(q_seg_BT=q_seg, k_seg_BS=q_seg))
+    return (*_int_indexer(9, 3, SEG_T, SEG_C, 3, 4),
+            dict(q_pos_T=jnp.arange(SEG_T), k_pos_S=4 * jnp.arange(SEG_C) + 3, q_seg_BT=q_seg,
+                 k_seg_BS=jnp.asarray(ENTRY_SEG)))
+
+
+@pytest.mark.parametrize("kind,causal", [("dsa", True), ("dsa", False), ("csa", True)])
+def test_indexers_with_segments_select_the_reference_keys(kind, causal):
+    """Integer-valued operands (exact scores, many ties): the XLA running top-k equals the
+    reference column for column, the radix-select kernel selects the same sets (one top_k:
+    its interpret-mode compile is slow); padding queries select nothing."""
+    q, k, w, kw = _indexer_case(kind)
+    for top_k in (1, 3, 30):
+        ref_i, ref_v = indexer_topk_reference(q, k, w, top_k, causal=causal, **kw)
+        assert np.all(np.asarray(ref_i)[Q_SEG == 0] == -1)
+        assert np.any(np.asarray(ref_i) >= 0)
+        got_i, got_v = jax.jit(lambda q, k, w, top_k=top_k: INDEXERS["xla"](
+            q, k, w, top_k, causal=causal, **kw))(q, k, w)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(ref_i), err_msg=str(top_k))
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(ref_v))
+        if top_k == (3 if causal else 30):  # causal: short rows; bidirectional: whole segments
+            got = jax.jit(lambda q, k, w, top_k=top_k: INDEXERS["pallas"](
+                q, k, w, top_k, causal=causal, **kw))(q, k, w)
+            _assert_same_sets(*got, ref_i, ref_v, f"pallas {top_k}")
+
+
+def test_segment_arguments_are_checked():
+    q, k = jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 10, 1, 4))
+    idx = jnp.zeros((1, 8, 2), jnp.int32)
+    qi, ki, wi = jnp.zeros((1, 8, 1, 4)), jnp.zeros((1, 10, 4)), jnp.zeros((1, 8, 1))
+    seg_t, seg_s = jnp.ones((1, 8), jnp.int32), jnp.ones((1, 10), jnp.int32)
+    attention = [token_sparse_attention_reference, *SEG_IMPLS.values()]
+    indexers = [indexer_topk_reference, *INDEXERS.values()]
+    calls = ([lambda f=f, **kw: f(q, k, None, idx, **kw) for f in attention]
+             + [lambda f=f, **kw: f(qi, ki, wi, 2, causal=True, **kw) for f in indexers])
+    for call in calls:
+        with pytest.raises(ValueError, match="q_seg_BT was given without k_seg_BS"):
+            call(q_seg_BT=seg_t)
+        with pytest.raises(ValueError, match="k_seg_BS was given without q_seg_BT"):
+            call(k_seg_BS=seg_s)
+        with pytest.raises(ValueError, match=r"k_seg_BS must have shape \(1, 10\)"):
+            call(q_seg_BT=seg_t, k_seg_BS=seg_t)
+        with pytest.raises(TypeError, match="q_seg_BT must be an integer array"):
+            call(q_seg_BT=seg_t.astype(jnp.float32), k_seg_BS=seg_s)
+
+
+def _long_axes(fn, *args, t):
+    """Shapes in the jaxpr of ``fn`` with two axes of at least T / 2 (T x T, T x S, T x C)."""
+    return [s for s in jaxpr_shapes(jax.make_jaxpr(fn)(*args).jaxpr)
+            if sum(d >= t // 2 for d in s) >= 2]
+
+
+def test_no_t_by_s_array_with_segments():
+    """Forward and backward of the xla, pallas and TPU token-sparse paths and both fused
+    indexers, packed, CSA-sized (C = T / 2 entries before T raw keys): no (T, S) array, kernel
+    bodies and custom-vjp rules included; the reference has one, so the check can fail."""
+    b, t, c, n, m = 1, 300, 150, 2, 8
+    q, k = jnp.zeros((b, t, n, 16)), jnp.zeros((b, c + t, 1, 16))
+    idx = jnp.zeros((b, t, m), jnp.int32)
+    q_seg, k_seg = jnp.ones((b, t), jnp.int32), jnp.ones((b, c + t), jnp.int32)
+    impls = {"reference": token_sparse_attention_reference, "xla": token_sparse_attention_xla,
+             "pallas": token_sparse_attention, "tpu": token_sparse_attention_tpu}
+    for name, fn in impls.items():
+        def loss(q, k, sink, fn=fn):
+            return fn(q, k, None, idx, sink=sink, window=16, window_start=c, q_seg_BT=q_seg,
+                      k_seg_BS=k_seg).sum()
+        bad = _long_axes(jax.grad(loss, argnums=(0, 1, 2)), q, k, jnp.zeros((n,)), t=t)
+        assert bool(bad) == (name == "reference"), (name, bad)
+    qi, ki, wi = jnp.zeros((b, t, 2, 8)), jnp.zeros((b, c, 8)), jnp.zeros((b, t, 2))
+    kw = dict(causal=True, q_pos_T=jnp.arange(t), k_pos_S=2 * jnp.arange(c) + 1,
+              q_seg_BT=q_seg, k_seg_BS=k_seg[:, :c])
+    for name, fn in {"reference": indexer_topk_reference, "xla": indexer_topk,
+                     "pallas": indexer_topk_pallas}.items():
+        bad = _long_axes(lambda q, k, w, fn=fn: fn(q, k, w, 32, **kw), qi, ki, wi, t=t)
+        assert bool(bad) == (name == "reference"), (name, bad)
+
+
+def test_core_wrappers_pass_the_segment_ids_on():
+    """``core.token_sparse_attention`` / ``core.indexer_topk`` under the registry's impls give
+    the packed results (which differ from the unpacked ones)."""
+    from attnhut_jax import core
+
+    c, t = SEG_C, SEG_T
+    q, k, _, idx, sink, _ = _inputs(3, t, c + t, 4, 1, 8, 3, 33, shared=True)
+    segs = dict(q_seg_BT=jnp.asarray(Q_SEG), k_seg_BS=jnp.asarray(CSA_K_SEG))
+    rules = dict(sink=sink, window=4, window_start=c)
+    want = token_sparse_attention_reference(q, k, None, idx, **rules, **segs)
+    assert not np.allclose(want, token_sparse_attention_reference(q, k, None, idx, **rules))
+    for impl in ("reference", "xla", "pallas"):
+        got = jax.jit(lambda q, k, impl=impl: core.token_sparse_attention(
+            q, k, None, idx, impl=impl, **rules, **segs))(q, k)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, err_msg=impl)
+    qi, ki, wi, kw = _indexer_case("csa")
+    ref_i, _ = indexer_topk_reference(qi, ki, wi, 2, causal=True, **kw)
+    for impl in ("reference", "xla"):
+        got_i, _ = jax.jit(lambda qi, impl=impl: core.indexer_topk(
+            qi, ki, wi, 2, causal=True, impl=impl, **kw))(qi)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(ref_i), err_msg=impl)

@@ -22,7 +22,8 @@ for the tables; the backward keeps only the output and its logsumexp (B, N, T) b
 inputs, the bitmask and the tables.
 
 Packed sequences (segment ids): selected keys of another segment are dropped before the
-bitmask is built (so the tables skip them), and every kernel ands a block's membership with
+bitmask is built and window blocks holding no key of a tile's segments leave its table row
+(``tables.tile_visits``), so the tables skip both; every kernel ands a block's membership with
 the segment rule on the tile's query ids and the block's key ids (``tables.same_segment``),
 which keeps the window inside each query's segment; the ids are (B, Tp) and (B, Sp) int32
 operands, 0 on the padded rows and keys.
@@ -77,12 +78,12 @@ def token_config(q_BTNH, k_BSKH, v_BSKV, *, block_q: int, words_per_block: int,
                         precision=precision)
 
 
-def token_tables(bits_BTZ, cfg: KernelConfig):
+def token_tables(bits_BTZ, cfg: KernelConfig, q_seg_BT=None, k_seg_BS=None):
     """The bitmask's forward and backward tables for this call (``tables.build_tables``)."""
     rule = cfg.rule
     return build_tables(bits_BTZ, t=cfg.t, s=cfg.s, block_q=cfg.block_q,
                         words_per_block=cfg.block_k // WORD, window=rule["window"],
-                        window_start=rule["window_start"])
+                        window_start=rule["window_start"], q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS)
 
 
 def _block_words(bits_ref, rows, j, wpb):
@@ -190,7 +191,7 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg: KernelConfig):
         indices_BTM = segment_indices(indices_BTM, q_seg_BT, k_seg_BS)
         segs = (common.pad_axis(q_seg_BT, 1, tp), common.pad_axis(k_seg_BS, 1, sp))
     bits = key_bitmask(indices_BTM, cfg.s)
-    fwd_table, bwd_table = token_tables(bits, cfg)
+    fwd_table, bwd_table = token_tables(bits, cfg, q_seg_BT, k_seg_BS)
     bits = common.pad_axis(common.pad_axis(bits, 1, tp), 2, j * (cfg.block_k // WORD))
     return dict(q=common.head_major(q_BTNH, tp), k=common.head_major(k_BSKH, sp),
                 v=None if cfg.shared_kv else common.head_major(v_BSKV, sp), bits=bits, fwd=fwd_table,

@@ -197,7 +197,7 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg: KernelConfig):
     k_BKSH = common.pad_axis(k_BSKH, 1, sp).transpose(0, 2, 1, 3)
     v_BKSV = None if cfg.shared_kv else common.pad_axis(v_BSKV, 1, sp).transpose(0, 2, 1, 3)
     bits = key_bitmask(indices_BTM, cfg.s)
-    fwd_table, bwd_table = token_tables(bits, cfg)
+    fwd_table, bwd_table = token_tables(bits, cfg, q_seg_BT, k_seg_BS)
     wp = j * (cfg.block_k // WORD)
     bits_BZT = common.pad_axis(common.pad_axis(bits, 1, tp), 2, wp).transpose(0, 2, 1)
     q_BKGTH = common.pad_axis(q_BTNH, 1, tp).reshape(b, tp, kg, g, h).transpose(0, 2, 3, 1, 4)

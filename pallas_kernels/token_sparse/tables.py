@@ -20,9 +20,11 @@ decodes a block's words inside the kernels.
 
 *Packed sequences* (segment ids ``q_seg_BT``, ``k_seg_BS``): ``segment_indices`` first drops
 every selected key of another segment or of padding (O(T * M) gathers), so the bitmask and the
-tables hold only readable selections; the kernels then and each block's membership with
-``same_segment`` on the tile's query ids and the block's key ids, which is what keeps the
-window (positional, not in the bitmask) inside each query's segment.
+tables hold only readable selections; a window block enters a tile's row only if its keys' ids
+can meet the tile's (``tile_visits``), so blocks of other segments are skipped; the kernels
+then and each block's membership with ``same_segment`` on the tile's query ids and the block's
+key ids, which keeps the window (positional, not in the bitmask) exactly inside each query's
+segment.
 """
 
 from __future__ import annotations
@@ -91,9 +93,23 @@ def membership(words, q_idx: Array, col: Array, start, *, s_len: int, t_len: int
     return hit & (k_idx < s_len)
 
 
+def _id_ranges(seg_BX: Array, size: int) -> tuple[Array, Array]:
+    """Per group of ``size`` consecutive positions, (min, max) of the non-padding segment ids,
+    (B, X / size) each; an all-padding group gets the empty range (max int, min int)."""
+    b, x = seg_BX.shape
+    seg = jnp.pad(seg_BX, ((0, 0), (0, -(-x // size) * size - x))).reshape(b, -1, size)
+    info = jnp.iinfo(jnp.int32)
+    return (jnp.where(seg != 0, seg, info.max).min(axis=-1),
+            jnp.where(seg != 0, seg, info.min).max(axis=-1))
+
+
 def tile_visits(bits_BTZ: Array, *, t: int, s: int, block_q: int, words_per_block: int,
-                window: int | None = None, window_start: int = 0) -> Array:
-    """(B, Q, J) bool: does any query of tile ``i`` read a key of block ``j``."""
+                window: int | None = None, window_start: int = 0,
+                q_seg_BT: Array | None = None, k_seg_BS: Array | None = None) -> Array:
+    """(B, Q, J) bool: does any query of tile ``i`` read a key of block ``j``. With segment ids
+    (the bitmask then holds same-segment selections only) a window block is visited only if the
+    range of its keys' ids meets the range of the tile's query ids (padding ignored): blocks of
+    other segments and all-padding tiles or blocks are skipped; O(B * Q * J)."""
     b, _, nw = bits_BTZ.shape
     bk = WORD * words_per_block
     qt, j = -(-t // block_q), -(-s // bk)
@@ -105,14 +121,22 @@ def tile_visits(bits_BTZ: Array, *, t: int, s: int, block_q: int, words_per_bloc
         lo = window_start + jnp.maximum(lo_q - window + 1, 0)
         hi = jnp.minimum(window_start + hi_q, s - 1)
         blk = jnp.arange(j)[None, :]
-        win = (blk >= (lo // bk)[:, None]) & (blk <= (hi // bk)[:, None]) & (lo <= hi)[:, None]
-        visit = visit | win[None]
+        win = ((blk >= (lo // bk)[:, None]) & (blk <= (hi // bk)[:, None])
+               & (lo <= hi)[:, None])[None]
+        if q_seg_BT is not None:
+            q_lo, q_hi = _id_ranges(q_seg_BT, block_q)  # (B, Q)
+            k_lo, k_hi = _id_ranges(k_seg_BS, bk)  # (B, J)
+            win = win & (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+        visit = visit | win
     return visit
 
 
 def build_tables(bits_BTZ: Array, *, t: int, s: int, block_q: int, words_per_block: int,
-                 window: int | None = None, window_start: int = 0) -> tuple[Array, Array]:
+                 window: int | None = None, window_start: int = 0,
+                 q_seg_BT: Array | None = None,
+                 k_seg_BS: Array | None = None) -> tuple[Array, Array]:
     """(forward table (B, Q, J + 1), backward table (B, J, Q + 1)), int32."""
     visit = tile_visits(bits_BTZ, t=t, s=s, block_q=block_q, words_per_block=words_per_block,
-                        window=window, window_start=window_start)
+                        window=window, window_start=window_start, q_seg_BT=q_seg_BT,
+                        k_seg_BS=k_seg_BS)
     return compact(visit), compact(jnp.swapaxes(visit, -1, -2))
