@@ -15,7 +15,8 @@ attention, a constant target (only ``qi``, ``ki`` and ``w`` receive gradient; th
   blocks: one pass keeps, per query, the running max and sum of every head's main logits and
   the running sum of ``exp(logit) * I`` (rescaled as the max moves), and the running logsumexp
   of ``I``; with those, ``loss[t] = (D[t] * lse[t] - X[t]) / max(D[t], 1e-9)`` where ``D`` is
-  the target's mass and ``X`` the head-summed probability-weighted score. A ``jax.custom_vjp``
+  the target's mass and ``X`` the head-summed probability-weighted score (both kept relative to
+  the running max of ``I``, so that large scores cancel nothing). A ``jax.custom_vjp``
   backward recomputes the tiles from the saved O(T) statistics: ``dL/dI[t, s] = c[t] *
   (sum(target[t]) * softmax(I[t])[s] - target[t, s])``, pulled back through the scorer tile by
   tile. Work O(T * S), memory O(T + S).
@@ -101,12 +102,6 @@ def _tiles(a: Array, axis: int, block: int) -> Array:
     return jnp.moveaxis(a.reshape(shape), axis, 0)
 
 
-def _untile(a: Array, axis: int) -> Array:
-    """Inverse of ``_tiles``."""
-    a = jnp.moveaxis(a, 0, axis)
-    return a.reshape(a.shape[:axis] + (a.shape[axis] * a.shape[axis + 1],) + a.shape[axis + 2:])
-
-
 def _seg_visible(qseg_BT: Array, kseg_BS: Array) -> Array:
     """(B, T, S) bool: the segment rule (same id, key not padding)."""
     return (qseg_BT[:, :, None] == kseg_BS[:, None, :]) & (kseg_BS != 0)[:, None, :]
@@ -161,9 +156,13 @@ def _dense_forward(q, k, qi, ki, w, sink, sel, cfg: _DenseConfig):
                 e_BKGTS = jnp.exp(jnp.where(vis_B11TS, l_BKGTS - m_new[..., None], -jnp.inf))
                 alpha = jnp.exp(m_BKGT - m_new)
                 i_BTS = core.lightning_scores(qi_BTIE, ki_BSE, w_BTI, cfg.precision)
-                x_new = x_BKGT * alpha + jnp.einsum("BKGTS,BTS->BKGT", e_BKGTS, i_BTS,
-                                                    precision=cfg.precision)
                 im_new = jnp.maximum(im_BT, jnp.where(vis_BTS, i_BTS, FILL).max(-1))
+                # x holds sum exp(logit - m) * (I - im): scores relative to their running max,
+                # so that the final D * lse - X cancels nothing large
+                shift_BKGT = jnp.where(zk_BKGT > 0, (im_BT - im_new)[:, None, None] * zk_BKGT, 0.0)
+                rel_BTS = jnp.where(vis_BTS, i_BTS - im_new[..., None], 0.0)
+                x_new = (x_BKGT + shift_BKGT) * alpha + jnp.einsum(
+                    "BKGTS,BTS->BKGT", e_BKGTS, rel_BTS, precision=cfg.precision)
                 isum_new = isum_BT * jnp.exp(im_BT - im_new) + jnp.exp(
                     jnp.where(vis_BTS, i_BTS - im_new[..., None], -jnp.inf)).sum(-1)
                 return m_new, zk_BKGT * alpha + e_BKGTS.sum(-1), x_new, im_new, isum_new
@@ -181,9 +180,10 @@ def _dense_forward(q, k, qi, ki, w, sink, sel, cfg: _DenseConfig):
         z_BKGT = jnp.where(z_BKGT > 0, z_BKGT, 1.0)
         d_BT = (zk_BKGT / z_BKGT).sum((1, 2))  # the target's mass before normalising
         x_BT = (x_BKGT / z_BKGT).sum((1, 2))
-        lse_BT = jnp.where(isum_BT > 0, im_BT + jnp.log(jnp.where(isum_BT > 0, isum_BT, 1.0)), 0.0)
+        log_isum_BT = jnp.log(jnp.where(isum_BT > 0, isum_BT, 1.0))  # lse - im
+        lse_BT = jnp.where(isum_BT > 0, im_BT + log_isum_BT, 0.0)
         dm_BT = jnp.maximum(d_BT, EPS)
-        loss = jnp.sum(weight_BT * (d_BT * lse_BT - x_BT) / dm_BT)
+        loss = jnp.sum(weight_BT * (d_BT * log_isum_BT - x_BT) / dm_BT)
         return loss, (m_BKGT, z_BKGT, lse_BT, d_BT / dm_BT, dm_BT)
 
     losses_Q, stats = jax.lax.map(query_tile, (q_QBTKGH, qi_QBTIE, w_QBTI, qpos_QT, qseg_QBT,
