@@ -18,6 +18,12 @@ from them, so the returned selection is the one attended.
 The selector (indexer projections and scores) runs in its own ``selector_dtype``, float32 by
 default, so a ``dtype=jnp.bfloat16`` module keeps its selection in float32; every impl and the
 aux path rank the scores in float32 (or wider).
+
+Index losses (``index_loss="sparse"|"dense"`` at call time) are computed inside the module, by
+the same ``impl``: ``reference`` from the materialised (T, T) weights as attnhut does, the other
+impls with ``attnhut_jax.index_loss`` in memory linear in T. Packed sequences
+(``segment_ids``) restrict selection, attention and both losses to a token's own segment; DSA
+has no RoPE, so ``positions`` is validated and not read.
 """
 
 from __future__ import annotations
@@ -30,41 +36,110 @@ import jax.numpy as jnp
 
 from . import core, registry
 from .core import Array, Dtype
+from .index_loss import dense_index_loss, sparse_index_loss
+
+INDEX_LOSSES = ("sparse", "dense")
 
 
-def _valid(t: int, s: int, causal: bool) -> Array:
-    return core.causal_mask(t, s) if causal else jnp.ones((t, s), bool)
+def _valid(t: int, s: int, causal: bool, q_seg_BT: Array | None = None,
+           k_seg_BS: Array | None = None) -> Array:
+    """(T, S) bool (or (B, T, S) with segments): the keys each query may select and read."""
+    valid_TS = core.causal_mask(t, s) if causal else jnp.ones((t, s), bool)
+    if q_seg_BT is None:
+        return valid_TS
+    return valid_TS[None] & core.segment_keep(q_seg_BT, k_seg_BS)[:, 0]
+
+
+def _per_query_mean(per_BT: Array, q_seg_BT: Array | None) -> Array:
+    """Mean over the queries that count (all, or the non-padding ones with segments)."""
+    weight_BT = core.query_weights(q_seg_BT, *per_BT.shape)
+    return (per_BT * weight_BT).sum() / jnp.maximum(weight_BT.sum(), 1.0)
+
+
+def dense_loss_reference(index_scores_BTS: Array, dense_weights_BNTS: Array,
+                         q_seg_BT: Array | None = None) -> Array:
+    """``dsa_index_aux_loss`` with the mean over non-padding queries when segments are given
+    (the same value without them): the materialised "dense" index loss."""
+    target_BTS = jax.lax.stop_gradient(dense_weights_BNTS).astype(jnp.float32).sum(axis=1)
+    target_BTS = target_BTS / jnp.maximum(target_BTS.sum(axis=-1, keepdims=True), 1e-9)
+    log_p_BTS = jax.nn.log_softmax(index_scores_BTS.astype(jnp.float32), axis=-1)
+    return _per_query_mean(-(target_BTS * log_p_BTS).sum(axis=-1), q_seg_BT)
+
+
+def sparse_loss_reference(index_scores_BTS: Array, sparse_weights_BNTS: Array, selected_BTS: Array,
+                          q_seg_BT: Array | None = None, eps: float = 1e-9) -> Array:
+    """The materialised "sparse" index loss (DeepSeek-V3.2's sparse stage): KL(teacher ||
+    student) over each query's selection ``selected_BTS``. teacher = the main attention the
+    output uses (``sparse_weights_BNTS``, a constant) summed over heads on the selection and
+    normalised over it (by ``max(sum, eps)``); student = softmax of the index scores over the
+    selection. Averaged over queries (non-padding ones with segments); empty rows add 0."""
+    p_BTS = jnp.where(selected_BTS, jax.lax.stop_gradient(sparse_weights_BNTS).astype(
+        jnp.float32).sum(axis=1), 0.0)
+    teacher_BTS = p_BTS / jnp.maximum(p_BTS.sum(axis=-1, keepdims=True), eps)
+    scores_BTS = jnp.where(selected_BTS, index_scores_BTS.astype(jnp.float32),
+                           core.mask_value(jnp.float32))
+    log_student_BTS = jax.nn.log_softmax(scores_BTS, axis=-1)
+    kl_BTS = jnp.where(teacher_BTS > 0, teacher_BTS * (jnp.log(jnp.maximum(teacher_BTS, eps))
+                                                       - log_student_BTS), 0.0)
+    return _per_query_mean(kl_BTS.sum(axis=-1), q_seg_BT)
 
 
 # The registry's ``dsa`` op: (q_BTNH, k_BSNH, v_BSNH, qi_BTIE, ki_BSE, w_BTI, *, top_k, causal,
-# scale, index_scores_BTS, precision) -> (B, T, N, H). ``index_scores_BTS`` (already masked, as
-# ``core.masked_lightning_scores``) is given when the caller built them for ``return_aux``: the impl then
-# selects from them, so the selection returned is the one attended.
+# scale, index_scores_BTS, q_seg_BT, k_seg_BS, index_loss, precision) -> (B, T, N, H), or
+# ``(out, loss)`` when ``index_loss`` is "sparse" or "dense". ``index_scores_BTS`` (already
+# masked, as ``core.masked_lightning_scores``) is given when the caller built them for
+# ``return_aux``: the impl then selects from them, so the selection returned is the one attended.
+# ``q_seg_BT`` / ``k_seg_BS``: packed-sequence segment ids (both or neither, see ``core``).
 
 
 @registry.register("dsa", "reference")
 def dsa_reference(q_BTNH, k_BSNH, v_BSNH, qi_BTIE, ki_BSE, w_BTI, *, top_k, causal, scale,
-                  index_scores_BTS=None, precision=None):
-    """attnhut's path: score every (query, key) pair, attend through a dense (T, S) mask."""
-    valid_TS = _valid(q_BTNH.shape[1], k_BSNH.shape[1], causal)
+                  index_scores_BTS=None, q_seg_BT=None, k_seg_BS=None, index_loss=None,
+                  precision=None):
+    """attnhut's path: score every (query, key) pair, attend through a dense (T, S) mask; the
+    index losses from the materialised (T, S) weights."""
+    valid = _valid(q_BTNH.shape[1], k_BSNH.shape[1], causal, q_seg_BT, k_seg_BS)
     if index_scores_BTS is None:
-        index_scores_BTS = core.masked_lightning_scores(qi_BTIE, ki_BSE, w_BTI, valid_TS, precision)
-    selected_BTS = core.topk_keep(index_scores_BTS, valid_TS, top_k)
-    return core.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, keep=selected_BTS[:, None],
-                                      scale=scale, precision=precision)
+        index_scores_BTS = core.masked_lightning_scores(qi_BTIE, ki_BSE, w_BTI, valid, precision)
+    selected_BTS = core.topk_keep(index_scores_BTS, valid, top_k)
+    probs_BKGTS = core.attention_weights(q_BTNH, k_BSNH, keep=selected_BTS[:, None], scale=scale,
+                                         precision=precision)
+    out = core.attend(probs_BKGTS, v_BSNH, precision=precision)
+    if index_loss is None:
+        return out
+    b, t, n, _ = q_BTNH.shape
+    if index_loss == "dense":
+        dense_BKGTS = core.attention_weights(q_BTNH, k_BSNH, keep=valid[..., None, :, :],
+                                             scale=scale, precision=precision)
+        return out, dense_loss_reference(index_scores_BTS, dense_BKGTS.reshape(b, n, t, -1),
+                                         q_seg_BT)
+    return out, sparse_loss_reference(index_scores_BTS, probs_BKGTS.reshape(b, n, t, -1),
+                                      selected_BTS, q_seg_BT)
 
 
 def _dsa_token_sparse(q_BTNH, k_BSNH, v_BSNH, qi_BTIE, ki_BSE, w_BTI, *, top_k, causal, scale,
-                      index_scores_BTS=None, precision=None, impl):
-    """Fused indexer top-k, then attention over the selected tokens only (``impl``'s kernels)."""
+                      index_scores_BTS=None, q_seg_BT=None, k_seg_BS=None, index_loss=None,
+                      precision=None, impl):
+    """Fused indexer top-k, then attention over the selected tokens only (``impl``'s kernels);
+    the index losses of ``index_loss.py`` (no (T, S) array)."""
     if index_scores_BTS is not None:
-        valid_TS = _valid(q_BTNH.shape[1], k_BSNH.shape[1], causal)
-        indices_BTM = core.indices_from_scores(index_scores_BTS, valid_TS, top_k)
+        valid = _valid(q_BTNH.shape[1], k_BSNH.shape[1], causal, q_seg_BT, k_seg_BS)
+        indices_BTM = core.indices_from_scores(index_scores_BTS, valid, top_k)
     else:
         indices_BTM, _ = core.indexer_topk(qi_BTIE, ki_BSE, w_BTI, top_k, causal=causal,
-                                           impl=impl, precision=precision)
-    return core.token_sparse_attention(q_BTNH, k_BSNH, v_BSNH, indices_BTM, impl=impl,
-                                       scale=scale, precision=precision)
+                                           impl=impl, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS,
+                                           precision=precision)
+    out = core.token_sparse_attention(q_BTNH, k_BSNH, v_BSNH, indices_BTM, impl=impl,
+                                      scale=scale, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS,
+                                      precision=precision)
+    if index_loss is None:
+        return out
+    segments = dict(q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS, precision=precision)
+    if index_loss == "dense":
+        return out, dense_index_loss(q_BTNH, k_BSNH, qi_BTIE, ki_BSE, w_BTI, scale=scale,
+                                     causal=causal, **segments)
+    return out, sparse_index_loss(q_BTNH, k_BSNH, qi_BTIE, ki_BSE, w_BTI, indices_BTM,
+                                  scale=scale, **segments)
 
 
 registry.register("dsa", "xla")(functools.partial(_dsa_token_sparse, impl="xla"))
@@ -119,8 +194,10 @@ class DeepSeekSparseAttention(nn.Module):
     ``selector_dtype`` (default float32: the indexer's projections and scores, whatever
     ``dtype``). Parameters: ``qkv``, ``proj``, ``indexer/{wq,wk,ww}``.
 
-    The indexer is not trained by the output (hard top-k has no gradient); train it with
-    ``dsa_index_aux_loss``.
+    The indexer is not trained by the output (hard top-k has no gradient); train it with the
+    call's ``index_loss`` (or ``dsa_index_aux_loss`` on the aux dict). ``detach_index_input``
+    (default False, attnhut's) makes the indexer read ``stop_gradient(x)``, as DeepSeek-V3.2
+    trains it, so the index loss reaches the indexer's parameters only, not the input.
     """
 
     dim: int
@@ -135,6 +212,7 @@ class DeepSeekSparseAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
     selector_dtype: Dtype = jnp.float32
+    detach_index_input: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -160,38 +238,69 @@ class DeepSeekSparseAttention(nn.Module):
                                         self.bias, dtype=self.selector_dtype,
                                         param_dtype=self.param_dtype, precision=self.precision)
 
-    def __call__(self, x: Array, return_aux: bool = False):
-        """(B, T, D) -> (B, T, D), or ``(out, aux)`` with ``return_aux=True``.
+    def __call__(self, x: Array, return_aux: bool = False, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, index_loss: str | None = None):
+        """(B, T, D) -> (B, T, D); ``(out, aux)`` with ``return_aux=True``; ``(out, loss)`` with
+        ``index_loss``; ``(out, aux, loss)`` with both.
 
         ``aux['index_scores']`` (B, T, T): indexer scores in float32 (or wider), invalid
-        (future) keys at the fill value; ``aux['selected']`` (B, T, T) bool: the keys each query
-        attends; ``aux['dense_weights']`` (B, N, T, T): the main attention over every visible key
-        (no top-k), the target of ``dsa_index_aux_loss(aux['index_scores'], aux['dense_weights'])``.
+        (future, or other segments') keys at the fill value; ``aux['selected']`` (B, T, T) bool:
+        the keys each query attends; ``aux['dense_weights']`` (B, N, T, T): the main attention
+        over every visible key (no top-k), the target of
+        ``dsa_index_aux_loss(aux['index_scores'], aux['dense_weights'])``.
+
+        ``segment_ids`` (B, T) int: packed sequences (a token selects and reads only keys of its
+        own segment; id 0 is padding, read by no token, its inputs zeroed first). ``positions``
+        (B, T) int is validated and otherwise unused: DSA has no RoPE, and causality runs on the
+        index in the row.
+
+        ``index_loss`` trains the indexer inside the module, a scalar float32:
+        ``"dense"``: attnhut's ``dsa_index_aux_loss`` (the head-summed main attention over all
+        visible keys as the target); ``"sparse"``: DeepSeek-V3.2's sparse stage, KL from the
+        main attention on each query's selection to the index softmax over it. Both average over
+        the (non-padding) queries and train only the indexer (and, unless
+        ``detach_index_input``, the input through it). ``impl="reference"`` computes them from
+        (T, T) arrays; the other impls in memory linear in T (``attnhut_jax.index_loss``).
         """
-        core.check_input(x, self.dim, "DeepSeekSparseAttention")
+        owner = "DeepSeekSparseAttention"
+        core.check_input(x, self.dim, owner)
+        if index_loss is not None and index_loss not in INDEX_LOSSES:
+            raise ValueError(f"{owner}: index_loss={index_loss!r} must be None, 'sparse' or "
+                             f"'dense'")
+        seg, _ = core.check_packing(owner, x, segment_ids, positions)  # positions: no RoPE here
+        x = core.mask_padding(x, seg)
         b, t, _ = x.shape
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
         shape = (b, t, self.num_heads, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         scale = self.head_dim ** -0.5
-        index_qkw = self.indexer.project(x)
+        index_qkw = self.indexer.project(jax.lax.stop_gradient(x) if self.detach_index_input
+                                         else x)
         aux = None
         if return_aux:
-            valid = _valid(t, t, self.causal)
+            valid = _valid(t, t, self.causal, seg, seg)
             scores = core.masked_lightning_scores(*index_qkw, valid, self.precision)
             selected = core.topk_keep(scores, valid, self.top_k)
             aux = {"index_scores": scores, "selected": selected}
-        out = registry.call("DeepSeekSparseAttention", "dsa", self.impl, q, k, v,
+        out = registry.call(owner, "dsa", self.impl, q, k, v,
                             *index_qkw, top_k=self.top_k, causal=self.causal,
                             scale=scale, index_scores_BTS=None if aux is None else scores,
+                            q_seg_BT=seg, k_seg_BS=seg, index_loss=index_loss,
                             precision=self.precision)
+        out, loss = out if index_loss is not None else (out, None)
         out = self.proj(out.reshape(b, t, self.dim))
         if return_aux:
-            keep = core.causal_mask(t, t) if self.causal else None
-            probs_BKGTS = core.attention_weights(q, k, keep=keep, scale=scale,
-                                                  precision=self.precision)
+            keep = valid if seg is not None else (core.causal_mask(t, t) if self.causal else None)
+            probs_BKGTS = core.attention_weights(q, k, keep=None if keep is None else
+                                                 keep[..., None, :, :], scale=scale,
+                                                 precision=self.precision)
             aux["dense_weights"] = probs_BKGTS.reshape(b, self.num_heads, t, t)
+        if return_aux and loss is not None:
+            return out, aux, loss
+        if return_aux:
             return out, aux
+        if loss is not None:
+            return out, loss
         return out
 
 

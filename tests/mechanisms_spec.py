@@ -197,7 +197,8 @@ MECHANISMS: list[Mechanism] = [
         {"dim": D, "num_heads": 4, "top_k": 3, "num_index_heads": 2, "index_head_dim": 8,
          "causal": c}, causal=c, full=False,
         # row t has t + 1 keys at or before it, so top_k = 3 keys include a later one for t < 2
-        future_rows=2, call=frozenset({"return_aux"}), aux=True, impls=SPARSE_IMPLS,
+        future_rows=2, call=frozenset({"return_aux", "segment_ids", "positions", "index_loss"}),
+        aux=True, impls=SPARSE_IMPLS,
         cpu_impls=SPARSE_IMPLS,
         bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
         bf16_why=_BF16_DENSE + "; the indexer ranks in float32 (selector_dtype), so it selects "
