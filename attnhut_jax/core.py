@@ -613,16 +613,31 @@ def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None
 
 # block-sparse: query token t of kv group k reads key s iff block_keep[b, k, t, s // block_k],
 # key_valid[b, s] and the token rules on positions hold (causal: k_pos <= q_pos; ``window``:
-# k_pos > q_pos - window unless s < num_sink_keys; positions default to arange(T) + S - T and
-# arange(S)). Arguments: (q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale,
-# sink, key_valid_BS, q_pos_T, k_pos_S, window, num_sink_keys, precision).
+# k_pos > q_pos - window unless s < num_sink_keys or k_sink[b, s]; positions default to
+# arange(T) + S - T and arange(S)) and, for packed sequences, the segment rule k_seg[b, s] ==
+# q_seg[b, t] != 0 (id 0: padding). The op drops the key blocks without a key of the query's
+# segment from block_keep before building its tables (O(T * J), no (T, S) array). Arguments:
+# (q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale, sink, key_valid_BS,
+# q_pos_T, k_pos_S, window, num_sink_keys, precision, q_seg_BT, k_seg_BS, k_sink_BS): q_seg_BT
+# (B, T) and k_seg_BS (B, S) int segment ids, both or neither; k_sink_BS (B, S) bool, keys the
+# window rule exempts (per-segment sinks). With segments, padding queries and unreadable keys
+# are zeroed first: NaN there reaches no output or gradient.
 
 
 @registry.register("block_sparse", "reference")
 def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale=None,
-                            sink=None, precision=None, **rules):
-    keep = block_sparse.token_keep(block_keep_BKTJ, k_BSKH.shape[1], block_k, causal=causal,
-                                   **rules)
+                            sink=None, precision=None, key_valid_BS=None, q_seg_BT=None,
+                            k_seg_BS=None, k_sink_BS=None, **rules):
+    b, t = q_BTNH.shape[:2]
+    s = k_BSKH.shape[1]
+    q_seg_BT, k_seg_BS, k_sink_BS = block_sparse.check_segments(b, t, s, q_seg_BT, k_seg_BS,
+                                                                k_sink_BS)
+    keep = block_sparse.token_keep(block_keep_BKTJ, s, block_k, causal=causal,
+                                   key_valid_BS=key_valid_BS, q_seg_BT=q_seg_BT,
+                                   k_seg_BS=k_seg_BS, k_sink_BS=k_sink_BS, **rules)
+    if k_seg_BS is not None and key_valid_BS is not None:
+        k_seg_BS = jnp.where(key_valid_BS, k_seg_BS, 0)
+    q_BTNH, k_BSKH, v_BSKV = block_sparse.zero_padding(q_BTNH, k_BSKH, v_BSKV, q_seg_BT, k_seg_BS)
     return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, scale=scale, sink=sink,
                                  precision=precision)
 
@@ -640,12 +655,17 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
                            key_valid_BS: Array | None = None, q_pos_T: Array | None = None,
                            k_pos_S: Array | None = None, window: int | None = None,
                            num_sink_keys: int = 0, precision: Precision = None,
-                           owner: str = "block_sparse_attention") -> Array:
-    """The registry's ``block_sparse`` op under ``impl``, all rule arguments spelled out."""
+                           owner: str = "block_sparse_attention",
+                           q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
+                           k_sink_BS: Array | None = None) -> Array:
+    """The registry's ``block_sparse`` op under ``impl``, all rule arguments spelled out
+    (packed sequences: ``q_seg_BT`` / ``k_seg_BS`` segment ids, ``k_sink_BS`` per-key window
+    sinks; see the comment above)."""
     return registry.call(owner, "block_sparse", impl, q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
                          block_k=block_k, causal=causal, scale=scale, sink=sink,
                          key_valid_BS=key_valid_BS, q_pos_T=q_pos_T, k_pos_S=k_pos_S,
-                         window=window, num_sink_keys=num_sink_keys, precision=precision)
+                         window=window, num_sink_keys=num_sink_keys, precision=precision,
+                         q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS, k_sink_BS=k_sink_BS)
 
 
 def window_block_keep(q_pos_T: Array, k_pos_S: Array, block_k: int, *, window: int,

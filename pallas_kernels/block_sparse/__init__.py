@@ -2,8 +2,8 @@
 the on-device block-table builders."""
 
 from .kernel import BlockSizes, block_sparse_attention
-from .reference import block_sparse_attention_reference, token_keep
-from .tables import build_tables, tile_visits
+from .reference import block_sparse_attention_reference, token_keep, zero_padding
+from .tables import build_tables, check_segments, segment_block_keep, tile_visits
 from .tpu import block_sparse_attention_tpu
 from .xla import block_sparse_attention_xla
 
@@ -14,6 +14,9 @@ __all__ = [
     "block_sparse_attention_xla",
     "block_sparse_attention_tpu",
     "token_keep",
+    "zero_padding",
     "build_tables",
+    "check_segments",
+    "segment_block_keep",
     "tile_visits",
 ]

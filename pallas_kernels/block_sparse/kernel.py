@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,8 @@ from jax.experimental import pallas as pl
 from .. import common
 from ..common import F32, KernelConfig
 from ..flash import dkv_call, dkv_tile, dq_call, dq_tile, forward_call, forward_tile
-from .tables import build_tables
+from .reference import zero_padding
+from .tables import build_tables, check_segments, segment_block_keep
 
 Array = jax.Array
 
@@ -61,27 +63,78 @@ def _col(x):
     return x if x.ndim == 2 else x[:, None]
 
 
-def token_mask(keep_col, valid_row, q_pos, k_pos, k_idx, *, s_len: int, causal: bool,
-               window: int | None, num_sink_keys: int):
-    """(block_q, block_k) membership: selected block, valid key in range, and the token common.rules
-    on positions: causal ``k_pos <= q_pos``; window ``k_pos > q_pos - window`` unless the key is
-    one of the first ``num_sink_keys`` keys. Query vectors may come as (block_q,) or
-    (block_q, 1), key vectors as (block_k,) or (1, block_k) (the TPU layout)."""
-    k_idx, k_pos, q_pos = _row(k_idx), _row(k_pos), _col(q_pos)
-    m = (keep_col != 0) & (_row(valid_row) != 0) & (k_idx < s_len)
+def token_mask(keep_col, k_seg, k_sink, q_seg, q_pos, k_pos, k_idx, *, s_len: int, causal: bool,
+               window: int | None, num_sink_keys: int, segments: bool, key_sinks: bool):
+    """(block_q, block_k) membership: selected block, a readable key in range (``k_seg != 0``:
+    ``Selection.k_seg``), with ``segments`` the query's own segment (``k_seg == q_seg``), and the
+    token rules on positions: causal ``k_pos <= q_pos``; window ``k_pos > q_pos - window``
+    unless the key is a sink (one of the first ``num_sink_keys`` keys or, with ``key_sinks``,
+    flagged in ``k_sink``). Query vectors may come as (block_q,) or (block_q, 1), key vectors
+    as (block_k,) or (1, block_k) (the TPU layout); ``q_seg`` / ``k_sink`` are not read when
+    their flag is off."""
+    k_idx, k_pos, q_pos, k_seg = _row(k_idx), _row(k_pos), _col(q_pos), _row(k_seg)
+    m = (keep_col != 0) & (k_seg != 0) & (k_idx < s_len)
+    if segments:
+        m = m & (k_seg == _col(q_seg))
     if causal:
         m = m & (k_pos <= q_pos)
     if window is not None:
-        m = m & ((k_idx < num_sink_keys) | (k_pos > q_pos - window))
+        sink = k_idx < num_sink_keys
+        if key_sinks:
+            sink = sink | (_row(k_sink) != 0)
+        m = m & (sink | (k_pos > q_pos - window))
     return m
 
 
-def block_tables(block_keep_BKTJ, q_pos_T, k_pos_S, cfg: KernelConfig):
+class Selection(NamedTuple):
+    """Everything an impl reads besides q, k, v and the sink logit; never differentiated.
+
+    ``keep`` (B, K, T, J) bool, already without the key blocks of other segments
+    (``tables.segment_block_keep``); ``q_pos`` (T,), ``k_pos`` (S,) int32; ``q_seg`` (B, T)
+    int32 (ones without segments); ``k_seg`` (B, S) int32, the key's segment id and 0 where no
+    query may read it (padding, ``key_valid`` False; without segments ``key_valid`` as 0/1);
+    ``k_sink`` (B, S) bool or None: keys the window rule exempts.
+    """
+
+    keep: Array
+    q_pos: Array
+    k_pos: Array
+    q_seg: Array
+    k_seg: Array
+    k_sink: Array | None
+
+
+def block_tables(sel: Selection, cfg: KernelConfig):
     """The forward and backward tables of this call (``tables.build_tables``)."""
     rule = cfg.rule
-    return build_tables(block_keep_BKTJ, block_q=cfg.block_q, block_k=cfg.block_k,
-                        q_pos=q_pos_T, k_pos=k_pos_S, causal=rule["causal"],
-                        window=rule["window"], num_sink_keys=rule["num_sink_keys"])
+    return build_tables(sel.keep, block_q=cfg.block_q, block_k=cfg.block_k,
+                        q_pos=sel.q_pos, k_pos=sel.k_pos, causal=rule["causal"],
+                        window=rule["window"], num_sink_keys=rule["num_sink_keys"],
+                        k_sink_BS=sel.k_sink)
+
+
+def key_inputs(sel: Selection, tp: int, sp: int, sink_dtype=jnp.int8):
+    """Per-batch token vectors padded to whole tiles: (q_seg (B, Tp) int32, k_seg (B, Sp) int32,
+    k_sink (B, Sp) ``sink_dtype``), padding rows and keys with id 0 / no sink."""
+    b, s = sel.k_seg.shape
+    k_sink = jnp.zeros((b, s), sink_dtype) if sel.k_sink is None else sel.k_sink.astype(sink_dtype)
+    return (common.pad_axis(sel.q_seg, 1, tp), common.pad_axis(sel.k_seg, 1, sp),
+            common.pad_axis(k_sink, 1, sp))
+
+
+def zero_unread(q_BTNH, k_BSKH, v_BSKV, sel: Selection, cfg: KernelConfig):
+    """With segments, padding queries and unreadable keys zeroed (``reference.zero_padding``):
+    NaN or inf there then reaches no output or gradient. Identity otherwise."""
+    if not cfg.rule["segments"]:
+        return q_BTNH, k_BSKH, v_BSKV
+    return zero_padding(q_BTNH, k_BSKH, v_BSKV, sel.q_seg, sel.k_seg)
+
+
+def zero_padding_rows(do_BTNV, sel: Selection, cfg: KernelConfig):
+    """The output gradient with its padding-query rows zeroed (their outputs are constant 0)."""
+    if not cfg.rule["segments"]:
+        return do_BTNV
+    return jnp.where((sel.q_seg != 0)[:, :, None, None], do_BTNV, jnp.zeros((), do_BTNV.dtype))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -89,21 +142,25 @@ def block_tables(block_keep_BKTJ, q_pos_T, k_pos_S, cfg: KernelConfig):
 # ``n`` are those of its kv group ``n // G`` (index maps below), so GQA costs no copies.
 
 
-def _mask_fn(keep_ref, valid_ref, k_pos_ref, q_pos, *, block_k: int, rules: dict):
+def _mask_fn(keep_ref, kseg_ref, ksink_ref, qseg_ref, qpos_ref, k_pos_ref, *, block_k: int,
+             rules: dict):
     """mask_fn for the forward and dq loops: membership of key block ``j`` for this tile."""
+    q_seg = qseg_ref[...] if rules["segments"] else None
+    q_pos = qpos_ref[...]
 
     def mask(j, start):
-        return token_mask(keep_ref[:, pl.ds(j, 1)], valid_ref[pl.ds(start, block_k)], q_pos,
-                          k_pos_ref[pl.ds(start, block_k)],
-                          start + jnp.arange(block_k, dtype=jnp.int32), **rules)
+        keys = pl.ds(start, block_k)
+        return token_mask(keep_ref[:, pl.ds(j, 1)], kseg_ref[keys],
+                          ksink_ref[keys] if rules["key_sinks"] else None, q_seg, q_pos,
+                          k_pos_ref[keys], start + jnp.arange(block_k, dtype=jnp.int32), **rules)
 
     return mask
 
 
-def _fwd_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, sink_ref, q_ref, k_ref, v_ref,
-                o_ref, lse_ref, *, cfg: KernelConfig, has_sink: bool):
-    mask = _mask_fn(keep_ref, valid_ref, kpos_ref, qpos_ref[...], block_k=cfg.block_k,
-                    rules=cfg.rule)
+def _fwd_kernel(table_ref, keep_ref, kseg_ref, ksink_ref, qseg_ref, qpos_ref, kpos_ref, sink_ref,
+                q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: KernelConfig, has_sink: bool):
+    mask = _mask_fn(keep_ref, kseg_ref, ksink_ref, qseg_ref, qpos_ref, kpos_ref,
+                    block_k=cfg.block_k, rules=cfg.rule)
     sink = sink_ref[0] if has_sink else None
     out, lse = forward_tile(table_ref, q_ref[...], k_ref, v_ref, sink, mask, scale=cfg.scale,
                             block_k=cfg.block_k, precision=cfg.precision)
@@ -111,22 +168,26 @@ def _fwd_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, sink_ref, q_
     lse_ref[...] = lse
 
 
-def _dq_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, *, cfg: KernelConfig):
-    mask = _mask_fn(keep_ref, valid_ref, kpos_ref, qpos_ref[...], block_k=cfg.block_k,
-                    rules=cfg.rule)
+def _dq_kernel(table_ref, keep_ref, kseg_ref, ksink_ref, qseg_ref, qpos_ref, kpos_ref, q_ref,
+               k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: KernelConfig):
+    mask = _mask_fn(keep_ref, kseg_ref, ksink_ref, qseg_ref, qpos_ref, kpos_ref,
+                    block_k=cfg.block_k, rules=cfg.rule)
     dq = dq_tile(table_ref, q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], k_ref, v_ref,
                  mask, scale=cfg.scale, block_k=cfg.block_k, precision=cfg.precision)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref,
-                lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: KernelConfig):
+def _dkv_kernel(table_ref, keep_ref, kseg_ref, ksink_ref, qseg_ref, qpos_ref, kpos_ref, q_ref,
+                k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: KernelConfig):
     k_idx = pl.program_id(2) * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32)
-    k_pos, valid, rule = kpos_ref[...], valid_ref[...], cfg.rule
+    rule = cfg.rule
+    k_pos, k_seg = kpos_ref[...], kseg_ref[...]
+    k_sink = ksink_ref[...] if rule["key_sinks"] else None
 
     def mask(i, rows):
-        return token_mask(keep_ref[rows, :], valid, qpos_ref[rows], k_pos, k_idx, **rule)
+        q_seg = qseg_ref[rows] if rule["segments"] else None
+        return token_mask(keep_ref[rows, :], k_seg, k_sink, q_seg, qpos_ref[rows], k_pos, k_idx,
+                          **rule)
 
     dk, dv = dkv_tile(table_ref, k_ref[...], v_ref[...], q_ref, do_ref, lse_ref, delta_ref, mask,
                       scale=cfg.scale, block_q=cfg.block_q, precision=cfg.precision)
@@ -137,32 +198,39 @@ def _dkv_kernel(table_ref, keep_ref, valid_ref, qpos_ref, kpos_ref, q_ref, k_ref
 # ----------------------------------------------------------------------------- wrappers
 
 
-def _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg: KernelConfig):
+def _prepare(q_BTNH, k_BSKH, v_BSKV, sel: Selection, cfg: KernelConfig):
     """Pad to whole tiles, go head-major, build the tables and the int8 masks."""
-    block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S = selection
     b, t, n, _ = q_BTNH.shape
     kg = k_BSKH.shape[2]
     qt, j = common.cdiv(t, cfg.block_q), common.cdiv(cfg.s, cfg.block_k)
     tp, sp = qt * cfg.block_q, j * cfg.block_k
-    keep = common.pad_axis(block_keep_BKTJ.astype(jnp.int8), 2, tp)
-    valid = (jnp.ones((b, cfg.s), jnp.int8) if key_valid_BS is None
-             else key_valid_BS.astype(jnp.int8))
-    fwd_table, bwd_table = block_tables(block_keep_BKTJ, q_pos_T, k_pos_S, cfg)
+    keep = common.pad_axis(sel.keep.astype(jnp.int8), 2, tp)
+    fwd_table, bwd_table = block_tables(sel, cfg)
+    q_BTNH, k_BSKH, v_BSKV = zero_unread(q_BTNH, k_BSKH, v_BSKV, sel, cfg)
+    q_seg, k_seg, k_sink = key_inputs(sel, tp, sp)
     # padded query rows sit at the last real position (their output is dropped); padded keys
     # are removed by the ``k_idx < S`` rule
     return dict(q=common.head_major(q_BTNH, tp), k=common.head_major(k_BSKH, sp),
-                v=common.head_major(v_BSKV, sp), keep=keep, valid=common.pad_axis(valid, 1, sp),
-                fwd=fwd_table, bwd=bwd_table,
-                q_pos=common.pad_axis(q_pos_T.astype(jnp.int32), 0, tp, mode="edge"),
-                k_pos=common.pad_axis(k_pos_S.astype(jnp.int32), 0, sp, mode="edge"),
+                v=common.head_major(v_BSKV, sp), keep=keep, k_seg=k_seg, k_sink=k_sink,
+                q_seg=q_seg, fwd=fwd_table, bwd=bwd_table, sel=sel,
+                q_pos=common.pad_axis(sel.q_pos, 0, tp, mode="edge"),
+                k_pos=common.pad_axis(sel.k_pos, 0, sp, mode="edge"),
                 dims=(b, n, kg, qt, j, tp, sp))
 
 
+def _masks(p):
+    """The per-token operands after the table row: selection, key ids and sinks, query ids,
+    query and key positions (``_selection_specs`` order)."""
+    return p["keep"], p["k_seg"], p["k_sink"], p["q_seg"], p["q_pos"], p["k_pos"]
+
+
 def _selection_specs(g: int, j: int, bq: int, sp: int):
-    """Forward / dq specs of (table row, selection, key validity, query and key positions)."""
+    """Forward / dq specs of (table row, ``_masks``)."""
     return [pl.BlockSpec((None, None, None, j + 1), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
             pl.BlockSpec((None, None, bq, j), lambda bi, ni, qi: (bi, ni // g, qi, 0)),
             pl.BlockSpec((None, sp), lambda bi, ni, qi: (bi, 0)),
+            pl.BlockSpec((None, sp), lambda bi, ni, qi: (bi, 0)),
+            pl.BlockSpec((None, bq), lambda bi, ni, qi: (bi, qi)),
             pl.BlockSpec((bq,), lambda bi, ni, qi: (qi,)),
             pl.BlockSpec((sp,), lambda bi, ni, qi: (0,))]
 
@@ -176,7 +244,7 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
     o, lse = forward_call(
         functools.partial(_fwd_kernel, cfg=cfg, has_sink=sink_N is not None), cfg,
         "block_sparse_attention_fwd", specs,
-        (p["fwd"], p["keep"], p["valid"], p["q_pos"], p["k_pos"], sink), p["q"], (p["k"], p["v"]))
+        (p["fwd"], *_masks(p), sink), p["q"], (p["k"], p["v"]))
     return o.transpose(0, 2, 1, 3)[:, : cfg.t], (p, o, lse)
 
 
@@ -184,9 +252,9 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     p, o, lse = res
     b, n, kg, qt, j, tp, sp = p["dims"]
     g, bk = n // kg, cfg.block_k
-    do = common.head_major(do_BTNV, tp)
+    do = common.head_major(zero_padding_rows(do_BTNV, p["sel"], cfg), tp)
     delta = common.row_delta(do, o)  # (B, N, Tp)
-    masks = (p["keep"], p["valid"], p["q_pos"], p["k_pos"])
+    masks = _masks(p)
     tensors = (p["q"], (p["k"], p["v"]), do, lse, delta)
     dq = dq_call(functools.partial(_dq_kernel, cfg=cfg), cfg, "block_sparse_attention_dq",
                  _selection_specs(g, j, cfg.block_q, sp), (p["fwd"], *masks), *tensors)
@@ -194,6 +262,8 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
         pl.BlockSpec((None, None, None, qt + 1), lambda bi, ni, ji: (bi, ni // g, ji, 0)),
         pl.BlockSpec((None, None, tp, 1), lambda bi, ni, ji: (bi, ni // g, 0, ji)),
         pl.BlockSpec((None, bk), lambda bi, ni, ji: (bi, ji)),
+        pl.BlockSpec((None, bk), lambda bi, ni, ji: (bi, ji)),
+        pl.BlockSpec((None, tp), lambda bi, ni, ji: (bi, 0)),
         pl.BlockSpec((tp,), lambda bi, ni, ji: (0,)),
         pl.BlockSpec((bk,), lambda bi, ni, ji: (ji,)),
     ]
@@ -207,9 +277,10 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
 
 
 def checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S, *,
-                     block_k: int):
-    """Validate shapes; return the selection (keep bool, key_valid bool or None, q_pos int32,
-    k_pos int32)."""
+                     block_k: int, q_seg_BT=None, k_seg_BS=None, k_sink_BS=None) -> Selection:
+    """Validate shapes; return the ``Selection`` every impl reads. With segments, the key blocks
+    that hold no key of the query's segment leave ``keep`` here, once for every impl
+    (``tables.segment_block_keep``), so no table lists them."""
     b, t, n, _ = q_BTNH.shape
     s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
     common.check_heads(n, kg)
@@ -217,21 +288,35 @@ def checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_p
     if block_keep_BKTJ.shape != (b, kg, t, j):
         raise ValueError(f"block_keep must have shape (B, K, T, ceil(S / block_k))={(b, kg, t, j)}, "
                          f"got {tuple(block_keep_BKTJ.shape)}")
-    valid = None if key_valid_BS is None else key_valid_BS.astype(bool)
+    if key_valid_BS is not None and tuple(key_valid_BS.shape) != (b, s):
+        raise ValueError(f"key_valid_BS must have shape (B, S)={(b, s)}, "
+                         f"got {tuple(key_valid_BS.shape)}")
+    q_seg, k_seg, k_sink = check_segments(b, t, s, q_seg_BT, k_seg_BS, k_sink_BS)
+    keep = block_keep_BKTJ.astype(bool)
+    valid = jnp.ones((b, s), bool) if key_valid_BS is None else key_valid_BS.astype(bool)
+    if q_seg is None:
+        q_seg, k_seg = jnp.ones((b, t), jnp.int32), valid.astype(jnp.int32)
+    else:
+        k_seg = jnp.where(valid, k_seg, 0)
+        keep = segment_block_keep(keep, q_seg, k_seg, block_k=block_k)
     q_pos = jnp.arange(t, dtype=jnp.int32) + (s - t) if q_pos_T is None else q_pos_T
     k_pos = jnp.arange(s, dtype=jnp.int32) if k_pos_S is None else k_pos_S
-    return block_keep_BKTJ.astype(bool), valid, q_pos.astype(jnp.int32), k_pos.astype(jnp.int32)
+    return Selection(keep, q_pos.astype(jnp.int32), k_pos.astype(jnp.int32), q_seg, k_seg,
+                     k_sink)
 
 
 def block_config(q_BTNH, k_BSKH, *, block_q: int, block_k: int, causal: bool,
                  scale: float | None, interpret: bool, window: int | None, num_sink_keys: int,
                  precision: jax.lax.PrecisionLike, num_warps: int = 4,
-                 num_stages: int = 2) -> KernelConfig:
-    """The ``KernelConfig`` of a block-sparse call (its rule: causal, window, sink keys)."""
+                 num_stages: int = 2, segments: bool = False,
+                 key_sinks: bool = False) -> KernelConfig:
+    """The ``KernelConfig`` of a block-sparse call (its rule: causal, window, sink keys, and
+    whether segment ids and per-key sink flags are given)."""
     s = k_BSKH.shape[1]
     return KernelConfig(block_q, block_k, common.default_scale(q_BTNH.shape[-1], scale), q_BTNH.shape[1],
                         s, interpret, common.rules(s_len=s, causal=causal, window=window,
-                                            num_sink_keys=num_sink_keys),
+                                                   num_sink_keys=num_sink_keys, segments=segments,
+                                                   key_sinks=key_sinks),
                         num_warps=num_warps, num_stages=num_stages, precision=precision)
 
 
@@ -245,7 +330,9 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
                            window: int | None = None, num_sink_keys: int = 0,
                            block_sizes: BlockSizes = BlockSizes(),
                            interpret: bool | None = None,
-                           precision: jax.lax.PrecisionLike = None) -> Array:
+                           precision: jax.lax.PrecisionLike = None,
+                           q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
+                           k_sink_BS: Array | None = None) -> Array:
     """Attention over the selected key blocks only; equals ``block_sparse_attention_reference``.
 
     ``block_keep_BKTJ`` (B, K, T, ceil(S / block_k)) bool: key blocks each query token of each
@@ -255,15 +342,24 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
     first ``num_sink_keys`` keys. ``interpret`` defaults to True off GPU/TPU. Differentiable in
     q, k, v and ``sink``. Any head width: widths are zero-padded to ``lane_width`` for Triton.
     ``precision`` reaches every in-kernel matrix product.
+
+    Packed sequences: ``q_seg_BT`` (B, T) and ``k_seg_BS`` (B, S) integer segment ids (both or
+    neither) add the rule ``k_seg[b, s] == q_seg[b, t] != 0`` (id 0: padding, read by no one;
+    key blocks without a key of the query's segment are never visited); ``k_sink_BS`` (B, S)
+    bool exempts keys from the ``window`` rule besides the first ``num_sink_keys``. With
+    segments, padding queries and unreadable keys are zeroed first, so NaN or inf there reaches
+    no output or gradient.
     """
     selection = checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S,
-                                 block_k=block_k)
+                                 block_k=block_k, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS,
+                                 k_sink_BS=k_sink_BS)
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "tpu")
     cfg = block_config(q_BTNH, k_BSKH, block_q=block_sizes.block_q, block_k=block_k,
                        causal=causal, scale=scale, interpret=interpret, window=window,
                        num_sink_keys=num_sink_keys, precision=precision,
-                       num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
+                       num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,
+                       segments=q_seg_BT is not None, key_sinks=k_sink_BS is not None)
     out = _attention(common.pad_lanes(q_BTNH), common.pad_lanes(k_BSKH), common.pad_lanes(v_BSKV), sink,
                      selection, cfg=cfg)
     return out[..., : v_BSKV.shape[-1]]

@@ -10,6 +10,10 @@ of ``block_q`` tokens), the key blocks that any token of the tile reads; a *back
 per key block, the query tiles that read it. Row layout: ``[count, idx_0, ..., idx_{M-1}]`` with
 indices ascending and the tail padded by repeating the last valid index (a repeated block index
 makes a TPU pipeline skip the copy), so one int32 row carries both (``common.compact``).
+
+Packed sequences: ``segment_block_keep`` removes from a selection the key blocks that hold no key
+of the query's segment (per-block min/max of the key segment ids, O(T * J)); every impl calls it
+once on its operands (``kernel.checked_operands``), so the tables never list those blocks.
 """
 
 from __future__ import annotations
@@ -22,16 +26,70 @@ from ..common import compact
 Array = jax.Array
 
 
+def check_segments(b: int, t: int, s: int, q_seg_BT: Array | None, k_seg_BS: Array | None,
+                   k_sink_BS: Array | None) -> tuple[Array | None, Array | None, Array | None]:
+    """Validate the packed-sequence operands of a (B, T) query / (B, S) key problem; returns
+    (q_seg int32, k_seg int32, k_sink bool), each None when not given. Segment ids come both or
+    neither, integer-typed; ``k_sink_BS`` is bool or integer (non-zero: a sink key)."""
+    if (q_seg_BT is None) != (k_seg_BS is None):
+        raise ValueError("q_seg_BT and k_seg_BS come together (both or neither), got "
+                         f"q_seg_BT={'None' if q_seg_BT is None else 'an array'} and "
+                         f"k_seg_BS={'None' if k_seg_BS is None else 'an array'}")
+    out = []
+    for name, a, shape in (("q_seg_BT", q_seg_BT, (b, t)), ("k_seg_BS", k_seg_BS, (b, s)),
+                           ("k_sink_BS", k_sink_BS, (b, s))):
+        if a is None:
+            out.append(None)
+            continue
+        a = jnp.asarray(a)
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (batch, "
+                             f"{'query' if name == 'q_seg_BT' else 'key'} length), "
+                             f"got {tuple(a.shape)}")
+        is_int = jnp.issubdtype(a.dtype, jnp.integer)
+        if not (is_int or (name == "k_sink_BS" and a.dtype == jnp.bool_)):
+            raise TypeError(f"{name} must be {'bool or ' if name == 'k_sink_BS' else ''}"
+                            f"integer-typed, got dtype {a.dtype}")
+        out.append(a.astype(bool) if name == "k_sink_BS" else a.astype(jnp.int32))
+    return out[0], out[1], out[2]
+
+
+def segment_block_keep(block_keep_BKTJ: Array, q_seg_BT: Array, k_seg_BS: Array, *,
+                       block_k: int) -> Array:
+    """``block_keep`` without the key blocks that hold no key of the query's segment.
+
+    Per key block the smallest and largest non-zero key id (id 0 is padding, read by no one; a
+    block of padding only has an empty range); query ``t`` keeps block ``j`` only if its id is
+    non-zero and inside that range. Exact (the block holds a key of the query's segment) when
+    the non-zero key ids do not decrease along the sequence; for any other layout a superset,
+    which the kernels' token rule then refines. O(B * K * T * J), no (T, S) array.
+    """
+    b, j = block_keep_BKTJ.shape[0], block_keep_BKTJ.shape[-1]
+    big = jnp.iinfo(jnp.int32).max
+    seg = _pad_keys(k_seg_BS.astype(jnp.int32), j * block_k).reshape(b, j, block_k)
+    lo_BJ = jnp.where(seg != 0, seg, big).min(axis=-1)
+    hi_BJ = jnp.where(seg != 0, seg, -big).max(axis=-1)
+    q_BT1 = q_seg_BT.astype(jnp.int32)[:, :, None]
+    has_BTJ = (q_BT1 != 0) & (lo_BJ[:, None, :] <= q_BT1) & (q_BT1 <= hi_BJ[:, None, :])
+    return block_keep_BKTJ & has_BTJ[:, None]
+
+
+def _pad_keys(x_BS: Array, length: int) -> Array:
+    """(B, S) -> (B, length): the key axis padded with zeros (padding id, no sink)."""
+    return jnp.pad(x_BS, ((0, 0), (0, length - x_BS.shape[1])))
+
+
 def tile_visits(block_keep_BKTJ: Array, *, block_q: int, block_k: int, causal: bool,
                 q_pos: Array | None = None, k_pos: Array | None = None, window: int | None = None,
-                num_sink_keys: int = 0) -> Array:
+                num_sink_keys: int = 0, k_sink_BS: Array | None = None) -> Array:
     """(B, K, Q, J) bool: does any token of query tile ``i`` read key block ``j``.
 
     Blocks that the token rules exclude for the whole tile are dropped too, so a selection that
     names them costs nothing: when ``causal``, blocks whose first key position is after the
     tile's last query position; with a ``window``, blocks wholly before every query's window
-    that hold no sink key. Positions default to ``arange(T)`` and ``arange(J * block_k)`` (the
-    kernels always pass their own).
+    that hold no sink key (one of the first ``num_sink_keys``, or flagged in ``k_sink_BS``
+    (B, S) for that batch row). Positions default to ``arange(T)`` and ``arange(J * block_k)``
+    (the kernels always pass their own).
     """
     b, k, t, j = block_keep_BKTJ.shape
     s = j * block_k if k_pos is None else k_pos.shape[0]
@@ -50,18 +108,23 @@ def tile_visits(block_keep_BKTJ: Array, *, block_q: int, block_k: int, causal: b
     if causal:
         visit = visit & (kp.min(axis=1)[None, :] <= q_hi[:, None])
     if window is not None:
-        has_sink = jnp.arange(j) * block_k < num_sink_keys
+        has_sink_BJ = (jnp.arange(j) * block_k < num_sink_keys)[None, :]
+        if k_sink_BS is not None:
+            flags = _pad_keys(k_sink_BS.astype(jnp.int32), j * block_k)
+            has_sink_BJ = has_sink_BJ | (flags.reshape(b, j, block_k).max(axis=-1) != 0)
         in_window = kp.max(axis=1)[None, :] > jnp.where(q_lo > -big + window, q_lo - window,
                                                          -big)[:, None]
-        visit = visit & (in_window | has_sink[None, :])
+        visit = visit & (in_window[None, None] | has_sink_BJ[:, None, None, :])
     return visit
 
 
 def build_tables(block_keep_BKTJ: Array, *, block_q: int, block_k: int, causal: bool,
                  q_pos: Array | None = None, k_pos: Array | None = None,
-                 window: int | None = None, num_sink_keys: int = 0) -> tuple[Array, Array]:
+                 window: int | None = None, num_sink_keys: int = 0,
+                 k_sink_BS: Array | None = None) -> tuple[Array, Array]:
     """(forward table (B, K, Q, J + 1), backward table (B, K, J, Q + 1)), int32."""
     visit = tile_visits(block_keep_BKTJ, block_q=block_q, block_k=block_k, causal=causal,
-                        q_pos=q_pos, k_pos=k_pos, window=window, num_sink_keys=num_sink_keys)
+                        q_pos=q_pos, k_pos=k_pos, window=window, num_sink_keys=num_sink_keys,
+                        k_sink_BS=k_sink_BS)
     return compact(visit), compact(jnp.swapaxes(visit, -1, -2))
 

@@ -11,9 +11,10 @@ traffic is exactly the selected blocks. Online-softmax state lives in VMEM scrat
 slot axis.
 
 Layouts follow Mosaic's tiling rule (the last two block dims divisible by (8, 128) or equal to
-the array's): per-query vectors are (T, 1) columns, per-key vectors (J, 1, block_k) rows, and
-the per-token selection is stored key-block-major, (B, K, J, T, 1) int8, so that one slot reads
-the (block_q, 1) membership column of its block.
+the array's): per-query vectors are (T, 1) columns ((B, T, 1) for the segment ids), per-key
+vectors (J, 1, block_k) rows ((B, J, 1, block_k) for key ids and sink flags, int32), and the
+per-token selection is stored key-block-major, (B, K, J, T, 1) int8, so that one slot reads the
+(block_q, 1) membership column of its block.
 """
 
 from __future__ import annotations
@@ -27,44 +28,88 @@ from jax.experimental.pallas import tpu as pltpu
 
 from .. import common
 from ..common import F32, FILL, KernelConfig
-from .kernel import BlockSizes, block_config, block_tables, checked_operands, token_mask
+from .kernel import (
+    BlockSizes,
+    Selection,
+    block_config,
+    block_tables,
+    checked_operands,
+    key_inputs,
+    token_mask,
+    zero_padding_rows,
+    zero_unread,
+)
 
 Array = jax.Array
 TPU_BLOCK_SIZES = BlockSizes(block_q=128)
 
 
-def _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg: KernelConfig):
-    block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S = selection
+def _prepare(q_BTNH, k_BSKH, v_BSKV, sel: Selection, cfg: KernelConfig):
     b, t, n, _ = q_BTNH.shape
     kg = k_BSKH.shape[2]
     bq, bk = cfg.block_q, cfg.block_k
     qt, j = common.cdiv(t, bq), common.cdiv(cfg.s, bk)
     tp, sp = qt * bq, j * bk
-    keep = common.pad_axis(block_keep_BKTJ.astype(jnp.int8), 2, tp)
+    keep = common.pad_axis(sel.keep.astype(jnp.int8), 2, tp)
     keep = jnp.swapaxes(keep, 2, 3)[..., None]  # B K J Tp 1
-    valid = (jnp.ones((b, cfg.s), jnp.int32) if key_valid_BS is None
-             else key_valid_BS.astype(jnp.int32))
-    fwd_table, bwd_table = block_tables(block_keep_BKTJ, q_pos_T, k_pos_S, cfg)
+    fwd_table, bwd_table = block_tables(sel, cfg)
+    q_BTNH, k_BSKH, v_BSKV = zero_unread(q_BTNH, k_BSKH, v_BSKV, sel, cfg)
+    q_seg, k_seg, k_sink = key_inputs(sel, tp, sp, jnp.int32)
     return dict(q=common.head_major(q_BTNH, tp), k=common.head_major(k_BSKH, sp),
                 v=common.head_major(v_BSKV, sp), keep=keep,
-                valid=common.pad_axis(valid, 1, sp).reshape(b, j, 1, bk),
-                q_pos=common.pad_axis(q_pos_T, 0, tp, mode="edge").reshape(tp, 1),
-                k_pos=common.pad_axis(k_pos_S, 0, sp, mode="edge").reshape(j, 1, bk), fwd=fwd_table,
-                bwd=bwd_table, dims=(b, n, kg, n // kg, qt, j, tp, sp))
+                k_seg=k_seg.reshape(b, j, 1, bk), k_sink=k_sink.reshape(b, j, 1, bk),
+                q_seg=q_seg.reshape(b, tp, 1),
+                q_pos=common.pad_axis(sel.q_pos, 0, tp, mode="edge").reshape(tp, 1),
+                k_pos=common.pad_axis(sel.k_pos, 0, sp, mode="edge").reshape(j, 1, bk),
+                fwd=fwd_table, bwd=bwd_table, sel=sel, dims=(b, n, kg, n // kg, qt, j, tp, sp))
 
 
-def _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, jb, cfg: KernelConfig):
+def _token_specs(bq: int, bk: int, q_row, kv_row):
+    """Block specs of the per-token operands (``_masks`` order: selection column, key ids, key
+    sink flags, query ids, query and key positions) given the query-tile and key-block index
+    functions of the grid (b, k, a, m) and the prefetched table."""
+    def key(bi, ki, a, m, tb):
+        return (bi, kv_row(bi, ki, a, m, tb), 0, 0)
+
+    return [
+        pl.BlockSpec((None, None, None, bq, 1), lambda bi, ki, a, m, tb: (
+            bi, ki, kv_row(bi, ki, a, m, tb), q_row(bi, ki, a, m, tb), 0)),
+        pl.BlockSpec((None, None, 1, bk), key),
+        pl.BlockSpec((None, None, 1, bk), key),
+        pl.BlockSpec((None, bq, 1), lambda bi, ki, a, m, tb: (bi, q_row(bi, ki, a, m, tb), 0)),
+        pl.BlockSpec((bq, 1), lambda bi, ki, a, m, tb: (q_row(bi, ki, a, m, tb), 0)),
+        pl.BlockSpec((None, 1, bk), lambda bi, ki, a, m, tb: (kv_row(bi, ki, a, m, tb), 0, 0)),
+    ]
+
+
+def _own(bi, ki, a, m, tb):
+    """Index function: the grid's own query tile / key block."""
+    return a
+
+
+def _listed(bi, ki, a, m, tb):
+    """Index function: the block or tile in slot ``m`` of the grid row's table."""
+    return tb[bi, ki, a, m + 1]
+
+
+def _masks(p):
+    return p["keep"], p["k_seg"], p["k_sink"], p["q_seg"], p["q_pos"], p["k_pos"]
+
+
+def _mask(keep_ref, kseg_ref, ksink_ref, qseg_ref, qpos_ref, kpos_ref, jb, cfg: KernelConfig):
+    rule = cfg.rule
     k_idx = jb * cfg.block_k + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
-    return token_mask(keep_ref[...], valid_ref[...], qpos_ref[...], kpos_ref[...], k_idx,
-                      **cfg.rule)
+    return token_mask(keep_ref[...], kseg_ref[...], ksink_ref[...] if rule["key_sinks"] else None,
+                      qseg_ref[...] if rule["segments"] else None, qpos_ref[...], kpos_ref[...],
+                      k_idx, **rule)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(table_ref, q_ref, k_ref, v_ref, keep_ref, valid_ref, qpos_ref, kpos_ref,
-                sink_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, cfg: KernelConfig,
-                groups: int, has_sink: bool):
+def _fwd_kernel(table_ref, q_ref, k_ref, v_ref, keep_ref, kseg_ref, ksink_ref, qseg_ref,
+                qpos_ref, kpos_ref, sink_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *,
+                cfg: KernelConfig, groups: int, has_sink: bool):
     bi, ki, qi, m = (pl.program_id(a) for a in range(4))
     prec = cfg.precision
 
@@ -74,7 +119,8 @@ def _fwd_kernel(table_ref, q_ref, k_ref, v_ref, keep_ref, valid_ref, qpos_ref, k
         l_ref[...] = jnp.zeros(l_ref.shape, F32)
 
     def _visit():
-        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, table_ref[bi, ki, qi, m + 1], cfg)
+        mask = _mask(keep_ref, kseg_ref, ksink_ref, qseg_ref, qpos_ref, kpos_ref,
+                     table_ref[bi, ki, qi, m + 1], cfg)
         kb = k_ref[...].astype(F32)
         vb = v_ref[...]
         for g in range(groups):  # the group's heads share the K/V block in VMEM
@@ -107,12 +153,7 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
             pl.BlockSpec((None, g, bq, h), lambda bi, ki, qi, m, tb: (bi, ki, qi, 0)),
             pl.BlockSpec((None, None, bk, h), kv_row),
             pl.BlockSpec((None, None, bk, vw), kv_row),
-            pl.BlockSpec((None, None, None, bq, 1),
-                         lambda bi, ki, qi, m, tb: (bi, ki, tb[bi, ki, qi, m + 1], qi, 0)),
-            pl.BlockSpec((None, None, 1, bk),
-                         lambda bi, ki, qi, m, tb: (bi, tb[bi, ki, qi, m + 1], 0, 0)),
-            pl.BlockSpec((bq, 1), lambda bi, ki, qi, m, tb: (qi, 0)),
-            pl.BlockSpec((None, 1, bk), lambda bi, ki, qi, m, tb: (tb[bi, ki, qi, m + 1], 0, 0)),
+            *_token_specs(bq, bk, _own, _listed),
             pl.BlockSpec((None, g, 1, 1), lambda bi, ki, qi, m, tb: (ki, 0, 0, 0)),
         ],
         out_specs=[
@@ -129,15 +170,16 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
                    jax.ShapeDtypeStruct((b, n, tp, 1), F32)],
         name="block_sparse_attention_tpu_fwd",
         **cfg.mosaic_params,
-    )(p["fwd"], p["q"], p["k"], p["v"], p["keep"], p["valid"], p["q_pos"], p["k_pos"], sink)
+    )(p["fwd"], p["q"], p["k"], p["v"], *_masks(p), sink)
     return o.transpose(0, 2, 1, 3)[:, : cfg.t], (p, o, lse)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_ref, valid_ref,
-               qpos_ref, kpos_ref, dq_ref, acc_ref, *, cfg: KernelConfig, groups: int):
+def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_ref, kseg_ref,
+               ksink_ref, qseg_ref, qpos_ref, kpos_ref, dq_ref, acc_ref, *, cfg: KernelConfig,
+               groups: int):
     bi, ki, qi, m = (pl.program_id(a) for a in range(4))
     prec = cfg.precision
 
@@ -145,7 +187,8 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_
         acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
 
     def _visit():
-        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, table_ref[bi, ki, qi, m + 1], cfg)
+        mask = _mask(keep_ref, kseg_ref, ksink_ref, qseg_ref, qpos_ref, kpos_ref,
+                     table_ref[bi, ki, qi, m + 1], cfg)
         kb, vb = k_ref[...].astype(F32), v_ref[...].astype(F32)
         for g in range(groups):
             s = common.dot_t(q_ref[g].astype(F32), kb, prec) * cfg.scale
@@ -159,9 +202,9 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_
     common.table_walk(table_ref[bi, ki, qi, 0], _init, _visit, _finish)
 
 
-def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_ref, valid_ref,
-                qpos_ref, kpos_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, cfg: KernelConfig,
-                groups: int):
+def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep_ref, kseg_ref,
+                ksink_ref, qseg_ref, qpos_ref, kpos_ref, dk_ref, dv_ref, dk_acc, dv_acc, *,
+                cfg: KernelConfig, groups: int):
     bi, ki, jb, m = (pl.program_id(a) for a in range(4))
     prec = cfg.precision
 
@@ -170,7 +213,7 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep
         dv_acc[...] = jnp.zeros(dv_acc.shape, F32)
 
     def _visit():
-        mask = _mask(keep_ref, valid_ref, qpos_ref, kpos_ref, jb, cfg)
+        mask = _mask(keep_ref, kseg_ref, ksink_ref, qseg_ref, qpos_ref, kpos_ref, jb, cfg)
         kb, vb = k_ref[...].astype(F32), v_ref[...].astype(F32)
         for g in range(groups):  # every head of the group accumulates into the shared dK, dV
             qg, dog = q_ref[g].astype(F32), do_ref[g].astype(F32)
@@ -190,10 +233,9 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     p, o, lse = res
     b, n, kg, g, qt, j, tp, sp = p["dims"]
     bq, bk, h, vw = cfg.block_q, cfg.block_k, p["q"].shape[-1], p["v"].shape[-1]
-    do = common.head_major(do_BTNV, tp)
+    do = common.head_major(zero_padding_rows(do_BTNV, p["sel"], cfg), tp)
     delta = common.row_delta(do, o, keepdims=True)  # B N Tp 1
-    operands = (p["q"], p["k"], p["v"], do, lse, delta, p["keep"], p["valid"], p["q_pos"],
-                p["k_pos"])
+    operands = (p["q"], p["k"], p["v"], do, lse, delta, *_masks(p))
 
     def specs(q_row, kv_row):
         """Block specs of ``operands`` given the query-tile and key-block index functions."""
@@ -210,16 +252,10 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
             pl.BlockSpec((None, g, bq, vw), tile),
             pl.BlockSpec((None, g, bq, 1), tile),
             pl.BlockSpec((None, g, bq, 1), tile),
-            pl.BlockSpec((None, None, None, bq, 1), lambda bi, ki, a, m, tb: (
-                bi, ki, kv_row(bi, ki, a, m, tb), q_row(bi, ki, a, m, tb), 0)),
-            pl.BlockSpec((None, None, 1, bk),
-                         lambda bi, ki, a, m, tb: (bi, kv_row(bi, ki, a, m, tb), 0, 0)),
-            pl.BlockSpec((bq, 1), lambda bi, ki, a, m, tb: (q_row(bi, ki, a, m, tb), 0)),
-            pl.BlockSpec((None, 1, bk), lambda bi, ki, a, m, tb: (kv_row(bi, ki, a, m, tb), 0, 0)),
+            *_token_specs(bq, bk, q_row, kv_row),
         ]
 
-    own = lambda bi, ki, a, m, tb: a  # noqa: E731 - the grid's own tile / block
-    listed = lambda bi, ki, a, m, tb: tb[bi, ki, a, m + 1]  # noqa: E731 - from the table
+    own, listed = _own, _listed
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, groups=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -258,7 +294,9 @@ def block_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
                                num_sink_keys: int = 0,
                                block_sizes: BlockSizes = TPU_BLOCK_SIZES,
                                interpret: bool | None = None,
-                               precision: jax.lax.PrecisionLike = None) -> Array:
+                               precision: jax.lax.PrecisionLike = None,
+                               q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
+                               k_sink_BS: Array | None = None) -> Array:
     """The TPU kernel; arguments and semantics as ``kernel.block_sparse_attention``.
 
     ``interpret`` defaults to True off TPU (``pltpu.InterpretParams()``, which also checks DMA
@@ -267,11 +305,13 @@ def block_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
     float32, as a TPU must.
     """
     selection = checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S,
-                                 block_k=block_k)
+                                 block_k=block_k, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS,
+                                 k_sink_BS=k_sink_BS)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     cfg = block_config(q_BTNH, k_BSKH, block_q=block_sizes.block_q, block_k=block_k,
                        causal=causal, scale=scale, interpret=interpret, window=window,
-                       num_sink_keys=num_sink_keys, precision=precision)
+                       num_sink_keys=num_sink_keys, precision=precision,
+                       segments=q_seg_BT is not None, key_sinks=k_sink_BS is not None)
     out = _attention(*common.at_most_f32(q_BTNH, k_BSKH, v_BSKV, sink), selection, cfg=cfg)
     return out.astype(q_BTNH.dtype)
