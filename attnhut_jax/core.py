@@ -683,8 +683,11 @@ def window_block_keep(q_pos_T: Array, k_pos_S: Array, block_k: int, *, window: i
 
 # token-sparse: each query token reads its own selected keys (indices_BTM, -1: none), shared by
 # all heads, plus an optional raw ``window`` over the keys s >= window_start and a per-head sink;
-# v_BSKV=None reads values from k_BSKH (CSA's shared KV). Arguments: (q_BTNH, k_BSKH, v_BSKV,
-# indices_BTM, *, scale, sink, window, window_start, precision).
+# v_BSKV=None reads values from k_BSKH (CSA's shared KV). Packed sequences: ``q_seg_BT`` (B, T)
+# and ``k_seg_BS`` (B, S) int segment ids (both or neither); query t reads key s, selected or in
+# the window, only if k_seg[b, s] == q_seg[b, t] != 0 (CSA: k_seg_BS covers the C entries and
+# the T raw tokens). A row that reads nothing returns zeros. Arguments: (q_BTNH, k_BSKH,
+# v_BSKV, indices_BTM, *, scale, sink, window, window_start, q_seg_BT, k_seg_BS, precision).
 
 registry.register("token_sparse", "reference")(token_sparse.token_sparse_attention_reference)
 registry.register("token_sparse", "xla")(token_sparse.token_sparse_attention_xla)
@@ -698,20 +701,23 @@ def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
                            indices_BTM: Array, *, impl: str = "auto",
                            scale: float | None = None, sink: Array | None = None,
                            window: int | None = None, window_start: int = 0,
+                           q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
                            precision: Precision = None,
                            owner: str = "token_sparse_attention") -> Array:
-    """The registry's ``token_sparse`` op under ``impl``."""
+    """The registry's ``token_sparse`` op under ``impl`` (segment ids: see above)."""
     return registry.call(owner, "token_sparse", impl, q_BTNH, k_BSKH, v_BSKV, indices_BTM,
                          scale=scale, sink=sink, window=window, window_start=window_start,
-                         precision=precision)
+                         q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS, precision=precision)
 
 
 # indexer top-k: (indices (B, T, min(top_k, S)), scores), invalid picks -1; see
 # ``pallas_kernels.token_sparse.reference.indexer_topk_reference``. ``reference`` scores every
 # (query, key) pair, ``xla`` is the fused running top-k over key tiles, ``pallas`` the
 # radix-select kernel except on TPU, where it is the XLA one. All select the same keys (ties to
-# the lower key index). Arguments: (q_BTIE, k_BSE, w_BTI, top_k, *, causal, q_pos_T, k_pos_S,
-# precision).
+# the lower key index). Packed sequences: ``q_seg_BT`` (B, T), ``k_seg_BS`` (B, S) (both or
+# neither): a key is a candidate only if the causal/position rule holds and k_seg == q_seg != 0,
+# so a padding query selects nothing (all -1). Arguments: (q_BTIE, k_BSE, w_BTI, top_k, *,
+# causal, q_pos_T, k_pos_S, q_seg_BT, k_seg_BS, precision).
 
 registry.register("indexer_topk", "reference")(token_sparse.indexer_topk_reference)
 registry.register("indexer_topk", "xla")(token_sparse.indexer_topk)
@@ -724,11 +730,13 @@ registry.register("indexer_topk", "pallas", backend="tpu")(token_sparse.indexer_
 
 def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
                  impl: str = "auto", q_pos_T: Array | None = None, k_pos_S: Array | None = None,
+                 q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
                  precision: Precision = None,
                  owner: str = "indexer_topk") -> tuple[Array, Array]:
-    """The registry's ``indexer_topk`` op under ``impl``."""
+    """The registry's ``indexer_topk`` op under ``impl`` (segment ids: see above)."""
     return registry.call(owner, "indexer_topk", impl, q_BTIE, k_BSE, w_BTI, top_k, causal=causal,
-                         q_pos_T=q_pos_T, k_pos_S=k_pos_S, precision=precision)
+                         q_pos_T=q_pos_T, k_pos_S=k_pos_S, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS,
+                         precision=precision)
 
 
 def indices_from_scores(scores_BTS: Array, valid: Array, top_k: int) -> Array:

@@ -14,6 +14,7 @@ from .indexer_kernel import IndexerKernelBlocks, indexer_topk_pallas
 from .kernel import BlockSizes, token_sparse_attention
 from .kernel_tpu import TpuBlockSizes, token_sparse_attention_tpu
 from .reference import (
+    check_segments,
     indexer_scores_reference,
     indexer_topk_reference,
     token_keep,
@@ -28,6 +29,7 @@ __all__ = [
     "IndexerKernelBlocks",
     "TpuBlockSizes",
     "build_tables",
+    "check_segments",
     "indexer_scores_reference",
     "indexer_topk",
     "indexer_topk_pallas",

@@ -2,13 +2,13 @@
 
 ``I[t, s] = sum_i w[t, i] * ReLU(q[t, i] . k[s])``. A sequential ``lax.map`` over (batch, query
 tile). For each query tile we walk its key tiles in ascending order, score a tile in float32,
-give invalid keys (causal rule on positions, padding) the fill value and merge with a running
-(tile, top_k) buffer: ``lax.top_k(concat([running, new]))``. Equal values come out lower
-position first, and the running buffer holds lower key indices than the new tile while itself
-being ordered (value descending, index ascending), so the merge keeps exactly the order of one
-``lax.top_k`` over the whole row: the selection equals ``reference.indexer_topk_reference`` bit
-for bit whenever the scores are equal bit for bit (tested on integer-valued inputs, where they
-are exact), ties included.
+give invalid keys (causal rule on positions, padding, the segment rule) the fill value and
+merge with a running (tile, top_k) buffer: ``lax.top_k(concat([running, new]))``. Equal values
+come out lower position first, and the running buffer holds lower key indices than the new tile
+while itself being ordered (value descending, index ascending), so the merge keeps exactly the
+order of one ``lax.top_k`` over the whole row: the selection equals
+``reference.indexer_topk_reference`` bit for bit whenever the scores are equal bit for bit
+(tested on integer-valued inputs, where they are exact), ties included.
 
 Causal skipping: keys after the last index any query of the tile may select are never scored.
 The tile picks (``lax.switch``, only the taken branch runs) the shortest of ``num_ranges``
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from ..common import F32, FILL
-from .reference import positions
+from .reference import check_segments, positions
 
 Array = jax.Array
 
@@ -57,15 +57,18 @@ def _tile_scores(q_TIE: Array, k_SE: Array, w_TI: Array, precision) -> Array:
 
 def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
                  q_pos_T: Array | None = None, k_pos_S: Array | None = None,
+                 q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
                  blocks: IndexerBlocks = IndexerBlocks(),
                  precision: jax.lax.PrecisionLike = None) -> tuple[Array, Array]:
     """(indices (B, T, min(top_k, S)) int32, -1 for picks that are not valid keys; their scores).
 
     Equals ``indexer_topk_reference`` (columns in descending score order, ties towards the
     lower key index; invalid picks ``-1`` with the fill score). Positions default to
-    ``arange(T) + S - T`` and ``arange(S)``; ``causal`` keeps ``k_pos <= q_pos``. No gradient
-    flows through a selection; the scores are returned for inspection only. Scores are
-    float32 whatever the input dtype; ``precision`` reaches their matrix products.
+    ``arange(T) + S - T`` and ``arange(S)``; ``causal`` keeps ``k_pos <= q_pos``; segment ids
+    ``q_seg_BT`` (B, T), ``k_seg_BS`` (B, S) (both or neither) keep ``k_seg == q_seg != 0``
+    (a padding query selects nothing). No gradient flows through a selection; the scores are
+    returned for inspection only. Scores are float32 whatever the input dtype; ``precision``
+    reaches their matrix products.
     """
     q_BTIE, k_BSE, w_BTI = (jax.lax.stop_gradient(a) for a in (q_BTIE, k_BSE, w_BTI))
     b, t, ni, e = q_BTIE.shape
@@ -74,6 +77,14 @@ def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causa
     bq = min(blocks.block_q, t)
     qt = -(-t // bq)
     tp = qt * bq
+    q_seg_BT, k_seg_BS = check_segments("indexer_topk", q_seg_BT, k_seg_BS, b, t, s)
+    packed = q_seg_BT is not None
+    if packed:  # padded queries get segment 0: they select nothing
+        qseg_BQT = jnp.pad(q_seg_BT, ((0, 0), (0, tp - t))).reshape(b, qt, bq)
+        kseg_BS = k_seg_BS
+    else:  # placeholders the maps carry but no step reads
+        qseg_BQT = jnp.zeros((b, qt, 1), jnp.int32)
+        kseg_BS = jnp.zeros((b, 1), jnp.int32)
     q_pos, k_pos = positions(t, s, q_pos_T, k_pos_S)
     qp_QT = jnp.pad(q_pos, (0, tp - t), mode="edge").reshape(qt, bq)
     q_BQTIE = jnp.pad(q_BTIE, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, qt, bq, ni, e)
@@ -83,10 +94,10 @@ def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causa
     s_idx = jnp.arange(s, dtype=jnp.int32)
 
     def batch(xs):
-        q_QTIE, w_QTI, k_SE = xs
+        q_QTIE, w_QTI, k_SE, qseg_QT, kseg_S = xs
 
         def tile(ys):
-            q_TIE, w_TI, qp_T = ys
+            q_TIE, w_TI, qp_T, qseg_T = ys
 
             def merge(carry, start, size):
                 vals_TM, idx_TM = carry
@@ -96,6 +107,10 @@ def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causa
                 if causal:
                     ok_TS = (jax.lax.dynamic_slice_in_dim(k_pos, start, size)[None, :]
                              <= qp_T[:, None])
+                    sc_TS = jnp.where(ok_TS, sc_TS, FILL)
+                if packed:
+                    kseg_S1 = jax.lax.dynamic_slice_in_dim(kseg_S, start, size)
+                    ok_TS = (kseg_S1[None, :] == qseg_T[:, None]) & (kseg_S1 != 0)[None, :]
                     sc_TS = jnp.where(ok_TS, sc_TS, FILL)
                 vals_TM, pick_TM = jax.lax.top_k(jnp.concatenate([vals_TM, sc_TS], axis=1), m)
                 cat_i = jnp.concatenate([idx_TM, jnp.broadcast_to(cols_S, sc_TS.shape)], axis=1)
@@ -120,9 +135,12 @@ def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causa
             ok_TM = idx_TM >= 0
             if causal:
                 ok_TM = ok_TM & (jnp.take(k_pos, jnp.maximum(idx_TM, 0)) <= qp_T[:, None])
+            if packed:
+                kseg_TM = jnp.take(kseg_S, jnp.maximum(idx_TM, 0))
+                ok_TM = ok_TM & (kseg_TM == qseg_T[:, None]) & (kseg_TM != 0)
             return jnp.where(ok_TM, idx_TM, -1), jnp.where(ok_TM, vals_TM, FILL)
 
-        return jax.lax.map(tile, (q_QTIE, w_QTI, qp_QT))
+        return jax.lax.map(tile, (q_QTIE, w_QTI, qp_QT, qseg_QT))
 
-    idx_BQTM, vals_BQTM = jax.lax.map(batch, (q_BQTIE, w_BQTI, k_BSE))
+    idx_BQTM, vals_BQTM = jax.lax.map(batch, (q_BQTIE, w_BQTI, k_BSE, qseg_BQT, kseg_BS))
     return idx_BQTM.reshape(b, tp, m)[:, :t], vals_BQTM.reshape(b, tp, m)[:, :t]

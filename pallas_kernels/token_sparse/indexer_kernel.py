@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from ..common import F32, FILL, cdiv
-from .reference import positions
+from .reference import check_segments, positions
 
 Array = jax.Array
 _SIGN = -(2 ** 31)  # int32 with only the sign bit set
@@ -74,10 +74,15 @@ def score_dtype(*dtypes):
     return F32 if jnp.finfo(dt).bits > 32 else dt
 
 
-def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_ref, *, heads: int,
-            block_k: int, s_len: int, m: int, causal: bool, precision):
+def _kernel(ntiles_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: int, s_len: int, m: int,
+            causal: bool, packed: bool, precision):
+    if packed:  # the tile's query segment ids (bq,) and all key segment ids (Sp,)
+        qseg_ref, kseg_ref, q_ref, w_ref, k_ref, idx_ref, val_ref = refs
+    else:
+        q_ref, w_ref, k_ref, idx_ref, val_ref = refs
     bq = q_ref.shape[0]
     q_pos = qpos_ref[...]
+    q_seg = qseg_ref[...] if packed else None
     # products in the input dtype, float32 accumulation: exact products for bf16 inputs on the
     # tensor cores; float32 inputs follow ``precision`` (default: JAX's default matmul
     # precision, like the XLA paths)
@@ -98,6 +103,9 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_re
         valid_TS = jnp.broadcast_to((cols < s_len)[None, :], (bq, block_k))
         if causal:
             valid_TS = valid_TS & (kpos_ref[pl.ds(start, block_k)][None, :] <= q_pos[:, None])
+        if packed:  # same segment, key not padding
+            k_seg = kseg_ref[pl.ds(start, block_k)][None, :]
+            valid_TS = valid_TS & (k_seg == q_seg[:, None]) & (k_seg != 0)
         return sc_TS, _ukey(sc_TS), valid_TS, cols
 
     # passes: the k-th largest unsigned key of every row, 4 bits at a time
@@ -163,17 +171,22 @@ def _kernel(ntiles_ref, qpos_ref, kpos_ref, q_ref, w_ref, k_ref, idx_ref, val_re
 
 def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
                         q_pos_T: Array | None = None, k_pos_S: Array | None = None,
+                        q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
                         blocks: IndexerKernelBlocks = IndexerKernelBlocks(),
                         interpret: bool | None = None,
                         precision: jax.lax.PrecisionLike = None) -> tuple[Array, Array]:
     """(indices (B, T, min(top_k, S)) int32, scores): the set of ``indexer_topk_reference``,
     in ascending key order, ``-1`` / fill in the unused slots. ``interpret`` defaults to True
-    off GPU. Scores are float32 (``score_dtype``); ``precision`` reaches their products."""
+    off GPU. Scores are float32 (``score_dtype``); ``precision`` reaches their products.
+    Segment ids ``q_seg_BT`` (B, T), ``k_seg_BS`` (B, S) (both or neither): a key is a
+    candidate only if ``k_seg == q_seg != 0`` (padding queries select nothing)."""
     # a selection has no gradient: cut the tape before the kernel (which has no VJP)
     q_BTIE, k_BSE, w_BTI = (jax.lax.stop_gradient(a) for a in (q_BTIE, k_BSE, w_BTI))
     b, t, ni, e = q_BTIE.shape
     s = k_BSE.shape[1]
     m = min(top_k, s)
+    q_seg_BT, k_seg_BS = check_segments("indexer_topk_pallas", q_seg_BT, k_seg_BS, b, t, s)
+    packed = q_seg_BT is not None
     mp = pl.next_power_of_2(m + blocks.block_k)  # m slots, then the dump slots
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -194,7 +207,12 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
     w = jnp.pad(w_BTI, ((0, 0), (0, tp - t), (0, 0)))
     k = jnp.pad(k_BSE, ((0, 0), (0, sp - s), (0, 0)))
     kernel = functools.partial(_kernel, heads=ni, block_k=bk, s_len=s, m=m, causal=causal,
-                               precision=precision)
+                               packed=packed, precision=precision)
+    seg_specs, segs = [], []
+    if packed:  # padded queries and keys get segment 0 (never valid)
+        seg_specs = [pl.BlockSpec((None, bq), lambda bi, qi: (bi, qi)),
+                     pl.BlockSpec((None, sp), lambda bi, qi: (bi, 0))]
+        segs = [jnp.pad(q_seg_BT, ((0, 0), (0, tp - t))), jnp.pad(k_seg_BS, ((0, 0), (0, sp - s)))]
     idx, vals = pl.pallas_call(
         kernel,
         grid=(b, qt),
@@ -202,6 +220,7 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
             pl.BlockSpec((1,), lambda bi, qi: (qi,)),
             pl.BlockSpec((bq,), lambda bi, qi: (qi,)),
             pl.BlockSpec((sp,), lambda bi, qi: (0,)),
+            *seg_specs,
             pl.BlockSpec((None, bq, ni, e), lambda bi, qi: (bi, qi, 0, 0)),
             pl.BlockSpec((None, bq, ni), lambda bi, qi: (bi, qi, 0)),
             pl.BlockSpec((None, sp, e), lambda bi, qi: (bi, 0, 0)),
@@ -213,5 +232,5 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
         interpret=interpret,
         compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
         name="lightning_indexer_topk",
-    )(ntiles, qp, kp, q, w, k)
+    )(ntiles, qp, kp, *segs, q, w, k)
     return jax.lax.stop_gradient(idx[:, :t, :m]), jax.lax.stop_gradient(vals[:, :t, :m])

@@ -21,6 +21,12 @@ Auxiliary memory: the bitmask (B * T * S / 32 words) plus O(B * T * S / (block_q
 for the tables; the backward keeps only the output and its logsumexp (B, N, T) besides the
 inputs, the bitmask and the tables.
 
+Packed sequences (segment ids): selected keys of another segment are dropped before the
+bitmask is built (so the tables skip them), and every kernel ands a block's membership with
+the segment rule on the tile's query ids and the block's key ids (``tables.same_segment``),
+which keeps the window inside each query's segment; the ids are (B, Tp) and (B, Sp) int32
+operands, 0 on the padded rows and keys.
+
 Layout: operands head-major (B, N, T, H), widths zero-padded to a power of two; grid (B, N,
 query tiles) for forward and dq, (B, N, key blocks) for dk/dv (per query head, summed over
 the GQA group); a data-dependent trip count over the table row, so only visited blocks are
@@ -41,7 +47,8 @@ from jax.experimental import pallas as pl
 from .. import common
 from ..common import F32, KernelConfig
 from ..flash import dkv_call, dkv_tile, dq_call, dq_tile, forward_call, forward_tile
-from .tables import WORD, build_tables, key_bitmask, membership
+from .reference import check_segments
+from .tables import WORD, build_tables, key_bitmask, membership, same_segment, segment_indices
 
 Array = jax.Array
 
@@ -87,15 +94,26 @@ def _block_words(bits_ref, rows, j, wpb):
 # ``n // G`` (index maps), the bitmask and the tables are shared by all heads.
 
 
-def _tile_mask(bits_ref, cfg: KernelConfig):
-    """mask_fn for the forward and dq loops: this query tile's membership in key block ``j``."""
+def _split_segments(refs, packed: bool):
+    """((q_seg_ref, k_seg_ref) or None, remaining refs)."""
+    return (tuple(refs[:2]), refs[2:]) if packed else (None, refs)
+
+
+def _tile_mask(bits_ref, segs, cfg: KernelConfig):
+    """mask_fn for the forward and dq loops: this query tile's membership in key block ``j``
+    (``segs``: this tile's query segment ids and all key segment ids, or None)."""
     q_idx = pl.program_id(2) * cfg.block_q + jnp.arange(cfg.block_q, dtype=jnp.int32)
     col = jnp.arange(cfg.block_k, dtype=jnp.int32)[None, :]
     wpb = cfg.block_k // WORD
 
     def mask(j, start):
-        return membership(_block_words(bits_ref, slice(None), j, wpb), q_idx[:, None], col, start,
-                          **cfg.rule)
+        hit = membership(_block_words(bits_ref, slice(None), j, wpb), q_idx[:, None], col, start,
+                         **cfg.rule)
+        if segs is None:
+            return hit
+        qseg_ref, kseg_ref = segs
+        return hit & same_segment(qseg_ref[...][:, None],
+                                  kseg_ref[pl.ds(start, cfg.block_k)][None, :])
 
     return mask
 
@@ -105,25 +123,28 @@ def _split_refs(rest, shared: bool):
     return (None, rest) if shared else (rest[0], rest[1:])
 
 
-def _fwd_kernel(table_ref, bits_ref, sink_ref, q_ref, k_ref, *rest, cfg: KernelConfig,
-                has_sink: bool):
+def _fwd_kernel(table_ref, bits_ref, sink_ref, *refs, cfg: KernelConfig, has_sink: bool,
+                packed: bool):
+    segs, (q_ref, k_ref, *rest) = _split_segments(refs, packed)
     v_ref, (o_ref, lse_ref) = _split_refs(rest, cfg.shared_kv)
     out, lse = forward_tile(table_ref, q_ref[...], k_ref, k_ref if cfg.shared_kv else v_ref,
-                            sink_ref[0] if has_sink else None, _tile_mask(bits_ref, cfg),
+                            sink_ref[0] if has_sink else None, _tile_mask(bits_ref, segs, cfg),
                             scale=cfg.scale, block_k=cfg.block_k, precision=cfg.precision)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
 
 
-def _dq_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig):
+def _dq_kernel(table_ref, bits_ref, *refs, cfg: KernelConfig, packed: bool):
+    segs, (q_ref, k_ref, *rest) = _split_segments(refs, packed)
     v_ref, (do_ref, lse_ref, delta_ref, dq_ref) = _split_refs(rest, cfg.shared_kv)
     dq = dq_tile(table_ref, q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], k_ref,
-                 k_ref if cfg.shared_kv else v_ref, _tile_mask(bits_ref, cfg), scale=cfg.scale,
+                 k_ref if cfg.shared_kv else v_ref, _tile_mask(bits_ref, segs, cfg), scale=cfg.scale,
                  block_k=cfg.block_k, precision=cfg.precision)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig):
+def _dkv_kernel(table_ref, bits_ref, *refs, cfg: KernelConfig, packed: bool):
+    segs, (q_ref, k_ref, *rest) = _split_segments(refs, packed)
     if cfg.shared_kv:
         do_ref, lse_ref, delta_ref, dk_ref = rest
         v_ref = dv_ref = None
@@ -136,8 +157,12 @@ def _dkv_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig):
 
     def mask(i, rows):
         q_idx = i * cfg.block_q + jnp.arange(cfg.block_q, dtype=jnp.int32)
-        return membership(_block_words(bits_ref, rows, j, wpb), q_idx[:, None], col,
-                          j * cfg.block_k, **cfg.rule)
+        hit = membership(_block_words(bits_ref, rows, j, wpb), q_idx[:, None], col,
+                         j * cfg.block_k, **cfg.rule)
+        if segs is None:
+            return hit
+        qseg_ref, kseg_ref = segs  # all query ids of the row, this block's key ids
+        return hit & same_segment(qseg_ref[rows][:, None], kseg_ref[...][None, :])
 
     dk, dv = dkv_tile(table_ref, kb, kb if cfg.shared_kv else v_ref[...], q_ref, do_ref, lse_ref,
                       delta_ref, mask, scale=cfg.scale, block_q=cfg.block_q,
@@ -152,34 +177,58 @@ def _dkv_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig):
 # ----------------------------------------------------------------------------- wrappers
 
 
-def _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, cfg: KernelConfig):
-    """Pad to whole tiles, go head-major, build the bitmask and the tables."""
+def _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg: KernelConfig):
+    """Pad to whole tiles, go head-major, build the bitmask and the tables; segment ids (when
+    given) drop the other segments' selected keys and are padded with 0."""
+    indices_BTM, q_seg_BT, k_seg_BS = selection
     b, t, n, _ = q_BTNH.shape
     kg = k_BSKH.shape[2]
     qt, j = common.cdiv(t, cfg.block_q), common.cdiv(cfg.s, cfg.block_k)
     tp, sp = qt * cfg.block_q, j * cfg.block_k
+    segs = None
+    if q_seg_BT is not None:
+        indices_BTM = segment_indices(indices_BTM, q_seg_BT, k_seg_BS)
+        segs = (common.pad_axis(q_seg_BT, 1, tp), common.pad_axis(k_seg_BS, 1, sp))
     bits = key_bitmask(indices_BTM, cfg.s)
     fwd_table, bwd_table = token_tables(bits, cfg)
     bits = common.pad_axis(common.pad_axis(bits, 1, tp), 2, j * (cfg.block_k // WORD))
     return dict(q=common.head_major(q_BTNH, tp), k=common.head_major(k_BSKH, sp),
                 v=None if cfg.shared_kv else common.head_major(v_BSKV, sp), bits=bits, fwd=fwd_table,
-                bwd=bwd_table, dims=(b, n, kg, qt, j, tp, sp))
+                bwd=bwd_table, segs=segs, dims=(b, n, kg, qt, j, tp, sp))
 
 
 def _kv(p, cfg: KernelConfig):
     return (p["k"],) if cfg.shared_kv else (p["k"], p["v"])
 
 
-def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, indices_BTM, cfg: KernelConfig):
-    p = _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, cfg)
+def _seg_specs(p, cfg: KernelConfig, per_key_block: bool):
+    """Block specs and operands of the segment ids (none without them): grid (B, N, Q) takes
+    the tile's query ids and all key ids, grid (B, N, J) all query ids and the block's key ids."""
+    if p["segs"] is None:
+        return [], ()
+    tp, sp = p["dims"][5:]
+    if per_key_block:
+        specs = [pl.BlockSpec((None, tp), lambda bi, ni, ji: (bi, 0)),
+                 pl.BlockSpec((None, cfg.block_k), lambda bi, ni, ji: (bi, ji))]
+    else:
+        specs = [pl.BlockSpec((None, cfg.block_q), lambda bi, ni, qi: (bi, qi)),
+                 pl.BlockSpec((None, sp), lambda bi, ni, qi: (bi, 0))]
+    return specs, p["segs"]
+
+
+def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
+    p = _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg)
     b, n, kg, qt, j, tp, sp = p["dims"]
     sink = jnp.zeros((n,), F32) if sink_N is None else sink_N.astype(F32)
+    seg_specs, segs = _seg_specs(p, cfg, per_key_block=False)
     specs = [pl.BlockSpec((None, None, j + 1), lambda bi, ni, qi: (bi, qi, 0)),
              pl.BlockSpec((None, cfg.block_q, p["bits"].shape[-1]), lambda bi, ni, qi: (bi, qi, 0)),
-             pl.BlockSpec((1,), lambda bi, ni, qi: (ni,))]
+             pl.BlockSpec((1,), lambda bi, ni, qi: (ni,)), *seg_specs]
     o, lse = forward_call(
-        functools.partial(_fwd_kernel, cfg=cfg, has_sink=sink_N is not None), cfg,
-        "token_sparse_attention_fwd", specs, (p["fwd"], p["bits"], sink), p["q"], _kv(p, cfg))
+        functools.partial(_fwd_kernel, cfg=cfg, has_sink=sink_N is not None,
+                          packed=p["segs"] is not None), cfg,
+        "token_sparse_attention_fwd", specs, (p["fwd"], p["bits"], sink, *segs), p["q"],
+        _kv(p, cfg))
     return o.transpose(0, 2, 1, 3)[:, : cfg.t], (p, o, lse)
 
 
@@ -190,14 +239,19 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     do = common.head_major(do_BTNV, tp)
     delta = common.row_delta(do, o)  # (B, N, Tp)
     tensors = (p["q"], _kv(p, cfg), do, lse, delta)
-    dq = dq_call(functools.partial(_dq_kernel, cfg=cfg), cfg, "token_sparse_attention_dq",
+    packed = p["segs"] is not None
+    q_specs, q_segs = _seg_specs(p, cfg, per_key_block=False)
+    k_specs, k_segs = _seg_specs(p, cfg, per_key_block=True)
+    dq = dq_call(functools.partial(_dq_kernel, cfg=cfg, packed=packed), cfg,
+                 "token_sparse_attention_dq",
                  [pl.BlockSpec((None, None, j + 1), lambda bi, ni, qi: (bi, qi, 0)),
-                  pl.BlockSpec((None, cfg.block_q, wp), lambda bi, ni, qi: (bi, qi, 0))],
-                 (p["fwd"], p["bits"]), *tensors)
-    dkv = dkv_call(functools.partial(_dkv_kernel, cfg=cfg), cfg, "token_sparse_attention_dkv",
+                  pl.BlockSpec((None, cfg.block_q, wp), lambda bi, ni, qi: (bi, qi, 0)), *q_specs],
+                 (p["fwd"], p["bits"], *q_segs), *tensors)
+    dkv = dkv_call(functools.partial(_dkv_kernel, cfg=cfg, packed=packed), cfg,
+                   "token_sparse_attention_dkv",
                    [pl.BlockSpec((None, None, qt + 1), lambda bi, ni, ji: (bi, ji, 0)),
-                    pl.BlockSpec((None, tp, wp), lambda bi, ni, ji: (bi, 0, 0))],
-                   (p["bwd"], p["bits"]), *tensors)
+                    pl.BlockSpec((None, tp, wp), lambda bi, ni, ji: (bi, 0, 0)), *k_specs],
+                   (p["bwd"], p["bits"], *k_segs), *tensors)
     # dK, dV were per query head: summed over each kv head's group
     dkv = [common.group_sum(a, kg, p["k"].dtype).transpose(0, 2, 1, 3)[:, : cfg.s] for a in dkv]
     dsink = None if sink_N is None else common.sink_grad(sink_N, lse, delta, cfg.t)
@@ -222,7 +276,9 @@ def check_shapes(q_BTNH, k_BSKH, v_BSKV, indices_BTM) -> None:
 def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
                            indices_BTM: Array, *, scale: float | None = None,
                            sink: Array | None = None, window: int | None = None,
-                           window_start: int = 0, block_sizes: BlockSizes = BlockSizes(),
+                           window_start: int = 0, q_seg_BT: Array | None = None,
+                           k_seg_BS: Array | None = None,
+                           block_sizes: BlockSizes = BlockSizes(),
                            interpret: bool | None = None,
                            precision: jax.lax.PrecisionLike = None) -> Array:
     """Attention over each query's selected keys; equals ``token_sparse_attention_reference``.
@@ -230,10 +286,14 @@ def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
     ``indices_BTM`` (B, T, M) int32: distinct key indices per query, ``-1`` (or any value
     outside ``[0, S)``) for an empty slot; shared by all heads. ``v_BSKV=None``: the keys are
     the values. ``window``/``window_start``: also read the raw keys
-    ``window_start + (t - window, t]``. ``interpret`` defaults to True off GPU. Differentiable
-    in q, k, v and ``sink``. ``precision`` reaches every in-kernel matrix product.
+    ``window_start + (t - window, t]``. ``q_seg_BT`` (B, T), ``k_seg_BS`` (B, S) int segment
+    ids (both or neither): query ``t`` reads key ``s`` only if ``k_seg == q_seg != 0``.
+    ``interpret`` defaults to True off GPU. Differentiable in q, k, v and ``sink``.
+    ``precision`` reaches every in-kernel matrix product.
     """
     check_shapes(q_BTNH, k_BSKH, v_BSKV, indices_BTM)
+    segs = check_segments("token_sparse_attention", q_seg_BT, k_seg_BS, q_BTNH.shape[0],
+                          q_BTNH.shape[1], k_BSKH.shape[1])
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     cfg = token_config(q_BTNH, k_BSKH, v_BSKV, block_q=block_sizes.block_q,
@@ -242,5 +302,5 @@ def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
                        precision=precision, num_warps=block_sizes.num_warps,
                        num_stages=block_sizes.num_stages)
     out = _attention(common.pad_lanes(q_BTNH), common.pad_lanes(k_BSKH), common.pad_lanes(v_BSKV), sink,
-                     indices_BTM.astype(jnp.int32), cfg=cfg)
+                     (indices_BTM.astype(jnp.int32), *segs), cfg=cfg)
     return out[..., : (k_BSKH if v_BSKV is None else v_BSKV).shape[-1]]

@@ -17,6 +17,11 @@ Mosaic pipelines it:
   rows of words expanded along sublanes with a shift: no lane gathers, no relayouts. The dk/dv
   pass needs no transposes at all ((block_k, block_q) @ (block_q, H)).
 
+Packed sequences: as in ``kernel.py`` (other segments' selections dropped before the bitmask,
+each block's membership and'ed with the segment rule); the query ids are a (B, 1, Tp) row
+operand ((1, block_q) per tile, queries on lanes) and the key ids a (B, Sp, 1) column operand
+((block_k, 1) per block, keys on sublanes), so the rule is one broadcast compare.
+
 Key blocks are 128 keys (4 words) and query tiles 128 queries by default (the TPU lane width).
 Interpret mode (``pltpu.InterpretParams``) runs it on CPU in the tests; lowering for TPU is
 checked with ``jax.export``.
@@ -35,7 +40,8 @@ from jax.experimental.pallas import tpu as pltpu
 from .. import common
 from ..common import F32, FILL, KernelConfig
 from .kernel import check_shapes, token_config, token_tables
-from .tables import WORD, key_bitmask, membership
+from .reference import check_segments
+from .tables import WORD, key_bitmask, membership, same_segment, segment_indices
 
 Array = jax.Array
 
@@ -46,15 +52,26 @@ class TpuBlockSizes:
     words_per_block: int = 4
 
 
-def _membership_t(bits_ref, j, i, cfg: KernelConfig):
+def _membership_t(bits_ref, segs, j, i, cfg: KernelConfig):
     """(block_k, block_q) bool: key ``j * block_k + r`` is read by query ``i * block_q + c``;
-    each bitmask row (1, block_q) holds the words of 32 keys for the tile's queries."""
+    each bitmask row (1, block_q) holds the words of 32 keys for the tile's queries. ``segs``:
+    the tile's query segment ids (1, block_q) and the block's key ids (block_k, 1) refs, or
+    None."""
     shape = (cfg.block_k, cfg.block_q)
     r = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     c = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     wpb = cfg.block_k // WORD
     words = [bits_ref[pl.ds(j * wpb + w, 1), :] for w in range(wpb)]
-    return membership(words, i * cfg.block_q + c, r, j * cfg.block_k, **cfg.rule)
+    hit = membership(words, i * cfg.block_q + c, r, j * cfg.block_k, **cfg.rule)
+    if segs is None:
+        return hit
+    qseg_ref, kseg_ref = segs
+    return hit & same_segment(qseg_ref[...], kseg_ref[...])
+
+
+def _split_segments(refs, packed: bool):
+    """((q_seg_ref, k_seg_ref) or None, remaining refs)."""
+    return (tuple(refs[:2]), refs[2:]) if packed else (None, refs)
 
 
 def _kv_refs(k_ref, rest, shared: bool):
@@ -65,8 +82,9 @@ def _kv_refs(k_ref, rest, shared: bool):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(table_ref, sink_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig,
-                has_sink: bool, groups: int):
+def _fwd_kernel(table_ref, sink_ref, bits_ref, *refs, cfg: KernelConfig, has_sink: bool,
+                groups: int, packed: bool):
+    segs, (q_ref, k_ref, *rest) = _split_segments(refs, packed)
     v_ref, (o_ref, lse_ref, acc_scr, m_scr, l_scr) = _kv_refs(k_ref, rest, cfg.shared_kv)
     b, kg, i, m = (pl.program_id(a) for a in range(4))
     prec = cfg.precision
@@ -77,7 +95,7 @@ def _fwd_kernel(table_ref, sink_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelC
         l_scr[...] = jnp.zeros_like(l_scr)
 
     def _visit():
-        mask = _membership_t(bits_ref, table_ref[b, i, m + 1], i, cfg)
+        mask = _membership_t(bits_ref, segs, table_ref[b, i, m + 1], i, cfg)
         kb = k_ref[...]
         vb = kb if cfg.shared_kv else v_ref[...]
         for g in range(groups):  # all heads of the group reuse the K/V block
@@ -99,7 +117,8 @@ def _fwd_kernel(table_ref, sink_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelC
 # ----------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig, groups: int):
+def _dq_kernel(table_ref, bits_ref, *refs, cfg: KernelConfig, groups: int, packed: bool):
+    segs, (q_ref, k_ref, *rest) = _split_segments(refs, packed)
     v_ref, (do_ref, lse_ref, delta_ref, dq_ref, dq_scr) = _kv_refs(k_ref, rest, cfg.shared_kv)
     b, i, m = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     prec = cfg.precision
@@ -108,7 +127,7 @@ def _dq_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig, grou
         dq_scr[...] = jnp.zeros_like(dq_scr)
 
     def _visit():
-        mask = _membership_t(bits_ref, table_ref[b, i, m + 1], i, cfg)
+        mask = _membership_t(bits_ref, segs, table_ref[b, i, m + 1], i, cfg)
         kb = k_ref[...]
         vb = kb if cfg.shared_kv else v_ref[...]
         for g in range(groups):
@@ -124,7 +143,8 @@ def _dq_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig, grou
     common.table_walk(table_ref[b, i, 0], _init, _visit, _finish)
 
 
-def _dkv_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig, groups: int):
+def _dkv_kernel(table_ref, bits_ref, *refs, cfg: KernelConfig, groups: int, packed: bool):
+    segs, (q_ref, k_ref, *rest) = _split_segments(refs, packed)
     if cfg.shared_kv:
         do_ref, lse_ref, delta_ref, dk_ref, dk_scr, dv_scr = rest
         v_ref, dv_ref = k_ref, None
@@ -138,7 +158,7 @@ def _dkv_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig, gro
         dv_scr[...] = jnp.zeros_like(dv_scr)
 
     def _visit():
-        mask = _membership_t(bits_ref, j, table_ref[b, j, m + 1], cfg)
+        mask = _membership_t(bits_ref, segs, j, table_ref[b, j, m + 1], cfg)
         kb = k_ref[...]
         vb = kb if cfg.shared_kv else v_ref[...]
         for g in range(groups):  # all heads of the group accumulate into the shared dK, dV
@@ -162,12 +182,18 @@ def _dkv_kernel(table_ref, bits_ref, q_ref, k_ref, *rest, cfg: KernelConfig, gro
 # ----------------------------------------------------------------------------- wrappers
 
 
-def _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, cfg: KernelConfig):
+def _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg: KernelConfig):
+    indices_BTM, q_seg_BT, k_seg_BS = selection
     b, t, n, h = q_BTNH.shape
     kg = k_BSKH.shape[2]
     g = n // kg
     qt, j = common.cdiv(t, cfg.block_q), common.cdiv(cfg.s, cfg.block_k)
     tp, sp = qt * cfg.block_q, j * cfg.block_k
+    segs = ()
+    if q_seg_BT is not None:  # (B, 1, Tp) query ids, (B, Sp, 1) key ids, padding 0
+        indices_BTM = segment_indices(indices_BTM, q_seg_BT, k_seg_BS)
+        segs = (common.pad_axis(q_seg_BT, 1, tp)[:, None, :],
+                common.pad_axis(k_seg_BS, 1, sp)[:, :, None])
     k_BKSH = common.pad_axis(k_BSKH, 1, sp).transpose(0, 2, 1, 3)
     v_BKSV = None if cfg.shared_kv else common.pad_axis(v_BSKV, 1, sp).transpose(0, 2, 1, 3)
     bits = key_bitmask(indices_BTM, cfg.s)
@@ -176,15 +202,24 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, cfg: KernelConfig):
     bits_BZT = common.pad_axis(common.pad_axis(bits, 1, tp), 2, wp).transpose(0, 2, 1)
     q_BKGTH = common.pad_axis(q_BTNH, 1, tp).reshape(b, tp, kg, g, h).transpose(0, 2, 3, 1, 4)
     return dict(q=q_BKGTH, k=k_BKSH, v=v_BKSV, bits=bits_BZT, fwd=fwd_table, bwd=bwd_table,
-                dims=(b, n, kg, g, qt, j, tp, sp, wp))
+                segs=segs, dims=(b, n, kg, g, qt, j, tp, sp, wp))
+
+
+def _seg_specs(p, bq: int, bk: int, q_row, kv_row):
+    """Block specs of the segment ids (none without them), given the grid's query-tile and
+    key-block index functions ``(bi, a, m, tb) -> index``."""
+    if not p["segs"]:
+        return []
+    return [pl.BlockSpec((None, 1, bq), lambda bi, ki, a, m, tb: (bi, 0, q_row(bi, a, m, tb))),
+            pl.BlockSpec((None, bk, 1), lambda bi, ki, a, m, tb: (bi, kv_row(bi, a, m, tb), 0))]
 
 
 def _kv(p, shared):
     return (p["k"],) if shared else (p["k"], p["v"])
 
 
-def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, indices_BTM, cfg: KernelConfig):
-    p = _prepare(q_BTNH, k_BSKH, v_BSKV, indices_BTM, cfg)
+def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
+    p = _prepare(q_BTNH, k_BSKH, v_BSKV, selection, cfg)
     b, n, kg, g, qt, j, tp, sp, wp = p["dims"]
     h = p["q"].shape[-1]
     vw = h if cfg.shared_kv else p["v"].shape[-1]
@@ -200,6 +235,7 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, indices_BTM, cfg: KernelConfig):
         in_specs=[
             pl.BlockSpec(memory_space=pltpu.SMEM),
             pl.BlockSpec((None, wp, bq), lambda bi, ki, qi, m, tb: (bi, 0, qi)),
+            *_seg_specs(p, bq, bk, lambda bi, a, m, tb: a, lambda bi, a, m, tb: tb[bi, a, m + 1]),
             pl.BlockSpec((None, None, g, bq, h), lambda bi, ki, qi, m, tb: (bi, ki, 0, qi, 0)),
             *kv_specs,
         ],
@@ -211,13 +247,14 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, indices_BTM, cfg: KernelConfig):
                         pltpu.VMEM((g, 1, bq), F32)],
     )
     o_BKGVT, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, has_sink=sink_N is not None, groups=g),
+        functools.partial(_fwd_kernel, cfg=cfg, has_sink=sink_N is not None, groups=g,
+                          packed=bool(p["segs"])),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((b, kg, g, vw, tp), q_BTNH.dtype),
                    jax.ShapeDtypeStruct((b, kg, g, tp), F32)],
         name="token_sparse_attention_fwd_tpu",
         **cfg.mosaic_params,
-    )(p["fwd"], sink, p["bits"], p["q"], *_kv(p, cfg.shared_kv))
+    )(p["fwd"], sink, p["bits"], *p["segs"], p["q"], *_kv(p, cfg.shared_kv))
     o_BKGTV = o_BKGVT.transpose(0, 1, 2, 4, 3)
     out = o_BKGTV.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, vw)[:, : cfg.t]
     return out, (p, o_BKGTV, lse)
@@ -231,7 +268,8 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     bq, bk = cfg.block_q, cfg.block_k
     do_BKGTV = common.pad_axis(do_BTNV, 1, tp).reshape(b, tp, kg, g, vw).transpose(0, 2, 3, 1, 4)
     delta = common.row_delta(do_BKGTV, o_BKGTV)  # B K G Tp
-    operands = (p["bits"], p["q"], *_kv(p, cfg.shared_kv), do_BKGTV, lse, delta)
+    operands = (p["bits"], *p["segs"], p["q"], *_kv(p, cfg.shared_kv), do_BKGTV, lse, delta)
+    packed = bool(p["segs"])
 
     def specs(q_row, kv_row):
         """Block specs of ``operands`` given the query-tile and key-block index functions."""
@@ -248,6 +286,7 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
         if not cfg.shared_kv:
             kv.append(pl.BlockSpec((None, None, bk, vw), block))
         return [pl.BlockSpec((None, wp, bq), lambda bi, ki, a, m, tb: (bi, 0, q_row(bi, a, m, tb))),
+                *_seg_specs(p, bq, bk, q_row, kv_row),
                 pl.BlockSpec((None, None, g, bq, h), tile), *kv,
                 pl.BlockSpec((None, None, g, bq, vw), tile),
                 pl.BlockSpec((None, None, g, bq), stat), pl.BlockSpec((None, None, g, bq), stat)]
@@ -255,7 +294,7 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     own = lambda bi, a, m, tb: a  # noqa: E731 - the grid's own tile / block
     listed = lambda bi, a, m, tb: tb[bi, a, m + 1]  # noqa: E731 - from the table
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, groups=g),
+        functools.partial(_dq_kernel, cfg=cfg, groups=g, packed=packed),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(b, kg, qt, j), in_specs=specs(own, listed),
             out_specs=pl.BlockSpec((None, None, g, bq, h),
@@ -272,7 +311,7 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
         out_specs.append(pl.BlockSpec((None, None, bk, vw), kblk))
         out_shape.append(jax.ShapeDtypeStruct(p["v"].shape, p["v"].dtype))
     dkv = pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg, groups=g),
+        functools.partial(_dkv_kernel, cfg=cfg, groups=g, packed=packed),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(b, kg, j, qt), in_specs=specs(listed, own),
             out_specs=out_specs,
@@ -295,7 +334,8 @@ _attention = common.sparse_attention_vjp(_forward, _backward)
 def token_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
                                indices_BTM: Array, *, scale: float | None = None,
                                sink: Array | None = None, window: int | None = None,
-                               window_start: int = 0,
+                               window_start: int = 0, q_seg_BT: Array | None = None,
+                               k_seg_BS: Array | None = None,
                                block_sizes: TpuBlockSizes = TpuBlockSizes(),
                                interpret: bool | None = None,
                                precision: jax.lax.PrecisionLike = None) -> Array:
@@ -303,6 +343,8 @@ def token_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
     defaults to True off TPU (``pltpu.InterpretParams``). float64 operands (under
     ``jax_enable_x64``) are computed in float32, as a TPU must."""
     check_shapes(q_BTNH, k_BSKH, v_BSKV, indices_BTM)
+    segs = check_segments("token_sparse_attention_tpu", q_seg_BT, k_seg_BS, q_BTNH.shape[0],
+                          q_BTNH.shape[1], k_BSKH.shape[1])
     t = q_BTNH.shape[1]
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
@@ -313,5 +355,5 @@ def token_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
                        interpret=interpret, window=window, window_start=window_start,
                        precision=precision)
     out = _attention(*common.at_most_f32(q_BTNH, k_BSKH, v_BSKV, sink),
-                     indices_BTM.astype(jnp.int32), cfg=cfg)
+                     (indices_BTM.astype(jnp.int32), *segs), cfg=cfg)
     return out.astype(q_BTNH.dtype)

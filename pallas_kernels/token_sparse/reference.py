@@ -16,9 +16,15 @@ Selection semantics, shared by every path in this package:
   no value. Softmax statistics are float32; masked logits never contribute; a row that reads
   nothing returns zeros.
 * ``v_BSKV=None`` means keys and values are one shared tensor (CSA's MQA over one KV sequence).
+* packed sequences (optional, both or neither): ``q_seg_BT`` (B, T) and ``k_seg_BS`` (B, S) int
+  segment ids. Query ``t`` reads key ``s`` (selected or in the window) only if
+  ``k_seg[b, s] == q_seg[b, t]`` and ``k_seg[b, s] != 0`` (id 0 is padding, read by no query;
+  a padding query reads nothing and returns zeros). With CSA's layout ``k_seg_BS`` covers the
+  C entries and the T raw tokens.
 
 Lightning indexer: ``I[t, s] = sum_i w[t, i] * ReLU(q[t, i] . k[s])``; with ``causal`` the keys
-whose position is after the query's (``k_pos[s] > q_pos[t]``) are invalid. Selection: each
+whose position is after the query's (``k_pos[s] > q_pos[t]``) are invalid, and with segment ids
+the keys of another segment or of padding (the rule above). Selection: each
 row's ``min(top_k, S)`` best keys under the order (score descending, key index ascending), which
 is ``jax.lax.top_k``'s order (on equal values the lower index comes first), then invalid keys
 are dropped (set to ``-1``): attnhut's ``topk`` + ``& valid`` with ties broken deterministically.
@@ -42,6 +48,35 @@ def positions(t: int, s: int, q_pos_T: Array | None, k_pos_S: Array | None) -> t
     return q_pos.astype(jnp.int32), k_pos.astype(jnp.int32)
 
 
+def check_segments(owner: str, q_seg_BT: Array | None, k_seg_BS: Array | None, b: int, t: int,
+                   s: int) -> tuple[Array | None, Array | None]:
+    """Validate the packed-sequence arguments of a token-sparse or indexer call: both or neither,
+    integer arrays of shapes (B, T) and (B, S). Returns them as int32 (or ``(None, None)``)."""
+    if (q_seg_BT is None) != (k_seg_BS is None):
+        given, missing = ("q_seg_BT", "k_seg_BS") if k_seg_BS is None else ("k_seg_BS", "q_seg_BT")
+        raise ValueError(f"{owner}: {given} was given without {missing}; pass both segment-id "
+                         "arrays or neither")
+    if q_seg_BT is None:
+        return None, None
+    out = []
+    for name, a, shape in (("q_seg_BT", q_seg_BT, (b, t)), ("k_seg_BS", k_seg_BS, (b, s))):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise TypeError(f"{owner}: {name} must be an integer array of shape {shape}, "
+                            f"got {type(a)!r}")
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{owner}: {name} must have shape {shape} (B, {name[-1]}), "
+                             f"got {tuple(a.shape)}")
+        if not jnp.issubdtype(a.dtype, jnp.integer):
+            raise TypeError(f"{owner}: {name} must be an integer array, got dtype {a.dtype}")
+        out.append(jnp.asarray(a, jnp.int32))
+    return out[0], out[1]
+
+
+def segment_keep(q_seg_BT: Array, k_seg_BS: Array) -> Array:
+    """(B, T, S) bool: the packed-sequence rule ``k_seg == q_seg != 0`` (reference only)."""
+    return (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_seg_BS != 0)[:, None, :]
+
+
 def window_keep(t: int, s: int, window: int | None, window_start: int = 0) -> Array:
     """(T, S) bool: the raw-key window of each query (all False without a window)."""
     if window is None:
@@ -52,23 +87,32 @@ def window_keep(t: int, s: int, window: int | None, window_start: int = 0) -> Ar
 
 
 def token_keep(indices_BTM: Array, s: int, *, window: int | None = None,
-               window_start: int = 0) -> Array:
-    """(B, T, S) bool: selected keys (empty slots ignored) or'ed with the window."""
+               window_start: int = 0, q_seg_BT: Array | None = None,
+               k_seg_BS: Array | None = None) -> Array:
+    """(B, T, S) bool: selected keys (empty slots ignored) or'ed with the window, and'ed with the
+    segment rule when segment ids are given."""
     b, t, _ = indices_BTM.shape
+    q_seg_BT, k_seg_BS = check_segments("token_keep", q_seg_BT, k_seg_BS, b, t, s)
     idx = jnp.where((indices_BTM >= 0) & (indices_BTM < s), indices_BTM, s)
     hit = jnp.zeros((b, t, s + 1), bool)
     hit = jnp.put_along_axis(hit, idx, True, axis=-1, inplace=False)[..., :s]
-    return hit | window_keep(t, s, window, window_start)[None]
+    keep = hit | window_keep(t, s, window, window_start)[None]
+    return keep if q_seg_BT is None else keep & segment_keep(q_seg_BT, k_seg_BS)
 
 
 def token_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
                                      indices_BTM: Array, *, scale: float | None = None,
                                      sink: Array | None = None, window: int | None = None,
                                      window_start: int = 0,
+                                     q_seg_BT: Array | None = None,
+                                     k_seg_BS: Array | None = None,
                                      precision: jax.lax.PrecisionLike = None) -> Array:
     """Masked dense attention with the token-sparse semantics; returns (B, T, N, V)."""
+    check_segments("token_sparse_attention_reference", q_seg_BT, k_seg_BS, q_BTNH.shape[0],
+                   q_BTNH.shape[1], k_BSKH.shape[1])
     v_BSKV = k_BSKH if v_BSKV is None else v_BSKV
-    keep_BTS = token_keep(indices_BTM, k_BSKH.shape[1], window=window, window_start=window_start)
+    keep_BTS = token_keep(indices_BTM, k_BSKH.shape[1], window=window, window_start=window_start,
+                          q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS)
     return masked_attention_reference(q_BTNH, k_BSKH, v_BSKV, keep_BTS[:, None, None],
                                       scale=default_scale(q_BTNH.shape[-1], scale), sink=sink,
                                       precision=precision)
@@ -94,17 +138,21 @@ def indexer_valid(t: int, s: int, *, causal: bool, q_pos_T: Array | None = None,
 
 def indexer_topk_reference(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *,
                            causal: bool, q_pos_T: Array | None = None,
-                           k_pos_S: Array | None = None,
+                           k_pos_S: Array | None = None, q_seg_BT: Array | None = None,
+                           k_seg_BS: Array | None = None,
                            precision: jax.lax.PrecisionLike = None) -> tuple[Array, Array]:
     """(indices (B, T, min(top_k, S)) int32 with -1 for invalid picks, their scores float32).
 
-    Full (T, S) float32 scores, invalid keys at the fill value, ``jax.lax.top_k``: columns come
-    in descending score order, ties towards the lower key index.
+    Full (T, S) float32 scores, invalid keys (causal rule, segment rule) at the fill value,
+    ``jax.lax.top_k``: columns come in descending score order, ties towards the lower key index.
     """
-    t, s = q_BTIE.shape[1], k_BSE.shape[1]
-    valid_TS = indexer_valid(t, s, causal=causal, q_pos_T=q_pos_T, k_pos_S=k_pos_S)
-    scores_BTS = jnp.where(valid_TS, indexer_scores_reference(q_BTIE, k_BSE, w_BTI,
-                                                              precision=precision), FILL)
+    b, t, s = q_BTIE.shape[0], q_BTIE.shape[1], k_BSE.shape[1]
+    q_seg_BT, k_seg_BS = check_segments("indexer_topk", q_seg_BT, k_seg_BS, b, t, s)
+    valid_BTS = indexer_valid(t, s, causal=causal, q_pos_T=q_pos_T, k_pos_S=k_pos_S)[None]
+    if q_seg_BT is not None:
+        valid_BTS = valid_BTS & segment_keep(q_seg_BT, k_seg_BS)
+    scores_BTS = jnp.where(valid_BTS, indexer_scores_reference(q_BTIE, k_BSE, w_BTI,
+                                                               precision=precision), FILL)
     vals_BTM, idx_BTM = jax.lax.top_k(scores_BTS, min(top_k, s))
-    ok_BTM = jnp.take_along_axis(jnp.broadcast_to(valid_TS, scores_BTS.shape), idx_BTM, axis=-1)
+    ok_BTM = jnp.take_along_axis(jnp.broadcast_to(valid_BTS, scores_BTS.shape), idx_BTM, axis=-1)
     return jnp.where(ok_BTM, idx_BTM, -1).astype(jnp.int32), vals_BTM

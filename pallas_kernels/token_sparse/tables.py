@@ -17,6 +17,12 @@ per key block, the query tiles that read it. Rows are ``[count, idx_0, ..., idx_
 indices ascending, the tail padded by repeating the last valid index (a TPU pipeline then skips
 the copy), compacted by ``common.compact`` as the block-sparse tables are. ``membership``
 decodes a block's words inside the kernels.
+
+*Packed sequences* (segment ids ``q_seg_BT``, ``k_seg_BS``): ``segment_indices`` first drops
+every selected key of another segment or of padding (O(T * M) gathers), so the bitmask and the
+tables hold only readable selections; the kernels then and each block's membership with
+``same_segment`` on the tile's query ids and the block's key ids, which is what keeps the
+window (positional, not in the bitmask) inside each query's segment.
 """
 
 from __future__ import annotations
@@ -42,6 +48,24 @@ def key_bitmask(indices_BTM: Array, s: int) -> Array:
     bits = jnp.zeros((b, t, nw + 1), jnp.int32)
     bits = bits.at[jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None], word].add(bit)
     return bits[..., :nw]
+
+
+def same_segment(q_seg: Array, k_seg: Array) -> Array:
+    """Bool, ``q_seg`` broadcast against ``k_seg``: the key is of the query's segment and is not
+    padding (id 0)."""
+    return (k_seg == q_seg) & (k_seg != 0)
+
+
+def segment_indices(indices_BTM: Array, q_seg_BT: Array, k_seg_BS: Array) -> Array:
+    """``indices_BTM`` with every entry that is not a key of its query's segment set to -1 (empty
+    slots stay empty)."""
+    b, t, m = indices_BTM.shape
+    s = k_seg_BS.shape[1]
+    idx = indices_BTM.astype(jnp.int32)
+    ok = (idx >= 0) & (idx < s)
+    k_seg_BTM = jnp.take_along_axis(k_seg_BS, jnp.where(ok, idx, 0).reshape(b, t * m),
+                                    axis=1).reshape(b, t, m)
+    return jnp.where(ok & same_segment(q_seg_BT[:, :, None], k_seg_BTM), idx, -1)
 
 
 def membership(words, q_idx: Array, col: Array, start, *, s_len: int, t_len: int,

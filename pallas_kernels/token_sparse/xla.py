@@ -15,6 +15,9 @@ per query and the raw window (if any) as one contiguous slab:
     tiles use short prefixes.
   - *row gather*: the (bq, M, K * H) selected rows of K, then a batched matmul.
 * the window logits: one (bq + window - 1)-key ``dynamic_slice`` slab, masked per query.
+* packed sequences (``q_seg_BT``, ``k_seg_BS``): the segment ids of the selected keys are
+  gathered (bq, M) and those of the window slab sliced with it, and a key of another segment or
+  of padding is masked out of both parts, as a key outside the selection is.
 * one float32 softmax over selected keys, window keys and the sink (a selected key inside its
   query's window is dropped from the selected part, so the union is read once);
 * the values of the selected keys: with one query head per kv head, a fused gather-and-reduce
@@ -35,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from ..common import F32, FILL, default_scale
+from .reference import check_segments
 
 Array = jax.Array
 
@@ -52,13 +56,17 @@ def _prefix_ranges(s: int, m: int, num_ranges: int, dense_factor: int,
 def token_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
                                indices_BTM: Array, *, scale: float | None = None,
                                sink: Array | None = None, window: int | None = None,
-                               window_start: int = 0, block_q: int = 128, num_ranges: int = 8,
-                               dense_factor: int = 64, min_range: int = 512,
+                               window_start: int = 0, q_seg_BT: Array | None = None,
+                               k_seg_BS: Array | None = None, block_q: int = 128,
+                               num_ranges: int = 8, dense_factor: int = 64, min_range: int = 512,
                                precision: jax.lax.PrecisionLike = None) -> Array:
-    """Equals ``token_sparse_attention_reference`` (see ``reference.py`` for the semantics).
-    ``precision`` reaches every matrix product (all in float32, see below)."""
+    """Equals ``token_sparse_attention_reference`` (see ``reference.py`` for the semantics,
+    segment ids included). ``precision`` reaches every matrix product (all in float32, see
+    below)."""
     b, t, n, h = q_BTNH.shape
     s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
+    q_seg_BT, k_seg_BS = check_segments("token_sparse_attention_xla", q_seg_BT, k_seg_BS, b, t, s)
+    packed = q_seg_BT is not None
     shared = v_BSKV is None
     vw = h if shared else v_BSKV.shape[-1]
     g, m = n // kg, indices_BTM.shape[-1]
@@ -77,14 +85,23 @@ def token_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
     lw = 0 if window is None else min(window + bq - 1, s)  # keys in a tile's window slab
     ranges = _prefix_ranges(s, m, num_ranges, dense_factor, min_range)
     sink_KG = None if sink is None else sink.astype(F32).reshape(kg, g)
+    if packed:  # padded queries get segment 0: they read nothing
+        qseg_BQT = jnp.pad(q_seg_BT, ((0, 0), (0, tp - t))).reshape(b, qt, bq)
+        kseg_BS = k_seg_BS
+    else:  # placeholders the map carries but no step reads
+        qseg_BQT = jnp.zeros((b, qt, 1), jnp.int32)
+        kseg_BS = jnp.zeros((b, 1), jnp.int32)
 
     def batch(xs):
-        q_QKGTH, idx_QTM, krows_b, k_KSH, vrows_b = xs
+        q_QKGTH, idx_QTM, krows_b, k_KSH, vrows_b, qseg_QT, kseg_S = xs
 
         def tile(ys):
-            q_KGTH, idx_TM, t0 = ys
+            q_KGTH, idx_TM, t0, qseg_T = ys
             t_T = t0 + jnp.arange(bq, dtype=jnp.int32)
             sel_TM = (idx_TM >= 0) & (idx_TM < s)
+            if packed:  # the segment rule on the selected keys
+                kseg_TM = jnp.take(kseg_S, jnp.clip(idx_TM, 0, s - 1), axis=0)
+                sel_TM = sel_TM & (kseg_TM == qseg_T[:, None]) & (kseg_TM != 0)
             if window is not None:  # selected keys inside the window are read there
                 raw_TM = idx_TM - window_start
                 sel_TM = sel_TM & ~((raw_TM >= 0) & (raw_TM <= t_T[:, None])
@@ -116,6 +133,9 @@ def token_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
                 raw_W = start + jnp.arange(lw, dtype=jnp.int32) - window_start
                 win_TW = ((raw_W[None, :] >= 0) & (raw_W[None, :] <= t_T[:, None])
                           & (raw_W[None, :] > t_T[:, None] - window) & (t_T[:, None] < t))
+                if packed:  # and on the window slab
+                    kseg_W = jax.lax.dynamic_slice_in_dim(kseg_S, start, lw)
+                    win_TW = win_TW & (kseg_W[None, :] == qseg_T[:, None]) & (kseg_W != 0)[None, :]
                 s_KGTW = jnp.einsum("KGTH,WKH->KGTW", q_KGTH, kwin_WKH, precision=precision)
                 s_KGTW = jnp.where(win_TW[None, None], s_KGTW * scale, FILL)
                 mx_KGT = jnp.maximum(mx_KGT, s_KGTW.max(axis=-1))
@@ -144,8 +164,9 @@ def token_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
             return out_KGTV / jnp.where(den_KGT == 0, 1.0, den_KGT)[..., None]
 
         starts = jnp.arange(qt, dtype=jnp.int32) * bq
-        return jax.lax.map(jax.checkpoint(tile), (q_QKGTH, idx_QTM, starts))
+        return jax.lax.map(jax.checkpoint(tile), (q_QKGTH, idx_QTM, starts, qseg_QT))
 
-    out_BQKGTV = jax.lax.map(batch, (q_BQKGTH, idx_BQTM, k_rows, k_BKSH, v_rows))
+    out_BQKGTV = jax.lax.map(batch, (q_BQKGTH, idx_BQTM, k_rows, k_BKSH, v_rows, qseg_BQT,
+                                     kseg_BS))
     out_BTNV = out_BQKGTV.transpose(0, 1, 4, 2, 3, 5).reshape(b, tp, n, vw)
     return out_BTNV[:, :t].astype(q_BTNH.dtype)
