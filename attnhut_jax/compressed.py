@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from . import core, registry
+from . import index_loss as index_losses
 from .core import Array, Dtype
 
 IndexLoss = Literal["dense", "sparse"]
@@ -208,25 +209,40 @@ def _segment_kwargs(q_seg_BT, k_seg_BS) -> dict:
 
 
 def _csa_token_sparse(q_BTNH, kv_BSH, sink_N, qi_BTIE, ki_BCE, w_BTI, *, top_k, rate, window,
-                      scale, index_scores_BTC=None, q_seg_BT=None, k_seg_BS=None, precision=None,
-                      impl):
+                      scale, index_scores_BTC=None, q_seg_BT=None, k_seg_BS=None, index_loss=None,
+                      precision=None, impl):
     """Fused indexer top-k over the entries, then attention over the selected entries, the raw
-    window and the sink only (``token_sparse_attention`` with ``window_start = C``)."""
+    window and the sink only (``token_sparse_attention`` with ``window_start = C``). With
+    ``index_loss`` returns ``(out, loss)``, the loss computed in tiles (``index_loss.py``)."""
     t, nc = q_BTNH.shape[1], ki_BCE.shape[1]
     seg = q_seg_BT is not None
+    e_seg = k_seg_BS[:, :nc] if seg else None
+    e_pos = (jnp.arange(nc) + 1) * rate
     if index_scores_BTC is not None:
-        indices_BTM = core.indices_from_scores(
-            index_scores_BTC, entry_keep(t, nc, rate, q_seg_BT, k_seg_BS[:, :nc] if seg else None),
-            top_k)
+        indices_BTM = core.indices_from_scores(index_scores_BTC,
+                                               entry_keep(t, nc, rate, q_seg_BT, e_seg), top_k)
     else:
         indices_BTM, _ = core.indexer_topk(
             qi_BTIE, ki_BCE, w_BTI, top_k, causal=True, impl=impl, q_pos_T=jnp.arange(t),
-            k_pos_S=(jnp.arange(nc) + 1) * rate, precision=precision,
-            **_segment_kwargs(q_seg_BT, k_seg_BS[:, :nc] if seg else None))
-    return core.token_sparse_attention(q_BTNH, kv_BSH[:, :, None, :], None, indices_BTM,
-                                       impl=impl, scale=scale, sink=sink_N, window=window,
-                                       window_start=nc, precision=precision,
-                                       **_segment_kwargs(q_seg_BT, k_seg_BS))
+            k_pos_S=e_pos, precision=precision, **_segment_kwargs(q_seg_BT, e_seg))
+    kv_BS1H = kv_BSH[:, :, None, :]
+    out_BTNH = core.token_sparse_attention(q_BTNH, kv_BS1H, None, indices_BTM, impl=impl,
+                                           scale=scale, sink=sink_N, window=window,
+                                           window_start=nc, precision=precision,
+                                           **_segment_kwargs(q_seg_BT, k_seg_BS))
+    if index_loss is None:
+        return out_BTNH
+    if index_loss == "dense":  # every visible entry, the raw window left out
+        loss = index_losses.dense_index_loss(
+            q_BTNH, kv_BS1H[:, :nc], qi_BTIE, ki_BCE, w_BTI, scale=scale, causal=True,
+            q_pos_T=jnp.arange(t), k_pos_S=e_pos, sink_N=sink_N, q_seg_BT=q_seg_BT,
+            k_seg_BS=e_seg, precision=precision)
+    else:
+        loss = index_losses.sparse_index_loss(
+            q_BTNH, kv_BS1H, qi_BTIE, ki_BCE, w_BTI, indices_BTM, scale=scale, sink_N=sink_N,
+            window=window, window_start=nc, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS,
+            precision=precision)
+    return out_BTNH, loss
 
 
 registry.register("csa", "xla")(functools.partial(_csa_token_sparse, impl="xla"))
@@ -306,16 +322,6 @@ def _queries(mod: nn.Module, x: Array, c_q: Array) -> Array:
 
 _BLOCK_K = 64  # key block of HCA's block-sparse core; the token rules are exact at any size
 
-
-def segment_block_keep(q_seg_BT: Array, k_seg_BS: Array, block_k: int) -> Array:
-    """(B, T, J) bool: key block j may hold a key of query t's segment (its ids' min <= the
-    query's id <= their max; padding queries read no block). O(T * J), no (T, S) array."""
-    b, s = k_seg_BS.shape
-    j = -(-s // block_k)
-    k_seg_BJK = jnp.pad(k_seg_BS, ((0, 0), (0, j * block_k - s)), mode="edge").reshape(b, j, block_k)
-    lo_B1J, hi_B1J = k_seg_BJK.min(axis=2)[:, None], k_seg_BJK.max(axis=2)[:, None]
-    q_BT1 = q_seg_BT[:, :, None]
-    return (lo_B1J <= q_BT1) & (q_BT1 <= hi_B1J) & (q_BT1 != 0)
 
 
 class HeavilyCompressedAttention(nn.Module):
@@ -397,11 +403,9 @@ class HeavilyCompressedAttention(nn.Module):
         k_pos = jnp.concatenate([(jnp.arange(nc) + 1) * r, q_pos])
         keep_TJ = core.window_block_keep(q_pos, k_pos, _BLOCK_K, window=self.window,
                                          num_sink_keys=nc)
-        if seg is None:
-            keep_B1TJ, k_seg = jnp.broadcast_to(keep_TJ, (b, 1, *keep_TJ.shape)), None
-        else:
-            k_seg = jnp.concatenate([entry_segments(seg, r), seg], axis=1)
-            keep_B1TJ = (keep_TJ & segment_block_keep(seg, k_seg, _BLOCK_K))[:, None]
+        # With segments the op also drops the key blocks that hold no key of the query's segment.
+        k_seg = None if seg is None else jnp.concatenate([entry_segments(seg, r), seg], axis=1)
+        keep_B1TJ = jnp.broadcast_to(keep_TJ, (b, 1, *keep_TJ.shape))
         kv_BS1H = kv_BSH[:, :, None, :]
         out_BTNH = core.block_sparse_attention(
             q_BTNH, kv_BS1H, kv_BS1H, keep_B1TJ, block_k=_BLOCK_K, causal=True, impl=self.impl,
