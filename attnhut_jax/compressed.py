@@ -323,7 +323,6 @@ def _queries(mod: nn.Module, x: Array, c_q: Array) -> Array:
 _BLOCK_K = 64  # key block of HCA's block-sparse core; the token rules are exact at any size
 
 
-
 class HeavilyCompressedAttention(nn.Module):
     """HCA: heavy non-overlapped KV compression, every visible entry kept, plus a raw window.
 
