@@ -54,6 +54,10 @@ INDEXERS = {
     "pallas": lambda *a, **kw: indexer_topk_pallas(*a, blocks=IndexerKernelBlocks(8, 16), **kw),
 }
 ATTENTION = [("block", n) for n in BLOCK_SPARSE] + [("token", n) for n in TOKEN_SPARSE]
+# block-sparse on a packed row (segments 1, 2 and padding, a sink flag per segment)
+SEG = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 2], jnp.int32)
+PACKED = dict(q_seg_BT=SEG, k_seg_BS=SEG, k_sink_BS=jnp.asarray([[1, 0, 0, 0, 0, 1] + [0] * 5],
+                                                                 bool))
 
 
 def _operands(dtype):
@@ -71,8 +75,9 @@ def _operands(dtype):
 
 
 def _attention(family: str, name: str, keep, idx, **kw):
-    if family == "block":
+    if family in ("block", "packed"):
         fn = BLOCK_SPARSE[name]
+        kw = {**kw, **PACKED} if family == "packed" else kw
         return lambda q, k, v, sink: fn(q, k, v, keep, block_k=BK, causal=True, sink=sink,
                                         window=5, num_sink_keys=2, **kw)
     fn = TOKEN_SPARSE[name]
@@ -99,7 +104,7 @@ def _dot_precisions(jaxpr) -> list:
             if e.primitive.name == "dot_general"]
 
 
-@pytest.mark.parametrize("family,name", ATTENTION)
+@pytest.mark.parametrize("family,name", ATTENTION + [("packed", n) for n in BLOCK_SPARSE])
 def test_precision_reaches_every_matrix_product_of_attention(family, name):
     """``precision="high"`` (not the suite's global "highest") on every ``dot_general`` of the
     forward and the backward, inside the Pallas kernel bodies too."""

@@ -63,6 +63,25 @@ def test_block_sparse_kernels_lower_for_cuda():
     assert text.count("xla.gpu.triton") == 3  # forward, dq and dk/dv kernels
 
 
+def test_block_sparse_kernels_lower_for_cuda_with_segments():
+    """Packed sequences: segment ids and per-key sink flags enter the three kernels as tiles."""
+    b, t, n, kg, h, bk = 2, 256, 4, 2, 64, 64
+    q, k = sds((b, t, n, h), jnp.bfloat16), sds((b, t, kg, h), jnp.bfloat16)
+    keep, sink = sds((b, kg, t, t // bk), jnp.bool_), sds((n,), jnp.float32)
+    seg, sinks = sds((b, t), jnp.int32), sds((b, t), jnp.bool_)
+
+    def fwd(q, k, v, keep, seg, sinks, sink):
+        return block_sparse_attention(q, k, v, keep, block_k=bk, causal=True, sink=sink,
+                                      window=128, q_seg_BT=seg, k_seg_BS=seg, k_sink_BS=sinks,
+                                      block_sizes=BlockSizes(64), interpret=False)
+
+    def fwd_bwd(q, k, v, keep, seg, sinks, sink):
+        return _grad_of(fwd, keep, seg, sinks)(q, k, v, sink)
+
+    for fn, calls in ((fwd, 1), (fwd_bwd, 3)):
+        assert export_for_cuda(fn, q, k, k, keep, seg, sinks, sink).count("xla.gpu.triton") == calls
+
+
 def test_token_sparse_kernels_lower_for_cuda():
     """Includes the CSA shape: S = C + T (not a power of two), shared K/V, window, sink."""
     for s, kg, shared, window in ((256, 2, False, None), (320, 1, True, 64)):
@@ -100,6 +119,26 @@ def test_block_sparse_tpu_kernels_lower_for_tpu():
     fwd_bwd = lambda q, k, v, keep, sink: _grad_of(fwd, keep)(q, k, v, sink)  # noqa: E731
     text = export.export(jax.jit(fwd_bwd), platforms=["tpu"])(q, k, k, keep, sink).mlir_module()
     assert text.count("tpu_custom_call") == 3  # forward, dq and dk/dv
+
+
+def test_block_sparse_tpu_kernels_lower_for_tpu_with_segments():
+    b, t, n, kg, h, bk = 2, 512, 8, 2, 128, 128
+    q, k = sds((b, t, n, h), jnp.bfloat16), sds((b, t, kg, h), jnp.bfloat16)
+    keep, sink = sds((b, kg, t, t // bk), jnp.bool_), sds((n,), jnp.float32)
+    seg, sinks = sds((b, t), jnp.int32), sds((b, t), jnp.bool_)
+
+    def fwd(q, k, v, keep, seg, sinks, sink):
+        return block_sparse_attention_tpu(q, k, v, keep, block_k=bk, causal=True, sink=sink,
+                                          window=128, q_seg_BT=seg, k_seg_BS=seg,
+                                          k_sink_BS=sinks, interpret=False)
+
+    def fwd_bwd(q, k, v, keep, seg, sinks, sink):
+        return _grad_of(fwd, keep, seg, sinks)(q, k, v, sink)
+
+    for fn, calls in ((fwd, 1), (fwd_bwd, 3)):
+        text = export.export(jax.jit(fn), platforms=["tpu"])(q, k, k, keep, seg, sinks,
+                                                              sink).mlir_module()
+        assert text.count("tpu_custom_call") == calls
 
 
 def test_token_sparse_tpu_kernels_lower_for_tpu():

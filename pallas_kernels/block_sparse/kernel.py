@@ -2,7 +2,8 @@
 
 Forward and fused backward (dq; dk/dv) with online softmax in float32 (the tile loops of
 ``pallas_kernels/flash.py``), per-token membership inside visited blocks, causal masking inside
-partially visible blocks, key validity, GQA and an optional per-head sink logit. Exactness for
+partially visible blocks, key validity, packed sequences (per-batch segment ids of the query
+tile and key block, per-key window sinks), GQA and an optional per-head sink logit. Exactness for
 any selection is tested against ``reference.block_sparse_attention_reference`` in interpret
 mode, the three kernels are lowered for CUDA with ``jax.export`` in the tests, and
 ``benchmarks/gpu_check.py`` compares them compiled on a GPU. The TPU variant is ``tpu.py``;
@@ -130,11 +131,11 @@ def zero_unread(q_BTNH, k_BSKH, v_BSKV, sel: Selection, cfg: KernelConfig):
     return zero_padding(q_BTNH, k_BSKH, v_BSKV, sel.q_seg, sel.k_seg)
 
 
-def zero_padding_rows(do_BTNV, sel: Selection, cfg: KernelConfig):
+def zero_padding_rows(do_BTNV, q_seg_BT, cfg: KernelConfig):
     """The output gradient with its padding-query rows zeroed (their outputs are constant 0)."""
     if not cfg.rule["segments"]:
         return do_BTNV
-    return jnp.where((sel.q_seg != 0)[:, :, None, None], do_BTNV, jnp.zeros((), do_BTNV.dtype))
+    return jnp.where((q_seg_BT != 0)[:, :, None, None], do_BTNV, jnp.zeros((), do_BTNV.dtype))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -212,7 +213,7 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, sel: Selection, cfg: KernelConfig):
     # are removed by the ``k_idx < S`` rule
     return dict(q=common.head_major(q_BTNH, tp), k=common.head_major(k_BSKH, sp),
                 v=common.head_major(v_BSKV, sp), keep=keep, k_seg=k_seg, k_sink=k_sink,
-                q_seg=q_seg, fwd=fwd_table, bwd=bwd_table, sel=sel,
+                q_seg=q_seg, fwd=fwd_table, bwd=bwd_table, q_seg_BT=sel.q_seg,
                 q_pos=common.pad_axis(sel.q_pos, 0, tp, mode="edge"),
                 k_pos=common.pad_axis(sel.k_pos, 0, sp, mode="edge"),
                 dims=(b, n, kg, qt, j, tp, sp))
@@ -252,7 +253,7 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     p, o, lse = res
     b, n, kg, qt, j, tp, sp = p["dims"]
     g, bk = n // kg, cfg.block_k
-    do = common.head_major(zero_padding_rows(do_BTNV, p["sel"], cfg), tp)
+    do = common.head_major(zero_padding_rows(do_BTNV, p["q_seg_BT"], cfg), tp)
     delta = common.row_delta(do, o)  # (B, N, Tp)
     masks = _masks(p)
     tensors = (p["q"], (p["k"], p["v"]), do, lse, delta)

@@ -61,7 +61,7 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, sel: Selection, cfg: KernelConfig):
                 q_seg=q_seg.reshape(b, tp, 1),
                 q_pos=common.pad_axis(sel.q_pos, 0, tp, mode="edge").reshape(tp, 1),
                 k_pos=common.pad_axis(sel.k_pos, 0, sp, mode="edge").reshape(j, 1, bk),
-                fwd=fwd_table, bwd=bwd_table, sel=sel, dims=(b, n, kg, n // kg, qt, j, tp, sp))
+                fwd=fwd_table, bwd=bwd_table, q_seg_BT=sel.q_seg, dims=(b, n, kg, n // kg, qt, j, tp, sp))
 
 
 def _token_specs(bq: int, bk: int, q_row, kv_row):
@@ -233,7 +233,7 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     p, o, lse = res
     b, n, kg, g, qt, j, tp, sp = p["dims"]
     bq, bk, h, vw = cfg.block_q, cfg.block_k, p["q"].shape[-1], p["v"].shape[-1]
-    do = common.head_major(zero_padding_rows(do_BTNV, p["sel"], cfg), tp)
+    do = common.head_major(zero_padding_rows(do_BTNV, p["q_seg_BT"], cfg), tp)
     delta = common.row_delta(do, o, keepdims=True)  # B N Tp 1
     operands = (p["q"], p["k"], p["v"], do, lse, delta, *_masks(p))
 

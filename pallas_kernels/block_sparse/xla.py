@@ -62,7 +62,7 @@ def _prepare(q_BTNH, k_BSKH, v_BSKV, sel: Selection, cfg: KernelConfig):
                 keep=flat(keep_BKQTJ),  # BK Q T J
                 k_seg=per_group(k_seg), k_sink=per_group(k_sink),  # BK S
                 q_seg=per_group(q_seg).reshape(b * kg, qt, cfg.block_q),  # BK Q T
-                fwd=flat(fwd_table), bwd=flat(bwd_table), sel=sel,
+                fwd=flat(fwd_table), bwd=flat(bwd_table), q_seg_BT=sel.q_seg,
                 q_pos=common.pad_axis(sel.q_pos, 0, tp, mode="edge").reshape(qt, cfg.block_q),
                 k_pos=common.pad_axis(sel.k_pos, 0, sp, mode="edge"), dims=(b, n, kg, g, qt, j, tp, sp))
 
@@ -127,7 +127,7 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     b, n, kg, g, qt, j, tp, sp = p["dims"]
     bk, bq, k_pos_S, q_pos_QT = cfg.block_k, cfg.block_q, p["k_pos"], p["q_pos"]
     prec = cfg.precision
-    do = common.pad_axis(zero_padding_rows(do_BTNV, p["sel"], cfg), 1, tp)
+    do = common.pad_axis(zero_padding_rows(do_BTNV, p["q_seg_BT"], cfg), 1, tp)
     do = do.reshape(b, qt, bq, kg, g, -1).transpose(0, 3, 1, 4, 2, 5).reshape(o.shape)
     delta = common.row_delta(do, o)  # BK Q G T
     q_dtype, k_dtype, v_dtype = p["q"].dtype, p["k"].dtype, p["v"].dtype
