@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from . import core, registry
+from . import index_loss as index_losses
 from .core import Array, Dtype
+
+IndexLoss = Literal["dense", "sparse"]
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -46,25 +50,51 @@ def _pool(c_BCPH: Array, z_BCPH: Array) -> Array:
     return jnp.sum(s_BCPH.astype(c_BCPH.dtype) * c_BCPH, axis=2)
 
 
+def entry_segments(seg_BT: Array, rate: int) -> Array:
+    """(B, C) int32: an entry's segment is the segment of the first token of its run (an entry
+    whose run starts on padding is padding, id 0)."""
+    return seg_BT[:, ::rate]
+
+
+def _same_segment(seg_BT: Array, eseg_BC: Array, rate: int) -> Array:
+    """(B, C, P, 1) bool: the run's token belongs to the entry's segment (tail positions past T,
+    which hold no token, never do)."""
+    b, t = seg_BT.shape
+    c = eseg_BC.shape[1]
+    in_range_CP = (jnp.arange(c * rate) < t).reshape(c, rate)
+    seg_BCP = _blocks(seg_BT[..., None], rate, 0)[..., 0]
+    return ((seg_BCP == eseg_BC[:, :, None]) & in_range_CP)[..., None]
+
+
 @functools.partial(jax.jit, static_argnames=("rate",))
-def compress(c_BTH: Array, z_BTH: Array, bias_PH: Array, rate: int) -> Array:
+def compress(c_BTH: Array, z_BTH: Array, bias_PH: Array, rate: int,
+             seg_BT: Array | None = None) -> Array:
     """Non-overlapped pooling: entry i pools tokens [i*rate, (i+1)*rate). Returns (B, C, H).
 
     C = ceil(T / rate); the missing tail positions of the last run carry value 0 and the finite
-    fill logit (plus their bias), so they get zero weight.
+    fill logit (plus their bias), so they get zero weight. With ``seg_BT`` (B, T) segment ids, a
+    token of another segment than the entry's (``entry_segments``) is left out the same way
+    (value 0, bare fill logit, no gradient), so an entry never mixes segments.
     """
     fill = core.mask_value(z_BTH.dtype)
     z_BCPH = _blocks(z_BTH, rate, fill) + bias_PH.astype(z_BTH.dtype)
-    return _pool(_blocks(c_BTH, rate, 0.0), z_BCPH)
+    c_BCPH = _blocks(c_BTH, rate, 0.0)
+    if seg_BT is not None:
+        same_BCP1 = _same_segment(seg_BT, entry_segments(seg_BT, rate), rate)
+        z_BCPH = jnp.where(same_BCP1, z_BCPH, fill)
+        c_BCPH = jnp.where(same_BCP1, c_BCPH, jnp.zeros((), c_BCPH.dtype))
+    return _pool(c_BCPH, z_BCPH)
 
 
 @functools.partial(jax.jit, static_argnames=("rate",))
 def compress_overlap(ca_BTH: Array, cb_BTH: Array, za_BTH: Array, zb_BTH: Array, ba_PH: Array,
-                     bb_PH: Array, rate: int) -> Array:
+                     bb_PH: Array, rate: int, seg_BT: Array | None = None) -> Array:
     """Overlapped pooling: entry i pools its own run (``a`` projections, bias ``ba``) and the
     previous run (``b`` projections, bias ``bb``) in one softmax over 2*rate positions.
 
     Entry 0 has no previous run: that half has value 0 and the bare fill logit. Returns (B, C, H).
+    With ``seg_BT``, a token of either half whose segment is not the entry's is left out the same
+    way, so the previous run drops out across a segment boundary, as entry 0's does.
     """
     dtype = za_BTH.dtype
     fill = core.mask_value(dtype)
@@ -75,12 +105,31 @@ def compress_overlap(ca_BTH: Array, cb_BTH: Array, za_BTH: Array, zb_BTH: Array,
     prev_z = _blocks(zb_BTH, rate, fill)[:, :-1] + bb_PH.astype(dtype)
     b_c = jnp.concatenate([jnp.zeros((b, 1, p, h), a_c.dtype), prev_c], axis=1)
     b_z = jnp.concatenate([jnp.full((b, 1, p, h), fill, dtype), prev_z], axis=1)
+    if seg_BT is not None:
+        eseg_BC = entry_segments(seg_BT, rate)
+        a_same = _same_segment(seg_BT, eseg_BC, rate)
+        # run i - 1 read against entry i's segment; entry 0 has none
+        prev_same = _same_segment(seg_BT, jnp.pad(eseg_BC[:, 1:], ((0, 0), (0, 1))), rate)
+        b_same = jnp.concatenate([jnp.zeros((b, 1, p, 1), bool), prev_same[:, :-1]], axis=1)
+        zero = jnp.zeros((), a_c.dtype)
+        a_c, a_z = jnp.where(a_same, a_c, zero), jnp.where(a_same, a_z, fill)
+        b_c, b_z = jnp.where(b_same, b_c, zero), jnp.where(b_same, b_z, fill)
     return _pool(jnp.concatenate([a_c, b_c], axis=2), jnp.concatenate([a_z, b_z], axis=2))
 
 
 def compressed_visible(t: int, c: int, rate: int) -> Array:
     """Boolean (T, C): entry c is visible to query t once its whole run is in the past."""
     return (jnp.arange(c)[None, :] + 1) * rate <= jnp.arange(t)[:, None]
+
+
+def entry_keep(t: int, c: int, rate: int, q_seg_BT: Array | None = None,
+               e_seg_BC: Array | None = None) -> Array:
+    """(T, C), or (B, T, C) with segments: ``compressed_visible`` and, given the query and entry
+    segment ids, the segment rule (same segment, entry not padding). Dense paths only."""
+    visible_TC = compressed_visible(t, c, rate)
+    if q_seg_BT is None:
+        return visible_TC
+    return visible_TC[None] & core.segment_keep(q_seg_BT, e_seg_BC)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "precision"))
@@ -97,41 +146,103 @@ def shared_kv_attention(q_BTNH: Array, kv_BSH: Array, keep: Array, sink_N: Array
 
 
 # The registry's ``csa`` op: (q_BTNH, kv_BSH, sink_N, qi_BTIE, ki_BCE, w_BTI, *, top_k, rate,
-# window, scale, index_scores_BTC, precision) -> (B, T, N, H). Keys are [C pooled entries | T raw
-# tokens]; entry c sits at position (c + 1) * rate and is visible once that is <= t.
-# ``index_scores_BTC`` (already masked) is given when built for ``return_aux``: the impl then
-# selects from them, so the selection returned is the one attended.
+# window, scale, index_scores_BTC, q_seg_BT, k_seg_BS, precision) -> (B, T, N, H). Keys are
+# [C pooled entries | T raw tokens]; entry c sits at position (c + 1) * rate and is visible once
+# that is <= t. ``index_scores_BTC`` (already masked) is given when built for ``return_aux``: the
+# impl then selects from them, so the selection returned is the one attended. ``q_seg_BT`` (B, T)
+# and ``k_seg_BS`` (B, C + T: entry segments, then the tokens') add the segment rule to the
+# selection and the raw window.
 
 
 @registry.register("csa", "reference")
 def csa_reference(q_BTNH, kv_BSH, sink_N, qi_BTIE, ki_BCE, w_BTI, *, top_k, rate, window, scale,
-                  index_scores_BTC=None, precision=None):
-    """attnhut's path: score every (query, entry) pair, attend through a dense (T, C + T) mask."""
+                  index_scores_BTC=None, q_seg_BT=None, k_seg_BS=None, index_loss=None,
+                  precision=None):
+    """attnhut's path: score every (query, entry) pair, attend through a dense (T, C + T) mask.
+    With ``index_loss`` returns ``(out, loss)``, the loss materialised from (T, C) arrays."""
     b, t = q_BTNH.shape[:2]
-    visible_TC = compressed_visible(t, ki_BCE.shape[1], rate)
+    nc = ki_BCE.shape[1]
+    seg = q_seg_BT is not None
+    visible = entry_keep(t, nc, rate, q_seg_BT, k_seg_BS[:, :nc] if seg else None)
     if index_scores_BTC is None:
-        index_scores_BTC = core.masked_lightning_scores(qi_BTIE, ki_BCE, w_BTI, visible_TC, precision)
-    selected_BTC = core.topk_keep(index_scores_BTC, visible_TC, top_k)
-    keep_BTS = jnp.concatenate(
-        [selected_BTC, jnp.broadcast_to(core.sliding_window_mask(t, window), (b, t, t))], axis=2)
-    return shared_kv_attention(q_BTNH, kv_BSH, keep_BTS[:, None], sink_N, scale, precision)
+        index_scores_BTC = core.masked_lightning_scores(qi_BTIE, ki_BCE, w_BTI, visible, precision)
+    selected_BTC = core.topk_keep(index_scores_BTC, visible, top_k)
+    raw_BTT = jnp.broadcast_to(core.sliding_window_mask(t, window), (b, t, t))
+    if seg:
+        raw_BTT = raw_BTT & core.segment_keep(q_seg_BT, k_seg_BS[:, nc:])[:, 0]
+    keep_BTS = jnp.concatenate([selected_BTC, raw_BTT], axis=2)
+    out_BTNH = shared_kv_attention(q_BTNH, kv_BSH, keep_BTS[:, None], sink_N, scale, precision)
+    if index_loss is None:
+        return out_BTNH
+    if index_loss == "dense":  # every visible entry, the raw window left out
+        support_BTC, kv_used, keep_used = jnp.broadcast_to(visible, (b, t, nc)), kv_BSH[:, :nc], visible
+    else:  # the attention the output uses, restricted to the selection
+        support_BTC, kv_used, keep_used = selected_BTC, kv_BSH, keep_BTS
+    keep_used = keep_used if keep_used.ndim == 2 else keep_used[:, None]
+    probs_BKGTS = core.attention_weights(q_BTNH, kv_used[:, :, None, :], keep=keep_used,
+                                         scale=scale, sink=sink_N, precision=precision)
+    teacher_BTC = jax.lax.stop_gradient(probs_BKGTS[..., :nc]).astype(jnp.float32).sum(axis=(1, 2))
+    loss_BT = index_loss_rows(index_loss, index_scores_BTC, teacher_BTC, support_BTC)
+    weights_BT = core.query_weights(q_seg_BT, b, t)
+    return out_BTNH, (loss_BT * weights_BT).sum() / jnp.maximum(weights_BT.sum(), 1.0)
+
+
+def index_loss_rows(kind: IndexLoss, scores_BTC: Array, teacher_BTC: Array,
+                    support_BTC: Array) -> Array:
+    """(B, T) per-query index loss, the teacher normalised over the support, the student the
+    softmax of the indexer scores over the same support: ``"dense"`` the cross-entropy
+    (``dsa_index_aux_loss``'s rows), ``"sparse"`` the KL divergence (attnhut's MSA loss); a query
+    with an empty support adds 0."""
+    fill = core.mask_value(jnp.float32)
+    teacher = jnp.where(support_BTC, teacher_BTC, 0.0)
+    teacher = teacher / jnp.maximum(teacher.sum(axis=-1, keepdims=True), 1e-9)
+    log_p = jax.nn.log_softmax(jnp.where(support_BTC, scores_BTC.astype(jnp.float32), fill), axis=-1)
+    if kind == "dense":
+        return -(teacher * log_p).sum(axis=-1)
+    kl = teacher * (jnp.log(jnp.maximum(teacher, 1e-9)) - log_p)
+    return jnp.where(teacher > 0, kl, 0.0).sum(axis=-1)
+
+
+def _segment_kwargs(q_seg_BT, k_seg_BS) -> dict:
+    """The kernel ops' segment arguments, left out without segments (calls stay as they were)."""
+    return {} if q_seg_BT is None else {"q_seg_BT": q_seg_BT, "k_seg_BS": k_seg_BS}
 
 
 def _csa_token_sparse(q_BTNH, kv_BSH, sink_N, qi_BTIE, ki_BCE, w_BTI, *, top_k, rate, window,
-                      scale, index_scores_BTC=None, precision=None, impl):
+                      scale, index_scores_BTC=None, q_seg_BT=None, k_seg_BS=None, index_loss=None,
+                      precision=None, impl):
     """Fused indexer top-k over the entries, then attention over the selected entries, the raw
-    window and the sink only (``token_sparse_attention`` with ``window_start = C``)."""
+    window and the sink only (``token_sparse_attention`` with ``window_start = C``). With
+    ``index_loss`` returns ``(out, loss)``, the loss computed in tiles (``index_loss.py``)."""
     t, nc = q_BTNH.shape[1], ki_BCE.shape[1]
+    seg = q_seg_BT is not None
+    e_seg = k_seg_BS[:, :nc] if seg else None
+    e_pos = (jnp.arange(nc) + 1) * rate
     if index_scores_BTC is not None:
-        indices_BTM = core.indices_from_scores(index_scores_BTC, compressed_visible(t, nc, rate),
-                                               top_k)
+        indices_BTM = core.indices_from_scores(index_scores_BTC,
+                                               entry_keep(t, nc, rate, q_seg_BT, e_seg), top_k)
     else:
         indices_BTM, _ = core.indexer_topk(
             qi_BTIE, ki_BCE, w_BTI, top_k, causal=True, impl=impl, q_pos_T=jnp.arange(t),
-            k_pos_S=(jnp.arange(nc) + 1) * rate, precision=precision)
-    return core.token_sparse_attention(q_BTNH, kv_BSH[:, :, None, :], None, indices_BTM,
-                                       impl=impl, scale=scale, sink=sink_N, window=window,
-                                       window_start=nc, precision=precision)
+            k_pos_S=e_pos, precision=precision, **_segment_kwargs(q_seg_BT, e_seg))
+    kv_BS1H = kv_BSH[:, :, None, :]
+    out_BTNH = core.token_sparse_attention(q_BTNH, kv_BS1H, None, indices_BTM, impl=impl,
+                                           scale=scale, sink=sink_N, window=window,
+                                           window_start=nc, precision=precision,
+                                           **_segment_kwargs(q_seg_BT, k_seg_BS))
+    if index_loss is None:
+        return out_BTNH
+    if index_loss == "dense":  # every visible entry, the raw window left out
+        loss = index_losses.dense_index_loss(
+            q_BTNH, kv_BS1H[:, :nc], qi_BTIE, ki_BCE, w_BTI, scale=scale, causal=True,
+            q_pos_T=jnp.arange(t), k_pos_S=e_pos, sink_N=sink_N, q_seg_BT=q_seg_BT,
+            k_seg_BS=e_seg, precision=precision)
+    else:
+        loss = index_losses.sparse_index_loss(
+            q_BTNH, kv_BS1H, qi_BTIE, ki_BCE, w_BTI, indices_BTM, scale=scale, sink_N=sink_N,
+            window=window, window_start=nc, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS,
+            precision=precision)
+    return out_BTNH, loss
 
 
 registry.register("csa", "xla")(functools.partial(_csa_token_sparse, impl="xla"))
@@ -263,12 +374,24 @@ class HeavilyCompressedAttention(nn.Module):
         self.proj = GroupedOutputProjection(n, c, g, self.dim, bias=self.bias, dtype=self.dtype,
                                             param_dtype=pd, precision=self.precision)
 
-    def __call__(self, x: Array) -> Array:
-        """(B, T, D) -> (B, T, D), causal."""
-        core.check_input(x, self.dim, "HeavilyCompressedAttention")
-        t = x.shape[1]
+    def __call__(self, x: Array, *, segment_ids: Array | None = None,
+                 positions: Array | None = None) -> Array:
+        """(B, T, D) -> (B, T, D), causal.
+
+        ``segment_ids`` (B, T) int packs several sequences in a row (id 0: padding; see
+        ``core``'s packed-sequence rule): an entry pools only the tokens of the segment of its
+        run's first token, and a token reads the entries and raw tokens of its own segment only.
+        A packed row equals each segment run alone when every segment starts at a multiple of
+        ``compression_rate``. ``positions`` (B, T) int is validated and unused: only RoPE would
+        read it, and HCA has none.
+        """
+        owner = "HeavilyCompressedAttention"
+        core.check_input(x, self.dim, owner)
+        seg, _ = core.check_packing(owner, x, segment_ids, positions)
+        x = core.mask_padding(x, seg)
+        t, r = x.shape[1], self.compression_rate
         kv_BTH = self.kv(x)
-        comp_BCH = compress(kv_BTH, self.z(x), self.pos_bias, self.compression_rate)
+        comp_BCH = compress(kv_BTH, self.z(x), self.pos_bias, r, seg)
         kv_BSH = core.rms_norm(jnp.concatenate([comp_BCH, kv_BTH], axis=1), self.kv_norm)
         q_BTNH = _queries(self, x, self.q_down(x))
         # Keys are [pooled entries | raw tokens]. Entry c sits at position (c + 1) * rate, so the
@@ -276,15 +399,18 @@ class HeavilyCompressedAttention(nn.Module):
         # (they are the first C keys), the raw tokens are windowed.
         nc, b = comp_BCH.shape[1], x.shape[0]
         q_pos = jnp.arange(t)
-        k_pos = jnp.concatenate([(jnp.arange(nc) + 1) * self.compression_rate, q_pos])
+        k_pos = jnp.concatenate([(jnp.arange(nc) + 1) * r, q_pos])
         keep_TJ = core.window_block_keep(q_pos, k_pos, _BLOCK_K, window=self.window,
                                          num_sink_keys=nc)
+        # With segments the op also drops the key blocks that hold no key of the query's segment.
+        k_seg = None if seg is None else jnp.concatenate([entry_segments(seg, r), seg], axis=1)
+        keep_B1TJ = jnp.broadcast_to(keep_TJ, (b, 1, *keep_TJ.shape))
         kv_BS1H = kv_BSH[:, :, None, :]
         out_BTNH = core.block_sparse_attention(
-            q_BTNH, kv_BS1H, kv_BS1H, jnp.broadcast_to(keep_TJ, (b, 1, *keep_TJ.shape)),
-            block_k=_BLOCK_K, causal=True, impl=self.impl, scale=q_BTNH.shape[-1] ** -0.5,
-            sink=self.sink, q_pos_T=q_pos, k_pos_S=k_pos, window=self.window, num_sink_keys=nc,
-            precision=self.precision, owner="HeavilyCompressedAttention")
+            q_BTNH, kv_BS1H, kv_BS1H, keep_B1TJ, block_k=_BLOCK_K, causal=True, impl=self.impl,
+            scale=q_BTNH.shape[-1] ** -0.5, sink=self.sink, q_pos_T=q_pos, k_pos_S=k_pos,
+            window=self.window, num_sink_keys=nc, precision=self.precision, owner=owner,
+            **_segment_kwargs(seg, k_seg))
         return self.proj(out_BTNH)
 
 
@@ -297,7 +423,10 @@ class CompressedSparseAttention(nn.Module):
     ``window`` (64), ``bias``; plus ``impl`` (the registry's ``csa`` op:
     ``auto``/``reference``/``xla``/``pallas``), which changes no variable, ``precision`` (every
     matmul) and ``selector_dtype`` (default float32: the indexer's projections and scores,
-    whatever ``dtype``). Parameters: ``kv_a``, ``kv_b``, ``z_a``, ``z_b``, ``bias_a``,
+    whatever ``dtype``) and ``detach_index_input`` (default False, attnhut's: the indexer reads
+    the query latent, the compressed entries and ``x`` themselves, so ``index_loss`` also trains
+    what produces them; True: it reads them through ``stop_gradient``, as DeepSeek-V3.2 trains
+    its indexer). Parameters: ``kv_a``, ``kv_b``, ``z_a``, ``z_b``, ``bias_a``,
     ``bias_b``, ``q_down``, ``q_up``, ``q_norm``, ``kv_norm``, ``sink``, ``idx_q``, ``idx_k``,
     ``idx_w``, ``proj/w``, ``proj/out``.
 
@@ -326,6 +455,7 @@ class CompressedSparseAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
     selector_dtype: Dtype = jnp.float32
+    detach_index_input: bool = False
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
         """Bytes a decoder caches per token in ``dtype``, amortised at long context: per
@@ -362,46 +492,86 @@ class CompressedSparseAttention(nn.Module):
         self.proj = GroupedOutputProjection(n, c, g, self.dim, bias=self.bias, dtype=self.dtype,
                                             param_dtype=pd, precision=self.precision)
 
-    def __call__(self, x: Array, return_aux: bool = False) -> Array | tuple[Array, dict[str, Array]]:
+    def __call__(self, x: Array, return_aux: bool = False, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, index_loss: IndexLoss | None = None):
         """(B, T, D) -> (B, T, D), causal.
 
         With ``return_aux`` also returns ``{"index_scores": (B, T, C), "selected": (B, T, C),
-        "dense_weights": (B, N, T, C)}``: the indexer scores (fill value where the entry is not yet
+        "dense_weights": (B, N, T, C)}``: the indexer scores (fill value where the entry is not
         visible), the kept entries, and the main branch's attention over *every* visible entry
         (no top-k; the sink logit in the denominator, the raw window left out), the target of
         ``dsa_index_aux_loss(aux["index_scores"], aux["dense_weights"])``.
+
+        ``segment_ids`` (B, T) int packs several sequences in a row (id 0: padding; see
+        ``core``'s packed-sequence rule): an entry pools only the tokens of the segment of its
+        run's first token (the previous-run half drops out across a segment boundary), a token
+        selects among and reads the entries of its own segment only, and its raw window holds
+        its own segment's tokens only; the aux arrays follow the same rule. A packed row equals
+        each segment run alone when every segment starts at a multiple of ``compression_rate``.
+        ``positions`` (B, T) int is validated and unused: only RoPE would read it, and CSA has
+        none.
+
+        ``index_loss`` adds the indexer's training loss, a scalar, to the returned values
+        (``(out, loss)``, or ``(out, aux, loss)`` with ``return_aux``); the loss trains only
+        through the indexer's scores (the attention it fits is a constant), and its mean runs
+        over the non-padding queries:
+
+        * ``"dense"``: attnhut's ``dsa_index_aux_loss`` target, the head-summed main branch over
+          every visible entry (sink in the denominator, raw window excluded) against the softmax
+          of the indexer scores over the visible entries;
+        * ``"sparse"``: over each query's selected entries only: KL from the attention the
+          output uses (softmax over the selected entries, the raw window and the sink),
+          restricted to the selection, summed over heads and normalised, to the softmax of the
+          indexer scores over the same selection.
+
+        ``reference`` materialises the (T, C) scores and weights; ``xla`` / ``pallas`` compute
+        the loss in tiles (``attnhut_jax.index_loss``), without a (T, C) array.
         """
-        core.check_input(x, self.dim, "CompressedSparseAttention")
+        owner = "CompressedSparseAttention"
+        core.check_input(x, self.dim, owner)
+        if index_loss not in (None, "dense", "sparse"):
+            raise ValueError(f"{owner}: index_loss={index_loss!r} must be None, 'dense' or "
+                             f"'sparse'")
+        seg, _ = core.check_packing(owner, x, segment_ids, positions)
+        x = core.mask_padding(x, seg)
         b, t, _ = x.shape
         r = self.compression_rate
         kv_a_BTH = self.kv_a(x)
         comp_BCH = compress_overlap(kv_a_BTH, self.kv_b(x), self.z_a(x), self.z_b(x), self.bias_a,
-                                    self.bias_b, r)
+                                    self.bias_b, r, seg)
         nc = comp_BCH.shape[1]
+        e_seg = None if seg is None else entry_segments(seg, r)
+        k_seg = None if seg is None else jnp.concatenate([e_seg, seg], axis=1)
         kv_BSH = core.rms_norm(jnp.concatenate([comp_BCH, kv_a_BTH], axis=1), self.kv_norm)
         c_q = self.q_down(x)
         q_BTNH = _queries(self, x, c_q)
 
         # Lightning indexer: sum over indexer heads of w * relu(q . k), no scale.
-        qi_BTIE = self.idx_q(c_q).reshape(b, t, self.num_index_heads, self.index_dim)
-        ki_BCE = self.idx_k(comp_BCH)
-        w_BTI = self.idx_w(x)
+        idx_in = (c_q, comp_BCH, x)
+        if self.detach_index_input:
+            idx_in = tuple(jax.lax.stop_gradient(a) for a in idx_in)
+        qi_BTIE = self.idx_q(idx_in[0]).reshape(b, t, self.num_index_heads, self.index_dim)
+        ki_BCE = self.idx_k(idx_in[1])
+        w_BTI = self.idx_w(idx_in[2])
         scale = q_BTNH.shape[-1] ** -0.5
         aux = None
         if return_aux:
-            visible_TC = compressed_visible(t, nc, r)
-            scores_BTC = core.masked_lightning_scores(qi_BTIE, ki_BCE, w_BTI, visible_TC, self.precision)
-            selected_BTC = core.topk_keep(scores_BTC, visible_TC, self.top_k)
+            visible = entry_keep(t, nc, r, seg, e_seg)
+            scores_BTC = core.masked_lightning_scores(qi_BTIE, ki_BCE, w_BTI, visible, self.precision)
+            selected_BTC = core.topk_keep(scores_BTC, visible, self.top_k)
             aux = {"index_scores": scores_BTC, "selected": selected_BTC}
-        out_BTNH = registry.call(
-            "CompressedSparseAttention", "csa", self.impl, q_BTNH, kv_BSH, self.sink, qi_BTIE,
-            ki_BCE, w_BTI, top_k=self.top_k, rate=r, window=self.window, scale=scale,
-            index_scores_BTC=None if aux is None else scores_BTC, precision=self.precision)
+        res = registry.call(
+            owner, "csa", self.impl, q_BTNH, kv_BSH, self.sink, qi_BTIE, ki_BCE, w_BTI,
+            top_k=self.top_k, rate=r, window=self.window, scale=scale,
+            index_scores_BTC=None if aux is None else scores_BTC, precision=self.precision,
+            **_segment_kwargs(seg, k_seg), **({} if index_loss is None else {"index_loss": index_loss}))
+        out_BTNH, loss = (res, None) if index_loss is None else res
         out = self.proj(out_BTNH)
         if return_aux:
             probs_BKGTC = core.attention_weights(
-                q_BTNH, kv_BSH[:, :nc, None, :], keep=visible_TC, scale=scale,
-                sink=self.sink, precision=self.precision)
+                q_BTNH, kv_BSH[:, :nc, None, :], keep=visible if seg is None else visible[:, None],
+                scale=scale, sink=self.sink, precision=self.precision)
             aux["dense_weights"] = probs_BKGTC.reshape(b, self.num_heads, t, nc)
-            return out, aux
-        return out
+        if aux is None and loss is None:
+            return out
+        return (out, *(a for a in (aux, loss) if a is not None))

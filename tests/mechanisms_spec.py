@@ -189,7 +189,8 @@ MECHANISMS: list[Mechanism] = [
         bf16_why=_BF16_DENSE + " (a fixed block pattern: no data-dependent selection)")),
     Mechanism(
         "delta", ah.DeltaAttention, {"dim": D, "num_heads": 4, "window": 3, "sink": 1, "stride": 3},
-        causal=True, full=False, call=frozenset(), impls=SPARSE_IMPLS, cpu_impls=SPARSE_IMPLS,
+        causal=True, full=False, call=frozenset({"segment_ids", "positions"}), impls=SPARSE_IMPLS,
+        cpu_impls=SPARSE_IMPLS,
         bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
         bf16_why=_BF16_DENSE + "; the correction adds a difference of two attentions"),
     *_variants(lambda c: Mechanism(
@@ -217,13 +218,15 @@ MECHANISMS: list[Mechanism] = [
         "hca", ah.HeavilyCompressedAttention,
         {"dim": D, "num_heads": 4, "compression_rate": 3, "window": 4}, causal=True,
         # window (4) >= rate (3): every earlier token is in the window or in a visible entry
-        full=True, call=frozenset(), impls=SPARSE_IMPLS, cpu_impls=SPARSE_IMPLS,
+        full=True, call=frozenset({"segment_ids", "positions"}), impls=SPARSE_IMPLS,
+        cpu_impls=SPARSE_IMPLS,
         bad_config=({"num_groups": 3}, r"num_heads=4 must be divisible by num_groups=3"),
         bf16_why=_BF16_DENSE + "; softmax-gated pooling and the grouped output projection"),
     Mechanism(
         "csa", ah.CompressedSparseAttention,
         {"dim": D, "num_heads": 4, "compression_rate": 2, "top_k": 2, "num_index_heads": 2,
-         "index_dim": 8, "window": 3}, causal=True, full=False, call=frozenset({"return_aux"}),
+         "index_dim": 8, "window": 3}, causal=True, full=False,
+        call=frozenset({"return_aux", "segment_ids", "positions", "index_loss"}),
         aux=True, impls=SPARSE_IMPLS, cpu_impls=SPARSE_IMPLS,
         bad_config=({"num_groups": 3}, r"num_heads=4 must be divisible by num_groups=3"),
         bf16_why=_BF16_DENSE + "; the indexer ranks in float32 (selector_dtype), so it selects "

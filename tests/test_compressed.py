@@ -40,3 +40,27 @@ def test_bad_constructor_values(make, pattern):
 def test_bad_grouped_projection():
     with pytest.raises(ValueError, match=r"num_heads=6 must be divisible by num_groups=4"):
         ah.GroupedOutputProjection(6, 5, 4, 16).init(jax.random.key(0), jnp.zeros((1, 2, 6, 5)))
+
+
+@pytest.mark.parametrize("make", [lambda: ah.HeavilyCompressedAttention(32, 4),
+                                  lambda: ah.CompressedSparseAttention(32, 4)])
+@pytest.mark.parametrize("kw,error,pattern", [
+    ({"segment_ids": jnp.ones((1, 4), jnp.int32)}, ValueError,
+     r"segment_ids must have shape \(batch, seq\)=\(1, 3\)"),
+    ({"segment_ids": jnp.ones((1, 3))}, TypeError, r"segment_ids must be an integer array"),
+    ({"positions": jnp.ones((3,), jnp.int32)}, ValueError, r"positions must have shape"),
+])
+def test_bad_packing_arguments(make, kw, error, pattern):
+    m = make()
+    x = jnp.zeros((1, 3, 32))
+    v = jax.eval_shape(m.init, jax.random.key(0), x)
+    with pytest.raises(error, match=pattern):
+        m.apply(v, x, **kw)
+
+
+def test_bad_index_loss():
+    m = ah.CompressedSparseAttention(32, 4)
+    x = jnp.zeros((1, 3, 32))
+    v = jax.eval_shape(m.init, jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"index_loss='full' must be None, 'dense' or 'sparse'"):
+        m.apply(v, x, index_loss="full")
