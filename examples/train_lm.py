@@ -4,6 +4,8 @@
     python examples/train_lm.py --attn gqa --mesh data=4,model=2  # 8 devices: batch on data, heads on model
     python examples/train_lm.py --attn standard --ckpt-dir /tmp/lm --ckpt-every 50   # resumable
     python examples/train_lm.py --attn deepseek_sparse --text notes.txt --seq-len 256  # bytes of a file
+    python examples/train_lm.py --attn compressed_sparse --pack --seq-len 32768 --batch-size 1 \
+        --index-loss sparse --steps 3          # packed documents at long context, index loss in the layer
 
 ``python -m examples.train_lm ...`` from the repository root is the same. The model, the recall
 task, the sharding rules and the checkpoints are described in the package ``examples/lm``
@@ -21,6 +23,7 @@ if not __package__:  # run as a file (python examples/train_lm.py): make the rep
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.lm import MECHANISMS, Config, show_what_it_learned, train  # noqa: E402
+from examples.lm.config import INDEX_LOSSES  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
@@ -51,6 +54,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
                         "(auto, reference, xla, pallas); auto: pallas on GPU/TPU, xla elsewhere")
     g = p.add_argument_group("data")
     g.add_argument("--seq-len", type=int, default=d.seq_len)
+    g.add_argument("--pack", action="store_true",
+                   help="pack variable-length documents per row (segment ids, restarting positions)")
+    g.add_argument("--doc-len", type=int, default=None,
+                   help="mean document length with --pack (default seq-len / 4)")
     g.add_argument("--num-pairs", type=int, default=d.num_pairs)
     g.add_argument("--num-queries", type=int, default=d.num_queries)
     g.add_argument("--num-keys", type=int, default=d.num_keys)
@@ -66,6 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     g.add_argument("--clip", type=float, default=d.clip)
     g.add_argument("--aux-weight", type=float, default=d.aux_weight,
                    help="weight of the selectors' index losses (msa, dsa, csa)")
+    g.add_argument("--index-loss", default=d.index_loss, choices=INDEX_LOSSES,
+                   help="selectors' index loss, computed in the module: auto (attnhut's: MSA "
+                        "sparse, DSA/CSA dense), sparse (selected keys only) or dense")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -84,6 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
         mlp_ratio=a.mlp_ratio, tied_head=not a.untied_head, token_shift=not a.no_token_shift, dtype=a.dtype,
         block_size=a.block_size, top_k=a.top_k, window=a.window,
         compression_rate=a.compression_rate, index_dim=a.index_dim, impl=a.impl, seq_len=a.seq_len,
+        pack=a.pack, doc_len=a.doc_len, index_loss=a.index_loss,
         num_pairs=a.num_pairs, num_queries=a.num_queries, num_keys=a.num_keys,
         num_values=a.num_values, text=a.text, batch_size=a.batch_size, steps=a.steps, lr=a.lr,
         warmup=a.warmup, end_lr_ratio=a.end_lr_ratio, weight_decay=a.weight_decay, clip=a.clip,

@@ -78,7 +78,7 @@ def recall_view(cfg: Config, tokens: np.ndarray, weights: np.ndarray,
 
 @functools.lru_cache(maxsize=8)
 def _selection_fn(model: LM):
-    return jax.jit(lambda p, t: model.apply({"params": p}, t, with_aux=True,
+    return jax.jit(lambda p, t: model.apply({"params": p}, t, record_selection=True,
                                             mutable=["intermediates"]))
 
 

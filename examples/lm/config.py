@@ -15,6 +15,18 @@ WITH_AUX_LOSS = ("minimax_sparse", "deepseek_sparse", "compressed_sparse")
 # dense ones keep their own impl default (their impls are another set).
 WITH_SPARSE_CORE = ("bigbird", "delta", "minimax_sparse", "deepseek_sparse", "heavily_compressed",
                     "compressed_sparse")
+# ``--index-loss``: ``auto`` is attnhut's definition of each selector's loss (MiniMax: over the
+# selected blocks; DeepSeek and CSA: against the dense main attention), computed inside the module
+# in memory linear in T; ``sparse`` / ``dense`` pick the support explicitly (MiniMax has no dense
+# loss).
+INDEX_LOSSES = ("auto", "sparse", "dense")
+DEFAULT_INDEX_LOSS = {"minimax_sparse": "sparse", "deepseek_sparse": "dense",
+                      "compressed_sparse": "dense"}
+# Mechanisms that cannot take packed rows (see the README: BigBird's random blocks depend on the
+# whole row).
+NO_PACKING = ("bigbird",)
+# DeltaAttention's anchor stride as make_attention builds it (the module default).
+DELTA_STRIDE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +53,8 @@ class Config:
     impl: str = "auto"         # sparse core of WITH_SPARSE_CORE: auto|reference|xla|pallas
     # task
     seq_len: int = 128
+    pack: bool = False         # rows of variable-length documents: segment ids, restarting positions
+    doc_len: int | None = None  # mean document length when packing (default seq_len // 4)
     num_pairs: int = 8
     num_queries: int = 8
     num_keys: int = 32
@@ -55,6 +69,7 @@ class Config:
     weight_decay: float = 0.1
     clip: float = 1.0
     aux_weight: float = 0.1
+    index_loss: str = "auto"   # selectors' loss: auto | sparse | dense (INDEX_LOSSES)
     seed: int = 0
     # bookkeeping
     eval_every: int = 50
@@ -68,9 +83,9 @@ class Config:
     # fields that change the meaning of a checkpoint: a resumed run must agree on all of them
     MODEL_FIELDS = ("attn", "dim", "depth", "heads", "kv_heads", "mlp_ratio", "tied_head",
                     "token_shift", "block_size", "top_k", "window", "compression_rate",
-                    "index_dim", "seq_len", "num_pairs", "num_queries", "num_keys", "num_values",
-                    "text", "batch_size", "steps", "lr", "warmup", "end_lr_ratio",
-                    "weight_decay", "clip", "aux_weight", "seed")
+                    "index_dim", "seq_len", "pack", "doc_len", "num_pairs", "num_queries",
+                    "num_keys", "num_values", "text", "batch_size", "steps", "lr", "warmup", "end_lr_ratio",
+                    "weight_decay", "clip", "aux_weight", "index_loss", "seed")
 
     def validate(self) -> None:
         if self.attn not in MECHANISMS:
@@ -78,6 +93,17 @@ class Config:
                              f"{', '.join(MECHANISMS)}")
         if self.impl not in registry.SPARSE_IMPLS:
             raise ValueError(f"--impl {self.impl!r} must be one of {registry.SPARSE_IMPLS}")
+        if self.index_loss not in INDEX_LOSSES:
+            raise ValueError(f"--index-loss {self.index_loss!r} must be one of {INDEX_LOSSES}")
+        if self.attn == "minimax_sparse" and self.index_loss == "dense":
+            raise ValueError("--index-loss dense: MiniMax's index loss is defined over the selected "
+                             "blocks only; use sparse (or auto)")
+        if self.pack and self.attn in NO_PACKING:
+            raise ValueError(f"--pack: {self.attn} cannot take packed rows (its random blocks are "
+                             f"drawn over the whole row, so a packed row cannot equal its "
+                             f"documents run alone)")
+        if self.doc_len is not None and self.doc_len < 1:
+            raise ValueError(f"--doc-len {self.doc_len} must be >= 1")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype {self.dtype!r} must be float32, bfloat16 or float16")
         ints = dict(dim=self.dim, depth=self.depth, heads=self.heads, kv_heads=self.kv_heads,
@@ -92,6 +118,9 @@ class Config:
             raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads={self.heads} must be divisible by kv_heads={self.kv_heads}")
+        if self.pack and self.min_doc_len > self.seq_len:
+            raise ValueError(f"--pack: a document needs at least {self.min_doc_len} tokens, longer "
+                             f"than seq_len={self.seq_len}")
         if self.text is None:
             if not 1 <= self.num_queries <= self.num_pairs <= self.num_keys:
                 raise ValueError(f"recall task needs 1 <= num_queries={self.num_queries} <= "
@@ -111,6 +140,24 @@ class Config:
         return {"minimax_sparse": max(1, t // self.block_size // 4),
                 "deepseek_sparse": max(1, t // 4),
                 "compressed_sparse": max(1, t // self.compression_rate // 4)}.get(self.attn, 0)
+
+    def resolved_index_loss(self) -> str:
+        """``index_loss`` with ``auto`` resolved for this mechanism (attnhut's loss)."""
+        if self.index_loss != "auto":
+            return self.index_loss
+        return DEFAULT_INDEX_LOSS.get(self.attn, "sparse")
+
+    @property
+    def pack_align(self) -> int:
+        """Packed documents start at multiples of this: the mechanism's block size, compression
+        rate or anchor stride, where a packed row then equals its documents run alone."""
+        return {"minimax_sparse": self.block_size, "heavily_compressed": self.compression_rate,
+                "compressed_sparse": self.compression_rate, "delta": DELTA_STRIDE}.get(self.attn, 1)
+
+    @property
+    def min_doc_len(self) -> int:
+        """The shortest document packing makes: room for the recall pairs and queries (text: 2)."""
+        return 2 if self.text is not None else 2 * (self.num_pairs + self.num_queries)
 
     @property
     def compute_dtype(self) -> jnp.dtype:

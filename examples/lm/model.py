@@ -9,8 +9,13 @@ recall learnable in a few hundred steps on a CPU.
 
 The index branches of ``minimax_sparse``, ``deepseek_sparse`` and ``compressed_sparse`` get no
 gradient from the task loss (hard top-k); with ``with_aux=True`` the model also returns their
-auxiliary losses, built from what each module returns in its ``return_aux`` dict, which train
-them to predict where the main attention looks.
+index losses, computed inside each module (``index_loss=``, memory linear in T), which train them
+to predict where the main attention looks. ``record_selection=True`` takes the modules'
+``return_aux`` path instead, which builds (T, T) arrays, to record each layer's selection for the
+pictures.
+
+Packed rows (``segment_ids``, ``positions``): the position embedding reads ``positions``, the
+token shift does not reach across documents, and every layer gets both.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 import attnhut_jax as ah
 from attnhut_jax import core
 
-from .config import WITH_AUX_LOSS, WITH_SPARSE_CORE, Config
+from .config import DEFAULT_INDEX_LOSS, WITH_AUX_LOSS, WITH_SPARSE_CORE, Config
 
 Array = jax.Array
 
@@ -57,22 +62,34 @@ def make_attention(cfg: Config, layer: int, name: str = "attn") -> nn.Module:
     return cls(*args, **kw, dtype=cfg.compute_dtype, name=name)
 
 
-def attention_with_aux(attn: nn.Module, kind: str, h: Array, with_aux: bool
+def attention_with_aux(attn: nn.Module, kind: str, h: Array, with_aux: bool, *,
+                       index_loss: str = "auto", record_selection: bool = False,
+                       segment_ids: Array | None = None, positions: Array | None = None
                        ) -> tuple[Array, Array, Array | None]:
-    """(output, index aux loss, selection) of one attention layer.
+    """(output, index loss, selection) of one attention layer.
 
-    The selection is what the layer's selector keeps: (B, K, T, T) for minimax_sparse, (B, T, T)
-    for deepseek_sparse, (B, T, C) for compressed_sparse; None elsewhere or without aux.
+    ``index_loss`` (``auto``/``sparse``/``dense``, see ``config.INDEX_LOSSES``) is computed by the
+    module itself. ``record_selection`` takes the materialised ``return_aux`` path (attnhut's,
+    (T, T) arrays) and returns what the selector keeps: (B, K, T, T) for minimax_sparse, (B, T, T)
+    for deepseek_sparse, (B, T, C) for compressed_sparse; None elsewhere.
     """
+    packing = {} if segment_ids is None and positions is None else dict(
+        segment_ids=segment_ids, positions=positions)
     zero = jnp.zeros((), jnp.float32)
-    if not with_aux or kind not in WITH_AUX_LOSS:
-        return attn(h), zero, None
-    out, aux = attn(h, return_aux=True)
+    if kind not in WITH_AUX_LOSS or not (with_aux or record_selection):
+        return attn(h, **packing), zero, None
+    if not record_selection:
+        mode = index_loss if index_loss != "auto" else DEFAULT_INDEX_LOSS[kind]
+        out, loss = attn(h, index_loss=mode, **packing)
+        return out, loss, None
+    out, aux = attn(h, return_aux=True, **packing)
     if kind == "minimax_sparse":
         loss = ah.msa_index_aux_loss(aux["index_scores"], aux["attn_weights"], aux["keep"])
-        return out, loss, aux["keep"]
-    # DSA and CSA: the indexer fits the main branch's attention over every visible key / entry.
-    return out, ah.dsa_index_aux_loss(aux["index_scores"], aux["dense_weights"]), aux["selected"]
+        selection = aux["keep"]
+    else:  # DSA and CSA: the indexer fits the main branch's attention over every visible key
+        loss = ah.dsa_index_aux_loss(aux["index_scores"], aux["dense_weights"])
+        selection = aux["selected"]
+    return out, loss if with_aux else zero, selection
 
 
 class Block(nn.Module):
@@ -86,16 +103,22 @@ class Block(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x: Array, with_aux: bool = False) -> tuple[Array, Array]:
+    def __call__(self, x: Array, with_aux: bool = False, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, record_selection: bool = False
+                 ) -> tuple[Array, Array]:
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h = core.layer_norm("ln_attn", dt, jnp.float32)(x)
         if cfg.token_shift:
             mu = self.param("shift", nn.with_logical_partitioning(
                 nn.initializers.constant(0.5), ("embed",)), (cfg.dim,))
             prev = jnp.pad(h, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+            if segment_ids is not None:  # a document's first token has no predecessor
+                same = segment_ids == jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
+                prev = jnp.where(same[..., None], prev, jnp.zeros((), prev.dtype))
             h = h * mu.astype(h.dtype) + prev * (1 - mu).astype(h.dtype)
-        a, aux, selection = attention_with_aux(make_attention(cfg, self.layer), cfg.attn, h,
-                                               with_aux)
+        a, aux, selection = attention_with_aux(
+            make_attention(cfg, self.layer), cfg.attn, h, with_aux, index_loss=cfg.index_loss,
+            record_selection=record_selection, segment_ids=segment_ids, positions=positions)
         if selection is not None:
             self.sow("intermediates", "selection", selection)
         x = x + a
@@ -113,7 +136,10 @@ class LM(nn.Module):
     cfg: Config
 
     @nn.compact
-    def __call__(self, tokens_BT: Array, with_aux: bool = False) -> tuple[Array, Array]:
+    def __call__(self, tokens_BT: Array, with_aux: bool = False, *,
+                 segment_ids: Array | None = None, positions: Array | None = None,
+                 record_selection: bool = False) -> tuple[Array, Array]:
+        """``segment_ids`` / ``positions`` (B, T) for packed rows (``data.packed_batch``)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         t = tokens_BT.shape[1]
         if t > cfg.seq_len:
@@ -123,10 +149,12 @@ class LM(nn.Module):
                          embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")))
         pos = self.param("pos_embed", nn.with_logical_partitioning(init, (None, "embed")),
                          (cfg.seq_len, cfg.dim))
-        x = embed(tokens_BT) + pos[:t].astype(dt)
+        x = embed(tokens_BT) + (pos[:t] if positions is None else pos[positions]).astype(dt)
         aux = jnp.zeros((), jnp.float32)
         for i in range(cfg.depth):
-            x, a = Block(cfg, i, name=f"block_{i}")(x, with_aux)
+            x, a = Block(cfg, i, name=f"block_{i}")(
+                x, with_aux, segment_ids=segment_ids, positions=positions,
+                record_selection=record_selection)
             aux = aux + a
         x = core.layer_norm("ln_out", dt, jnp.float32)(x)
         if cfg.tied_head:

@@ -52,7 +52,9 @@ def optimizer(cfg: Config) -> optax.GradientTransformation:
 
 def loss_fn(model: LM, cfg: Config, params: PyTree, batch: Batch, with_aux: bool):
     """(task loss + aux_weight * index aux loss, metrics). Task loss: weighted next-token CE."""
-    logits, aux = model.apply({"params": params}, batch["tokens"], with_aux=with_aux)
+    logits, aux = model.apply({"params": params}, batch["tokens"], with_aux=with_aux,
+                              segment_ids=batch.get("segment_ids"),
+                              positions=batch.get("positions"))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     w = batch["weights"]
     denom = jnp.maximum(w.sum(), 1.0)
@@ -80,7 +82,9 @@ def make_train_step(model: LM, cfg: Config, tx: optax.GradientTransformation):
 
 def make_eval_step(model: LM, cfg: Config):
     def evaluate(params, batch):
-        logits, _ = model.apply({"params": params}, batch["tokens"])
+        logits, _ = model.apply({"params": params}, batch["tokens"],
+                                segment_ids=batch.get("segment_ids"),
+                                positions=batch.get("positions"))
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         w = batch["weights"]
         correct = (jnp.argmax(logits, -1) == batch["targets"]) * w
