@@ -367,13 +367,10 @@ class MiniMaxSparseAttention(nn.Module):
             out = self.proj(out.reshape(b, t, self.dim))
             if index_loss is None:
                 return out
-            if self.impl == "reference":  # attnhut's materialised loss is the reference
-                _, aux = self._dense_aux(q_BTNH, k_BSKH, qi_BTKE, ki_BSE, block_keep_BKTJ, seg_BT)
-                return out, _masked_mean_loss(aux, seg_BT)
-            loss = sparse_index_loss(q_BTNH, k_BSKH, qi_BTKE, ki_BSE, idx_BKTM, ok_BKTM,
-                                     block_size=self.block_size, causal=self.causal,
-                                     scale=d ** -0.5, q_seg_BT=seg_BT, k_seg_BS=seg_BT,
-                                     precision=self.precision)
+            loss = registry.call(owner, "msa_index_loss", self.impl, q_BTNH, k_BSKH, qi_BTKE,
+                                 ki_BSE, idx_BKTM, ok_BKTM, block_size=self.block_size,
+                                 causal=self.causal, scale=d ** -0.5, q_seg_BT=seg_BT,
+                                 k_seg_BS=seg_BT, precision=self.precision)
             return out, loss
 
         # aux path: the aux loss needs token-level scores and weights, so they are materialised
@@ -385,8 +382,10 @@ class MiniMaxSparseAttention(nn.Module):
                          constant_values=core.mask_value(index_scores.dtype))
         block_keep_BKTJ = select_blocks(
             padded.reshape(b, kg, t, nb, self.block_size).max(axis=-1), **sel)
-        probs, aux = self._dense_aux(q_BTNH, k_BSKH, qi_BTKE, ki_BSE, block_keep_BKTJ, seg_BT,
-                                     index_scores)
+        probs, aux = materialised_aux(q_BTNH, k_BSKH, qi_BTKE, ki_BSE, block_keep_BKTJ, seg_BT,
+                                      block_size=self.block_size, causal=self.causal,
+                                      scale=d ** -0.5, precision=self.precision,
+                                      index_scores=index_scores)
         # the weights are materialised for the aux loss anyway, so the output reuses them (every
         # impl computes the same numbers; the default path above is where impls differ)
         out = self.proj(core.attend(probs, v_BSKV, precision=self.precision).reshape(
@@ -395,28 +394,52 @@ class MiniMaxSparseAttention(nn.Module):
             return out, aux
         return out, aux, _masked_mean_loss(aux, seg_BT)
 
-    def _dense_aux(self, q_BTNH: Array, k_BSKH: Array, qi_BTKE: Array, ki_BSE: Array,
-                   block_keep_BKTJ: Array, seg_BT: Array | None,
-                   index_scores: Array | None = None) -> tuple[Array, dict[str, Array]]:
-        """The materialised (T, T) arrays of a selection: the main weights (B, K, G, T, S) and
-        the aux dict ``msa_index_aux_loss`` takes, with the causal and segment rules."""
-        b, t = q_BTNH.shape[:2]
-        if index_scores is None:
-            index_scores = _index_logits(qi_BTKE, ki_BSE, self.causal, precision=self.precision)
-            if seg_BT is not None:
-                index_scores = jnp.where(core.segment_keep(seg_BT, seg_BT), index_scores,
-                                         core.mask_value(index_scores.dtype))
-        keep_BKTS = jnp.repeat(block_keep_BKTJ, self.block_size, axis=-1)[..., :t]
-        if self.causal:
-            keep_BKTS = keep_BKTS & core.causal_mask(t, t)
+
+def materialised_aux(q_BTNH: Array, k_BSKH: Array, qi_BTKE: Array, ki_BSE: Array,
+                     block_keep_BKTJ: Array, seg_BT: Array | None, *, block_size: int,
+                     causal: bool, scale: float, precision: core.Precision = None,
+                     index_scores: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """The materialised (T, T) arrays of a selection, as attnhut builds them: the main weights
+    (B, K, G, T, S) and the aux dict ``msa_index_aux_loss`` takes, with the causal and segment
+    rules."""
+    b, t, n = q_BTNH.shape[:3]
+    if index_scores is None:
+        index_scores = _index_logits(qi_BTKE, ki_BSE, causal, precision=precision)
         if seg_BT is not None:
-            keep_BKTS = keep_BKTS & core.segment_keep(seg_BT, seg_BT)
-        probs = core.attention_weights(q_BTNH, k_BSKH, keep=keep_BKTS, scale=self.head_dim ** -0.5,
-                                       precision=self.precision)
-        aux = {"index_scores": index_scores,
-               "attn_weights": probs.astype(q_BTNH.dtype).reshape(b, self.num_heads, t, t),
-               "keep": keep_BKTS}
-        return probs, aux
+            index_scores = jnp.where(core.segment_keep(seg_BT, seg_BT), index_scores,
+                                     core.mask_value(index_scores.dtype))
+    keep_BKTS = jnp.repeat(block_keep_BKTJ, block_size, axis=-1)[..., :t]
+    if causal:
+        keep_BKTS = keep_BKTS & core.causal_mask(t, t)
+    if seg_BT is not None:
+        keep_BKTS = keep_BKTS & core.segment_keep(seg_BT, seg_BT)
+    probs = core.attention_weights(q_BTNH, k_BSKH, keep=keep_BKTS, scale=scale,
+                                   precision=precision)
+    aux = {"index_scores": index_scores,
+           "attn_weights": probs.astype(q_BTNH.dtype).reshape(b, n, t, t),
+           "keep": keep_BKTS}
+    return probs, aux
+
+
+# The registry's ``msa_index_loss`` op: (q_BTNH, k_BSKH, qi_BTKE, ki_BSE, idx_BKTM, ok_BKTM, *,
+# block_size, causal, scale, q_seg_BT, k_seg_BS, precision) -> scalar. ``reference`` builds
+# attnhut's (T, T) arrays; ``xla`` and ``pallas`` run ``sparse_index_loss`` (the picks' gathers
+# and small matmuls are XLA either way; the output's kernels are the block-sparse op's).
+
+
+@registry.register("msa_index_loss", "reference")
+def _index_loss_reference(q_BTNH, k_BSKH, qi_BTKE, ki_BSE, idx_BKTM, ok_BKTM, *, block_size,
+                          causal, scale, q_seg_BT=None, k_seg_BS=None, precision=None):
+    del k_seg_BS  # one row: the keys' segments are the queries'
+    keep_BKTJ = keep_from_picks(idx_BKTM, ok_BKTM, -(-ki_BSE.shape[1] // block_size))
+    _, aux = materialised_aux(q_BTNH, k_BSKH, qi_BTKE, ki_BSE, keep_BKTJ, q_seg_BT,
+                              block_size=block_size, causal=causal, scale=scale,
+                              precision=precision)
+    return _masked_mean_loss(aux, q_seg_BT)
+
+
+registry.register("msa_index_loss", "xla")(sparse_index_loss)
+registry.register("msa_index_loss", "pallas")(sparse_index_loss)
 
 
 def _msa_kl_BKT(index_scores: Array, attn_weights: Array, keep: Array, eps: float) -> Array:

@@ -11,10 +11,12 @@ the operation and passes its ``impl`` field, and never branches on the name itse
     indexer_topk    reference, xla, pallas       pallas on GPU and TPU, else xla
     dsa             reference, xla, pallas       (DeepSeek sparse: select, then attend)
     csa             reference, xla, pallas       (compressed sparse: select, then attend)
+    msa_index_loss  reference, xla, pallas       (MiniMax's index loss over the picked blocks)
 
 The functions register themselves where they are defined (``core`` for the shared cores, the
-mechanism's file for DSA's and CSA's selection paths) with ``@register(op, impl)``; an impl may
-declare a ``supports`` check that names why a given call cannot run on it. ``select`` resolves an
+mechanism's file for DSA's and CSA's selection paths and MiniMax's index loss) with
+``@register(op, impl)``; an impl may declare a ``supports`` check that names why a given call
+cannot run on it. ``select`` resolves an
 impl once per call site (at trace time): an explicit impl that cannot run the call raises a
 ``ValueError`` naming why, never falling back; ``auto`` takes the first supported impl in the
 backend's order. An impl may also have a backend-specific entry (``register(..., backend="tpu")``:
@@ -42,6 +44,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "indexer_topk": SPARSE_IMPLS,
     "dsa": SPARSE_IMPLS,
     "csa": SPARSE_IMPLS,
+    "msa_index_loss": SPARSE_IMPLS,
 }
 
 # op kind -> backend -> the order in which ``auto`` tries impls

@@ -80,7 +80,7 @@ def test_resolve_auto_per_backend():
         assert registry.resolve(op, "xla", "gpu") == "xla"
     assert registry.resolve("dense", "auto", "gpu") == "cudnn"
     assert registry.resolve("dense", "auto", "tpu") == "xla"
-    for op in ("block_sparse", "token_sparse", "indexer_topk", "dsa", "csa"):
+    for op in ("block_sparse", "token_sparse", "indexer_topk", "dsa", "csa", "msa_index_loss"):
         assert registry.resolve(op, "auto", "gpu") == "pallas"
         assert registry.resolve(op, "auto", "tpu") == "pallas"
     assert registry.resolve("dense", "auto") == ("cudnn" if jax.default_backend() == "gpu"
