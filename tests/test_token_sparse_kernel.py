@@ -568,3 +568,57 @@ def test_core_wrappers_pass_the_segment_ids_on():
         got_i, _ = jax.jit(lambda qi, impl=impl: core.indexer_topk(
             qi, ki, wi, 2, causal=True, impl=impl, **kw))(qi)
         np.testing.assert_array_equal(np.asarray(got_i), np.asarray(ref_i), err_msg=impl)
+
+
+# ----------------------------------------------------------------------------- exact at any -O
+
+
+def _dsa_indexer_operands():
+    """The lightning-indexer operands of a small DSA layer (dim 32, 4 heads, 2 index heads of
+    width 8) on normal inputs (2, 13, 32), the setting of tests/test_dsa_training.py. Several
+    rows' k-th scores (e.g. row (0, 2), top_k 5) round differently with and without a fused
+    multiply-add, so a compiler that contracts one recomputation of a score and not another
+    moves that key by one ulp."""
+    import flax.linen as nn
+
+    import attnhut_jax as ah
+
+    x = jax.random.normal(jax.random.key(0), (2, 13, 32))
+    m = ah.DeepSeekSparseAttention(32, 4, top_k=5, num_index_heads=2, index_head_dim=8, causal=False)
+    p = nn.unbox(jax.jit(m.init)(jax.random.key(1), x))
+    return m.apply(p, x, method=lambda mod, x: mod.indexer.project(x))
+
+
+@pytest.mark.selections
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_radix_select_keeps_the_kth_key_whatever_the_compiler_rounds(causal):
+    """Regression: the radix select recomputes every score tile in each of its 9 passes. With one
+    loop per pass, XLA CPU at optimisation level 0 (this suite's setting) compiled the score
+    tile of the last pass differently from the counting passes' (an FMA contracted in one body
+    and not in the other), so the key at a row's k-th score came out one ulp below the
+    ``theta`` the counts had found, was dropped, and its slot stayed -1. All passes now run in
+    one loop, so every pass compares the same bits. DSA (keys = tokens, default and explicit
+    positions) and CSA-like (keys = compressed entries at positions (c + 1) * rate) cases, one
+    key tile and several, the indices alone as the program's output (the failing program) and
+    with the scores."""
+    q, k, w = _dsa_indexer_operands()
+    t, rate, nc = q.shape[1], 2, 6
+    cases = [("dsa", k, {}, (3, 5)),
+             ("dsa positions", k, dict(q_pos_T=jnp.arange(t), k_pos_S=jnp.arange(t)), (5,)),
+             ("csa", k[:, :nc], dict(q_pos_T=jnp.arange(t), k_pos_S=(jnp.arange(nc) + 1) * rate), (3,))]
+    for name, kk, kw, top_ks in cases:
+        for top_k in top_ks:
+            ref_i, ref_v = indexer_topk_reference(q, kk, w, top_k, causal=causal, **kw)
+            for blocks in (IndexerKernelBlocks(), IndexerKernelBlocks(8, 4)):
+                msg = f"{name} top_k={top_k} {blocks}"
+                def fn(q, k, w, top_k=top_k, blocks=blocks, kw=kw):
+                    return indexer_topk_pallas(q, k, w, top_k, causal=causal, blocks=blocks, **kw)
+                alone = jax.jit(lambda q, k, w, fn=fn: fn(q, k, w)[0])(q, kk, w)
+                np.testing.assert_array_equal(np.sort(np.asarray(alone), -1),
+                                              np.sort(np.asarray(ref_i), -1), err_msg=msg)
+                got_i, got_v = jax.jit(fn)(q, kk, w)
+                np.testing.assert_array_equal(np.sort(np.asarray(got_i), -1),
+                                              np.sort(np.asarray(ref_i), -1), err_msg=msg)
+                # scores as summed by two programs: small ones are differences of larger terms
+                np.testing.assert_allclose(np.sort(np.asarray(got_v), -1), np.sort(np.asarray(ref_v), -1),
+                                           rtol=1e-6, atol=1e-6, err_msg=msg)

@@ -16,6 +16,12 @@ tile (grid (B, query tiles)), scores are computed tile by tile in float32 and ne
    rule of ``lax.top_k``. Kept keys are written compacted in ascending key order with masked
    scatter stores at ``count + cumsum``.
 
+All nine passes run in ONE loop over (pass, key tile), so the score tile is computed by a
+single piece of compiled code and every pass sees the same bits: the count that found
+``theta`` and the compares of the last pass agree exactly, whatever the compiler contracts or
+reorders (with one loop per pass, XLA CPU at optimisation level 0 rounded a score one ulp
+differently in the last pass and left a slot at -1).
+
 So the selected *set* equals ``indexer_topk_reference`` (whose columns come in score order;
 here they come in key order, which is all attention needs), with no (T, S) array and O(1)
 state per row; the price is recomputing the scores in 9 passes. On an H100 that price is
@@ -65,10 +71,6 @@ def _ukey(sc: Array) -> Array:
     return signed ^ _SIGN
 
 
-def _srl(x: Array, n: int) -> Array:
-    return jax.lax.shift_right_logical(x, jnp.int32(n))
-
-
 def score_dtype(*dtypes):
     """dtype of the in-kernel score products: the inputs' (float32 accumulation, so bf16
     products are exact and the scores ranked are float32), at most float32."""
@@ -110,47 +112,48 @@ def _kernel(first_ref, end_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: 
             valid_TS = valid_TS & (k_seg == q_seg[:, None]) & (k_seg != 0)
         return sc_TS, _ukey(sc_TS), valid_TS, cols
 
-    # passes: the k-th largest unsigned key of every row, 4 bits at a time
-    prefix = jnp.zeros((bq,), jnp.int32)
-    rem = jnp.zeros((bq,), jnp.int32)
-    for p in range(_PASSES):
-        shift = 32 - _DIGIT * (p + 1)
-
-        def hist_body(jt, hist, p=p, shift=shift, prefix=prefix):
-            _, u, valid, _ = tile(jt)
-            match = valid
-            if p:
-                match = match & (_srl(u ^ prefix[:, None], shift + _DIGIT) == 0)
-            digit = _srl(u, shift) & (2 ** _DIGIT - 1)
-            return tuple(hist[d] + jnp.sum(match & (digit == d), axis=1, dtype=jnp.int32)
-                         for d in range(2 ** _DIGIT))
-
-        hist = jax.lax.fori_loop(first, end, hist_body,
-                                 tuple(jnp.zeros((bq,), jnp.int32) for _ in range(2 ** _DIGIT)))
-        if p == 0:
-            total = hist[0]
-            for d in range(1, 2 ** _DIGIT):
-                total = total + hist[d]
-            rem = jnp.minimum(total, m)
-        above = jnp.zeros((bq,), jnp.int32)
-        chosen = jnp.full((bq,), -1, jnp.int32)
-        new_rem = rem
-        for d in reversed(range(2 ** _DIGIT)):
-            hit = (chosen < 0) & (above + hist[d] >= rem)
-            chosen = jnp.where(hit, d, chosen)
-            new_rem = jnp.where(hit, rem - above, new_rem)
-            above = above + hist[d]
-        prefix = prefix | jax.lax.shift_left(jnp.maximum(chosen, 0), jnp.int32(shift))
-        rem = new_rem
-    theta = prefix ^ _SIGN  # signed form: signed compares of keys ^ SIGN are unsigned compares
-
+    # One loop runs all the passes (8 counting passes, then the selecting one) over the key
+    # tiles, so the score tile above is built by ONE piece of compiled code: the selection
+    # compares keys with a ``theta`` counted from the very same bits. Separate loops compile
+    # ``tile`` separately, and a compiler may round them differently (an FMA contracted in one
+    # body and not in another: XLA CPU at optimisation level 0 did), so a key equal to the
+    # k-th one could come out one ulp below ``theta`` in the last pass and its slot stay -1.
+    nd = 2 ** _DIGIT
     idx_ref[...] = jnp.full(idx_ref.shape, -1, jnp.int32)
     val_ref[...] = jnp.full(val_ref.shape, FILL, jnp.float32)
     rows = jnp.broadcast_to(jnp.arange(bq, dtype=jnp.int32)[:, None], (bq, block_k))
 
-    def select_body(jt, carry):
-        taken, ties = carry
-        sc_TS, u, valid_TS, cols = tile(jt)
+    def count(p, last, u, valid, hist, prefix, rem, fixed):
+        """Counting pass ``p`` over one tile: the 16-bin histogram of the next digit (bits
+        ``shift`` .. ``shift + 3``) among the valid keys whose bits fixed so far (mask ``fixed``)
+        match ``prefix``; after the pass's last tile, the digit where the remaining rank falls
+        (pass 0 also counts the valid keys: ``rem = min(valid, m)``)."""
+        shift = jnp.int32(32 - _DIGIT) - p * _DIGIT
+        match = valid & (((u ^ prefix[:, None]) & fixed) == 0)
+        digit = jax.lax.shift_right_logical(u, jnp.broadcast_to(shift, u.shape)) & (nd - 1)
+        hist = tuple(hist[d] + jnp.sum(match & (digit == d), axis=1, dtype=jnp.int32) for d in range(nd))
+        total = hist[0]
+        for d in range(1, nd):
+            total = total + hist[d]
+        need = jnp.where(p == 0, jnp.minimum(total, m), rem)
+        above = jnp.zeros((bq,), jnp.int32)
+        chosen = jnp.full((bq,), -1, jnp.int32)
+        new_rem = need
+        for d in reversed(range(nd)):
+            hit = (chosen < 0) & (above + hist[d] >= need)
+            chosen = jnp.where(hit, d, chosen)
+            new_rem = jnp.where(hit, need - above, new_rem)
+            above = above + hist[d]
+        digit_bits = jax.lax.shift_left(jnp.maximum(chosen, 0), jnp.broadcast_to(shift, chosen.shape))
+        return (tuple(jnp.where(last, 0, h) for h in hist),
+                jnp.where(last, prefix | digit_bits, prefix),
+                jnp.where(last, new_rem, rem),
+                jnp.where(last, fixed | jax.lax.shift_left(jnp.int32(nd - 1), shift), fixed))
+
+    def select(sc_TS, u, valid_TS, cols, prefix, rem, taken, ties):
+        """The last pass over one tile: keep the keys above the k-th key ``theta`` and the first
+        ``rem`` keys equal to it (in key order), written compacted at ``taken + cumsum``."""
+        theta = prefix ^ _SIGN  # signed form: signed compares of keys ^ SIGN are unsigned compares
         key = u ^ _SIGN
         eq = valid_TS & (key == theta[:, None])
         eq_i = eq.astype(jnp.int32)
@@ -167,8 +170,25 @@ def _kernel(first_ref, end_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: 
         return (taken + keep_i.sum(axis=1, dtype=jnp.int32),
                 ties + eq_i.sum(axis=1, dtype=jnp.int32))
 
+    def body(_, carry):
+        p, jt, hist, prefix, rem, fixed, taken, ties = carry
+        sc_TS, u, valid_TS, cols = tile(jt)  # the only place scores are computed
+        last = jt == end - 1
+
+        def counting(hist, prefix, rem, fixed, taken, ties):
+            return (*count(p, last, u, valid_TS, hist, prefix, rem, fixed), taken, ties)
+
+        def selecting(hist, prefix, rem, fixed, taken, ties):
+            return (hist, prefix, rem, fixed, *select(sc_TS, u, valid_TS, cols, prefix, rem, taken, ties))
+
+        hist, prefix, rem, fixed, taken, ties = jax.lax.cond(
+            p < _PASSES, counting, selecting, hist, prefix, rem, fixed, taken, ties)
+        return (p + last.astype(jnp.int32), jnp.where(last, first, jt + 1), hist, prefix, rem, fixed,
+                taken, ties)
+
     zeros = jnp.zeros((bq,), jnp.int32)
-    jax.lax.fori_loop(first, end, select_body, (zeros, zeros))
+    init = (jnp.int32(0), first, tuple(zeros for _ in range(nd)), zeros, zeros, jnp.int32(0), zeros, zeros)
+    jax.lax.fori_loop(0, (_PASSES + 1) * (end - first), body, init)
 
 
 def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causal: bool,
