@@ -29,7 +29,7 @@ from pallas_kernels.token_sparse.tables import build_tables, key_bitmask, tile_v
 
 # per-dtype tolerances: (output atol, gradient atol), relative to unit-scale inputs
 TOL = {jnp.float32: (2e-5, 5e-5), jnp.bfloat16: (3e-2, 6e-2)}
-HYPOTHESIS_EXAMPLES = 12  # derandomised: the same 12 examples on every run
+HYPOTHESIS_EXAMPLES = 8  # derandomised: the same 8 examples on every run
 
 IMPLS = {
     "pallas": lambda *a, **kw: token_sparse_attention(*a, block_sizes=BlockSizes(8, 1), **kw),
@@ -609,7 +609,10 @@ def test_radix_select_keeps_the_kth_key_whatever_the_compiler_rounds(causal):
     for name, kk, kw, top_ks in cases:
         for top_k in top_ks:
             ref_i, ref_v = indexer_topk_reference(q, kk, w, top_k, causal=causal, **kw)
-            for blocks in (IndexerKernelBlocks(), IndexerKernelBlocks(8, 4)):
+            # one key tile and several for the first case, several for the others
+            tilings = (IndexerKernelBlocks(), IndexerKernelBlocks(8, 4)) if top_k == 3 and \
+                name == "dsa" else (IndexerKernelBlocks(8, 4),)
+            for blocks in tilings:
                 msg = f"{name} top_k={top_k} {blocks}"
                 def fn(q, k, w, top_k=top_k, blocks=blocks, kw=kw):
                     return indexer_topk_pallas(q, k, w, top_k, causal=causal, blocks=blocks, **kw)
