@@ -79,6 +79,10 @@ def _check(owner: str, q_BTNH, k_BSKH, qi_BTIE, ki_BSE, w_BTI, sink_N, q_seg_BT,
                                  or tuple(k_seg_BS.shape) != (b, s)):
         raise ValueError(f"{owner}: q_seg_BT must be (B, T)=({b}, {t}) and k_seg_BS (B, S)=({b}, "
                          f"{s}), got {tuple(q_seg_BT.shape)} and {tuple(k_seg_BS.shape)}")
+    if q_seg_BT is not None and not (jnp.issubdtype(q_seg_BT.dtype, jnp.integer)
+                                     and jnp.issubdtype(k_seg_BS.dtype, jnp.integer)):
+        raise TypeError(f"{owner}: segment ids must be integer arrays, got {q_seg_BT.dtype} and "
+                        f"{k_seg_BS.dtype}")
 
 
 def _segments(q_seg_BT, k_seg_BS, b: int, t: int, s: int) -> tuple[Array, Array, Array]:

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import block_sparse
+
 from . import core, registry
 from .core import Array, Dtype
 
@@ -55,6 +57,7 @@ def block_scores(qi_BTKE: Array, ki_BSE: Array, *, block_size: int, causal: bool
     """
     b, t, kg, _ = qi_BTKE.shape
     s = ki_BSE.shape[1]
+    q_seg_BT, k_seg_BS, _ = block_sparse.check_segments(b, t, s, q_seg_BT, k_seg_BS, None)
     nb = -(-s // block_size)
     cb = max(1, min(tile // block_size, nb // 4))  # key blocks per chunk; >= 4 chunks
     ck = cb * block_size  # keys per chunk = queries per tile
@@ -162,6 +165,11 @@ def sparse_index_loss(q_BTNH: Array, k_BSKH: Array, qi_BTKE: Array, ki_BSE: Arra
     """
     b, t, n, h = q_BTNH.shape
     s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
+    q_seg_BT, k_seg_BS, _ = block_sparse.check_segments(b, t, s, q_seg_BT, k_seg_BS, None)
+    if idx_BKTM.ndim != 4 or idx_BKTM.shape[:3] != (b, kg, t) or ok_BKTM.shape != idx_BKTM.shape:
+        raise ValueError(f"sparse_index_loss: picks must be (B, K, T, M)=({b}, {kg}, {t}, M) "
+                         f"indices and validity of one shape, got {tuple(idx_BKTM.shape)} and "
+                         f"{tuple(ok_BKTM.shape)}")
     g, m, e = n // kg, idx_BKTM.shape[-1], qi_BTKE.shape[-1]
     nb = -(-s // block_size)
     tq = tile or max(1, min(t, _LOSS_TILE_KEYS // (m * block_size)))

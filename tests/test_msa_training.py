@@ -171,7 +171,8 @@ def packed_row_layout():
     return jnp.asarray(seg), jnp.asarray(pos), spans
 
 
-@pytest.mark.parametrize("impl,causal", [("xla", True), ("pallas", True), ("reference", True)])
+@pytest.mark.parametrize("impl,causal", [("xla", True), ("pallas", True), ("reference", True),
+                                         ("xla", False)])
 def test_packed_row_equals_each_segment_alone(impl, causal):
     m = make(impl, causal=causal)
     seg, pos, spans = packed_row_layout()
