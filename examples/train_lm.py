@@ -5,7 +5,7 @@
     python examples/train_lm.py --attn standard --ckpt-dir /tmp/lm --ckpt-every 50   # resumable
     python examples/train_lm.py --attn deepseek_sparse --text notes.txt --seq-len 256  # bytes of a file
     python examples/train_lm.py --attn compressed_sparse --pack --seq-len 32768 --batch-size 1 \
-        --index-loss sparse --steps 3          # packed documents at long context, index loss in the layer
+        --steps 3                              # packed documents at long context, index loss in the layer
 
 ``python -m examples.train_lm ...`` from the repository root is the same. The model, the recall
 task, the sharding rules and the checkpoints are described in the package ``examples/lm``
@@ -44,7 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     g.add_argument("--block-size", type=int, default=d.block_size, help="bigbird, minimax_sparse")
     g.add_argument("--top-k", type=int, default=None,
                    help="blocks (minimax_sparse), tokens (deepseek_sparse) or entries "
-                        "(compressed_sparse); default: a quarter of the context")
+                        "(compressed_sparse); default: a quarter of the context, at most 16 "
+                        "blocks / 256 tokens / 64 entries")
     g.add_argument("--window", type=int, default=d.window,
                    help="delta, heavily_compressed, compressed_sparse")
     g.add_argument("--compression-rate", type=int, default=d.compression_rate)

@@ -133,13 +133,15 @@ class Config:
                 raise ValueError(f"num_values={self.num_values} must be >= 2")
 
     def resolved_top_k(self) -> int:
-        """``top_k`` in the unit of the mechanism, defaulting to about a quarter of the context."""
+        """``top_k`` in the unit of the mechanism, defaulting to about a quarter of the context
+        up to a cap (16 blocks, 256 tokens, 64 entries): long contexts keep a sparse budget."""
         if self.top_k is not None:
             return self.top_k
         t = self.seq_len
-        return {"minimax_sparse": max(1, t // self.block_size // 4),
-                "deepseek_sparse": max(1, t // 4),
-                "compressed_sparse": max(1, t // self.compression_rate // 4)}.get(self.attn, 0)
+        return {"minimax_sparse": max(1, min(16, t // self.block_size // 4)),
+                "deepseek_sparse": max(1, min(256, t // 4)),
+                "compressed_sparse": max(1, min(64, t // self.compression_rate // 4))
+                }.get(self.attn, 0)
 
     def resolved_index_loss(self) -> str:
         """``index_loss`` with ``auto`` resolved for this mechanism (attnhut's loss)."""
