@@ -683,8 +683,8 @@ def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k,
                             k_seg_BS=None, k_sink_BS=None, **rules):
     b, t = q_BTNH.shape[:2]
     s = k_BSKH.shape[1]
-    q_seg_BT, k_seg_BS, k_sink_BS = block_sparse.check_segments(b, t, s, q_seg_BT, k_seg_BS,
-                                                                k_sink_BS)
+    q_seg_BT, k_seg_BS, k_sink_BS = block_sparse.check_segments(
+        "block_sparse_attention", b, t, s, q_seg_BT, k_seg_BS, k_sink_BS)
     keep = block_sparse.token_keep(block_keep_BKTJ, s, block_k, causal=causal,
                                    key_valid_BS=key_valid_BS, q_seg_BT=q_seg_BT,
                                    k_seg_BS=k_seg_BS, k_sink_BS=k_sink_BS, **rules)

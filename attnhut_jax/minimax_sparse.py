@@ -57,7 +57,8 @@ def block_scores(qi_BTKE: Array, ki_BSE: Array, *, block_size: int, causal: bool
     """
     b, t, kg, _ = qi_BTKE.shape
     s = ki_BSE.shape[1]
-    q_seg_BT, k_seg_BS, _ = block_sparse.check_segments(b, t, s, q_seg_BT, k_seg_BS, None)
+    q_seg_BT, k_seg_BS, _ = block_sparse.check_segments("block_scores", b, t, s, q_seg_BT,
+                                                         k_seg_BS)
     nb = -(-s // block_size)
     cb = max(1, min(tile // block_size, nb // 4))  # key blocks per chunk; >= 4 chunks
     ck = cb * block_size  # keys per chunk = queries per tile
@@ -165,7 +166,8 @@ def sparse_index_loss(q_BTNH: Array, k_BSKH: Array, qi_BTKE: Array, ki_BSE: Arra
     """
     b, t, n, h = q_BTNH.shape
     s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
-    q_seg_BT, k_seg_BS, _ = block_sparse.check_segments(b, t, s, q_seg_BT, k_seg_BS, None)
+    q_seg_BT, k_seg_BS, _ = block_sparse.check_segments("sparse_index_loss", b, t, s, q_seg_BT,
+                                                         k_seg_BS)
     if idx_BKTM.ndim != 4 or idx_BKTM.shape[:3] != (b, kg, t) or ok_BKTM.shape != idx_BKTM.shape:
         raise ValueError(f"sparse_index_loss: picks must be (B, K, T, M)=({b}, {kg}, {t}, M) "
                          f"indices and validity of one shape, got {tuple(idx_BKTM.shape)} and "

@@ -91,6 +91,44 @@ def rules(**kw) -> tuple:
     return tuple(sorted(kw.items()))
 
 
+def check_segments(owner: str, b: int, t: int, s: int, q_seg_BT: Array | None,
+                   k_seg_BS: Array | None, k_sink_BS: Array | None = None
+                   ) -> tuple[Array | None, Array | None, Array | None]:
+    """Validate the packed-sequence operands of a (B, T) query / (B, S) key call; returns
+    (q_seg int32, k_seg int32, k_sink bool), each None when not given. Segment ids come both or
+    neither, integer arrays; ``k_sink_BS`` (block-sparse only) is a bool or integer array
+    (non-zero: a sink key)."""
+    if (q_seg_BT is None) != (k_seg_BS is None):
+        given, missing = ("q_seg_BT", "k_seg_BS") if k_seg_BS is None else ("k_seg_BS", "q_seg_BT")
+        raise ValueError(f"{owner}: {given} was given without {missing}: segment ids come both or "
+                         f"neither, got q_seg_BT={'None' if q_seg_BT is None else 'an array'} and "
+                         f"k_seg_BS={'None' if k_seg_BS is None else 'an array'}")
+    out = []
+    for name, a, shape in (("q_seg_BT", q_seg_BT, (b, t)), ("k_seg_BS", k_seg_BS, (b, s)),
+                           ("k_sink_BS", k_sink_BS, (b, s))):
+        if a is None:
+            out.append(None)
+            continue
+        kind = "a bool or integer array" if name == "k_sink_BS" else "an integer array"
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise TypeError(f"{owner}: {name} must be {kind} of shape {shape}, got {type(a)!r}")
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{owner}: {name} must have shape {shape} (batch, "
+                             f"{'query' if name == 'q_seg_BT' else 'key'} length), "
+                             f"got {tuple(a.shape)}")
+        sink_ok = name == "k_sink_BS" and a.dtype == jnp.bool_
+        if not (jnp.issubdtype(a.dtype, jnp.integer) or sink_ok):
+            raise TypeError(f"{owner}: {name} must be {kind}, got dtype {a.dtype}")
+        out.append(jnp.asarray(a, bool if name == "k_sink_BS" else jnp.int32))
+    return out[0], out[1], out[2]
+
+
+def same_segment(q_seg: Array, k_seg: Array) -> Array:
+    """Bool, ``q_seg`` broadcast against ``k_seg``: the key is of the query's segment and is not
+    padding (id 0)."""
+    return (k_seg == q_seg) & (k_seg != 0)
+
+
 def default_scale(h: int, scale: float | None) -> float:
     return h ** -0.5 if scale is None else scale
 

@@ -335,7 +335,7 @@ def test_segment_arguments_are_checked():
             call(q_seg_BT=seg_q, k_seg_BS=seg_q)
         with pytest.raises(ValueError, match=r"q_seg_BT must have shape \(2, 8\).*\(1, 8\)"):
             call(q_seg_BT=seg_q[:1], k_seg_BS=seg_k)
-        with pytest.raises(TypeError, match="q_seg_BT must be integer-typed, got dtype float32"):
+        with pytest.raises(TypeError, match="q_seg_BT must be an integer array, got dtype float32"):
             call(q_seg_BT=seg_q.astype(jnp.float32), k_seg_BS=seg_k)
         with pytest.raises(ValueError, match=r"k_sink_BS must have shape \(2, 12\)"):
             call(k_sink_BS=jnp.zeros((2, 8), bool), window=2)

@@ -1,9 +1,10 @@
 """Block-sparse attention: GPU-style and TPU (Mosaic) kernels, an XLA path, the jnp reference and
 the on-device block-table builders."""
 
+from ..common import check_segments
 from .kernel import BlockSizes, block_sparse_attention
 from .reference import block_sparse_attention_reference, token_keep, zero_padding
-from .tables import build_tables, check_segments, segment_block_keep, tile_visits
+from .tables import build_tables, segment_block_keep, tile_visits
 from .tpu import block_sparse_attention_tpu
 from .xla import block_sparse_attention_xla
 

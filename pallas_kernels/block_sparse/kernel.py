@@ -32,10 +32,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from .. import common
-from ..common import F32, KernelConfig
+from ..common import F32, KernelConfig, check_segments
 from ..flash import dkv_call, dkv_tile, dq_call, dq_tile, forward_call, forward_tile
 from .reference import zero_padding
-from .tables import build_tables, check_segments, segment_block_keep
+from .tables import build_tables, segment_block_keep
 
 Array = jax.Array
 
@@ -292,7 +292,8 @@ def checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_p
     if key_valid_BS is not None and tuple(key_valid_BS.shape) != (b, s):
         raise ValueError(f"key_valid_BS must have shape (B, S)={(b, s)}, "
                          f"got {tuple(key_valid_BS.shape)}")
-    q_seg, k_seg, k_sink = check_segments(b, t, s, q_seg_BT, k_seg_BS, k_sink_BS)
+    q_seg, k_seg, k_sink = check_segments("block_sparse_attention", b, t, s, q_seg_BT, k_seg_BS,
+                                          k_sink_BS)
     keep = block_keep_BKTJ.astype(bool)
     valid = jnp.ones((b, s), bool) if key_valid_BS is None else key_valid_BS.astype(bool)
     if q_seg is None:

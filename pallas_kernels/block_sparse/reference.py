@@ -17,8 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..common import default_scale, masked_attention_reference
-from .tables import check_segments
+from ..common import check_segments, default_scale, masked_attention_reference, same_segment
 
 Array = jax.Array
 
@@ -31,7 +30,8 @@ def token_keep(block_keep_BKTJ: Array, s: int, block_k: int, *, causal: bool,
     """(B, K, T, S) bool token-level membership implied by a block selection and the rules
     (a dense (T, S) array: references only)."""
     b, _, t, _ = block_keep_BKTJ.shape
-    q_seg_BT, k_seg_BS, k_sink_BS = check_segments(b, t, s, q_seg_BT, k_seg_BS, k_sink_BS)
+    q_seg_BT, k_seg_BS, k_sink_BS = check_segments("token_keep", b, t, s, q_seg_BT, k_seg_BS,
+                                                    k_sink_BS)
     keep = jnp.repeat(block_keep_BKTJ, block_k, axis=-1)[..., :s]
     q_pos = jnp.arange(t) + (s - t) if q_pos_T is None else q_pos_T
     k_pos = jnp.arange(s) if k_pos_S is None else k_pos_S
@@ -45,8 +45,7 @@ def token_keep(block_keep_BKTJ: Array, s: int, block_k: int, *, causal: bool,
     if key_valid_BS is not None:
         keep = keep & key_valid_BS[:, None, None, :]
     if q_seg_BT is not None:
-        same_BTS = q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
-        keep = keep & (same_BTS & (k_seg_BS != 0)[:, None, :])[:, None]
+        keep = keep & same_segment(q_seg_BT[:, :, None], k_seg_BS[:, None, :])[:, None]
     return keep
 
 
@@ -75,7 +74,8 @@ def block_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array
     """Masked dense attention with the block-sparse semantics; returns (B, T, N, V)."""
     b, t = q_BTNH.shape[:2]
     s = k_BSKH.shape[1]
-    q_seg_BT, k_seg_BS, k_sink_BS = check_segments(b, t, s, q_seg_BT, k_seg_BS, k_sink_BS)
+    q_seg_BT, k_seg_BS, k_sink_BS = check_segments("block_sparse_attention_reference", b, t, s,
+                                                    q_seg_BT, k_seg_BS, k_sink_BS)
     keep = token_keep(block_keep_BKTJ, s, block_k, causal=causal, key_valid_BS=key_valid_BS,
                       q_pos_T=q_pos_T, k_pos_S=k_pos_S, window=window,
                       num_sink_keys=num_sink_keys, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS,

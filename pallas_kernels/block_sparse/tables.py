@@ -26,34 +26,6 @@ from ..common import compact
 Array = jax.Array
 
 
-def check_segments(b: int, t: int, s: int, q_seg_BT: Array | None, k_seg_BS: Array | None,
-                   k_sink_BS: Array | None) -> tuple[Array | None, Array | None, Array | None]:
-    """Validate the packed-sequence operands of a (B, T) query / (B, S) key problem; returns
-    (q_seg int32, k_seg int32, k_sink bool), each None when not given. Segment ids come both or
-    neither, integer-typed; ``k_sink_BS`` is bool or integer (non-zero: a sink key)."""
-    if (q_seg_BT is None) != (k_seg_BS is None):
-        raise ValueError("q_seg_BT and k_seg_BS come together (both or neither), got "
-                         f"q_seg_BT={'None' if q_seg_BT is None else 'an array'} and "
-                         f"k_seg_BS={'None' if k_seg_BS is None else 'an array'}")
-    out = []
-    for name, a, shape in (("q_seg_BT", q_seg_BT, (b, t)), ("k_seg_BS", k_seg_BS, (b, s)),
-                           ("k_sink_BS", k_sink_BS, (b, s))):
-        if a is None:
-            out.append(None)
-            continue
-        a = jnp.asarray(a)
-        if tuple(a.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (batch, "
-                             f"{'query' if name == 'q_seg_BT' else 'key'} length), "
-                             f"got {tuple(a.shape)}")
-        is_int = jnp.issubdtype(a.dtype, jnp.integer)
-        if not (is_int or (name == "k_sink_BS" and a.dtype == jnp.bool_)):
-            raise TypeError(f"{name} must be {'bool or ' if name == 'k_sink_BS' else ''}"
-                            f"integer-typed, got dtype {a.dtype}")
-        out.append(a.astype(bool) if name == "k_sink_BS" else a.astype(jnp.int32))
-    return out[0], out[1], out[2]
-
-
 def segment_block_keep(block_keep_BKTJ: Array, q_seg_BT: Array, k_seg_BS: Array, *,
                        block_k: int) -> Array:
     """``block_keep`` without the key blocks that hold no key of the query's segment.

@@ -11,12 +11,12 @@ on-device bitmask and visit tables (``tables.py``); what they share with block-s
 ``attnhut_jax.core`` (``token_sparse_attention``, ``indexer_topk``), next to block-sparse's.
 """
 
+from ..common import check_segments
 from .indexer import IndexerBlocks, indexer_topk
 from .indexer_kernel import IndexerKernelBlocks, indexer_topk_pallas
 from .kernel import BlockSizes, token_sparse_attention
 from .kernel_tpu import TpuBlockSizes, token_sparse_attention_tpu
 from .reference import (
-    check_segments,
     indexer_scores_reference,
     indexer_topk_reference,
     token_keep,

@@ -32,8 +32,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ..common import F32, FILL
-from .reference import check_segments, positions
+from ..common import F32, FILL, check_segments, same_segment
+from .reference import positions
+from .tables import tiled_segments
 
 Array = jax.Array
 
@@ -80,14 +81,9 @@ def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causa
     bq = min(blocks.block_q, t)
     qt = -(-t // bq)
     tp = qt * bq
-    q_seg_BT, k_seg_BS = check_segments("indexer_topk", q_seg_BT, k_seg_BS, b, t, s)
+    q_seg_BT, k_seg_BS, _ = check_segments("indexer_topk", b, t, s, q_seg_BT, k_seg_BS)
     packed = q_seg_BT is not None
-    if packed:  # padded queries get segment 0: they select nothing
-        qseg_BQT = jnp.pad(q_seg_BT, ((0, 0), (0, tp - t))).reshape(b, qt, bq)
-        kseg_BS = k_seg_BS
-    else:  # placeholders the maps carry but no step reads
-        qseg_BQT = jnp.zeros((b, qt, 1), jnp.int32)
-        kseg_BS = jnp.zeros((b, 1), jnp.int32)
+    qseg_BQT, kseg_BS = tiled_segments(q_seg_BT, k_seg_BS, b, qt, bq)
     q_pos, k_pos = positions(t, s, q_pos_T, k_pos_S)
     qp_QT = jnp.pad(q_pos, (0, tp - t), mode="edge").reshape(qt, bq)
     q_BQTIE = jnp.pad(q_BTIE, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, qt, bq, ni, e)
@@ -114,7 +110,7 @@ def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causa
                     sc_TS = jnp.where(ok_TS, sc_TS, FILL)
                 if packed:
                     kseg_S1 = jax.lax.dynamic_slice_in_dim(kseg_S, start, size)
-                    ok_TS = (kseg_S1[None, :] == qseg_T[:, None]) & (kseg_S1 != 0)[None, :]
+                    ok_TS = same_segment(qseg_T[:, None], kseg_S1[None, :])
                     sc_TS = jnp.where(ok_TS, sc_TS, FILL)
                 vals_TM, pick_TM = jax.lax.top_k(jnp.concatenate([vals_TM, sc_TS], axis=1), m)
                 cat_i = jnp.concatenate([idx_TM, jnp.broadcast_to(cols_S, sc_TS.shape)], axis=1)
@@ -152,7 +148,7 @@ def indexer_topk(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *, causa
                 ok_TM = ok_TM & (jnp.take(k_pos, jnp.maximum(idx_TM, 0)) <= qp_T[:, None])
             if packed:
                 kseg_TM = jnp.take(kseg_S, jnp.maximum(idx_TM, 0))
-                ok_TM = ok_TM & (kseg_TM == qseg_T[:, None]) & (kseg_TM != 0)
+                ok_TM = ok_TM & same_segment(qseg_T[:, None], kseg_TM)
             return jnp.where(ok_TM, idx_TM, -1), jnp.where(ok_TM, vals_TM, FILL)
 
         return jax.lax.map(tile, (q_QTIE, w_QTI, qp_QT, qseg_QT))

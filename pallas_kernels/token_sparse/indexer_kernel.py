@@ -47,8 +47,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from ..common import F32, FILL, cdiv
-from .reference import check_segments, positions
+from ..common import F32, FILL, cdiv, check_segments, same_segment
+from .reference import positions
 from .tables import id_ranges
 
 Array = jax.Array
@@ -109,7 +109,7 @@ def _kernel(first_ref, end_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: 
             valid_TS = valid_TS & (kpos_ref[pl.ds(start, block_k)][None, :] <= q_pos[:, None])
         if packed:  # same segment, key not padding
             k_seg = kseg_ref[pl.ds(start, block_k)][None, :]
-            valid_TS = valid_TS & (k_seg == q_seg[:, None]) & (k_seg != 0)
+            valid_TS = valid_TS & same_segment(q_seg[:, None], k_seg)
         return sc_TS, _ukey(sc_TS), valid_TS, cols
 
     # One loop runs all the passes (8 counting passes, then the selecting one) over the key
@@ -207,7 +207,7 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
     b, t, ni, e = q_BTIE.shape
     s = k_BSE.shape[1]
     m = min(top_k, s)
-    q_seg_BT, k_seg_BS = check_segments("indexer_topk_pallas", q_seg_BT, k_seg_BS, b, t, s)
+    q_seg_BT, k_seg_BS, _ = check_segments("indexer_topk_pallas", b, t, s, q_seg_BT, k_seg_BS)
     packed = q_seg_BT is not None
     mp = pl.next_power_of_2(m + blocks.block_k)  # m slots, then the dump slots
     if interpret is None:

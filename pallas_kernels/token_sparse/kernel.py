@@ -24,7 +24,7 @@ inputs, the bitmask and the tables.
 Packed sequences (segment ids): selected keys of another segment are dropped before the
 bitmask is built and window blocks holding no key of a tile's segments leave its table row
 (``tables.tile_visits``), so the tables skip both; every kernel ands a block's membership with
-the segment rule on the tile's query ids and the block's key ids (``tables.same_segment``),
+the segment rule on the tile's query ids and the block's key ids (``common.same_segment``),
 which keeps the window inside each query's segment; the ids are (B, Tp) and (B, Sp) int32
 operands, 0 on the padded rows and keys.
 
@@ -46,10 +46,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from .. import common
-from ..common import F32, KernelConfig
+from ..common import F32, KernelConfig, check_segments, same_segment
 from ..flash import dkv_call, dkv_tile, dq_call, dq_tile, forward_call, forward_tile
-from .reference import check_segments
-from .tables import WORD, build_tables, key_bitmask, membership, same_segment, segment_indices
+from .tables import WORD, build_tables, key_bitmask, membership, segment_indices
 
 Array = jax.Array
 
@@ -293,8 +292,8 @@ def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,
     ``precision`` reaches every in-kernel matrix product.
     """
     check_shapes(q_BTNH, k_BSKH, v_BSKV, indices_BTM)
-    segs = check_segments("token_sparse_attention", q_seg_BT, k_seg_BS, q_BTNH.shape[0],
-                          q_BTNH.shape[1], k_BSKH.shape[1])
+    segs = check_segments("token_sparse_attention", q_BTNH.shape[0], q_BTNH.shape[1], k_BSKH.shape[1],
+                          q_seg_BT, k_seg_BS)[:2]
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     cfg = token_config(q_BTNH, k_BSKH, v_BSKV, block_q=block_sizes.block_q,

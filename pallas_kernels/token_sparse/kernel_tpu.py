@@ -38,10 +38,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .. import common
-from ..common import F32, FILL, KernelConfig
+from ..common import F32, FILL, KernelConfig, check_segments, same_segment
 from .kernel import check_shapes, token_config, token_tables
-from .reference import check_segments
-from .tables import WORD, key_bitmask, membership, same_segment, segment_indices
+from .tables import WORD, key_bitmask, membership, segment_indices
 
 Array = jax.Array
 
@@ -343,8 +342,8 @@ def token_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
     defaults to True off TPU (``pltpu.InterpretParams``). float64 operands (under
     ``jax_enable_x64``) are computed in float32, as a TPU must."""
     check_shapes(q_BTNH, k_BSKH, v_BSKV, indices_BTM)
-    segs = check_segments("token_sparse_attention_tpu", q_seg_BT, k_seg_BS, q_BTNH.shape[0],
-                          q_BTNH.shape[1], k_BSKH.shape[1])
+    segs = check_segments("token_sparse_attention_tpu", q_BTNH.shape[0], q_BTNH.shape[1], k_BSKH.shape[1],
+                          q_seg_BT, k_seg_BS)[:2]
     t = q_BTNH.shape[1]
     if interpret is None:
         interpret = jax.default_backend() != "tpu"

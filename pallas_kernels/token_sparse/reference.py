@@ -35,7 +35,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..common import F32, FILL, default_scale, masked_attention_reference
+from ..common import (
+    F32,
+    FILL,
+    check_segments,
+    default_scale,
+    masked_attention_reference,
+    same_segment,
+)
 
 Array = jax.Array
 
@@ -48,33 +55,9 @@ def positions(t: int, s: int, q_pos_T: Array | None, k_pos_S: Array | None) -> t
     return q_pos.astype(jnp.int32), k_pos.astype(jnp.int32)
 
 
-def check_segments(owner: str, q_seg_BT: Array | None, k_seg_BS: Array | None, b: int, t: int,
-                   s: int) -> tuple[Array | None, Array | None]:
-    """Validate the packed-sequence arguments of a token-sparse or indexer call: both or neither,
-    integer arrays of shapes (B, T) and (B, S). Returns them as int32 (or ``(None, None)``)."""
-    if (q_seg_BT is None) != (k_seg_BS is None):
-        given, missing = ("q_seg_BT", "k_seg_BS") if k_seg_BS is None else ("k_seg_BS", "q_seg_BT")
-        raise ValueError(f"{owner}: {given} was given without {missing}; pass both segment-id "
-                         "arrays or neither")
-    if q_seg_BT is None:
-        return None, None
-    out = []
-    for name, a, shape in (("q_seg_BT", q_seg_BT, (b, t)), ("k_seg_BS", k_seg_BS, (b, s))):
-        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-            raise TypeError(f"{owner}: {name} must be an integer array of shape {shape}, "
-                            f"got {type(a)!r}")
-        if tuple(a.shape) != shape:
-            raise ValueError(f"{owner}: {name} must have shape {shape} (B, {name[-1]}), "
-                             f"got {tuple(a.shape)}")
-        if not jnp.issubdtype(a.dtype, jnp.integer):
-            raise TypeError(f"{owner}: {name} must be an integer array, got dtype {a.dtype}")
-        out.append(jnp.asarray(a, jnp.int32))
-    return out[0], out[1]
-
-
 def segment_keep(q_seg_BT: Array, k_seg_BS: Array) -> Array:
     """(B, T, S) bool: the packed-sequence rule ``k_seg == q_seg != 0`` (reference only)."""
-    return (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_seg_BS != 0)[:, None, :]
+    return same_segment(q_seg_BT[:, :, None], k_seg_BS[:, None, :])
 
 
 def window_keep(t: int, s: int, window: int | None, window_start: int = 0) -> Array:
@@ -92,7 +75,7 @@ def token_keep(indices_BTM: Array, s: int, *, window: int | None = None,
     """(B, T, S) bool: selected keys (empty slots ignored) or'ed with the window, and'ed with the
     segment rule when segment ids are given."""
     b, t, _ = indices_BTM.shape
-    q_seg_BT, k_seg_BS = check_segments("token_keep", q_seg_BT, k_seg_BS, b, t, s)
+    q_seg_BT, k_seg_BS, _ = check_segments("token_keep", b, t, s, q_seg_BT, k_seg_BS)
     idx = jnp.where((indices_BTM >= 0) & (indices_BTM < s), indices_BTM, s)
     hit = jnp.zeros((b, t, s + 1), bool)
     hit = jnp.put_along_axis(hit, idx, True, axis=-1, inplace=False)[..., :s]
@@ -108,8 +91,8 @@ def token_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array
                                      k_seg_BS: Array | None = None,
                                      precision: jax.lax.PrecisionLike = None) -> Array:
     """Masked dense attention with the token-sparse semantics; returns (B, T, N, V)."""
-    check_segments("token_sparse_attention_reference", q_seg_BT, k_seg_BS, q_BTNH.shape[0],
-                   q_BTNH.shape[1], k_BSKH.shape[1])
+    check_segments("token_sparse_attention_reference", q_BTNH.shape[0], q_BTNH.shape[1],
+                   k_BSKH.shape[1], q_seg_BT, k_seg_BS)
     v_BSKV = k_BSKH if v_BSKV is None else v_BSKV
     keep_BTS = token_keep(indices_BTM, k_BSKH.shape[1], window=window, window_start=window_start,
                           q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS)
@@ -147,7 +130,7 @@ def indexer_topk_reference(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int
     ``jax.lax.top_k``: columns come in descending score order, ties towards the lower key index.
     """
     b, t, s = q_BTIE.shape[0], q_BTIE.shape[1], k_BSE.shape[1]
-    q_seg_BT, k_seg_BS = check_segments("indexer_topk", q_seg_BT, k_seg_BS, b, t, s)
+    q_seg_BT, k_seg_BS, _ = check_segments("indexer_topk", b, t, s, q_seg_BT, k_seg_BS)
     valid_BTS = indexer_valid(t, s, causal=causal, q_pos_T=q_pos_T, k_pos_S=k_pos_S)[None]
     if q_seg_BT is not None:
         valid_BTS = valid_BTS & segment_keep(q_seg_BT, k_seg_BS)

@@ -22,7 +22,7 @@ decodes a block's words inside the kernels.
 every selected key of another segment or of padding (O(T * M) gathers), so the bitmask and the
 tables hold only readable selections; a window block enters a tile's row only if its keys' ids
 can meet the tile's (``tile_visits``), so blocks of other segments are skipped; the kernels
-then and each block's membership with ``same_segment`` on the tile's query ids and the block's
+then and each block's membership with ``common.same_segment`` on the tile's query ids and the block's
 key ids, which keeps the window (positional, not in the bitmask) exactly inside each query's
 segment.
 """
@@ -32,7 +32,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..common import compact
+from ..common import compact, same_segment
 
 Array = jax.Array
 WORD = 32
@@ -52,12 +52,6 @@ def key_bitmask(indices_BTM: Array, s: int) -> Array:
     return bits[..., :nw]
 
 
-def same_segment(q_seg: Array, k_seg: Array) -> Array:
-    """Bool, ``q_seg`` broadcast against ``k_seg``: the key is of the query's segment and is not
-    padding (id 0)."""
-    return (k_seg == q_seg) & (k_seg != 0)
-
-
 def segment_indices(indices_BTM: Array, q_seg_BT: Array, k_seg_BS: Array) -> Array:
     """``indices_BTM`` with every entry that is not a key of its query's segment set to -1 (empty
     slots stay empty)."""
@@ -68,6 +62,17 @@ def segment_indices(indices_BTM: Array, q_seg_BT: Array, k_seg_BS: Array) -> Arr
     k_seg_BTM = jnp.take_along_axis(k_seg_BS, jnp.where(ok, idx, 0).reshape(b, t * m),
                                     axis=1).reshape(b, t, m)
     return jnp.where(ok & same_segment(q_seg_BT[:, :, None], k_seg_BTM), idx, -1)
+
+
+def tiled_segments(q_seg_BT: Array | None, k_seg_BS: Array | None, b: int, qt: int,
+                   bq: int) -> tuple[Array, Array]:
+    """The segment ids a map over (batch, query tile) carries: queries as (B, QT, bq), padded
+    queries in segment 0 (they read and select nothing), and the keys (B, S). Without segment
+    ids, (B, QT, 1) and (B, 1) placeholders that no step reads."""
+    if q_seg_BT is None:
+        return jnp.zeros((b, qt, 1), jnp.int32), jnp.zeros((b, 1), jnp.int32)
+    pad = qt * bq - q_seg_BT.shape[1]
+    return jnp.pad(q_seg_BT, ((0, 0), (0, pad))).reshape(b, qt, bq), k_seg_BS
 
 
 def membership(words, q_idx: Array, col: Array, start, *, s_len: int, t_len: int,

@@ -37,8 +37,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..common import F32, FILL, default_scale
-from .reference import check_segments
+from ..common import F32, FILL, check_segments, default_scale, same_segment
+from .tables import tiled_segments
 
 Array = jax.Array
 
@@ -65,7 +65,7 @@ def token_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
     below)."""
     b, t, n, h = q_BTNH.shape
     s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
-    q_seg_BT, k_seg_BS = check_segments("token_sparse_attention_xla", q_seg_BT, k_seg_BS, b, t, s)
+    q_seg_BT, k_seg_BS, _ = check_segments("token_sparse_attention_xla", b, t, s, q_seg_BT, k_seg_BS)
     packed = q_seg_BT is not None
     shared = v_BSKV is None
     vw = h if shared else v_BSKV.shape[-1]
@@ -85,12 +85,7 @@ def token_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
     lw = 0 if window is None else min(window + bq - 1, s)  # keys in a tile's window slab
     ranges = _prefix_ranges(s, m, num_ranges, dense_factor, min_range)
     sink_KG = None if sink is None else sink.astype(F32).reshape(kg, g)
-    if packed:  # padded queries get segment 0: they read nothing
-        qseg_BQT = jnp.pad(q_seg_BT, ((0, 0), (0, tp - t))).reshape(b, qt, bq)
-        kseg_BS = k_seg_BS
-    else:  # placeholders the map carries but no step reads
-        qseg_BQT = jnp.zeros((b, qt, 1), jnp.int32)
-        kseg_BS = jnp.zeros((b, 1), jnp.int32)
+    qseg_BQT, kseg_BS = tiled_segments(q_seg_BT, k_seg_BS, b, qt, bq)
 
     def batch(xs):
         q_QKGTH, idx_QTM, krows_b, k_KSH, vrows_b, qseg_QT, kseg_S = xs
@@ -101,7 +96,7 @@ def token_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
             sel_TM = (idx_TM >= 0) & (idx_TM < s)
             if packed:  # the segment rule on the selected keys
                 kseg_TM = jnp.take(kseg_S, jnp.clip(idx_TM, 0, s - 1), axis=0)
-                sel_TM = sel_TM & (kseg_TM == qseg_T[:, None]) & (kseg_TM != 0)
+                sel_TM = sel_TM & same_segment(qseg_T[:, None], kseg_TM)
             if window is not None:  # selected keys inside the window are read there
                 raw_TM = idx_TM - window_start
                 sel_TM = sel_TM & ~((raw_TM >= 0) & (raw_TM <= t_T[:, None])
@@ -135,7 +130,7 @@ def token_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | Non
                           & (raw_W[None, :] > t_T[:, None] - window) & (t_T[:, None] < t))
                 if packed:  # and on the window slab
                     kseg_W = jax.lax.dynamic_slice_in_dim(kseg_S, start, lw)
-                    win_TW = win_TW & (kseg_W[None, :] == qseg_T[:, None]) & (kseg_W != 0)[None, :]
+                    win_TW = win_TW & same_segment(qseg_T[:, None], kseg_W[None, :])
                 s_KGTW = jnp.einsum("KGTH,WKH->KGTW", q_KGTH, kwin_WKH, precision=precision)
                 s_KGTW = jnp.where(win_TW[None, None], s_KGTW * scale, FILL)
                 mx_KGT = jnp.maximum(mx_KGT, s_KGTW.max(axis=-1))
