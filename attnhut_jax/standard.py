@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from . import core, registry
+from . import cache, core, registry
 from .core import Array, Dtype
 
 
@@ -18,6 +18,11 @@ class StandardAttention(nn.Module):
     ``impl`` (``auto`` | ``xla`` | ``cudnn``; no variable depends on it) picks the registry's
     ``dense`` op, ``core.cudnn_unsupported`` says when cuDNN can run; ``precision`` reaches every
     matmul (Flax's convention).
+
+    ``decode=True`` (causal only) decodes incrementally with a K/V cache (``attnhut_jax.cache``):
+    ``init`` on a (B, max_len, D) input sizes the cache, each ``apply(..., mutable=["cache"])``
+    appends a chunk and attends it over every cached key at or before it (XLA, whatever
+    ``impl``). The ``params`` are those of ``decode=False``.
     """
 
     dim: int
@@ -29,6 +34,7 @@ class StandardAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
+    decode: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -38,17 +44,33 @@ class StandardAttention(nn.Module):
         """Bytes a decoder caches per token in ``dtype``: K and V of every head."""
         return float(2 * self.dim * jnp.dtype(dtype).itemsize)
 
+    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
+        """Bytes of the decode cache's arrays: K and V of every head in ``dtype``, and the index."""
+        return cache.dense_cache_bytes(batch, max_len, self.num_heads, self.head_dim,
+                                       self.head_dim, dtype)
+
+    def decode_reads(self, n: int) -> int:
+        """Cached tokens whose keys and values one decode query reads at cache length ``n``: all."""
+        return int(n)
+
+    def decode_scored(self, n: int) -> int:
+        """Index keys a selector scores per decode query: none (no selector)."""
+        del n
+        return 0
+
     def setup(self) -> None:
         core.check_positive("StandardAttention", dim=self.dim, num_heads=self.num_heads)
         registry.check("StandardAttention", "dense", self.impl)
         core.check_divisible("StandardAttention", ("dim", self.dim), ("num_heads", self.num_heads))
+        cache.check_causal("StandardAttention", self.decode, self.causal)
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision)
         self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
     def __call__(self, x: Array, attn_mask: Array | None = None, deterministic: bool = True, *,
-                 segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+                 segment_ids: Array | None = None, positions: Array | None = None,
+                 lengths: Array | None = None) -> Array:
         """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T).
 
         ``segment_ids`` (B, T) int: packed sequences (``core.check_packing``); token t reads key s
@@ -56,8 +78,22 @@ class StandardAttention(nn.Module):
         token; its own output is finite). Segments AND with the causal rule and with
         ``attn_mask`` (which, as in attnhut, replaces the causal rule). ``positions`` (B, T) int
         is validated and otherwise unused: this module has no RoPE, the only reader of positions.
+
+        With ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
+        appends (``attnhut_jax.cache``); ``attn_mask``, ``segment_ids`` and ``positions`` are
+        refused, and dropout is off.
         """
         core.check_input(x, self.dim, "StandardAttention")
+        cache.check_options("StandardAttention", decode=self.decode, lengths=lengths,
+                            attn_mask=attn_mask, segment_ids=segment_ids, positions=positions)
+        if self.decode:
+            step = cache.begin(self, "StandardAttention", x, lengths, sized_by="key")
+            b, n, _ = step.x.shape
+            q, k, v = jnp.split(self.qkv(step.x), 3, axis=-1)
+            shape = (b, n, self.num_heads, self.head_dim)
+            out = cache.attend_cache(step, q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                     precision=self.precision)
+            return step.finish(self.proj(out.reshape(b, n, self.dim)))
         seg, _ = core.check_packing("StandardAttention", x, segment_ids, positions)
         x = core.mask_padding(x, seg)
         b, t, _ = x.shape

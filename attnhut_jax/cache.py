@@ -1,0 +1,271 @@
+"""Incremental decoding: the ``'cache'`` collection every decoding module shares.
+
+The Flax convention of ``nn.MultiHeadDotProductAttention``: a module built with ``decode=True``
+is initialised on a (B, max_len, D) input, which sizes an empty cache (and creates the same
+``params`` as ``decode=False``; ``init`` runs no attention over that input and returns zeros);
+every later ``apply(..., mutable=["cache"])`` appends a chunk of n >= 1 tokens per row and
+returns the chunk's outputs::
+
+    m = GroupedQueryAttention(dim, num_heads, num_kv_heads, causal=True, decode=True)
+    variables = m.init(key, jnp.zeros((batch, max_len, dim)))
+    out, state = m.apply({"params": params, "cache": variables["cache"]}, x_chunk,
+                         mutable=["cache"], lengths=prompt_lengths)   # lengths: first chunk only
+
+Rules every decoding module keeps (``Step`` implements them):
+
+* ``index`` (B,) int32 in the cache: how many tokens each row holds. A chunk's token j of row b
+  sits at position ``index[b] + j``; RoPE reads that position, the causal rule lets it read the
+  keys at or before it.
+* ``lengths`` (B,) int (optional, any call; default n): row b appends only its first
+  ``lengths[b]`` tokens. Tokens past a row's length are neither written nor read and their
+  outputs are zeros. Rows of a batch may so hold prompts of different lengths; each later step
+  appends one token per row at that row's own position.
+* Room: when called eagerly a chunk that does not fit (``index + lengths > max_len`` in some
+  row) raises ``ValueError``; under ``jit`` the index is not known on the host, so only a chunk
+  longer than the whole cache raises, and otherwise the tokens that do not fit are not written,
+  the index stops at ``max_len`` and their outputs are NaN (an overflow never passes for a
+  result).
+* ``decode=True`` on a non-causal module raises ``ValueError`` (a decoder only appends).
+* The step is a pure function of the cache arrays: a jit-compiled step for a fixed chunk size
+  compiles once, whatever the positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import core
+from .core import Array, Precision
+
+COLLECTION = "cache"
+INDEX = "index"
+
+
+def check_options(owner: str, *, decode: bool, lengths: Array | None = None, **given) -> None:
+    """Raise for call arguments a decode step cannot take (``given``: name -> value, rejected
+    when not None), and for ``lengths`` without ``decode``."""
+    if not decode:
+        if lengths is not None:
+            raise ValueError(f"{owner}: lengths is a decode argument (prompt lengths of the first "
+                             f"chunk); build the module with decode=True")
+        return
+    bad = [k for k, v in given.items() if v is not None and v is not False]
+    if bad:
+        raise ValueError(f"{owner}: {', '.join(bad)} cannot be used with decode=True (a decode step "
+                         f"appends one sequence per row to the cache: positions continue from the "
+                         f"cache, rows of different lengths take lengths=)")
+
+
+def check_causal(owner: str, decode: bool, causal: bool) -> None:
+    """``decode=True`` needs a causal module."""
+    if decode and not causal:
+        raise ValueError(f"{owner}: decode=True needs causal=True (a bidirectional module reads "
+                         f"tokens that a decoder has not generated yet)")
+
+
+def refuse_decode(owner: str, decode: bool, why: str) -> None:
+    """Raise for a module that cannot decode incrementally, saying why."""
+    if decode:
+        raise ValueError(f"{owner} cannot decode incrementally (decode=True): {why}")
+
+
+def _is_tracer(a) -> bool:
+    return isinstance(a, jax.core.Tracer)
+
+
+@dataclass
+class Step:
+    """One decode call of ``module``: the chunk, its positions and the cache writes.
+
+    Attributes:
+      x: the chunk (B, n, D) to compute (at ``init``: the first token of the sizing input).
+      start_B: (B,) int32 tokens in each row before the chunk.
+      len_B: (B,) int32 tokens the chunk appends per row (<= n).
+      pos_BT: (B, n) int32 position of each chunk token (``start + j``).
+      ok_BT: (B, n) bool: token j is appended (j < len, and it fits).
+      max_len: the cache's length (static).
+      initializing: True inside ``init``: arrays are created empty and nothing is written.
+    """
+
+    module: nn.Module
+    owner: str
+    x: Array
+    start_B: Array
+    len_B: Array
+    pos_BT: Array
+    ok_BT: Array
+    max_len: int
+    initializing: bool
+    _out_shape: tuple[int, ...]
+
+    # ------------------------------------------------------------------ arrays
+    def state(self, name: str, shape: tuple[int, ...], dtype, fill=0) -> Array:
+        """The cache array ``name``: created as ``full(shape, fill, dtype)`` at init, read
+        otherwise (its shape and dtype are checked against ``shape`` / ``dtype``)."""
+        m = self.module
+        if self.initializing or not m.has_variable(COLLECTION, name):
+            if not self.initializing:
+                raise ValueError(f"{self.owner}: the cache has no array {name!r}; initialise the "
+                                 f"module with decode=True and pass its 'cache' collection")
+            value = jnp.full(shape, fill, dtype)
+            m.put_variable(COLLECTION, name, value)
+            return value
+        value = m.get_variable(COLLECTION, name)
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{self.owner}: cache array {name!r} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(shape)} (was the cache initialised for this module "
+                             f"and batch?)")
+        return value
+
+    def put(self, name: str, value: Array) -> None:
+        """Store ``value`` as cache array ``name`` (nothing is stored at init)."""
+        if not self.initializing:
+            self.module.put_variable(COLLECTION, name, value)
+
+    def append(self, name: str, value_BT: Array) -> Array:
+        """Write the chunk's appended tokens of ``value_BT`` (B, n, ...) into cache array
+        ``name`` (B, max_len, ...) at their positions; returns the array after the write."""
+        b = value_BT.shape[0]
+        cache = self.state(name, (b, self.max_len, *value_BT.shape[2:]), value_BT.dtype)
+        new = write_rows(cache, self.pos_BT, value_BT.astype(cache.dtype), self.ok_BT)
+        self.put(name, new)
+        return new
+
+    # ------------------------------------------------------------------ rules
+    def keep(self, length: int | None = None) -> Array:
+        """(B, n, S) bool, S = ``length`` (default max_len): chunk token j may read cache
+        position s (the causal rule ``s <= pos``, for appended tokens only)."""
+        s = self.max_len if length is None else length
+        return (jnp.arange(s)[None, None, :] <= self.pos_BT[:, :, None]) & self.ok_BT[:, :, None]
+
+    @property
+    def end_B(self) -> Array:
+        """(B,) int32: tokens in each row after the chunk."""
+        return jnp.minimum(self.start_B + self.len_B, self.max_len)
+
+    def finish(self, out_BTD: Array) -> Array:
+        """Advance the index and return the chunk's outputs: zeros past a row's length, NaN for
+        tokens that did not fit (under jit); at init, zeros of the sizing input's shape."""
+        if self.initializing:
+            return jnp.zeros(self._out_shape, out_BTD.dtype)
+        self.module.put_variable(COLLECTION, INDEX, self.end_B)
+        n = out_BTD.shape[1]
+        asked_BT = jnp.arange(n)[None, :] < self.len_B[:, None]
+        out_BTD = jnp.where(self.ok_BT[..., None], out_BTD, jnp.zeros((), out_BTD.dtype))
+        overflow_BT = asked_BT & ~self.ok_BT
+        return jnp.where(overflow_BT[..., None], jnp.asarray(jnp.nan, out_BTD.dtype), out_BTD)
+
+
+def begin(module: nn.Module, owner: str, x: Array, lengths: Array | None, *,
+          sized_by: str, per_slot: int = 1) -> Step:
+    """Start a decode call of ``module`` on the (already validated) input ``x``.
+
+    At init ``x`` is the (B, max_len, D) sizing input: the index is created and the step
+    computes its first token only (to create the parameters), writing nothing. Otherwise the
+    cache's ``max_len`` is axis 1 of cache array ``sized_by`` times ``per_slot`` (e.g. HCA's
+    entries hold ``compression_rate`` tokens each), and ``lengths`` / the room are checked.
+    """
+    b, n = x.shape[0], x.shape[1]
+    if module.is_initializing():
+        module.put_variable(COLLECTION, INDEX, jnp.zeros((b,), jnp.int32))
+        zero = jnp.zeros((b,), jnp.int32)
+        return Step(module, owner, x[:, :1], zero, zero + 1, zero[:, None],
+                    jnp.ones((b, 1), bool), n, True, tuple(x.shape))
+    if not module.has_variable(COLLECTION, INDEX) or not module.has_variable(COLLECTION, sized_by):
+        raise ValueError(f"{owner}: decode=True needs the 'cache' collection: initialise with "
+                         f"m.init(key, jnp.zeros((batch, max_len, dim))) and call m.apply("
+                         f"{{'params': ..., 'cache': ...}}, x, mutable=['cache'])")
+    start_B = module.get_variable(COLLECTION, INDEX)
+    if tuple(start_B.shape) != (b,):
+        raise ValueError(f"{owner}: the cache holds {start_B.shape[0]} rows, the input "
+                         f"{tuple(x.shape)} has batch {b}")
+    max_len = module.get_variable(COLLECTION, sized_by).shape[1] * per_slot
+    if n > max_len:
+        raise ValueError(f"{owner}: a chunk of {n} tokens is longer than the cache (max_len="
+                         f"{max_len})")
+    if lengths is None:
+        len_B = jnp.full((b,), n, jnp.int32)
+    else:
+        if not hasattr(lengths, "shape") or not hasattr(lengths, "dtype"):
+            raise TypeError(f"{owner}: lengths must be an integer array of shape ({b},), got "
+                            f"{type(lengths)!r}")
+        if tuple(lengths.shape) != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"{owner}: lengths must be an integer array of shape (batch,)=({b},),"
+                             f" got shape {tuple(lengths.shape)} dtype {lengths.dtype}")
+        if not _is_tracer(lengths) and (jnp.any(lengths < 0) or jnp.any(lengths > n)):
+            raise ValueError(f"{owner}: lengths {lengths.tolist()} must lie in [0, {n}] (the "
+                             f"chunk's length)")
+        len_B = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, n)
+    start_B = start_B.astype(jnp.int32)
+    if not _is_tracer(start_B) and not _is_tracer(len_B):
+        over = jnp.nonzero(start_B + len_B > max_len)[0].tolist()
+        if over:
+            r = over[0]
+            raise ValueError(f"{owner}: the chunk does not fit the cache: row {r} holds "
+                             f"{int(start_B[r])} of max_len={max_len} tokens and appends "
+                             f"{int(len_B[r])} (rows that overflow: {over})")
+    pos_BT = start_B[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+    ok_BT = (jnp.arange(n)[None, :] < len_B[:, None]) & (pos_BT < max_len)
+    return Step(module, owner, x, start_B, len_B, pos_BT, ok_BT, max_len, False, tuple(x.shape))
+
+
+def write_rows(cache_BL: Array, idx_BT: Array, value_BT: Array, ok_BT: Array) -> Array:
+    """``cache_BL`` (B, L, ...) with ``value_BT[b, j]`` written at ``[b, idx_BT[b, j]]`` where
+    ``ok_BT`` (and the index is in range); other writes are dropped."""
+    b, slots = cache_BL.shape[0], cache_BL.shape[1]
+    idx_BT = jnp.where(ok_BT & (idx_BT >= 0) & (idx_BT < slots), idx_BT, slots)
+    rows_BT = jnp.broadcast_to(jnp.arange(b)[:, None], idx_BT.shape)
+    return cache_BL.at[rows_BT, idx_BT].set(value_BT, mode="drop")
+
+
+def gather_rows(cache_BL: Array, idx_BTM: Array) -> Array:
+    """``cache_BL`` (B, L, ...) read at ``idx_BTM`` (B, T, M) per row -> (B, T, M, ...);
+    out-of-range indices (e.g. -1 for "none") read slot 0 (mask them)."""
+    slots = cache_BL.shape[1]
+    safe = jnp.clip(idx_BTM, 0, slots - 1)
+    return jax.vmap(lambda c, i: c[i])(cache_BL, safe)
+
+
+def attend_cache(step: Step, q_BTNH: Array, k_BTKH: Array, v_BTKV: Array, *,
+                 scale: float | None = None, precision: Precision = None,
+                 names: tuple[str, str] = ("key", "value")) -> Array:
+    """The dense decode step: append the chunk's keys and values (B, n, K, H|V) to cache arrays
+    ``names`` and attend the chunk's queries (B, n, N, H) over every cached key at or before
+    them. Returns (B, n, N, V)."""
+    k_BSKH = step.append(names[0], k_BTKH)
+    v_BSKV = step.append(names[1], v_BTKV)
+    return core.dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=step.keep()[:, None],
+                                      scale=scale, precision=precision)
+
+
+def dense_cache_bytes(batch: int, max_len: int, kv_heads: int, key_width: int, value_width: int,
+                      dtype) -> int:
+    """``cache_bytes`` of a dense K/V cache: keys and values of every kv head, and the index."""
+    return (nbytes((batch, max_len, kv_heads, key_width), dtype)
+            + nbytes((batch, max_len, kv_heads, value_width), dtype) + index_bytes(batch))
+
+
+def index_bytes(batch: int) -> int:
+    """Bytes of the cache's position counter (``index``, int32 per row)."""
+    return 4 * batch
+
+
+def nbytes(shape: tuple[int, ...], dtype) -> int:
+    """Bytes of an array of ``shape`` and ``dtype``."""
+    size = 1
+    for d in shape:
+        size *= int(d)
+    return size * jnp.dtype(dtype).itemsize
+
+
+def cache_arrays_bytes(cache) -> int:
+    """Bytes of every array of a ``'cache'`` collection (what ``cache_bytes`` must equal)."""
+    return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache)))
+
+
+__all__ = ["Step", "begin", "check_causal", "check_options", "refuse_decode", "write_rows",
+           "gather_rows", "index_bytes", "nbytes", "cache_arrays_bytes", "attend_cache"]
