@@ -15,7 +15,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from . import core, registry
+from . import cache, core, registry
 from .core import Array, Dtype
 
 
@@ -41,6 +41,13 @@ class DifferentialAttention(nn.Module):
     matmul (Flax's convention).
     Each map reads values twice as wide as its queries (V = 2H), which cuDNN's call does not take:
     ``cudnn`` always says so, and ``auto`` is ``xla``.
+
+    ``decode=True`` (causal only): incremental decoding (``attnhut_jax.cache``) with a cache of
+    the keys of both maps of every head (``key`` (B, max_len, N, 2, H)) and the values (``value``
+    (B, max_len, N, 2H)); each step appends the chunk's keys and values, runs both softmax maps
+    over every cached key at or before each query, and combines them with lambda and the head
+    norm as the full forward does (XLA, whatever ``impl``). The ``params`` are those of
+    ``decode=False``.
     """
 
     dim: int
@@ -52,6 +59,7 @@ class DifferentialAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
+    decode: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +74,22 @@ class DifferentialAttention(nn.Module):
         ``dim`` wide each."""
         return float(2 * self.dim * jnp.dtype(dtype).itemsize)
 
+    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
+        """Bytes of the decode cache's arrays in ``dtype``: the keys of both maps of every head
+        (``dim`` wide) and the values (``dim`` wide) per token, and the index."""
+        return cache.dense_cache_bytes(batch, max_len, self.num_heads, 2 * self.head_dim,
+                                       2 * self.head_dim, dtype)
+
+    def decode_reads(self, n: int) -> int:
+        """Cached tokens whose keys and values one decode query reads at cache length ``n``: all
+        (both maps read the same tokens)."""
+        return int(n)
+
+    def decode_scored(self, n: int) -> int:
+        """Index keys a selector scores per decode query: none (no selector)."""
+        del n
+        return 0
+
     def setup(self) -> None:
         owner = "DifferentialAttention"
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads)
@@ -73,6 +97,7 @@ class DifferentialAttention(nn.Module):
         if self.depth < 0:
             raise ValueError(f"{owner}: depth={self.depth} must be >= 0")
         registry.check(owner, "dense", self.impl)
+        cache.check_causal(owner, self.decode, self.causal)
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision)
         self.q = core.Linear(self.dim, axes=("embed", "heads"), **kw)
@@ -92,21 +117,37 @@ class DifferentialAttention(nn.Module):
         return l1 - l2 + self.lambda_init
 
     def __call__(self, x: Array, *, segment_ids: Array | None = None,
-                 positions: Array | None = None) -> Array:
+                 positions: Array | None = None, lengths: Array | None = None) -> Array:
         """(B, T, D) -> (B, T, D).
 
         ``segment_ids`` (B, T) int: packed sequences (``core.check_packing``); both softmax maps
         read only keys of the query's own segment (and, when ``causal``, not later ones); id 0 is
         padding, zeroed on input and read by no token. ``positions`` (B, T) int is validated and
         otherwise unused: as in attnhut the paper's RoPE is omitted, and only RoPE reads positions.
+
+        With ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
+        appends (``attnhut_jax.cache``); ``segment_ids`` and ``positions`` are refused.
         """
         owner = "DifferentialAttention"
         core.check_input(x, self.dim, owner)
+        cache.check_options(owner, decode=self.decode, lengths=lengths, segment_ids=segment_ids,
+                            positions=positions)
+        n, hd = self.num_heads, self.head_dim
+        if self.decode:
+            step = cache.begin(self, owner, x, lengths, sized_by="key")
+            b, t, _ = step.x.shape
+            q_BTN2H = self.q(step.x).reshape(b, t, n, 2, hd)
+            k_BSN2H = step.append("key", self.k(step.x).reshape(b, t, n, 2, hd))
+            v_BSNV = step.append("value", self.v(step.x).reshape(b, t, n, 2 * hd))
+            keep = step.keep()[:, None]
+            a1, a2 = (core.dot_product_attention(q_BTN2H[:, :, :, i], k_BSN2H[:, :, :, i], v_BSNV,
+                                                 keep=keep, scale=hd ** -0.5,
+                                                 precision=self.precision) for i in (0, 1))
+            return step.finish(self._combine(a1, a2))
         seg, _ = core.check_packing(owner, x, segment_ids, positions)
         x = core.mask_padding(x, seg)
         keep = None if seg is None else core.segment_keep(seg, seg)
         b, t, _ = x.shape
-        n, hd = self.num_heads, self.head_dim
         # Query/key head 2i and 2i + 1 form the pair of maps of differential head i.
         q_BTN2H = self.q(x).reshape(b, t, n, 2, hd)
         k_BSN2H = self.k(x).reshape(b, t, n, 2, hd)
@@ -114,6 +155,11 @@ class DifferentialAttention(nn.Module):
         a1, a2 = (registry.call(owner, "dense", self.impl, q_BTN2H[:, :, :, i], k_BSN2H[:, :, :, i],
                                 v_BSNV, keep=keep, causal=self.causal, scale=hd ** -0.5,
                                 precision=self.precision) for i in (0, 1))
-        out = a1 - self.lambda_value().astype(a2.dtype) * a2
+        return self._combine(a1, a2)
+
+    def _combine(self, a1_BTNV: Array, a2_BTNV: Array) -> Array:
+        """The two maps' outputs (B, T, N, 2H) -> (B, T, D): difference, head norm, projection."""
+        b, t = a1_BTNV.shape[:2]
+        out = a1_BTNV - self.lambda_value().astype(a2_BTNV.dtype) * a2_BTNV
         out = core.rms_norm(out, self.head_norm, eps=1e-5) * (1 - self.lambda_init)
         return self.proj(out.reshape(b, t, self.dim))

@@ -2,15 +2,50 @@
 
 Keys and values are cached as one low-rank latent per token (plus a small RoPE key shared by all
 heads) instead of full per-head K and V.
+
+The full forward expands the latent into per-head keys and values. A decode step may instead
+read the cached latent directly (the *absorbed* form, ``absorbed_attention``): the key
+up-projection folds into the query and the value up-projection into the output, so each step
+costs O(cache length x latent width) per head instead of expanding the whole cache.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax.core import meta
+from flax.linen import dtypes
 
-from . import core, registry
-from .core import Array, Dtype
+from . import cache, core, registry
+from .core import Array, Dtype, Precision
+
+
+def absorbed_attention(q_nope_BTNH: Array, q_rope_BTNR: Array, latent_BSL: Array,
+                       k_rope_BSR: Array, w_uk_LNH: Array, w_uv_LNV: Array,
+                       b_uv_NV: Array | None, keep_BTS: Array, *, scale: float,
+                       precision: Precision = None) -> Array:
+    """MLA's attention read straight from the latent cache; returns (B, T, N, V).
+
+    Equal to expanding keys ``k_nope = latent @ w_uk (+ key bias)`` and values ``v = latent @
+    w_uv + b_uv`` per head and attending with the logits ``(q_nope . k_nope + q_rope . k_rope) *
+    scale``, masked by ``keep_BTS`` (True where query t may read cached token s): the key part
+    is folded into the query (``q_nope @ w_uk^T``, L wide), the value part applied once to the
+    latent the weights read. The key bias adds ``q_nope . b_uk`` to every logit of a query, a
+    per-query constant that the softmax removes, so it takes no part here. A row without any
+    visible key returns zeros (the value bias is scaled by the weights' total, 1 or 0).
+    """
+    q_lat_BTNL = jnp.einsum("BTNH,LNH->BTNL", q_nope_BTNH, w_uk_LNH, precision=precision)
+    logits_BNTS = (jnp.einsum("BTNL,BSL->BNTS", q_lat_BTNL, latent_BSL, precision=precision)
+                   + jnp.einsum("BTNR,BSR->BNTS", q_rope_BTNR, k_rope_BSR, precision=precision))
+    logits_BNTS = logits_BNTS.astype(core.softmax_dtype(q_nope_BTNH.dtype)) * scale
+    probs_BNTS = core.masked_softmax(logits_BNTS, keep_BTS[:, None])
+    read_BTNL = jnp.einsum("BNTS,BSL->BTNL", probs_BNTS.astype(latent_BSL.dtype), latent_BSL,
+                           precision=precision)
+    out_BTNV = jnp.einsum("BTNL,LNV->BTNV", read_BTNL, w_uv_LNV, precision=precision)
+    if b_uv_NV is None:
+        return out_BTNV
+    total_BTN1 = jnp.sum(probs_BNTS, axis=-1).transpose(0, 2, 1)[..., None]
+    return out_BTNV + (total_BTN1 * b_uv_NV).astype(out_BTNV.dtype)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -28,6 +63,16 @@ class MultiHeadLatentAttention(nn.Module):
     matmul (Flax's convention).
     With the defaults V == H (= head_dim); ``cudnn`` needs ``v_head_dim == qk_nope_head_dim +
     qk_rope_head_dim``.
+
+    ``decode=True`` (causal only): incremental decoding (``attnhut_jax.cache``) with a cache of
+    what the paper promises, ``kv_lora_rank + qk_rope_head_dim`` values per token: ``latent``
+    (B, max_len, kv_lora_rank), the RMS-normalised latent that ``kv_up`` reads, and
+    ``rope_key`` (B, max_len, qk_rope_head_dim), the shared key head already rotated at its
+    position (RoPE positions continue from the cache). With ``absorb=True`` (default) a step
+    reads the cached latent in the absorbed form (``absorbed_attention``: ``kv_up``'s key part
+    folded into the query, its value part into the output); ``absorb=False`` expands the cached
+    latent with ``kv_up`` at every step and attends as the full forward does (same cache, same
+    outputs up to rounding). XLA whatever ``impl``; the ``params`` are those of ``decode=False``.
     """
 
     dim: int
@@ -44,6 +89,8 @@ class MultiHeadLatentAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
+    decode: bool = False
+    absorb: bool = True
 
     def dims(self) -> tuple[int, int, int, int, int]:
         """Resolved (q_lora_rank, kv_lora_rank, nope, rope, v_head_dim), attnhut's defaults applied."""
@@ -58,6 +105,23 @@ class MultiHeadLatentAttention(nn.Module):
         _, kv_lora_rank, _, rope_dim, _ = self.dims()
         return float((kv_lora_rank + rope_dim) * jnp.dtype(dtype).itemsize)
 
+    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
+        """Bytes of the decode cache's arrays in ``dtype``: the latent (``kv_lora_rank``) and the
+        rotated rope key (``qk_rope_head_dim``) per token, and the index."""
+        _, kvl, _, rope, _ = self.dims()
+        return (cache.nbytes((batch, max_len, kvl), dtype) + cache.nbytes((batch, max_len, rope), dtype)
+                + cache.index_bytes(batch))
+
+    def decode_reads(self, n: int) -> int:
+        """Cached tokens whose latent and rope key one decode query reads at cache length ``n``:
+        all."""
+        return int(n)
+
+    def decode_scored(self, n: int) -> int:
+        """Index keys a selector scores per decode query: none (no selector)."""
+        del n
+        return 0
+
     def setup(self) -> None:
         owner = "MultiHeadLatentAttention"
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads)
@@ -67,6 +131,7 @@ class MultiHeadLatentAttention(nn.Module):
                             qk_rope_head_dim=rope, v_head_dim=vd)
         if rope % 2 != 0:
             raise ValueError(f"{owner}: qk_rope_head_dim={rope} must be even")
+        cache.check_causal(owner, self.decode, self.causal)
         n = self.num_heads
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision)
@@ -79,7 +144,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
     def __call__(self, x: Array, attn_mask: Array | None = None, *,
-                 segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+                 segment_ids: Array | None = None, positions: Array | None = None,
+                 lengths: Array | None = None) -> Array:
         """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T).
 
         ``segment_ids`` (B, T) int: packed sequences, as ``StandardAttention`` takes them
@@ -88,8 +154,16 @@ class MultiHeadLatentAttention(nn.Module):
         table per row. Positions restarting at 0 in each segment make a packed row compute what
         its segments compute alone; as RoPE scores depend only on position differences and no
         score crosses a segment, any per-segment offset gives the same up to float rounding.
+
+        With ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
+        appends (``attnhut_jax.cache``); ``attn_mask``, ``segment_ids`` and ``positions`` are
+        refused (positions continue from the cache).
         """
         core.check_input(x, self.dim, "MultiHeadLatentAttention")
+        cache.check_options("MultiHeadLatentAttention", decode=self.decode, lengths=lengths,
+                            attn_mask=attn_mask, segment_ids=segment_ids, positions=positions)
+        if self.decode:
+            return self._decode(x, lengths)
         seg, pos = core.check_packing("MultiHeadLatentAttention", x, segment_ids, positions)
         x = core.mask_padding(x, seg)
         b, t, _ = x.shape
@@ -113,3 +187,49 @@ class MultiHeadLatentAttention(nn.Module):
                         owner="MultiHeadLatentAttention", impl=self.impl,
                         precision=self.precision, q_seg_BT=seg, k_seg_BS=seg)
         return self.proj(out.reshape(b, t, n * vd))
+
+    def _decode(self, x: Array, lengths: Array | None) -> Array:
+        """One decode call (see the class docstring): append the chunk's latent and rotated rope
+        key, attend over the cache in the absorbed or the expanded form."""
+        step = cache.begin(self, "MultiHeadLatentAttention", x, lengths, sized_by="latent")
+        b, t, _ = step.x.shape
+        n = self.num_heads
+        _, kvl, nope, rope, vd = self.dims()
+        q = self.q_up(core.rms_norm(self.q_down(step.x), self.q_norm))
+        q_BTNH = q.reshape(b, t, n, nope + rope)
+        c_BTL, k_rope_BTR = jnp.split(self.kv_down(step.x), [kvl], axis=-1)
+        cos, sin = core.rope_tables(step.pos_BT, rope, self.rope_theta, q_BTNH.dtype)
+        q_nope_BTNH = q_BTNH[..., :nope]
+        q_rope_BTNR = core.apply_rope(q_BTNH[..., nope:], cos, sin)
+        latent_BSL = step.append("latent", core.rms_norm(c_BTL, self.kv_norm))
+        k_rope_BSR = step.append("rope_key", core.apply_rope(k_rope_BTR[:, :, None, :], cos, sin)[:, :, 0])
+        keep_BTS = step.keep()
+        if self.absorb:
+            if self.is_initializing():
+                self.kv_up(latent_BSL[:, :1])  # creates kv_up's parameters, which are read below
+            w_uk_LNH, w_uv_LNV, b_uv_NV = self._kv_up_weights(q_nope_BTNH)
+            out_BTNV = absorbed_attention(q_nope_BTNH, q_rope_BTNR, latent_BSL, k_rope_BSR, w_uk_LNH,
+                                          w_uv_LNV, b_uv_NV, keep_BTS, scale=(nope + rope) ** -0.5,
+                                          precision=self.precision)
+        else:
+            s = latent_BSL.shape[1]
+            kv = self.kv_up(latent_BSL).reshape(b, s, n, nope + vd)
+            k_nope_BSNH, v_BSNV = jnp.split(kv, [nope], axis=-1)
+            k_rope_BSNR = jnp.broadcast_to(k_rope_BSR[:, :, None, :], (b, s, n, rope))
+            k_BSNH = jnp.concatenate([k_nope_BSNH, k_rope_BSNR.astype(k_nope_BSNH.dtype)], axis=-1)
+            q_BTNH = jnp.concatenate([q_nope_BTNH, q_rope_BTNR], axis=-1)
+            out_BTNV = core.dot_product_attention(q_BTNH, k_BSNH, v_BSNV, keep=keep_BTS[:, None],
+                                                  precision=self.precision)
+        return step.finish(self.proj(out_BTNV.reshape(b, t, n * vd)))
+
+    def _kv_up_weights(self, like: Array) -> tuple[Array, Array, Array | None]:
+        """``kv_up``'s kernel split per head into the key part (L, N, nope) and the value part
+        (L, N, V), and its value bias (N, V) or None, promoted with ``like`` to the compute dtype
+        as ``core.Linear`` promotes them."""
+        _, kvl, nope, _, vd = self.dims()
+        params = meta.unbox(self.kv_up.variables["params"])
+        _, kernel, bias = dtypes.promote_dtype(like, params["kernel"], params.get("bias"),
+                                               dtype=self.dtype)
+        w_LNH = kernel.reshape(kvl, self.num_heads, nope + vd)
+        b_uv_NV = None if bias is None else bias.reshape(self.num_heads, nope + vd)[:, nope:]
+        return w_LNH[..., :nope], w_LNH[..., nope:], b_uv_NV

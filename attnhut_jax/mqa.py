@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from . import core, registry
+from . import cache, core, registry
 from .core import Array, Dtype
 
 
@@ -19,6 +19,11 @@ class MultiQueryAttention(nn.Module):
     ``impl`` (``auto`` | ``xla`` | ``cudnn``; no variable depends on it) picks the registry's
     ``dense`` op, ``core.cudnn_unsupported`` says when cuDNN can run; ``precision`` reaches every
     matmul (Flax's convention).
+
+    ``decode=True`` (causal only): incremental decoding (``attnhut_jax.cache``) with a cache of
+    the one shared K and V head; each step appends the chunk's K and V and attends every query
+    head over all cached keys at or before it (XLA, whatever ``impl``). The ``params`` are those
+    of ``decode=False``.
     """
 
     dim: int
@@ -30,6 +35,7 @@ class MultiQueryAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
+    decode: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -40,11 +46,26 @@ class MultiQueryAttention(nn.Module):
         heads."""
         return float(2 * self.head_dim * jnp.dtype(dtype).itemsize)
 
+    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
+        """Bytes of the decode cache's arrays: K and V of the one shared head in ``dtype``, and
+        the index."""
+        return cache.dense_cache_bytes(batch, max_len, 1, self.head_dim, self.head_dim, dtype)
+
+    def decode_reads(self, n: int) -> int:
+        """Cached tokens whose keys and values one decode query reads at cache length ``n``: all."""
+        return int(n)
+
+    def decode_scored(self, n: int) -> int:
+        """Index keys a selector scores per decode query: none (no selector)."""
+        del n
+        return 0
+
     def setup(self) -> None:
         core.check_positive("MultiQueryAttention", dim=self.dim, num_heads=self.num_heads)
         registry.check("MultiQueryAttention", "dense", self.impl)
         core.check_divisible("MultiQueryAttention", ("dim", self.dim),
                              ("num_heads", self.num_heads))
+        cache.check_causal("MultiQueryAttention", self.decode, self.causal)
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision)
         self.q = core.Linear(self.dim, axes=("embed", "heads"), **kw)
@@ -52,14 +73,29 @@ class MultiQueryAttention(nn.Module):
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
     def __call__(self, x: Array, attn_mask: Array | None = None, deterministic: bool = True, *,
-                 segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+                 segment_ids: Array | None = None, positions: Array | None = None,
+                 lengths: Array | None = None) -> Array:
         """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T).
 
         ``segment_ids`` / ``positions``: packed sequences, as ``StandardAttention`` takes them
         (segments AND with the causal rule and with ``attn_mask``; ``positions`` is validated and
         otherwise unused, this module has no RoPE).
+
+        With ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
+        appends (``attnhut_jax.cache``); ``attn_mask``, ``segment_ids`` and ``positions`` are
+        refused, and dropout is off.
         """
         core.check_input(x, self.dim, "MultiQueryAttention")
+        cache.check_options("MultiQueryAttention", decode=self.decode, lengths=lengths,
+                            attn_mask=attn_mask, segment_ids=segment_ids, positions=positions)
+        if self.decode:
+            step = cache.begin(self, "MultiQueryAttention", x, lengths, sized_by="key")
+            b, n, _ = step.x.shape
+            k_BT1H, v_BT1V = (a[:, :, None, :] for a in jnp.split(self.kv(step.x), 2, axis=-1))
+            out = cache.attend_cache(
+                step, self.q(step.x).reshape(b, n, self.num_heads, self.head_dim), k_BT1H, v_BT1V,
+                precision=self.precision)
+            return step.finish(self.proj(out.reshape(b, n, self.dim)))
         seg, _ = core.check_packing("MultiQueryAttention", x, segment_ids, positions)
         x = core.mask_padding(x, seg)
         b, t, _ = x.shape

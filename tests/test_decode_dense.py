@@ -1,11 +1,16 @@
 """Incremental decoding of the dense mechanisms: decode == prefill, ragged prompts, one
-compilation, the cache's bytes."""
+compilation, the cache's bytes; MLA's absorbed step == its expanded step; the published cache
+sizes of MHA and MLA."""
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax.core import meta
 
 import attnhut_jax as ah
 from tests import decode_harness as h
@@ -14,6 +19,9 @@ D = 16
 DENSE = {
     "standard": lambda dec: ah.StandardAttention(D, 4, causal=True, decode=dec),
     "gqa": lambda dec: ah.GroupedQueryAttention(D, 4, 2, causal=True, bias=True, decode=dec),
+    "mqa": lambda dec: ah.MultiQueryAttention(D, 4, causal=True, decode=dec),
+    "differential": lambda dec: ah.DifferentialAttention(D, 2, depth=1, bias=True, decode=dec),
+    "mla": lambda dec: ah.MultiHeadLatentAttention(D, 4, decode=dec),
 }
 
 
@@ -77,9 +85,113 @@ def test_decode_refuses_non_causal_and_prefill_arguments(name):
         DENSE[name](True).clone(causal=False).init(jax.random.key(0), x)
     m = DENSE[name](True)
     variables = m.init(jax.random.key(0), x)
+    takes = inspect.signature(type(m).__call__).parameters
     for kw in ({"attn_mask": jnp.ones((3, 3), bool)}, {"segment_ids": jnp.ones((2, 3), int)},
                {"positions": jnp.zeros((2, 3), int)}):
+        if next(iter(kw)) not in takes:  # DifferentialAttention has no attn_mask
+            continue
         with pytest.raises(ValueError, match="cannot be used with decode=True"):
             m.apply(variables, x, mutable=["cache"], **kw)
     with pytest.raises(ValueError, match="lengths is a decode argument"):
         DENSE[name](False).apply({"params": variables["params"]}, x, lengths=jnp.array([1, 2]))
+
+
+# ----------------------------------------------------------------------------- MLA
+
+
+def _mla(dec, absorb=True, **kw):
+    return ah.MultiHeadLatentAttention(D, 4, decode=dec, absorb=absorb, **kw)
+
+
+# ranks and widths off the defaults, V != nope + rope, biases on every projection
+ODD = dict(q_lora_rank=6, kv_lora_rank=10, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=7,
+           bias=True)
+
+
+@pytest.mark.parametrize("kw", [{}, ODD], ids=["defaults", "odd_bias"])
+def test_mla_absorbed_equals_expanded_equals_prefill(kw):
+    """Both forms equal the full forward; on one shared cache, steps alternating between the
+    absorbed and the expanded module equal it too (they read the same cache arrays)."""
+    x = _x(12)
+    absorbed = lambda dec: _mla(dec, True, **kw)  # noqa: E731
+    expanded = lambda dec: _mla(dec, False, **kw)  # noqa: E731
+    params = h.check_decode_equals_prefill(absorbed, x, chunks=[5, 4, 3], max_len=14)
+    h.check_decode_equals_prefill(expanded, x, chunks=[5, 4, 3], max_len=14)
+    want = h.prefill(absorbed, params, x)
+    steps = (h.stepper(absorbed), h.stepper(expanded))
+    cache = h.empty_cache(absorbed, 2, 14, D)["cache"]
+    outs = []
+    for i in range(12):
+        out, cache = steps[i % 2](params, cache, x[:, i:i + 1])
+        outs.append(out)
+    h.close(jnp.concatenate(outs, axis=1), want, what="absorbed and expanded steps alternating")
+    if kw.get("bias"):
+        # The absorbed form drops kv_up's key bias (a per-query constant on every logit, which
+        # the softmax removes) and keeps its value bias: moving the key bias changes neither
+        # form's output, moving the value bias changes both alike.
+        params = meta.unbox(params)
+        nope, vd = kw["qk_nope_head_dim"], kw["v_head_dim"]
+        bias_NH = params["kv_up"]["bias"].reshape(4, nope + vd)
+
+        def with_kv_up_bias(b_NH):
+            return {**params, "kv_up": {**params["kv_up"], "bias": b_NH.reshape(-1)}}
+
+        key_moved = with_kv_up_bias(bias_NH.at[:, :nope].add(3.0))
+        got, _ = h.decode_in_chunks(absorbed, key_moved, x, [5, 4, 3], 14, step=steps[0])
+        h.close(got, want, what="absorbed, key bias moved")
+        h.close(h.prefill(absorbed, key_moved, x), want, what="prefill, key bias moved")
+        value_moved = with_kv_up_bias(bias_NH.at[:, nope:].add(3.0))
+        got, _ = h.decode_in_chunks(absorbed, value_moved, x, [5, 4, 3], 14, step=steps[0])
+        moved = h.prefill(absorbed, value_moved, x)
+        h.close(got, moved, what="absorbed, value bias moved")
+        assert float(jnp.abs(moved - want).max()) > 0.1
+
+
+def test_mla_cache_holds_only_the_latent_and_the_rope_key():
+    m = _mla(True, **ODD)
+    variables = m.init(jax.random.key(0), jnp.zeros((2, 9, D)))
+    shapes = {k: tuple(v.shape) for k, v in variables["cache"].items()}
+    assert shapes == {"index": (2,), "latent": (2, 9, 10), "rope_key": (2, 9, 2)}
+    assert m.cache_bytes(2, 9, jnp.float32) == (2 * 9 * (10 + 2)) * 4 + 2 * 4
+    assert m.cache_bytes(1, 100) == 100 * m.kv_cache_bytes_per_token() + 4
+
+
+@pytest.mark.parametrize("name", ["mqa", "differential", "mla"])
+def test_bfloat16_decode_stays_close_to_prefill(name):
+    """A dtype=bfloat16 module decodes (bfloat16 cache) within 2e-2 of the output scale of its
+    bfloat16 prefill: a few bfloat16 roundings (eps 2**-8) taken in another order, e.g. MLA's
+    absorbed form multiplies by the key up-projection before, not after, the latent's dot."""
+    make = lambda dec: DENSE[name](dec).clone(dtype=jnp.bfloat16)  # noqa: E731
+    x = _x(12)
+    params = h.params_of(make, x)
+    want = h.prefill(make, params, x)
+    got, cache = h.decode_in_chunks(make, params, x, [5] + [1] * 7)
+    assert got.dtype == jnp.bfloat16
+    assert {a.dtype for k, a in cache.items() if k != "index"} == {jnp.dtype(jnp.bfloat16)}
+    h.close(got, want, 2e-2, f"{name} bfloat16")
+
+
+# ----------------------------------------------------------------------------- published sizes
+
+GIB = 2 ** 30
+LAYERS, T = 32, 4096
+
+
+def test_published_cache_sizes():
+    """attention-forge's figures through the modules' own ``cache_bytes``: per layer, times 32
+    layers, minus the 32 layers' int32 index counters (``cache_bytes`` counts one per row per
+    layer; the published figures count keys and values only)."""
+    counters = LAYERS * 4
+    mha = ah.StandardAttention(dim=4096, num_heads=32)  # 32 heads of width 128
+    assert mha.cache_bytes(1, T, jnp.float16) * LAYERS - counters == 2 * GIB
+    mla = ah.MultiHeadLatentAttention(dim=4096, num_heads=32, kv_lora_rank=512, qk_rope_head_dim=64)
+    assert mla.cache_bytes(1, T, jnp.float16) * LAYERS - counters == 0.140625 * GIB
+    # the latent alone, from the shapes of the cache that init creates (no array allocated)
+    shapes = jax.eval_shape(mla.clone(decode=True).init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, T, 4096), jnp.float32))["cache"]
+    assert tuple(shapes["latent"].shape) == (1, T, 512)
+    assert tuple(shapes["rope_key"].shape) == (1, T, 64)
+    latent = int(np.prod(shapes["latent"].shape)) * jnp.dtype(jnp.float16).itemsize
+    assert latent * LAYERS == 0.125 * GIB
+    rope_key = int(np.prod(shapes["rope_key"].shape)) * jnp.dtype(jnp.float16).itemsize
+    assert (latent + rope_key) * LAYERS == 0.140625 * GIB
