@@ -108,13 +108,13 @@ ODD = dict(q_lora_rank=6, kv_lora_rank=10, qk_nope_head_dim=4, qk_rope_head_dim=
            bias=True)
 
 
-@pytest.mark.parametrize("kw", [{}, ODD], ids=["defaults", "odd_bias"])
-def test_mla_absorbed_equals_expanded_equals_prefill(kw):
-    """Both forms equal the full forward; on one shared cache, steps alternating between the
-    absorbed and the expanded module equal it too (they read the same cache arrays)."""
+def test_mla_absorbed_equals_expanded_equals_prefill():
+    """Both forms equal the full forward (ODD: V != nope + rope, ranks off the defaults, biases;
+    DENSE["mla"] checks the absorbed form at the defaults); on one shared cache, steps alternating
+    between the absorbed and the expanded module equal it too (they read the same arrays)."""
     x = _x(12)
-    absorbed = lambda dec: _mla(dec, True, **kw)  # noqa: E731
-    expanded = lambda dec: _mla(dec, False, **kw)  # noqa: E731
+    absorbed = lambda dec: _mla(dec, True, **ODD)  # noqa: E731
+    expanded = lambda dec: _mla(dec, False, **ODD)  # noqa: E731
     params = h.check_decode_equals_prefill(absorbed, x, chunks=[5, 4, 3], max_len=14)
     h.check_decode_equals_prefill(expanded, x, chunks=[5, 4, 3], max_len=14)
     want = h.prefill(absorbed, params, x)
@@ -125,26 +125,26 @@ def test_mla_absorbed_equals_expanded_equals_prefill(kw):
         out, cache = steps[i % 2](params, cache, x[:, i:i + 1])
         outs.append(out)
     h.close(jnp.concatenate(outs, axis=1), want, what="absorbed and expanded steps alternating")
-    if kw.get("bias"):
-        # The absorbed form drops kv_up's key bias (a per-query constant on every logit, which
-        # the softmax removes) and keeps its value bias: moving the key bias changes neither
-        # form's output, moving the value bias changes both alike.
-        params = meta.unbox(params)
-        nope, vd = kw["qk_nope_head_dim"], kw["v_head_dim"]
-        bias_NH = params["kv_up"]["bias"].reshape(4, nope + vd)
+    h.check_compiles_once(expanded, x, steps=14)
+    # The absorbed form drops kv_up's key bias (a per-query constant on every logit, which
+    # the softmax removes) and keeps its value bias: moving the key bias changes neither
+    # form's output, moving the value bias changes both alike.
+    params = meta.unbox(params)
+    nope, vd = ODD["qk_nope_head_dim"], ODD["v_head_dim"]
+    bias_NH = params["kv_up"]["bias"].reshape(4, nope + vd)
 
-        def with_kv_up_bias(b_NH):
-            return {**params, "kv_up": {**params["kv_up"], "bias": b_NH.reshape(-1)}}
+    def with_kv_up_bias(b_NH):
+        return {**params, "kv_up": {**params["kv_up"], "bias": b_NH.reshape(-1)}}
 
-        key_moved = with_kv_up_bias(bias_NH.at[:, :nope].add(3.0))
-        got, _ = h.decode_in_chunks(absorbed, key_moved, x, [5, 4, 3], 14, step=steps[0])
-        h.close(got, want, what="absorbed, key bias moved")
-        h.close(h.prefill(absorbed, key_moved, x), want, what="prefill, key bias moved")
-        value_moved = with_kv_up_bias(bias_NH.at[:, nope:].add(3.0))
-        got, _ = h.decode_in_chunks(absorbed, value_moved, x, [5, 4, 3], 14, step=steps[0])
-        moved = h.prefill(absorbed, value_moved, x)
-        h.close(got, moved, what="absorbed, value bias moved")
-        assert float(jnp.abs(moved - want).max()) > 0.1
+    key_moved = with_kv_up_bias(bias_NH.at[:, :nope].add(3.0))
+    got, _ = h.decode_in_chunks(absorbed, key_moved, x, [5, 4, 3], 14, step=steps[0])
+    h.close(got, want, what="absorbed, key bias moved")
+    h.close(h.prefill(absorbed, key_moved, x), want, what="prefill, key bias moved")
+    value_moved = with_kv_up_bias(bias_NH.at[:, nope:].add(3.0))
+    got, _ = h.decode_in_chunks(absorbed, value_moved, x, [5, 4, 3], 14, step=steps[0])
+    moved = h.prefill(absorbed, value_moved, x)
+    h.close(got, moved, what="absorbed, value bias moved")
+    assert float(jnp.abs(moved - want).max()) > 0.1
 
 
 def test_mla_cache_holds_only_the_latent_and_the_rope_key():
