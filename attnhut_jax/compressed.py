@@ -552,6 +552,8 @@ class HeavilyCompressedAttention(nn.Module):
         run_kv_BPH = step.state("run_kv", (b, r, h), dt)
         run_z_BPH = step.state("run_z", (b, r, h), dt)
         raw_BWH = step.state("raw", (b, w, h), dt)
+        if step.initializing:  # the parameters and the empty cache; nothing is attended
+            return step.finish(self.proj(_queries(self, step.x, self.q_down(step.x))))
         start_B, end_B = step.start_B, step.end_B
 
         # the entries of the runs the chunk completes, pooled as ``compress`` pools them
@@ -814,6 +816,10 @@ class CompressedSparseAttention(nn.Module):
         run = {name: step.state(name, (b, size, h), dt) for name, size in
                (("run_kv_a", r), ("run_z_a", r), ("run_kv_b", 2 * r), ("run_z_b", 2 * r))}
         raw_BWH = step.state("raw", (b, w, h), dt)
+        if step.initializing:  # the parameters and the empty cache; nothing is attended
+            ki_BTE = self.idx_k(ca_BTH)
+            step.state("index_key", (b, nc, ki_BTE.shape[-1]), ki_BTE.dtype)
+            return step.finish(self.proj(_queries(self, xc, c_q)))
         start_B, end_B = step.start_B, step.end_B
         c_BM, pos_BMP, done_BM = chunk_runs(start_B, end_B, n, r)
         fill = core.mask_value(dt)

@@ -12,6 +12,7 @@ import pytest
 import attnhut_jax as ah
 from attnhut_jax import cache as cache_lib
 from tests import decode_harness as h
+from tests.jaxpr_walk import jaxpr_eqns
 
 D = 16
 R, W = 3, 4  # runs of 3 tokens, a window of 4 raw tokens
@@ -25,29 +26,32 @@ COMPRESSED = {
 }
 
 
-def _x(t, b=2, seed=0):
+T = 14  # crosses 4 run boundaries and the window
+
+
+def _x(t=T, b=2, seed=0):
     return jax.random.normal(jax.random.key(seed), (b, t, D))
 
 
 @pytest.mark.parametrize("name", sorted(COMPRESSED))
 def test_decode_equals_prefill(name):
-    # T = 14 crosses 4 run boundaries and the window; the first chunk (5) is longer than a run
-    # and than the window, the chunks end mid-run; the cache (20 -> 21, whole runs) is longer
-    h.check_decode_equals_prefill(COMPRESSED[name], _x(14), chunks=[5, 4, 2, 1, 1, 1],
-                                  max_len=20)
+    # the first chunk (5) is longer than a run and than the window; the chunks end mid-run, on
+    # a run boundary, mid-run; the cache (20 -> 21, whole runs) is longer than the sequence
+    h.check_decode_equals_prefill(COMPRESSED[name], _x(), chunks=[5, 4, 4, 1], max_len=20)
 
 
 @pytest.mark.parametrize("name", sorted(COMPRESSED))
 def test_ragged_prompts(name):
-    h.check_ragged_prompts(COMPRESSED[name], _x(12, b=3), [2, 7, 5], steps=4)
+    # row 0: a prompt inside the first run; row 1: past two runs and the window
+    h.check_ragged_prompts(COMPRESSED[name], _x(), [2, 7], steps=4)
 
 
 @pytest.mark.parametrize("name", sorted(COMPRESSED))
 def test_compiles_once_and_bytes(name):
-    h.check_compiles_once(COMPRESSED[name], _x(4))
-    variables = h.check_cache_bytes(COMPRESSED[name], 2, 10, D)
-    # max_len 10 is rounded up to 4 whole runs of 3
-    assert variables["cache"]["entries"].shape == (2, 4, D // 4)
+    h.check_compiles_once(COMPRESSED[name], _x())
+    variables = h.check_cache_bytes(COMPRESSED[name], 2, T, D)
+    # max_len 14 is rounded up to 5 whole runs of 3
+    assert variables["cache"]["entries"].shape == (2, 5, D // 4)
 
 
 @pytest.mark.parametrize("name", sorted(COMPRESSED))
@@ -88,6 +92,25 @@ def test_read_accounting_and_the_published_figure():
     small = COMPRESSED["csa"](True)
     assert [small.decode_reads(k) for k in (0, 1, 3, 4, 7, 10)] == [0, 1, 3, 5, 6, 6]
     assert [COMPRESSED["hca"](True).decode_reads(k) for k in (1, 4, 10)] == [1, 5, 7]
+
+
+def _entry_products(name, entries=50):
+    """The shapes of the matmul operands of a single-token step that hold a full axis of the
+    cache's ``entries`` compressed entries and end in the entry width (H = 4): a product of
+    queries or weights with every entry."""
+    m = COMPRESSED[name](True)
+    v = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((2, entries * R, D)))
+    jaxpr = jax.make_jaxpr(lambda v, x: m.apply(v, x, mutable=["cache"]))(v, jnp.zeros((2, 1, D)))
+    shapes = [tuple(a.aval.shape) for e in jaxpr_eqns(jaxpr.jaxpr)
+              if e.primitive.name == "dot_general" for a in e.invars]
+    return [s for s in shapes if max(s) >= entries and s[-1] == D // 4]
+
+
+def test_csa_attends_only_the_gathered_entries():
+    """CSA's step scores every entry's indexer key but its attention reads only the gathered
+    top_k entries (no product touches all entries); HCA, which keeps every entry, does."""
+    assert _entry_products("csa") == []
+    assert _entry_products("hca") != []
 
 
 @pytest.mark.parametrize("name", sorted(COMPRESSED))
