@@ -256,7 +256,7 @@ registry.register("csa", "pallas")(functools.partial(_csa_token_sparse, impl="pa
 # S keeps position p at slot p % S; after ``end`` tokens it holds positions [end - S, end).
 
 
-def ring_positions(end_B: Array, size: int) -> Array:
+def _ring_positions(end_B: Array, size: int) -> Array:
     """(B, S) int32: the position a ring of ``size`` slots holds at each slot after ``end_B``
     tokens (the latest p < end with p % size == slot), -1 where none."""
     slot_S = jnp.arange(size, dtype=jnp.int32)
@@ -265,7 +265,7 @@ def ring_positions(end_B: Array, size: int) -> Array:
     return jnp.where(pos_BS >= 0, pos_BS, -1)
 
 
-def ring_write(ring_BSX: Array, pos_BT: Array, value_BTX: Array, ok_BT: Array,
+def _ring_write(ring_BSX: Array, pos_BT: Array, value_BTX: Array, ok_BT: Array,
                end_B: Array) -> Array:
     """``ring_BSX`` after appending the chunk's tokens (B, n, ...) at positions ``pos_BT``: only
     the tokens among the last S (``pos >= end - S``) are written, so no two share a slot."""
@@ -275,34 +275,34 @@ def ring_write(ring_BSX: Array, pos_BT: Array, value_BTX: Array, ok_BT: Array,
                             last_BT)
 
 
-def run_values(chunk_BTX: Array, ring_BSX: Array, pos_BMP: Array, start_B: Array) -> Array:
-    """(B, M, P, ...): the values at positions ``pos_BMP``, from the chunk (B, n, ...) where the
+def _run_values(chunk_BTX: Array, ring_BSX: Array, pos_BCP: Array, start_B: Array) -> Array:
+    """(B, C, P, ...): the values at positions ``pos_BCP``, from the chunk (B, n, ...) where the
     position is at or after the row's ``start`` (the chunk's first position), from the ring
     otherwise (it must still hold it). Positions past the chunk read its last token (the
     caller writes no entry that pools them)."""
     n = chunk_BTX.shape[1]
-    rel_BMP = pos_BMP - start_B[:, None, None]
-    from_chunk = cache.gather_rows(chunk_BTX, jnp.clip(rel_BMP, 0, n - 1))
-    from_ring = cache.gather_rows(ring_BSX, jnp.mod(pos_BMP, ring_BSX.shape[1]))
-    in_chunk = (rel_BMP >= 0).reshape(*rel_BMP.shape, *(1,) * (chunk_BTX.ndim - 2))
+    rel_BCP = pos_BCP - start_B[:, None, None]
+    from_chunk = cache.gather_rows(chunk_BTX, jnp.clip(rel_BCP, 0, n - 1))
+    from_ring = cache.gather_rows(ring_BSX, jnp.mod(pos_BCP, ring_BSX.shape[1]))
+    in_chunk = (rel_BCP >= 0).reshape(*rel_BCP.shape, *(1,) * (chunk_BTX.ndim - 2))
     return jnp.where(in_chunk, from_chunk, from_ring)
 
 
-def chunk_runs(start_B: Array, end_B: Array, n: int, rate: int) -> tuple[Array, Array, Array]:
-    """The runs a chunk of ``n`` tokens from ``start`` to ``end`` may complete: (B, M) run
-    indices ``start // rate + m`` for m < M = n // rate + 1 (a static bound), their (B, M, P)
-    token positions, and (B, M) bool: the run is complete after the chunk (its entry is
+def _chunk_runs(start_B: Array, end_B: Array, n: int, rate: int) -> tuple[Array, Array, Array]:
+    """The runs a chunk of ``n`` tokens from ``start`` to ``end`` may complete: (B, C) run
+    indices ``start // rate + i`` for i < C = n // rate + 1 (a static bound), their (B, C, P)
+    token positions, and (B, C) bool: the run is complete after the chunk (its entry is
     written)."""
-    m = n // rate + 1
-    c_BM = start_B[:, None] // rate + jnp.arange(m, dtype=jnp.int32)[None, :]
-    pos_BMP = c_BM[..., None] * rate + jnp.arange(rate, dtype=jnp.int32)
-    return c_BM, pos_BMP, (c_BM + 1) * rate <= end_B[:, None]
+    c = n // rate + 1
+    run_BC = start_B[:, None] // rate + jnp.arange(c, dtype=jnp.int32)[None, :]
+    pos_BCP = run_BC[..., None] * rate + jnp.arange(rate, dtype=jnp.int32)
+    return run_BC, pos_BCP, (run_BC + 1) * rate <= end_B[:, None]
 
 
-def raw_window_keep(step: cache.Step, window: int) -> Array:
+def _raw_window_keep(step: cache.Step, window: int) -> Array:
     """(B, n, W + n) bool: the raw keys [the ring before the chunk | the chunk's own] that each
     chunk token reads: positions p - window < s <= p."""
-    ring_pos_BW = ring_positions(step.start_B, window)
+    ring_pos_BW = _ring_positions(step.start_B, window)
     pos_BT = step.pos_BT
     lo_BT1 = pos_BT[:, :, None] - window
     ring_BTW = (ring_pos_BW[:, None, :] >= 0) & (ring_pos_BW[:, None, :] > lo_BT1)
@@ -311,12 +311,12 @@ def raw_window_keep(step: cache.Step, window: int) -> Array:
     return jnp.concatenate([ring_BTW, own_BTT], axis=2) & step.ok_BT[:, :, None]
 
 
-def entry_visible(pos_BT: Array, c: int, rate: int) -> Array:
+def _entry_visible(pos_BT: Array, c: int, rate: int) -> Array:
     """(B, n, C) bool: entry c is visible at position p once its run is past, (c + 1) * rate <= p."""
     return (jnp.arange(c, dtype=jnp.int32) + 1)[None, None, :] * rate <= pos_BT[:, :, None]
 
 
-def selected_attention(q_BTNH: Array, sel_BTMH: Array, sel_keep_BTM: Array, kv_BSH: Array,
+def _selected_attention(q_BTNH: Array, sel_BTMH: Array, sel_keep_BTM: Array, kv_BSH: Array,
                        keep_BTS: Array, sink_N: Array, scale: float,
                        precision: core.Precision = None) -> Array:
     """One softmax (with the per-head sink) over each query's own ``M`` gathered keys
@@ -557,18 +557,18 @@ class HeavilyCompressedAttention(nn.Module):
         start_B, end_B = step.start_B, step.end_B
 
         # the entries of the runs the chunk completes, pooled as ``compress`` pools them
-        c_BM, pos_BMP, done_BM = chunk_runs(start_B, end_B, n, r)
-        c_BMPH = run_values(kv_BTH, run_kv_BPH, pos_BMP, start_B)
-        z_BMPH = run_values(z_BTH, run_z_BPH, pos_BMP, start_B) + self.pos_bias.astype(dt)
-        new_BMH = core.rms_norm(_pool(c_BMPH, z_BMPH), self.kv_norm)
-        entries_BCH = cache.write_rows(entries_BCH, c_BM, new_BMH.astype(dt), done_BM)
+        run_BC, pos_BCP, done_BC = _chunk_runs(start_B, end_B, n, r)
+        c_BCPH = _run_values(kv_BTH, run_kv_BPH, pos_BCP, start_B)
+        z_BCPH = _run_values(z_BTH, run_z_BPH, pos_BCP, start_B) + self.pos_bias.astype(dt)
+        new_BCH = core.rms_norm(_pool(c_BCPH, z_BCPH), self.kv_norm)
+        entries_BCH = cache.write_rows(entries_BCH, run_BC, new_BCH.astype(dt), done_BC)
 
         # keys [entries | raw ring before the chunk | the chunk's raw keys], as the forward's
         # block-sparse core reads them: entry c once (c + 1) * r <= p, raw s once p - W < s <= p
         raw_BTH = core.rms_norm(kv_BTH, self.kv_norm)
         kv_BSH = jnp.concatenate([entries_BCH, raw_BWH, raw_BTH.astype(dt)], axis=1)
-        keep_BTS = jnp.concatenate([entry_visible(step.pos_BT, nc, r) & step.ok_BT[:, :, None],
-                                    raw_window_keep(step, w)], axis=2)
+        keep_BTS = jnp.concatenate([_entry_visible(step.pos_BT, nc, r) & step.ok_BT[:, :, None],
+                                    _raw_window_keep(step, w)], axis=2)
         q_BTNH = _queries(self, step.x, self.q_down(step.x))
         kv_BS1H = kv_BSH[:, :, None, :]
         out_BTNH = core.dot_product_attention(q_BTNH, kv_BS1H, kv_BS1H, keep=keep_BTS[:, None],
@@ -576,9 +576,9 @@ class HeavilyCompressedAttention(nn.Module):
                                               precision=self.precision)
 
         step.put("entries", entries_BCH)
-        step.put("run_kv", ring_write(run_kv_BPH, step.pos_BT, kv_BTH, step.ok_BT, end_B))
-        step.put("run_z", ring_write(run_z_BPH, step.pos_BT, z_BTH, step.ok_BT, end_B))
-        step.put("raw", ring_write(raw_BWH, step.pos_BT, raw_BTH, step.ok_BT, end_B))
+        step.put("run_kv", _ring_write(run_kv_BPH, step.pos_BT, kv_BTH, step.ok_BT, end_B))
+        step.put("run_z", _ring_write(run_z_BPH, step.pos_BT, z_BTH, step.ok_BT, end_B))
+        step.put("raw", _ring_write(raw_BWH, step.pos_BT, raw_BTH, step.ok_BT, end_B))
         return step.finish(self.proj(out_BTNH))
 
 
@@ -821,27 +821,27 @@ class CompressedSparseAttention(nn.Module):
             step.state("index_key", (b, nc, ki_BTE.shape[-1]), ki_BTE.dtype)
             return step.finish(self.proj(_queries(self, xc, c_q)))
         start_B, end_B = step.start_B, step.end_B
-        c_BM, pos_BMP, done_BM = chunk_runs(start_B, end_B, n, r)
+        run_BC, pos_BCP, done_BC = _chunk_runs(start_B, end_B, n, r)
         fill = core.mask_value(dt)
-        a_c = run_values(ca_BTH, run["run_kv_a"], pos_BMP, start_B)
-        a_z = run_values(za_BTH, run["run_z_a"], pos_BMP, start_B) + self.bias_a.astype(dt)
-        first_BM11 = (c_BM == 0)[:, :, None, None]
-        b_c = jnp.where(first_BM11, jnp.zeros((), dt),
-                        run_values(cb_BTH, run["run_kv_b"], pos_BMP - r, start_B))
-        b_z = jnp.where(first_BM11, jnp.asarray(fill, dt),
-                        run_values(zb_BTH, run["run_z_b"], pos_BMP - r, start_B)
+        a_c = _run_values(ca_BTH, run["run_kv_a"], pos_BCP, start_B)
+        a_z = _run_values(za_BTH, run["run_z_a"], pos_BCP, start_B) + self.bias_a.astype(dt)
+        first_BC11 = (run_BC == 0)[:, :, None, None]
+        b_c = jnp.where(first_BC11, jnp.zeros((), dt),
+                        _run_values(cb_BTH, run["run_kv_b"], pos_BCP - r, start_B))
+        b_z = jnp.where(first_BC11, jnp.asarray(fill, dt),
+                        _run_values(zb_BTH, run["run_z_b"], pos_BCP - r, start_B)
                         + self.bias_b.astype(dt))
-        comp_BMH = _pool(jnp.concatenate([a_c, b_c], axis=2), jnp.concatenate([a_z, b_z], axis=2))
-        ki_in = jax.lax.stop_gradient(comp_BMH) if self.detach_index_input else comp_BMH
-        ki_BME = self.idx_k(ki_in)
-        index_key_BCE = step.state("index_key", (b, nc, ki_BME.shape[-1]), ki_BME.dtype)
-        index_key_BCE = cache.write_rows(index_key_BCE, c_BM, ki_BME, done_BM)
-        new_BMH = core.rms_norm(comp_BMH, self.kv_norm)
-        entries_BCH = cache.write_rows(entries_BCH, c_BM, new_BMH.astype(dt), done_BM)
+        comp_BCH = _pool(jnp.concatenate([a_c, b_c], axis=2), jnp.concatenate([a_z, b_z], axis=2))
+        ki_in = jax.lax.stop_gradient(comp_BCH) if self.detach_index_input else comp_BCH
+        ki_BCE = self.idx_k(ki_in)
+        index_key_BCE = step.state("index_key", (b, nc, ki_BCE.shape[-1]), ki_BCE.dtype)
+        index_key_BCE = cache.write_rows(index_key_BCE, run_BC, ki_BCE, done_BC)
+        new_BCH = core.rms_norm(comp_BCH, self.kv_norm)
+        entries_BCH = cache.write_rows(entries_BCH, run_BC, new_BCH.astype(dt), done_BC)
 
         # selection: the lightning scores of every visible entry (float32; the fill elsewhere),
         # then top_k (ties to the lower index); the selected entries are gathered
-        visible_BTC = entry_visible(step.pos_BT, nc, r) & step.ok_BT[:, :, None]
+        visible_BTC = _entry_visible(step.pos_BT, nc, r) & step.ok_BT[:, :, None]
         scores_BTC = core.masked_lightning_scores(qi_BTIE, index_key_BCE, w_BTI, visible_BTC,
                                                   self.precision)
         idx_BTM = core.indices_from_scores(scores_BTC, visible_BTC, self.top_k)
@@ -849,14 +849,14 @@ class CompressedSparseAttention(nn.Module):
 
         raw_BTH = core.rms_norm(ca_BTH, self.kv_norm).astype(dt)
         q_BTNH = _queries(self, xc, c_q)
-        out_BTNH = selected_attention(
+        out_BTNH = _selected_attention(
             q_BTNH, sel_BTMH, idx_BTM >= 0, jnp.concatenate([raw_BWH, raw_BTH], axis=1),
-            raw_window_keep(step, w), self.sink, q_BTNH.shape[-1] ** -0.5, self.precision)
+            _raw_window_keep(step, w), self.sink, q_BTNH.shape[-1] ** -0.5, self.precision)
 
         step.put("entries", entries_BCH)
         step.put("index_key", index_key_BCE)
         for name, value in (("run_kv_a", ca_BTH), ("run_z_a", za_BTH), ("run_kv_b", cb_BTH),
                             ("run_z_b", zb_BTH), ("raw", raw_BTH)):
             ring = raw_BWH if name == "raw" else run[name]
-            step.put(name, ring_write(ring, step.pos_BT, value, step.ok_BT, end_B))
+            step.put(name, _ring_write(ring, step.pos_BT, value, step.ok_BT, end_B))
         return step.finish(self.proj(out_BTNH))
