@@ -41,6 +41,19 @@ def test_decode_equals_prefill(name):
 
 
 @pytest.mark.parametrize("name", sorted(COMPRESSED))
+def test_window_shorter_than_a_run_and_a_chunk_of_several_runs(name):
+    # window 2 < rate 4; the first chunk (9) completes two runs and starts a third, which the
+    # next chunk (3) completes from the buffered token (CSA: and run 1 from the buffer)
+    def make(dec):
+        return COMPRESSED[name](dec).clone(compression_rate=4, window=2)
+
+    x = _x()
+    params = h.params_of(make, x)
+    got, _ = h.decode_in_chunks(make, params, x, [9, 3, 2], max_len=T)
+    h.close(got, h.prefill(make, params, x), what="chunks [9, 3, 2]")
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSED))
 def test_ragged_prompts(name):
     # row 0: a prompt inside the first run; row 1: past two runs and the window
     h.check_ragged_prompts(COMPRESSED[name], _x(), [2, 7], steps=4)
