@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import core, registry
+from . import cache, core, registry
 from . import index_loss as index_losses
 from .core import Array, Dtype
 
@@ -249,6 +249,93 @@ registry.register("csa", "xla")(functools.partial(_csa_token_sparse, impl="xla")
 registry.register("csa", "pallas")(functools.partial(_csa_token_sparse, impl="pallas"))
 
 
+# ----------------------------------------------------------------------------- decoding
+# A decode cache (``decode=True``) holds, per row: the rms-normalised entries of the completed
+# runs, rings of the projections that the next entries still pool (the current partial run and,
+# for CSA's overlap, the run before it) and a ring of the last ``window`` raw keys. A ring of size
+# S keeps position p at slot p % S; after ``end`` tokens it holds positions [end - S, end).
+
+
+def _ring_positions(end_B: Array, size: int) -> Array:
+    """(B, S) int32: the position a ring of ``size`` slots holds at each slot after ``end_B``
+    tokens (the latest p < end with p % size == slot), -1 where none."""
+    slot_S = jnp.arange(size, dtype=jnp.int32)
+    last_B1 = end_B[:, None].astype(jnp.int32) - 1
+    pos_BS = last_B1 - jnp.mod(last_B1 - slot_S[None, :], size)
+    return jnp.where(pos_BS >= 0, pos_BS, -1)
+
+
+def _ring_write(ring_BSX: Array, pos_BT: Array, value_BTX: Array, ok_BT: Array,
+               end_B: Array) -> Array:
+    """``ring_BSX`` after appending the chunk's tokens (B, n, ...) at positions ``pos_BT``: only
+    the tokens among the last S (``pos >= end - S``) are written, so no two share a slot."""
+    size = ring_BSX.shape[1]
+    last_BT = ok_BT & (pos_BT >= end_B[:, None] - size)
+    return cache.write_rows(ring_BSX, jnp.mod(pos_BT, size), value_BTX.astype(ring_BSX.dtype),
+                            last_BT)
+
+
+def _run_values(chunk_BTX: Array, ring_BSX: Array, pos_BCP: Array, start_B: Array) -> Array:
+    """(B, C, P, ...): the values at positions ``pos_BCP``, from the chunk (B, n, ...) where the
+    position is at or after the row's ``start`` (the chunk's first position), from the ring
+    otherwise (it must still hold it). Positions past the chunk read its last token (the
+    caller writes no entry that pools them)."""
+    n = chunk_BTX.shape[1]
+    rel_BCP = pos_BCP - start_B[:, None, None]
+    from_chunk = cache.gather_rows(chunk_BTX, jnp.clip(rel_BCP, 0, n - 1))
+    from_ring = cache.gather_rows(ring_BSX, jnp.mod(pos_BCP, ring_BSX.shape[1]))
+    in_chunk = (rel_BCP >= 0).reshape(*rel_BCP.shape, *(1,) * (chunk_BTX.ndim - 2))
+    return jnp.where(in_chunk, from_chunk, from_ring)
+
+
+def _chunk_runs(start_B: Array, end_B: Array, n: int, rate: int) -> tuple[Array, Array, Array]:
+    """The runs a chunk of ``n`` tokens from ``start`` to ``end`` may complete: (B, C) run
+    indices ``start // rate + i`` for i < C = n // rate + 1 (a static bound), their (B, C, P)
+    token positions, and (B, C) bool: the run is complete after the chunk (its entry is
+    written)."""
+    c = n // rate + 1
+    run_BC = start_B[:, None] // rate + jnp.arange(c, dtype=jnp.int32)[None, :]
+    pos_BCP = run_BC[..., None] * rate + jnp.arange(rate, dtype=jnp.int32)
+    return run_BC, pos_BCP, (run_BC + 1) * rate <= end_B[:, None]
+
+
+def _raw_window_keep(step: cache.Step, window: int) -> Array:
+    """(B, n, W + n) bool: the raw keys [the ring before the chunk | the chunk's own] that each
+    chunk token reads: positions p - window < s <= p."""
+    ring_pos_BW = _ring_positions(step.start_B, window)
+    pos_BT = step.pos_BT
+    lo_BT1 = pos_BT[:, :, None] - window
+    ring_BTW = (ring_pos_BW[:, None, :] >= 0) & (ring_pos_BW[:, None, :] > lo_BT1)
+    own_BTT = ((pos_BT[:, None, :] <= pos_BT[:, :, None]) & (pos_BT[:, None, :] > lo_BT1)
+               & step.ok_BT[:, None, :])
+    return jnp.concatenate([ring_BTW, own_BTT], axis=2) & step.ok_BT[:, :, None]
+
+
+def _entry_visible(pos_BT: Array, c: int, rate: int) -> Array:
+    """(B, n, C) bool: entry c is visible at position p once its run is past, (c + 1) * rate <= p."""
+    return (jnp.arange(c, dtype=jnp.int32) + 1)[None, None, :] * rate <= pos_BT[:, :, None]
+
+
+def _selected_attention(q_BTNH: Array, sel_BTMH: Array, sel_keep_BTM: Array, kv_BSH: Array,
+                       keep_BTS: Array, sink_N: Array, scale: float,
+                       precision: core.Precision = None) -> Array:
+    """One softmax (with the per-head sink) over each query's own ``M`` gathered keys
+    ``sel_BTMH`` (keys and values) and the keys ``kv_BSH`` shared by the chunk; ``*_keep`` say
+    which it reads. The math of ``dot_product_attention`` (logits in the softmax dtype, rows
+    that read nothing give zeros) without a (T, C) array. Returns (B, T, N, H)."""
+    dt = core.softmax_dtype(q_BTNH.dtype)
+    m = sel_BTMH.shape[2]
+    sel_BNTM = jnp.einsum("BTNH,BTMH->BNTM", q_BTNH, sel_BTMH, precision=precision)
+    own_BNTS = jnp.einsum("BTNH,BSH->BNTS", q_BTNH, kv_BSH, precision=precision)
+    logits = jnp.concatenate([sel_BNTM.astype(dt), own_BNTS.astype(dt)], axis=-1) * scale
+    keep_B1TX = jnp.concatenate([sel_keep_BTM, keep_BTS], axis=-1)[:, None]
+    probs = core.masked_softmax(logits, keep_B1TX, sink_N.astype(dt)[None, :, None, None])
+    out = jnp.einsum("BNTM,BTMH->BTNH", probs[..., :m].astype(sel_BTMH.dtype), sel_BTMH,
+                     precision=precision)
+    return out + jnp.einsum("BNTS,BSH->BTNH", probs[..., m:].astype(kv_BSH.dtype), kv_BSH,
+                            precision=precision)
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -333,6 +420,14 @@ class HeavilyCompressedAttention(nn.Module):
     ``q_down``, ``q_up``, ``q_norm``, ``kv_norm``, ``sink``, ``proj/w``, ``proj/out``.
     ``impl`` picks the registry's ``block_sparse`` op (``auto``/``reference``/``xla``/``pallas``;
     changes no variable); ``precision`` reaches every matmul.
+
+    ``decode=True`` decodes incrementally (``attnhut_jax.cache``; ``init`` on (B, max_len, D),
+    the cache holds max_len rounded up to whole runs): the cache holds the rms-normalised entry
+    of every completed run (appended when a run of ``compression_rate`` tokens completes), the
+    ``kv`` / ``z`` projections of the current partial run and the last ``window`` raw keys, never
+    the raw K/V of every token. A step pools the runs its chunk completes exactly as the forward
+    does and attends each token over the visible entries, its raw window and the sink (XLA,
+    whatever ``impl``). The ``params`` are those of ``decode=False``.
     """
 
     dim: int
@@ -347,6 +442,7 @@ class HeavilyCompressedAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
+    decode: bool = False
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
         """Bytes a decoder caches per token in ``dtype``, amortised at long context: one shared
@@ -354,6 +450,28 @@ class HeavilyCompressedAttention(nn.Module):
         tokens, not a per-token cost)."""
         kv_dim = self.kv_dim or self.dim // self.num_heads
         return float(kv_dim / self.compression_rate * jnp.dtype(dtype).itemsize)
+
+    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
+        """Bytes of the decode cache's arrays, all in ``dtype`` but the index: the entries
+        (ceil(max_len / compression_rate), kv_dim), the current run's ``kv`` and ``z``
+        projections (compression_rate, kv_dim) each, the raw-key ring (window, kv_dim), and the
+        index."""
+        r, h = self.compression_rate, self.kv_dim or self.dim // self.num_heads
+        nc = -(-max_len // r)
+        return (cache.nbytes((batch, nc, h), dtype) + 2 * cache.nbytes((batch, r, h), dtype)
+                + cache.nbytes((batch, self.window, h), dtype) + cache.index_bytes(batch))
+
+    def decode_reads(self, n: int) -> int:
+        """Cache entries one decode query reads at cache length ``n`` (the query being the n-th
+        token, position n - 1): every entry whose run lies before it, (n - 1) // compression_rate,
+        and its raw window, min(window, n) tokens."""
+        n = int(n)
+        return (n - 1) // self.compression_rate + min(self.window, n) if n > 0 else 0
+
+    def decode_scored(self, n: int) -> int:
+        """Index keys a selector scores per decode query: none (HCA keeps every entry)."""
+        del n
+        return 0
 
     def setup(self) -> None:
         registry.check("HeavilyCompressedAttention", "block_sparse", self.impl)
@@ -375,7 +493,7 @@ class HeavilyCompressedAttention(nn.Module):
                                             param_dtype=pd, precision=self.precision)
 
     def __call__(self, x: Array, *, segment_ids: Array | None = None,
-                 positions: Array | None = None) -> Array:
+                 positions: Array | None = None, lengths: Array | None = None) -> Array:
         """(B, T, D) -> (B, T, D), causal.
 
         ``segment_ids`` (B, T) int packs several sequences in a row (id 0: padding; see
@@ -384,9 +502,16 @@ class HeavilyCompressedAttention(nn.Module):
         A packed row equals each segment run alone when every segment starts at a multiple of
         ``compression_rate``. ``positions`` (B, T) int is validated and unused: only RoPE would
         read it, and HCA has none.
+
+        With ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
+        appends (``attnhut_jax.cache``); ``segment_ids`` and ``positions`` are refused.
         """
         owner = "HeavilyCompressedAttention"
         core.check_input(x, self.dim, owner)
+        cache.check_options(owner, decode=self.decode, lengths=lengths, segment_ids=segment_ids,
+                            positions=positions)
+        if self.decode:
+            return self._decode(x, lengths)
         seg, _ = core.check_packing(owner, x, segment_ids, positions)
         x = core.mask_padding(x, seg)
         t, r = x.shape[1], self.compression_rate
@@ -413,6 +538,49 @@ class HeavilyCompressedAttention(nn.Module):
             **_segment_kwargs(seg, k_seg))
         return self.proj(out_BTNH)
 
+    def _decode(self, x: Array, lengths: Array | None) -> Array:
+        """One decode step: pool the runs the chunk completes into the entries, attend every
+        chunk token over the visible entries, its raw window and the sink."""
+        r, w = self.compression_rate, self.window
+        step = cache.begin(self, "HeavilyCompressedAttention", x, lengths, sized_by="entries",
+                           per_slot=r)
+        b, n, _ = step.x.shape
+        kv_BTH, z_BTH = self.kv(step.x), self.z(step.x)
+        h, dt = kv_BTH.shape[-1], kv_BTH.dtype
+        nc = -(-step.max_len // r)
+        entries_BCH = step.state("entries", (b, nc, h), dt)
+        run_kv_BPH = step.state("run_kv", (b, r, h), dt)
+        run_z_BPH = step.state("run_z", (b, r, h), dt)
+        raw_BWH = step.state("raw", (b, w, h), dt)
+        if step.initializing:  # the parameters and the empty cache; nothing is attended
+            return step.finish(self.proj(_queries(self, step.x, self.q_down(step.x))))
+        start_B, end_B = step.start_B, step.end_B
+
+        # the entries of the runs the chunk completes, pooled as ``compress`` pools them
+        run_BC, pos_BCP, done_BC = _chunk_runs(start_B, end_B, n, r)
+        c_BCPH = _run_values(kv_BTH, run_kv_BPH, pos_BCP, start_B)
+        z_BCPH = _run_values(z_BTH, run_z_BPH, pos_BCP, start_B) + self.pos_bias.astype(dt)
+        new_BCH = core.rms_norm(_pool(c_BCPH, z_BCPH), self.kv_norm)
+        entries_BCH = cache.write_rows(entries_BCH, run_BC, new_BCH.astype(dt), done_BC)
+
+        # keys [entries | raw ring before the chunk | the chunk's raw keys], as the forward's
+        # block-sparse core reads them: entry c once (c + 1) * r <= p, raw s once p - W < s <= p
+        raw_BTH = core.rms_norm(kv_BTH, self.kv_norm)
+        kv_BSH = jnp.concatenate([entries_BCH, raw_BWH, raw_BTH.astype(dt)], axis=1)
+        keep_BTS = jnp.concatenate([_entry_visible(step.pos_BT, nc, r) & step.ok_BT[:, :, None],
+                                    _raw_window_keep(step, w)], axis=2)
+        q_BTNH = _queries(self, step.x, self.q_down(step.x))
+        kv_BS1H = kv_BSH[:, :, None, :]
+        out_BTNH = core.dot_product_attention(q_BTNH, kv_BS1H, kv_BS1H, keep=keep_BTS[:, None],
+                                              scale=q_BTNH.shape[-1] ** -0.5, sink=self.sink,
+                                              precision=self.precision)
+
+        step.put("entries", entries_BCH)
+        step.put("run_kv", _ring_write(run_kv_BPH, step.pos_BT, kv_BTH, step.ok_BT, end_B))
+        step.put("run_z", _ring_write(run_z_BPH, step.pos_BT, z_BTH, step.ok_BT, end_B))
+        step.put("raw", _ring_write(raw_BWH, step.pos_BT, raw_BTH, step.ok_BT, end_B))
+        return step.finish(self.proj(out_BTNH))
+
 
 class CompressedSparseAttention(nn.Module):
     """CSA: light overlapped compression, top-k entries per query from a lightning indexer.
@@ -437,6 +605,16 @@ class CompressedSparseAttention(nn.Module):
     the raw window and the sink only (``token_sparse_attention`` with ``window_start = C``),
     building no (T, T) array. ``return_aux=True`` builds the (T, C) scores and selects from
     them, so the returned selection is the one attended.
+
+    ``decode=True`` decodes incrementally (``attnhut_jax.cache``; ``init`` on (B, max_len, D),
+    the cache holds max_len rounded up to whole runs): the cache holds the rms-normalised entry
+    of every completed run and its indexer key (``selector_dtype``), the ``kv_a`` / ``z_a``
+    projections of the current partial run, the ``kv_b`` / ``z_b`` projections of it and of the
+    run before (an entry pools both), and the last ``window`` raw keys, never the raw K/V of
+    every token. A step pools the runs its chunk completes exactly as the forward does; each
+    chunk token scores the cached indexer keys of its visible entries (float32), gathers its
+    ``top_k`` entries (ties to the lower index) and attends over them, its raw window and the
+    sink only (XLA, whatever ``impl``). The ``params`` are those of ``decode=False``.
     """
 
     dim: int
@@ -456,6 +634,7 @@ class CompressedSparseAttention(nn.Module):
     precision: core.Precision = None
     selector_dtype: Dtype = jnp.float32
     detach_index_input: bool = False
+    decode: bool = False
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
         """Bytes a decoder caches per token in ``dtype``, amortised at long context: per
@@ -463,6 +642,33 @@ class CompressedSparseAttention(nn.Module):
         the raw window is a constant ``window`` tokens, not counted."""
         kv_dim = self.kv_dim or self.dim // self.num_heads
         return float((kv_dim + self.index_dim) / self.compression_rate * jnp.dtype(dtype).itemsize)
+
+    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
+        """Bytes of the decode cache's arrays: the entries (ceil(max_len / compression_rate),
+        kv_dim) in ``dtype`` and their indexer keys (same count, index_dim) in ``selector_dtype``
+        (``dtype`` when None), the current run's ``kv_a`` / ``z_a`` projections
+        (compression_rate, kv_dim) each, the ``kv_b`` / ``z_b`` projections of the current and
+        previous runs (2 * compression_rate, kv_dim) each and the raw-key ring (window, kv_dim),
+        in ``dtype``, and the index."""
+        r, h = self.compression_rate, self.kv_dim or self.dim // self.num_heads
+        nc = -(-max_len // r)
+        sel = dtype if self.selector_dtype is None else self.selector_dtype
+        return (cache.nbytes((batch, nc, h), dtype) + cache.nbytes((batch, nc, self.index_dim), sel)
+                + 2 * cache.nbytes((batch, r, h), dtype) + 2 * cache.nbytes((batch, 2 * r, h), dtype)
+                + cache.nbytes((batch, self.window, h), dtype) + cache.index_bytes(batch))
+
+    def decode_reads(self, n: int) -> int:
+        """Cache entries one decode query reads at cache length ``n`` (the query being the n-th
+        token, position n - 1): its selected entries, min(top_k, (n - 1) // compression_rate),
+        and its raw window, min(window, n) tokens."""
+        n = int(n)
+        return min(self.top_k, self.decode_scored(n)) + min(self.window, n) if n > 0 else 0
+
+    def decode_scored(self, n: int) -> int:
+        """Indexer keys one decode query scores at cache length ``n``: those of the entries
+        whose run lies before it, (n - 1) // compression_rate."""
+        n = int(n)
+        return (n - 1) // self.compression_rate if n > 0 else 0
 
     def setup(self) -> None:
         registry.check("CompressedSparseAttention", "csa", self.impl)
@@ -493,7 +699,8 @@ class CompressedSparseAttention(nn.Module):
                                             param_dtype=pd, precision=self.precision)
 
     def __call__(self, x: Array, return_aux: bool = False, *, segment_ids: Array | None = None,
-                 positions: Array | None = None, index_loss: IndexLoss | None = None):
+                 positions: Array | None = None, index_loss: IndexLoss | None = None,
+                 lengths: Array | None = None):
         """(B, T, D) -> (B, T, D), causal.
 
         With ``return_aux`` also returns ``{"index_scores": (B, T, C), "selected": (B, T, C),
@@ -526,9 +733,17 @@ class CompressedSparseAttention(nn.Module):
 
         ``reference`` materialises the (T, C) scores and weights; ``xla`` / ``pallas`` compute
         the loss in tiles (``attnhut_jax.index_loss``), without a (T, C) array.
+
+        With ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
+        appends (``attnhut_jax.cache``); ``return_aux``, ``segment_ids``, ``positions`` and
+        ``index_loss`` are refused.
         """
         owner = "CompressedSparseAttention"
         core.check_input(x, self.dim, owner)
+        cache.check_options(owner, decode=self.decode, lengths=lengths, return_aux=return_aux,
+                            segment_ids=segment_ids, positions=positions, index_loss=index_loss)
+        if self.decode:
+            return self._decode(x, lengths)
         if index_loss not in (None, "dense", "sparse"):
             raise ValueError(f"{owner}: index_loss={index_loss!r} must be None, 'dense' or "
                              f"'sparse'")
@@ -575,3 +790,73 @@ class CompressedSparseAttention(nn.Module):
         if aux is None and loss is None:
             return out
         return (out, *(a for a in (aux, loss) if a is not None))
+
+    def _decode(self, x: Array, lengths: Array | None) -> Array:
+        """One decode step: pool the runs the chunk completes into the entries and their indexer
+        keys, select each chunk token's top-k visible entries and attend over those, its raw
+        window and the sink."""
+        r, w = self.compression_rate, self.window
+        step = cache.begin(self, "CompressedSparseAttention", x, lengths, sized_by="entries",
+                           per_slot=r)
+        xc = step.x
+        b, n, _ = xc.shape
+        ca_BTH, cb_BTH, za_BTH, zb_BTH = self.kv_a(xc), self.kv_b(xc), self.z_a(xc), self.z_b(xc)
+        h, dt = ca_BTH.shape[-1], ca_BTH.dtype
+        nc = -(-step.max_len // r)
+        c_q = self.q_down(xc)
+        idx_in = (c_q, xc)
+        if self.detach_index_input:
+            idx_in = tuple(jax.lax.stop_gradient(a) for a in idx_in)
+        qi_BTIE = self.idx_q(idx_in[0]).reshape(b, n, self.num_index_heads, self.index_dim)
+        w_BTI = self.idx_w(idx_in[1])
+
+        # the entries of the runs the chunk completes, pooled as ``compress_overlap`` pools them:
+        # run c with the a-projections and bias, run c - 1 with the b ones (entry 0: none)
+        entries_BCH = step.state("entries", (b, nc, h), dt)
+        run = {name: step.state(name, (b, size, h), dt) for name, size in
+               (("run_kv_a", r), ("run_z_a", r), ("run_kv_b", 2 * r), ("run_z_b", 2 * r))}
+        raw_BWH = step.state("raw", (b, w, h), dt)
+        if step.initializing:  # the parameters and the empty cache; nothing is attended
+            ki_BTE = self.idx_k(ca_BTH)
+            step.state("index_key", (b, nc, ki_BTE.shape[-1]), ki_BTE.dtype)
+            return step.finish(self.proj(_queries(self, xc, c_q)))
+        start_B, end_B = step.start_B, step.end_B
+        run_BC, pos_BCP, done_BC = _chunk_runs(start_B, end_B, n, r)
+        fill = core.mask_value(dt)
+        a_c = _run_values(ca_BTH, run["run_kv_a"], pos_BCP, start_B)
+        a_z = _run_values(za_BTH, run["run_z_a"], pos_BCP, start_B) + self.bias_a.astype(dt)
+        first_BC11 = (run_BC == 0)[:, :, None, None]
+        b_c = jnp.where(first_BC11, jnp.zeros((), dt),
+                        _run_values(cb_BTH, run["run_kv_b"], pos_BCP - r, start_B))
+        b_z = jnp.where(first_BC11, jnp.asarray(fill, dt),
+                        _run_values(zb_BTH, run["run_z_b"], pos_BCP - r, start_B)
+                        + self.bias_b.astype(dt))
+        comp_BCH = _pool(jnp.concatenate([a_c, b_c], axis=2), jnp.concatenate([a_z, b_z], axis=2))
+        ki_in = jax.lax.stop_gradient(comp_BCH) if self.detach_index_input else comp_BCH
+        ki_BCE = self.idx_k(ki_in)
+        index_key_BCE = step.state("index_key", (b, nc, ki_BCE.shape[-1]), ki_BCE.dtype)
+        index_key_BCE = cache.write_rows(index_key_BCE, run_BC, ki_BCE, done_BC)
+        new_BCH = core.rms_norm(comp_BCH, self.kv_norm)
+        entries_BCH = cache.write_rows(entries_BCH, run_BC, new_BCH.astype(dt), done_BC)
+
+        # selection: the lightning scores of every visible entry (float32; the fill elsewhere),
+        # then top_k (ties to the lower index); the selected entries are gathered
+        visible_BTC = _entry_visible(step.pos_BT, nc, r) & step.ok_BT[:, :, None]
+        scores_BTC = core.masked_lightning_scores(qi_BTIE, index_key_BCE, w_BTI, visible_BTC,
+                                                  self.precision)
+        idx_BTM = core.indices_from_scores(scores_BTC, visible_BTC, self.top_k)
+        sel_BTMH = cache.gather_rows(entries_BCH, idx_BTM)
+
+        raw_BTH = core.rms_norm(ca_BTH, self.kv_norm).astype(dt)
+        q_BTNH = _queries(self, xc, c_q)
+        out_BTNH = _selected_attention(
+            q_BTNH, sel_BTMH, idx_BTM >= 0, jnp.concatenate([raw_BWH, raw_BTH], axis=1),
+            _raw_window_keep(step, w), self.sink, q_BTNH.shape[-1] ** -0.5, self.precision)
+
+        step.put("entries", entries_BCH)
+        step.put("index_key", index_key_BCE)
+        for name, value in (("run_kv_a", ca_BTH), ("run_z_a", za_BTH), ("run_kv_b", cb_BTH),
+                            ("run_z_b", zb_BTH), ("raw", raw_BTH)):
+            ring = raw_BWH if name == "raw" else run[name]
+            step.put(name, _ring_write(ring, step.pos_BT, value, step.ok_BT, end_B))
+        return step.finish(self.proj(out_BTNH))
