@@ -161,6 +161,9 @@ class DeltaAttention(nn.Module):
         q_BTNH = q.reshape(b, n, nh, h)
         k_BSNH = step.append("key", k.reshape(b, n, nh, h))
         v_BSNH = step.append("value", v.reshape(b, n, nh, h))
+        if step.initializing:  # size the cache and create the params; no attention to run
+            step.state("correction", (b, nh, h), v.dtype)
+            return step.finish(self.proj(jnp.zeros_like(q)))
         scale = h ** -0.5
         sparse_BTNH = window_sink_attention(q_BTNH, k_BSNH, v_BSNH, step.pos_BT, step.ok_BT,
                                             window=self.window, sink=self.sink, scale=scale,
