@@ -30,8 +30,9 @@ class DeltaAttention(nn.Module):
     ``decode=True`` decodes incrementally (``attnhut_jax.cache``; XLA whatever ``impl``). The
     cache holds K and V of every token (an anchor's full causal attention reads all of them) and,
     per row, the correction ``dense - sparse`` of the row's latest anchor (B, N, H). A step's
-    query at position p gathers its window keys ``max(0, p - window + 1) .. p`` and the sink keys
-    ``0 .. sink - 1`` not already in the window (at most ``window + sink`` keys, no masked pass
+    query at position p reads its window keys ``max(0, p - window + 1) .. p`` and the sink keys
+    ``0 .. sink - 1`` not already in the window, gathered from the cache (a chunk of n queries
+    gathers the n + window - 1 positions their windows cover and the sinks once; no masked pass
     over the cache); the anchors inside the chunk (at most ``ceil(n / stride)``) attend the whole
     cache causally and give their corrections, a query whose anchor precedes the chunk adds the
     cached one. A step without an anchor in any row skips the dense pass (``lax.cond``), so it
@@ -165,7 +166,7 @@ class DeltaAttention(nn.Module):
             step.state("correction", (b, nh, h), v.dtype)
             return step.finish(self.proj(jnp.zeros_like(q)))
         scale = h ** -0.5
-        sparse_BTNH = window_sink_attention(q_BTNH, k_BSNH, v_BSNH, step.pos_BT, step.ok_BT,
+        sparse_BTNH = window_sink_attention(q_BTNH, k_BSNH, v_BSNH, step.start_B, step.ok_BT,
                                             window=self.window, sink=self.sink, scale=scale,
                                             precision=self.precision)
         # the anchors a = first + i * stride (i < A) that this chunk appends, per row
@@ -203,28 +204,33 @@ class DeltaAttention(nn.Module):
         return step.finish(self.proj(out_BTNH.reshape(b, n, self.dim)))
 
 
-def window_sink_attention(q_BTNH: Array, k_BSNH: Array, v_BSNH: Array, pos_BT: Array,
+def window_sink_attention(q_BTNH: Array, k_BSNH: Array, v_BSNH: Array, start_B: Array,
                           ok_BT: Array, *, window: int, sink: int, scale: float,
                           precision: core.Precision = None) -> Array:
-    """Each query (B, T, N, H) at position ``pos_BT`` attends the keys of its causal ``window``
-    (``max(0, p - window + 1) .. p``) and the first ``sink`` keys, gathered from the cache
-    (B, S, N, H): ``window + sink`` keys per query (a sink key inside the window is masked in its
-    sink slot, so no key counts twice), never a masked pass over S. Queries not ``ok_BT`` read
-    nothing (zeros). Returns (B, T, N, H)."""
-    offs_W = jnp.arange(window, dtype=jnp.int32) - (window - 1)
-    win_BTW = pos_BT[:, :, None] + offs_W[None, None, :]
-    sink_M = jnp.arange(sink, dtype=jnp.int32)
-    sink_BTM = jnp.broadcast_to(sink_M, (*pos_BT.shape, sink))
-    idx_BTM = jnp.concatenate([win_BTW, sink_BTM], axis=2)
-    valid_BTM = jnp.concatenate([win_BTW >= 0, sink_BTM <= pos_BT[:, :, None] - window], axis=2)
-    valid_BTM = valid_BTM & ok_BT[:, :, None]
-    k_BTMNH = cache.gather_rows(k_BSNH, idx_BTM)
-    v_BTMNH = cache.gather_rows(v_BSNH, idx_BTM)
-    logits = jnp.einsum("BTNH,BTMNH->BTNM", q_BTNH, k_BTMNH, precision=precision)
-    logits = logits.astype(core.softmax_dtype(q_BTNH.dtype)) * scale
-    probs_BTNM = core.masked_softmax(logits, valid_BTM[:, :, None, :])
-    return jnp.einsum("BTNM,BTMNH->BTNH", probs_BTNM.astype(v_BSNH.dtype), v_BTMNH,
-                      precision=precision)
+    """The sparse base of a chunk: query j of row b, at position ``p = start_B[b] + j``, attends
+    the keys of its causal ``window`` (``max(0, p - window + 1) .. p``) and the first ``sink``
+    keys of the cache (B, S, N, H), never a masked pass over S.
+
+    The chunk's n queries share one gather per row: the ``n + window - 1`` positions
+    ``start - window + 1 .. start + n - 1`` that their windows cover, then the ``sink`` sink
+    positions (a sink key inside the query's window is masked in its sink slot, so no key
+    counts twice). A single query (n = 1) so reads exactly ``window + sink`` keys; a chunk holds
+    (n, n + window - 1 + sink) scores per head instead of gathering ``window + sink`` keys for
+    each query. Queries not ``ok_BT`` read nothing (zeros). Returns (B, T, N, H)."""
+    n = q_BTNH.shape[1]
+    span = n + window - 1
+    win_BM = start_B[:, None] - (window - 1) + jnp.arange(span, dtype=jnp.int32)[None, :]
+    sink_BM = jnp.broadcast_to(jnp.arange(sink, dtype=jnp.int32), (start_B.shape[0], sink))
+    pos_BT1 = start_B[:, None, None] + jnp.arange(n, dtype=jnp.int32)[None, :, None]
+    in_window_BTM = ((win_BM[:, None, :] >= 0) & (win_BM[:, None, :] <= pos_BT1)
+                     & (win_BM[:, None, :] > pos_BT1 - window))
+    sink_BTM = sink_BM[:, None, :] <= pos_BT1 - window
+    keep_BTM = jnp.concatenate([in_window_BTM, sink_BTM], axis=2) & ok_BT[:, :, None]
+    idx_B1M = jnp.concatenate([win_BM, sink_BM], axis=1)[:, None, :]
+    k_BMNH = cache.gather_rows(k_BSNH, idx_B1M)[:, 0]
+    v_BMNH = cache.gather_rows(v_BSNH, idx_B1M)[:, 0]
+    return core.dot_product_attention(q_BTNH, k_BMNH, v_BMNH, keep=keep_BTM[:, None],
+                                      scale=scale, precision=precision)
 
 
 def position_in_segment(seg_BT: Array) -> Array:
