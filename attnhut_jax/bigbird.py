@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from . import core, registry
+from . import cache, core, registry
 from .core import Array, Dtype
 
 
@@ -75,6 +75,17 @@ _PACKING_REFUSED = (
     "alone; run one sequence per row (key_padding_mask marks padding)")
 
 
+_DECODE_REFUSED = {
+    False: "with causal=False its outputs change as the sequence grows: the global blocks attend "
+           "the whole row, the window reaches forward and the random blocks are drawn over all "
+           "blocks of the row, so the block pattern depends on the total length",
+    True: "not implemented for causal=True: the causal block pattern is the same for every prefix "
+          "(random blocks drawn only from earlier blocks, row by row), so a decoder could cache K "
+          "and V, but no decode step (global query blocks read every past key, the others their "
+          "window, global and random blocks) is written; run the full causal forward",
+}
+
+
 class BigBirdAttention(nn.Module):
     """Global + sliding-window + random block-sparse attention.
 
@@ -83,6 +94,10 @@ class BigBirdAttention(nn.Module):
     ``causal`` (False), ``seed`` (0), ``bias``. Parameters: ``qkv``, ``proj``.
     ``impl`` picks the registry's ``block_sparse`` op (``auto``/``reference``/``xla``/``pallas``;
     changes no variable); ``precision`` reaches every matmul.
+
+    ``decode=True`` raises ``ValueError``: bidirectional, the pattern and a
+    prefix's outputs change as the sequence grows; causal, the pattern is the same for every
+    prefix but no decode step is written.
     """
 
     dim: int
@@ -98,6 +113,7 @@ class BigBirdAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
+    decode: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -119,6 +135,7 @@ class BigBirdAttention(nn.Module):
             raise ValueError(f"{owner}: num_random_blocks={self.num_random_blocks} and "
                              f"num_global_blocks={self.num_global_blocks} must be >= 0")
         registry.check(owner, "block_sparse", self.impl)
+        cache.refuse_decode(owner, self.decode, _DECODE_REFUSED[self.causal])
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision)
         self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)

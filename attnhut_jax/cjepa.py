@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import core, registry
+from . import cache, core, registry
 from .core import Array, Dtype
 from .standard import StandardAttention
 
@@ -154,6 +154,11 @@ class CausalJEPAAttention(nn.Module):
     from a fully visible history. ``slots`` is (B, t, U, D) with ``1 <= t <= history_frames``;
     as in attnhut, a shorter history leaves frames ``t..history_frames-1`` hidden too (and
     ``predict`` then returns the ``F - t`` frames after the history).
+
+    ``decode=True`` raises ``ValueError``: "causal" names the object-level (counterfactual)
+    objective, not a causal mask. Every block attends bidirectionally over the whole fixed
+    (F, U) grid, history and hidden future cells alike, so no cell's output is final before the
+    whole grid is in, and the future is predicted in one pass over the grid, not token by token.
     """
 
     dim: int
@@ -170,6 +175,7 @@ class CausalJEPAAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
+    decode: bool = False
 
     @property
     def total_frames(self) -> int:
@@ -189,6 +195,13 @@ class CausalJEPAAttention(nn.Module):
             raise ValueError(f"{_OWNER}: dropout={self.dropout} must be in [0, 1]")
         core.check_divisible(_OWNER, ("dim", self.dim), ("num_heads", self.num_heads))
         registry.check(_OWNER, "dense", self.impl)
+        cache.refuse_decode(_OWNER, self.decode,
+                            "its 'causal' is the object-level (counterfactual) objective, not a "
+                            "causal mask: every block attends bidirectionally over the whole "
+                            "(history_frames + pred_frames, num_slots) grid, hidden future cells "
+                            "included, so no cell's output is final until the whole grid is in; "
+                            "it predicts the future in one pass over the grid (predict), not token "
+                            "by token")
 
         d, pd = self.dim, self.param_dtype
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=pd, precision=self.precision)

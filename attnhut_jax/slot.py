@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import core
+from . import cache, core
 from .core import Array, Dtype
 
 
@@ -75,6 +75,10 @@ class SlotAttention(nn.Module):
     ``slot_mu`` (1, 1, D) ~ N(0, 1), ``slot_log_sigma`` (1, 1, D) xavier-uniform, ``to_q``,
     ``to_k``, ``to_v`` (with bias), ``gru``, ``mlp/0``, ``mlp/2``, ``norm_input``, ``norm_slots``,
     ``norm_pre_mlp``. ``precision`` reaches every matmul (Flax's convention).
+
+    ``decode=True`` raises ``ValueError``: the output is ``num_slots`` slots, not one output
+    per input, and the slots compete for all inputs at once over ``num_iters`` iterations, so
+    there is no causal order and nothing to append.
     """
 
     dim: int
@@ -85,6 +89,7 @@ class SlotAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
+    decode: bool = False
 
     def setup(self) -> None:
         owner = "SlotAttention"
@@ -92,6 +97,11 @@ class SlotAttention(nn.Module):
                             hidden_dim=self.hidden_dim)
         if self.num_iters < 0:
             raise ValueError(f"{owner}: num_iters={self.num_iters} must be >= 0")
+        cache.refuse_decode(owner, self.decode,
+                            "its output is num_slots slots, not one output per input token: the "
+                            "slots compete for all inputs at once (a softmax over the slots, "
+                            "iterated num_iters times with a GRU), so the inputs are an unordered "
+                            "set with no causal order, and one more input changes every slot")
         d, pd = self.dim, self.param_dtype
         self.slot_mu = core.param(self, "slot_mu", nn.initializers.normal(1.0), (1, 1, d),
                                   (None, None, "embed"), pd)

@@ -189,7 +189,7 @@ MECHANISMS: list[Mechanism] = [
         bf16_why=_BF16_DENSE + " (a fixed block pattern: no data-dependent selection)")),
     Mechanism(
         "delta", ah.DeltaAttention, {"dim": D, "num_heads": 4, "window": 3, "sink": 1, "stride": 3},
-        causal=True, full=False, call=frozenset({"segment_ids", "positions"}), impls=SPARSE_IMPLS,
+        causal=True, full=False, call=frozenset({"segment_ids", "positions", "lengths"}), impls=SPARSE_IMPLS,
         cpu_impls=SPARSE_IMPLS,
         bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
         bf16_why=_BF16_DENSE + "; the correction adds a difference of two attentions"),
