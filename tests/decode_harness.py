@@ -28,7 +28,7 @@ def close(got, want, tol: float = TOL, what: str = "") -> None:
 
 def params_of(make, x, seed: int = 0):
     """Parameters of the decode=False module on ``x`` (the trained weights)."""
-    return make(False).init(jax.random.key(seed), x)["params"]
+    return jax.jit(make(False).init)(jax.random.key(seed), x)["params"]
 
 
 def prefill(make, params, x):
@@ -38,8 +38,7 @@ def prefill(make, params, x):
 
 def empty_cache(make, batch: int, max_len: int, dim: int):
     """An empty cache for (batch, max_len); checks that init creates the decode=False params."""
-    variables = make(True).init(jax.random.key(1), jnp.zeros((batch, max_len, dim)))
-    return variables
+    return jax.jit(make(True).init)(jax.random.key(1), jnp.zeros((batch, max_len, dim)))
 
 
 def stepper(make):
@@ -134,6 +133,7 @@ def check_cache_bytes(make, batch: int, max_len: int, dim: int, dtype=jnp.float3
     assert (jax.tree.structure(variables["params"]) == jax.tree.structure(plain["params"]))
     assert jax.tree.map(lambda a: (a.shape, a.dtype), variables["params"]) == jax.tree.map(
         lambda a: (a.shape, a.dtype), plain["params"])
+    jax.tree.map(np.testing.assert_array_equal, variables["params"], plain["params"])
     got = cache_lib.cache_arrays_bytes(variables["cache"])
     assert got == make(True).cache_bytes(batch, max_len, dtype), (
         got, make(True).cache_bytes(batch, max_len, dtype))

@@ -124,7 +124,7 @@ _BF16_DENSE = ("one softmax over float32 logits; the bf16 rounding of q, k, v, t
 def _dense(id_, cls, kwargs, causal, bad_config=_DENSE_HEADS, why=_BF16_DENSE,
            mask=True, dropout=True):
     call = ({"attn_mask"} if mask else set()) | ({"deterministic"} if dropout else set()) | {
-        "segment_ids", "positions"}
+        "segment_ids", "positions", "lengths"}
     return Mechanism(
         id_, cls, {**kwargs, "causal": causal}, causal=causal, full=True, call=frozenset(call),
         impls=DENSE_IMPLS, cpu_impls=("auto", "xla"), bad_config=bad_config, bf16_why=why,
@@ -198,7 +198,7 @@ MECHANISMS: list[Mechanism] = [
         {"dim": D, "num_heads": 4, "top_k": 3, "num_index_heads": 2, "index_head_dim": 8,
          "causal": c}, causal=c, full=False,
         # row t has t + 1 keys at or before it, so top_k = 3 keys include a later one for t < 2
-        future_rows=2, call=frozenset({"return_aux", "segment_ids", "positions", "index_loss"}),
+        future_rows=2, call=frozenset({"return_aux", "segment_ids", "positions", "index_loss", "lengths"}),
         aux=True, impls=SPARSE_IMPLS,
         cpu_impls=SPARSE_IMPLS,
         bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
@@ -209,7 +209,7 @@ MECHANISMS: list[Mechanism] = [
         {"dim": D, "num_heads": 4, "num_kv_groups": 2, "block_size": 3, "top_k": 2, "causal": c},
         causal=c, full=False,
         # each row keeps its own block (force_current_block): rows 0, 1 see keys 1, 2 after them
-        future_rows=2, call=frozenset({"return_aux", "segment_ids", "positions", "index_loss"}),
+        future_rows=2, call=frozenset({"return_aux", "segment_ids", "positions", "index_loss", "lengths"}),
         aux=True, impls=SPARSE_IMPLS, cpu_impls=SPARSE_IMPLS,
         bad_config=({"num_kv_groups": 3}, r"num_heads=4 must be divisible by num_kv_groups=3"),
         bf16_why=_BF16_DENSE + "; the index branch ranks blocks in float32 (selector_dtype); "
@@ -218,7 +218,7 @@ MECHANISMS: list[Mechanism] = [
         "hca", ah.HeavilyCompressedAttention,
         {"dim": D, "num_heads": 4, "compression_rate": 3, "window": 4}, causal=True,
         # window (4) >= rate (3): every earlier token is in the window or in a visible entry
-        full=True, call=frozenset({"segment_ids", "positions"}), impls=SPARSE_IMPLS,
+        full=True, call=frozenset({"segment_ids", "positions", "lengths"}), impls=SPARSE_IMPLS,
         cpu_impls=SPARSE_IMPLS,
         bad_config=({"num_groups": 3}, r"num_heads=4 must be divisible by num_groups=3"),
         bf16_why=_BF16_DENSE + "; softmax-gated pooling and the grouped output projection"),
@@ -226,7 +226,7 @@ MECHANISMS: list[Mechanism] = [
         "csa", ah.CompressedSparseAttention,
         {"dim": D, "num_heads": 4, "compression_rate": 2, "top_k": 2, "num_index_heads": 2,
          "index_dim": 8, "window": 3}, causal=True, full=False,
-        call=frozenset({"return_aux", "segment_ids", "positions", "index_loss"}),
+        call=frozenset({"return_aux", "segment_ids", "positions", "index_loss", "lengths"}),
         aux=True, impls=SPARSE_IMPLS, cpu_impls=SPARSE_IMPLS,
         bad_config=({"num_groups": 3}, r"num_heads=4 must be divisible by num_groups=3"),
         bf16_why=_BF16_DENSE + "; the indexer ranks in float32 (selector_dtype), so it selects "
