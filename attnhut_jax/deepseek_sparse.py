@@ -380,6 +380,8 @@ class DeepSeekSparseAttention(nn.Module):
         k_BSNH = step.append("key", k.reshape(shape))
         v_BSNH = step.append("value", v.reshape(shape))
         ki_BSE = step.append("index_key", ki_BTE.astype(self.selector_dtype))
+        if step.initializing:  # the cache and the parameters exist; init returns zeros
+            return step.finish(self.proj(jnp.zeros((b, n, self.dim), q.dtype)))
         # the selector's dense pass: the chunk's queries against every cached index key
         keep_BTS = step.keep()
         scores_BTS = core.masked_lightning_scores(qi_BTIE, ki_BSE, w_BTI, keep_BTS,

@@ -510,6 +510,8 @@ class MiniMaxSparseAttention(nn.Module):
         k_BSKH = step.append("key", k_BTKH)
         v_BSKV = step.append("value", v_BTKV)
         ki_BSE = step.append("index_key", ki_BTE.astype(self.selector_dtype))
+        if step.initializing:  # the cache and the parameters exist; init returns zeros
+            return step.finish(self.proj(jnp.zeros((b, n, self.dim), q_BTNH.dtype)))
         # the selector's dense pass: the chunk's index queries against every cached index key,
         # max-pooled into blocks (positions not yet written, or after the query, score the fill)
         scores_BKTS = _index_logits(qi_BTKE, ki_BSE, False, precision=self.precision)
