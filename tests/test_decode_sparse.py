@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import attnhut_jax as ah
+from attnhut_jax import cache as cache_lib
 from tests import decode_harness as h
 from tests.jaxpr_walk import jaxpr_eqns
 
@@ -90,7 +91,7 @@ def test_compiles_once_and_bytes(name):
     bf16 = make(True, dtype=jnp.bfloat16)
     cache = bf16.init(jax.random.key(0), jnp.zeros((2, 9, D), jnp.bfloat16))["cache"]
     assert cache["key"].dtype == jnp.bfloat16 and cache["index_key"].dtype == jnp.float32
-    assert h.cache_lib.cache_arrays_bytes(cache) == bf16.cache_bytes(2, 9, jnp.bfloat16)
+    assert cache_lib.cache_arrays_bytes(cache) == bf16.cache_bytes(2, 9, jnp.bfloat16)
 
 
 def test_accounting():
