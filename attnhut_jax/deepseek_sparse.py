@@ -24,6 +24,11 @@ the same ``impl``: ``reference`` from the materialised (T, T) weights as attnhut
 impls with ``attnhut_jax.index_loss`` in memory linear in T. Packed sequences
 (``segment_ids``) restrict selection, attention and both losses to a token's own segment; DSA
 has no RoPE, so ``positions`` is validated and not read.
+
+Incremental decoding (``decode=True``, ``attnhut_jax.cache``): each step scores the whole cached
+index key with the chunk's indexer queries (the selector's dense pass, ``decode_scored``), picks
+each query's ``top_k`` valid keys as every impl does, gathers their cached K and V and attends
+over those ``top_k`` only (``attend_selected``); no (n, max_len) attention is built.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import core, registry
+from . import cache, core, registry
 from .core import Array, Dtype
 from .index_loss import dense_index_loss, sparse_index_loss
 
@@ -146,6 +151,30 @@ registry.register("dsa", "xla")(functools.partial(_dsa_token_sparse, impl="xla")
 registry.register("dsa", "pallas")(functools.partial(_dsa_token_sparse, impl="pallas"))
 
 
+def attend_selected(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, idx_BTM: Array, *, scale: float,
+                    precision: core.Precision = None) -> Array:
+    """Attention of each query over its selected keys only: ``idx_BTM`` (B, T, M) indexes the
+    keys (B, S, K, H) and values (B, S, K, V) of the query's row (one selection for all heads,
+    query head n reads kv head n // (N // K)); entries < 0 are empty slots. Gathers the (B, T, M)
+    keys and values (no (T, S) array), masked softmax over M in float32 for half operands; a
+    query without a selected key returns zeros. Returns (B, T, N, V)."""
+    b, t, n, h = q_BTNH.shape
+    kg = k_BSKH.shape[2]
+    ok_BTM = idx_BTM >= 0
+    zero = jnp.zeros((), k_BSKH.dtype)
+    # empty slots read slot 0: zero it, so that nothing there (not even a NaN) reaches the output
+    k_BTMKH = jnp.where(ok_BTM[..., None, None], cache.gather_rows(k_BSKH, idx_BTM), zero)
+    v_BTMKV = jnp.where(ok_BTM[..., None, None], cache.gather_rows(v_BSKV, idx_BTM),
+                        jnp.zeros((), v_BSKV.dtype))
+    q_BTKGH = q_BTNH.reshape(b, t, kg, n // kg, h)
+    logits_BKGTM = jnp.einsum("BTKGH,BTMKH->BKGTM", q_BTKGH, k_BTMKH, precision=precision)
+    logits_BKGTM = logits_BKGTM.astype(core.softmax_dtype(q_BTNH.dtype)) * scale
+    probs_BKGTM = core.masked_softmax(logits_BKGTM, ok_BTM[:, None, None])
+    out_BTKGV = jnp.einsum("BKGTM,BTMKV->BTKGV", probs_BKGTM.astype(v_BSKV.dtype), v_BTMKV,
+                           precision=precision)
+    return out_BTKGV.reshape(b, t, n, v_BSKV.shape[-1])
+
+
 class LightningIndexer(nn.Module):
     """The scorer ``I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s])``, unmasked, (B, T, S).
 
@@ -198,6 +227,14 @@ class DeepSeekSparseAttention(nn.Module):
     call's ``index_loss`` (or ``dsa_index_aux_loss`` on the aux dict). ``detach_index_input``
     (default False, attnhut's) makes the indexer read ``stop_gradient(x)``, as DeepSeek-V3.2
     trains it, so the index loss reaches the indexer's parameters only, not the input.
+
+    ``decode=True`` (causal only): incremental decoding (``attnhut_jax.cache``). The cache holds
+    K and V of every head (``key``, ``value``, in the computation dtype) and the indexer's key
+    (``index_key``, in ``selector_dtype``). A step scores every cached index key with the chunk's
+    indexer queries (float32, as ``core.lightning_scores``), keeps each query's
+    ``min(top_k, max_len)`` best keys at or before it (ties to the lower position, as every impl)
+    and attends over the gathered ``top_k`` keys and values only, in XLA whatever ``impl``. The
+    ``params`` are those of ``decode=False``.
     """
 
     dim: int
@@ -213,6 +250,7 @@ class DeepSeekSparseAttention(nn.Module):
     precision: core.Precision = None
     selector_dtype: Dtype = jnp.float32
     detach_index_input: bool = False
+    decode: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -223,6 +261,23 @@ class DeepSeekSparseAttention(nn.Module):
         indexer's key (``index_head_dim``)."""
         return float((2 * self.dim + self.index_head_dim) * jnp.dtype(dtype).itemsize)
 
+    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
+        """Bytes of the decode cache's arrays: K and V of every head in ``dtype``, the indexer's
+        key in ``selector_dtype`` and the index."""
+        return (cache.dense_cache_bytes(batch, max_len, self.num_heads, self.head_dim,
+                                        self.head_dim, dtype)
+                + cache.nbytes((batch, max_len, self.index_head_dim), self.selector_dtype))
+
+    def decode_reads(self, n: int) -> int:
+        """Cached tokens whose keys and values one decode query reads at cache length ``n``: its
+        selection, ``min(top_k, n)``."""
+        return min(self.top_k, int(n))
+
+    def decode_scored(self, n: int) -> int:
+        """Index keys the lightning indexer scores per decode query at cache length ``n``: all
+        ``n``."""
+        return int(n)
+
     def setup(self) -> None:
         owner = "DeepSeekSparseAttention"
         registry.check(owner, "dsa", self.impl)
@@ -230,6 +285,7 @@ class DeepSeekSparseAttention(nn.Module):
                             num_index_heads=self.num_index_heads,
                             index_head_dim=self.index_head_dim)
         core.check_divisible(owner, ("dim", self.dim), ("num_heads", self.num_heads))
+        cache.check_causal(owner, self.decode, self.causal)
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision)
         self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
@@ -239,7 +295,8 @@ class DeepSeekSparseAttention(nn.Module):
                                         param_dtype=self.param_dtype, precision=self.precision)
 
     def __call__(self, x: Array, return_aux: bool = False, *, segment_ids: Array | None = None,
-                 positions: Array | None = None, index_loss: str | None = None):
+                 positions: Array | None = None, index_loss: str | None = None,
+                 lengths: Array | None = None):
         """(B, T, D) -> (B, T, D); ``(out, aux)`` with ``return_aux=True``; ``(out, loss)`` with
         ``index_loss``; ``(out, aux, loss)`` with both.
 
@@ -261,9 +318,17 @@ class DeepSeekSparseAttention(nn.Module):
         the (non-padding) queries and train only the indexer (and, unless
         ``detach_index_input``, the input through it). ``impl="reference"`` computes them from
         (T, T) arrays; the other impls in memory linear in T (``attnhut_jax.index_loss``).
+
+        With ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
+        appends (``attnhut_jax.cache``); ``return_aux``, ``segment_ids``, ``positions`` and
+        ``index_loss`` are refused (training and inspection arguments of a whole sequence).
         """
         owner = "DeepSeekSparseAttention"
         core.check_input(x, self.dim, owner)
+        cache.check_options(owner, decode=self.decode, lengths=lengths, return_aux=return_aux,
+                            segment_ids=segment_ids, positions=positions, index_loss=index_loss)
+        if self.decode:
+            return self._decode_step(x, lengths)
         if index_loss is not None and index_loss not in INDEX_LOSSES:
             raise ValueError(f"{owner}: index_loss={index_loss!r} must be None, 'sparse' or "
                              f"'dense'")
@@ -302,6 +367,29 @@ class DeepSeekSparseAttention(nn.Module):
         if loss is not None:
             return out, loss
         return out
+
+    def _decode_step(self, x: Array, lengths: Array | None) -> Array:
+        """One decode call: append the chunk's K, V and index key, select each query's top-k
+        cached keys with the indexer and attend over them only."""
+        step = cache.begin(self, "DeepSeekSparseAttention", x, lengths, sized_by="key")
+        b, n, _ = step.x.shape
+        q, k, v = jnp.split(self.qkv(step.x), 3, axis=-1)
+        shape = (b, n, self.num_heads, self.head_dim)
+        qi_BTIE, ki_BTE, w_BTI = self.indexer.project(
+            jax.lax.stop_gradient(step.x) if self.detach_index_input else step.x)
+        k_BSNH = step.append("key", k.reshape(shape))
+        v_BSNH = step.append("value", v.reshape(shape))
+        ki_BSE = step.append("index_key", ki_BTE.astype(self.selector_dtype))
+        if step.initializing:  # the cache and the parameters exist; init returns zeros
+            return step.finish(self.proj(jnp.zeros((b, n, self.dim), q.dtype)))
+        # the selector's dense pass: the chunk's queries against every cached index key
+        keep_BTS = step.keep()
+        scores_BTS = core.masked_lightning_scores(qi_BTIE, ki_BSE, w_BTI, keep_BTS,
+                                                  self.precision)
+        idx_BTM = core.indices_from_scores(scores_BTS, keep_BTS, self.top_k)
+        out = attend_selected(q.reshape(shape), k_BSNH, v_BSNH, idx_BTM,
+                              scale=self.head_dim ** -0.5, precision=self.precision)
+        return step.finish(self.proj(out.reshape(b, n, self.dim)))
 
 
 def dsa_index_aux_loss(index_scores: Array, attn_weights: Array) -> Array:

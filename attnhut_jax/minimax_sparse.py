@@ -12,6 +12,12 @@ each query's picked blocks in query tiles (``sparse_index_loss``), so neither pa
 (T, T) array; ``segment_ids`` / ``positions`` pack several sequences in a row (``core``'s
 packed-sequence contract): block scores, picks, the block-sparse op, the aux arrays and the loss
 all see same-segment keys only.
+
+Incremental decoding (``decode=True``, ``attnhut_jax.cache``): each step scores every cached
+index key with the chunk's index queries (the selector's dense pass, ``decode_scored``),
+max-pools them into key blocks, picks blocks as ``block_picks`` does at the queries' positions,
+gathers the picked blocks' cached keys and values per group and attends over them only
+(``attend_blocks``); the partly filled last block is read up to the query.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import block_sparse
 
-from . import core, registry
+from . import cache, core, registry
 from .core import Array, Dtype
 
 
@@ -107,21 +113,64 @@ def block_picks(block_scores_BKTJ: Array, *, t: int, block_size: int, top_k: int
     same shape): the ``min(top_k, J)`` best blocks, valid unless after the query (causal) or
     holding no key the query may read (their score is the fill), then, with
     ``force_current_block``, the query's own block, valid unless already among the valid picks.
-    No block is valid twice."""
+    No block is valid twice. Query t sits at position t (``block_picks_at`` takes positions)."""
+    return block_picks_at(block_scores_BKTJ, jnp.arange(t)[None], block_size=block_size,
+                          top_k=top_k, causal=causal, force_current_block=force_current_block)
+
+
+def block_picks_at(block_scores_BKTJ: Array, pos_BT: Array, *, block_size: int, top_k: int,
+                   causal: bool, force_current_block: bool) -> tuple[Array, Array]:
+    """``block_picks`` for queries at positions ``pos_BT`` ((B, T) or (1, T) int): the causal
+    rule and the forced block (``pos // block_size``) read each query's own position (a decode
+    step's chunk sits at the cache's index, per row)."""
     nb = block_scores_BKTJ.shape[-1]
     top_BKTM = jax.lax.top_k(block_scores_BKTJ, max(1, min(top_k, nb)))[1].astype(jnp.int32)
     fill = core.mask_value(block_scores_BKTJ.dtype)
     ok_BKTM = jnp.take_along_axis(block_scores_BKTJ, top_BKTM, axis=-1) > fill
-    pos_T1 = jnp.arange(t)[:, None]
+    pos_B1T1 = jnp.asarray(pos_BT)[:, None, :, None]
     if causal:
-        ok_BKTM = ok_BKTM & (top_BKTM * block_size <= pos_T1)
+        ok_BKTM = ok_BKTM & (top_BKTM * block_size <= pos_B1T1)
     if not force_current_block:
         return top_BKTM, ok_BKTM
-    cur_T1 = jnp.minimum(pos_T1 // block_size, nb - 1).astype(jnp.int32)
-    seen_BKT1 = jnp.any(ok_BKTM & (top_BKTM == cur_T1), axis=-1, keepdims=True)
-    cur_BKT1 = jnp.broadcast_to(cur_T1, seen_BKT1.shape)
+    cur_B1T1 = jnp.minimum(pos_B1T1 // block_size, nb - 1).astype(jnp.int32)
+    seen_BKT1 = jnp.any(ok_BKTM & (top_BKTM == cur_B1T1), axis=-1, keepdims=True)
+    cur_BKT1 = jnp.broadcast_to(cur_B1T1, seen_BKT1.shape)
     return (jnp.concatenate([top_BKTM, cur_BKT1], axis=-1),
             jnp.concatenate([ok_BKTM, ~seen_BKT1], axis=-1))
+
+
+def attend_blocks(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, idx_BKTM: Array, ok_BKTM: Array,
+                  pos_BT: Array, *, block_size: int, scale: float,
+                  precision: core.Precision = None) -> Array:
+    """Attention of each query over the tokens of its picked key blocks only: ``idx_BKTM`` /
+    ``ok_BKTM`` are ``block_picks_at``'s picks per kv group, ``pos_BT`` (B, T) the queries'
+    positions. Gathers the M * block_size keys and values (B, K, T, M * block_size, H) of each
+    query's picks (no (T, S) array) and reads a key when its pick is valid and its position is
+    at or before the query's (so a partly filled block is read up to the query, and a block
+    past the keys' end not at all). Masked softmax in float32 for half operands; a query
+    reading nothing returns zeros. Returns (B, T, N, V)."""
+    b, t, n, h = q_BTNH.shape
+    s, kg = k_BSKH.shape[1], k_BSKH.shape[2]
+    m = idx_BKTM.shape[-1]
+    tok_BKTMP = idx_BKTM[..., None] * block_size + jnp.arange(block_size, dtype=idx_BKTM.dtype)
+    read_BKTMP = ok_BKTM[..., None] & (tok_BKTMP <= pos_BT[:, None, :, None, None]) & (
+        tok_BKTMP < s)
+    tok_BKTS = jnp.clip(tok_BKTMP, 0, s - 1).reshape(b, kg, t, m * block_size)
+    read_BKTS = read_BKTMP.reshape(b, kg, t, m * block_size)
+    b_ix = jnp.arange(b)[:, None, None, None]
+    k_ix = jnp.arange(kg)[None, :, None, None]
+    # keys not read are zeroed, so that nothing there (not even a NaN) reaches the output
+    k_BKTSH = jnp.where(read_BKTS[..., None], k_BSKH[b_ix, tok_BKTS, k_ix],
+                        jnp.zeros((), k_BSKH.dtype))
+    v_BKTSV = jnp.where(read_BKTS[..., None], v_BSKV[b_ix, tok_BKTS, k_ix],
+                        jnp.zeros((), v_BSKV.dtype))
+    q_BTKGH = q_BTNH.reshape(b, t, kg, n // kg, h)
+    logits_BKGTS = jnp.einsum("BTKGH,BKTSH->BKGTS", q_BTKGH, k_BKTSH, precision=precision)
+    logits_BKGTS = logits_BKGTS.astype(core.softmax_dtype(q_BTNH.dtype)) * scale
+    probs_BKGTS = core.masked_softmax(logits_BKGTS, read_BKTS[:, :, None])
+    out_BTKGV = jnp.einsum("BKGTS,BKTSV->BTKGV", probs_BKGTS.astype(v_BSKV.dtype), v_BKTSV,
+                           precision=precision)
+    return out_BTKGV.reshape(b, t, n, v_BSKV.shape[-1])
 
 
 def keep_from_picks(idx_BKTM: Array, ok_BKTM: Array, num_blocks: int) -> Array:
@@ -250,6 +299,16 @@ class MiniMaxSparseAttention(nn.Module):
     matmul), and ``selector_dtype`` (default float32): the dtype of the index branch (its
     projections, norms, RoPE and block scores), so that a ``dtype=jnp.bfloat16`` module keeps its
     block selection in float32. The block scores are ranked in float32 (or wider) always.
+
+    ``decode=True`` (causal only): incremental decoding (``attnhut_jax.cache``). The cache holds
+    K and V per kv group as attention reads them (after QK-RMSNorm and RoPE at the tokens'
+    positions; ``key``, ``value``, in the computation dtype) and the shared index key (after its
+    norm and RoPE; ``index_key``, in ``selector_dtype``). A step scores every cached index key
+    with the chunk's index queries, max-pools the scores into ``ceil(max_len / block_size)``
+    blocks (blocks without a key at or before the query score the fill), picks blocks as
+    ``block_picks`` (``top_k`` best, then the query's own block) and attends over the picked
+    blocks' tokens only, gathered per group, in XLA whatever ``impl``. The ``params`` are those
+    of ``decode=False``.
     """
 
     dim: int
@@ -269,6 +328,7 @@ class MiniMaxSparseAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
     selector_dtype: Dtype = jnp.float32
+    decode: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -285,6 +345,26 @@ class MiniMaxSparseAttention(nn.Module):
         index_dim, _ = self.resolved_dims()
         return float((2 * self.num_kv_groups * self.head_dim + index_dim) * jnp.dtype(dtype).itemsize)
 
+    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
+        """Bytes of the decode cache's arrays: K and V of every kv group in ``dtype``, the shared
+        index key in ``selector_dtype`` and the index."""
+        index_dim, _ = self.resolved_dims()
+        return (cache.dense_cache_bytes(batch, max_len, self.num_kv_groups, self.head_dim,
+                                        self.head_dim, dtype)
+                + cache.nbytes((batch, max_len, index_dim), self.selector_dtype))
+
+    def decode_reads(self, n: int) -> int:
+        """Cached tokens whose keys and values one decode query reads at cache length ``n``, in
+        the worst case: the tokens of its picked blocks, ``top_k`` blocks plus its own
+        (``force_current_block``), at most ``min(n, (top_k + force_current_block) *
+        block_size)`` (fewer when the picks hold the partly filled last block)."""
+        return min(int(n), (self.top_k + int(self.force_current_block)) * self.block_size)
+
+    def decode_scored(self, n: int) -> int:
+        """Index keys the index branch scores per decode query at cache length ``n``: all ``n``
+        (for each kv group's index query)."""
+        return int(n)
+
     def setup(self) -> None:
         owner = "MiniMaxSparseAttention"
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads,
@@ -294,6 +374,7 @@ class MiniMaxSparseAttention(nn.Module):
         core.check_divisible(owner, ("num_heads", self.num_heads),
                              ("num_kv_groups", self.num_kv_groups))
         registry.check(owner, "block_sparse", self.impl)
+        cache.check_causal(owner, self.decode, self.causal)
         d, (di, rd) = self.head_dim, self.resolved_dims()
         if self.use_rope and (rd % 2 or rd < 2 or rd > d or rd > di):
             raise ValueError(f"{owner}: rope_dim={rd} must be even, >= 2 and <= head_dim={d} "
@@ -315,7 +396,8 @@ class MiniMaxSparseAttention(nn.Module):
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
     def __call__(self, x: Array, return_aux: bool = False, *, segment_ids: Array | None = None,
-                 positions: Array | None = None, index_loss: str | None = None):
+                 positions: Array | None = None, index_loss: str | None = None,
+                 lengths: Array | None = None):
         """(B, T, D) -> (B, T, D); ``(out, aux)`` with ``return_aux=True``; ``(out, loss)`` with
         ``index_loss``; ``(out, aux, loss)`` with both.
 
@@ -331,9 +413,17 @@ class MiniMaxSparseAttention(nn.Module):
         ``impl="reference"`` or ``return_aux`` it is computed from the materialised arrays, as
         attnhut does. With segments the KL sees same-segment keys only and the mean runs over
         non-padding (query, group) pairs. Only the index branch receives its gradient.
+
+        With ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
+        appends (``attnhut_jax.cache``; RoPE reads the tokens' positions in the cache);
+        ``return_aux``, ``segment_ids``, ``positions`` and ``index_loss`` are refused.
         """
         owner = "MiniMaxSparseAttention"
         core.check_input(x, self.dim, owner)
+        cache.check_options(owner, decode=self.decode, lengths=lengths, return_aux=return_aux,
+                            segment_ids=segment_ids, positions=positions, index_loss=index_loss)
+        if self.decode:
+            return self._decode_step(x, lengths)
         if index_loss == "dense":
             raise ValueError(f"{owner}: index_loss='dense' is not defined for MSA (attnhut's "
                              f"msa_index_aux_loss is over the selected blocks); use 'sparse' or None")
@@ -343,20 +433,8 @@ class MiniMaxSparseAttention(nn.Module):
         x = core.mask_padding(x, seg_BT)
         b, t, _ = x.shape
         kg, d = self.num_kv_groups, self.head_dim
-        di, rd = self.resolved_dims()
-        xd = jax.lax.stop_gradient(x)  # the index branch is trained only by the aux loss
-        q_BTNH = core.rms_norm(self.q(x).reshape(b, t, self.num_heads, d), self.q_norm)
-        k_BSKH = core.rms_norm(self.k(x).reshape(b, t, kg, d), self.k_norm)
-        v_BSKV = self.v(x).reshape(b, t, kg, d)
-        qi_BTKE = core.rms_norm(self.idx_q(xd).reshape(b, t, kg, di), self.idx_q_norm)
-        ki_BT1E = core.rms_norm(self.idx_k(xd).reshape(b, t, 1, di), self.idx_k_norm)
-        if self.use_rope:
-            pos = core.rope_positions(pos_BT, t)
-            cos, sin = core.rope_tables(pos, rd, self.rope_theta, q_BTNH.dtype)
-            q_BTNH, k_BSKH = (core.apply_rope(a, cos, sin) for a in (q_BTNH, k_BSKH))
-            cos, sin = core.rope_tables(pos, rd, self.rope_theta, qi_BTKE.dtype)
-            qi_BTKE, ki_BT1E = (core.apply_rope(a, cos, sin) for a in (qi_BTKE, ki_BT1E))
-        ki_BSE = ki_BT1E[:, :, 0]
+        q_BTNH, k_BSKH, v_BSKV, qi_BTKE, ki_BSE = self._branches(
+            x, core.rope_positions(pos_BT, t))
 
         sel = dict(t=t, block_size=self.block_size, top_k=self.top_k, causal=self.causal,
                    force_current_block=self.force_current_block)
@@ -403,6 +481,53 @@ class MiniMaxSparseAttention(nn.Module):
         if index_loss is None:
             return out, aux
         return out, aux, _masked_mean_loss(aux, seg_BT)
+
+    def _branches(self, x: Array, pos: Array) -> tuple[Array, Array, Array, Array, Array]:
+        """Both branches at RoPE positions ``pos`` ((T,) or (B, T)): queries (B, T, N, H), keys
+        (B, T, K, H), values (B, T, K, V), index queries (B, T, K, E), index keys (B, T, E)."""
+        b, t, _ = x.shape
+        kg, d = self.num_kv_groups, self.head_dim
+        di, rd = self.resolved_dims()
+        xd = jax.lax.stop_gradient(x)  # the index branch is trained only by the aux loss
+        q_BTNH = core.rms_norm(self.q(x).reshape(b, t, self.num_heads, d), self.q_norm)
+        k_BTKH = core.rms_norm(self.k(x).reshape(b, t, kg, d), self.k_norm)
+        v_BTKV = self.v(x).reshape(b, t, kg, d)
+        qi_BTKE = core.rms_norm(self.idx_q(xd).reshape(b, t, kg, di), self.idx_q_norm)
+        ki_BT1E = core.rms_norm(self.idx_k(xd).reshape(b, t, 1, di), self.idx_k_norm)
+        if self.use_rope:
+            cos, sin = core.rope_tables(pos, rd, self.rope_theta, q_BTNH.dtype)
+            q_BTNH, k_BTKH = (core.apply_rope(a, cos, sin) for a in (q_BTNH, k_BTKH))
+            cos, sin = core.rope_tables(pos, rd, self.rope_theta, qi_BTKE.dtype)
+            qi_BTKE, ki_BT1E = (core.apply_rope(a, cos, sin) for a in (qi_BTKE, ki_BT1E))
+        return q_BTNH, k_BTKH, v_BTKV, qi_BTKE, ki_BT1E[:, :, 0]
+
+    def _decode_step(self, x: Array, lengths: Array | None) -> Array:
+        """One decode call: append the chunk's keys, values and index key, pick each query's
+        blocks from the cached index keys and attend over the picked blocks' tokens only."""
+        step = cache.begin(self, "MiniMaxSparseAttention", x, lengths, sized_by="key")
+        b, n, _ = step.x.shape
+        q_BTNH, k_BTKH, v_BTKV, qi_BTKE, ki_BTE = self._branches(step.x, step.pos_BT)
+        k_BSKH = step.append("key", k_BTKH)
+        v_BSKV = step.append("value", v_BTKV)
+        ki_BSE = step.append("index_key", ki_BTE.astype(self.selector_dtype))
+        if step.initializing:  # the cache and the parameters exist; init returns zeros
+            return step.finish(self.proj(jnp.zeros((b, n, self.dim), q_BTNH.dtype)))
+        # the selector's dense pass: the chunk's index queries against every cached index key,
+        # max-pooled into blocks (positions not yet written, or after the query, score the fill)
+        scores_BKTS = _index_logits(qi_BTKE, ki_BSE, False, precision=self.precision)
+        fill = core.mask_value(scores_BKTS.dtype)
+        scores_BKTS = jnp.where(step.keep()[:, None], scores_BKTS, fill)
+        bs, nb = self.block_size, -(-step.max_len // self.block_size)
+        scores_BKTS = jnp.pad(scores_BKTS, ((0, 0), (0, 0), (0, 0), (0, nb * bs - step.max_len)),
+                              constant_values=fill)
+        scores_BKTJ = scores_BKTS.reshape(*scores_BKTS.shape[:3], nb, bs).max(axis=-1)
+        idx_BKTM, ok_BKTM = block_picks_at(scores_BKTJ, step.pos_BT, block_size=bs,
+                                           top_k=self.top_k, causal=True,
+                                           force_current_block=self.force_current_block)
+        ok_BKTM = ok_BKTM & step.ok_BT[:, None, :, None]  # tokens not appended read nothing
+        out = attend_blocks(q_BTNH, k_BSKH, v_BSKV, idx_BKTM, ok_BKTM, step.pos_BT,
+                            block_size=bs, scale=self.head_dim ** -0.5, precision=self.precision)
+        return step.finish(self.proj(out.reshape(b, n, self.dim)))
 
 
 def materialised_aux(q_BTNH: Array, k_BSKH: Array, qi_BTKE: Array, ki_BSE: Array,
