@@ -126,12 +126,16 @@ class Step:
         if not self.initializing:
             self.module.put_variable(COLLECTION, name, value)
 
-    def append(self, name: str, value_BT: Array) -> Array:
+    def append(self, name: str, value_BT: Array, *, heads_first: bool = False) -> Array:
         """Write the chunk's appended tokens of ``value_BT`` (B, n, ...) into cache array
-        ``name`` (B, max_len, ...) at their positions; returns the array after the write."""
-        b = value_BT.shape[0]
-        cache = self.state(name, (b, self.max_len, *value_BT.shape[2:]), value_BT.dtype)
-        new = write_rows(cache, self.pos_BT, value_BT.astype(cache.dtype), self.ok_BT)
+        ``name`` at their positions; returns the array after the write. The array is
+        (B, max_len, ...), or with ``heads_first`` (B, K, max_len, ...) for a (B, n, K, ...)
+        value: the head-major layout whose rows a dense decode step reads contiguously."""
+        b, rest = value_BT.shape[0], value_BT.shape[2:]
+        shape = (b, rest[0], self.max_len, *rest[1:]) if heads_first else (b, self.max_len, *rest)
+        cache = self.state(name, shape, value_BT.dtype)
+        new = write_rows(cache, self.pos_BT, value_BT.astype(cache.dtype), self.ok_BT,
+                         axis=2 if heads_first else 1)
         self.put(name, new)
         return new
 
@@ -161,13 +165,14 @@ class Step:
 
 
 def begin(module: nn.Module, owner: str, x: Array, lengths: Array | None, *,
-          sized_by: str, per_slot: int = 1) -> Step:
+          sized_by: str, per_slot: int = 1, axis: int = 1) -> Step:
     """Start a decode call of ``module`` on the (already validated) input ``x``.
 
     At init ``x`` is the (B, max_len, D) sizing input: the index is created and the step
     computes its first token only (to create the parameters), writing nothing. Otherwise the
-    cache's ``max_len`` is axis 1 of cache array ``sized_by`` times ``per_slot`` (e.g. HCA's
-    entries hold ``compression_rate`` tokens each), and ``lengths`` / the room are checked.
+    cache's ``max_len`` is axis ``axis`` (1, or 2 for a head-major array) of cache array
+    ``sized_by`` times ``per_slot`` (e.g. HCA's entries hold ``compression_rate`` tokens each),
+    and ``lengths`` / the room are checked.
     """
     b, n = x.shape[0], x.shape[1]
     if module.is_initializing():
@@ -183,7 +188,7 @@ def begin(module: nn.Module, owner: str, x: Array, lengths: Array | None, *,
     if tuple(start_B.shape) != (b,):
         raise ValueError(f"{owner}: the cache holds {start_B.shape[0]} rows, the input "
                          f"{tuple(x.shape)} has batch {b}")
-    max_len = module.get_variable(COLLECTION, sized_by).shape[1] * per_slot
+    max_len = module.get_variable(COLLECTION, sized_by).shape[axis] * per_slot
     if n > max_len:
         raise ValueError(f"{owner}: a chunk of {n} tokens is longer than the cache (max_len="
                          f"{max_len})")
@@ -213,13 +218,19 @@ def begin(module: nn.Module, owner: str, x: Array, lengths: Array | None, *,
     return Step(module, owner, x, start_B, len_B, pos_BT, ok_BT, max_len, False, tuple(x.shape))
 
 
-def write_rows(cache_BL: Array, idx_BT: Array, value_BT: Array, ok_BT: Array) -> Array:
+def write_rows(cache_BL: Array, idx_BT: Array, value_BT: Array, ok_BT: Array,
+               axis: int = 1) -> Array:
     """``cache_BL`` (B, L, ...) with ``value_BT[b, j]`` written at ``[b, idx_BT[b, j]]`` where
-    ``ok_BT`` (and the index is in range); other writes are dropped."""
-    b, slots = cache_BL.shape[0], cache_BL.shape[1]
+    ``ok_BT`` (and the index is in range); other writes are dropped. ``axis=2``: the cache is
+    (B, K, L, ...) and ``value_BT`` (B, n, K, ...) is written at ``[b, :, idx_BT[b, j]]``."""
+    b, slots = cache_BL.shape[0], cache_BL.shape[axis]
     idx_BT = jnp.where(ok_BT & (idx_BT >= 0) & (idx_BT < slots), idx_BT, slots)
     rows_BT = jnp.broadcast_to(jnp.arange(b)[:, None], idx_BT.shape)
-    return cache_BL.at[rows_BT, idx_BT].set(value_BT, mode="drop")
+    if axis == 1:
+        return cache_BL.at[rows_BT, idx_BT].set(value_BT, mode="drop")
+    if axis != 2:
+        raise ValueError(f"write_rows: axis must be 1 or 2, got {axis}")
+    return cache_BL.at[rows_BT, :, idx_BT].set(value_BT, mode="drop")
 
 
 def gather_rows(cache_BL: Array, idx_BTM: Array) -> Array:
@@ -233,13 +244,31 @@ def gather_rows(cache_BL: Array, idx_BTM: Array) -> Array:
 def attend_cache(step: Step, q_BTNH: Array, k_BTKH: Array, v_BTKV: Array, *,
                  scale: float | None = None, precision: Precision = None,
                  names: tuple[str, str] = ("key", "value")) -> Array:
-    """The dense decode step: append the chunk's keys and values (B, n, K, H|V) to cache arrays
-    ``names`` and attend the chunk's queries (B, n, N, H) over every cached key at or before
-    them. Returns (B, n, N, V)."""
-    k_BSKH = step.append(names[0], k_BTKH)
-    v_BSKV = step.append(names[1], v_BTKV)
-    return core.dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=step.keep()[:, None],
-                                      scale=scale, precision=precision)
+    """The dense decode step: append the chunk's keys and values (B, n, K, H|V) to the
+    head-major cache arrays ``names`` (B, K, max_len, H|V) and attend the chunk's queries
+    (B, n, N, H) over every cached key at or before them. Returns (B, n, N, V)."""
+    k_BKSH = step.append(names[0], k_BTKH, heads_first=True)
+    v_BKSV = step.append(names[1], v_BTKV, heads_first=True)
+    return cached_attention(q_BTNH, k_BKSH, v_BKSV, step.keep(), scale=scale,
+                            precision=precision)
+
+
+def cached_attention(q_BTNH: Array, k_BKSH: Array, v_BKSV: Array, keep_BTS: Array, *,
+                     scale: float | None = None, precision: Precision = None) -> Array:
+    """Dense attention of (B, T, N, H) queries over a head-major cache (B, K, S, H|V), query
+    head n reading kv head n // (N // K), key s where ``keep_BTS``; core's masked softmax
+    (float32 for half precision, a row without keys gives zeros). The cache is read in its own
+    layout (no transpose of the cache per step). Returns (B, T, N, V)."""
+    b, t, n, h = q_BTNH.shape
+    k = k_BKSH.shape[1]
+    q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, precision=precision)
+    logits = logits.astype(core.softmax_dtype(q_BTNH.dtype)) * (h ** -0.5 if scale is None
+                                                                 else scale)
+    probs = core.masked_softmax(logits, keep_BTS[:, None, None])
+    out = jnp.einsum("BKGTS,BKSV->BKGTV", probs.astype(v_BKSV.dtype), v_BKSV,
+                     precision=precision)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, v_BKSV.shape[-1])
 
 
 def dense_cache_bytes(batch: int, max_len: int, kv_heads: int, key_width: int, value_width: int,
@@ -268,4 +297,4 @@ def cache_arrays_bytes(cache) -> int:
 
 
 __all__ = ["Step", "begin", "check_causal", "check_options", "refuse_decode", "write_rows",
-           "gather_rows", "index_bytes", "nbytes", "cache_arrays_bytes", "attend_cache"]
+           "gather_rows", "index_bytes", "nbytes", "cache_arrays_bytes", "attend_cache", "cached_attention"]

@@ -43,11 +43,11 @@ class DifferentialAttention(nn.Module):
     ``cudnn`` always says so, and ``auto`` is ``xla``.
 
     ``decode=True`` (causal only): incremental decoding (``attnhut_jax.cache``) with a cache of
-    the keys of both maps of every head (``key`` (B, max_len, N, 2, H)) and the values (``value``
-    (B, max_len, N, 2H)); each step appends the chunk's keys and values, runs both softmax maps
-    over every cached key at or before each query, and combines them with lambda and the head
-    norm as the full forward does (XLA, whatever ``impl``). The ``params`` are those of
-    ``decode=False``.
+    the keys of both maps of every head (``key`` (B, 2N, max_len, H), head-major: map i of head j
+    is row i * N + j) and the values (``value`` (B, N, max_len, 2H)); each step appends the
+    chunk's keys and values, runs both softmax maps over every cached key at or before each
+    query, and combines them with lambda and the head norm as the full forward does (XLA,
+    whatever ``impl``). The ``params`` are those of ``decode=False``.
     """
 
     dim: int
@@ -134,15 +134,18 @@ class DifferentialAttention(nn.Module):
                             positions=positions)
         n, hd = self.num_heads, self.head_dim
         if self.decode:
-            step = cache.begin(self, owner, x, lengths, sized_by="key")
+            step = cache.begin(self, owner, x, lengths, sized_by="key", axis=2)
             b, t, _ = step.x.shape
             q_BTN2H = self.q(step.x).reshape(b, t, n, 2, hd)
-            k_BSN2H = step.append("key", self.k(step.x).reshape(b, t, n, 2, hd))
-            v_BSNV = step.append("value", self.v(step.x).reshape(b, t, n, 2 * hd))
-            keep = step.keep()[:, None]
-            a1, a2 = (core.dot_product_attention(q_BTN2H[:, :, :, i], k_BSN2H[:, :, :, i], v_BSNV,
-                                                 keep=keep, scale=hd ** -0.5,
-                                                 precision=self.precision) for i in (0, 1))
+            # head-major cache: the keys of map i of every head are rows [i * N, (i + 1) * N)
+            k_BT2NH = self.k(step.x).reshape(b, t, n, 2, hd).swapaxes(2, 3)
+            k_B2NSH = step.append("key", k_BT2NH.reshape(b, t, 2 * n, hd), heads_first=True)
+            v_BNSV = step.append("value", self.v(step.x).reshape(b, t, n, 2 * hd),
+                                 heads_first=True)
+            keep = step.keep()
+            a1, a2 = (cache.cached_attention(q_BTN2H[:, :, :, i], k_B2NSH[:, i * n:(i + 1) * n],
+                                             v_BNSV, keep, scale=hd ** -0.5,
+                                             precision=self.precision) for i in (0, 1))
             return step.finish(self._combine(a1, a2))
         seg, _ = core.check_packing(owner, x, segment_ids, positions)
         x = core.mask_padding(x, seg)

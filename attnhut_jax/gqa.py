@@ -95,7 +95,7 @@ class GroupedQueryAttention(nn.Module):
                             segment_ids=segment_ids, positions=positions)
         h = self.head_dim
         if self.decode:
-            step = cache.begin(self, owner, x, lengths, sized_by="key")
+            step = cache.begin(self, owner, x, lengths, sized_by="key", axis=2)
             b, n, _ = step.x.shape
             out = cache.attend_cache(
                 step, self.q(step.x).reshape(b, n, self.num_heads, h),

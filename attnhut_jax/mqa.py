@@ -89,7 +89,7 @@ class MultiQueryAttention(nn.Module):
         cache.check_options("MultiQueryAttention", decode=self.decode, lengths=lengths,
                             attn_mask=attn_mask, segment_ids=segment_ids, positions=positions)
         if self.decode:
-            step = cache.begin(self, "MultiQueryAttention", x, lengths, sized_by="key")
+            step = cache.begin(self, "MultiQueryAttention", x, lengths, sized_by="key", axis=2)
             b, n, _ = step.x.shape
             k_BT1H, v_BT1V = (a[:, :, None, :] for a in jnp.split(self.kv(step.x), 2, axis=-1))
             out = cache.attend_cache(

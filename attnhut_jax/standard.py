@@ -19,7 +19,9 @@ class StandardAttention(nn.Module):
     ``dense`` op, ``core.cudnn_unsupported`` says when cuDNN can run; ``precision`` reaches every
     matmul (Flax's convention).
 
-    ``decode=True`` (causal only) decodes incrementally with a K/V cache (``attnhut_jax.cache``):
+    ``decode=True`` (causal only) decodes incrementally with a K/V cache (``attnhut_jax.cache``;
+    ``key`` / ``value`` (B, N, max_len, H), head-major so that a step reads each head's rows
+    contiguously):
     ``init`` on a (B, max_len, D) input sizes the cache, each ``apply(..., mutable=["cache"])``
     appends a chunk and attends it over every cached key at or before it (XLA, whatever
     ``impl``). The ``params`` are those of ``decode=False``.
@@ -87,7 +89,7 @@ class StandardAttention(nn.Module):
         cache.check_options("StandardAttention", decode=self.decode, lengths=lengths,
                             attn_mask=attn_mask, segment_ids=segment_ids, positions=positions)
         if self.decode:
-            step = cache.begin(self, "StandardAttention", x, lengths, sized_by="key")
+            step = cache.begin(self, "StandardAttention", x, lengths, sized_by="key", axis=2)
             b, n, _ = step.x.shape
             q, k, v = jnp.split(self.qkv(step.x), 3, axis=-1)
             shape = (b, n, self.num_heads, self.head_dim)
