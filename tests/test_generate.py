@@ -115,3 +115,25 @@ def test_decode_mode_refuses_what_it_cannot_do():
         generate(cfg, params, PROMPTS, 30)
     with pytest.raises(ValueError, match="at least one token"):
         generate(cfg, params, [[1, 2], []], 3)
+
+
+def test_decode_table_reports_the_modules_own_accounting():
+    from examples import decode_table as dt
+
+    rows, missing = dt.measure(lengths=(4096, 131072))
+    assert set(rows) | set(missing) == set(dt.MECHANISMS) and "standard" in rows
+    for name in missing:
+        assert not dt.can_account(dt.build(name))
+    for name, r in rows.items():
+        m = dt.build(name)
+        assert r["reads"] == [m.decode_reads(4096), m.decode_reads(131072)]
+        assert all(0 < x <= n for x, n in zip(r["reads"], (4096, 131072), strict=True)), name
+        assert all(0 <= x <= n for x, n in zip(r["scored"], (4096, 131072), strict=True)), name
+    # attention-forge's figure: an MHA cache at T = 4096, 32 layers, 32 heads of 128, fp16 is
+    # 2 GiB (plus each layer's int32 position counter)
+    fp16, _ = dt.measure(["standard"], lengths=(4096,), dtype=jnp.float16)
+    assert fp16["standard"]["bytes_per_token"][0] * 4096 * 32 == 2 * 2**30 + 32 * 4
+    text = dt.table()
+    assert "| `standard` | `StandardAttention` | 16,384 |" in text
+    assert all(f"| `{name}` |" in text for name in rows)
+    assert all(f"`{name}`" in text.split("No decode accounting yet")[-1] for name in missing)

@@ -23,6 +23,8 @@ import numpy as np
 
 from .config import Config
 from .model import LM
+from .sharding import make_mesh, parse_mesh
+from .training import Checkpoints, Trainer
 
 Array = jax.Array
 PyTree = Any
@@ -255,3 +257,23 @@ def rollout(cfg: Config, params: PyTree, prompts: Sequence[Sequence[int]], max_n
         buf[rows, lens + i] = logits_BV.argmax(-1)
         out.append(logits_BV)
     return np.stack([buf[r, lens[r]:lens[r] + max_new] for r in rows]), np.stack(out, axis=1)
+
+
+def load_checkpoint(directory: str) -> tuple[Config, PyTree]:
+    """(config, parameters) of the latest checkpoint a training run (``train_lm.py --ckpt-dir``)
+    wrote to ``directory``."""
+    ckpt = Checkpoints(directory, every=1)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise ValueError(f"--checkpoint {directory}: no checkpoint there (train with "
+                             f"examples/train_lm.py --ckpt-dir {directory})")
+        cfg = Config(**ckpt.restore_meta(step)["config"])
+        cfg.validate()
+        trainer = Trainer.build(cfg, make_mesh(parse_mesh(None, jax.device_count())))
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(trainer.init_state), trainer.state_sharding)
+        return cfg, ckpt.restore_state(step, abstract)["params"]
+    finally:
+        ckpt.close()
