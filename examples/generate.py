@@ -92,9 +92,8 @@ def parse_prompt(cfg: Config, prompt: str) -> list[int]:
 
 def held_out_prompts(cfg: Config, trainer, n: int, max_new: int) -> tuple[list[list[int]], list]:
     """Held-out prompts of different lengths, and for recall the expected answer of each."""
-    tokens = np.asarray(jax.device_get(Data(cfg, trainer).eval_batches()[0]["tokens"]))
-    weights = None if cfg.text else np.asarray(jax.device_get(
-        Data(cfg, trainer).eval_batches()[0]["weights"]))
+    batch = jax.device_get(Data(cfg, trainer).eval_batches()[0])
+    tokens, weights = np.asarray(batch["tokens"]), np.asarray(batch["weights"])
     prompts, answers = [], []
     for r in range(min(n, tokens.shape[0])):
         if cfg.text is not None:

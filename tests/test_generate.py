@@ -137,3 +137,17 @@ def test_decode_table_reports_the_modules_own_accounting():
     assert "| `standard` | `StandardAttention` | 16,384 |" in text
     assert all(f"| `{name}` |" in text for name in rows)
     assert all(f"`{name}`" in text.split("No decode accounting yet")[-1] for name in missing)
+
+
+def test_the_generate_example_trains_then_samples(capsys):
+    from examples import generate as example
+
+    out = example.main(["--attn", "gqa", "--steps", "0", "--dim", "16", "--depth", "1",
+                        "--seq-len", "48", "--batch-size", "2", "--eval-batches", "1",
+                        "--no-progress", "--max-new", "3", "--num-prompts", "2"])
+    text = capsys.readouterr().out
+    assert out["tokens"].shape == (2, 3) and out["asked"] == 2
+    assert "recall answers right" in text and "tokens/s" in text
+    assert example.parse_prompt(out["cfg"], "k3 v5 _ k3") == [4, 1 + 32 + 5, 0, 4]
+    with pytest.raises(ValueError, match="not a recall token"):
+        example.parse_prompt(out["cfg"], "k3 hello")
