@@ -4,6 +4,8 @@ different lengths prefilled in chunks; each jit-compiled function compiles once.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,10 +27,11 @@ MECHS = [pytest.param(a, marks=pytest.mark.skip(
 
 PROMPTS = [[3, 17, 9, 30, 1], [8, 2, 25, 25, 14, 6, 31, 0, 19, 4, 12]]   # lengths 5 and 11
 MAX_NEW = 10  # positions up to 20: cross blocks / entries of 4, windows of 8 and Delta's stride 16
+# (one layer: a second costs compilation time; the sampling test runs two)
 
 
 def tiny(attn: str) -> Config:
-    cfg = Config(attn=attn, dim=16, depth=2, heads=4, kv_heads=2, tied_head=False, block_size=4,
+    cfg = Config(attn=attn, dim=16, depth=1, heads=4, kv_heads=2, tied_head=False, block_size=4,
                  window=8, compression_rate=4, index_dim=8, seq_len=32, num_keys=15,
                  num_values=16)
     cfg.validate()
@@ -69,7 +72,7 @@ def test_greedy_generation_equals_the_rollout_of_full_forwards(attn):
 
 
 def test_sampling_follows_temperature_top_k_and_the_key():
-    cfg = tiny("standard")
+    cfg = dataclasses.replace(tiny("standard"), depth=2)
     params = spread_params(cfg)
     key = jax.random.key(7)
     logits = jax.random.normal(key, (64, 32))
@@ -81,6 +84,14 @@ def test_sampling_follows_temperature_top_k_and_the_key():
     np.testing.assert_array_equal(a.tokens, b.tokens)
     ranks = (a.logits > np.take_along_axis(a.logits, a.tokens[..., None], -1)).sum(-1)
     assert ranks.max() < 3, "a token outside the top 3 was drawn"
+    # two layers: every step's logits are those of a full forward over the sampled sequence
+    lens = [len(p) for p in PROMPTS]
+    buf = np.zeros((2, max(lens) + 8), np.int32)
+    for r, prompt in enumerate(PROMPTS):
+        buf[r, :lens[r] + 8] = np.concatenate([prompt, a.tokens[r]])
+    full = np.asarray(LM(cfg).apply({"params": params}, jnp.asarray(buf))[0])
+    for r, n in enumerate(lens):
+        h.close(a.logits[r], full[r, n - 1:n + 7], what=f"sampled row {r}")
     c = generate(cfg, params, PROMPTS, 8, temperature=1.5, top_k=3, key=jax.random.key(8),
                  decoder=dec)
     assert not np.array_equal(a.tokens, c.tokens)
