@@ -153,9 +153,12 @@ def plot(out: Path, names: Sequence[str] | None = None, lengths: Sequence[int] =
             ax_r.plot(lengths, r["scored"], color=color, lw=1, ls="--")
     ax_b.set(xscale="log", yscale="log", xlabel="context length (tokens)",
              ylabel="cache bytes per layer (batch 1)", title=f"cache size ({jnp.dtype(DTYPE).name})")
+    every = [k for k, r in rows.items() if any(r["scored"]) and r["scored"] == list(lengths)]
+    note = f"\n{', '.join(every)}: scored = n (on the dense line)" if every else ""
     ax_r.set(xscale="log", yscale="log", xlabel="context length (tokens)",
              ylabel="cache entries per decode query",
-             title="attention reads (solid); selector's scored keys (dashed)")
+             title="attention reads (solid); selectors' scored keys (dashed)" + note)
+    ax_r.title.set_fontsize(9)
     ax_b.legend(fontsize=7, ncol=2, loc="upper left")
     for ax in (ax_b, ax_r):
         ax.grid(alpha=0.3, which="both")
