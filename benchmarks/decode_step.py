@@ -20,7 +20,8 @@ runs whatever ``impl``), with the knobs in ``CONFIGS`` (stated in the output):
   which the Standard step's own overheads (copies of its cache) show.
 * prefill: seconds to append a ``--prefill-len`` prompt (default 32768) through the cache in
   chunks of ``--chunk`` tokens (default 1024) into a cache of that length (each chunk is one
-  jit-compiled call, compiled once; the dense path's scores are (N, chunk, max_len)).
+  jit-compiled call, compiled once; the dense path's scores are (N, chunk, max_len)); for DSA
+  (``PREFILL_FORWARD``) the decode=False forward over the prompt instead (``--prefill-mode``).
 * goals: a DSA and an MSA step at the longest length (128k by default) each >= 5x faster than
   the StandardAttention step there.
 
@@ -74,14 +75,21 @@ SELECTORS = ("deepseek_sparse", "minimax_sparse", "compressed_sparse")
 GOAL_SPEEDUP = 5.0
 
 
-def build(name: str):
-    """The module of ``name`` with ``decode=True``, or None when it cannot decode yet."""
+# ``--prefill-mode auto``: these time the decode=False forward over the prompt instead of the
+# chunked prefill through the cache. DSA's decode chunk gathers top_k keys and values per query
+# ((chunk, top_k, N, H): 4 GiB at chunk 1024, top_k 2048), a minute per chunk on this CPU, while
+# its forward's token-sparse path is O(T) memory.
+PREFILL_FORWARD = ("deepseek_sparse",)
+
+
+def build(name: str, decode: bool = True):
+    """The module of ``name`` (with ``decode=True``: None when it cannot decode yet)."""
     cls, kw = CONFIGS[name]
-    if "decode" not in {f.name for f in dataclasses.fields(cls)}:
+    if decode and "decode" not in {f.name for f in dataclasses.fields(cls)}:
         return None
     kw = dict(kw)
     heads = kw.pop("num_heads", HEADS)
-    return cls(DIM, heads, **kw, decode=True)
+    return cls(DIM, heads, **kw, **({"decode": True} if decode else {}))
 
 
 def describe(name: str) -> str:
@@ -226,6 +234,19 @@ def time_prefill(name: str, length: int, chunk: int) -> tuple[float, float]:
     return compile_s, time.perf_counter() - t0
 
 
+def time_forward(name: str, length: int) -> tuple[float, float]:
+    """(compile seconds, seconds) of the decode=False forward over ``length`` tokens."""
+    m = build(name, decode=False)
+    x = jax.random.normal(jax.random.key(4), (1, length, DIM))
+    params = jax.jit(m.init)(jax.random.key(0), x[:, :min(length, 256)])["params"]
+    t0 = time.perf_counter()
+    f = jax.jit(m.apply).lower({"params": params}, x).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(f({"params": params}, x))
+    return compile_s, time.perf_counter() - t0
+
+
 def _len(n: int) -> str:
     return f"{n >> 10}k" if n % 1024 == 0 else str(n)
 
@@ -238,6 +259,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefill-len", type=int, default=32768)
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk size")
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--prefill-mode", choices=("auto", "cache", "forward"), default="auto",
+                    help="cache: chunked through the cache; forward: the decode=False forward; "
+                         f"auto: forward for {', '.join(PREFILL_FORWARD)}, cache otherwise")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="lengths 1k 4k, prefill 4k, 3 reps")
@@ -253,6 +277,7 @@ def main(argv=None) -> dict:
     steps: dict[str, dict[int, float]] = {}
     scoring: dict[str, dict[int, float]] = {}
     prefill: dict[str, tuple[float, float]] = {}
+    via: dict[str, str] = {}
     pending, notes = [], []
     floor = {}
     for n in a.lengths:
@@ -273,26 +298,32 @@ def main(argv=None) -> dict:
                   + (f"  scoring {scoring[name][n]:8.3f} ms" if name in scoring else ""),
                   flush=True)
         if not a.no_prefill:
-            prefill[name] = time_prefill(name, a.prefill_len, a.chunk)
-            print(f"  {name:<20} prefill {a.prefill_len} in {prefill[name][1]:.2f} s "
-                  f"(compile {prefill[name][0]:.1f} s)", flush=True)
+            via[name] = a.prefill_mode if a.prefill_mode != "auto" else (
+                "forward" if name in PREFILL_FORWARD else "cache")
+            prefill[name] = (time_forward(name, a.prefill_len) if via[name] == "forward"
+                             else time_prefill(name, a.prefill_len, a.chunk))
+            print(f"  {name:<20} prefill {a.prefill_len} ({via[name]}) in {prefill[name][1]:.2f} s"
+                  f" (compile {prefill[name][0]:.1f} s)", flush=True)
 
     ls = [_len(n) for n in a.lengths]
     lines = ["", f"Decode step, ms (dim {DIM}, {HEADS} heads, batch 1, float32, CPU)"
-             + ("" if a.no_prefill else f"; prefill of {_len(a.prefill_len)} tokens through the "
-                f"cache in chunks of {a.chunk}"), "",
+             + ("" if a.no_prefill else f"; prefill of {_len(a.prefill_len)} tokens, via cache: "
+                f"through the cache in chunks of {a.chunk}, via forward: the decode=False "
+                f"forward (fills no cache)"), "",
              "| mechanism | configuration | " + " | ".join(f"step {x}" for x in ls)
-             + ("" if a.no_prefill else f" | prefill {_len(a.prefill_len)} s | prefill tok/s")
+             + ("" if a.no_prefill else f" | prefill {_len(a.prefill_len)} s | prefill tok/s | via")
              + " |",
-             "|---|---|" + "---:|" * (len(ls) + (0 if a.no_prefill else 2))]
+             "|---|---|" + "---:|" * (len(ls) + (0 if a.no_prefill else 2))
+             + ("" if a.no_prefill else "---|")]
     for name, row in steps.items():
         cells = [f"{row[n]:.3f}" for n in a.lengths]
         if not a.no_prefill:
-            cells += [f"{prefill[name][1]:.2f}", f"{a.prefill_len / prefill[name][1]:,.0f}"]
+            cells += [f"{prefill[name][1]:.2f}", f"{a.prefill_len / prefill[name][1]:,.0f}",
+                      via[name]]
         lines.append(f"| `{name}` | `{describe(name)}` | " + " | ".join(cells) + " |")
     lines.append(f"| dense floor | `softmax(q K^T) V`, {HEADS} heads of {DIM // HEADS} | "
                  + " | ".join(f"{floor[n]:.3f}" for n in a.lengths)
-                 + ("" if a.no_prefill else " | | ") + " |")
+                 + ("" if a.no_prefill else " | | | ") + " |")
     if scoring:
         lines += ["", "Selectors: step = scoring pass + the rest (projections, gather, attention "
                   "over the selected keys), ms", "",
@@ -319,7 +350,7 @@ def main(argv=None) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     lines.append(f"\npeak resident memory {peak:.2f} GiB")
     print("\n".join(lines))
-    return {"steps": steps, "scoring": scoring, "prefill": prefill, "goals": goals,
+    return {"steps": steps, "scoring": scoring, "prefill": prefill, "via": via, "goals": goals,
             "floor": floor}
 
 
