@@ -177,7 +177,9 @@ class LM(nn.Module):
     token array (max_len <= seq_len) sizes the cache; each ``apply(..., mutable=["cache"])``
     appends a chunk (B, n) and returns its logits, the first chunk may take ``lengths`` (B,) for
     prompts of different lengths (logits past a row's length are meaningless). The parameters are
-    those of ``decode=False``.
+    those of ``decode=False``. The attention layers keep the cache's rules (a chunk that does not
+    fit raises, or under jit gives NaN); the model's own counter then runs past the cache's
+    length and the row is spent.
     """
 
     cfg: Config
