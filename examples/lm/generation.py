@@ -7,6 +7,10 @@ last prompt logits, then runs one jit-compiled single-token step per new token: 
 likely tokens, with a PRNG key folded with the step number. Every function is compiled once per
 shape (a prefill chunk, a step) and warmed up before it is timed, so the reported tokens/s of the
 prefill and of the decode steps exclude compilation (reported apart).
+
+``rollout`` is the cache-free reference (argmax of full forwards over the growing prefix) that
+greedy generation equals; ``load_checkpoint`` reads the parameters a ``train_lm.py --ckpt-dir``
+run saved.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ class Decoder:
         if max_len > self.cfg.seq_len:
             raise ValueError(f"a cache of {max_len} tokens is longer than the model's position "
                              f"embedding (seq_len={self.cfg.seq_len})")
-        return self._init_cache(batch, max_len)
+        return self._init_cache_fn(batch, max_len)
 
     @functools.cached_property
     def _init_cache_fn(self) -> Callable:
@@ -117,9 +121,6 @@ class Decoder:
             tokens = jnp.zeros((batch, max_len), jnp.int32)
             return self.model.init(jax.random.key(0), tokens)["cache"]
         return init
-
-    def _init_cache(self, batch: int, max_len: int) -> PyTree:
-        return self._init_cache_fn(batch, max_len)
 
     @functools.cached_property
     def prefill(self) -> Callable:
