@@ -16,6 +16,12 @@ pictures.
 
 Packed rows (``segment_ids``, ``positions``): the position embedding reads ``positions``, the
 token shift does not reach across documents, and every layer gets both.
+
+``LM(cfg, decode=True)`` decodes incrementally (``attnhut_jax.cache``): every layer's attention is
+built with ``decode=True`` (the same parameters), and the ``'cache'`` collection also holds the
+model's own position counter ``index`` (B,) (the position embedding reads ``index + j`` for chunk
+token j) and each block's ``prev`` (B, D), the last appended token's normalised input that the
+token shift mixes into the next chunk's first token. ``generation.py`` drives it.
 """
 
 from __future__ import annotations
@@ -25,15 +31,16 @@ import jax
 import jax.numpy as jnp
 
 import attnhut_jax as ah
-from attnhut_jax import core
+from attnhut_jax import cache, core
 
 from .config import DEFAULT_INDEX_LOSS, WITH_AUX_LOSS, WITH_SPARSE_CORE, Config
 
 Array = jax.Array
 
 
-def make_attention(cfg: Config, layer: int, name: str = "attn") -> nn.Module:
-    """The mechanism ``cfg.attn`` as a causal attention layer of width ``cfg.dim``."""
+def make_attention(cfg: Config, layer: int, name: str = "attn", decode: bool = False) -> nn.Module:
+    """The mechanism ``cfg.attn`` as a causal attention layer of width ``cfg.dim`` (``decode``:
+    built with ``decode=True``, same parameters)."""
     d, n, a, k = cfg.dim, cfg.heads, cfg.attn, cfg.resolved_top_k()
     cls, args, kw = {
         "standard": (ah.StandardAttention, (d, n), dict(causal=True)),
@@ -59,6 +66,8 @@ def make_attention(cfg: Config, layer: int, name: str = "attn") -> nn.Module:
     }[a]
     if cfg.impl != "auto" and a in WITH_SPARSE_CORE:
         kw["impl"] = cfg.impl
+    if decode:
+        kw["decode"] = True
     return cls(*args, **kw, dtype=cfg.compute_dtype, name=name)
 
 
@@ -97,28 +106,40 @@ class Block(nn.Module):
 
     ``shift(h)[t] = mu * h[t] + (1 - mu) * h[t - 1]`` with a learned per-channel ``mu`` (init 0.5)
     when ``cfg.token_shift``; causal, since position t mixes in only t - 1.
+
+    ``decode=True``: x is a chunk appended to the cache; ``lengths`` (B,) the tokens each row
+    appends (default all). The chunk's first token mixes in the cached ``prev`` (the row's last
+    appended token; zeros before the first), which the chunk's last appended token replaces.
     """
 
     cfg: Config
     layer: int
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x: Array, with_aux: bool = False, *, segment_ids: Array | None = None,
-                 positions: Array | None = None, record_selection: bool = False
-                 ) -> tuple[Array, Array]:
+                 positions: Array | None = None, record_selection: bool = False,
+                 lengths: Array | None = None) -> tuple[Array, Array]:
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h = core.layer_norm("ln_attn", dt, jnp.float32)(x)
         if cfg.token_shift:
             mu = self.param("shift", nn.with_logical_partitioning(
                 nn.initializers.constant(0.5), ("embed",)), (cfg.dim,))
-            prev = jnp.pad(h, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+            if self.decode:
+                prev = self._cached_prev(h, lengths)
+            else:
+                prev = jnp.pad(h, ((0, 0), (1, 0), (0, 0)))[:, :-1]
             if segment_ids is not None:  # a document's first token has no predecessor
                 same = segment_ids == jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
                 prev = jnp.where(same[..., None], prev, jnp.zeros((), prev.dtype))
             h = h * mu.astype(h.dtype) + prev * (1 - mu).astype(h.dtype)
-        a, aux, selection = attention_with_aux(
-            make_attention(cfg, self.layer), cfg.attn, h, with_aux, index_loss=cfg.index_loss,
-            record_selection=record_selection, segment_ids=segment_ids, positions=positions)
+        attn = make_attention(cfg, self.layer, decode=self.decode)
+        if self.decode:
+            a, aux, selection = attn(h, lengths=lengths), jnp.zeros((), jnp.float32), None
+        else:
+            a, aux, selection = attention_with_aux(
+                attn, cfg.attn, h, with_aux, index_loss=cfg.index_loss,
+                record_selection=record_selection, segment_ids=segment_ids, positions=positions)
         if selection is not None:
             self.sow("intermediates", "selection", selection)
         x = x + a
@@ -129,32 +150,79 @@ class Block(nn.Module):
                         name="proj")(nn.gelu(h))
         return x + h, aux
 
+    def _cached_prev(self, h_BTD: Array, lengths: Array | None) -> Array:
+        """(B, T, D) predecessors of the chunk's tokens: the cached ``prev``, then the chunk's own;
+        ``prev`` becomes the last appended token of each row that appends any."""
+        b, n, d = h_BTD.shape
+        prev = self.variable(cache.COLLECTION, "prev", jnp.zeros, (b, d), h_BTD.dtype)
+        out = jnp.concatenate([prev.value[:, None].astype(h_BTD.dtype), h_BTD[:, :-1]], axis=1)
+        if not self.is_initializing():
+            len_B = _chunk_lengths(lengths, b, n)
+            last_BD = h_BTD[jnp.arange(b), jnp.clip(len_B - 1, 0, n - 1)]
+            prev.value = jnp.where((len_B > 0)[:, None], last_BD, prev.value)
+        return out
+
+
+def _chunk_lengths(lengths: Array | None, b: int, n: int) -> Array:
+    """(B,) int32 tokens each row of a chunk of n appends (``lengths``, default n)."""
+    if lengths is None:
+        return jnp.full((b,), n, jnp.int32)
+    return jnp.clip(jnp.asarray(lengths, jnp.int32), 0, n)
+
 
 class LM(nn.Module):
-    """Decoder-only LM: tokens (B, T) -> float32 logits (B, T, vocab) and the mean index aux loss."""
+    """Decoder-only LM: tokens (B, T) -> float32 logits (B, T, vocab) and the mean index aux loss.
+
+    ``decode=True``: incremental decoding (see the module docstring). ``init`` on a (B, max_len)
+    token array (max_len <= seq_len) sizes the cache; each ``apply(..., mutable=["cache"])``
+    appends a chunk (B, n) and returns its logits, the first chunk may take ``lengths`` (B,) for
+    prompts of different lengths (logits past a row's length are meaningless). The parameters are
+    those of ``decode=False``. The attention layers keep the cache's rules (a chunk that does not
+    fit raises, or under jit gives NaN); the model's own counter then runs past the cache's
+    length and the row is spent.
+    """
 
     cfg: Config
+    decode: bool = False
 
     @nn.compact
     def __call__(self, tokens_BT: Array, with_aux: bool = False, *,
                  segment_ids: Array | None = None, positions: Array | None = None,
-                 record_selection: bool = False) -> tuple[Array, Array]:
-        """``segment_ids`` / ``positions`` (B, T) for packed rows (``data.packed_batch``)."""
+                 record_selection: bool = False, lengths: Array | None = None
+                 ) -> tuple[Array, Array]:
+        """``segment_ids`` / ``positions`` (B, T) for packed rows (``data.packed_batch``).
+
+        With ``decode=True``: ``tokens_BT`` is the chunk to append, ``lengths`` (B,) the tokens
+        each row appends; ``with_aux``, ``segment_ids``, ``positions`` and ``record_selection``
+        are refused.
+        """
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        t = tokens_BT.shape[1]
+        cache.check_options("LM", decode=self.decode, lengths=lengths, with_aux=with_aux,
+                            segment_ids=segment_ids, positions=positions,
+                            record_selection=record_selection)
+        b, t = tokens_BT.shape
         if t > cfg.seq_len:
-            raise ValueError(f"sequence of length {t} is longer than seq_len={cfg.seq_len}")
+            what = "a decode cache" if self.decode and self.is_initializing() else "sequence"
+            raise ValueError(f"{what} of length {t} is longer than seq_len={cfg.seq_len}")
         init = nn.initializers.normal(0.02)
         embed = nn.Embed(cfg.vocab, cfg.dim, dtype=dt, name="embed",
                          embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")))
         pos = self.param("pos_embed", nn.with_logical_partitioning(init, (None, "embed")),
                          (cfg.seq_len, cfg.dim))
-        x = embed(tokens_BT) + (pos[:t] if positions is None else pos[positions]).astype(dt)
+        if self.decode:  # chunk token j of row b sits at position index[b] + j
+            index = self.variable(cache.COLLECTION, cache.INDEX, jnp.zeros, (b,), jnp.int32)
+            positions_BT = index.value[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+            x = embed(tokens_BT) + jnp.take(pos, positions_BT, axis=0, mode="clip").astype(dt)
+            if not self.is_initializing():
+                index.value = index.value + _chunk_lengths(lengths, b, t)
+            positions = None
+        else:
+            x = embed(tokens_BT) + (pos[:t] if positions is None else pos[positions]).astype(dt)
         aux = jnp.zeros((), jnp.float32)
         for i in range(cfg.depth):
-            x, a = Block(cfg, i, name=f"block_{i}")(
+            x, a = Block(cfg, i, decode=self.decode, name=f"block_{i}")(
                 x, with_aux, segment_ids=segment_ids, positions=positions,
-                record_selection=record_selection)
+                record_selection=record_selection, lengths=lengths)
             aux = aux + a
         x = core.layer_norm("ln_out", dt, jnp.float32)(x)
         if cfg.tied_head:
