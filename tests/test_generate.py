@@ -14,16 +14,9 @@ import pytest
 from examples.lm import LM, Config, Decoder, generate, rollout, sample
 from tests import decode_harness as h
 
-# Every causal mechanism of the training example; those whose module cannot decode on this
-# branch yet say which branch brings decode=True (remove the skip when it is merged).
-CAUSAL = ("standard", "mqa", "gqa", "mla", "differential", "delta", "deepseek_sparse",
-          "minimax_sparse", "heavily_compressed", "compressed_sparse")
-PENDING = {"mqa": "dense", "mla": "dense", "differential": "dense", "delta": "delta",
-           "deepseek_sparse": "selectors", "minimax_sparse": "selectors",
-           "heavily_compressed": "compressed", "compressed_sparse": "compressed"}
-MECHS = [pytest.param(a, marks=pytest.mark.skip(
-    reason=f"{a}: decode=True lands with the {PENDING[a]} branch")) if a in PENDING else a
-    for a in CAUSAL]
+# Every causal mechanism of the training example.
+MECHS = ("standard", "mqa", "gqa", "mla", "differential", "delta", "deepseek_sparse",
+         "minimax_sparse", "heavily_compressed", "compressed_sparse")
 
 PROMPTS = [[3, 17, 9, 30, 1], [8, 2, 25, 25, 14, 6, 31, 0, 19, 4, 12]]   # lengths 5 and 11
 MAX_NEW = 10  # positions up to 20: cross blocks / entries of 4, windows of 8 and Delta's stride 16
