@@ -7,6 +7,8 @@ and compares float32 outputs within ``TOL`` relative to the output scale.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,23 +28,34 @@ def close(got, want, tol: float = TOL, what: str = "") -> None:
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} * scale {scale:.3g}"
 
 
+# The jitted functions are kept per ``make`` so that the checks of one module share their
+# compilations (test time); every check that counts compilations counts growth, not totals.
+
+
+@functools.cache
+def _jitted(make, decode: bool, method: str):
+    return jax.jit(getattr(make(decode), method))
+
+
 def params_of(make, x, seed: int = 0):
     """Parameters of the decode=False module on ``x`` (the trained weights)."""
-    return jax.jit(make(False).init)(jax.random.key(seed), x)["params"]
+    return _jitted(make, False, "init")(jax.random.key(seed), x)["params"]
 
 
 def prefill(make, params, x):
     """The full causal forward (decode=False), jit-compiled."""
-    return jax.jit(make(False).apply)({"params": params}, x)
+    return _jitted(make, False, "apply")({"params": params}, x)
 
 
 def empty_cache(make, batch: int, max_len: int, dim: int):
     """An empty cache for (batch, max_len); checks that init creates the decode=False params."""
-    return jax.jit(make(True).init)(jax.random.key(1), jnp.zeros((batch, max_len, dim)))
+    return _jitted(make, True, "init")(jax.random.key(1), jnp.zeros((batch, max_len, dim)))
 
 
+@functools.cache
 def stepper(make):
-    """A jit-compiled decode call: (params, cache, chunk, lengths) -> (out, cache)."""
+    """A jit-compiled decode call: (params, cache, chunk, lengths) -> (out, cache); one per
+    ``make`` (shared by the checks)."""
     m = make(True)
 
     @jax.jit
@@ -119,17 +132,19 @@ def check_compiles_once(make, x, steps: int = 20):
     params = params_of(make, x)
     cache = empty_cache(make, b, steps, d)["cache"]
     step = stepper(make)
-    for i in range(steps):
+    _, cache = step(params, cache, x[:, :1])
+    compiled = step._cache_size()
+    for i in range(1, steps):
         _, cache = step(params, cache, x[:, i % x.shape[1]][:, None])
-    assert step._cache_size() == 1, step._cache_size()
+    assert step._cache_size() == compiled, (compiled, step._cache_size())
 
 
 def check_cache_bytes(make, batch: int, max_len: int, dim: int, dtype=jnp.float32):
     """The cache arrays' bytes equal the module's ``cache_bytes``; the init params equal the
     decode=False ones (same tree, shapes and dtypes)."""
     x = jnp.zeros((batch, max_len, dim))
-    variables = make(True).init(jax.random.key(0), x)
-    plain = make(False).init(jax.random.key(0), x)
+    variables = _jitted(make, True, "init")(jax.random.key(0), x)
+    plain = _jitted(make, False, "init")(jax.random.key(0), x)
     assert (jax.tree.structure(variables["params"]) == jax.tree.structure(plain["params"]))
     assert jax.tree.map(lambda a: (a.shape, a.dtype), variables["params"]) == jax.tree.map(
         lambda a: (a.shape, a.dtype), plain["params"])
