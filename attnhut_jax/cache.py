@@ -20,9 +20,11 @@ Rules every decoding module keeps (``Step`` implements them):
   ``lengths[b]`` tokens. Tokens past a row's length are neither written nor read and their
   outputs are zeros. Rows of a batch may so hold prompts of different lengths; each later step
   appends one token per row at that row's own position.
-* Room: when called eagerly a chunk that does not fit (``index + lengths > max_len`` in some
-  row) raises ``ValueError``; under ``jit`` the index is not known on the host, so only a chunk
-  longer than the whole cache raises, and otherwise the tokens that do not fit are not written,
+* Room: when called eagerly (outside every JAX transformation) a chunk that does not fit
+  (``index + lengths > max_len`` in some row) raises ``ValueError``, and so do ``lengths``
+  outside ``[0, n]``; under ``jit`` (or any tracing transformation, ``nn.scan`` over layers
+  included) the index is not known on the host, so only a chunk longer than the whole cache
+  raises, ``lengths`` are clipped to ``[0, n]``, and the tokens that do not fit are not written,
   the index stops at ``max_len`` and their outputs are NaN (an overflow never passes for a
   result).
 * ``decode=True`` on a non-causal module raises ``ValueError`` (a decoder only appends).
@@ -105,7 +107,8 @@ class Step:
     # ------------------------------------------------------------------ arrays
     def state(self, name: str, shape: tuple[int, ...], dtype, fill=0) -> Array:
         """The cache array ``name``: created as ``full(shape, fill, dtype)`` at init, read
-        otherwise (its shape and dtype are checked against ``shape`` / ``dtype``)."""
+        otherwise (its shape is checked against ``shape``; values written to it are cast to
+        its dtype)."""
         m = self.module
         if self.initializing or not m.has_variable(COLLECTION, name):
             if not self.initializing:
@@ -180,10 +183,17 @@ def begin(module: nn.Module, owner: str, x: Array, lengths: Array | None, *,
         zero = jnp.zeros((b,), jnp.int32)
         return Step(module, owner, x[:, :1], zero, zero + 1, zero[:, None],
                     jnp.ones((b, 1), bool), n, True, tuple(x.shape))
-    if not module.has_variable(COLLECTION, INDEX) or not module.has_variable(COLLECTION, sized_by):
+    if not module.has_variable(COLLECTION, INDEX):
         raise ValueError(f"{owner}: decode=True needs the 'cache' collection: initialise with "
                          f"m.init(key, jnp.zeros((batch, max_len, dim))) and call m.apply("
                          f"{{'params': ..., 'cache': ...}}, x, mutable=['cache'])")
+    if not module.has_variable(COLLECTION, sized_by):
+        raise ValueError(f"{owner}: the cache given has no array {sized_by!r}: it was not "
+                         f"initialised for this module (initialise with decode=True on this "
+                         f"module and pass that 'cache' collection)")
+    if not module.is_mutable_collection(COLLECTION):
+        raise ValueError(f"{owner}: a decode step writes the cache: call m.apply(..., "
+                         f"mutable=['cache']) and keep the returned state['cache']")
     start_B = module.get_variable(COLLECTION, INDEX)
     if tuple(start_B.shape) != (b,):
         raise ValueError(f"{owner}: the cache holds {start_B.shape[0]} rows, the input "

@@ -75,6 +75,11 @@ def test_the_cache_rules_refuse_what_does_not_fit():
         m.apply({"params": params}, x[:, :1], mutable=["cache"])
     with pytest.raises(ValueError, match="cache holds 2 rows"):
         run(cache, x[:1, :1])
+    with pytest.raises(ValueError, match=r"mutable=\['cache'\]"):
+        m.apply({"params": params, "cache": cache}, x[:, :1])
+    mla_cache = h.empty_cache(DENSE["mla"], 2, 5, D)["cache"]
+    with pytest.raises(ValueError, match="no array 'key': it was not initialised for this module"):
+        run(mla_cache, x[:, :1])
     # under jit the room is unknown on the host: what does not fit is not written and is NaN
     out, st2 = jax.jit(lambda c, a: run(c, a))(st["cache"], x[:, :2])
     assert bool(jnp.all(jnp.isnan(out[0, 1]))) and bool(jnp.all(jnp.isfinite(out[0, 0])))
