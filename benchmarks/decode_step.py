@@ -181,9 +181,9 @@ def scoring_fn(name: str, n: int):
         g, e, bs = m.num_kv_groups, m.resolved_dims()[0], m.block_size
         q, k = jax.random.normal(ks[0], (g, e)), jax.random.normal(ks[1], (n, e))
 
-        def score(q, k):
-            s_GS = jnp.einsum("GE,SE->GS", q, k) * e ** -0.5
-            return jax.lax.top_k(s_GS.reshape(g, n // bs, bs).max(-1), m.top_k)[1]
+        def score(q, k):  # the keys (S, E) in their cache layout, as the step reads them
+            s_SG = jnp.einsum("SE,GE->SG", k, q) * e ** -0.5
+            return jax.lax.top_k(s_SG.reshape(n // bs, bs, g).max(1).T, m.top_k)[1]
 
         return jax.jit(score), (q, k)
     if name == "deepseek_sparse":
@@ -193,8 +193,8 @@ def scoring_fn(name: str, n: int):
     q, k = jax.random.normal(ks[0], (i, e)), jax.random.normal(ks[1], (s, e))
     w = jax.random.normal(ks[2], (i,))
 
-    def score(q, k, w):
-        s_S = jnp.einsum("I,IS->S", w, jax.nn.relu(jnp.einsum("IE,SE->IS", q, k)))
+    def score(q, k, w):  # the keys (S, E) in their cache layout, as the step reads them
+        s_S = (jax.nn.relu(jnp.einsum("SE,IE->SI", k, q)) * w).sum(-1)
         return jax.lax.top_k(s_S, min(m.top_k, s))[1]
 
     return jax.jit(score), (q, k, w)
