@@ -28,7 +28,9 @@ has no RoPE, so ``positions`` is validated and not read.
 Incremental decoding (``decode=True``, ``attnhut_jax.cache``): each step scores the whole cached
 index key with the chunk's indexer queries (the selector's dense pass, ``decode_scored``), picks
 each query's ``top_k`` valid keys as every impl does, gathers their cached K and V and attends
-over those ``top_k`` only (``attend_selected``); no (n, max_len) attention is built.
+over those ``top_k`` only (``attend_selected``); no (n, max_len) attention is built. A chunk of
+several tokens gathers in query tiles of bounded memory (``attend_tiled``), or reads the
+selection through the token-sparse Pallas kernel where ``impl`` resolves to it (GPU, TPU).
 """
 
 from __future__ import annotations
@@ -281,8 +283,11 @@ class DeepSeekSparseAttention(nn.Module):
     (``index_key``, in ``selector_dtype``). A step scores every cached index key with the chunk's
     indexer queries (float32, as ``core.lightning_scores``), keeps each query's
     ``min(top_k, max_len)`` best keys at or before it (ties to the lower position, as every impl)
-    and attends over the gathered ``top_k`` keys and values only, in XLA whatever ``impl``. The
-    ``params`` are those of ``decode=False``.
+    and attends over the gathered ``top_k`` keys and values only, in XLA (a chunk of several
+    tokens in query tiles of at most ``DECODE_TILE_BYTES`` gathered, or through the token-sparse
+    Pallas kernel where ``impl`` resolves to ``pallas``: GPU and TPU). The cached index keys are
+    scored in their (S, E) layout (``cached_index_scores``). The ``params`` are those of
+    ``decode=False``.
     """
 
     dim: int
@@ -440,9 +445,10 @@ class DeepSeekSparseAttention(nn.Module):
         scale = self.head_dim ** -0.5
         if n > 1 and registry.resolve("token_sparse", self.impl) == "pallas":
             # a chunk where the token-sparse Pallas kernel runs: it reads each query's selected
-            # cached keys in tiles (the same attention as attend_selected)
+            # cached keys in tiles (the same attention as attend_selected); ``auto`` falls back
+            # to the op's XLA path where the kernel cannot run the call
             out = core.token_sparse_attention(q.reshape(shape), k_BSNH, v_BSNH, idx_BTM,
-                                              impl="pallas", scale=scale,
+                                              impl=self.impl, scale=scale,
                                               precision=self.precision,
                                               owner="DeepSeekSparseAttention")
         else:  # XLA: the selected keys gathered, a long chunk in query tiles
