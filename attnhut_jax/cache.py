@@ -259,6 +259,9 @@ def attend_cache(step: Step, q_BTNH: Array, k_BTKH: Array, v_BTKV: Array, *,
     (B, n, N, H) over every cached key at or before them. Returns (B, n, N, V)."""
     k_BKSH = step.append(names[0], k_BTKH, heads_first=True)
     v_BKSV = step.append(names[1], v_BTKV, heads_first=True)
+    if not step.initializing:  # read the written cache as it is (XLA would otherwise fuse a
+        # second copy of each write into its readers and copy the whole cache for it)
+        k_BKSH, v_BKSV = jax.lax.optimization_barrier((k_BKSH, v_BKSV))
     return cached_attention(q_BTNH, k_BKSH, v_BKSV, step.keep(), scale=scale,
                             precision=precision)
 
@@ -272,7 +275,11 @@ def cached_attention(q_BTNH: Array, k_BKSH: Array, v_BKSV: Array, keep_BTS: Arra
     b, t, n, h = q_BTNH.shape
     k = k_BKSH.shape[1]
     q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
-    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, precision=precision)
+    # the cache is the product's left operand in its own (S, H) rows (as BKGTH,BKSH->BKGTS XLA
+    # transposed every key of the cache each step); the (S, G * T) logits are rearranged
+    logits_BKSX = jax.lax.dot_general(k_BKSH, q_BKGTH.reshape(b, k, -1, h),
+                                      (((3,), (3,)), ((0, 1), (0, 1))), precision=precision)
+    logits = logits_BKSX.reshape(b, k, -1, n // k, t).transpose(0, 1, 3, 4, 2)
     logits = logits.astype(core.softmax_dtype(q_BTNH.dtype)) * (h ** -0.5 if scale is None
                                                                  else scale)
     probs = core.masked_softmax(logits, keep_BTS[:, None, None])

@@ -28,7 +28,9 @@ has no RoPE, so ``positions`` is validated and not read.
 Incremental decoding (``decode=True``, ``attnhut_jax.cache``): each step scores the whole cached
 index key with the chunk's indexer queries (the selector's dense pass, ``decode_scored``), picks
 each query's ``top_k`` valid keys as every impl does, gathers their cached K and V and attends
-over those ``top_k`` only (``attend_selected``); no (n, max_len) attention is built.
+over those ``top_k`` only (``attend_selected``); no (n, max_len) attention is built. A chunk of
+several tokens gathers in query tiles of bounded memory (``attend_tiled``), or reads the
+selection through the token-sparse Pallas kernel where ``impl`` resolves to it (GPU, TPU).
 """
 
 from __future__ import annotations
@@ -175,6 +177,54 @@ def attend_selected(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, idx_BTM: Array,
     return out_BTKGV.reshape(b, t, n, v_BSKV.shape[-1])
 
 
+def cached_index_scores(qi_BTIE: Array, ki_BSE: Array, w_BTI: Array, keep_BTS: Array,
+                        precision: core.Precision = None) -> Array:
+    """``core.masked_lightning_scores`` of a decode chunk's indexer queries against the cached
+    index keys (B, S, E): float32 scores (B, T, S), the fill where ``keep_BTS`` is False. The
+    cache is the matmul's left operand in its own (S, E) row layout, so a step reads it once and
+    never transposes it (the queries and the (S, T) scores are what get rearranged)."""
+    b, t, i, e = qi_BTIE.shape
+    f32 = jnp.float32
+    q_BXE = qi_BTIE.reshape(b, t * i, e).astype(f32)
+    dots_BSX = jax.lax.dot_general(ki_BSE.astype(f32), q_BXE, (((2,), (2,)), ((0,), (0,))),
+                                   precision=precision)
+    relu_BSTI = jax.nn.relu(dots_BSX).reshape(b, -1, t, i)
+    # the gates' sum over I in the same layout (a fused reduce, no transpose of the scores)
+    scores_BST = (relu_BSTI * w_BTI.astype(f32)[:, None]).sum(axis=-1)
+    return jnp.where(keep_BTS, scores_BST.swapaxes(1, 2), core.mask_value(f32))
+
+
+# bytes of gathered keys and values a decode chunk's query tile holds at most (attend_tiled)
+DECODE_TILE_BYTES = 1 << 26
+
+
+def attend_tiled(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, idx_BTM: Array, *, scale: float,
+                 precision: core.Precision = None, block_q: int | None = None) -> Array:
+    """``attend_selected`` in query tiles of ``block_q`` queries (``jax.lax.map``), so that a
+    long chunk gathers at most one tile's (block_q, M) keys and values at a time; ``block_q``
+    defaults to the most queries whose gathered keys and values fit ``DECODE_TILE_BYTES``. One
+    tile (the whole chunk, or a single token) is ``attend_selected`` itself. Returns
+    (B, T, N, V)."""
+    b, t, n, h = q_BTNH.shape
+    m, kg, vw = idx_BTM.shape[-1], k_BSKH.shape[2], v_BSKV.shape[-1]
+    if block_q is None:
+        per_query = b * m * kg * (h * k_BSKH.dtype.itemsize + vw * v_BSKV.dtype.itemsize)
+        block_q = max(1, DECODE_TILE_BYTES // max(per_query, 1))
+    if block_q >= t:
+        return attend_selected(q_BTNH, k_BSKH, v_BSKV, idx_BTM, scale=scale, precision=precision)
+    nt = -(-t // block_q)
+    pad = nt * block_q - t
+    # tiles first: (nt, B, block_q, ...); padded queries select nothing (-1) and are dropped
+    q_tiles = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
+        b, nt, block_q, n, h).swapaxes(0, 1)
+    idx_tiles = jnp.pad(idx_BTM, ((0, 0), (0, pad), (0, 0)), constant_values=-1).reshape(
+        b, nt, block_q, m).swapaxes(0, 1)
+    out_tiles = jax.lax.map(
+        lambda qi: attend_selected(qi[0], k_BSKH, v_BSKV, qi[1], scale=scale,
+                                   precision=precision), (q_tiles, idx_tiles))
+    return out_tiles.swapaxes(0, 1).reshape(b, nt * block_q, n, vw)[:, :t]
+
+
 class LightningIndexer(nn.Module):
     """The scorer ``I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s])``, unmasked, (B, T, S).
 
@@ -233,8 +283,11 @@ class DeepSeekSparseAttention(nn.Module):
     (``index_key``, in ``selector_dtype``). A step scores every cached index key with the chunk's
     indexer queries (float32, as ``core.lightning_scores``), keeps each query's
     ``min(top_k, max_len)`` best keys at or before it (ties to the lower position, as every impl)
-    and attends over the gathered ``top_k`` keys and values only, in XLA whatever ``impl``. The
-    ``params`` are those of ``decode=False``.
+    and attends over the gathered ``top_k`` keys and values only, in XLA (a chunk of several
+    tokens in query tiles of at most ``DECODE_TILE_BYTES`` gathered, or through the token-sparse
+    Pallas kernel where ``impl`` resolves to ``pallas``: GPU and TPU). The cached index keys are
+    scored in their (S, E) layout (``cached_index_scores``). The ``params`` are those of
+    ``decode=False``.
     """
 
     dim: int
@@ -382,13 +435,25 @@ class DeepSeekSparseAttention(nn.Module):
         ki_BSE = step.append("index_key", ki_BTE.astype(self.selector_dtype))
         if step.initializing:  # the cache and the parameters exist; init returns zeros
             return step.finish(self.proj(jnp.zeros((b, n, self.dim), q.dtype)))
+        # the scoring reads the written cache as it is (XLA would otherwise fuse a second copy
+        # of the write into the matmul's operand, and copy the whole cache to make room for it)
+        ki_BSE = jax.lax.optimization_barrier(ki_BSE)
         # the selector's dense pass: the chunk's queries against every cached index key
         keep_BTS = step.keep()
-        scores_BTS = core.masked_lightning_scores(qi_BTIE, ki_BSE, w_BTI, keep_BTS,
-                                                  self.precision)
+        scores_BTS = cached_index_scores(qi_BTIE, ki_BSE, w_BTI, keep_BTS, self.precision)
         idx_BTM = core.indices_from_scores(scores_BTS, keep_BTS, self.top_k)
-        out = attend_selected(q.reshape(shape), k_BSNH, v_BSNH, idx_BTM,
-                              scale=self.head_dim ** -0.5, precision=self.precision)
+        scale = self.head_dim ** -0.5
+        if n > 1 and registry.resolve("token_sparse", self.impl) == "pallas":
+            # a chunk where the token-sparse Pallas kernel runs: it reads each query's selected
+            # cached keys in tiles (the same attention as attend_selected); ``auto`` falls back
+            # to the op's XLA path where the kernel cannot run the call
+            out = core.token_sparse_attention(q.reshape(shape), k_BSNH, v_BSNH, idx_BTM,
+                                              impl=self.impl, scale=scale,
+                                              precision=self.precision,
+                                              owner="DeepSeekSparseAttention")
+        else:  # XLA: the selected keys gathered, a long chunk in query tiles
+            out = attend_tiled(q.reshape(shape), k_BSNH, v_BSNH, idx_BTM, scale=scale,
+                               precision=self.precision)
         return step.finish(self.proj(out.reshape(b, n, self.dim)))
 
 

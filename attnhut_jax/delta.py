@@ -165,6 +165,9 @@ class DeltaAttention(nn.Module):
         if step.initializing:  # size the cache and create the params; no attention to run
             step.state("correction", (b, nh, h), v.dtype)
             return step.finish(self.proj(jnp.zeros_like(q)))
+        # the attention reads the written cache as it is (XLA would otherwise fuse a second copy
+        # of the write into its readers and copy the whole cache for it)
+        k_BSNH, v_BSNH = jax.lax.optimization_barrier((k_BSNH, v_BSNH))
         scale = h ** -0.5
         sparse_BTNH = window_sink_attention(q_BTNH, k_BSNH, v_BSNH, step.start_B, step.ok_BT,
                                             window=self.window, sink=self.sink, scale=scale,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from . import cache, core, registry
@@ -143,6 +144,9 @@ class DifferentialAttention(nn.Module):
             v_BNSV = step.append("value", self.v(step.x).reshape(b, t, n, 2 * hd),
                                  heads_first=True)
             keep = step.keep()
+            if not step.initializing:  # read the written cache as it is (XLA would otherwise
+                # fuse a second copy of each write into its readers and copy the whole cache)
+                k_B2NSH, v_BNSV = jax.lax.optimization_barrier((k_B2NSH, v_BNSV))
             a1, a2 = (cache.cached_attention(q_BTN2H[:, :, :, i], k_B2NSH[:, i * n:(i + 1) * n],
                                              v_BNSV, keep, scale=hd ** -0.5,
                                              precision=self.precision) for i in (0, 1))

@@ -48,6 +48,29 @@ def _index_logits(qi_BTKE: Array, ki_BSE: Array, causal: bool, s_offset: int = 0
     return scores_BKTS
 
 
+def cached_block_scores(qi_BTKE: Array, ki_BSE: Array, keep_BTS: Array, *, block_size: int,
+                        precision: core.Precision = None) -> Array:
+    """A decode chunk's max-pooled index scores (B, K, T, J) against the cached index keys
+    (B, S, E), ``J = ceil(S / block_size)``: ``_index_logits`` with the fill where ``keep_BTS``
+    is False, max-pooled over each block. The cache is the matmul's left operand in its own
+    (S, E) row layout, so a step reads it once and never transposes it; the (S, T, K) scores are
+    pooled in that layout and only the (J, T, K) block scores are rearranged."""
+    b, t, kg, e = qi_BTKE.shape
+    s = ki_BSE.shape[1]
+    dtype = jnp.promote_types(qi_BTKE.dtype, jnp.float32)
+    q_BXE = qi_BTKE.reshape(b, t * kg, e).astype(dtype)
+    dots_BSX = jax.lax.dot_general(ki_BSE.astype(dtype), q_BXE, (((2,), (2,)), ((0,), (0,))),
+                                   precision=precision)
+    fill = core.mask_value(dtype)
+    scores_BSTK = jnp.where(keep_BTS.swapaxes(1, 2)[..., None],
+                            (dots_BSX * e ** -0.5).reshape(b, s, t, kg), fill)
+    nb = -(-s // block_size)
+    scores_BSTK = jnp.pad(scores_BSTK, ((0, 0), (0, nb * block_size - s), (0, 0), (0, 0)),
+                          constant_values=fill)
+    pooled_BJTK = scores_BSTK.reshape(b, nb, block_size, t, kg).max(axis=2)
+    return pooled_BJTK.transpose(0, 3, 2, 1)
+
+
 def block_scores(qi_BTKE: Array, ki_BSE: Array, *, block_size: int, causal: bool,
                  tile: int = 512, precision: core.Precision = None,
                  q_seg_BT: Array | None = None, k_seg_BS: Array | None = None) -> Array:
@@ -512,15 +535,14 @@ class MiniMaxSparseAttention(nn.Module):
         ki_BSE = step.append("index_key", ki_BTE.astype(self.selector_dtype))
         if step.initializing:  # the cache and the parameters exist; init returns zeros
             return step.finish(self.proj(jnp.zeros((b, n, self.dim), q_BTNH.dtype)))
+        # the scoring reads the written cache as it is (XLA would otherwise fuse a second copy
+        # of the write into the matmul's operand, and copy the whole cache to make room for it)
+        ki_BSE = jax.lax.optimization_barrier(ki_BSE)
         # the selector's dense pass: the chunk's index queries against every cached index key,
         # max-pooled into blocks (positions not yet written, or after the query, score the fill)
-        scores_BKTS = _index_logits(qi_BTKE, ki_BSE, False, precision=self.precision)
-        fill = core.mask_value(scores_BKTS.dtype)
-        scores_BKTS = jnp.where(step.keep()[:, None], scores_BKTS, fill)
-        bs, nb = self.block_size, -(-step.max_len // self.block_size)
-        scores_BKTS = jnp.pad(scores_BKTS, ((0, 0), (0, 0), (0, 0), (0, nb * bs - step.max_len)),
-                              constant_values=fill)
-        scores_BKTJ = scores_BKTS.reshape(*scores_BKTS.shape[:3], nb, bs).max(axis=-1)
+        bs = self.block_size
+        scores_BKTJ = cached_block_scores(qi_BTKE, ki_BSE, step.keep(), block_size=bs,
+                                          precision=self.precision)
         idx_BKTM, ok_BKTM = block_picks_at(scores_BKTJ, step.pos_BT, block_size=bs,
                                            top_k=self.top_k, causal=True,
                                            force_current_block=self.force_current_block)

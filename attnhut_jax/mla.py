@@ -12,6 +12,7 @@ costs O(cache length x latent width) per head instead of expanding the whole cac
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.core import meta
 from flax.linen import dtypes
@@ -39,8 +40,12 @@ def absorbed_attention(q_nope_BTNH: Array, q_rope_BTNR: Array, latent_BSL: Array
                    + jnp.einsum("BTNR,BSR->BNTS", q_rope_BTNR, k_rope_BSR, precision=precision))
     logits_BNTS = logits_BNTS.astype(core.softmax_dtype(q_nope_BTNH.dtype)) * scale
     probs_BNTS = core.masked_softmax(logits_BNTS, keep_BTS[:, None])
-    read_BTNL = jnp.einsum("BNTS,BSL->BTNL", probs_BNTS.astype(latent_BSL.dtype), latent_BSL,
-                           precision=precision)
+    # the read as one (N * T, S) x (S, L) product: the latent cache stays the right operand in
+    # its own layout (as BNTS,BSL->BTNL XLA transposed the whole latent every step)
+    b, n, t, s = probs_BNTS.shape
+    read_BXL = jax.lax.dot_general(probs_BNTS.reshape(b, n * t, s).astype(latent_BSL.dtype),
+                                   latent_BSL, (((2,), (1,)), ((0,), (0,))), precision=precision)
+    read_BTNL = read_BXL.reshape(b, n, t, -1).transpose(0, 2, 1, 3)
     out_BTNV = jnp.einsum("BTNL,LNV->BTNV", read_BTNL, w_uv_LNV, precision=precision)
     if b_uv_NV is None:
         return out_BTNV
@@ -204,6 +209,10 @@ class MultiHeadLatentAttention(nn.Module):
         latent_BSL = step.append("latent", core.rms_norm(c_BTL, self.kv_norm))
         k_rope_BSR = step.append("rope_key", core.apply_rope(k_rope_BTR[:, :, None, :], cos, sin)[:, :, 0])
         keep_BTS = step.keep()
+        if not step.initializing:
+            # the attention reads the written cache as it is (XLA would otherwise fuse a second
+            # copy of the write into each matmul's operand and copy the whole cache for it)
+            latent_BSL, k_rope_BSR = jax.lax.optimization_barrier((latent_BSL, k_rope_BSR))
         if self.absorb:
             if self.is_initializing():
                 self.kv_up(latent_BSL[:, :1])  # creates kv_up's parameters, which are read below

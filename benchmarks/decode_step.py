@@ -16,8 +16,9 @@ runs whatever ``impl``), with the knobs in ``CONFIGS`` (stated in the output):
   the projections, the gather and the attention over the selected keys, which should not grow
   with n.
 * dense floor: a plain XLA ``softmax(q K^T) V`` of one query over n cached keys and values of 8
-  heads (no cache write, no projections): the least a dense step of this width costs, beside
-  which the Standard step's own overheads (copies of its cache) show.
+  heads, head-major (B, N, S, H) as the dense caches (no cache write, no projections): the
+  least a dense step of this width costs, beside which the Standard step's own overheads
+  (copies of its cache) show.
 * prefill: seconds to append a ``--prefill-len`` prompt (default 32768) through the cache in
   chunks of ``--chunk`` tokens (default 1024) into a cache of that length (each chunk is one
   jit-compiled call, compiled once; the dense path's scores are (N, chunk, max_len)); for DSA
@@ -181,9 +182,9 @@ def scoring_fn(name: str, n: int):
         g, e, bs = m.num_kv_groups, m.resolved_dims()[0], m.block_size
         q, k = jax.random.normal(ks[0], (g, e)), jax.random.normal(ks[1], (n, e))
 
-        def score(q, k):
-            s_GS = jnp.einsum("GE,SE->GS", q, k) * e ** -0.5
-            return jax.lax.top_k(s_GS.reshape(g, n // bs, bs).max(-1), m.top_k)[1]
+        def score(q, k):  # the keys (S, E) in their cache layout, as the step reads them
+            s_SG = jnp.einsum("SE,GE->SG", k, q) * e ** -0.5
+            return jax.lax.top_k(s_SG.reshape(n // bs, bs, g).max(1).T, m.top_k)[1]
 
         return jax.jit(score), (q, k)
     if name == "deepseek_sparse":
@@ -193,8 +194,8 @@ def scoring_fn(name: str, n: int):
     q, k = jax.random.normal(ks[0], (i, e)), jax.random.normal(ks[1], (s, e))
     w = jax.random.normal(ks[2], (i,))
 
-    def score(q, k, w):
-        s_S = jnp.einsum("I,IS->S", w, jax.nn.relu(jnp.einsum("IE,SE->IS", q, k)))
+    def score(q, k, w):  # the keys (S, E) in their cache layout, as the step reads them
+        s_S = (jax.nn.relu(jnp.einsum("SE,IE->SI", k, q)) * w).sum(-1)
         return jax.lax.top_k(s_S, min(m.top_k, s))[1]
 
     return jax.jit(score), (q, k, w)
@@ -208,13 +209,15 @@ def time_scoring(name: str, n: int, warmup: int, reps: int) -> float:
 def time_floor(n: int, warmup: int, reps: int) -> float:
     ks = jax.random.split(jax.random.key(5), 3)
     hd = DIM // HEADS
-    q = jax.random.normal(ks[0], (1, 1, HEADS, hd))
-    k, v = (jax.random.normal(kk, (1, n, HEADS, hd)) for kk in ks[1:])
+    q = jax.random.normal(ks[0], (1, HEADS, 1, hd))
+    # head-major keys and values, as the dense caches hold them
+    k, v = (jax.random.normal(kk, (1, HEADS, n, hd)) for kk in ks[1:])
 
     @jax.jit
-    def attend(q, k, v):
-        w = jax.nn.softmax(jnp.einsum("BTNH,BSNH->BNTS", q, k) * hd ** -0.5, axis=-1)
-        return jnp.einsum("BNTS,BSNH->BTNH", w, v)
+    def attend(q, k, v):  # the keys are the product's left operand in their own (S, H) rows
+        logits_BNST = jax.lax.dot_general(k, q, (((3,), (3,)), ((0, 1), (0, 1))))
+        w = jax.nn.softmax(logits_BNST.swapaxes(2, 3) * hd ** -0.5, axis=-1)
+        return jnp.einsum("BNTS,BNSH->BTNH", w, v)
 
     return median_ms(lambda: attend(q, k, v).block_until_ready(), warmup, reps)
 

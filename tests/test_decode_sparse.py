@@ -76,6 +76,27 @@ def test_decode_equals_prefill_variants(name, kw):
                                   chunks=[3, 3, 3, 3] + [1] * (t - 12))
 
 
+def test_dsa_chunk_in_query_tiles(monkeypatch):
+    """A DSA chunk attends in query tiles (``attend_tiled``, a bounded gather per tile): tiles of
+    3 queries (uneven against the chunks) equal one gather of the whole chunk, and decode in
+    chunks still equals prefill."""
+    from attnhut_jax import deepseek_sparse as ds
+
+    ks = jax.random.split(jax.random.key(4), 4)
+    b, t, s, m = 2, 7, 11, 5
+    q = jax.random.normal(ks[0], (b, t, 4, 3))
+    k = jax.random.normal(ks[1], (b, s, 2, 3))
+    v = jax.random.normal(ks[2], (b, s, 2, 6))
+    idx = jax.random.randint(ks[3], (b, t, m), -1, s)  # with empty slots (-1)
+    want = ds.attend_selected(q, k, v, idx, scale=0.5)
+    got = ds.attend_tiled(q, k, v, idx, scale=0.5, block_q=3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    # the module's tile: at most DECODE_TILE_BYTES of gathered keys and values (here 2 queries:
+    # B * M * K * (H + V) * 4 bytes = 2 * 3 * 4 * 8 * 4 per query)
+    monkeypatch.setattr(ds, "DECODE_TILE_BYTES", 2 * 768)
+    h.check_decode_equals_prefill(dsa, _x(12, seed=5), chunks=[5, 4, 3])
+
+
 @pytest.mark.parametrize("name", sorted(MAKE))
 def test_ragged_prompts(name):
     make, t = MAKE[name]
