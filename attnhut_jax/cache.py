@@ -295,6 +295,13 @@ def dense_cache_bytes(batch: int, max_len: int, kv_heads: int, key_width: int, v
             + nbytes((batch, max_len, kv_heads, value_width), dtype) + index_bytes(batch))
 
 
+def selector_dtype(selector: object, dtype: object, param_dtype: object) -> object:
+    """The dtype of a selector's cached index keys: ``selector`` (a module's ``selector_dtype``)
+    when set; when None, the selector's projections promote their input (the main branch's
+    ``dtype``) with the ``param_dtype`` parameters, as ``core.Linear`` does."""
+    return selector if selector is not None else jnp.promote_types(dtype, param_dtype)
+
+
 def index_bytes(batch: int) -> int:
     """Bytes of the cache's position counter (``index``, int32 per row)."""
     return 4 * batch

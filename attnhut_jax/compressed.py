@@ -646,13 +646,13 @@ class CompressedSparseAttention(nn.Module):
     def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
         """Bytes of the decode cache's arrays: the entries (ceil(max_len / compression_rate),
         kv_dim) in ``dtype`` and their indexer keys (same count, index_dim) in ``selector_dtype``
-        (``dtype`` when None), the current run's ``kv_a`` / ``z_a`` projections
-        (compression_rate, kv_dim) each, the ``kv_b`` / ``z_b`` projections of the current and
-        previous runs (2 * compression_rate, kv_dim) each and the raw-key ring (window, kv_dim),
-        in ``dtype``, and the index."""
+        (when None: ``dtype`` promoted with ``param_dtype``), the current run's ``kv_a`` /
+        ``z_a`` projections (compression_rate, kv_dim) each, the ``kv_b`` / ``z_b`` projections
+        of the current and previous runs (2 * compression_rate, kv_dim) each and the raw-key ring
+        (window, kv_dim), in ``dtype``, and the index."""
         r, h = self.compression_rate, self.kv_dim or self.dim // self.num_heads
         nc = -(-max_len // r)
-        sel = dtype if self.selector_dtype is None else self.selector_dtype
+        sel = cache.selector_dtype(self.selector_dtype, dtype, self.param_dtype)
         return (cache.nbytes((batch, nc, h), dtype) + cache.nbytes((batch, nc, self.index_dim), sel)
                 + 2 * cache.nbytes((batch, r, h), dtype) + 2 * cache.nbytes((batch, 2 * r, h), dtype)
                 + cache.nbytes((batch, self.window, h), dtype) + cache.index_bytes(batch))

@@ -316,10 +316,12 @@ class DeepSeekSparseAttention(nn.Module):
 
     def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
         """Bytes of the decode cache's arrays: K and V of every head in ``dtype``, the indexer's
-        key in ``selector_dtype`` and the index."""
+        key in ``selector_dtype`` (when None: ``dtype`` promoted with ``param_dtype``, what
+        the selector computes in) and the index."""
         return (cache.dense_cache_bytes(batch, max_len, self.num_heads, self.head_dim,
                                         self.head_dim, dtype)
-                + cache.nbytes((batch, max_len, self.index_head_dim), self.selector_dtype))
+                + cache.nbytes((batch, max_len, self.index_head_dim), cache.selector_dtype(
+                    self.selector_dtype, dtype, self.param_dtype)))
 
     def decode_reads(self, n: int) -> int:
         """Cached tokens whose keys and values one decode query reads at cache length ``n``: its

@@ -370,11 +370,13 @@ class MiniMaxSparseAttention(nn.Module):
 
     def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
         """Bytes of the decode cache's arrays: K and V of every kv group in ``dtype``, the shared
-        index key in ``selector_dtype`` and the index."""
+        index key in ``selector_dtype`` (when None: ``dtype`` promoted with ``param_dtype``, what
+        the selector computes in) and the index."""
         index_dim, _ = self.resolved_dims()
         return (cache.dense_cache_bytes(batch, max_len, self.num_kv_groups, self.head_dim,
                                         self.head_dim, dtype)
-                + cache.nbytes((batch, max_len, index_dim), self.selector_dtype))
+                + cache.nbytes((batch, max_len, index_dim), cache.selector_dtype(
+                    self.selector_dtype, dtype, self.param_dtype)))
 
     def decode_reads(self, n: int) -> int:
         """Cached tokens whose keys and values one decode query reads at cache length ``n``, in

@@ -204,3 +204,19 @@ def test_decode_refuses_non_causal_and_prefill_arguments(name):
             m.apply(variables, x, mutable=["cache"], **kw)
     with pytest.raises(ValueError, match="lengths is a decode argument"):
         make(False).apply({"params": variables["params"]}, x, lengths=jnp.array([1, 2]))
+
+
+@pytest.mark.parametrize("selector", [None, jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_cache_bytes_follow_the_selector_dtype(dtype, selector):
+    """``cache_bytes`` counts the selector's cached keys in the dtype they get, also when
+    ``selector_dtype`` is None (the main dtype promoted with the parameters')."""
+
+    for cls, kw in ((ah.DeepSeekSparseAttention, dict(top_k=3, index_head_dim=8)),
+                    (ah.MiniMaxSparseAttention, dict(num_kv_groups=2, block_size=4, top_k=2)),
+                    (ah.CompressedSparseAttention, dict(compression_rate=3, top_k=2, window=4,
+                                                        index_dim=8))):
+        m = cls(16, 4, **kw, dtype=dtype, selector_dtype=selector, decode=True)
+        shapes = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((2, 12, 16)))
+        assert cache_lib.cache_arrays_bytes(shapes["cache"]) == m.cache_bytes(
+            2, 12, dtype or jnp.float32), (cls.__name__, dtype, selector)
