@@ -439,7 +439,7 @@ class DeepSeekSparseAttention(nn.Module):
             return step.finish(self.proj(jnp.zeros((b, n, self.dim), q.dtype)))
         # the scoring reads the written cache as it is (XLA would otherwise fuse a second copy
         # of the write into the matmul's operand, and copy the whole cache to make room for it)
-        ki_BSE = jax.lax.optimization_barrier(ki_BSE)
+        ki_BSE, k_BSNH, v_BSNH = jax.lax.optimization_barrier((ki_BSE, k_BSNH, v_BSNH))
         # the selector's dense pass: the chunk's queries against every cached index key
         keep_BTS = step.keep()
         scores_BTS = cached_index_scores(qi_BTIE, ki_BSE, w_BTI, keep_BTS, self.precision)

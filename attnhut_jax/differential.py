@@ -147,9 +147,7 @@ class DifferentialAttention(nn.Module):
             if not step.initializing:  # read the written cache as it is (XLA would otherwise
                 # fuse a second copy of each write into its readers and copy the whole cache)
                 k_B2NSH, v_BNSV = jax.lax.optimization_barrier((k_B2NSH, v_BNSV))
-            a1, a2 = (cache.cached_attention(q_BTN2H[:, :, :, i], k_B2NSH[:, i * n:(i + 1) * n],
-                                             v_BNSV, keep, scale=hd ** -0.5,
-                                             precision=self.precision) for i in (0, 1))
+            a1, a2 = _cached_maps(q_BTN2H, k_B2NSH, v_BNSV, keep, hd ** -0.5, self.precision)
             return step.finish(self._combine(a1, a2))
         seg, _ = core.check_packing(owner, x, segment_ids, positions)
         x = core.mask_padding(x, seg)
@@ -170,3 +168,22 @@ class DifferentialAttention(nn.Module):
         out = a1_BTNV - self.lambda_value().astype(a2_BTNV.dtype) * a2_BTNV
         out = core.rms_norm(out, self.head_norm, eps=1e-5) * (1 - self.lambda_init)
         return self.proj(out.reshape(b, t, self.dim))
+
+
+def _cached_maps(q_BTN2H: Array, k_B2NSH: Array, v_BNSV: Array, keep_BTS: Array, scale: float,
+                 precision: core.Precision) -> tuple[Array, Array]:
+    """The two softmax maps of a decode chunk over the head-major cache, (B, T, N, 2H) each.
+    Both maps' logits come from one product with the cache as its left operand (no slice or
+    transpose of the cache), and both read the values in one product (V read once)."""
+    b, t, n, _, h = q_BTN2H.shape
+    s = k_B2NSH.shape[2]
+    q_B2NTH = q_BTN2H.transpose(0, 3, 2, 1, 4).reshape(b, 2 * n, t, h)  # row i * N + j
+    logits_B2NST = jax.lax.dot_general(k_B2NSH, q_B2NTH, (((3,), (3,)), ((0, 1), (0, 1))),
+                                       precision=precision)
+    logits = logits_B2NST.reshape(b, 2, n, s, t).swapaxes(3, 4)
+    logits = logits.astype(core.softmax_dtype(q_BTN2H.dtype)) * scale
+    probs_B2NTS = core.masked_softmax(logits, keep_BTS[:, None, None])
+    out_B2NTV = jnp.einsum("BINTS,BNSV->BINTV", probs_B2NTS.astype(v_BNSV.dtype), v_BNSV,
+                           precision=precision)
+    out_B2TNV = out_B2NTV.swapaxes(2, 3)
+    return out_B2TNV[:, 0], out_B2TNV[:, 1]

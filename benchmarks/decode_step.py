@@ -65,14 +65,15 @@ CONFIGS: dict[str, tuple[type, dict]] = {
     "mla": (ah.MultiHeadLatentAttention, dict()),
     "differential": (ah.DifferentialAttention, dict(num_heads=HEADS // 2)),
     "delta": (ah.DeltaAttention, dict(window=256, stride=16)),
-    "deepseek_sparse": (ah.DeepSeekSparseAttention, dict(top_k=2048)),
+    "deepseek_sparse": (ah.DeepSeekSparseAttention, dict(top_k=2048)),  # DeepSeek-V3.2's top_k
+    "deepseek_sparse_top64": (ah.DeepSeekSparseAttention, dict()),  # the module's defaults
     "minimax_sparse": (ah.MiniMaxSparseAttention, dict(num_kv_groups=2, block_size=64,
                                                        top_k=16)),
     "heavily_compressed": (ah.HeavilyCompressedAttention, dict(compression_rate=16, window=128)),
     "compressed_sparse": (ah.CompressedSparseAttention, dict(compression_rate=4, top_k=128,
                                                              window=128)),
 }
-SELECTORS = ("deepseek_sparse", "minimax_sparse", "compressed_sparse")
+SELECTORS = ("deepseek_sparse", "deepseek_sparse_top64", "minimax_sparse", "compressed_sparse")
 GOAL_SPEEDUP, GOAL_LENGTH = 5.0, 131072
 
 
@@ -80,7 +81,7 @@ GOAL_SPEEDUP, GOAL_LENGTH = 5.0, 131072
 # chunked prefill through the cache. DSA's decode chunk gathers top_k keys and values per query
 # ((chunk, top_k, N, H): 4 GiB at chunk 1024, top_k 2048), a minute per chunk on this CPU, while
 # its forward's token-sparse path is O(T) memory.
-PREFILL_FORWARD = ("deepseek_sparse",)
+PREFILL_FORWARD = ("deepseek_sparse", "deepseek_sparse_top64")
 
 
 def build(name: str, decode: bool = True):
@@ -187,7 +188,7 @@ def scoring_fn(name: str, n: int):
             return jax.lax.top_k(s_SG.reshape(n // bs, bs, g).max(1).T, m.top_k)[1]
 
         return jax.jit(score), (q, k)
-    if name == "deepseek_sparse":
+    if name.startswith("deepseek_sparse"):
         i, e, s = m.num_index_heads, m.index_head_dim, n
     else:  # compressed_sparse: the compressed entries
         i, e, s = m.num_index_heads, m.index_dim, n // m.compression_rate
@@ -337,7 +338,7 @@ def main(argv=None) -> dict:
             lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     goals = {}
     top = max(a.lengths)
-    for name in ("deepseek_sparse", "minimax_sparse"):
+    for name in ("deepseek_sparse", "deepseek_sparse_top64", "minimax_sparse"):
         what = f"\nGoal: {name} step at {_len(GOAL_LENGTH)} >= {GOAL_SPEEDUP:g}x faster than standard: "
         if name not in steps or "standard" not in steps:
             lines.append(what + "not measured")
