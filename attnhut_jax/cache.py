@@ -47,6 +47,21 @@ COLLECTION = "cache"
 INDEX = "index"
 
 
+class ReadsEveryToken:
+    """Accounting of a decoding module without a selector whose decode query reads every cached
+    token (Standard, MQA, GQA, MLA, Differential): mixed into the module's class."""
+
+    def decode_reads(self, n: int) -> int:
+        """Cached tokens whose keys and values (MLA: latent and RoPE key) one decode query reads
+        at cache length ``n``: all of them."""
+        return int(n)
+
+    def decode_scored(self, n: int) -> int:
+        """Index keys a selector scores per decode query: none (no selector)."""
+        del n
+        return 0
+
+
 def check_options(owner: str, *, decode: bool, lengths: Array | None = None, **given) -> None:
     """Raise for call arguments a decode step cannot take (``given``: name -> value, rejected
     when not None), and for ``lengths`` without ``decode``."""
@@ -320,5 +335,6 @@ def cache_arrays_bytes(cache) -> int:
     return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache)))
 
 
-__all__ = ["Step", "begin", "check_causal", "check_options", "refuse_decode", "write_rows",
-           "gather_rows", "index_bytes", "nbytes", "cache_arrays_bytes", "attend_cache", "cached_attention"]
+__all__ = ["ReadsEveryToken", "Step", "attend_cache", "begin", "cache_arrays_bytes",
+           "cached_attention", "check_causal", "check_options", "dense_cache_bytes", "gather_rows",
+           "index_bytes", "nbytes", "refuse_decode", "selector_dtype", "write_rows"]

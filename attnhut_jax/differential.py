@@ -29,7 +29,7 @@ def _normal01(key, shape, dtype=jnp.float32):
     return 0.1 * nn.initializers.normal(1.0)(key, shape, dtype)
 
 
-class DifferentialAttention(nn.Module):
+class DifferentialAttention(cache.ReadsEveryToken, nn.Module):
     """Two-softmax differential attention.
 
     Args mirror ``attnhut.DifferentialAttention``: ``dim`` (divisible by 2 * num_heads),
@@ -80,16 +80,6 @@ class DifferentialAttention(nn.Module):
         (``dim`` wide) and the values (``dim`` wide) per token, and the index."""
         return cache.dense_cache_bytes(batch, max_len, self.num_heads, 2 * self.head_dim,
                                        2 * self.head_dim, dtype)
-
-    def decode_reads(self, n: int) -> int:
-        """Cached tokens whose keys and values one decode query reads at cache length ``n``: all
-        (both maps read the same tokens)."""
-        return int(n)
-
-    def decode_scored(self, n: int) -> int:
-        """Index keys a selector scores per decode query: none (no selector)."""
-        del n
-        return 0
 
     def setup(self) -> None:
         owner = "DifferentialAttention"

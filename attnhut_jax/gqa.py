@@ -9,7 +9,7 @@ from . import cache, core, registry
 from .core import Array, Dtype
 
 
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(cache.ReadsEveryToken, nn.Module):
     """Query heads share key/value heads in contiguous groups of ``num_heads // num_kv_heads``.
 
     ``num_kv_heads == num_heads`` is MHA, ``num_kv_heads == 1`` is MQA. Args mirror
@@ -49,15 +49,6 @@ class GroupedQueryAttention(nn.Module):
         index."""
         return cache.dense_cache_bytes(batch, max_len, self.num_kv_heads, self.head_dim,
                                        self.head_dim, dtype)
-
-    def decode_reads(self, n: int) -> int:
-        """Cached tokens whose keys and values one decode query reads at cache length ``n``: all."""
-        return int(n)
-
-    def decode_scored(self, n: int) -> int:
-        """Index keys a selector scores per decode query: none (no selector)."""
-        del n
-        return 0
 
     def setup(self) -> None:
         owner = "GroupedQueryAttention"

@@ -53,7 +53,7 @@ def absorbed_attention(q_nope_BTNH: Array, q_rope_BTNR: Array, latent_BSL: Array
     return out_BTNV + (total_BTN1 * b_uv_NV).astype(out_BTNV.dtype)
 
 
-class MultiHeadLatentAttention(nn.Module):
+class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
     """MLA with a decoupled RoPE key head.
 
     Args mirror ``attnhut.MultiHeadLatentAttention``: ``dim``, ``num_heads``, ``q_lora_rank``
@@ -116,16 +116,6 @@ class MultiHeadLatentAttention(nn.Module):
         _, kvl, _, rope, _ = self.dims()
         return (cache.nbytes((batch, max_len, kvl), dtype) + cache.nbytes((batch, max_len, rope), dtype)
                 + cache.index_bytes(batch))
-
-    def decode_reads(self, n: int) -> int:
-        """Cached tokens whose latent and rope key one decode query reads at cache length ``n``:
-        all."""
-        return int(n)
-
-    def decode_scored(self, n: int) -> int:
-        """Index keys a selector scores per decode query: none (no selector)."""
-        del n
-        return 0
 
     def setup(self) -> None:
         owner = "MultiHeadLatentAttention"

@@ -9,7 +9,7 @@ from . import cache, core, registry
 from .core import Array, Dtype
 
 
-class StandardAttention(nn.Module):
+class StandardAttention(cache.ReadsEveryToken, nn.Module):
     """Plain multi-head scaled dot-product attention, one fused ``qkv`` projection.
 
     Args mirror ``attnhut.StandardAttention``: ``dim`` (divisible by ``num_heads``), ``num_heads``,
@@ -50,15 +50,6 @@ class StandardAttention(nn.Module):
         """Bytes of the decode cache's arrays: K and V of every head in ``dtype``, and the index."""
         return cache.dense_cache_bytes(batch, max_len, self.num_heads, self.head_dim,
                                        self.head_dim, dtype)
-
-    def decode_reads(self, n: int) -> int:
-        """Cached tokens whose keys and values one decode query reads at cache length ``n``: all."""
-        return int(n)
-
-    def decode_scored(self, n: int) -> int:
-        """Index keys a selector scores per decode query: none (no selector)."""
-        del n
-        return 0
 
     def setup(self) -> None:
         core.check_positive("StandardAttention", dim=self.dim, num_heads=self.num_heads)
