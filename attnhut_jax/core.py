@@ -15,6 +15,7 @@ Semantics follow attnhut 0.5.0 (``attnhut/utils.py``, ``attnhut/rope.py``):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes
 
-from pallas_kernels import block_sparse, token_sparse
+from pallas_kernels import block_sparse, gated_delta, token_sparse
 
 from . import registry
 
@@ -800,3 +801,34 @@ def indices_from_scores(scores_BTS: Array, valid: Array, top_k: int) -> Array:
     _, idx_BTM = jax.lax.top_k(scores_BTS, min(top_k, scores_BTS.shape[-1]))
     ok_BTM = jnp.take_along_axis(jnp.broadcast_to(valid, scores_BTS.shape), idx_BTM, axis=-1)
     return jnp.where(ok_BTM, idx_BTM, -1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- gated delta rule
+#
+# The registry's ``gated_delta`` operation (``pallas_kernels.gated_delta``): the gated delta rule
+# (Gated DeltaNet's per-head decay, Kimi Delta's per-channel decay) and, with ``beta=None``,
+# gated / plain linear attention. ``recurrent`` runs token by token, ``chunk`` the chunked WY/UT
+# form in XLA, ``pallas`` the chunked form with its scan in Pallas kernels (Mosaic on TPU, the
+# GPU-style ones elsewhere, in interpret mode off GPU). Arguments: (q_BTNH, k_BTNH, v_BTNV, g,
+# beta_BTN, *, scale, initial_state, segment_ids, chunk_size, precision); returns
+# ``(o_BTNV, final_state_BNHV)``.
+
+registry.register("gated_delta", "recurrent")(functools.partial(gated_delta.gated_delta_rule,
+                                                                impl="recurrent"))
+registry.register("gated_delta", "chunk")(functools.partial(gated_delta.gated_delta_rule,
+                                                            impl="chunk"))
+registry.register("gated_delta", "pallas")(functools.partial(gated_delta.gated_delta_rule,
+                                                             impl="pallas"))
+registry.register("gated_delta", "pallas", backend="tpu")(
+    functools.partial(gated_delta.gated_delta_rule, impl="pallas_tpu"))
+
+
+def gated_delta_rule(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array,
+                     beta_BTN: Array | None, *, impl: str = "auto", scale: float | None = None,
+                     initial_state: Array | None = None, segment_ids: Array | None = None,
+                     chunk_size: int = 64, precision: Precision = None,
+                     owner: str = "gated_delta_rule") -> tuple[Array, Array]:
+    """The registry's ``gated_delta`` op under ``impl`` (see the comment above)."""
+    return registry.call(owner, "gated_delta", impl, q_BTNH, k_BTNH, v_BTNV, g, beta_BTN,
+                         scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                         chunk_size=chunk_size, precision=precision)

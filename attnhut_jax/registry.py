@@ -12,6 +12,8 @@ the operation and passes its ``impl`` field, and never branches on the name itse
     dsa             reference, xla, pallas       (DeepSeek sparse: select, then attend)
     csa             reference, xla, pallas       (compressed sparse: select, then attend)
     msa_index_loss  reference, xla, pallas       (MiniMax's index loss over the picked blocks)
+    gated_delta     recurrent, chunk, pallas     pallas on GPU and TPU, else chunk (the gated
+                                                 delta rule / linear attention recurrence)
 
 The functions register themselves where they are defined (``core`` for the shared cores, the
 mechanism's file for DSA's and CSA's selection paths and MiniMax's index loss) with
@@ -35,6 +37,8 @@ DenseImpl = Literal["auto", "xla", "cudnn"]
 SparseImpl = Literal["auto", "reference", "xla", "pallas"]
 DENSE_IMPLS: tuple[str, ...] = get_args(DenseImpl)
 SPARSE_IMPLS: tuple[str, ...] = get_args(SparseImpl)
+LinearImpl = Literal["auto", "chunk", "recurrent", "pallas"]
+LINEAR_IMPLS: tuple[str, ...] = get_args(LinearImpl)
 
 # op -> the impls a module may name (``auto`` included)
 OPERATIONS: dict[str, tuple[str, ...]] = {
@@ -45,7 +49,10 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "dsa": SPARSE_IMPLS,
     "csa": SPARSE_IMPLS,
     "msa_index_loss": SPARSE_IMPLS,
+    "gated_delta": LINEAR_IMPLS,
 }
+# op -> the impl ``auto`` ends on, on every backend (the one that supports every call)
+_LAST = {"gated_delta": "chunk"}
 
 # op kind -> backend -> the order in which ``auto`` tries impls
 _DENSE_ORDER = {"gpu": ("cudnn", "xla")}
@@ -98,7 +105,7 @@ def auto_order(op: str, backend: str | None = None) -> tuple[str, ...]:
     """The impls ``auto`` tries for ``op`` on ``backend`` (default: JAX's default backend)."""
     backend = backend or jax.default_backend()
     order = _DENSE_ORDER if op == "dense" else _SPARSE_ORDER
-    return order.get(backend, ()) + ("xla",)
+    return order.get(backend, ()) + (_LAST.get(op, "xla"),)
 
 
 def resolve(op: str, impl: str, backend: str | None = None) -> str:
@@ -123,7 +130,7 @@ def select(owner: str, op: str, impl: str, *args, **kwargs) -> Callable[..., Any
             return fn
         if impl != "auto":
             raise ValueError(f"{owner}: impl={impl!r} cannot run {op!r} here: {reason}")
-    raise AssertionError(f"{owner}: no impl of {op!r} supports this call")  # xla supports all
+    raise AssertionError(f"{owner}: no impl of {op!r} supports this call")  # the last supports all
 
 
 def call(owner: str, op: str, impl: str, *args, **kwargs):

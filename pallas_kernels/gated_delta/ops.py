@@ -1,7 +1,8 @@
 """The gated delta rule (and gated / plain linear attention, ``beta=None``) as one op with three
 exact implementations: ``recurrent`` (token by token), ``chunk`` (the chunked WY/UT form in XLA)
-and ``pallas`` (the chunked form with the scan in Pallas kernels). ``reference.py`` states the
-recurrence and the scan contract the implementations share.
+and the chunked form with its scan in Pallas kernels, ``pallas`` (GPU-style, Triton) or
+``pallas_tpu`` (Mosaic TPU), each in interpret mode off its backend unless ``interpret`` says
+otherwise. ``reference.py`` states the recurrence and the scan contract the implementations share.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from .reference import recurrent_reference
 
 Array = jax.Array
-IMPLS = ("recurrent", "chunk", "pallas")
+IMPLS = ("recurrent", "chunk", "pallas", "pallas_tpu")
 
 
 def check_inputs(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array, beta_BTN: Array | None,
