@@ -1,9 +1,10 @@
 """Every Pallas kernel lowers for its accelerator with ``jax.export`` on a CPU-only host.
 
 GPU: the Triton kernels (block-sparse and token-sparse forward, dq and dk/dv; the radix-select
-indexer) are lowered for ``cuda`` inside ``jax.sharding.use_abstract_mesh`` with an abstract
-Hopper device: jax 0.12 asks the mesh which GPU to compile for when none is present (jax 0.10
-falls back to compute capability 9.0 by itself; the same mesh works there). This catches
+indexer; the gated delta rule's chunk scan, forward and backward) are lowered for ``cuda``
+inside ``jax.sharding.use_abstract_mesh`` with an abstract Hopper device: jax 0.12 asks the
+mesh which GPU to compile for when none is present (jax 0.10 falls back to compute capability
+9.0 by itself; the same mesh works there). This catches
 operations the GPU lowering does not support. The Triton custom call carries no serialization
 guarantee, so that one safety check is disabled.
 
@@ -19,6 +20,8 @@ from jax import export
 
 from pallas_kernels.block_sparse import BlockSizes, block_sparse_attention
 from pallas_kernels.block_sparse.tpu import block_sparse_attention_tpu
+from pallas_kernels.gated_delta.kernel import scan_bwd, scan_fwd
+from pallas_kernels.gated_delta.kernel_tpu import scan_bwd_tpu, scan_fwd_tpu
 from pallas_kernels.token_sparse.indexer_kernel import indexer_topk_pallas
 from pallas_kernels.token_sparse.kernel import token_sparse_attention
 from pallas_kernels.token_sparse.kernel_tpu import token_sparse_attention_tpu
@@ -176,3 +179,36 @@ def test_token_sparse_tpu_kernels_lower_for_tpu():
             text = export.export(jax.jit(fn), platforms=["tpu"])(q, k, k, idx, segs,
                                                                  sink).mlir_module()
             assert text.count("tpu_custom_call") == calls
+
+
+# gated delta chunk scan: (B, N, X, T, H, V) as GDN / KDA run it (chunk 64, key and value width
+# 128), bf16 and float32 operands, with the delta correction (w) and without (linear attention)
+SCAN = (1, 2, 4, 64, 128, 128)
+
+
+def _scan_exports(fwd, bwd, export_fn):
+    """MLIR text of the forward and the backward scan for each operand dtype, with and without w
+    (``w=None`` is static: the exported functions take w only when it is an operand)."""
+    b, n, x, t, h, v = SCAN
+    state, states = sds((b, n, h, v), jnp.float32), sds((b, n, x, h, v), jnp.float32)
+    e, do = sds((b, n, x, h), jnp.float32), sds((b, n, x, t, v), jnp.float32)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        mat, u, a = sds((b, n, x, t, h), dtype), sds((b, n, x, t, v), dtype), sds((b, n, x, t, t), dtype)
+        for ws in ((mat,), ()):
+            yield export_fn(lambda qg, kd, u, a, e, s0, *w: fwd(qg, kd, *(w or [None]), u, a, e, s0),
+                            mat, mat, u, a, e, state, *ws)
+            yield export_fn(lambda qg, kd, u, a, e, st, do, dsf, *w: bwd(
+                qg, kd, *(w or [None]), u, a, e, st, do, dsf), mat, mat, u, a, e, states, do, state, *ws)
+
+
+def test_gated_delta_scan_kernels_lower_for_cuda():
+    texts = list(_scan_exports(scan_fwd, scan_bwd, export_for_cuda))
+    assert len(texts) == 8 and all(text.count("xla.gpu.triton") == 1 for text in texts)
+
+
+def test_gated_delta_scan_tpu_kernels_lower_for_tpu():
+    def export_for_tpu(fn, *args):
+        return export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+
+    texts = list(_scan_exports(scan_fwd_tpu, scan_bwd_tpu, export_for_tpu))
+    assert len(texts) == 8 and all(text.count("tpu_custom_call") == 1 for text in texts)
