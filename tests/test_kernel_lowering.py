@@ -4,9 +4,9 @@ GPU: the Triton kernels (block-sparse and token-sparse forward, dq and dk/dv; th
 indexer; the gated delta rule's chunk scan, forward and backward) are lowered for ``cuda``
 inside ``jax.sharding.use_abstract_mesh`` with an abstract Hopper device: jax 0.12 asks the
 mesh which GPU to compile for when none is present (jax 0.10 falls back to compute capability
-9.0 by itself; the same mesh works there). This catches
-operations the GPU lowering does not support. The Triton custom call carries no serialization
-guarantee, so that one safety check is disabled.
+9.0 by itself; the same mesh works there). This catches operations the GPU lowering does not
+support. The Triton custom call carries no serialization guarantee, so that one safety check
+is disabled.
 
 TPU: the Mosaic kernels lower to ``tpu_custom_call`` (block shapes, scalar prefetch and the
 kernel bodies pass Pallas' Mosaic lowering; Mosaic's own compile needs a TPU).
