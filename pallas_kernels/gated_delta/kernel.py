@@ -57,9 +57,11 @@ class BlockSizes:
 def compute_dtype(*xs) -> jnp.dtype:
     """The dtype of the in-kernel matrix operands: the inputs' common float type, at most 32 bits
     (float64 under ``jax_enable_x64`` runs in float32)."""
-    dt = jnp.result_type(*(x.dtype for x in xs if x is not None))
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"the scan's inputs must be floating point, got {dt}")
+    dts = [x.dtype for x in xs if x is not None]
+    if not all(jnp.issubdtype(d, jnp.floating) for d in dts):
+        raise TypeError(f"the scan's qg, kd, w, u, a must be floating point, got dtypes "
+                        f"{[str(d) for d in dts]}")
+    dt = jnp.result_type(*dts)
     return jnp.dtype(F32) if jnp.finfo(dt).bits > 32 else jnp.dtype(dt)
 
 
