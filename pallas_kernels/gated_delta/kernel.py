@@ -43,7 +43,9 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Value columns per program in the forward (``block_v``) and backward (``block_v_bwd``, which
-    carries dS and reloads S: two state tiles live at once), and the Triton launch knobs."""
+    carries dS and reloads S: two state tiles live at once), for key widths up to 128; a wider
+    (padded) key width H scales them by 128 / H (at least 16), so the (H, block_v) float32 state
+    tile keeps its register size. Then the Triton launch knobs."""
 
     block_v: int = 64
     block_v_bwd: int = 32
@@ -107,8 +109,9 @@ class Layout:
 
 
 def _layout(t: int, h: int, vw: int, block_v: int) -> Layout:
-    bv = min(common.lane_width(block_v), common.lane_width(vw))
-    return Layout(common.lane_width(t), common.lane_width(h), bv, common.cdiv(vw, bv) * bv)
+    hp = common.lane_width(h)
+    bv = min(common.lane_width(max(16, block_v * 128 // max(hp, 128))), common.lane_width(vw))
+    return Layout(common.lane_width(t), hp, bv, common.cdiv(vw, bv) * bv)
 
 
 def _pad_inputs(qg, kd, w, u, a, e, lay: Layout, dt):
