@@ -110,6 +110,8 @@ def test_scan_shapes_are_checked(kernel):
     with pytest.raises(ValueError, match=r"do must have shape \(1, 1, 2, 4, 5\)"):
         bwd(*chunk, ins["s0"][:, :, None].repeat(2, 2), ins["do"][..., :4], ins["ds_final"],
             interpret=True)
+    with pytest.raises(ValueError, match=r"u must be 5-D, \(B, N, X chunks, T, V\), got shape \(2, 4, 5\)"):
+        fwd(*chunk[:3], ins["u"][0, 0], *chunk[4:], ins["s0"], interpret=True)
     with pytest.raises(TypeError, match="floating point"):
         fwd(*chunk[:3], ins["u"].astype(jnp.int32), *chunk[4:], ins["s0"], interpret=True)
 

@@ -71,10 +71,12 @@ def check_scan(owner: str, qg, kd, w, u, a, e, state, *, states=None, do=None) -
     """Raise ``ValueError`` naming the shapes unless they follow the scan contract: qg, kd, w
     (B, N, X, T, H), u (B, N, X, T, V), a (B, N, X, T, T), e (B, N, X, H), ``state`` (s0 or
     ds_final) (B, N, H, V); backward: states (B, N, X, H, V), do (B, N, X, T, V)."""
-    if qg.ndim != 5:
-        raise ValueError(f"{owner}: qg must be (B, N, X, T, H), got shape {qg.shape}")
+    for name, arr in (("qg", qg), ("u", u)):
+        if arr.ndim != 5:
+            raise ValueError(f"{owner}: {name} must be 5-D, (B, N, X chunks, T, "
+                             f"{'H' if name == 'qg' else 'V'}), got shape {arr.shape}")
     b, n, x, t, h = qg.shape
-    vw = u.shape[-1] if u.ndim == 5 else None
+    vw = u.shape[-1]
     want = dict(kd=(qg.shape, kd), w=(qg.shape, w), u=((b, n, x, t, vw), u),
                 a=((b, n, x, t, t), a), e=((b, n, x, h), e), state=((b, n, h, vw), state),
                 states=((b, n, x, h, vw), states), do=((b, n, x, t, vw), do))
