@@ -18,6 +18,9 @@ TF32 for float32 on NVIDIA GPUs unless ``jax.default_matmul_precision("highest")
 dS, ``e`` and every output are float32. ``w=None`` (gated / plain linear attention) is a static
 flag: no ``w @ S`` product, no dw.
 
+Memory besides the contract's arrays: the padded copies of the operands, and in the backward
+the per-tile partials, (value tiles) x the size of dqg, dkd, dw, da and de, summed at once.
+
 Padding (zeros, sliced off the results): T and H to a power of two >= 16 (Triton's tensors and
 its matrix units); V to a whole number of value tiles, ``block_v`` itself at most the power-of-
 two width of V. Zero rows / columns stay zero through the recurrence, so they change nothing.
