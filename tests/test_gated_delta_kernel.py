@@ -98,6 +98,18 @@ def test_kernels_match_the_references_hypothesis(kernel, with_w, b, n, x, t, h, 
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
+def test_forward_without_states_writes_the_same_output(kernel):
+    fwd, _, kw = KERNELS[kernel]
+    ins = _inputs(1, 1, 2, 4, 3, 20, 1)
+    chunk = [ins[k] for k in ("qg", "kd", "w", "u", "a", "e")]
+    o, states, s_final = fwd(*chunk, ins["s0"], interpret=True, **kw)
+    o2, none, s_final2 = fwd(*chunk, ins["s0"], interpret=True, with_states=False, **kw)
+    assert none is None
+    np.testing.assert_array_equal(np.asarray(o2), np.asarray(o))
+    np.testing.assert_array_equal(np.asarray(s_final2), np.asarray(s_final))
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 def test_scan_shapes_are_checked(kernel):
     fwd, bwd, _ = KERNELS[kernel]
     ins = _inputs(1, 1, 2, 4, 3, 5, 0)

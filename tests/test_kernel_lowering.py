@@ -201,9 +201,19 @@ def _scan_exports(fwd, bwd, export_fn):
                 qg, kd, *(w or [None]), u, a, e, st, do, dsf), mat, mat, u, a, e, states, do, state, *ws)
 
 
+def _forward_only(fwd):
+    """The forward without its chunk-entry states (``with_states=False``), bf16, with w."""
+    b, n, x, t, h, v = SCAN
+    mat = sds((b, n, x, t, h), jnp.bfloat16)
+    return (lambda qg, kd, w, u, a, e, s0: fwd(qg, kd, w, u, a, e, s0, with_states=False),
+            mat, mat, mat, sds((b, n, x, t, v), jnp.bfloat16), sds((b, n, x, t, t), jnp.bfloat16),
+            sds((b, n, x, h), jnp.float32), sds((b, n, h, v), jnp.float32))
+
+
 def test_gated_delta_scan_kernels_lower_for_cuda():
     texts = list(_scan_exports(scan_fwd, scan_bwd, export_for_cuda))
-    assert len(texts) == 8 and all(text.count("xla.gpu.triton") == 1 for text in texts)
+    texts.append(export_for_cuda(*_forward_only(scan_fwd)))
+    assert len(texts) == 9 and all(text.count("xla.gpu.triton") == 1 for text in texts)
 
 
 def test_gated_delta_scan_tpu_kernels_lower_for_tpu():
@@ -211,4 +221,5 @@ def test_gated_delta_scan_tpu_kernels_lower_for_tpu():
         return export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
 
     texts = list(_scan_exports(scan_fwd_tpu, scan_bwd_tpu, export_for_tpu))
-    assert len(texts) == 8 and all(text.count("tpu_custom_call") == 1 for text in texts)
+    texts.append(export_for_tpu(*_forward_only(scan_fwd_tpu)))
+    assert len(texts) == 9 and all(text.count("tpu_custom_call") == 1 for text in texts)

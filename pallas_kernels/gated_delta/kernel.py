@@ -131,12 +131,13 @@ def _pad_inputs(qg, kd, w, u, a, e, lay: Layout, dt):
 # the value-width ones this tile's columns.
 
 
-def _fwd_kernel(qg_ref, kd_ref, *refs, has_w: bool, precision):
+def _fwd_kernel(qg_ref, kd_ref, *refs, has_w: bool, with_states: bool, precision):
     w_ref, refs = (refs[0], refs[1:]) if has_w else (None, refs)
-    u_ref, a_ref, e_ref, s0_ref, o_ref, states_ref, sf_ref = refs
+    u_ref, a_ref, e_ref, s0_ref, o_ref, *states_ref, sf_ref = refs
 
     def chunk(x, s):
-        states_ref[x] = s
+        if with_states:
+            states_ref[0][x] = s
         qg = qg_ref[x]
         sd = s.astype(qg.dtype)
         vn = u_ref[x].astype(F32)
@@ -215,10 +216,12 @@ def _params(bs: BlockSizes, interpret: bool) -> dict:
 
 def scan_fwd(qg_BNXTH: Array, kd_BNXTH: Array, w_BNXTH: Array | None, u_BNXTV: Array,
              a_BNXTS: Array, e_BNXH: Array, s0_BNHV: Array, *, interpret: bool = False,
-             precision: jax.lax.PrecisionLike = None,
-             block_sizes: BlockSizes = BlockSizes()) -> tuple[Array, Array, Array]:
+             precision: jax.lax.PrecisionLike = None, block_sizes: BlockSizes = BlockSizes(),
+             with_states: bool = True) -> tuple[Array, Array | None, Array]:
     """``scan_fwd_reference`` as a Pallas kernel: ``(o_BNXTV, states_BNXHV, s_final_BNHV)``,
-    float32. ``interpret``: run on the Pallas interpreter (CPU)."""
+    float32. ``interpret``: run on the Pallas interpreter (CPU). ``with_states=False``: the
+    chunk-entry states are not written (None in their place; a forward without a backward then
+    writes about half the bytes)."""
     check_scan("scan_fwd", qg_BNXTH, kd_BNXTH, w_BNXTH, u_BNXTV, a_BNXTS, e_BNXH, s0_BNHV)
     b, n, nx, t, h = qg_BNXTH.shape
     vw = u_BNXTV.shape[-1]
@@ -229,18 +232,20 @@ def scan_fwd(qg_BNXTH: Array, kd_BNXTH: Array, w_BNXTH: Array | None, u_BNXTV: A
     s0 = _pad(s0_BNHV.astype(F32), hp, lay.vp)
     has_w = w is not None
     mats = [_whole(nx, tp, hp)] * (3 if has_w else 2)
-    o, states, s_final = pl.pallas_call(
-        functools.partial(_fwd_kernel, has_w=has_w, precision=precision),
+    st_spec, st_shape = (([_tile(nx, hp, bv)], [jax.ShapeDtypeStruct((b, n, nx, hp, lay.vp), F32)])
+                         if with_states else ([], []))
+    o, *states, s_final = pl.pallas_call(
+        functools.partial(_fwd_kernel, has_w=has_w, with_states=with_states, precision=precision),
         grid=(b, n, lay.nv),
         in_specs=[*mats, _tile(nx, tp, bv), _whole(nx, tp, tp), _whole(nx, hp), _tile(hp, bv)],
-        out_specs=[_tile(nx, tp, bv), _tile(nx, hp, bv), _tile(hp, bv)],
-        out_shape=[jax.ShapeDtypeStruct((b, n, nx, tp, lay.vp), F32),
-                   jax.ShapeDtypeStruct((b, n, nx, hp, lay.vp), F32),
+        out_specs=[_tile(nx, tp, bv), *st_spec, _tile(hp, bv)],
+        out_shape=[jax.ShapeDtypeStruct((b, n, nx, tp, lay.vp), F32), *st_shape,
                    jax.ShapeDtypeStruct((b, n, hp, lay.vp), F32)],
         name="gated_delta_scan_fwd",
         **_params(block_sizes, interpret),
     )(qg, kd, *([w] if has_w else []), u, a, e, s0)
-    return o[..., :t, :vw], states[..., :h, :vw], s_final[..., :h, :vw]
+    states = states[0][..., :h, :vw] if with_states else None
+    return o[..., :t, :vw], states, s_final[..., :h, :vw]
 
 
 def scan_bwd(qg_BNXTH: Array, kd_BNXTH: Array, w_BNXTH: Array | None, u_BNXTV: Array,

@@ -71,9 +71,9 @@ def _params(interpret: bool) -> dict:
 # ----------------------------------------------------------------------------- kernels
 
 
-def _fwd_kernel(qg_ref, kd_ref, *refs, has_w: bool, precision):
+def _fwd_kernel(qg_ref, kd_ref, *refs, has_w: bool, with_states: bool, precision):
     w_ref, refs = (refs[0], refs[1:]) if has_w else (None, refs)
-    u_ref, a_ref, e_ref, s0_ref, o_ref, state_ref, sf_ref, s_scr = refs
+    u_ref, a_ref, e_ref, s0_ref, o_ref, *state_ref, sf_ref, s_scr = refs
     x = pl.program_id(3)
 
     @pl.when(x == 0)
@@ -81,7 +81,8 @@ def _fwd_kernel(qg_ref, kd_ref, *refs, has_w: bool, precision):
         s_scr[...] = s0_ref[...]
 
     s = s_scr[...]
-    state_ref[...] = s
+    if with_states:
+        state_ref[0][...] = s
     qg = qg_ref[...]
     sd = s.astype(qg.dtype)
     vn = u_ref[...].astype(F32)
@@ -178,8 +179,10 @@ def _prepare(qg, kd, w, u, a, e, block_v: int):
 def scan_fwd_tpu(qg_BNXTH: Array, kd_BNXTH: Array, w_BNXTH: Array | None, u_BNXTV: Array,
                  a_BNXTS: Array, e_BNXH: Array, s0_BNHV: Array, *, interpret: bool = False,
                  precision: jax.lax.PrecisionLike = None,
-                 block_sizes: TpuBlockSizes = TpuBlockSizes()) -> tuple[Array, Array, Array]:
-    """The TPU kernel; same contract as ``kernel.scan_fwd`` (``scan_fwd_reference``)."""
+                 block_sizes: TpuBlockSizes = TpuBlockSizes(),
+                 with_states: bool = True) -> tuple[Array, Array | None, Array]:
+    """The TPU kernel; same contract as ``kernel.scan_fwd`` (``scan_fwd_reference``;
+    ``with_states=False``: no chunk-entry states written, None returned in their place)."""
     check_scan("scan_fwd_tpu", qg_BNXTH, kd_BNXTH, w_BNXTH, u_BNXTV, a_BNXTS, e_BNXH, s0_BNHV)
     b, n, nx, t, h = qg_BNXTH.shape
     vw = u_BNXTV.shape[-1]
@@ -189,20 +192,22 @@ def scan_fwd_tpu(qg_BNXTH: Array, kd_BNXTH: Array, w_BNXTH: Array | None, u_BNXT
     s0 = _pad(s0_BNHV.astype(F32), hp, vp)
     has_w = w is not None
     mat, tile, _, state = _specs(lambda xi: xi)
-    o, states, s_final = pl.pallas_call(
-        functools.partial(_fwd_kernel, has_w=has_w, precision=precision),
+    st_spec, st_shape = (([tile(hp, bv)], [jax.ShapeDtypeStruct((b, n, nx, hp, vp), F32)])
+                         if with_states else ([], []))
+    o, *states, s_final = pl.pallas_call(
+        functools.partial(_fwd_kernel, has_w=has_w, with_states=with_states, precision=precision),
         grid=(b, n, lay.nv, nx),
         in_specs=[*[mat(tp, hp)] * (3 if has_w else 2), tile(tp, bv), mat(tp, tp), mat(hp, 1),
                   state(hp, bv)],
-        out_specs=[tile(tp, bv), tile(hp, bv), state(hp, bv)],
-        out_shape=[jax.ShapeDtypeStruct((b, n, nx, tp, vp), F32),
-                   jax.ShapeDtypeStruct((b, n, nx, hp, vp), F32),
+        out_specs=[tile(tp, bv), *st_spec, state(hp, bv)],
+        out_shape=[jax.ShapeDtypeStruct((b, n, nx, tp, vp), F32), *st_shape,
                    jax.ShapeDtypeStruct((b, n, hp, vp), F32)],
         scratch_shapes=[pltpu.VMEM((hp, bv), F32)],
         name="gated_delta_scan_fwd_tpu",
         **_params(interpret),
     )(qg, kd, *([w] if has_w else []), u, a, e, s0)
-    return o[..., :t, :vw], states[..., :h, :vw], s_final[..., :h, :vw]
+    states = states[0][..., :h, :vw] if with_states else None
+    return o[..., :t, :vw], states, s_final[..., :h, :vw]
 
 
 def scan_bwd_tpu(qg_BNXTH: Array, kd_BNXTH: Array, w_BNXTH: Array | None, u_BNXTV: Array,
