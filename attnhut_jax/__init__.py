@@ -19,7 +19,7 @@ from .delta import DeltaAttention
 from .differential import DifferentialAttention, lambda_init
 from .gated_deltanet import GatedDeltaNet
 from .gqa import GroupedQueryAttention
-from .kimi_delta import KimiDeltaAttention, KimiForgetGate
+from .kimi_delta import KimiDeltaAttention
 from .linear_attention import LinearAttention
 from .minimax_sparse import MiniMaxSparseAttention, msa_index_aux_loss
 from .mla import MultiHeadLatentAttention
@@ -51,6 +51,5 @@ __all__ = [
     "cjepa_masked_loss",
     "GatedDeltaNet",
     "KimiDeltaAttention",
-    "KimiForgetGate",
     "LinearAttention",
 ]
