@@ -225,13 +225,13 @@ class GatedDeltaNet(nn.Module):
         if self.use_qk_l2norm:
             q, k = linear_core.l2norm(q), linear_core.l2norm(k)
         else:
-            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+            q, k = linear_core.at_least_f32(q), linear_core.at_least_f32(k)
         if hv != hk:
             q, k = jnp.repeat(q, hv // hk, axis=2), jnp.repeat(k, hv // hk, axis=2)
-        a = self.in_proj_a(x).astype(jnp.float32)
+        f32 = linear_core.at_least_f32
+        a = f32(self.in_proj_a(x))
         if self.decay_gate == "mamba":
-            g = -jnp.exp(self.A_log.astype(jnp.float32)) * linear_core.softplus(
-                a + self.dt_bias.astype(jnp.float32))
+            g = -jnp.exp(f32(self.A_log)) * linear_core.softplus(a + f32(self.dt_bias))
         else:
             g = jax.nn.log_sigmoid(a) / self.gate_normalizer
         beta = jax.nn.sigmoid(self.in_proj_b(x))

@@ -48,8 +48,9 @@ class KimiForgetGate(nn.Module):
         dt_bias = core.param(self, "dt_bias", _dt_bias_init, (nh * h,), ("heads",),
                              self.param_dtype)
         a_log = core.param(self, "A_log", _a_log_init, (nh,), ("heads",), self.param_dtype)
-        gate = (f.astype(jnp.float32) + dt_bias.astype(jnp.float32)).reshape(*x.shape[:2], nh, h)
-        return -jnp.exp(a_log.astype(jnp.float32))[:, None] * linear_core.softplus(gate)
+        f32 = linear_core.at_least_f32
+        gate = (f32(f) + f32(dt_bias)).reshape(*x.shape[:2], nh, h)
+        return -jnp.exp(f32(a_log))[:, None] * linear_core.softplus(gate)
 
 
 class KimiDeltaAttention(nn.Module):

@@ -13,8 +13,8 @@ from .core import Array, Dtype
 
 
 def feature_map(x: Array) -> Array:
-    """``phi(x) = elu(x) + 1`` (positive), in float32."""
-    return jax.nn.elu(x.astype(jnp.float32)) + 1.0
+    """``phi(x) = elu(x) + 1`` (positive), in float32 (or wider)."""
+    return jax.nn.elu(linear_core.at_least_f32(x)) + 1.0
 
 
 class LinearAttention(nn.Module):
@@ -149,8 +149,8 @@ class LinearAttention(nn.Module):
         shape = (b, t, self.num_heads, self.head_dim)
         q = feature_map(self.q_proj(x).reshape(shape))
         k = feature_map(self.k_proj(x).reshape(shape))
-        v = self.v_proj(x).reshape(shape).astype(jnp.float32)
-        ones = jnp.ones((*shape[:3], 1), jnp.float32)
+        v = linear_core.at_least_f32(self.v_proj(x).reshape(shape))
+        ones = jnp.ones((*shape[:3], 1), v.dtype)
         return q, k, jnp.concatenate([v, ones], axis=-1)
 
     def _bidirectional(self, q: Array, k: Array, v: Array, seg: Array | None) -> Array:

@@ -26,6 +26,11 @@ from .core import Array, Dtype, Precision
 F32 = jnp.float32
 
 
+def at_least_f32(x: Array) -> Array:
+    """``x`` in float32, or in its own dtype when wider (float64 under ``jax_enable_x64``)."""
+    return x.astype(jnp.promote_types(x.dtype, F32))
+
+
 # ----------------------------------------------------------------------------- elementwise
 
 
@@ -39,7 +44,7 @@ def softplus(x: Array) -> Array:
 def l2norm(x: Array, eps: float = 1e-6, *, divide: bool = False) -> Array:
     """L2 norm over the last axis in float32, as the HF layers: ``x * rsqrt(sum x^2 + eps)``
     (Qwen3.5's ``l2norm``) or, ``divide=True``, ``x / sqrt(sum x^2 + eps)`` (Kimi Linear's)."""
-    x = x.astype(F32)
+    x = at_least_f32(x)
     ss = jnp.sum(x * x, axis=-1, keepdims=True) + eps
     return x / jnp.sqrt(ss) if divide else x * jax.lax.rsqrt(ss)
 
@@ -53,13 +58,13 @@ def gated_rms_norm(x: Array, weight: Array, gate: Array, eps: float, *, kind: st
     ``KimiLinearRMSNormGated``: all in float32 (``weight`` upcast), times ``sigmoid(gate)``.
     """
     in_dtype = x.dtype
-    x32 = x.astype(F32)
+    x32 = at_least_f32(x)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     if kind == "silu":
         y = weight * y.astype(in_dtype)
-        y = y * jax.nn.silu(gate.astype(F32))
+        y = y * jax.nn.silu(at_least_f32(gate))
     elif kind == "sigmoid":
-        y = weight.astype(F32) * y * jax.nn.sigmoid(gate.astype(F32))
+        y = at_least_f32(weight) * y * jax.nn.sigmoid(at_least_f32(gate))
     else:
         raise ValueError(f"gated_rms_norm: kind={kind!r}; allowed: 'silu', 'sigmoid'")
     return y.astype(in_dtype)
