@@ -26,7 +26,8 @@ Rules every decoding module keeps (``Step`` implements them):
   included) the index is not known on the host, so only a chunk longer than the whole cache
   raises, ``lengths`` are clipped to ``[0, n]``, and the tokens that do not fit are not written,
   the index stops at ``max_len`` and their outputs are NaN (an overflow never passes for a
-  result).
+  result). A cache that does not grow with its tokens (the linear-attention modules' recurrent
+  state, ``begin(..., bounded=False)``) has no room limit.
 * ``decode=True`` on a non-causal module raises ``ValueError`` (a decoder only appends).
 * The step is a pure function of the cache arrays: a jit-compiled step for a fixed chunk size
   compiles once, whatever the positions.
@@ -45,8 +46,9 @@ from .core import Array, Precision
 
 COLLECTION = "cache"
 INDEX = "index"
-# the room of a cache that does not grow with its tokens (``begin(..., bounded=False)``): the
-# int32 index's range, less the longest chunk's positions' headroom
+# the room of a cache that does not grow with its tokens (``begin(..., bounded=False)``): within
+# the int32 index's range, with headroom for a chunk's positions. Such a step never calls
+# ``Step.keep`` / ``Step.append`` (which would span max_len positions).
 UNBOUNDED = 2 ** 30
 
 

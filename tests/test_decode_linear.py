@@ -84,6 +84,24 @@ def test_decode_refuses_state_and_packing_arguments(name):
         m.apply({"params": variables["params"]}, x, mutable=["cache"])
 
 
+@pytest.mark.parametrize("impl", ["chunk", "pallas"])
+def test_chunks_run_the_modules_impl(impl):
+    """A chunk of several tokens runs the module's ``impl`` (a single token the recurrence):
+    decoding in chunks that cross the op's chunk boundaries (chunk_size 4) equals prefill."""
+    from test_linear_modules import _skip_unless_implemented
+
+    _skip_unless_implemented(impl)
+    make = _CHUNKED[impl]
+    x = _x(9, seed=2)
+    params = h.params_of(make, x)
+    got, _ = h.decode_in_chunks(make, params, x, [6, 1, 2])
+    h.close(got, h.prefill(LINEAR["kda"], params, x), what=f"kda impl={impl}")
+
+
+_CHUNKED = {impl: (lambda dec, impl=impl: ah.KimiDeltaAttention(
+    D, 2, 4, conv_size=3, impl=impl, chunk_size=4, decode=dec)) for impl in ("chunk", "pallas")}
+
+
 def test_bidirectional_linear_attention_refuses_decode():
     with pytest.raises(ValueError, match="decode=True needs causal=True"):
         ah.LinearAttention(D, 2, causal=False, decode=True).init(jax.random.key(0), _x(3))
