@@ -99,8 +99,7 @@ def segment_runs(segment_ids_BT: Array | None, b: int, t: int) -> tuple[Array, A
 # ----------------------------------------------------------------------------- short conv
 
 
-def causal_conv(x_BTC: Array, kernel_KC: Array, run_BT: Array | None = None,
-                precision: Precision = None) -> Array:
+def causal_conv(x_BTC: Array, kernel_KC: Array, run_BT: Array | None = None) -> Array:
     """Depthwise causal convolution ``y[t] = sum_j kernel[j] * x[t - (K - 1) + j]`` (tap K - 1
     multiplies token t itself; positions before 0 read zero), as torch's ``Conv1d(groups=C,
     padding=K - 1)`` cut to T. With ``run_BT``, a tap reads only a token of t's run (same label)."""
@@ -116,7 +115,6 @@ def causal_conv(x_BTC: Array, kernel_KC: Array, run_BT: Array | None = None,
             tap_BTC = jnp.where(same_BT[..., None], tap_BTC, jnp.zeros((), tap_BTC.dtype))
         term = tap_BTC * kernel_KC[j]
         y = term if y is None else y + term
-    del precision  # elementwise: no matrix product
     return y
 
 
@@ -143,7 +141,7 @@ class ShortConv(nn.Module):
     conv_size: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
-    precision: Precision = None
+    precision: Precision = None  # unused (no matrix product); kept for the shared keywords
 
     @nn.compact
     def __call__(self, x_BTC: Array, *, valid_BT: Array | None = None, run_BT: Array | None = None,
