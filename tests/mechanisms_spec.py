@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ T = 11  # sequence length: a multiple of no block size, compression rate or stri
 
 SPARSE_IMPLS = ("auto", "reference", "xla", "pallas")
 DENSE_IMPLS = ("auto", "xla", "cudnn")  # issue 11's seam for the dense mechanisms
+LINEAR_IMPLS = ("auto", "chunk", "recurrent", "pallas")  # the gated_delta op (issue 14)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +93,7 @@ class Mechanism:
 
     @property
     def dim(self) -> int:
-        return self.kwargs["dim"]
+        return self.kwargs["dim"] if "dim" in self.kwargs else self.kwargs["hidden_size"]
 
     def make(self, **overrides) -> nn.Module:
         return self.cls(**{**self.kwargs, **overrides})
@@ -246,9 +248,54 @@ MECHANISMS: list[Mechanism] = [
         bad_config=({"dim": 30, "num_heads": 4}, r"dim=30 must be divisible by num_heads=4"),
         bf16_why="a pre-norm transformer block: bf16 attention, MLP and LayerNorm"),
 ]
+
+
+# ----------------------------------------------------------------------------- linear attention
+# The gated delta rule and linear attention (issue 14): a recurrent state instead of a softmax.
+
+_LINEAR_CALL = frozenset({"initial_state", "return_state", "segment_ids", "lengths"})
+_BF16_LINEAR = ("the recurrence runs in float32 (the op upcasts; q and k are L2-normalised in "
+                "float32); the bf16 roundings of the projections, the short conv and the value "
+                "remain, and the per-head gated RMSNorm rescales each head's output to unit RMS, "
+                "so a head whose core output is small (the delta rule subtracts what the state "
+                "already predicts) has its rounding magnified: at most 0.035 over ten inputs")
+
+
+def _bad_state(shape: tuple[int, ...]) -> tuple[BadCall, ...]:
+    """An ``initial_state`` whose value width is one short."""
+    bad = (*shape[:-1], shape[-1] - 1)
+    return (BadCall("initial_state", lambda x: jnp.zeros(bad), ValueError,
+                    r"initial_state must have shape \(batch, heads, key width, value width\)="
+                    rf"{re.escape(str(shape))}, got {re.escape(str(bad))}"),)
+
+
+MECHANISMS += [
+    Mechanism(
+        "gated_deltanet", ah.GatedDeltaNet,
+        {"hidden_size": D, "num_query_key_heads": 2, "num_value_heads": 4, "head_qk_dim": 8,
+         "head_v_dim": 6, "conv_size": 3}, causal=True, full=True, call=_LINEAR_CALL,
+        impls=LINEAR_IMPLS, cpu_impls=LINEAR_IMPLS, bad_calls=_bad_state((B, 4, 8, 6)),
+        bad_config=({"num_query_key_heads": 3},
+                    r"num_value_heads=4 must be a multiple of num_query_key_heads=3"),
+        bf16_rtol=0.05, bf16_why=_BF16_LINEAR),
+    Mechanism(
+        "kimi_delta", ah.KimiDeltaAttention, {"hidden_size": D, "num_heads": 4, "head_dim": 8},
+        causal=True, full=True, call=_LINEAR_CALL, impls=LINEAR_IMPLS, cpu_impls=LINEAR_IMPLS,
+        bad_calls=_bad_state((B, 4, 8, 8)),
+        bad_config=({"num_heads": 0}, r"num_heads=0 must be >= 1"),
+        bf16_rtol=0.05, bf16_why=_BF16_LINEAR + "; the per-channel decay is computed in float32"),
+    *_variants(lambda c: Mechanism(
+        f"linear{'' if c else '_bidir'}", ah.LinearAttention, {"dim": D, "num_heads": 4,
+                                                               "causal": c},
+        causal=c, full=True, call=_LINEAR_CALL, impls=LINEAR_IMPLS, cpu_impls=LINEAR_IMPLS,
+        bad_calls=_bad_state((B, 4, 8, 9)) if c else (),
+        bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
+        bf16_why="elu + 1 feature maps and the sums in float32; the bf16 projections and the "
+                 "division by the normaliser remain")),
+]
 BY_ID = {m.id: m for m in MECHANISMS}
 assert len(BY_ID) == len(MECHANISMS)
-assert len({m.cls for m in MECHANISMS}) == 13  # every mechanism of the package is declared
+assert len({m.cls for m in MECHANISMS}) == 16  # every mechanism of the package is declared
 
 
 def rngs(seed: int = 1) -> dict[str, jax.Array]:

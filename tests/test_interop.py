@@ -34,6 +34,9 @@ MECHANISMS = {
                                                       window=4, index_dim=8, **kw), (2, 12, D)),
     "cjepa": (lambda **kw: ah.CausalJEPAAttention(D, 4, num_slots=3, history_frames=2, depth=1,
                                                   **kw), (2, 2, 3, D)),
+    "gated_deltanet": (lambda **kw: ah.GatedDeltaNet(D, 2, 4, 8, 4, **kw), (2, 12, D)),
+    "kimi_delta": (lambda **kw: ah.KimiDeltaAttention(D, 2, 8, **kw), (2, 12, D)),
+    "linear": (lambda **kw: ah.LinearAttention(D, 4, **kw), (2, 12, D)),
     # the exported sub-modules
     "lightning_indexer": (lambda **kw: ah.LightningIndexer(D, 2, 8, **kw), (2, 12, D)),
     "grouped_output": (lambda **kw: ah.GroupedOutputProjection(4, 8, 2, D, **kw), (2, 12, 4, 8)),
