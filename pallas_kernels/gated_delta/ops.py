@@ -9,13 +9,23 @@ per-chunk part) then the scan over chunks, and saves only the inputs and the X =
 chunk-entry states (B, N, X, H, V); the backward recomputes ``prepare`` under ``jax.vjp``, runs the
 reverse scan from the saved states, and pulls the scan's cotangents back through ``prepare``.
 
-Memory (per batch row and head, T the padded length, C the chunk size): the saved residuals are
-O(T x (H + V) + (T / C) x H x V): never a per-token state, which the recurrent form's autodiff
-keeps (T x H x V). The transient working set of either pass adds O(T x (H + V + C)) for the
-chunk-contract arrays and the (T, C) intra-chunk matrices; per-channel decay (KDA) adds one
-chunk's (C, C, H) decay product at a time. Measured by ``tests/test_gated_delta_op.py``
-(residuals) and, for grad at T = 8192, by XLA's compiled memory analysis (see the report in
-``docs`` / the test's comment).
+Memory (per batch row and head; T the length padded to whole chunks, C the chunk size): the saved
+residuals are the inputs and the chunk-entry states, O(T x (H + V) + (T / C) x H x V), never a
+per-token state (the recurrent form's autodiff keeps T x H x V). Each pass adds a transient
+O(T x (H + V + C)): the contract arrays and the (C, C) intra-chunk matrices; per-channel decay
+builds its decay products one chunk at a time (``lax.map``), (C / c + c) x H per position of
+that chunk (``prep._channel_pairs``, c ~ sqrt(C)). Tested:
+``tests/test_gated_delta_op.py`` checks the saved residuals; measured with XLA's compiled memory
+analysis on CPU (``jax.jit(...).lower(...).compile().memory_analysis()``, temp bytes, batch 1,
+N = 16 heads, H = V = 128, C = 64, float32; the inputs alone are 193 MiB per-head / 257 MiB
+per-channel at T = 8192)::
+
+                                  forward     grad (all inputs)
+    T = 8192   chunk, per head     483 MiB       1.4 GiB
+    T = 8192   chunk, per channel  568 MiB       1.3 GiB
+    T = 8192   recurrent            65 MiB      28.5 GiB   (a state per token)
+    T = 65536  chunk, per head     3.8 GiB      11.2 GiB
+    T = 65536  chunk, per channel  4.3 GiB       9.6 GiB
 """
 
 from __future__ import annotations
@@ -91,7 +101,8 @@ def _precision_context(precision):
 
 
 def _scans(cfg: ChunkConfig):
-    """``(scan_fwd, scan_bwd)`` of ``cfg.impl``, each with the reference's signature."""
+    """``(scan_fwd, scan_bwd)`` of ``cfg.impl``, each with the reference's signature (the
+    kernels' modules are imported here, when first used)."""
     if cfg.impl == "chunk":
         def fwd(*args):
             with _precision_context(cfg.precision):
@@ -106,8 +117,8 @@ def _scans(cfg: ChunkConfig):
     else:
         from .kernel_tpu import scan_bwd_tpu as scan_bwd
         from .kernel_tpu import scan_fwd_tpu as scan_fwd
-    return (functools.partial(scan_fwd, interpret=cfg.interpret),
-            functools.partial(scan_bwd, interpret=cfg.interpret))
+    kw = dict(interpret=cfg.interpret, precision=cfg.precision)
+    return functools.partial(scan_fwd, **kw), functools.partial(scan_bwd, **kw)
 
 
 def _prepare(q, k, v, g, beta, segment_ids, cfg: ChunkConfig):
