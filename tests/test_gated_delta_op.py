@@ -221,6 +221,10 @@ def test_pallas_impls_equal_chunk(impl, module, per_channel, beta):
     o_ref, s_ref, grads_ref = _value_and_grads(*args, ids, impl="chunk", chunk_size=8)
     _close(o, o_ref, 1e-5, "output")
     _close(s, s_ref, 1e-5, "final state")
+    q, k, v, g, beta, s0 = args      # the forward alone (the kernels then write no states)
+    for a, b in zip(_op(q, k, v, g, beta, initial_state=s0, segment_ids=ids, impl=impl,
+                        chunk_size=8), (o_ref, s_ref), strict=True):
+        _close(a, b, 1e-5, "forward only")
     for name, d, d_ref in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, grads_ref,
                               strict=True):
         if d_ref is not None:

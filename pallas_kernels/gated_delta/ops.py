@@ -102,9 +102,11 @@ def _precision_context(precision):
 
 def _scans(cfg: ChunkConfig):
     """``(scan_fwd, scan_bwd)`` of ``cfg.impl``, each with the reference's signature (the
-    kernels' modules are imported here, when first used)."""
+    kernels' modules are imported here, when first used); ``scan_fwd`` also takes ``with_states``
+    (False: the kernels skip writing the chunk-entry states, which only the backward reads)."""
     if cfg.impl == "chunk":
-        def fwd(*args):
+        def fwd(*args, with_states=True):   # XLA drops the unused states itself
+            del with_states
             with _precision_context(cfg.precision):
                 return scan_fwd_reference(*args)
 
@@ -126,9 +128,10 @@ def _prepare(q, k, v, g, beta, segment_ids, cfg: ChunkConfig):
                    chunk_size=cfg.chunk_size, precision=cfg.precision)
 
 
-def _forward(q, k, v, g, beta, s0, segment_ids, cfg: ChunkConfig):
+def _forward(q, k, v, g, beta, s0, segment_ids, cfg: ChunkConfig, with_states: bool = True):
     o_BNXTV, states_BNXHV, s_final = _scans(cfg)[0](*_prepare(q, k, v, g, beta, segment_ids, cfg),
-                                                      s0.astype(jnp.float32))
+                                                      s0.astype(jnp.float32),
+                                                      with_states=with_states)
     return (from_chunks(o_BNXTV, q.shape[1]).astype(v.dtype), s_final), states_BNXHV
 
 
@@ -136,7 +139,7 @@ def _forward(q, k, v, g, beta, s0, segment_ids, cfg: ChunkConfig):
 def chunked_gated_delta(q, k, v, g, beta, s0, segment_ids, cfg: ChunkConfig):
     """The chunked op: ``(o (B, T, N, V) in v's dtype, final_state (B, N, H, V) float32)``; s0 the
     initial state (zeros when there is none). Differentiable in q, k, v, g, beta and s0."""
-    return _forward(q, k, v, g, beta, s0, segment_ids, cfg)[0]
+    return _forward(q, k, v, g, beta, s0, segment_ids, cfg, with_states=False)[0]
 
 
 def _chunked_fwd(q, k, v, g, beta, s0, segment_ids, cfg: ChunkConfig):
