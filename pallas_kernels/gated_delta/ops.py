@@ -176,10 +176,11 @@ def gated_delta_rule(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array,
     attention (no delta correction); ``initial_state`` (B, N, H, V); ``segment_ids`` (B, T) int
     (``reference.py``: 0 skips a token, a new id resets the state). Differentiable in every float
     argument; ``chunk`` and ``pallas`` share one ``jax.custom_vjp`` whose backward recomputes
-    chunk-local quantities from the stored chunk-entry states. All arithmetic is float32 whatever
-    the input dtype. ``interpret=None``: interpret mode unless the default backend is the kernel's
-    (GPU for ``pallas``, TPU for ``pallas_tpu``). ``precision`` reaches every matrix product of
-    ``chunk``.
+    chunk-local quantities from the stored chunk-entry states (memory: the module docstring). All
+    arithmetic is float32 whatever the input dtype. ``chunk_size`` is a tuning knob (every size
+    gives the same result): a sequence shorter than it is one chunk of its own length.
+    ``interpret=None``: interpret mode unless the default backend is the kernel's (GPU for
+    ``pallas``, TPU for ``pallas_tpu``). ``precision`` reaches every matrix product.
     """
     check_inputs(q_BTNH, k_BTNH, v_BTNV, g, beta_BTN, initial_state, segment_ids, chunk_size,
                  impl)
@@ -189,9 +190,9 @@ def gated_delta_rule(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array,
                                    initial_state=initial_state, segment_ids=segment_ids)
     if interpret is None:
         interpret = jax.default_backend() != {"pallas": "gpu", "pallas_tpu": "tpu"}.get(impl)
-    b, _, n, h = q_BTNH.shape
+    b, t, n, h = q_BTNH.shape
     s0 = (jnp.zeros((b, n, h, v_BTNV.shape[-1]), jnp.float32) if initial_state is None
           else initial_state)
-    cfg = ChunkConfig(scale=scale, chunk_size=chunk_size, impl=impl, interpret=bool(interpret),
-                      precision=precision)
+    cfg = ChunkConfig(scale=scale, chunk_size=min(chunk_size, max(t, 1)), impl=impl,
+                      interpret=bool(interpret), precision=precision)
     return chunked_gated_delta(q_BTNH, k_BTNH, v_BTNV, g, beta_BTN, s0, segment_ids, cfg=cfg)
