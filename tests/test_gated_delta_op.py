@@ -229,3 +229,18 @@ def test_pallas_impls_equal_chunk(impl, module, per_channel, beta):
                               strict=True):
         if d_ref is not None:
             _close(d, d_ref, 1e-4, f"d{name}")
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_precision_reaches_every_product(per_channel):
+    from tests.jaxpr_walk import jaxpr_eqns
+    q, k, v, g, beta, s0 = _inputs(17, b=1, t=10, n=1, h=3, vw=2, per_channel=per_channel)
+    highest = jax.lax.Precision.HIGHEST
+
+    def loss(*a):
+        o, s = gated_delta_rule(*a, initial_state=s0, chunk_size=4, precision=highest)
+        return jnp.sum(o) + jnp.sum(s)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=range(5)))(q, k, v, g, beta)
+    dots = [e for e in jaxpr_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    assert dots and all(e.params["precision"] == (highest, highest) for e in dots), \
+        {str(e.params["precision"]) for e in dots}
