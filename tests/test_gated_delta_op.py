@@ -107,6 +107,17 @@ def test_large_decay_stays_finite_and_exact(per_channel):
     _assert_matches_recurrent((q, k, v, g, beta, s0), _segments(4, 2, 37), 16)
 
 
+def test_fully_skipped_row_keeps_its_state():
+    """A row whose every token is skipped outputs zeros, passes its initial state through and
+    stays finite in the gradients (the other row resets and skips inside chunks)."""
+    args = _inputs(18, b=2, t=9, per_channel=True)
+    ids = jnp.asarray([[0] * 9, [1, 1, 0, 0, 2, 2, 0, 0, 0]], jnp.int32)
+    _assert_matches_recurrent(args, ids, 4)
+    o, s = _op(*args[:5], initial_state=args[5], segment_ids=ids, chunk_size=4)
+    assert float(jnp.abs(o[0]).max()) == 0.0
+    np.testing.assert_array_equal(np.asarray(s[0]), np.asarray(args[5][0]))
+
+
 def test_packed_equals_separate():
     """Two sequences packed in one row (the second after three skipped tokens) give each one's
     own outputs; the initial state enters only the first; the final state is the second's."""
