@@ -219,12 +219,10 @@ def test_reference_is_what_recurrent_runs():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("impl,module,beta", [("pallas", "kernel", True),
-                                              ("pallas_tpu", "kernel_tpu", False)])
-def test_pallas_impls_equal_chunk(impl, module, beta):
+@pytest.mark.parametrize("impl,beta", [("pallas", True), ("pallas_tpu", False)])
+def test_pallas_impls_equal_chunk(impl, beta):
     """The kernels (in interpret mode here) under the same custom_vjp as ``chunk``: outputs, final
     state and every gradient equal ``chunk``'s (which equals the recurrence, above)."""
-    pytest.importorskip(f"pallas_kernels.gated_delta.{module}")
     args = _inputs(15, b=1, t=11, n=1, h=4, vw=3, beta=beta)   # prepare's forms: tested above
     ids = jnp.asarray([[1, 1, 1, 0, 0, 2, 2, 2, 2, 0, 2]], jnp.int32)
     o, s, grads = _value_and_grads(*args, ids, impl=impl, chunk_size=4)
