@@ -333,7 +333,11 @@ def _default_torch_layer(flax_module: nn.Module, torch_cls: type | None = None) 
         if (torch_cls is None or layer.torch_cls is torch_cls) and layer.represents(flax_module):
             return layer
     known = ", ".join(t.torch_cls.__name__ for t in family)
-    raise ValueError(f"to_torch: no torch layer for {flax_module!r}"
+    fields = ", ".join(f"{f.name}={getattr(flax_module, f.name)!r}"
+                       for f in dataclasses.fields(flax_module)
+                       if f.name not in ("parent", "name")
+                       and getattr(flax_module, f.name) != f.default)
+    raise ValueError(f"to_torch: no torch layer for {name}({fields})"
                      + (f" of class {torch_cls.__name__}" if torch_cls else "")
                      + f"; known for {name}: {known}")
 
