@@ -195,7 +195,7 @@ def _hf_gdn_represents(fm: nn.Module) -> bool:
     return fm.decay_gate == "mamba" and fm.use_qk_l2norm
 
 
-def _qwen_text_config(cls_name: str, fm: nn.Module):
+def qwen_text_config(cls_name: str, fm: nn.Module):
     import transformers
 
     return getattr(transformers, cls_name)(
@@ -287,7 +287,7 @@ def _register_linear_family() -> None:
 
     TORCH_LAYERS.extend([
         TorchLayer(Qwen3_5GatedDeltaNet, "GatedDeltaNet", _hf_gdn_config,
-                   lambda fm: Qwen3_5GatedDeltaNet(_qwen_text_config("Qwen3_5TextConfig", fm), 0),
+                   lambda fm: Qwen3_5GatedDeltaNet(qwen_text_config("Qwen3_5TextConfig", fm), 0),
                    _hf_gdn_represents, lambda fm, sd: _conv_to_rule(sd),
                    lambda fm, sd: _conv_from_rule(sd)),
         TorchLayer(oracles.GatedDeltaNet, "GatedDeltaNet", _oracle_gdn_config,
@@ -295,7 +295,7 @@ def _register_linear_family() -> None:
                    lambda fm: True, lambda fm, sd: _conv_to_rule(sd),
                    lambda fm, sd: _conv_from_rule(sd)),
         TorchLayer(Qwen3NextGatedDeltaNet, "GatedDeltaNet", _hf_gdn_config,
-                   lambda fm: Qwen3NextGatedDeltaNet(_qwen_text_config("Qwen3NextConfig", fm), 0),
+                   lambda fm: Qwen3NextGatedDeltaNet(qwen_text_config("Qwen3NextConfig", fm), 0),
                    _hf_gdn_represents, _next_to_rule, _next_from_rule),
         TorchLayer(KimiLinearDeltaAttention, "KimiDeltaAttention", _kimi_config, _kimi_build,
                    lambda fm: True, _kimi_to_rule, _kimi_from_rule),

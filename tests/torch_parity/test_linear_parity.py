@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import importlib.util
 import inspect
-import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -39,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.models.kimi_linear import modeling_kimi_linear as kimi
 from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen35
 from transformers.models.qwen3_next import modeling_qwen3_next as qwen3n
@@ -47,7 +45,8 @@ from transformers.models.qwen3_next import modeling_qwen3_next as qwen3n
 import attnhut_jax as ah
 from attnhut_jax import core
 from parity import from_torch, oracles, to_state_dict, to_torch
-from parity.convert import _qwen_text_config, abstract_variables
+from parity.cases import hf_cache, kimi_delta, logsigmoid_gdn, qwen_gdn
+from parity.convert import abstract_variables, qwen_text_config
 
 B, T, D = 2, 13, 16
 CHUNK = 8
@@ -63,53 +62,17 @@ def _gdn_shape():
     return ah.GatedDeltaNet(D, 2, 4, 8, 6, conv_size=4)
 
 
-def _randomise(layer: torch.nn.Module, names: tuple[str, ...], scale: float = 0.3) -> None:
-    """Move parameters off their constant initialisation, so their gradients test something."""
-    with torch.no_grad():
-        for name in names:
-            p = layer.get_parameter(name)
-            p.add_(scale * torch.randn_like(p))
-
-
-def init_kimi_forget_gate(layer: kimi.KimiLinearDeltaAttention) -> None:
-    """``KimiLinearPreTrainedModel._init_weights`` for the forget gate (the constructor leaves
-    ``A_log`` and ``dt_bias`` as ``torch.empty``): A_log = log U(1, 16); dt_bias = the inverse
-    softplus of dt = exp(U(log 1e-3, log 1e-1)) clamped at >= 1e-4."""
-    fg = layer.forget_gate
-    with torch.no_grad():
-        fg.A_log.copy_(torch.empty_like(fg.A_log).uniform_(1.0, 16.0).log())
-        dt = torch.empty_like(fg.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()
-        dt = dt.clamp_min(1e-4)
-        fg.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-
-
 def make_qwen35():
-    layer = qwen35.Qwen3_5GatedDeltaNet(_qwen_text_config("Qwen3_5TextConfig", _gdn_shape()), 0)
-    _randomise(layer, ("dt_bias", "norm.weight"))
-    return layer
+    return qwen_gdn("Qwen3_5GatedDeltaNet")
 
 
 def make_qwen3next():
-    layer = qwen3n.Qwen3NextGatedDeltaNet(_qwen_text_config("Qwen3NextConfig", _gdn_shape()), 0)
-    _randomise(layer, ("dt_bias", "norm.weight"))
-    return layer
+    return qwen_gdn("Qwen3NextGatedDeltaNet")
 
 
 def make_logsigmoid():
     """d9d's gate as it defines it, g = log_sigmoid(a) (gate_normalizer 1)."""
-    layer = oracles.GatedDeltaNet(D, 2, 4, 8, 6, decay_gate="logsigmoid", gate_normalizer=1.0)
-    _randomise(layer, ("norm.weight",))
-    return layer
-
-
-def make_kimi():
-    config = kimi.KimiLinearConfig(hidden_size=D, linear_num_heads=2, linear_head_dim=8,
-                                   linear_conv_kernel_dim=4, rms_norm_eps=1e-6,
-                                   num_hidden_layers=1, layer_types=["linear_attention"])
-    layer = kimi.KimiLinearDeltaAttention(config, layer_idx=0)
-    init_kimi_forget_gate(layer)
-    _randomise(layer, ("o_norm.weight",))
-    return layer
+    return logsigmoid_gdn(1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +86,7 @@ class Layer:
 LAYERS = [
     Layer("gdn-qwen3.5-gva", make_qwen35, hf=True),
     Layer("gdn-logsigmoid", make_logsigmoid, hf=False),
-    Layer("kda-kimi", make_kimi, hf=True),
+    Layer("kda-kimi", kimi_delta, hf=True),
     Layer("linear-causal", lambda: oracles.LinearAttention(D, 2, causal=True, bias=True),
           hf=False),
     Layer("linear-bidir", lambda: oracles.LinearAttention(D, 2, causal=False), hf=False,
@@ -135,24 +98,6 @@ BY_NAME = {c.name: c for c in [*LAYERS, NEXT]}
 
 
 # ----------------------------------------------------------------------------- the torch side
-
-
-class GradLinearAttentionLayer(LinearAttentionLayer):
-    """transformers' linear-attention cache layer, the new recurrent state stored by assignment
-    (the stock ``copy_`` writes in place into the initial state autograd saved)."""
-
-    def update_recurrent_state(self, recurrent_states, state_idx=0, **kwargs):
-        self.recurrent_states[state_idx] = recurrent_states
-        self.is_recurrent_states_initialized[state_idx] = True
-        return recurrent_states
-
-
-def hf_cache(layer: torch.nn.Module, state: torch.Tensor, cls=GradLinearAttentionLayer) -> Cache:
-    """A transformers cache holding ``state`` as layer 0's recurrent state and a zero conv tail."""
-    cache = Cache(layers=[cls()])
-    cache.update_conv_state(torch.zeros(state.shape[0], layer.conv_dim, layer.conv_kernel_size), 0)
-    cache.update_recurrent_state(state, 0)
-    return cache
 
 
 def run_torch(layer: torch.nn.Module, hf: bool, x: torch.Tensor, s0: torch.Tensor | None):
@@ -301,7 +246,7 @@ def test_logsigmoid_oracle_matches_qwen35_with_the_mamba_gate():
     x = torch.from_numpy(rng.standard_normal((B, T, D), dtype=np.float32))
     s0 = torch.from_numpy(rng.standard_normal(fm.state_shape(B), dtype=np.float32))
     with torch.no_grad():
-        cache = hf_cache(layer, s0.clone(), LinearAttentionLayer)
+        cache = hf_cache(layer, s0.clone(), autograd=False)
         want, want_s = layer(x, cache=cache), cache.get_recurrent_state(0)
         got, got_s = oracle(x, initial_state=s0, return_state=True)
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
@@ -336,7 +281,7 @@ def test_transformers_runs_its_torch_fallbacks():
 ROUND_TRIP = {
     "qwen3.5": make_qwen35,
     "qwen3-next": make_qwen3next,
-    "kimi": make_kimi,
+    "kimi": kimi_delta,
     "oracle-gdn-logsigmoid": lambda: oracles.GatedDeltaNet(D, 2, 2, 8, 8, decay_gate="logsigmoid"),
     "oracle-gdn-mamba-no-l2": lambda: oracles.GatedDeltaNet(D, 1, 2, 4, 8, decay_gate="mamba",
                                                             use_qk_l2norm=False, conv_size=3),
@@ -398,7 +343,7 @@ def test_flax_init_through_qwen3_next():
 
 def test_unsupported_hf_configurations_are_refused():
     torch.manual_seed(0)
-    config = _qwen_text_config("Qwen3_5TextConfig", _gdn_shape())
+    config = qwen_text_config("Qwen3_5TextConfig", _gdn_shape())
     config.hidden_act = "gelu"
     with pytest.raises(ValueError, match="activation='gelu'"):
         from_torch(qwen35.Qwen3_5GatedDeltaNet(config, 0))
