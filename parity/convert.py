@@ -8,7 +8,9 @@ The rule is the same for every mechanism. A Flax parameter path joined with ``.`
 
 A mechanism is registered with the function that reads its constructor arguments off a torch
 module; the Flax class takes the same arguments by the same names, so ``to_torch`` rebuilds the
-torch module from the Flax module's fields.
+torch module from the Flax module's fields. The linear-attention modules, whose torch layers are
+not attnhut's, are registered as ``TorchLayer``s (below): built from config objects, with a few
+weights reshaped or split on the way (``to_rule`` / ``from_rule``).
 """
 
 from __future__ import annotations
