@@ -146,10 +146,11 @@ class TorchLayer:
     that configuration; ``represents(flax_module)``: whether this class can compute what the Flax
     module computes (``to_torch`` picks the first registered class that can); ``to_rule`` /
     ``from_rule`` map this class's state dict to / from the naming rule's (keys absent are left
-    absent, so the key and shape checks still name them).
+    absent, so the key and shape checks still name them). ``torch_cls`` is the class's dotted
+    path, so that transformers loads only when one of its layers is converted.
     """
 
-    torch_cls: type
+    torch_cls: str
     flax_name: str
     config: Callable[[torch.nn.Module], dict[str, Any]]
     build: Callable[[nn.Module], torch.nn.Module]
@@ -254,13 +255,12 @@ def _kimi_config(layer: torch.nn.Module) -> dict[str, Any]:
 
 def _kimi_build(fm: nn.Module) -> torch.nn.Module:
     from transformers import KimiLinearConfig
-    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
 
     config = KimiLinearConfig(hidden_size=fm.hidden_size, linear_num_heads=fm.num_heads,
                               linear_head_dim=fm.head_dim, linear_conv_kernel_dim=fm.conv_size,
                               rms_norm_eps=fm.norm_eps, hidden_act="silu", num_hidden_layers=1,
                               layer_types=["linear_attention"])
-    return KimiLinearDeltaAttention(config, layer_idx=0)
+    return _import(_KIMI)(config, layer_idx=0)
 
 
 def _kimi_to_rule(fm: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
@@ -280,46 +280,61 @@ def _oracle_gdn_config(layer: torch.nn.Module) -> dict[str, Any]:
         "norm_eps", "conv_size", "decay_gate", "use_qk_l2norm", "gate_normalizer")}
 
 
-def _register_linear_family() -> None:
-    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
-    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
-    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+_QWEN35 = "transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5GatedDeltaNet"
+_QWEN3NEXT = "transformers.models.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet"
+_KIMI = "transformers.models.kimi_linear.modeling_kimi_linear.KimiLinearDeltaAttention"
 
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _import(path: str) -> type:
+    """The class at a dotted path (transformers' modeling modules load on first use: importing
+    them costs seconds)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _register_linear_family() -> None:
     from . import oracles
 
     TORCH_LAYERS.extend([
-        TorchLayer(Qwen3_5GatedDeltaNet, "GatedDeltaNet", _hf_gdn_config,
-                   lambda fm: Qwen3_5GatedDeltaNet(qwen_text_config("Qwen3_5TextConfig", fm), 0),
+        TorchLayer(_QWEN35, "GatedDeltaNet", _hf_gdn_config,
+                   lambda fm: _import(_QWEN35)(qwen_text_config("Qwen3_5TextConfig", fm), 0),
                    _hf_gdn_represents, lambda fm, sd: _conv_to_rule(sd),
                    lambda fm, sd: _conv_from_rule(sd)),
-        TorchLayer(oracles.GatedDeltaNet, "GatedDeltaNet", _oracle_gdn_config,
+        TorchLayer(_path(oracles.GatedDeltaNet), "GatedDeltaNet", _oracle_gdn_config,
                    lambda fm: oracles.GatedDeltaNet(**_oracle_gdn_config(fm)),
                    lambda fm: True, lambda fm, sd: _conv_to_rule(sd),
                    lambda fm, sd: _conv_from_rule(sd)),
-        TorchLayer(Qwen3NextGatedDeltaNet, "GatedDeltaNet", _hf_gdn_config,
-                   lambda fm: Qwen3NextGatedDeltaNet(qwen_text_config("Qwen3NextConfig", fm), 0),
+        TorchLayer(_QWEN3NEXT, "GatedDeltaNet", _hf_gdn_config,
+                   lambda fm: _import(_QWEN3NEXT)(qwen_text_config("Qwen3NextConfig", fm), 0),
                    _hf_gdn_represents, _next_to_rule, _next_from_rule),
-        TorchLayer(KimiLinearDeltaAttention, "KimiDeltaAttention", _kimi_config, _kimi_build,
+        TorchLayer(_KIMI, "KimiDeltaAttention", _kimi_config, _kimi_build,
                    lambda fm: True, _kimi_to_rule, _kimi_from_rule),
-        TorchLayer(oracles.LinearAttention, "LinearAttention",
+        TorchLayer(_path(oracles.LinearAttention), "LinearAttention",
                    lambda m: dict(dim=m.dim, num_heads=m.num_heads, causal=m.causal, eps=m.eps,
                                   bias=_bias(m.q_proj)),
                    lambda fm: oracles.LinearAttention(fm.dim, fm.num_heads, fm.causal, fm.eps,
                                                       fm.bias),
                    lambda fm: True),
     ])
-    for name, default, shape in (
-            ("GatedDeltaNet", Qwen3_5GatedDeltaNet, lambda m: (1, 1, m.hidden_size)),
-            ("KimiDeltaAttention", KimiLinearDeltaAttention, lambda m: (1, 1, m.hidden_size)),
-            ("LinearAttention", oracles.LinearAttention, lambda m: (1, 1, m.dim))):
-        SPECS[name] = Spec(getattr(attnhut_jax, name), default,
-                           lambda m, n=name: _torch_layer_for(m).config(m), example_shape=shape)
+    for name, shape in (("GatedDeltaNet", lambda m: (1, 1, m.hidden_size)),
+                        ("KimiDeltaAttention", lambda m: (1, 1, m.hidden_size)),
+                        ("LinearAttention", lambda m: (1, 1, m.dim))):
+        # torch_cls: any torch layer of TORCH_LAYERS for this name (from_torch / to_torch ask them)
+        SPECS[name] = Spec(getattr(attnhut_jax, name), torch.nn.Module,
+                           lambda m: _torch_layer_for(m).config(m), example_shape=shape)
 
 
 def _torch_layer_for(module: Any) -> TorchLayer | None:
-    """The ``TorchLayer`` of a torch module (by type), or None."""
+    """The ``TorchLayer`` of a torch module (by its class's dotted path), or None."""
+    path = _path(type(module))
     for layer in TORCH_LAYERS:
-        if type(module) is layer.torch_cls:
+        if layer.torch_cls == path:
             return layer
     return None
 
@@ -331,10 +346,11 @@ def _default_torch_layer(flax_module: nn.Module, torch_cls: type | None = None) 
     family = [t for t in TORCH_LAYERS if t.flax_name == name]
     if not family:
         return None
+    want = None if torch_cls is None else _path(torch_cls)
     for layer in family:
-        if (torch_cls is None or layer.torch_cls is torch_cls) and layer.represents(flax_module):
+        if (want is None or layer.torch_cls == want) and layer.represents(flax_module):
             return layer
-    known = ", ".join(t.torch_cls.__name__ for t in family)
+    known = ", ".join(t.torch_cls.rpartition(".")[2] for t in family)
     fields = ", ".join(f"{f.name}={getattr(flax_module, f.name)!r}"
                        for f in dataclasses.fields(flax_module)
                        if f.name not in ("parent", "name")
