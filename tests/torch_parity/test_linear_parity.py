@@ -253,14 +253,15 @@ def test_logsigmoid_oracle_matches_qwen35_with_the_mamba_gate():
     np.testing.assert_allclose(got_s.numpy(), want_s.numpy(), atol=1e-5)
 
 
-def test_transformers_runs_its_torch_fallbacks():
+def test_transformers_runs_its_torch_fallbacks(monkeypatch):
     """No fla / triton / causal-conv1d / kernels here, so every kernel hook of the three layers
-    resolved to transformers' own torch function: parity never silently runs another path."""
+    resolved to transformers' own torch function, and the layers call those hooks: parity never
+    silently runs another path."""
     for package in ("fla", "triton", "causal_conv1d", "kernels"):
         assert importlib.util.find_spec(package) is None, f"{package} is installed"
     from transformers.integrations import hub_kernels
 
-    assert not hub_kernels._kernels_enabled
+    assert not hub_kernels.is_kernels_available() and not hub_kernels._kernels_enabled
     hooks = [qwen35.torch_chunk_gated_delta_rule, qwen35.torch_recurrent_gated_delta_rule,
              qwen35.causal_conv1d_fn, qwen35.causal_conv1d_update,
              qwen3n.torch_chunk_gated_delta_rule, qwen3n.torch_recurrent_gated_delta_rule,
@@ -270,10 +271,24 @@ def test_transformers_runs_its_torch_fallbacks():
         bound = inspect.getclosurevars(hook).nonlocals
         assert bound["implementation"] is hook.__wrapped__, hook.__name__
         assert bound["is_new_implementation"] is False, hook.__name__
-    # and the layers call those hooks (not a class-level replacement)
-    for cls in (qwen35.Qwen3_5GatedDeltaNet, qwen3n.Qwen3NextGatedDeltaNet,
-                kimi.KimiLinearDeltaAttention):
-        assert "kernel_layer_name" not in vars(cls) and cls.forward.__module__ == cls.__module__
+    # the layers' forwards go through those module-level hooks
+    calls = []
+    for module, names in ((qwen35, ("torch_chunk_gated_delta_rule", "causal_conv1d_fn")),
+                          (kimi, ("chunk_kimi_delta_attention", "causal_conv1d_fn"))):
+        for fn_name in names:
+            real = getattr(module, fn_name)
+
+            def counted(*args, _real=real, _name=fn_name, **kwargs):
+                calls.append(_name)
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(module, fn_name, counted)
+    x = torch.zeros(1, 3, D)
+    with torch.no_grad():
+        make_qwen35()(x)
+        kimi_delta()(x)
+    assert calls == ["causal_conv1d_fn", "torch_chunk_gated_delta_rule",
+                     "causal_conv1d_fn", "chunk_kimi_delta_attention"], calls
 
 
 # ----------------------------------------------------------------------------- conversion
