@@ -88,9 +88,6 @@ def test_decode_refuses_state_and_packing_arguments(name):
 def test_chunks_run_the_modules_impl(impl):
     """A chunk of several tokens runs the module's ``impl`` (a single token the recurrence):
     decoding in chunks that cross the op's chunk boundaries (chunk_size 4) equals prefill."""
-    from test_linear_modules import _skip_unless_implemented
-
-    _skip_unless_implemented(impl)
     make = _CHUNKED[impl]
     x = _x(9, seed=2)
     params = h.params_of(make, x)
