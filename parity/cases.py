@@ -172,25 +172,39 @@ def logsigmoid_gdn(gate_normalizer: float = 1.0):
     return _randomise(layer, ("norm.weight",))
 
 
-def hf_cache(layer: torch.nn.Module, state: torch.Tensor, *, autograd: bool = True):
+def hf_cache(layer: torch.nn.Module, state: torch.Tensor, *, replay: bool = True):
     """A real transformers ``Cache`` of one linear-attention layer holding ``state`` as its
     recurrent state and a zero conv tail (so the HF layer's conv starts from zeros, as ours does).
 
-    ``autograd=True`` stores the layer's new state by assignment instead of the stock in-place
-    ``copy_`` (which overwrites a tensor autograd saved, so no backward could run through the
-    initial state); the computation is the same.
+    ``replay=False``: the stock ``LinearAttentionLayer``; a forward advances it, the new state is
+    ``cache.get_recurrent_state(0)``. ``replay=True`` (for comparisons): a ``LinearAttentionLayer``
+    whose every multi-token forward starts again from ``state`` (the conv tail and the state are
+    read, never written) and which keeps the state after the latest forward as
+    ``cache.layers[0].final_state``, by reference: the stock layer ``copy_``s it in place into
+    the tensor autograd saved, so no backward could run through the initial state, and one cache
+    serves any number of forwards (timing, gradients).
     """
     from transformers.cache_utils import Cache, LinearAttentionLayer
 
-    class AssigningLayer(LinearAttentionLayer):
+    class ReplayingLayer(LinearAttentionLayer):
+        def update_conv_state(self, conv_states, state_idx=0, **kwargs):
+            return torch.cat([self.conv_states[state_idx], conv_states], dim=-1)
+
         def update_recurrent_state(self, recurrent_states, state_idx=0, **kwargs):
-            self.recurrent_states[state_idx] = recurrent_states
-            self.is_recurrent_states_initialized[state_idx] = True
+            self.final_state = recurrent_states
             return recurrent_states
 
-    cache = Cache(layers=[AssigningLayer() if autograd else LinearAttentionLayer()])
-    cache.update_conv_state(torch.zeros(state.shape[0], layer.conv_dim, layer.conv_kernel_size), 0)
+    conv = torch.zeros(state.shape[0], layer.conv_dim, layer.conv_kernel_size)
+    cache = Cache(layers=[LinearAttentionLayer()])
+    cache.update_conv_state(conv, 0)
     cache.update_recurrent_state(state, 0)
+    if replay:
+        stock = cache.layers[0]
+        replaying = ReplayingLayer()
+        replaying.__dict__.update(stock.__dict__)
+        replaying.recurrent_states = {0: state}
+        replaying.final_state = None
+        cache.layers[0] = replaying
     return cache
 
 

@@ -14,9 +14,10 @@ transformers runs its pure-torch paths here (no flash-linear-attention, triton, 
 
 The HF layers read an initial recurrent state from a cache: a real ``transformers.Cache`` of one
 ``LinearAttentionLayer`` holds it (zero conv tail, so the conv starts from zeros as ours does), and
-the final state is read back from it. Its one override stores the new state by assignment instead
-of ``copy_`` (the stock in-place copy would overwrite a tensor autograd saved, so no backward could
-run through a cached initial state).
+the final state is read back from it (``parity.cases.hf_cache``). Its layer keeps the new state by
+reference instead of ``copy_``-ing it into the initial one (the stock in-place copy overwrites a
+tensor autograd saved, so no backward could run through a cached initial state); the stock layer
+gives the same forward (``test_logsigmoid_oracle_matches_qwen35_with_the_mamba_gate`` uses it).
 
 Batch 2, T = 13 (the chunked forms use chunk 8: not a multiple; HF's torch chunk form pads to 64),
 every impl of ``gated_delta`` that exists (an impl whose op raises ``NotImplementedError`` is
@@ -107,7 +108,7 @@ def run_torch(layer: torch.nn.Module, hf: bool, x: torch.Tensor, s0: torch.Tenso
             return layer(x), None
         cache = hf_cache(layer, s0)
         out = layer(x, cache=cache)
-        return out, cache.get_recurrent_state(0)
+        return out, cache.layers[0].final_state
     if s0 is None and not getattr(layer, "causal", True):
         return layer(x), None
     return layer(x, initial_state=s0, return_state=True)
@@ -262,7 +263,7 @@ def test_logsigmoid_oracle_matches_qwen35_with_the_mamba_gate():
     x = torch.from_numpy(rng.standard_normal((B, T, D), dtype=np.float32))
     s0 = torch.from_numpy(rng.standard_normal(fm.state_shape(B), dtype=np.float32))
     with torch.no_grad():
-        cache = hf_cache(layer, s0.clone(), autograd=False)
+        cache = hf_cache(layer, s0.clone(), replay=False)
         want, want_s = layer(x, cache=cache), cache.get_recurrent_state(0)
         got, got_s = oracle(x, initial_state=s0, return_state=True)
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
