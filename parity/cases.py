@@ -317,24 +317,6 @@ CASES: list[Case] = [
 ]
 
 
-def linear_speed_cases(impl: str) -> list[Case]:
-    """The linear-attention layers at the working size (torch: transformers' pure-torch chunked
-    forms, the oracle's token loop for linear attention)."""
-    from . import oracles
-
-    fields = {"impl": impl}
-    shape = (2, 512, 256)
-    return [
-        Case("GatedDeltaNet", f"Qwen3.5 hk4 hv8 K64 V64 [{impl}]",
-             lambda: qwen_gdn("Qwen3_5GatedDeltaNet", 256, 4, 8, 64, 64), shape,
-             jax_fields=fields),
-        Case("KimiDeltaAttention", f"Kimi Linear N4 H64 [{impl}]",
-             lambda: kimi_delta(256, 4, 64), shape, jax_fields=fields),
-        Case("LinearAttention", f"d256 h8 causal [{impl}]",
-             lambda: oracles.LinearAttention(256, 8), shape, jax_fields=fields),
-    ]
-
-
 SPEED_CASES: list[Case] = [
     Case("StandardAttention", "d256 h8 causal", lambda: attnhut.StandardAttention(256, 8, True),
          (2, 512, 256)),
@@ -363,5 +345,4 @@ SPEED_CASES: list[Case] = [
     cjepa_case("d256 h8 S16 hist8 pred2 depth2",
                lambda: attnhut.CausalJEPAAttention(256, 8, 16, 8, 2, depth=2), (2, 8, 16, 256),
                mask_slots=[0, 5]),
-    *linear_speed_cases(linear_impl()),
 ]
