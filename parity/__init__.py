@@ -2,7 +2,10 @@
 
 ``from_torch(m) -> (flax_module, variables)`` and ``to_torch(flax_module, variables)`` move a
 module between the two; ``python -m parity`` prints forward/gradient agreement and speed.
-torch is imported here and in tests only, never by ``attnhut_jax``.
+torch is imported here and in tests only, never by ``attnhut_jax``. The linear-attention modules
+convert to and from transformers' Qwen3.5 / Qwen3-Next Gated DeltaNet and Kimi Delta Attention
+layers and the token-level torch oracles of ``parity.oracles`` (logsigmoid-gated GDN, linear
+attention).
 """
 
 from .convert import (

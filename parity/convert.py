@@ -8,7 +8,9 @@ The rule is the same for every mechanism. A Flax parameter path joined with ``.`
 
 A mechanism is registered with the function that reads its constructor arguments off a torch
 module; the Flax class takes the same arguments by the same names, so ``to_torch`` rebuilds the
-torch module from the Flax module's fields.
+torch module from the Flax module's fields. The linear-attention modules, whose torch layers are
+not attnhut's, are registered as ``TorchLayer``s (below): built from config objects, with a few
+weights reshaped or split on the way (``to_rule`` / ``from_rule``).
 """
 
 from __future__ import annotations
@@ -127,7 +129,244 @@ register("CausalJEPAAttention", _cjepa_config,
          example_shape=lambda fm: (1, fm.history_frames, fm.num_slots, fm.dim))
 
 
+# ----------------------------------------------------------------------------- linear family
+#
+# The linear-attention modules mirror torch layers that are not attnhut's (Hugging Face
+# transformers' Qwen3.5 / Qwen3-Next Gated DeltaNet and Kimi Linear's Kimi Delta Attention, and the
+# oracles of ``parity.oracles``), built from config objects and with a few weights laid out
+# differently. Each such torch class is a ``TorchLayer``: how to read the Flax constructor off it,
+# how to build it for a Flax module, and how its state dict maps onto the naming rule's.
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchLayer:
+    """A torch layer class ``from_torch`` / ``to_torch`` take besides attnhut's.
+
+    ``config(layer)`` -> the Flax module's kwargs; ``build(flax_module)`` -> a fresh torch layer of
+    that configuration; ``represents(flax_module)``: whether this class can compute what the Flax
+    module computes (``to_torch`` picks the first registered class that can); ``to_rule`` /
+    ``from_rule`` map this class's state dict to / from the naming rule's (keys absent are left
+    absent, so the key and shape checks still name them). ``torch_cls`` is the class's dotted
+    path, so that transformers loads only when one of its layers is converted.
+    """
+
+    torch_cls: str
+    flax_name: str
+    config: Callable[[torch.nn.Module], dict[str, Any]]
+    build: Callable[[nn.Module], torch.nn.Module]
+    represents: Callable[[nn.Module], bool]
+    to_rule: Callable[[nn.Module, dict[str, Any]], dict[str, Any]] = lambda fm, sd: dict(sd)
+    from_rule: Callable[[nn.Module, dict[str, Any]], dict[str, Any]] = lambda fm, sd: dict(sd)
+
+
+TORCH_LAYERS: list[TorchLayer] = []
+
+
+def _reshape(sd: dict[str, Any], key: str, shape: Callable[[tuple[int, ...]], tuple[int, ...]]):
+    if key in sd:
+        value = sd[key]
+        sd[key] = value.reshape(shape(tuple(value.shape)))
+    return sd
+
+
+def _conv_to_rule(sd: dict[str, Any]) -> dict[str, Any]:
+    """torch ``Conv1d(groups=C)`` weight (C, 1, K) -> (C, K) (the rule transposes it to (K, C))."""
+    return _reshape(dict(sd), "conv1d.weight",
+                    lambda s: (s[0], s[2]) if len(s) == 3 and s[1] == 1 else s)
+
+
+def _conv_from_rule(sd: dict[str, Any]) -> dict[str, Any]:
+    return _reshape(dict(sd), "conv1d.weight", lambda s: (s[0], 1, s[1]) if len(s) == 2 else s)
+
+
+def _check_silu(layer: torch.nn.Module) -> None:
+    act = getattr(layer, "activation", "silu")
+    if act != "silu" or layer.conv1d.bias is not None:
+        raise ValueError(f"from_torch: {type(layer).__name__} with activation={act!r}, conv bias "
+                         f"{layer.conv1d.bias is not None}; attnhut_jax has SiLU and no conv bias")
+
+
+def _hf_gdn_config(layer: torch.nn.Module) -> dict[str, Any]:
+    _check_silu(layer)
+    return dict(hidden_size=layer.hidden_size, num_query_key_heads=layer.num_k_heads,
+                num_value_heads=layer.num_v_heads, head_qk_dim=layer.head_k_dim,
+                head_v_dim=layer.head_v_dim, norm_eps=layer.layer_norm_epsilon,
+                conv_size=layer.conv_kernel_size, decay_gate="mamba", use_qk_l2norm=True)
+
+
+def _hf_gdn_represents(fm: nn.Module) -> bool:
+    return fm.decay_gate == "mamba" and fm.use_qk_l2norm
+
+
+def qwen_text_config(cls_name: str, fm: nn.Module):
+    import transformers
+
+    return getattr(transformers, cls_name)(
+        hidden_size=fm.hidden_size, linear_num_value_heads=fm.num_value_heads,
+        linear_num_key_heads=fm.num_query_key_heads, linear_key_head_dim=fm.head_qk_dim,
+        linear_value_head_dim=fm.head_v_dim, linear_conv_kernel_dim=fm.conv_size,
+        rms_norm_eps=fm.norm_eps, hidden_act="silu", num_hidden_layers=1,
+        layer_types=["linear_attention"])
+
+
+def _next_to_rule(fm: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-Next's fused, per-key-head-grouped ``in_proj_qkvz`` / ``in_proj_ba`` -> Qwen3.5's
+    ``in_proj_qkv`` (all q, all k, all v), ``in_proj_z``, ``in_proj_b``, ``in_proj_a``."""
+    sd = _conv_to_rule(sd)
+    hk, kd, vd = fm.num_query_key_heads, fm.head_qk_dim, fm.head_v_dim
+    r = fm.num_value_heads // hk
+    if "in_proj_qkvz.weight" in sd:
+        w = _to_numpy(sd.pop("in_proj_qkvz.weight"))
+        w = w.reshape(hk, 2 * kd + 2 * r * vd, w.shape[-1])
+        q, k, v, z = np.split(w, np.cumsum([kd, kd, r * vd]), axis=1)
+        sd["in_proj_qkv.weight"] = np.concatenate(
+            [y.reshape(-1, w.shape[-1]) for y in (q, k, v)], axis=0)
+        sd["in_proj_z.weight"] = z.reshape(-1, w.shape[-1])
+    if "in_proj_ba.weight" in sd:
+        w = _to_numpy(sd.pop("in_proj_ba.weight"))
+        w = w.reshape(hk, 2 * r, w.shape[-1])
+        sd["in_proj_b.weight"] = w[:, :r].reshape(-1, w.shape[-1])
+        sd["in_proj_a.weight"] = w[:, r:].reshape(-1, w.shape[-1])
+    return sd
+
+
+def _next_from_rule(fm: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
+    sd = _conv_from_rule(sd)
+    hk, kd, vd = fm.num_query_key_heads, fm.head_qk_dim, fm.head_v_dim
+    r = fm.num_value_heads // hk
+    qkv, z = sd.pop("in_proj_qkv.weight"), sd.pop("in_proj_z.weight")
+    d = qkv.shape[-1]
+    q, k, v = np.split(qkv, np.cumsum([hk * kd, hk * kd]), axis=0)
+    sd["in_proj_qkvz.weight"] = np.concatenate(
+        [q.reshape(hk, kd, d), k.reshape(hk, kd, d), v.reshape(hk, r * vd, d),
+         z.reshape(hk, r * vd, d)], axis=1).reshape(-1, d)
+    b, a = sd.pop("in_proj_b.weight"), sd.pop("in_proj_a.weight")
+    sd["in_proj_ba.weight"] = np.concatenate([b.reshape(hk, r, d), a.reshape(hk, r, d)],
+                                             axis=1).reshape(-1, d)
+    return sd
+
+
+def _kimi_config(layer: torch.nn.Module) -> dict[str, Any]:
+    _check_silu(layer)
+    return dict(hidden_size=layer.hidden_size, num_heads=layer.num_heads,
+                head_dim=layer.head_dim, conv_size=layer.conv_kernel_size,
+                norm_eps=layer.layer_norm_epsilon)
+
+
+def _kimi_build(fm: nn.Module) -> torch.nn.Module:
+    from transformers import KimiLinearConfig
+
+    config = KimiLinearConfig(hidden_size=fm.hidden_size, linear_num_heads=fm.num_heads,
+                              linear_head_dim=fm.head_dim, linear_conv_kernel_dim=fm.conv_size,
+                              rms_norm_eps=fm.norm_eps, hidden_act="silu", num_hidden_layers=1,
+                              layer_types=["linear_attention"])
+    return _import(_KIMI)(config, layer_idx=0)
+
+
+def _kimi_to_rule(fm: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
+    """conv (C, 1, K) -> (C, K); ``forget_gate.A_log`` (1, 1, N, 1) -> (N,)."""
+    return _reshape(_conv_to_rule(sd), "forget_gate.A_log",
+                    lambda s: (s[2],) if len(s) == 4 else s)
+
+
+def _kimi_from_rule(fm: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
+    return _reshape(_conv_from_rule(sd), "forget_gate.A_log",
+                    lambda s: (1, 1, s[0], 1) if len(s) == 1 else s)
+
+
+def _oracle_gdn_config(layer: torch.nn.Module) -> dict[str, Any]:
+    return {k: getattr(layer, k) for k in (
+        "hidden_size", "num_query_key_heads", "num_value_heads", "head_qk_dim", "head_v_dim",
+        "norm_eps", "conv_size", "decay_gate", "use_qk_l2norm", "gate_normalizer")}
+
+
+_QWEN35 = "transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5GatedDeltaNet"
+_QWEN3NEXT = "transformers.models.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet"
+_KIMI = "transformers.models.kimi_linear.modeling_kimi_linear.KimiLinearDeltaAttention"
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _import(path: str) -> type:
+    """The class at a dotted path (transformers' modeling modules load on first use: importing
+    them costs seconds)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _register_linear_family() -> None:
+    from . import oracles
+
+    TORCH_LAYERS.extend([
+        TorchLayer(_QWEN35, "GatedDeltaNet", _hf_gdn_config,
+                   lambda fm: _import(_QWEN35)(qwen_text_config("Qwen3_5TextConfig", fm), 0),
+                   _hf_gdn_represents, lambda fm, sd: _conv_to_rule(sd),
+                   lambda fm, sd: _conv_from_rule(sd)),
+        TorchLayer(_path(oracles.GatedDeltaNet), "GatedDeltaNet", _oracle_gdn_config,
+                   lambda fm: oracles.GatedDeltaNet(**_oracle_gdn_config(fm)),
+                   lambda fm: True, lambda fm, sd: _conv_to_rule(sd),
+                   lambda fm, sd: _conv_from_rule(sd)),
+        TorchLayer(_QWEN3NEXT, "GatedDeltaNet", _hf_gdn_config,
+                   lambda fm: _import(_QWEN3NEXT)(qwen_text_config("Qwen3NextConfig", fm), 0),
+                   _hf_gdn_represents, _next_to_rule, _next_from_rule),
+        TorchLayer(_KIMI, "KimiDeltaAttention", _kimi_config, _kimi_build,
+                   lambda fm: True, _kimi_to_rule, _kimi_from_rule),
+        TorchLayer(_path(oracles.LinearAttention), "LinearAttention",
+                   lambda m: dict(dim=m.dim, num_heads=m.num_heads, causal=m.causal, eps=m.eps,
+                                  bias=_bias(m.q_proj)),
+                   lambda fm: oracles.LinearAttention(fm.dim, fm.num_heads, fm.causal, fm.eps,
+                                                      fm.bias),
+                   lambda fm: True),
+    ])
+    for name, shape in (("GatedDeltaNet", lambda m: (1, 1, m.hidden_size)),
+                        ("KimiDeltaAttention", lambda m: (1, 1, m.hidden_size)),
+                        ("LinearAttention", lambda m: (1, 1, m.dim))):
+        # torch_cls: any torch layer of TORCH_LAYERS for this name (from_torch / to_torch ask them)
+        SPECS[name] = Spec(getattr(attnhut_jax, name), torch.nn.Module,
+                           lambda m: _torch_layer_for(m).config(m), example_shape=shape)
+
+
+def _torch_layer_for(module: Any) -> TorchLayer | None:
+    """The ``TorchLayer`` of a torch module (by its class's dotted path), or None."""
+    path = _path(type(module))
+    for layer in TORCH_LAYERS:
+        if layer.torch_cls == path:
+            return layer
+    return None
+
+
+def _default_torch_layer(flax_module: nn.Module, torch_cls: type | None = None) -> TorchLayer | None:
+    """The torch class ``to_torch`` builds for ``flax_module`` (``torch_cls`` if given), or None for
+    attnhut's mechanisms."""
+    name = type(flax_module).__name__
+    family = [t for t in TORCH_LAYERS if t.flax_name == name]
+    if not family:
+        return None
+    want = None if torch_cls is None else _path(torch_cls)
+    for layer in family:
+        if (want is None or layer.torch_cls == want) and layer.represents(flax_module):
+            return layer
+    known = ", ".join(t.torch_cls.rpartition(".")[2] for t in family)
+    fields = ", ".join(f"{f.name}={getattr(flax_module, f.name)!r}"
+                       for f in dataclasses.fields(flax_module)
+                       if f.name not in ("parent", "name")
+                       and getattr(flax_module, f.name) != f.default)
+    raise ValueError(f"to_torch: no torch layer for {name}({fields})"
+                     + (f" of class {torch_cls.__name__}" if torch_cls else "")
+                     + f"; known for {name}: {known}")
+
+
+_register_linear_family()
+
+
 def _spec_for_torch(module: Any) -> Spec:
+    layer = _torch_layer_for(module)
+    if layer is not None:
+        return SPECS[layer.flax_name]
     spec = SPECS.get(type(module).__name__)
     if spec is None or not isinstance(module, spec.torch_cls):
         raise TypeError(
@@ -174,6 +413,9 @@ def _path_names(path) -> tuple[str, ...]:
 def abstract_variables(flax_module: nn.Module) -> Variables:
     """Shapes, dtypes and logical-axis boxes of ``flax_module.init``, computed without running it."""
     x = jax.ShapeDtypeStruct(_spec_for_flax(flax_module).example_shape(flax_module), jnp.float32)
+    if any(t.flax_name == type(flax_module).__name__ for t in TORCH_LAYERS):
+        # no variable depends on the linear modules' impl; the token-level one traces everywhere
+        flax_module = flax_module.clone(impl="recurrent")
     rngs = {"params": jax.random.key(0), "slots": jax.random.key(0), "mask": jax.random.key(0)}
     return jax.eval_shape(lambda: flax_module.init(rngs, jnp.zeros(x.shape, x.dtype)))
 
@@ -188,12 +430,22 @@ def _leaves(variables: Variables):
 # ----------------------------------------------------------------------------- state dicts
 
 
-def from_state_dict(flax_module: nn.Module, state_dict: Mapping[str, Any]) -> Variables:
+def from_state_dict(flax_module: nn.Module, state_dict: Mapping[str, Any],
+                    torch_cls: type | None = None) -> Variables:
     """Variables for ``flax_module`` from a torch-named state dict (tensors or numpy arrays).
 
     Raises ``ValueError`` naming missing keys, unexpected keys, or a key whose shape is wrong.
     The result has the same structure as ``flax_module.init`` (logical-axis boxes included).
+    For the linear-attention modules the state dict is laid out as the torch layer ``to_torch``
+    builds (``torch_cls``: another registered one, e.g. ``Qwen3NextGatedDeltaNet``).
     """
+    layer = _default_torch_layer(flax_module, torch_cls)
+    if layer is not None:
+        state_dict = layer.to_rule(flax_module, dict(state_dict))
+    return _from_rule(flax_module, state_dict)
+
+
+def _from_rule(flax_module: nn.Module, state_dict: Mapping[str, Any]) -> Variables:
     abstract = abstract_variables(flax_module)
     expected = {torch_key(path)[0]: (path, leaf) for path, leaf in _leaves(abstract)}
     missing = sorted(set(expected) - set(state_dict))
@@ -225,15 +477,18 @@ def from_state_dict(flax_module: nn.Module, state_dict: Mapping[str, Any]) -> Va
     return {"params": params}
 
 
-def to_state_dict(flax_module: nn.Module, variables: Variables) -> dict[str, np.ndarray]:
-    """The torch-named state dict (numpy arrays) of ``variables``; inverse of ``from_state_dict``."""
-    del flax_module  # the naming rule needs only the paths
+def to_state_dict(flax_module: nn.Module, variables: Variables,
+                  torch_cls: type | None = None) -> dict[str, np.ndarray]:
+    """The torch-named state dict (numpy arrays) of ``variables``; inverse of ``from_state_dict``
+    (the linear-attention modules' in the layout of the torch layer ``to_torch`` builds, or of
+    ``torch_cls``)."""
     out = {}
     for path, leaf in _leaves(variables):
         key, transpose = torch_key(path)
         arr = np.asarray(nn.meta.unbox(leaf))
         out[key] = arr.T if transpose else arr
-    return out
+    layer = _default_torch_layer(flax_module, torch_cls)
+    return out if layer is None else layer.from_rule(flax_module, out)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -249,19 +504,41 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def from_torch(torch_module: torch.nn.Module) -> tuple[nn.Module, Variables]:
-    """(Flax module, variables) computing what the attnhut ``torch_module`` computes."""
+    """(Flax module, variables) computing what the attnhut ``torch_module`` computes.
+
+    Also takes transformers' ``Qwen3_5GatedDeltaNet`` / ``Qwen3NextGatedDeltaNet`` (->
+    ``GatedDeltaNet``, decay gate "mamba"), ``KimiLinearDeltaAttention`` (->
+    ``KimiDeltaAttention``) and ``parity.oracles``' ``GatedDeltaNet`` / ``LinearAttention``.
+    """
+    layer = _torch_layer_for(torch_module)
+    if layer is not None:
+        flax_module = getattr(attnhut_jax, layer.flax_name)(**layer.config(torch_module))
+        return flax_module, _from_rule(
+            flax_module, layer.to_rule(flax_module, dict(torch_module.state_dict())))
     spec = _spec_for_torch(torch_module)
     flax_module = spec.flax_cls(**spec.config(torch_module))
     return flax_module, from_state_dict(flax_module, torch_module.state_dict())
 
 
-def to_torch(flax_module: nn.Module, variables: Variables) -> torch.nn.Module:
-    """The attnhut module with ``flax_module``'s configuration and ``variables``' weights."""
+def to_torch(flax_module: nn.Module, variables: Variables,
+             torch_cls: type | None = None) -> torch.nn.Module:
+    """The attnhut module with ``flax_module``'s configuration and ``variables``' weights.
+
+    The linear-attention modules give the first registered torch layer that computes what they
+    do (``GatedDeltaNet``: ``Qwen3_5GatedDeltaNet`` for the "mamba" gate with L2-normalised q/k,
+    else ``parity.oracles.GatedDeltaNet``; ``KimiDeltaAttention``: ``KimiLinearDeltaAttention``;
+    ``LinearAttention``: ``parity.oracles.LinearAttention``), or ``torch_cls`` (e.g.
+    ``Qwen3NextGatedDeltaNet``). Its weights all come from ``variables``.
+    """
     spec = _spec_for_flax(flax_module)
-    torch_module = spec.torch_cls(**constructor_kwargs(flax_module))
+    layer = _default_torch_layer(flax_module, torch_cls)
+    if torch_cls is not None and layer is None:
+        raise ValueError("to_torch: torch_cls applies to the linear-attention modules only")
+    torch_module = (layer.build(flax_module) if layer is not None
+                    else spec.torch_cls(**constructor_kwargs(flax_module)))
     state = {k: torch.from_numpy(np.array(v, dtype=np.float32 if v.dtype == jnp.bfloat16
                                           else v.dtype))
-             for k, v in to_state_dict(flax_module, variables).items()}
+             for k, v in to_state_dict(flax_module, variables, torch_cls).items()}
     own = torch_module.state_dict()
     for key, tensor in state.items():
         if key in own and tuple(own[key].shape) != tuple(tensor.shape):

@@ -23,10 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="timing repetitions (best is shown)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(2)
+    import transformers
+
+    # its "falling back to the reference PyTorch implementation" notices (no fla / triton here,
+    # as tests/torch_parity/test_linear_parity.py asserts) would interleave with the table
+    transformers.logging.set_verbosity_error()
     print(f"attnhut_jax vs attnhut 0.5.0: torch {torch.__version__} (2 threads), jax {jax.__version__} "
           f"({jax.default_backend()}), float32")
     print(f"tolerance: output |d| <= {OUT_ATOL} + {OUT_RTOL}*|ref| elementwise; gradients (input and "
-          f"every parameter) |d| <= {GRAD_ATOL}")
+          f"every parameter) |d| <= {GRAD_ATOL}; rows marked [impl] (the linear-attention layers, against "
+          f"transformers' pure-torch layers or parity.oracles) compare max |d| with the tolerance times "
+          f"max(1, max|ref|); transformers {transformers.__version__} on its pure-torch paths")
     timed = not args.no_timing
     head = f"{'mechanism':<26} {'config':<44} {'B,T,D':<10} {'max|d| out':>10} {'max|d| grad':>11}"
     head += f" {'torch ms':>9} {'jax ms':>8}" if timed else ""
