@@ -76,25 +76,30 @@ def chunk_masks(segment_ids_BT: Array | None, b: int, t: int, chunk_size: int) -
     return {name: m[:, None] for name, m in masks.items()}
 
 
-def unit_lower_inverse(l_TS: Array, leaf: int = 16,
+def unit_lower_inverse(l_TS: Array, leaf: int = 4,
                        precision: jax.lax.PrecisionLike = None) -> Array:
     """``(I + L)^-1`` for a strictly lower triangular ``L`` (..., T, T) (its upper part and
     diagonal are ignored), by recursive 2 x 2 block inversion::
 
         [[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]
 
-    with triangular solves against the identity only on blocks of <= ``leaf`` rows: products of
-    inverses, never powers of L (stable where L's powers are not), and on CPU many times faster
-    than one batched triangular solve of the whole chunk, forward and backward."""
+    down to blocks of <= ``leaf`` (<= 4) rows, where ``L^4 = 0`` makes the inverse the finite
+    series ``(I - L)(I + L^2)``: products of inverses and of at most the third power of a 4 x 4
+    block, so no large power of L (stable where L's powers are not: repeated keys). Matrix
+    products only: no LAPACK triangular solve, which is slower on CPU (about 9x for one batched
+    solve of a whole chunk) and which deadlocked jax 0.10.2's CPU thread pool on a 2-core
+    machine in the backward pass."""
+    if not 1 <= leaf <= 4:
+        raise ValueError(f"unit_lower_inverse: leaf={leaf} must lie in [1, 4] (L^4 = 0 there)")
     t = l_TS.shape[-1]
+    dot = functools.partial(jnp.einsum, "...TS,...SV->...TV", precision=precision)
     if t <= leaf:
-        eye = jnp.broadcast_to(jnp.eye(t, dtype=l_TS.dtype), l_TS.shape)
-        return lax.linalg.triangular_solve(l_TS, eye, left_side=True, lower=True,
-                                           unit_diagonal=True)
+        l_TS = jnp.where(jnp.tril(jnp.ones((t, t), bool), -1), l_TS, 0.0)
+        eye = jnp.eye(t, dtype=l_TS.dtype)
+        return dot(eye - l_TS, eye + dot(l_TS, l_TS)) if t > 1 else jnp.ones_like(l_TS)
     h = t // 2
     a = unit_lower_inverse(l_TS[..., :h, :h], leaf, precision)
     b = unit_lower_inverse(l_TS[..., h:, h:], leaf, precision)
-    dot = functools.partial(jnp.einsum, "...TS,...SV->...TV", precision=precision)
     c = -dot(dot(b, l_TS[..., h:, :h]), a)
     return jnp.concatenate([jnp.concatenate([a, jnp.zeros((*a.shape[:-1], t - h), a.dtype)], -1),
                             jnp.concatenate([c, b], -1)], -2)
