@@ -17,7 +17,10 @@ from .compressed import CompressedSparseAttention, GroupedOutputProjection, Heav
 from .deepseek_sparse import DeepSeekSparseAttention, LightningIndexer, dsa_index_aux_loss
 from .delta import DeltaAttention
 from .differential import DifferentialAttention, lambda_init
+from .gated_deltanet import GatedDeltaNet
 from .gqa import GroupedQueryAttention
+from .kimi_delta import KimiDeltaAttention, KimiForgetGate
+from .linear_attention import LinearAttention
 from .minimax_sparse import MiniMaxSparseAttention, msa_index_aux_loss
 from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
@@ -46,4 +49,8 @@ __all__ = [
     "GroupedOutputProjection",
     "CausalJEPAAttention",
     "cjepa_masked_loss",
+    "GatedDeltaNet",
+    "KimiDeltaAttention",
+    "KimiForgetGate",
+    "LinearAttention",
 ]

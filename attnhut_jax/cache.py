@@ -45,6 +45,9 @@ from .core import Array, Precision
 
 COLLECTION = "cache"
 INDEX = "index"
+# the room of a cache that does not grow with its tokens (``begin(..., bounded=False)``): the
+# int32 index's range, less the longest chunk's positions' headroom
+UNBOUNDED = 2 ** 30
 
 
 class ReadsEveryToken:
@@ -183,7 +186,7 @@ class Step:
 
 
 def begin(module: nn.Module, owner: str, x: Array, lengths: Array | None, *,
-          sized_by: str, per_slot: int = 1, axis: int = 1) -> Step:
+          sized_by: str, per_slot: int = 1, axis: int = 1, bounded: bool = True) -> Step:
     """Start a decode call of ``module`` on the (already validated) input ``x``.
 
     At init ``x`` is the (B, max_len, D) sizing input: the index is created and the step
@@ -191,6 +194,10 @@ def begin(module: nn.Module, owner: str, x: Array, lengths: Array | None, *,
     cache's ``max_len`` is axis ``axis`` (1, or 2 for a head-major array) of cache array
     ``sized_by`` times ``per_slot`` (e.g. HCA's entries hold ``compression_rate`` tokens each),
     and ``lengths`` / the room are checked.
+
+    ``bounded=False``: a cache whose arrays do not grow with the tokens (a recurrent state, the
+    linear-attention modules): ``sized_by`` is only checked to exist, and the room is
+    ``UNBOUNDED`` tokens per row (the int32 index's range), whatever ``max_len`` sized ``init``.
     """
     b, n = x.shape[0], x.shape[1]
     if module.is_initializing():
@@ -213,7 +220,8 @@ def begin(module: nn.Module, owner: str, x: Array, lengths: Array | None, *,
     if tuple(start_B.shape) != (b,):
         raise ValueError(f"{owner}: the cache holds {start_B.shape[0]} rows, the input "
                          f"{tuple(x.shape)} has batch {b}")
-    max_len = module.get_variable(COLLECTION, sized_by).shape[axis] * per_slot
+    max_len = (module.get_variable(COLLECTION, sized_by).shape[axis] * per_slot if bounded
+               else UNBOUNDED)
     if n > max_len:
         raise ValueError(f"{owner}: a chunk of {n} tokens is longer than the cache (max_len="
                          f"{max_len})")
@@ -335,6 +343,6 @@ def cache_arrays_bytes(cache) -> int:
     return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache)))
 
 
-__all__ = ["ReadsEveryToken", "Step", "attend_cache", "begin", "cache_arrays_bytes",
+__all__ = ["UNBOUNDED", "ReadsEveryToken", "Step", "attend_cache", "begin", "cache_arrays_bytes",
            "cached_attention", "check_causal", "check_options", "dense_cache_bytes", "gather_rows",
            "index_bytes", "nbytes", "refuse_decode", "selector_dtype", "write_rows"]
