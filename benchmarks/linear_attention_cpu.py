@@ -133,9 +133,31 @@ def our_layer(name: str, **kw) -> ah.GatedDeltaNet | ah.KimiDeltaAttention:
     return ah.KimiDeltaAttention(HIDDEN, **KDA, **kw)
 
 
-def our_params_from_torch(name: str, tm) -> dict:
-    """Our parameter tree holding the torch layer's weights."""
-    raise NotImplementedError
+def our_params_from_torch(fm, state: dict[str, np.ndarray]) -> dict:
+    """Our parameter tree holding the torch layer's weights: the names are the torch layer's
+    (``a.b.weight`` -> ``a/b/kernel``), a linear weight transposed, the depthwise conv's
+    (C, 1, K) weight as (K, C), Kimi's (1, 1, N, 1) ``A_log`` as (N,); every shape checked."""
+    import flax.linen as nn
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    want = flatten_dict(nn.meta.unbox(jax.eval_shape(fm.init, jax.random.key(0),
+                                                     jnp.zeros((1, 8, HIDDEN))))["params"])
+    got = {}
+    for path, w in state.items():
+        *mods, leaf = path.split(".")
+        if leaf == "weight" and w.ndim == 2:
+            key, w = (*mods, "kernel"), w.T
+        elif leaf == "weight" and w.ndim == 3:
+            key, w = (*mods, "kernel"), w[:, 0, :].T
+        else:
+            key = (*mods, leaf)
+        if key not in want:
+            raise KeyError(f"torch parameter {path} has no counterpart {'/'.join(key)}")
+        got[key] = jnp.asarray(w.reshape(want[key].shape))
+    missing = set(want) - set(got)
+    if missing:
+        raise KeyError(f"no torch weight for {sorted('/'.join(k) for k in missing)}")
+    return unflatten_dict(got)
 
 
 def _torch_gib(name: str, t: int, grad: bool) -> float:
@@ -171,39 +193,105 @@ def fits(name: str, t: int, reps: int) -> None:
           flush=True)
 
 
-def compare(names: list[str], lengths: list[int], reps: int, skip_torch_above: int | None,
-            torch_gib: float) -> None:
-    import torch
+def _inputs(t: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(t)
+    return (rng.standard_normal((1, t, HIDDEN), dtype=np.float32),
+            rng.standard_normal((1, t, HIDDEN), dtype=np.float32))
 
-    torch.set_num_threads(2)
-    print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), float32, batch 1; ms, median of {reps}; peak: "
-          f"GiB resident during the case (torch fwd+bwd, ours fwd+bwd incl. compilation)")
-    head = (f"{'layer':<20} {'T':>6} {'torch fwd':>10} {'ours fwd':>9} {'speedup':>8} "
-            f"{'torch f+b':>10} {'ours f+b':>9} {'speedup':>8} {'torch peak':>10} {'ours peak':>9}")
-    print(head)
-    times: dict[tuple[str, str, int], float] = {}
+
+def ours_side(names: list[str], lengths: list[int], reps: int,
+              states: dict[str, dict[str, np.ndarray]]) -> tuple[dict, dict, dict]:
+    """Our timings ``{(layer, mode, T): ms}``, peaks ``{(layer, T): GiB}`` (forward + backward,
+    compilation included) and the forward output at the first length per layer."""
+    times, peaks, outputs = {}, {}, {}
     for name in names:
-        tm = torch_layer(name)
         fm = our_layer(name)
-        params = our_params_from_torch(name, tm)
+        params = our_params_from_torch(fm, states[name])
         fwd = jax.jit(lambda p, x, fm=fm: fm.apply({"params": p}, x))
         grad = jax.jit(jax.grad(lambda p, x, c, fm=fm: jnp.vdot(fm.apply({"params": p}, x), c),
                                 argnums=(0, 1)))
         for i, t in enumerate(lengths):
-            rng = np.random.default_rng(t)
-            x = rng.standard_normal((1, t, HIDDEN), dtype=np.float32)
-            cot = rng.standard_normal((1, t, HIDDEN), dtype=np.float32)
-            xj, cj = jnp.asarray(x), jnp.asarray(cot)
-            cells = {}
-            with_torch = skip_torch_above is None or t <= skip_torch_above
-            # ours first: its output is the one torch's is checked against
+            xj, cj = (jnp.asarray(a) for a in _inputs(t))
             times[name, "ours fwd", t] = _median_ms(
-                lambda: jax.block_until_ready(fwd(params, xj)), reps)
+                lambda f=fwd, p=params, x=xj: jax.block_until_ready(f(p, x)), reps)
+            if i == 0:
+                outputs[name] = np.asarray(fwd(params, xj))
             _reset_peak()
             times[name, "ours f+b", t] = _median_ms(
-                lambda: jax.block_until_ready(grad(params, xj, cj)), reps)
-            cells["ours peak"] = f"{_status_gib('VmHWM'):9.2f}"
+                lambda f=grad, p=params, x=xj, c=cj: jax.block_until_ready(f(p, x, c)), reps)
+            peaks[name, t] = _status_gib("VmHWM")
+            print(f"  ours {name} T={t}: fwd {times[name, 'ours fwd', t]:.0f} ms, fwd+bwd "
+                  f"{times[name, 'ours f+b', t]:.0f} ms", file=sys.stderr, flush=True)
+    return times, peaks, outputs
+
+
+def _ours_in(python: str, names, lengths, reps, states) -> tuple[dict, dict, dict]:
+    """``ours_side`` run by another interpreter (``--ours-python``), weights and results through
+    a temporary directory (.npz and JSON: nothing unpickled)."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(f"{tmp}/weights.npz", **{f"{n}|{k}": v for n, st in states.items()
+                                          for k, v in st.items()})
+        cmd = [python, __file__, "--ours-only", tmp, "--layers", *names, "--lengths",
+               *map(str, lengths), "--reps", str(reps)]
+        subprocess.run(cmd, check=True)
+        res = json.loads(Path(f"{tmp}/times.json").read_text())
+        with np.load(f"{tmp}/outputs.npz") as z:
+            outputs = {k: z[k] for k in z.files}
+    times = {(n, m, t): ms for n, m, t, ms in res["times"]}
+    peaks = {(n, t): g for n, t, g in res["peaks"]}
+    return times, peaks, outputs
+
+
+def _ours_only(tmp: str, names, lengths, reps) -> None:
+    import json
+
+    states: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
+    with np.load(f"{tmp}/weights.npz") as z:
+        for key in z.files:
+            n, k = key.split("|")
+            states[n][k] = z[key]
+    times, peaks, outputs = ours_side(names, lengths, reps, states)
+    Path(f"{tmp}/times.json").write_text(json.dumps(dict(
+        times=[[*k, v] for k, v in times.items()], peaks=[[*k, v] for k, v in peaks.items()],
+        jax=jax.__version__)))
+    np.savez(f"{tmp}/outputs.npz", **outputs)
+
+
+def compare(names: list[str], lengths: list[int], reps: int, skip_torch_above: int | None,
+            torch_gib: float, ours_python: str | None) -> None:
+    import torch
+
+    torch.set_num_threads(2)
+    layers = {name: torch_layer(name) for name in names}
+    states = {n: {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+              for n, tm in layers.items()}
+    if ours_python is None:
+        times, peaks, outputs = ours_side(names, lengths, reps, states)
+        ours_jax = jax.__version__
+    else:
+        times, peaks, outputs = _ours_in(ours_python, names, lengths, reps, states)
+        ours_jax = "see --ours-python"
+    print(f"ours: jax {ours_jax} (cpu{', ' + ours_python if ours_python else ''}); torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads); float32, batch 1; ms, median "
+          f"of {reps}; peak: GiB resident during fwd+bwd (ours: compilation included)")
+    for name, tm in layers.items():
+        with torch.no_grad():
+            want = tm(torch.from_numpy(_inputs(lengths[0])[0])).numpy()
+        err = np.abs(outputs[name] - want).max() / np.abs(want).max()
+        print(f"  {name}: same weights, max |ours - torch| / max |torch| = {err:.1e} at "
+              f"T={lengths[0]}")
+    head = (f"{'layer':<20} {'T':>6} {'torch fwd':>10} {'ours fwd':>9} {'speedup':>8} "
+            f"{'torch f+b':>10} {'ours f+b':>9} {'speedup':>8} {'torch peak':>10} {'ours peak':>9}")
+    print(head)
+    for name, tm in layers.items():
+        for t in lengths:
+            x, cot = _inputs(t)
+            cells = {"ours peak": f"{peaks[name, t]:9.2f}"}
+            with_torch = skip_torch_above is None or t <= skip_torch_above
             for mode, need_grad in (("torch fwd", False), ("torch f+b", True)):
                 est = _torch_gib(name, t, need_grad)
                 if not with_torch:
@@ -226,12 +314,6 @@ def compare(names: list[str], lengths: list[int], reps: int, skip_torch_above: i
                     xt = torch.from_numpy(x)
                     with torch.no_grad():
                         times[name, mode, t] = _torch_ms(lambda xt=xt, tm=tm: tm(xt), reps)
-                        if i == 0:
-                            want = tm(xt).numpy()
-                            got = np.asarray(fwd(params, xj))
-                            err = np.abs(got - want).max() / np.abs(want).max()
-                            print(f"  {name}: same weights, max |ours - torch| / max |torch| = "
-                                  f"{err:.1e} at T={t}", flush=True)
             row = [f"{name:<20} {t:>6}"]
             for side in ("fwd", "f+b"):
                 tt, ours = times.get((name, f"torch {side}", t)), times[name, f"ours {side}", t]
@@ -260,13 +342,20 @@ def main() -> None:
                     help="skip a torch case whose estimated peak memory exceeds this")
     ap.add_argument("--fits", type=int, default=None, metavar="T",
                     help="only our forward + backward at length T: time and peak memory")
+    ap.add_argument("--ours-python", default=None, metavar="PYTHON",
+                    help="time ours in a child process of this interpreter (another jax)")
+    ap.add_argument("--ours-only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ours_only is not None:
+        _ours_only(args.ours_only, args.layers, args.lengths, args.reps)
+        return
     if args.fits is not None:
         print(f"jax {jax.__version__} ({jax.default_backend()}), float32, batch 1")
         for name in args.layers:
             fits(name, args.fits, args.reps)
         return
-    compare(args.layers, args.lengths, args.reps, args.skip_torch_above, args.torch_gib)
+    compare(args.layers, args.lengths, args.reps, args.skip_torch_above, args.torch_gib,
+            args.ours_python)
 
 
 if __name__ == "__main__":
