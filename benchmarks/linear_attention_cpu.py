@@ -50,8 +50,8 @@ import attnhut_jax as ah  # noqa: E402
 
 HIDDEN = 1024
 GDN = dict(num_query_key_heads=16, num_value_heads=16, head_qk_dim=128, head_v_dim=128,
-           conv_size=4)
-KDA = dict(num_heads=8, head_dim=128, conv_size=4)
+           conv_size=4, norm_eps=1e-6)
+KDA = dict(num_heads=8, head_dim=128, conv_size=4, norm_eps=1e-5)  # KimiLinearConfig's eps
 LAYERS = ("GatedDeltaNet", "KimiDeltaAttention")
 ONCE_S = 5.0  # a torch call longer than this is timed once (no separate warm-up)
 
@@ -113,11 +113,13 @@ def torch_layer(name: str):
             hidden_size=HIDDEN, linear_num_key_heads=GDN["num_query_key_heads"],
             linear_num_value_heads=GDN["num_value_heads"], linear_key_head_dim=GDN["head_qk_dim"],
             linear_value_head_dim=GDN["head_v_dim"], linear_conv_kernel_dim=GDN["conv_size"],
-            num_hidden_layers=1, layer_types=["linear_attention"])
+            rms_norm_eps=GDN["norm_eps"], num_hidden_layers=1, layer_types=["linear_attention"])
         return Qwen3_5GatedDeltaNet(cfg, 0).eval()
-    cfg = KimiLinearConfig(hidden_size=HIDDEN, num_hidden_layers=1, linear_attn_config=dict(
-        num_heads=KDA["num_heads"], head_dim=KDA["head_dim"],
-        short_conv_kernel_size=KDA["conv_size"], kda_layers=[1], full_attn_layers=[]))
+    cfg = KimiLinearConfig(hidden_size=HIDDEN, num_hidden_layers=1, rms_norm_eps=KDA["norm_eps"],
+                           linear_attn_config=dict(
+                               num_heads=KDA["num_heads"], head_dim=KDA["head_dim"],
+                               short_conv_kernel_size=KDA["conv_size"], kda_layers=[1],
+                               full_attn_layers=[]))
     layer = KimiLinearDeltaAttention(cfg, 0).eval()
     with torch.no_grad():  # the constructor leaves these two uninitialised (torch.empty)
         gate = layer.forget_gate
