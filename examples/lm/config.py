@@ -57,6 +57,7 @@ class Config:
     index_dim: int = 16        # width of the index / lightning-indexer heads
     impl: str = "auto"         # sparse core of WITH_SPARSE_CORE: auto|reference|xla|pallas;
                                # gated delta rule of WITH_LINEAR_CORE: auto|chunk|recurrent|pallas
+                               # (each mechanism takes the impl if it is one of its own)
     # task
     seq_len: int = 128
     pack: bool = False         # rows of variable-length documents: segment ids, restarting positions
@@ -97,9 +98,9 @@ class Config:
         if self.attn not in MECHANISMS:
             raise ValueError(f"--attn {self.attn!r} is not a mechanism; choose one of "
                              f"{', '.join(MECHANISMS)}")
-        impls = registry.LINEAR_IMPLS if self.attn in WITH_LINEAR_CORE else registry.SPARSE_IMPLS
+        impls = tuple(dict.fromkeys(registry.SPARSE_IMPLS + registry.LINEAR_IMPLS))
         if self.impl not in impls:
-            raise ValueError(f"--impl {self.impl!r} must be one of {impls} for --attn {self.attn}")
+            raise ValueError(f"--impl {self.impl!r} must be one of {impls}")
         if self.index_loss not in INDEX_LOSSES:
             raise ValueError(f"--index-loss {self.index_loss!r} must be one of {INDEX_LOSSES}")
         if self.attn == "minimax_sparse" and self.index_loss == "dense":

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 import attnhut_jax as ah
-from attnhut_jax import cache, core
+from attnhut_jax import cache, core, registry
 
 from .config import DEFAULT_INDEX_LOSS, WITH_AUX_LOSS, WITH_LINEAR_CORE, WITH_SPARSE_CORE, Config
 
@@ -72,7 +72,8 @@ def make_attention(cfg: Config, layer: int, name: str = "attn", decode: bool = F
         "kimi_delta": (ah.KimiDeltaAttention, (), dict(hidden_size=d, num_heads=n, head_dim=hd)),
         "linear": (ah.LinearAttention, (d, n), dict(causal=True)),
     }[a]
-    if cfg.impl != "auto" and a in WITH_SPARSE_CORE + WITH_LINEAR_CORE:
+    if cfg.impl != "auto" and ((a in WITH_SPARSE_CORE and cfg.impl in registry.SPARSE_IMPLS) or
+                               (a in WITH_LINEAR_CORE and cfg.impl in registry.LINEAR_IMPLS)):
         kw["impl"] = cfg.impl
     if decode:
         kw["decode"] = True
