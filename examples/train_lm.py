@@ -35,7 +35,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     g.add_argument("--dim", type=int, default=d.dim)
     g.add_argument("--depth", type=int, default=d.depth)
     g.add_argument("--heads", type=int, default=d.heads)
-    g.add_argument("--kv-heads", type=int, default=d.kv_heads, help="gqa kv heads, msa groups")
+    g.add_argument("--kv-heads", type=int, default=d.kv_heads,
+                   help="gqa kv heads, msa groups, gated_deltanet query/key heads")
     g.add_argument("--mlp-ratio", type=int, default=d.mlp_ratio)
     g.add_argument("--untied-head", action="store_true", help="separate output projection")
     g.add_argument("--no-token-shift", action="store_true",
@@ -52,7 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     g.add_argument("--index-dim", type=int, default=d.index_dim)
     g.add_argument("--impl", default=d.impl,
                    help="sparse core of bigbird, delta and the sparse and compressed mechanisms "
-                        "(auto, reference, xla, pallas); auto: pallas on GPU/TPU, xla elsewhere")
+                        "(auto, reference, xla, pallas); auto: pallas on GPU/TPU, xla elsewhere; "
+                        "gated delta rule of gated_deltanet, kimi_delta and linear (auto, chunk, "
+                        "recurrent, pallas); auto: pallas on GPU/TPU, chunk elsewhere")
     g = p.add_argument_group("data")
     g.add_argument("--seq-len", type=int, default=d.seq_len)
     g.add_argument("--pack", action="store_true",

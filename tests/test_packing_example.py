@@ -56,7 +56,8 @@ def test_packed_batches_are_well_formed(attn, align):
 
 # every module's own packing is tested beside it (tests/test_packing_*.py, test_msa_training.py,
 # test_dsa_training.py); here the whole LM around them: embeddings, token shift, every layer
-@pytest.mark.parametrize("attn", ["minimax_sparse", "compressed_sparse"])
+@pytest.mark.parametrize("attn", ["minimax_sparse", "compressed_sparse", "gated_deltanet",
+                                  "kimi_delta", "linear"])
 def test_packed_row_equals_its_documents_alone(attn):
     cfg = dataclasses.replace(TINY, attn=attn, depth=1)
     b = _packed(cfg, seed=1, rows=1)

@@ -18,7 +18,7 @@ from .analysis import (
     recall_view,
     show_what_it_learned,
 )
-from .config import MECHANISMS, WITH_AUX_LOSS, WITH_SPARSE_CORE, Config
+from .config import MECHANISMS, WITH_AUX_LOSS, WITH_LINEAR_CORE, WITH_SPARSE_CORE, Config
 from .data import Batch, Data, TextData, recall_batch
 from .generation import Decoder, Generation, generate, rollout, sample
 from .model import LM, Block, attention_with_aux, kv_cache_bytes_per_token, make_attention
@@ -36,7 +36,8 @@ from .training import Checkpoints, Progress, Trainer, loss_fn, optimizer, schedu
 __all__ = [
     "Batch", "Block", "Checkpoints", "Config", "Data", "Decoder", "Generation", "LM", "MECHANISMS",
     "MESH_AXES",
-    "PATTERNED", "Progress", "RULES", "TextData", "Trainer", "WITH_AUX_LOSS", "WITH_SPARSE_CORE",
+    "PATTERNED", "Progress", "RULES", "TextData", "Trainer", "WITH_AUX_LOSS", "WITH_LINEAR_CORE",
+    "WITH_SPARSE_CORE",
     "attention_with_aux",
     "describe_sample", "generate", "greedy_continue", "key_read_map", "kv_cache_bytes_per_token",
     "last_layer_selection", "loss_fn", "make_attention", "make_mesh", "optimizer",

@@ -9,12 +9,17 @@ import jax.numpy as jnp
 from attnhut_jax import registry
 
 MECHANISMS = ("standard", "gqa", "mqa", "mla", "differential", "delta", "bigbird",
-              "minimax_sparse", "deepseek_sparse", "heavily_compressed", "compressed_sparse")
+              "minimax_sparse", "deepseek_sparse", "heavily_compressed", "compressed_sparse",
+              "gated_deltanet", "kimi_delta", "linear")
 WITH_AUX_LOSS = ("minimax_sparse", "deepseek_sparse", "compressed_sparse")
 # The mechanisms with a sparse core that ``impl`` picks (auto | reference | xla | pallas); the
 # dense ones keep their own impl default (their impls are another set).
 WITH_SPARSE_CORE = ("bigbird", "delta", "minimax_sparse", "deepseek_sparse", "heavily_compressed",
                     "compressed_sparse")
+# The linear-attention family: a recurrent state in place of a KV cache, the gated delta rule's
+# ``impl`` (auto | chunk | recurrent | pallas), packed rows through ``segment_ids`` alone (no
+# positions: nothing to rotate; the state resets at each document start, at any offset).
+WITH_LINEAR_CORE = ("gated_deltanet", "kimi_delta", "linear")
 # ``--index-loss``: ``auto`` is attnhut's definition of each selector's loss (MiniMax: over the
 # selected blocks; DeepSeek and CSA: against the dense main attention), computed inside the module
 # in memory linear in T; ``sparse`` / ``dense`` pick the support explicitly (MiniMax has no dense
@@ -39,7 +44,7 @@ class Config:
     dim: int = 64
     depth: int = 2
     heads: int = 4
-    kv_heads: int = 2          # gqa; kv groups of minimax_sparse
+    kv_heads: int = 2          # gqa; kv groups of minimax_sparse; query/key heads of gated_deltanet
     mlp_ratio: int = 4
     tied_head: bool = True
     token_shift: bool = True   # mix each position's attention input with its predecessor's
@@ -50,7 +55,9 @@ class Config:
     window: int = 32           # delta, heavily_compressed, compressed_sparse
     compression_rate: int = 4  # heavily_compressed, compressed_sparse
     index_dim: int = 16        # width of the index / lightning-indexer heads
-    impl: str = "auto"         # sparse core of WITH_SPARSE_CORE: auto|reference|xla|pallas
+    impl: str = "auto"         # sparse core of WITH_SPARSE_CORE: auto|reference|xla|pallas;
+                               # gated delta rule of WITH_LINEAR_CORE: auto|chunk|recurrent|pallas
+                               # (each mechanism takes the impl if it is one of its own)
     # task
     seq_len: int = 128
     pack: bool = False         # rows of variable-length documents: segment ids, restarting positions
@@ -91,8 +98,9 @@ class Config:
         if self.attn not in MECHANISMS:
             raise ValueError(f"--attn {self.attn!r} is not a mechanism; choose one of "
                              f"{', '.join(MECHANISMS)}")
-        if self.impl not in registry.SPARSE_IMPLS:
-            raise ValueError(f"--impl {self.impl!r} must be one of {registry.SPARSE_IMPLS}")
+        impls = tuple(dict.fromkeys(registry.SPARSE_IMPLS + registry.LINEAR_IMPLS))
+        if self.impl not in impls:
+            raise ValueError(f"--impl {self.impl!r} must be one of {impls}")
         if self.index_loss not in INDEX_LOSSES:
             raise ValueError(f"--index-loss {self.index_loss!r} must be one of {INDEX_LOSSES}")
         if self.attn == "minimax_sparse" and self.index_loss == "dense":

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 
 import attnhut_jax as ah
-from attnhut_jax import cache, core
+from attnhut_jax import cache, core, registry
 
-from .config import DEFAULT_INDEX_LOSS, WITH_AUX_LOSS, WITH_SPARSE_CORE, Config
+from .config import DEFAULT_INDEX_LOSS, WITH_AUX_LOSS, WITH_LINEAR_CORE, WITH_SPARSE_CORE, Config
 
 Array = jax.Array
 
@@ -42,6 +42,7 @@ def make_attention(cfg: Config, layer: int, name: str = "attn", decode: bool = F
     """The mechanism ``cfg.attn`` as a causal attention layer of width ``cfg.dim`` (``decode``:
     built with ``decode=True``, same parameters)."""
     d, n, a, k = cfg.dim, cfg.heads, cfg.attn, cfg.resolved_top_k()
+    hd = d // n
     cls, args, kw = {
         "standard": (ah.StandardAttention, (d, n), dict(causal=True)),
         "gqa": (ah.GroupedQueryAttention, (d, n, cfg.kv_heads), dict(causal=True)),
@@ -63,8 +64,16 @@ def make_attention(cfg: Config, layer: int, name: str = "attn", decode: bool = F
         "compressed_sparse": (ah.CompressedSparseAttention, (d, n),
                               dict(compression_rate=cfg.compression_rate, top_k=k,
                                    window=cfg.window, index_dim=cfg.index_dim)),
+        # Qwen3.5's layout: fewer query/key heads than value heads (``kv_heads`` of them, shared
+        # by groups of value heads as GQA shares its keys), every head ``dim / heads`` wide.
+        "gated_deltanet": (ah.GatedDeltaNet, (), dict(
+            hidden_size=d, num_query_key_heads=cfg.kv_heads, num_value_heads=n, head_qk_dim=hd,
+            head_v_dim=hd)),
+        "kimi_delta": (ah.KimiDeltaAttention, (), dict(hidden_size=d, num_heads=n, head_dim=hd)),
+        "linear": (ah.LinearAttention, (d, n), dict(causal=True)),
     }[a]
-    if cfg.impl != "auto" and a in WITH_SPARSE_CORE:
+    if cfg.impl != "auto" and ((a in WITH_SPARSE_CORE and cfg.impl in registry.SPARSE_IMPLS) or
+                               (a in WITH_LINEAR_CORE and cfg.impl in registry.LINEAR_IMPLS)):
         kw["impl"] = cfg.impl
     if decode:
         kw["decode"] = True
@@ -84,6 +93,8 @@ def attention_with_aux(attn: nn.Module, kind: str, h: Array, with_aux: bool, *,
     """
     packing = {} if segment_ids is None and positions is None else dict(
         segment_ids=segment_ids, positions=positions)
+    if kind in WITH_LINEAR_CORE:  # no positions to read: the state resets at segment starts
+        packing.pop("positions", None)
     zero = jnp.zeros((), jnp.float32)
     if kind not in WITH_AUX_LOSS or not (with_aux or record_selection):
         return attn(h, **packing), zero, None
