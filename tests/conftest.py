@@ -11,3 +11,22 @@ if (os.environ.get("ATTNHUT_XLA_DEFAULT_OPT") != "1"
         and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = " ".join(
         f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0") if f)
+
+
+import gc  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test file. A worker process compiles over a
+    thousand programs; XLA:CPU maps each one's code into memory, and kept alive by the jit caches
+    they pushed the process past the kernel's limit on memory mappings (vm.max_map_count, 65530
+    here), where the next compilation segfaulted."""
+    yield
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        jax.clear_caches()
+        gc.collect()
