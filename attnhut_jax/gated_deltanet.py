@@ -23,7 +23,7 @@ def _log_uniform(lo: float, hi: float):
     return init
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(linear_core.FixedStateCache, nn.Module):
     """Gated DeltaNet: short causal conv + SiLU on q, k, v, L2-normalised q and k, the gated delta
     rule with a per-head decay and write strength, a per-head RMSNorm gated by SiLU(z), the output
     projection.
@@ -98,34 +98,13 @@ class GatedDeltaNet(nn.Module):
         """The model width (``hidden_size``), under the name the other mechanisms use."""
         return self.hidden_size
 
+    def conv_tail(self) -> tuple[int, int]:
+        """(tokens, channels) of the cached conv tail: (conv_size - 1, 2 Hk K + Hv V)."""
+        return (self.conv_size - 1, self.conv_dim)
+
     def state_shape(self, batch: int) -> tuple[int, int, int, int]:
         """The recurrent state's shape (B, Hv, K, V): ``initial_state`` and the returned one."""
         return (batch, self.num_value_heads, self.head_qk_dim, self.head_v_dim)
-
-    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
-        """Bytes a decoder caches per token: none (the state and the conv tail have a fixed
-        size, ``cache_bytes``)."""
-        del dtype
-        return 0.0
-
-    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
-        """Bytes of the decode cache's arrays, whatever ``max_len``: the float32 state
-        (B, Hv, K, V), the conv tail (B, conv_size - 1, 2 Hk K + Hv V) in ``dtype``, the index."""
-        del max_len
-        return (linear_core.state_bytes(batch, *self.state_shape(batch)[1:])
-                + cache.nbytes((batch, self.conv_size - 1, self.conv_dim), dtype)
-                + cache.index_bytes(batch))
-
-    def decode_reads(self, n: int) -> int:
-        """Cached tokens one decode query reads at cache length ``n``: the conv tail's
-        ``conv_size - 1``, whatever ``n`` (the state summarises the rest)."""
-        del n
-        return self.conv_size - 1
-
-    def decode_scored(self, n: int) -> int:
-        """Index keys a selector scores per decode query: none (no selector)."""
-        del n
-        return 0
 
     # ------------------------------------------------------------------ layers
     def setup(self) -> None:

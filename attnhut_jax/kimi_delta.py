@@ -53,7 +53,7 @@ class KimiForgetGate(nn.Module):
         return -jnp.exp(f32(a_log))[:, None] * linear_core.softplus(gate)
 
 
-class KimiDeltaAttention(nn.Module):
+class KimiDeltaAttention(linear_core.FixedStateCache, nn.Module):
     """Kimi Delta Attention: short causal conv + SiLU on q, k, v, L2-normalised q and k, the
     gated delta rule with a per-key-channel decay (``KimiForgetGate``) and a per-head write
     strength ``beta = sigmoid(b_proj(x))``, an RMSNorm of each head's output gated by the sigmoid
@@ -97,33 +97,13 @@ class KimiDeltaAttention(nn.Module):
         """The model width (``hidden_size``), under the name the other mechanisms use."""
         return self.hidden_size
 
+    def conv_tail(self) -> tuple[int, int]:
+        """(tokens, channels) of the cached conv tail: (conv_size - 1, 3 N H)."""
+        return (self.conv_size - 1, 3 * self.qkv_dim)
+
     def state_shape(self, batch: int) -> tuple[int, int, int, int]:
         """The recurrent state's shape (B, N, H, H): ``initial_state`` and the returned one."""
         return (batch, self.num_heads, self.head_dim, self.head_dim)
-
-    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
-        """Bytes a decoder caches per token: none (fixed-size state and conv tail)."""
-        del dtype
-        return 0.0
-
-    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
-        """Bytes of the decode cache's arrays, whatever ``max_len``: the float32 state
-        (B, N, H, H), the conv tail (B, conv_size - 1, 3 N H) in ``dtype``, the index."""
-        del max_len
-        return (linear_core.state_bytes(batch, *self.state_shape(batch)[1:])
-                + cache.nbytes((batch, self.conv_size - 1, 3 * self.qkv_dim), dtype)
-                + cache.index_bytes(batch))
-
-    def decode_reads(self, n: int) -> int:
-        """Cached tokens one decode query reads: the conv tail's ``conv_size - 1``, whatever
-        ``n``."""
-        del n
-        return self.conv_size - 1
-
-    def decode_scored(self, n: int) -> int:
-        """Index keys a selector scores per decode query: none (no selector)."""
-        del n
-        return 0
 
     def setup(self) -> None:
         owner = "KimiDeltaAttention"

@@ -17,7 +17,7 @@ def feature_map(x: Array) -> Array:
     return jax.nn.elu(linear_core.at_least_f32(x)) + 1.0
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(linear_core.FixedStateCache, nn.Module):
     """Multi-head linear attention with the ``elu + 1`` feature map and the normaliser.
 
     Args: ``dim`` (divisible by ``num_heads``), ``num_heads``, ``causal``, ``eps`` (added to the
@@ -58,27 +58,6 @@ class LinearAttention(nn.Module):
     def state_shape(self, batch: int) -> tuple[int, int, int, int]:
         """The state's shape (B, N, H, H + 1): S and, in the last column, z."""
         return (batch, self.num_heads, self.head_dim, self.head_dim + 1)
-
-    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
-        """Bytes a decoder caches per token: none (the state has a fixed size)."""
-        del dtype
-        return 0.0
-
-    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
-        """Bytes of the decode cache's arrays, whatever ``max_len`` and ``dtype``: the float32
-        state (B, N, H, H + 1) and the index."""
-        del max_len, dtype
-        return linear_core.state_bytes(*self.state_shape(batch)) + cache.index_bytes(batch)
-
-    def decode_reads(self, n: int) -> int:
-        """Cached tokens one decode query reads: none (the state summarises them)."""
-        del n
-        return 0
-
-    def decode_scored(self, n: int) -> int:
-        """Index keys a selector scores per decode query: none (no selector)."""
-        del n
-        return 0
 
     def setup(self) -> None:
         owner = "LinearAttention"

@@ -210,6 +210,41 @@ def state_bytes(batch: int, heads: int, key_width: int, value_width: int) -> int
     return cache.nbytes((batch, heads, key_width, value_width), F32)
 
 
+class FixedStateCache:
+    """The decode accounting of a module whose cache does not grow: a float32 recurrent state
+    (``state_shape(batch)``), the short convolution's tail (``conv_tail()``: (tokens, channels),
+    (0, 0) without a convolution) and the index. Nothing is cached per token; a decode query
+    reads the tail's tokens (the state summarises the rest) and scores none."""
+
+    def conv_tail(self) -> tuple[int, int]:
+        """(tokens, channels) of the cached convolution tail: none here."""
+        return (0, 0)
+
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token: none (``cache_bytes`` has a fixed size)."""
+        del dtype
+        return 0.0
+
+    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
+        """Bytes of the decode cache's arrays, whatever ``max_len``: the float32 state, the conv
+        tail (B, tokens, channels) in ``dtype``, the index."""
+        del max_len
+        tokens, channels = self.conv_tail()
+        tail = cache.nbytes((batch, tokens, channels), dtype) if tokens else 0
+        return state_bytes(*self.state_shape(batch)) + tail + cache.index_bytes(batch)
+
+    def decode_reads(self, n: int) -> int:
+        """Cached tokens one decode query reads at cache length ``n``: the conv tail's, whatever
+        ``n``."""
+        del n
+        return self.conv_tail()[0]
+
+    def decode_scored(self, n: int) -> int:
+        """Index keys a selector scores per decode query: none (no selector)."""
+        del n
+        return 0
+
+
 def check_state(owner: str, state: Array | None, shape: tuple[int, ...]) -> None:
     """Raise unless ``state`` is None or a floating array of ``shape`` (B, heads, key width,
     value width)."""
