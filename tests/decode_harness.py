@@ -154,3 +154,32 @@ def check_cache_bytes(make, batch: int, max_len: int, dim: int, dtype=jnp.float3
         got, make(True).cache_bytes(batch, max_len, dtype))
     assert np.all(np.asarray(variables["cache"]["index"]) == 0)
     return variables
+
+
+def check_scanned_layers(make, x, chunks, layers: int):
+    """``layers`` decoding layers stacked with ``nn.scan`` over a 'cache' axis (as over the
+    params axis), fed ``x`` in ``chunks``, equal the stack's forward; returns the final cache."""
+    import flax.linen as nn
+
+    class Layer(nn.Module):
+        decode: bool
+
+        @nn.compact
+        def __call__(self, h, _):
+            return h + make(self.decode)(h), None
+
+    def stack(decode):
+        return nn.scan(Layer, variable_axes={"params": 0, "cache": 0},
+                       split_rngs={"params": True}, length=layers)(decode)
+
+    variables = jax.jit(stack(True).init)(jax.random.key(0), jnp.zeros(x.shape), None)
+    want, _ = stack(False).apply({"params": variables["params"]}, x, None)
+    step = jax.jit(lambda c, a: stack(True).apply({"params": variables["params"], "cache": c}, a,
+                                                  None, mutable=["cache"]))
+    cache, outs, at = variables["cache"], [], 0
+    for n in chunks:
+        (out, _), state = step(cache, x[:, at:at + n])
+        cache, at = state["cache"], at + n
+        outs.append(out)
+    close(jnp.concatenate(outs, axis=1), want, what="scanned layers")
+    return cache

@@ -211,29 +211,4 @@ def test_published_cache_sizes():
 @pytest.mark.parametrize("name", ["gqa", "mla"])
 def test_layers_stacked_with_nn_scan_decode_like_their_forward(name):
     """Decoding layers stack with ``nn.scan`` over a 'cache' axis as over the params axis."""
-    import flax.linen as nn
-
-    make = DENSE[name]
-
-    class Layer(nn.Module):
-        decode: bool
-
-        @nn.compact
-        def __call__(self, x, _):
-            return x + make(self.decode)(x), None
-
-    def stack(decode):
-        return nn.scan(Layer, variable_axes={"params": 0, "cache": 0},
-                       split_rngs={"params": True}, length=3)(decode)
-
-    x = _x(7)
-    variables = jax.jit(stack(True).init)(jax.random.key(0), jnp.zeros((2, 7, D)), None)
-    want, _ = stack(False).apply({"params": variables["params"]}, x, None)
-    step = jax.jit(lambda c, a: stack(True).apply({"params": variables["params"], "cache": c}, a,
-                                                  None, mutable=["cache"]))
-    cache, outs = variables["cache"], []
-    for n in (3, 1, 2, 1):
-        (out, _), state = step(cache, x[:, sum(o.shape[1] for o in outs):][:, :n])
-        cache = state["cache"]
-        outs.append(out)
-    h.close(jnp.concatenate(outs, axis=1), want, what="scanned layers")
+    h.check_scanned_layers(DENSE[name], _x(7), chunks=(3, 1, 2, 1), layers=3)

@@ -106,32 +106,7 @@ def test_bidirectional_linear_attention_refuses_decode():
 
 def test_layers_stacked_with_nn_scan_decode_like_their_forward():
     """GatedDeltaNet layers stack with ``nn.scan`` over a 'cache' axis as the softmax ones."""
-    import flax.linen as nn
-
-    make = LINEAR["gdn"]
-
-    class Layer(nn.Module):
-        decode: bool
-
-        @nn.compact
-        def __call__(self, x, _):
-            return x + make(self.decode)(x), None
-
-    def stack(decode):
-        return nn.scan(Layer, variable_axes={"params": 0, "cache": 0},
-                       split_rngs={"params": True}, length=2)(decode)
-
-    x = _x(6)
-    variables = jax.jit(stack(True).init)(jax.random.key(0), jnp.zeros((2, 6, D)), None)
-    want, _ = stack(False).apply({"params": variables["params"]}, x, None)
-    step = jax.jit(lambda c, a: stack(True).apply({"params": variables["params"], "cache": c}, a,
-                                                  None, mutable=["cache"]))
-    cache, outs, at = variables["cache"], [], 0
-    for n in (3, 1, 2):
-        (out, _), state = step(cache, x[:, at:at + n])
-        cache, at = state["cache"], at + n
-        outs.append(out)
-    h.close(jnp.concatenate(outs, axis=1), want, what="scanned layers")
+    cache = h.check_scanned_layers(LINEAR["gdn"], _x(6), chunks=(3, 1, 2), layers=2)
     index = [a for path, a in jax.tree_util.tree_leaves_with_path(cache)
              if "index" in jax.tree_util.keystr(path)]
     assert [np.asarray(a).tolist() for a in index] == [[[6, 6], [6, 6]]]
