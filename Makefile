@@ -23,13 +23,13 @@ XDIST := -n 2 --dist worksteal
 $(STAMP): pyproject.toml constraints.txt
 	@test -n "$(PY312)" || { echo "make: no Python 3.12 found (set PY312=/path/to/python3.12)"; exit 1; }
 	test -x $(VENV)/bin/python || $(PY312) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[dev,examples]'
+	$(VENV)/bin/python -m pip install -q --no-compile -c constraints.txt -e '.[dev,examples]'
 	touch $@
 
 $(PSTAMP): pyproject.toml constraints-parity.txt
 	@test -n "$(PY311)" || { echo "make: no Python 3.11 found (set PY311=/path/to/python3.11)"; exit 1; }
 	test -x $(PVENV)/bin/python || $(PY311) -m venv $(PVENV)
-	$(PVENV)/bin/python -m pip install -q -c constraints-parity.txt -e '.[parity,dev,examples]'
+	$(PVENV)/bin/python -m pip install -q --no-compile -c constraints-parity.txt -e '.[parity,dev,examples]'
 	touch $@
 
 demo: $(STAMP) $(PSTAMP)
@@ -38,7 +38,7 @@ demo: $(STAMP) $(PSTAMP)
 
 test: $(STAMP) $(PSTAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest $(XDIST) tests --ignore=tests/torch_parity
+	$(VENV)/bin/python -m pytest $(XDIST) tests --ignore=tests/torch_parity --ignore=tests/test_floor_smoke.py
 	$(PVENV)/bin/python -m pytest $(XDIST) tests/torch_parity tests/test_floor_smoke.py tests/test_kernel_lowering.py
 
 lint: $(STAMP)

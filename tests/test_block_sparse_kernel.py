@@ -26,7 +26,7 @@ from pallas_kernels.block_sparse.tpu import block_sparse_attention_tpu
 
 # per-dtype tolerances: (output atol, gradient atol), relative to unit-scale inputs
 TOL = {jnp.float32: (2e-5, 5e-5), jnp.bfloat16: (3e-2, 6e-2)}
-HYPOTHESIS_EXAMPLES = 8  # derandomised: the same 8 examples on every run
+HYPOTHESIS_EXAMPLES = 5  # derandomised: the same 5 examples on every run
 
 
 def _inputs(b, t, s, n, kg, h, vw, bk, p, seed, dtype=jnp.float32, sink=False, valid=False):

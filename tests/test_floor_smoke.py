@@ -3,8 +3,10 @@ forward and a gradient with respect to its parameters and its input on whichever
 tests, finite and of the right shapes, and agrees with a second path where the package has one
 (``xla`` and ``pallas`` against ``reference``; modules that reduce to another one).
 
-It runs on the newest JAX with the rest of the suite and on the oldest supported one (the
-Python 3.11 venv, jax 0.10.x), so it imports neither torch nor ``parity``.
+``make test`` runs it on the oldest supported JAX (the Python 3.11 venv, jax 0.10.x), where it
+is the one check of every mechanism's forward and gradient; on the newest JAX the behaviour,
+interop and kernel tests cover the same ground, and it runs there only when asked for. It
+imports neither torch nor ``parity``.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from pallas_kernels.token_sparse.tables import build_tables, key_bitmask, tile_v
 
 # per-dtype tolerances: (output atol, gradient atol), relative to unit-scale inputs
 TOL = {jnp.float32: (2e-5, 5e-5), jnp.bfloat16: (3e-2, 6e-2)}
-HYPOTHESIS_EXAMPLES = 8  # derandomised: the same 8 examples on every run
+HYPOTHESIS_EXAMPLES = 5  # derandomised: the same 5 examples on every run
 
 IMPLS = {
     "pallas": lambda *a, **kw: token_sparse_attention(*a, block_sizes=BlockSizes(8, 1), **kw),
