@@ -99,23 +99,68 @@ def segment_runs(segment_ids_BT: Array | None, b: int, t: int) -> tuple[Array, A
 # ----------------------------------------------------------------------------- short conv
 
 
+def _tap_masks(run_BT: Array | None, k: int) -> list[Array | None]:
+    """Per tap j, (B, T) bool: tap j of token t reads a token of t's run (None: every tap)."""
+    if run_BT is None:
+        return [None] * k
+    t = run_BT.shape[1]
+    rp_BT = jnp.pad(run_BT, ((0, 0), (k - 1, 0)), constant_values=-1)
+    return [None if j == k - 1 else rp_BT[:, j:j + t] == run_BT for j in range(k)]
+
+
+def _masked(a_BTC: Array, m_BT: Array | None) -> Array:
+    return a_BTC if m_BT is None else jnp.where(m_BT[..., None], a_BTC, jnp.zeros((), a_BTC.dtype))
+
+
+@jax.custom_vjp
+def _causal_conv(x_BTC: Array, kernel_KC: Array, run_BT: Array | None) -> Array:
+    k, t = kernel_KC.shape[0], x_BTC.shape[1]
+    xp_BTC = jnp.pad(x_BTC, ((0, 0), (k - 1, 0), (0, 0)))
+    y = None
+    for j, m_BT in enumerate(_tap_masks(run_BT, k)):
+        term = _masked(xp_BTC[:, j:j + t], m_BT) * kernel_KC[j]
+        y = term if y is None else y + term
+    return y
+
+
+def _causal_conv_fwd(x_BTC, kernel_KC, run_BT):
+    return _causal_conv(x_BTC, kernel_KC, run_BT), (x_BTC, kernel_KC, run_BT)
+
+
+def _causal_conv_bwd(res, dy_BTC):
+    """The transposed convolution, of the cotangent: x[u] feeds y[u + s] through tap
+    j = K - 1 - s, so dx[u] = sum_j kernel[j] dy[u + s] (one fused sum of shifted slices) and
+    dkernel[j] = sum_u x[u] dy[u + s] (masked alike), one tap at a time (``lax.map``): a shifted
+    slice read by both would be materialised, K (B, T, C) arrays at once (autodiff's transpose
+    holds K padded ones)."""
+    x_BTC, kernel_KC, run_BT = res
+    k, t = kernel_KC.shape[0], x_BTC.shape[1]
+    dyp_BTC = jnp.pad(dy_BTC, ((0, 0), (0, k - 1), (0, 0)))
+    masks = [None if m_BT is None else jnp.pad(m_BT, ((0, 0), (0, k - 1)))[:, k - 1 - j:][:, :t]
+             for j, m_BT in enumerate(_tap_masks(run_BT, k))]  # tap j's mask at u + s
+    dx = sum(_masked(dyp_BTC[:, k - 1 - j:k - 1 - j + t], m_BT) * kernel_KC[j]
+             for j, m_BT in enumerate(masks))
+    f32 = jnp.promote_types(dy_BTC.dtype, jnp.float32)
+    mask_KBT = None if run_BT is None else jnp.stack(
+        [jnp.ones_like(run_BT, bool) if m is None else m for m in masks])
+
+    def tap(j):
+        dy_s = jax.lax.dynamic_slice_in_dim(dyp_BTC, k - 1 - j, t, axis=1)
+        dy_s = dy_s if mask_KBT is None else _masked(dy_s, mask_KBT[j])
+        return jnp.sum((x_BTC * dy_s).astype(f32), axis=(0, 1))
+    dk_KC = jax.lax.map(tap, jnp.arange(k))
+    return dx.astype(x_BTC.dtype), dk_KC.astype(kernel_KC.dtype), None
+
+
+_causal_conv.defvjp(_causal_conv_fwd, _causal_conv_bwd)
+
+
 def causal_conv(x_BTC: Array, kernel_KC: Array, run_BT: Array | None = None) -> Array:
     """Depthwise causal convolution ``y[t] = sum_j kernel[j] * x[t - (K - 1) + j]`` (tap K - 1
     multiplies token t itself; positions before 0 read zero), as torch's ``Conv1d(groups=C,
-    padding=K - 1)`` cut to T. With ``run_BT``, a tap reads only a token of t's run (same label)."""
-    k = kernel_KC.shape[0]
-    t = x_BTC.shape[1]
-    xp_BTC = jnp.pad(x_BTC, ((0, 0), (k - 1, 0), (0, 0)))
-    rp_BT = None if run_BT is None else jnp.pad(run_BT, ((0, 0), (k - 1, 0)), constant_values=-1)
-    y = None
-    for j in range(k):
-        tap_BTC = xp_BTC[:, j:j + t]
-        if rp_BT is not None and j != k - 1:
-            same_BT = rp_BT[:, j:j + t] == run_BT
-            tap_BTC = jnp.where(same_BT[..., None], tap_BTC, jnp.zeros((), tap_BTC.dtype))
-        term = tap_BTC * kernel_KC[j]
-        y = term if y is None else y + term
-    return y
+    padding=K - 1)`` cut to T. With ``run_BT``, a tap reads only a token of t's run (same label).
+    Its VJP is written out (``_causal_conv_bwd``), so the backward holds no per-tap copies."""
+    return _causal_conv(x_BTC, kernel_KC, run_BT)
 
 
 def segmented_conv(x_BTC: Array, kernel_KC: Array, valid_BT: Array, run_BT: Array) -> Array:
@@ -155,12 +200,19 @@ class ShortConv(nn.Module):
         if tail_BKC is not None:
             k1 = self.conv_size - 1
             xx_BTC = jnp.concatenate([tail_BKC.astype(x_BTC.dtype), x_BTC], axis=1)
-            y = causal_conv(xx_BTC, kernel)[:, k1:]
-        elif valid_BT is not None:
-            y = segmented_conv(x_BTC, kernel, valid_BT, run_BT)
-        else:
-            y = causal_conv(x_BTC, kernel)
-        return jax.nn.silu(y)
+            return jax.nn.silu(causal_conv(xx_BTC, kernel)[:, k1:])
+        return _conv_silu(x_BTC, kernel, valid_BT, run_BT)
+
+
+@jax.checkpoint
+def _conv_silu(x_BTC: Array, kernel_KC: Array, valid_BT: Array | None,
+               run_BT: Array | None) -> Array:
+    """SiLU of the (segmented) causal conv, rematerialised: the backward keeps only the conv's
+    input and recomputes the rest, so a (B, T, C) pre-activation is not saved beside the
+    projection that feeds it (C = 6144 for Qwen3.5-like sizes: 1.5 GiB at T = 65536)."""
+    if valid_BT is not None:
+        return jax.nn.silu(segmented_conv(x_BTC, kernel_KC, valid_BT, run_BT))
+    return jax.nn.silu(causal_conv(x_BTC, kernel_KC))
 
 
 def next_tail(tail_BKC: Array, x_BTC: Array, len_B: Array) -> Array:

@@ -21,7 +21,7 @@ F32 = jnp.float32
 # (output, gradient) tolerance relative to max(1, max |reference|), per input dtype: the op
 # computes in float32 whatever the input dtype, so bfloat16 costs only the output's rounding
 TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (1e-2, 2e-2)}
-_op = jax.jit(gated_delta_rule, static_argnames=("impl", "chunk_size"))
+_op = jax.jit(gated_delta_rule, static_argnames=("impl", "chunk_size", "group_chunks"))
 
 
 def _inputs(seed, b=2, t=37, n=2, h=8, vw=5, *, per_channel=False, beta=True, g_scale=0.5,
@@ -47,11 +47,11 @@ def _segments(seed, b, t):
     return jnp.asarray(ids, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
-def _value_and_grads(q, k, v, g, beta, s0, segment_ids, *, impl, chunk_size):
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "group_chunks"))
+def _value_and_grads(q, k, v, g, beta, s0, segment_ids, *, impl, chunk_size, group_chunks=None):
     def loss(q, k, v, g, beta, s0):
         o, s = gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=segment_ids,
-                                impl=impl, chunk_size=chunk_size)
+                                impl=impl, chunk_size=chunk_size, group_chunks=group_chunks)
         w = jnp.cos(jnp.arange(o.size, dtype=F32)).reshape(o.shape)
         return jnp.sum(o.astype(F32) * w) + jnp.sum(s * jnp.sin(s)), (o, s)
     (_, (o, s)), grads = jax.value_and_grad(loss, argnums=range(6), has_aux=True)(
@@ -67,9 +67,10 @@ def _close(actual, expected, tol, what):
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
-def _assert_matches_recurrent(args, segment_ids, chunk_size, dtype=F32):
+def _assert_matches_recurrent(args, segment_ids, chunk_size, dtype=F32, group_chunks=None):
     o_tol, g_tol = TOL[dtype]
-    o, s, grads = _value_and_grads(*args, segment_ids, impl="chunk", chunk_size=chunk_size)
+    o, s, grads = _value_and_grads(*args, segment_ids, impl="chunk", chunk_size=chunk_size,
+                                   group_chunks=group_chunks)
     o_ref, s_ref, grads_ref = _value_and_grads(*args, segment_ids, impl="recurrent", chunk_size=1)
     assert o.dtype == args[2].dtype and s.dtype == F32
     _close(o, o_ref, o_tol, "output")
@@ -96,6 +97,18 @@ def _assert_matches_recurrent(args, segment_ids, chunk_size, dtype=F32):
 def test_chunk_equals_recurrent(per_channel, beta, segments, chunk_size):
     args = _inputs(0, per_channel=per_channel, beta=beta)
     _assert_matches_recurrent(args, _segments(1, 2, 37) if segments else None, chunk_size)
+
+
+@pytest.mark.parametrize("per_channel,beta,group_chunks", [
+    (False, True, 1),    # GDN, every chunk its own group
+    (True, True, 2),     # KDA, 5 chunks in 3 groups: the last group padded with a skipped chunk
+    (False, False, 3),   # gated linear attention
+])
+def test_grouped_passes_equal_recurrent(per_channel, beta, group_chunks):
+    """T = 37 in chunks of 8 is 5 chunks; the forward and backward passes run group by group
+    (the state and its cotangent carried across groups), with resets and skipped tokens."""
+    args = _inputs(2, per_channel=per_channel, beta=beta)
+    _assert_matches_recurrent(args, _segments(3, 2, 37), 8, group_chunks=group_chunks)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -219,19 +232,21 @@ def test_reference_is_what_recurrent_runs():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("impl,beta", [("pallas", True), ("pallas_tpu", False)])
-def test_pallas_impls_equal_chunk(impl, beta):
+@pytest.mark.parametrize("impl,beta,group_chunks", [("pallas", True, 2),
+                                                     ("pallas_tpu", False, None)])
+def test_pallas_impls_equal_chunk(impl, beta, group_chunks):
     """The kernels (in interpret mode here) under the same custom_vjp as ``chunk``: outputs, final
-    state and every gradient equal ``chunk``'s (which equals the recurrence, above)."""
+    state and every gradient equal ``chunk``'s (which equals the recurrence, above); ``pallas``
+    runs its 3 chunks in 2 groups."""
     args = _inputs(15, b=1, t=11, n=1, h=4, vw=3, beta=beta)   # prepare's forms: tested above
     ids = jnp.asarray([[1, 1, 1, 0, 0, 2, 2, 2, 2, 0, 2]], jnp.int32)
-    o, s, grads = _value_and_grads(*args, ids, impl=impl, chunk_size=4)
+    o, s, grads = _value_and_grads(*args, ids, impl=impl, chunk_size=4, group_chunks=group_chunks)
     o_ref, s_ref, grads_ref = _value_and_grads(*args, ids, impl="chunk", chunk_size=4)
     _close(o, o_ref, 1e-5, "output")
     _close(s, s_ref, 1e-5, "final state")
     q, k, v, g, beta, s0 = args      # the forward alone (the kernels then write no states)
     for a, b in zip(_op(q, k, v, g, beta, initial_state=s0, segment_ids=ids, impl=impl,
-                        chunk_size=4), (o_ref, s_ref), strict=True):
+                        chunk_size=4, group_chunks=group_chunks), (o_ref, s_ref), strict=True):
         _close(a, b, 1e-5, "forward only")
     for name, d, d_ref in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, grads_ref,
                               strict=True):

@@ -37,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .prep import from_chunks, prepare, to_chunks
+from .prep import chunk_masks, from_chunks, prepare_chunks, to_chunks
 from .reference import recurrent_reference, scan_bwd_reference, scan_fwd_reference
 
 Array = jax.Array
@@ -87,6 +87,12 @@ class ChunkConfig:
     impl: str                       # "chunk", "pallas" or "pallas_tpu"
     interpret: bool
     precision: jax.lax.PrecisionLike = None
+    group_chunks: int | None = None  # chunks per group of the grouped passes (None: GROUP_BYTES)
+
+
+# float32 bytes of q, k and v one group of chunks holds at most (``group_chunks``): the forward
+# and backward passes run group by group, so their transients are one group's, whatever T
+GROUP_BYTES = 1 << 26
 
 
 def _precision_context(precision):
@@ -123,16 +129,74 @@ def _scans(cfg: ChunkConfig):
     return functools.partial(scan_fwd, **kw), functools.partial(scan_bwd, **kw)
 
 
-def _prepare(q, k, v, g, beta, segment_ids, cfg: ChunkConfig):
-    return prepare(q, k, v, g, beta, scale=cfg.scale, segment_ids=segment_ids,
-                   chunk_size=cfg.chunk_size, precision=cfg.precision)
+def group_chunks(cfg: ChunkConfig, b: int, t: int, n: int, h: int, vw: int) -> int:
+    """Chunks per group of the grouped passes: ``cfg.group_chunks``, else about the most chunks
+    whose float32 q, k and v stay within ``GROUP_BYTES`` (at least one, at most all of them): a
+    divisor of the chunk count down to half that many, so that no padding is needed, else the
+    size that pads the fewest chunks."""
+    x = -(-t // cfg.chunk_size)
+    if cfg.group_chunks is not None:
+        return max(1, min(cfg.group_chunks, x))
+    most = max(1, min(x, GROUP_BYTES // (b * n * cfg.chunk_size * (2 * h + vw) * 4)))
+    # a divisor of X near the most (no padded copy of the inputs), else groups as even as can be
+    near = [d for d in range(most, (most + 1) // 2 - 1, -1) if x % d == 0]
+    return near[0] if near else -(-x // -(-x // most))
+
+
+class _Groups:
+    """The row cut into Y groups of G whole chunks (T zero-padded to Y G C tokens, the padding
+    skipped): ``take(a, y)`` is group y's (B, G C, ...) slice of a padded input, ``prepare`` its
+    scan-contract arrays. A padded chunk passes the state unchanged (every contract array is zero
+    there and ``e`` is one), so the padding changes no output, state or gradient."""
+
+    def __init__(self, cfg: ChunkConfig, q: Array, v: Array, segment_ids: Array | None):
+        b, t, n, h = q.shape
+        self.cfg, self.t, c = cfg, t, cfg.chunk_size
+        self.g = group_chunks(cfg, b, t, n, h, v.shape[-1])
+        self.y = -(-t // (self.g * c))
+        self.tp = self.y * self.g * c
+        seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+        self.masks = chunk_masks(jnp.pad(seg, ((0, 0), (0, self.tp - t))), b, self.tp, c)
+
+    def pad(self, a: Array | None) -> Array | None:
+        return None if a is None else jnp.pad(a, [(0, 0), (0, self.tp - self.t)]
+                                               + [(0, 0)] * (a.ndim - 2))
+
+    def take(self, a: Array | None, y: Array) -> Array | None:
+        gc = self.g * self.cfg.chunk_size
+        return None if a is None else jax.lax.dynamic_slice_in_dim(a, y * gc, gc, axis=1)
+
+    def prepare(self, y: Array, q, k, v, g, beta):
+        masks = {name: jax.lax.dynamic_slice_in_dim(m, y * self.g, self.g, axis=2)
+                 for name, m in self.masks.items()}
+        chunks = lambda x: None if x is None else to_chunks(x.astype(jnp.float32),  # noqa: E731
+                                                            self.cfg.chunk_size)
+        return prepare_chunks(*(chunks(x) for x in (q, k, v, g, beta)), masks,
+                              scale=self.cfg.scale, precision=self.cfg.precision)
+
+    def untake(self, a_Y: Array | None) -> Array | None:
+        """Stacked per-group (Y, B, G C, ...) -> (B, T, ...), the padding dropped."""
+        if a_Y is None:
+            return None
+        a = jnp.moveaxis(a_Y, 0, 1)
+        return a.reshape(a.shape[0], self.tp, *a.shape[3:])[:, :self.t]
 
 
 def _forward(q, k, v, g, beta, s0, segment_ids, cfg: ChunkConfig, with_states: bool = True):
-    o_BNXTV, states_BNXHV, s_final = _scans(cfg)[0](*_prepare(q, k, v, g, beta, segment_ids, cfg),
-                                                      s0.astype(jnp.float32),
-                                                      with_states=with_states)
-    return (from_chunks(o_BNXTV, q.shape[1]).astype(v.dtype), s_final), states_BNXHV
+    """Group by group (``lax.scan`` carrying the state): prepare the group's chunks, scan them.
+    Returns ``((o, final_state), states_Y)``, the chunk-entry states stacked per group
+    (Y, B, N, G, H, V) (None without ``with_states``)."""
+    grp = _Groups(cfg, q, v, segment_ids)
+    scan_fwd = _scans(cfg)[0]
+    ins = [grp.pad(a) for a in (q, k, v, g, beta)]
+
+    def body(s, y):
+        o_BNXTV, states, s_next = scan_fwd(*grp.prepare(y, *(grp.take(a, y) for a in ins)), s,
+                                           with_states=with_states)
+        return s_next, (from_chunks(o_BNXTV, o_BNXTV.shape[2] * o_BNXTV.shape[3]), states)
+
+    s_final, (o_Y, states_Y) = jax.lax.scan(body, s0.astype(jnp.float32), jnp.arange(grp.y))
+    return (grp.untake(o_Y).astype(v.dtype), s_final), states_Y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("cfg",))
@@ -143,19 +207,32 @@ def chunked_gated_delta(q, k, v, g, beta, s0, segment_ids, cfg: ChunkConfig):
 
 
 def _chunked_fwd(q, k, v, g, beta, s0, segment_ids, cfg: ChunkConfig):
-    out, states_BNXHV = _forward(q, k, v, g, beta, s0, segment_ids, cfg)
-    return out, (q, k, v, g, beta, s0, segment_ids, states_BNXHV)
+    out, states_Y = _forward(q, k, v, g, beta, s0, segment_ids, cfg)
+    return out, (q, k, v, g, beta, s0, segment_ids, states_Y)
 
 
 def _chunked_bwd(cfg: ChunkConfig, res, cotangents):
-    q, k, v, g, beta, s0, segment_ids, states_BNXHV = res
+    """Group by group from the last (a reverse ``lax.scan`` carrying the state's cotangent):
+    recompute the group's ``prepare`` under ``jax.vjp``, run the scan backward from its saved
+    chunk-entry states, pull the cotangents back to the group's inputs."""
+    q, k, v, g, beta, s0, segment_ids, states_Y = res
     do_BTNV, ds_final = cotangents
-    arrays, pull_back = jax.vjp(
-        lambda q, k, v, g, beta: _prepare(q, k, v, g, beta, segment_ids, cfg), q, k, v, g, beta)
-    do_BNXTV = to_chunks(do_BTNV.astype(jnp.float32), cfg.chunk_size)
-    *d_arrays, ds0 = _scans(cfg)[1](*arrays, states_BNXHV, do_BNXTV,
-                                    ds_final.astype(jnp.float32))
-    dq, dk, dv, dg, dbeta = pull_back(tuple(d_arrays))
+    grp = _Groups(cfg, q, v, segment_ids)
+    scan_bwd = _scans(cfg)[1]
+    ins = [grp.pad(a) for a in (q, k, v, g, beta)]
+    do_p = grp.pad(do_BTNV)
+
+    def body(ds, xs):
+        y, states = xs
+        arrays, pull_back = jax.vjp(functools.partial(grp.prepare, y),
+                                    *(grp.take(a, y) for a in ins))
+        do_BNXTV = to_chunks(grp.take(do_p, y).astype(jnp.float32), cfg.chunk_size)
+        *d_arrays, ds_prev = scan_bwd(*arrays, states, do_BNXTV, ds)
+        return ds_prev, pull_back(tuple(d_arrays))
+
+    ds0, grads_Y = jax.lax.scan(body, ds_final.astype(jnp.float32),
+                                (jnp.arange(grp.y), states_Y), reverse=True)
+    dq, dk, dv, dg, dbeta = (grp.untake(a) for a in grads_Y)
     no_grad = jax.tree.map(lambda a: jnp.zeros(a.shape, jax.dtypes.float0), segment_ids)
     return dq, dk, dv, dg, dbeta, ds0.astype(s0.dtype), no_grad
 
@@ -167,7 +244,8 @@ def gated_delta_rule(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array,
                      beta_BTN: Array | None, *, scale: float | None = None,
                      initial_state: Array | None = None, segment_ids: Array | None = None,
                      chunk_size: int = 64, impl: str = "chunk", interpret: bool | None = None,
-                     precision: jax.lax.PrecisionLike = None) -> tuple[Array, Array]:
+                     precision: jax.lax.PrecisionLike = None,
+                     group_chunks: int | None = None) -> tuple[Array, Array]:
     """``(o (B, T, N, V) in v's dtype, final_state (B, N, H, V) float32)``.
 
     q, k (B, T, N, H) (already feature-mapped / L2-normalised: the op only scales q by ``scale``,
@@ -181,7 +259,13 @@ def gated_delta_rule(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array,
     gives the same result): a sequence shorter than it is one chunk of its own length.
     ``interpret=None``: interpret mode unless the default backend is the kernel's (GPU for
     ``pallas``, TPU for ``pallas_tpu``). ``precision`` reaches every matrix product.
+    ``group_chunks``: the chunked forms run forward and backward in groups of this many chunks
+    (default: as many as keep one group's float32 q, k and v within ``GROUP_BYTES``), so that
+    every transient is one group's whatever T; any value gives the same result.
     """
+    if group_chunks is not None and (not isinstance(group_chunks, int) or group_chunks < 1):
+        raise ValueError(f"gated_delta_rule: group_chunks must be a positive int or None, got "
+                         f"{group_chunks!r}")
     check_inputs(q_BTNH, k_BTNH, v_BTNV, g, beta_BTN, initial_state, segment_ids, chunk_size,
                  impl)
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -194,5 +278,6 @@ def gated_delta_rule(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array,
     s0 = (jnp.zeros((b, n, h, v_BTNV.shape[-1]), jnp.float32) if initial_state is None
           else initial_state)
     cfg = ChunkConfig(scale=scale, chunk_size=min(chunk_size, max(t, 1)), impl=impl,
-                      interpret=bool(interpret), precision=precision)
+                      interpret=bool(interpret), precision=precision,
+                      group_chunks=group_chunks)
     return chunked_gated_delta(q_BTNH, k_BTNH, v_BTNV, g, beta_BTN, s0, segment_ids, cfg=cfg)

@@ -193,6 +193,27 @@ def _chunk_arrays(q, k, v, g, beta, masks, *, scale, precision):
     return qg, kd, w, u, a, e_H
 
 
+def prepare_chunks(q, k, v, g, beta, masks, *, scale: float,
+                   precision: jax.lax.PrecisionLike = None):
+    """The scan-contract arrays ``(qg, kd, w, u, a, e)`` of inputs already in the chunked layout
+    (B, N, X, T, ...) and float32 (``to_chunks``), ``masks`` those of ``chunk_masks`` for the same
+    chunks. Every chunk is independent of the others: any run of whole chunks can be prepared
+    alone, given its slice of the masks."""
+    if g.ndim == q.ndim - 1:   # per head: all chunks at once
+        return _chunk_arrays(q, k, v, g, beta, masks, scale=scale, precision=precision)
+
+    # per channel: one chunk's (T, S, H) decay at a time, recomputed in the backward pass
+    def one_chunk(xs):
+        *data, ms = xs
+        return _chunk_arrays(*data, ms, scale=scale, precision=precision)
+
+    xmajor = lambda x: None if x is None else jnp.moveaxis(x, 2, 0)  # noqa: E731
+    xs = (*(xmajor(x) for x in (q, k, v, g, beta)),
+          {name: xmajor(m) for name, m in masks.items()})
+    out = lax.map(jax.checkpoint(one_chunk), xs)
+    return tuple(None if x is None else jnp.moveaxis(x, 0, 2) for x in out)
+
+
 def prepare(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array, beta_BTN: Array | None, *,
             scale: float, segment_ids: Array | None, chunk_size: int,
             precision: jax.lax.PrecisionLike = None):
@@ -203,17 +224,5 @@ def prepare(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array, beta_BTN: Arr
     c = chunk_size
     masks = chunk_masks(segment_ids, b, t, c)
     chunks = lambda x: None if x is None else to_chunks(x.astype(F32), c)  # noqa: E731
-    q, k, v, gx, beta = (chunks(x) for x in (q_BTNH, k_BTNH, v_BTNV, g, beta_BTN))
-    if g.ndim == 3:
-        return _chunk_arrays(q, k, v, gx, beta, masks, scale=scale, precision=precision)
-
-    # per channel: one chunk's (T, S, H) decay at a time, recomputed in the backward pass
-    def one_chunk(xs):
-        *data, ms = xs
-        return _chunk_arrays(*data, ms, scale=scale, precision=precision)
-
-    xmajor = lambda x: None if x is None else jnp.moveaxis(x, 2, 0)  # noqa: E731
-    xs = (*(xmajor(x) for x in (q, k, v, gx, beta)),
-          {name: xmajor(m) for name, m in masks.items()})
-    out = lax.map(jax.checkpoint(one_chunk), xs)
-    return tuple(None if x is None else jnp.moveaxis(x, 0, 2) for x in out)
+    return prepare_chunks(*(chunks(x) for x in (q_BTNH, k_BTNH, v_BTNV, g, beta_BTN)), masks,
+                          scale=scale, precision=precision)
