@@ -164,7 +164,7 @@ def _cached_maps(q_BTN2H: Array, k_B2NSH: Array, v_BNSV: Array, keep_BTS: Array,
                  precision: core.Precision) -> tuple[Array, Array]:
     """The two softmax maps of a decode chunk over the head-major cache, (B, T, N, 2H) each.
     Both maps' logits come from one product with the cache as its left operand (no slice or
-    transpose of the cache), and both read the values in one product (V read once)."""
+    transpose of the cache), and both read the values in one pass (``cache.read_values``: V read once)."""
     b, t, n, _, h = q_BTN2H.shape
     s = k_B2NSH.shape[2]
     q_B2NTH = q_BTN2H.transpose(0, 3, 2, 1, 4).reshape(b, 2 * n, t, h)  # row i * N + j
@@ -173,7 +173,7 @@ def _cached_maps(q_BTN2H: Array, k_B2NSH: Array, v_BNSV: Array, keep_BTS: Array,
     logits = logits_B2NST.reshape(b, 2, n, s, t).swapaxes(3, 4)
     logits = logits.astype(core.softmax_dtype(q_BTN2H.dtype)) * scale
     probs_B2NTS = core.masked_softmax(logits, keep_BTS[:, None, None])
-    out_B2NTV = jnp.einsum("BINTS,BNSV->BINTV", probs_B2NTS.astype(v_BNSV.dtype), v_BNSV,
-                           precision=precision)
-    out_B2TNV = out_B2NTV.swapaxes(2, 3)
+    probs_BNXS = probs_B2NTS.transpose(0, 2, 1, 3, 4).reshape(b, n, 2 * t, s)
+    out_BN2TV = cache.read_values(probs_BNXS, v_BNSV, precision).reshape(b, n, 2, t, -1)
+    out_B2TNV = out_BN2TV.transpose(0, 2, 3, 1, 4)
     return out_B2TNV[:, 0], out_B2TNV[:, 1]

@@ -55,6 +55,7 @@ if not __package__:  # run as a file: make the repository root importable
 
 import attnhut_jax as ah  # noqa: E402
 from attnhut_jax import cache as cache_lib  # noqa: E402
+from attnhut_jax.deepseek_sparse import cached_index_scores  # noqa: E402
 
 DIM, HEADS = 512, 8
 # name -> (class, arguments besides dim and num_heads)
@@ -150,10 +151,14 @@ def init(m, batch: int, n: int):
     return variables["params"], variables["cache"]
 
 
-def compiled_step(m, params, cache, x):
+def compiled_step(m, params, cache, x, index: int | None = None):
     """The jit-compiled (cache donated) call ``(params, cache, x) -> (out, cache)``, compiled
-    ahead of time for these shapes."""
+    ahead of time for these shapes. ``index``: every cache index is first reset to it, inside
+    the compiled call (a timed loop then decodes at the same length each call, without eager
+    bookkeeping between calls)."""
     def step(params, cache, x):
+        if index is not None:
+            cache = set_index(cache, index)
         out, state = m.apply({"params": params, "cache": cache}, x, mutable=["cache"])
         return out, state["cache"]
 
@@ -165,11 +170,11 @@ def time_step(name: str, n: int, warmup: int, reps: int) -> tuple[float, list[st
     params, cache = init(m, 1, n)
     cache, kept = fill_cache(cache, n, jax.random.key(1))
     x = jax.random.normal(jax.random.key(2), (1, 1, DIM))
-    step = compiled_step(m, params, cache, x)
+    step = compiled_step(m, params, cache, x, index=n - 1)
     state = {"cache": cache}
 
     def run():
-        out, state["cache"] = step(params, set_index(state["cache"], n - 1), x)
+        out, state["cache"] = step(params, state["cache"], x)
         out.block_until_ready()
 
     return median_ms(run, warmup, reps), kept
@@ -195,8 +200,10 @@ def scoring_fn(name: str, n: int):
     q, k = jax.random.normal(ks[0], (i, e)), jax.random.normal(ks[1], (s, e))
     w = jax.random.normal(ks[2], (i,))
 
-    def score(q, k, w):  # the keys (S, E) in their cache layout, as the step reads them
-        s_S = (jax.nn.relu(jnp.einsum("SE,IE->SI", k, q)) * w).sum(-1)
+    def score(q, k, w):  # the keys (S, E) in their cache layout, as the step reads them: the
+        # step's own scoring function (one query, every cached key kept) and its top-k
+        s_S = cached_index_scores(q[None, None], k[None], w[None, None],
+                                  jnp.ones((1, 1, s), bool))[0, 0]
         return jax.lax.top_k(s_S, min(m.top_k, s))[1]
 
     return jax.jit(score), (q, k, w)
@@ -215,10 +222,11 @@ def time_floor(n: int, warmup: int, reps: int) -> float:
     k, v = (jax.random.normal(kk, (1, HEADS, n, hd)) for kk in ks[1:])
 
     @jax.jit
-    def attend(q, k, v):  # the keys are the product's left operand in their own (S, H) rows
+    def attend(q, k, v):  # the keys are the product's left operand in their own (S, H) rows;
+        # the values are read as a weighted sum of their rows (cache.read_values' decode form)
         logits_BNST = jax.lax.dot_general(k, q, (((3,), (3,)), ((0, 1), (0, 1))))
         w = jax.nn.softmax(logits_BNST.swapaxes(2, 3) * hd ** -0.5, axis=-1)
-        return jnp.einsum("BNTS,BNSH->BTNH", w, v)
+        return jnp.sum(w[..., None] * v[:, :, None], axis=3).swapaxes(1, 2)
 
     return median_ms(lambda: attend(q, k, v).block_until_ready(), warmup, reps)
 

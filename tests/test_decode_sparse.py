@@ -170,15 +170,22 @@ def test_a_step_reads_only_its_selection(name):
         assert float(jnp.abs(got[b] - out[b]).max()) > 1e-3
         np.testing.assert_array_equal(np.asarray(got[1 - b]), np.asarray(out[1 - b]))
 
-    # the attention's products never span the cache: no matmul contracts max_len keys, and
-    # every matmul with an output axis of max_len is the selector's scoring pass (contracting
-    # the index width E or the I indexer heads), none the head width over max_len keys
+    # the attention's products never span the cache: no matmul or sum contracts max_len keys,
+    # and every matmul or sum with an axis of max_len is the selector's scoring pass
+    # (contracting the index width E or the I indexer heads), none the head width over max_len
     m = make(True)
     selector_widths = {8, 2} if name == "dsa" else {6}
     jaxpr = jax.make_jaxpr(lambda p, c, a: m.apply({"params": p, "cache": c}, a,
                                                     mutable=["cache"]))(params, cache, x[:, -1:])
     spanning = 0
     for eqn in jaxpr_eqns(jaxpr.jaxpr):
+        if eqn.primitive.name == "reduce_sum":  # a single-token step's scoring: multiply and sum
+            shape = eqn.invars[0].aval.shape
+            summed = {shape[a] for a in eqn.params["axes"]}
+            assert max_len not in summed, eqn   # nothing sums over the cache's keys
+            if max_len in shape:
+                assert summed <= selector_widths, (eqn, summed)
+                spanning += 1
         if eqn.primitive.name != "dot_general":
             continue
         (lhs_c, rhs_c), _ = eqn.params["dimension_numbers"]

@@ -4,28 +4,35 @@ and the chunked form with its scan in Pallas kernels, ``pallas`` (GPU-style, Tri
 ``pallas_tpu`` (Mosaic TPU), each in interpret mode off its backend unless ``interpret`` says
 otherwise. ``reference.py`` states the recurrence and the scan contract the implementations share.
 
-The chunked forms share one ``jax.custom_vjp``: the forward runs ``prep.prepare`` (the parallel,
-per-chunk part) then the scan over chunks, and saves only the inputs and the X = T / chunk
-chunk-entry states (B, N, X, H, V); the backward recomputes ``prepare`` under ``jax.vjp``, runs the
-reverse scan from the saved states, and pulls the scan's cotangents back through ``prepare``.
+The chunked forms share one ``jax.custom_vjp``: the forward runs group by group (``lax.scan``
+over groups of whole chunks, carrying the state): ``prep.prepare_chunks`` (the parallel,
+per-chunk part) of the group, then the scan over its chunks; it saves only the inputs and the
+X = T / chunk chunk-entry states. The backward runs the groups in reverse, carrying the state's
+cotangent: it recomputes the group's ``prepare_chunks`` under ``jax.vjp``, runs the reverse scan
+from the saved states, and pulls the scan's cotangents back to the group's inputs. A group holds
+``group_chunks`` chunks (default: q, k and v of one group within ``GROUP_BYTES``).
 
-Memory (per batch row and head; T the length padded to whole chunks, C the chunk size): the saved
-residuals are the inputs and the chunk-entry states, O(T x (H + V) + (T / C) x H x V), never a
-per-token state (the recurrent form's autodiff keeps T x H x V). Each pass adds a transient
-O(T x (H + V + C)): the contract arrays and the (C, C) intra-chunk matrices; per-channel decay
-builds its decay products one chunk at a time (``lax.map``), (C / c + c) x H per position of
-that chunk (``prep._channel_pairs``, c ~ sqrt(C)). Tested:
-``tests/test_gated_delta_op.py`` checks the saved residuals; measured with XLA's compiled memory
-analysis on CPU (``jax.jit(...).lower(...).compile().memory_analysis()``, temp bytes, batch 1,
-N = 16 heads, H = V = 128, C = 64, float32; the inputs alone are 193 MiB per-head / 257 MiB
+Memory (per batch row and head; T the length padded to whole chunks, C the chunk size, G C the
+tokens of a group): the saved residuals are the inputs and the chunk-entry states,
+O(T x (H + V) + (T / C) x H x V), never a per-token state (the recurrent form's autodiff keeps
+T x H x V). Each pass adds a transient of one group, O(G C x (H + V + C)): its contract arrays
+and (C, C) intra-chunk matrices (and in the backward their cotangents); per-channel decay builds
+its decay products one chunk at a time (``lax.map``), (C / c + c) x H per position of that chunk
+(``prep._channel_pairs``, c ~ sqrt(C)). Tested: ``tests/test_gated_delta_op.py`` checks the
+saved residuals; measured with XLA's compiled memory analysis on CPU
+(``jax.jit(...).lower(...).compile().memory_analysis()``, temp bytes, batch 1, N = 16 heads,
+H = V = 128, C = 64, default groups, float32; the inputs alone are 193 MiB per-head / 257 MiB
 per-channel at T = 8192)::
 
                                   forward     grad (all inputs)
-    T = 8192   chunk, per head     483 MiB       1.4 GiB
-    T = 8192   chunk, per channel  568 MiB       1.3 GiB
-    T = 8192   recurrent            65 MiB      28.5 GiB   (a state per token)
-    T = 65536  chunk, per head     3.8 GiB      11.2 GiB
-    T = 65536  chunk, per channel  4.3 GiB       9.6 GiB
+    T = 8192   chunk, per head     139 MiB       603 MiB
+    T = 8192   chunk, per channel  175 MiB       553 MiB
+    T = 8192   recurrent            65 MiB      28.6 GiB   (a state per token)
+    T = 65536  chunk, per head     143 MiB       2.0 GiB
+    T = 65536  chunk, per channel  179 MiB       2.0 GiB
+
+(before the grouped passes: 3.8 / 11.2 GiB per head at T = 65536). The grad's remaining growth
+is the saved chunk-entry states and the outputs' transposes, linear in T.
 """
 
 from __future__ import annotations
