@@ -5,10 +5,10 @@ and the chunked form with its scan in Pallas kernels, ``pallas`` (GPU-style, Tri
 otherwise. ``reference.py`` states the recurrence and the scan contract the implementations share.
 
 The chunked forms share one ``jax.custom_vjp``: the forward runs group by group (``lax.scan``
-over groups of whole chunks, carrying the state): ``prep.prepare_chunks`` (the parallel,
+over groups of whole chunks, carrying the state): ``prep.prepare`` (the parallel,
 per-chunk part) of the group, then the scan over its chunks; it saves only the inputs and the
 X = T / chunk chunk-entry states. The backward runs the groups in reverse, carrying the state's
-cotangent: it recomputes the group's ``prepare_chunks`` under ``jax.vjp``, runs the reverse scan
+cotangent: it recomputes the group's ``prepare`` under ``jax.vjp``, runs the reverse scan
 from the saved states, and pulls the scan's cotangents back to the group's inputs. A group holds
 ``group_chunks`` chunks (default: q, k and v of one group within ``GROUP_BYTES``).
 
@@ -44,7 +44,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .prep import chunk_masks, from_chunks, prepare_chunks, to_chunks
+from .prep import chunk_masks, from_chunks, prepare, to_chunks
 from .reference import recurrent_reference, scan_bwd_reference, scan_fwd_reference
 
 Array = jax.Array
@@ -176,10 +176,8 @@ class _Groups:
     def prepare(self, y: Array, q, k, v, g, beta):
         masks = {name: jax.lax.dynamic_slice_in_dim(m, y * self.g, self.g, axis=2)
                  for name, m in self.masks.items()}
-        chunks = lambda x: None if x is None else to_chunks(x.astype(jnp.float32),  # noqa: E731
-                                                            self.cfg.chunk_size)
-        return prepare_chunks(*(chunks(x) for x in (q, k, v, g, beta)), masks,
-                              scale=self.cfg.scale, precision=self.cfg.precision)
+        return prepare(q, k, v, g, beta, scale=self.cfg.scale, segment_ids=None,
+                       chunk_size=self.cfg.chunk_size, precision=self.cfg.precision, masks=masks)
 
     def untake(self, a_Y: Array | None) -> Array | None:
         """Stacked per-group (Y, B, G C, ...) -> (B, T, ...), the padding dropped."""

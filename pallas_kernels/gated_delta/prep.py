@@ -216,13 +216,16 @@ def prepare_chunks(q, k, v, g, beta, masks, *, scale: float,
 
 def prepare(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array, beta_BTN: Array | None, *,
             scale: float, segment_ids: Array | None, chunk_size: int,
-            precision: jax.lax.PrecisionLike = None):
+            precision: jax.lax.PrecisionLike = None, masks: dict | None = None):
     """The scan-contract arrays ``(qg, kd, w, u, a, e)`` (module docstring) in the chunked layout
     (B, N, X, T, ...), float32, T padded to whole chunks with skipped tokens. ``w`` is None when
-    ``beta`` is (linear attention)."""
+    ``beta`` is (linear attention). ``masks``: the chunks' ``chunk_masks`` when the caller has
+    them already (a run of whole chunks cut from a longer row, whose masks depend on the tokens
+    before it); then ``segment_ids`` is not read."""
     b, t = q_BTNH.shape[:2]
     c = chunk_size
-    masks = chunk_masks(segment_ids, b, t, c)
+    if masks is None:
+        masks = chunk_masks(segment_ids, b, t, c)
     chunks = lambda x: None if x is None else to_chunks(x.astype(F32), c)  # noqa: E731
     return prepare_chunks(*(chunks(x) for x in (q_BTNH, k_BTNH, v_BTNV, g, beta_BTN)), masks,
                           scale=scale, precision=precision)
