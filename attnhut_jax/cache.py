@@ -278,38 +278,65 @@ def gather_rows(cache_BL: Array, idx_BTM: Array) -> Array:
 
 def attend_cache(step: Step, q_BTNH: Array, k_BTKH: Array, v_BTKV: Array, *,
                  scale: float | None = None, precision: Precision = None,
-                 names: tuple[str, str] = ("key", "value")) -> Array:
+                 names: tuple[str, str] = ("key", "value"), window: int | None = None,
+                 sink: Array | None = None, prefix: tuple[Array, Array] | None = None) -> Array:
     """The dense decode step: append the chunk's keys and values (B, n, K, H|V) to the
     head-major cache arrays ``names`` (B, K, max_len, H|V) and attend the chunk's queries
-    (B, n, N, H) over every cached key at or before them. Returns (B, n, N, V)."""
+    (B, n, N, H) over every cached key at or before them (and, with ``window``, within the
+    ``window`` latest positions). ``sink`` and ``prefix`` as ``cached_attention``. Returns
+    (B, n, N, V)."""
     k_BKSH = step.append(names[0], k_BTKH, heads_first=True)
     v_BKSV = step.append(names[1], v_BTKV, heads_first=True)
     if not step.initializing:  # read the written cache as it is (XLA would otherwise fuse a
         # second copy of each write into its readers and copy the whole cache for it)
         k_BKSH, v_BKSV = jax.lax.optimization_barrier((k_BKSH, v_BKSV))
-    return cached_attention(q_BTNH, k_BKSH, v_BKSV, step.keep(), scale=scale,
-                            precision=precision)
+    keep_BTS = step.keep()
+    if window is not None:
+        keep_BTS = keep_BTS & (jnp.arange(step.max_len)[None, None, :]
+                               > step.pos_BT[:, :, None] - window)
+    return cached_attention(q_BTNH, k_BKSH, v_BKSV, keep_BTS, scale=scale,
+                            precision=precision, sink=sink, prefix=prefix)
 
 
 def cached_attention(q_BTNH: Array, k_BKSH: Array, v_BKSV: Array, keep_BTS: Array, *,
-                     scale: float | None = None, precision: Precision = None) -> Array:
+                     scale: float | None = None, precision: Precision = None,
+                     sink: Array | None = None,
+                     prefix: tuple[Array, Array] | None = None) -> Array:
     """Dense attention of (B, T, N, H) queries over a head-major cache (B, K, S, H|V), query
     head n reading kv head n // (N // K), key s where ``keep_BTS``; core's masked softmax
     (float32 for half precision, a row without keys gives zeros). The cache is read in its own
-    layout (no transpose of the cache per step). Returns (B, T, N, V)."""
+    layout (no transpose of the cache per step). Returns (B, T, N, V).
+
+    ``sink``: per-head logits (N,) in every row's denominator. ``prefix``: keys and values
+    (P, K, H|V) every query reads besides the cache (learnable sink tokens), in the same
+    softmax; the cache is not copied for them."""
     b, t, n, h = q_BTNH.shape
     k = k_BKSH.shape[1]
-    q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    g = n // k
+    q_BKGTH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
     # the cache is the product's left operand in its own (S, H) rows (as BKGTH,BKSH->BKGTS XLA
     # transposed every key of the cache each step); the (S, G * T) logits are rearranged
     logits_BKSX = jax.lax.dot_general(k_BKSH, q_BKGTH.reshape(b, k, -1, h),
                                       (((3,), (3,)), ((0, 1), (0, 1))), precision=precision)
-    logits = logits_BKSX.reshape(b, k, -1, n // k, t).transpose(0, 1, 3, 4, 2)
-    logits = logits.astype(core.softmax_dtype(q_BTNH.dtype)) * (h ** -0.5 if scale is None
-                                                                 else scale)
-    probs = core.masked_softmax(logits, keep_BTS[:, None, None])
-    out = read_values(probs.reshape(b, k, -1, probs.shape[-1]), v_BKSV, precision=precision)
-    return out.reshape(b, k, n // k, t, -1).transpose(0, 3, 1, 2, 4).reshape(b, t, n, -1)
+    logits = logits_BKSX.reshape(b, k, -1, g, t).transpose(0, 1, 3, 4, 2)
+    scale = h ** -0.5 if scale is None else scale
+    logits = logits.astype(core.softmax_dtype(q_BTNH.dtype)) * scale
+    keep = keep_BTS[:, None, None]
+    s = logits.shape[-1]
+    if prefix is not None:
+        pk_PKH, pv_PKV = prefix
+        plogits = jnp.einsum("BKGTH,PKH->BKGTP", q_BKGTH, pk_PKH.astype(q_BTNH.dtype),
+                             precision=precision).astype(logits.dtype) * scale
+        logits = jnp.concatenate([logits, plogits], axis=-1)
+        keep = jnp.concatenate([jnp.broadcast_to(keep, logits.shape[:-1] + (s,)),
+                                jnp.ones(plogits.shape, bool)], axis=-1)
+    sink_BKGT1 = None if sink is None else sink.reshape(1, k, g, 1, 1).astype(logits.dtype)
+    probs = core.masked_softmax(logits, keep, sink_BKGT1)
+    out = read_values(probs[..., :s].reshape(b, k, -1, s), v_BKSV, precision=precision)
+    if prefix is not None:
+        out = out + jnp.einsum("BKXP,PKV->BKXV", probs[..., s:].reshape(b, k, g * t, -1),
+                               pv_PKV.astype(probs.dtype), precision=precision).astype(out.dtype)
+    return out.reshape(b, k, g, t, -1).transpose(0, 3, 1, 2, 4).reshape(b, t, n, -1)
 
 
 # a read of the value cache by at most this many rows per kv head (a decode step's queries times

@@ -15,14 +15,16 @@ Semantics follow attnhut 0.5.0 (``attnhut/utils.py``, ``attnhut/rope.py``):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import dtypes
 
 from pallas_kernels import block_sparse, gated_delta, token_sparse
@@ -234,18 +236,178 @@ def rms_norm(x: Array, weight: Array, eps: float = 1e-6) -> Array:
 # ----------------------------------------------------------------------------- rope
 
 
-def rope_tables(positions: Array, dim: int, theta: float = 10000.0,
-                dtype: Dtype = jnp.float32) -> tuple[Array, Array]:
-    """cos/sin tables of shape ``positions.shape + (dim,)`` for rotate-half RoPE.
+RopeStyle = Literal["half", "interleaved"]
+ROPE_STYLES: tuple[str, ...] = get_args(RopeStyle)
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3")
 
-    ``positions`` is (T,) for positions shared by the batch or (B, T) per sample.
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE frequency scaling, as Hugging Face's ``rope_parameters`` name them.
+
+    ``type``:
+
+    * ``"linear"`` (position interpolation): every inverse frequency divided by ``factor``.
+    * ``"dynamic"`` (dynamic NTK): the base grows with the call's length L = max(position) + 1
+      once L exceeds ``original_max_position_embeddings`` (HF's ``max_position_embeddings``):
+      base * ((factor * L / original) - (factor - 1)) ** (R / (R - 2)). A decode step's L is
+      its own largest position, so the cached keys keep the frequencies of the call that wrote
+      them (what HF's cached generation computes).
+    * ``"yarn"`` (Peng et al., 2023): frequencies blended between interpolated and extrapolated
+      by a linear ramp over the dimensions whose wavelengths lie between ``beta_fast`` and
+      ``beta_slow`` rotations of ``original_max_position_embeddings``; cos and sin are scaled
+      by ``attention_factor`` (default 0.1 ln(factor) + 1, or the ratio of the ``mscale`` /
+      ``mscale_all_dim`` terms when both are given).
+    * ``"llama3"``: Llama 3.1's per-band rule: wavelengths above ``original / low_freq_factor``
+      divided by ``factor``, below ``original / high_freq_factor`` kept, a smooth blend between.
+
+    ``RopeScaling.from_hf(rope_parameters, max_position_embeddings)`` reads a Hugging Face config
+    entry and refuses the types it does not implement by name.
+    """
+
+    type: str
+    factor: float
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def __post_init__(self):
+        if self.type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"RopeScaling: type={self.type!r} is not one of {ROPE_SCALING_TYPES}")
+        if not self.factor > 0:
+            raise ValueError(f"RopeScaling: factor={self.factor} must be > 0")
+        if self.type != "linear" and not (self.original_max_position_embeddings or 0) > 0:
+            raise ValueError(f"RopeScaling: type={self.type!r} needs a positive "
+                             f"original_max_position_embeddings, got "
+                             f"{self.original_max_position_embeddings}")
+        if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(f"RopeScaling: llama3 needs high_freq_factor={self.high_freq_factor}"
+                             f" > low_freq_factor={self.low_freq_factor} > 0")
+
+    @classmethod
+    def from_hf(cls, params: dict | None, max_position_embeddings: int | None = None
+                ) -> RopeScaling | None:
+        """The scaling of a Hugging Face ``rope_parameters`` / ``rope_scaling`` dict (None for
+        ``default`` or no dict). Unknown types (``longrope``, ...) and keys this class does not
+        read are refused by name."""
+        if not params:
+            return None
+        p = dict(params)
+        kind = p.pop("rope_type", p.pop("type", "default"))
+        p.pop("rope_theta", None)
+        p.pop("partial_rotary_factor", None)
+        if kind == "default":
+            return None
+        if kind not in ROPE_SCALING_TYPES:
+            raise ValueError(f"RoPE scaling type {kind!r} is not implemented (known: "
+                             f"{ROPE_SCALING_TYPES})")
+        known = {f.name for f in dataclasses.fields(cls)} - {"type"}
+        unknown = sorted(set(p) - known)
+        if unknown:
+            raise ValueError(f"RoPE scaling {kind!r}: unknown parameters {unknown}")
+        factor = p.pop("factor", None)
+        original = p.pop("original_max_position_embeddings", None)
+        if kind == "dynamic":
+            original = max_position_embeddings  # HF's dynamic NTK grows past this one
+        elif original is None:
+            original = max_position_embeddings
+        if factor is None and kind == "yarn" and original and max_position_embeddings:
+            factor = max_position_embeddings / original
+        if factor is None:
+            raise ValueError(f"RoPE scaling {kind!r} needs a factor")
+        kw = {k: v for k, v in p.items() if v is not None}
+        for name in ("beta_fast", "beta_slow"):  # HF: ``get(name) or default``
+            if name in kw and not kw[name]:
+                del kw[name]
+        return cls(kind, float(factor), original, **kw)
+
+    def attention_scale(self) -> float:
+        """The factor cos and sin are multiplied by (1.0 except for YaRN)."""
+        if self.type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return mscale(self.factor, self.mscale) / mscale(self.factor, self.mscale_all_dim)
+        return mscale(self.factor)
+
+
+def rope_inverse_frequencies(dim: int, theta: float, scaling: RopeScaling | None = None
+                             ) -> np.ndarray:
+    """(dim // 2,) float64 inverse frequencies of a RoPE of width ``dim`` (static scalings only:
+    ``dynamic`` depends on the positions, see ``rope_tables``)."""
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if scaling is None or scaling.type == "dynamic":
+        return inv
+    f = scaling.factor
+    if scaling.type == "linear":
+        return inv / f
+    orig = scaling.original_max_position_embeddings
+    if scaling.type == "llama3":
+        low_wl, high_wl = orig / scaling.low_freq_factor, orig / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wl, inv / f, inv)
+        smooth = (orig / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        blend = (1 - smooth) * scaled / f + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, blend, scaled)
+    # yarn
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolate = 1 - ramp
+    return inv / f * (1 - extrapolate) + inv * extrapolate
+
+
+def rope_tables(positions: Array, dim: int, theta: float = 10000.0,
+                dtype: Dtype = jnp.float32, *, scaling: RopeScaling | None = None,
+                style: RopeStyle = "half") -> tuple[Array, Array]:
+    """cos/sin tables of shape ``positions.shape + (dim,)`` for ``apply_rope``.
+
+    ``positions`` is (T,) for positions shared by the batch or (B, T) per sample. ``style``
+    ``"half"`` pairs channel i with i + dim / 2 (GPT-NeoX / Llama layout), ``"interleaved"``
+    pairs 2i with 2i + 1 (GPT-J / the original RoFormer / DeepSeek's layout); ``scaling`` as
+    ``RopeScaling``.
     """
     if dim <= 0 or dim % 2 != 0:
         raise ValueError(f"RoPE dim must be a positive even number, got {dim}")
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    freqs = jnp.asarray(positions).astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    if style not in ROPE_STYLES:
+        raise ValueError(f"RoPE style {style!r} is not one of {ROPE_STYLES}")
+    pos = jnp.asarray(positions).astype(jnp.float32)
+    if scaling is not None and scaling.type == "dynamic":
+        if dim < 4:
+            raise ValueError(f"dynamic NTK RoPE needs dim >= 4, got {dim}")
+        orig = scaling.original_max_position_embeddings
+        length = jnp.maximum(jnp.max(pos) + 1.0, float(orig))
+        base = theta * ((scaling.factor * length / orig) - (scaling.factor - 1)) ** (
+            dim / (dim - 2))
+        inv = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    else:
+        inv = jnp.asarray(rope_inverse_frequencies(dim, theta, scaling), jnp.float32)
+    freqs = pos[..., None] * inv
+    emb = (jnp.concatenate([freqs, freqs], axis=-1) if style == "half"
+           else jnp.repeat(freqs, 2, axis=-1))
+    scale = 1.0 if scaling is None else scaling.attention_scale()
+    return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
 
 
 def _rotate_half(x: Array) -> Array:
@@ -253,11 +415,18 @@ def _rotate_half(x: Array) -> Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x_BTNH: Array, cos: Array, sin: Array) -> Array:
+def _rotate_pairs(x: Array) -> Array:
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    return jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+
+
+def apply_rope(x_BTNH: Array, cos: Array, sin: Array, style: RopeStyle = "half") -> Array:
     """Rotate the leading ``R = cos.shape[-1]`` channels of every head; pass the rest through.
 
-    ``x`` is (B, T, N, H) with ``H >= R``; ``cos``/``sin`` are (T, R) or (B, T, R). ``R == H`` is
-    full RoPE, ``R < H`` partial RoPE (MiniMax's ``rope_dim``).
+    ``x`` is (B, T, N, H) with ``H >= R``; ``cos``/``sin`` are (T, R) or (B, T, R) from
+    ``rope_tables`` with the same ``style``. ``R == H`` is full RoPE, ``R < H`` partial RoPE
+    (MiniMax's ``rope_dim``). The interleaved style rotates the pairs in place (HF's DeepSeek
+    code permutes them to the half layout first; q . k is the same).
     """
     r, h = cos.shape[-1], x_BTNH.shape[-1]
     if r % 2 != 0 or r > h:
@@ -267,7 +436,8 @@ def apply_rope(x_BTNH: Array, cos: Array, sin: Array) -> Array:
     else:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rot, rest = x_BTNH[..., :r], x_BTNH[..., r:]
-    rot = rot * cos + _rotate_half(rot) * sin
+    rotate = _rotate_half if style == "half" else _rotate_pairs
+    rot = rot * cos + rotate(rot) * sin
     return rot if r == h else jnp.concatenate([rot, rest], axis=-1)
 
 
@@ -535,14 +705,29 @@ def attention_dropout(module: nn.Module, rate: float, deterministic: bool) -> tu
 def dense_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Array | None = None,
                         bias: Array | None = None, causal: bool = False,
                         scale: float | None = None, dropout_rate: float = 0.0,
-                        dropout_rng: Array | None = None, precision: Precision = None) -> Array:
-    """The dense core in XLA: ``dot_product_attention`` with ``causal`` folded into ``keep``."""
+                        dropout_rng: Array | None = None, precision: Precision = None,
+                        sink: Array | None = None, window: tuple[int, int] | None = None) -> Array:
+    """The dense core in XLA: ``dot_product_attention`` with ``causal`` and ``window`` folded
+    into ``keep``."""
+    t, s = q_BTNH.shape[1], k_BSKH.shape[1]
     if causal:
-        rule = causal_mask(q_BTNH.shape[1], k_BSKH.shape[1])
+        rule = causal_mask(t, s)
+        keep = rule if keep is None else keep & rule
+    if window is not None:
+        rule = window_keep(jnp.arange(t) + s - t, jnp.arange(s), window)
         keep = rule if keep is None else keep & rule
     return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, bias=bias, scale=scale,
-                                 dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                                 dropout_rate=dropout_rate, dropout_rng=dropout_rng, sink=sink,
                                  precision=precision)
+
+
+def window_keep(q_pos_T: Array, k_pos_S: Array, window: tuple[int, int]) -> Array:
+    """(T, S) bool: key position k within ``window = (left, right)`` of query position q:
+    ``q - left < k <= q + right`` (``left`` keys up to and including the query's own position,
+    ``right`` after it; a causal sliding window of W keys is (W, 0))."""
+    left, right = window
+    d = k_pos_S[None, :] - q_pos_T[:, None]
+    return (d > -left) & (d <= right)
 
 
 _CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
@@ -550,7 +735,8 @@ _CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 def cudnn_unsupported(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Array | None = None,
                       bias: Array | None = None, causal: bool = False, dropout_rate: float = 0.0,
-                      backend: str | None = None, **_) -> str | None:
+                      backend: str | None = None, sink: Array | None = None,
+                      window: tuple[int, int] | None = None, **_) -> str | None:
     """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` cannot run this call, or
     None. Mirrors jax's own checks (``jax._src.cudnn.fused_attention_stablehlo``): a GPU backend,
     float16/bfloat16 operands of one dtype, V == H, a head width that is a multiple of 8 up to 128
@@ -578,6 +764,10 @@ def cudnn_unsupported(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Arra
                 f"jax.nn.dot_product_attention; use deterministic=True or impl='xla'")
     if causal and t != s:
         return f"the causal rule with T={t} != S={s} is bottom-right aligned here, not in cuDNN"
+    if sink is not None:
+        return "per-head sink logits are not offered by jax.nn.dot_product_attention"
+    if window is not None and t != s:
+        return f"a sliding window with T={t} != S={s} (cuDNN aligns windows top-left)"
     if (keep is not None or bias is not None) and (t % 2 or s % 2):
         return f"a mask or bias needs even lengths for cuDNN's backward, got T={t}, S={s}"
     return None
@@ -594,17 +784,19 @@ def dense_attention_cudnn(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *,
                           keep: Array | None = None, bias: Array | None = None,
                           causal: bool = False, scale: float | None = None,
                           dropout_rate: float = 0.0, dropout_rng: Array | None = None,
-                          precision: Precision = None) -> Array:
-    """The dense core on cuDNN's fused attention; same numbers as ``dense_attention_xla`` up to
-    the kernel's accumulation order."""
-    del dropout_rate, dropout_rng, precision  # rejected / not applicable (half precision)
+                          precision: Precision = None, sink: Array | None = None,
+                          window: tuple[int, int] | None = None) -> Array:
+    """The dense core on cuDNN's fused attention (a ``window`` is cuDNN's local window); same
+    numbers as ``dense_attention_xla`` up to the kernel's accumulation order."""
+    del dropout_rate, dropout_rng, precision, sink  # rejected / not applicable (half precision)
     return jax_nn_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, bias=bias, causal=causal,
-                            scale=scale, implementation="cudnn")
+                            scale=scale, implementation="cudnn",
+                            local_window=None if window is None else (window[0] - 1, window[1]))
 
 
 def jax_nn_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Array | None,
                      bias: Array | None, causal: bool, scale: float | None,
-                     implementation: str) -> Array:
+                     implementation: str, local_window: tuple[int, int] | None = None) -> Array:
     """The dense core through ``jax.nn.dot_product_attention(implementation=...)``, with
     attnhut's rules: ``keep`` as its boolean mask (an additive ``bias`` is zeroed where ``keep``
     is False, so ``-inf`` entries become masked keys) and a row with no visible key returns
@@ -616,7 +808,8 @@ def jax_nn_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Array
         bias = bias.astype(q_BTNH.dtype) if mask is None else jnp.where(mask, bias, 0).astype(
             q_BTNH.dtype)  # -inf entries are already False in ``keep``
     out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKV, bias, mask, scale=scale,
-                                            is_causal=causal, implementation=implementation)
+                                            is_causal=causal, implementation=implementation,
+                                            local_window_size=local_window)
     if mask is None:
         return out_BTNH
     seen_BNT = jnp.any(mask, axis=-1)  # (B|1, N|K|1, T)
@@ -630,7 +823,8 @@ def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None
          owner: str, scale: float | None = None, dropout_rate: float = 0.0,
          dropout_rng: Array | None = None, impl: str = "xla",
          precision: Precision = None, q_seg_BT: Array | None = None,
-         k_seg_BS: Array | None = None) -> Array:
+         k_seg_BS: Array | None = None, sink: Array | None = None,
+         window: tuple[int, int] | None = None) -> Array:
     """``torch.nn.functional.scaled_dot_product_attention`` as attnhut calls it, on the registry's
     ``dense`` op under ``impl``.
 
@@ -642,6 +836,10 @@ def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None
     causal rule when there is no ``attn_mask``, with ``attn_mask`` (which still replaces the
     causal rule) when there is one. Every impl receives the rule as its boolean ``keep``, cuDNN
     included (``jax.nn.dot_product_attention``'s mask, turned into its additive bias).
+
+    ``sink``: per-head logits (N,) joining every softmax denominator (not on cuDNN);
+    ``window``: (left, right) as ``window_keep`` (cuDNN's local window; XLA masks the (T, S)
+    logits, the block-sparse op is the O(T x window) path).
     """
     b, t, n, _ = q_BTNH.shape
     s = k_BSKH.shape[1]
@@ -653,7 +851,9 @@ def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None
         keep = seg_B1TS if keep is None else keep & seg_B1TS
     return registry.call(owner, "dense", impl, q_BTNH, k_BSKH, v_BSKV, keep=keep, bias=bias,
                          causal=causal and attn_mask is None, scale=scale,
-                         dropout_rate=dropout_rate, dropout_rng=dropout_rng, precision=precision)
+                         dropout_rate=dropout_rate, dropout_rng=dropout_rng, precision=precision,
+                         **({} if sink is None else {"sink": sink}),
+                         **({} if window is None else {"window": window}))
 
 
 # ----------------------------------------------------------------------------- sparse cores

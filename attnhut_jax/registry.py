@@ -136,3 +136,10 @@ def select(owner: str, op: str, impl: str, *args, **kwargs) -> Callable[..., Any
 def call(owner: str, op: str, impl: str, *args, **kwargs):
     """``select(owner, op, impl, ...)(...)``: run ``op`` under ``impl``."""
     return select(owner, op, impl, *args, **kwargs)(*args, **kwargs)
+
+
+def window_route(impl: str) -> tuple[str, str]:
+    """(op, impl) a dense module's sliding window runs on: cuDNN's local window (the ``dense``
+    op) under ``cudnn``, else the ``block_sparse`` op, O(T x window) (``xla`` stays ``xla``,
+    ``auto`` is the block-sparse op's ``auto``: the Pallas kernels on GPU and TPU)."""
+    return ("dense", "cudnn") if impl == "cudnn" else ("block_sparse", impl)
