@@ -11,6 +11,8 @@ costs O(cache length x latent width) per head instead of expanding the whole cac
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -59,9 +61,16 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
     Args mirror ``attnhut.MultiHeadLatentAttention``: ``dim``, ``num_heads``, ``q_lora_rank``
     (default dim // 2), ``kv_lora_rank`` (dim // 4), ``qk_nope_head_dim`` (head_dim // 2),
     ``qk_rope_head_dim`` (head_dim // 2, even), ``v_head_dim`` (head_dim), ``causal`` (True),
-    ``rope_theta``, ``bias``; ``head_dim = dim // num_heads``. As in attnhut, a falsy rank
-    (None or 0) selects the default. Parameters: ``q_down``, ``q_norm``, ``q_up``, ``kv_down``,
-    ``kv_norm``, ``kv_up``, ``proj``.
+    ``rope_theta``, ``bias``; ``head_dim = dim // num_heads``. As in attnhut, a rank or width of
+    0 (or None, except ``q_lora_rank``) selects the default. Parameters: ``q_down``, ``q_norm``,
+    ``q_up``, ``kv_down``, ``kv_norm``, ``kv_up``, ``proj``.
+
+    The DeepSeek-V2/V3 layout (d9d's ``MultiHeadLatentAttention``, Hugging Face's
+    ``DeepseekV3Attention``): ``q_lora_rank=None`` projects the query at full rank (parameter
+    ``q`` instead of ``q_down`` / ``q_norm`` / ``q_up``, as DeepSeek-V2-Lite); ``norm_eps`` of
+    the latent RMSNorms; ``rope_style`` (``"interleaved"`` is DeepSeek's ``rope_interleave``);
+    ``rope_scaling`` (``core.RopeScaling``): with YaRN and ``mscale_all_dim`` the softmax scale
+    is multiplied by ``(0.1 mscale_all_dim ln(factor) + 1) ** 2``, as DeepSeek-V3 does.
 
     ``impl`` (``auto`` | ``xla`` | ``cudnn``; no variable depends on it) picks the registry's
     ``dense`` op, ``core.cudnn_unsupported`` says when cuDNN can run; ``precision`` reaches every
@@ -82,7 +91,7 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
 
     dim: int
     num_heads: int
-    q_lora_rank: int | None = None
+    q_lora_rank: int | None = 0
     kv_lora_rank: int | None = None
     qk_nope_head_dim: int | None = None
     qk_rope_head_dim: int | None = None
@@ -96,13 +105,40 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
     precision: core.Precision = None
     decode: bool = False
     absorb: bool = True
+    norm_eps: float = 1e-6
+    rope_style: core.RopeStyle = "half"
+    rope_scaling: core.RopeScaling | None = None
 
-    def dims(self) -> tuple[int, int, int, int, int]:
-        """Resolved (q_lora_rank, kv_lora_rank, nope, rope, v_head_dim), attnhut's defaults applied."""
+    def dims(self) -> tuple[int | None, int, int, int, int]:
+        """Resolved (q_lora_rank, kv_lora_rank, nope, rope, v_head_dim), attnhut's defaults applied
+        (q_lora_rank None: a full-rank query)."""
         head_dim = self.dim // self.num_heads if self.num_heads > 0 else 0
-        return (self.q_lora_rank or self.dim // 2, self.kv_lora_rank or self.dim // 4,
+        ql = None if self.q_lora_rank is None else (self.q_lora_rank or self.dim // 2)
+        return (ql, self.kv_lora_rank or self.dim // 4,
                 self.qk_nope_head_dim or head_dim // 2, self.qk_rope_head_dim or head_dim // 2,
                 self.v_head_dim or head_dim)
+
+    def softmax_scale(self) -> float:
+        """(nope + rope) ** -0.5, times DeepSeek's YaRN ``mscale_all_dim`` factor squared."""
+        _, _, nope, rope, _ = self.dims()
+        scale = (nope + rope) ** -0.5
+        sc = self.rope_scaling
+        if sc is not None and sc.type == "yarn" and sc.mscale_all_dim and sc.factor > 1:
+            scale *= (0.1 * sc.mscale_all_dim * math.log(sc.factor) + 1.0) ** 2
+        return scale
+
+    def _rope_tables(self, pos: Array, dtype) -> tuple[Array, Array]:
+        rope = self.dims()[3]
+        return core.rope_tables(pos, rope, self.rope_theta, dtype, scaling=self.rope_scaling,
+                                style=self.rope_style)
+
+    def _rope(self, a: Array, cos: Array, sin: Array) -> Array:
+        return core.apply_rope(a, cos, sin, self.rope_style)
+
+    def _query(self, x: Array) -> Array:
+        if self.q_lora_rank is None:
+            return self.q(x)
+        return self.q_up(core.rms_norm(self.q_down(x), self.q_norm, self.norm_eps))
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
         """Bytes a decoder caches per token in ``dtype``: the latent (``kv_lora_rank``) and the rope
@@ -122,19 +158,32 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
         core.check_positive(owner, dim=self.dim, num_heads=self.num_heads)
         registry.check(owner, "dense", self.impl)
         ql, kvl, nope, rope, vd = self.dims()
-        core.check_positive(owner, q_lora_rank=ql, kv_lora_rank=kvl, qk_nope_head_dim=nope,
+        core.check_positive(owner, kv_lora_rank=kvl, qk_nope_head_dim=nope,
                             qk_rope_head_dim=rope, v_head_dim=vd)
+        if not self.norm_eps > 0:
+            raise ValueError(f"{owner}: norm_eps={self.norm_eps} must be > 0")
+        if ql is not None:
+            core.check_positive(owner, q_lora_rank=ql)
         if rope % 2 != 0:
             raise ValueError(f"{owner}: qk_rope_head_dim={rope} must be even")
+        if self.rope_style not in core.ROPE_STYLES:
+            raise ValueError(f"{owner}: rope_style={self.rope_style!r} is not one of "
+                             f"{core.ROPE_STYLES}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, core.RopeScaling):
+            raise TypeError(f"{owner}: rope_scaling must be a core.RopeScaling, got "
+                            f"{type(self.rope_scaling).__name__}")
         cache.check_causal(owner, self.decode, self.causal)
         n = self.num_heads
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision)
-        self.q_down = core.Linear(ql, axes=("embed", "latent"), **kw)
-        self.q_up = core.Linear(n * (nope + rope), axes=("latent", "heads"), **kw)
+        if ql is None:
+            self.q = core.Linear(n * (nope + rope), axes=("embed", "heads"), **kw)
+        else:
+            self.q_down = core.Linear(ql, axes=("embed", "latent"), **kw)
+            self.q_up = core.Linear(n * (nope + rope), axes=("latent", "heads"), **kw)
+            self.q_norm = core.ones_param(self, "q_norm", ql, "latent", self.param_dtype)
         self.kv_down = core.Linear(kvl + rope, axes=("embed", "latent"), **kw)
         self.kv_up = core.Linear(n * (nope + vd), axes=("latent", "heads"), **kw)
-        self.q_norm = core.ones_param(self, "q_norm", ql, "latent", self.param_dtype)
         self.kv_norm = core.ones_param(self, "kv_norm", kvl, "latent", self.param_dtype)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
@@ -165,22 +214,22 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
         n = self.num_heads
         _, kvl, nope, rope, vd = self.dims()
 
-        q = self.q_up(core.rms_norm(self.q_down(x), self.q_norm))
-        q_BTNH = q.reshape(b, t, n, nope + rope)
+        q_BTNH = self._query(x).reshape(b, t, n, nope + rope)
         c_BSL, k_rope_BSR = jnp.split(self.kv_down(x), [kvl], axis=-1)
-        kv = self.kv_up(core.rms_norm(c_BSL, self.kv_norm)).reshape(b, t, n, nope + vd)
+        kv = self.kv_up(core.rms_norm(c_BSL, self.kv_norm, self.norm_eps)).reshape(
+            b, t, n, nope + vd)
         k_nope_BSNH, v_BSNV = jnp.split(kv, [nope], axis=-1)
 
-        cos, sin = core.rope_tables(core.rope_positions(pos, t), rope, self.rope_theta,
-                                    q_BTNH.dtype)
+        cos, sin = self._rope_tables(core.rope_positions(pos, t), q_BTNH.dtype)
         q_BTNH = jnp.concatenate(
-            [q_BTNH[..., :nope], core.apply_rope(q_BTNH[..., nope:], cos, sin)], axis=-1)
-        k_rope_BS1R = core.apply_rope(k_rope_BSR[:, :, None, :], cos, sin)
+            [q_BTNH[..., :nope], self._rope(q_BTNH[..., nope:], cos, sin)], axis=-1)
+        k_rope_BS1R = self._rope(k_rope_BSR[:, :, None, :], cos, sin)
         k_BSNH = jnp.concatenate(
             [k_nope_BSNH, jnp.broadcast_to(k_rope_BS1R, (b, t, n, rope))], axis=-1)
         out = core.sdpa(q_BTNH, k_BSNH, v_BSNV, attn_mask=attn_mask, causal=self.causal,
                         owner="MultiHeadLatentAttention", impl=self.impl,
-                        precision=self.precision, q_seg_BT=seg, k_seg_BS=seg)
+                        scale=self.softmax_scale(), precision=self.precision, q_seg_BT=seg,
+                        k_seg_BS=seg)
         return self.proj(out.reshape(b, t, n * vd))
 
     def _decode(self, x: Array, lengths: Array | None) -> Array:
@@ -190,14 +239,14 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
         b, t, _ = step.x.shape
         n = self.num_heads
         _, kvl, nope, rope, vd = self.dims()
-        q = self.q_up(core.rms_norm(self.q_down(step.x), self.q_norm))
-        q_BTNH = q.reshape(b, t, n, nope + rope)
+        q_BTNH = self._query(step.x).reshape(b, t, n, nope + rope)
         c_BTL, k_rope_BTR = jnp.split(self.kv_down(step.x), [kvl], axis=-1)
-        cos, sin = core.rope_tables(step.pos_BT, rope, self.rope_theta, q_BTNH.dtype)
+        cos, sin = self._rope_tables(step.pos_BT, q_BTNH.dtype)
         q_nope_BTNH = q_BTNH[..., :nope]
-        q_rope_BTNR = core.apply_rope(q_BTNH[..., nope:], cos, sin)
-        latent_BSL = step.append("latent", core.rms_norm(c_BTL, self.kv_norm))
-        k_rope_BSR = step.append("rope_key", core.apply_rope(k_rope_BTR[:, :, None, :], cos, sin)[:, :, 0])
+        q_rope_BTNR = self._rope(q_BTNH[..., nope:], cos, sin)
+        latent_BSL = step.append("latent", core.rms_norm(c_BTL, self.kv_norm, self.norm_eps))
+        k_rope_BSR = step.append("rope_key",
+                                 self._rope(k_rope_BTR[:, :, None, :], cos, sin)[:, :, 0])
         keep_BTS = step.keep()
         if not step.initializing:
             # the attention reads the written cache as it is (XLA would otherwise fuse a second
@@ -208,7 +257,7 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
                 self.kv_up(latent_BSL[:, :1])  # creates kv_up's parameters, which are read below
             w_uk_LNH, w_uv_LNV, b_uv_NV = self._kv_up_weights(q_nope_BTNH)
             out_BTNV = absorbed_attention(q_nope_BTNH, q_rope_BTNR, latent_BSL, k_rope_BSR, w_uk_LNH,
-                                          w_uv_LNV, b_uv_NV, keep_BTS, scale=(nope + rope) ** -0.5,
+                                          w_uv_LNV, b_uv_NV, keep_BTS, scale=self.softmax_scale(),
                                           precision=self.precision)
         else:
             s = latent_BSL.shape[1]
@@ -218,6 +267,7 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
             k_BSNH = jnp.concatenate([k_nope_BSNH, k_rope_BSNR.astype(k_nope_BSNH.dtype)], axis=-1)
             q_BTNH = jnp.concatenate([q_nope_BTNH, q_rope_BTNR], axis=-1)
             out_BTNV = core.dot_product_attention(q_BTNH, k_BSNH, v_BSNV, keep=keep_BTS[:, None],
+                                                  scale=self.softmax_scale(),
                                                   precision=self.precision)
         return step.finish(self.proj(out_BTNV.reshape(b, t, n * vd)))
 

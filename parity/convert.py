@@ -390,7 +390,25 @@ def constructor_kwargs(flax_module: nn.Module) -> dict[str, Any]:
     import inspect
 
     names = inspect.signature(spec.torch_cls.__init__).parameters
+    if spec.torch_cls is not torch.nn.Module:  # an attnhut class: it must hold every option set
+        unheld = [f"{f.name}={getattr(flax_module, f.name)!r}"
+                  for f in dataclasses.fields(flax_module)
+                  if f.name not in names and f.name not in _NOT_MATH
+                  and f.default is not dataclasses.MISSING
+                  and getattr(flax_module, f.name) != f.default]
+        if unheld:
+            raise ValueError(f"to_torch: attnhut's {spec.torch_cls.__name__} has no "
+                             f"{', '.join(unheld)} (convert to a Hugging Face layer with "
+                             f"parity.to_hf, or keep these at their defaults)")
+    if getattr(flax_module, "q_lora_rank", 0) is None and "q_lora_rank" in names:
+        raise ValueError(f"to_torch: attnhut's {spec.torch_cls.__name__} has no full-rank query "
+                         f"(q_lora_rank=None)")
     return {k: getattr(flax_module, k) for k in names if k != "self"}
+
+
+# Flax fields that change how a module runs, not what it computes
+_NOT_MATH = {"parent", "name", "impl", "dtype", "param_dtype", "precision", "decode", "absorb",
+             "deterministic"}
 
 
 # ----------------------------------------------------------------------------- naming rule
