@@ -55,6 +55,45 @@ def absorbed_attention(q_nope_BTNH: Array, q_rope_BTNR: Array, latent_BSL: Array
     return out_BTNV + (total_BTN1 * b_uv_NV).astype(out_BTNV.dtype)
 
 
+class LatentIndexer(nn.Module):
+    """DeepSeek-V3.2's lightning indexer on MLA: queries from the query latent (``wq_b``), one
+    shared key ``LayerNorm(wk(x))`` (``k_norm``, eps 1e-6), per-head gates ``weights_proj(x)``;
+    RoPE (half layout, whatever the main attention's) on the leading ``rope`` channels of both.
+    Scores ``I[t, s] = sum_i w[t, i] I^-1/2 E^-1/2 ReLU(q[t, i] . k[s])`` (the scales folded into
+    the gates: ReLU commutes with a positive factor). Its projections run in float32."""
+
+    dim: int
+    q_lora_rank: int
+    num_heads: int
+    head_dim: int
+    param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
+
+    def setup(self) -> None:
+        kw = dict(use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
+                  precision=self.precision)
+        self.wq_b = core.Linear(self.num_heads * self.head_dim, axes=("latent", "index"), **kw)
+        self.wk = core.Linear(self.head_dim, axes=("embed", "index"), **kw)
+        self.k_norm = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=jnp.float32,
+                                   param_dtype=self.param_dtype,
+                                   scale_init=core.logical(nn.initializers.ones_init(), ("index",)),
+                                   bias_init=core.logical(nn.initializers.zeros_init(), ("index",)))
+        self.weights_proj = core.Linear(self.num_heads, axes=("embed", "index_heads"), **kw)
+
+    def __call__(self, x: Array, q_latent: Array, cos: Array, sin: Array
+                 ) -> tuple[Array, Array, Array]:
+        """Queries (B, T, I, E), keys (B, T, E), gates (B, T, I), all float32, from detached
+        inputs (the output's gradient never reaches the selector, as in DeepSeek-V3.2)."""
+        x, q_latent = jax.lax.stop_gradient((x, q_latent))
+        b, t, _ = x.shape
+        q_BTIE = self.wq_b(q_latent).reshape(b, t, self.num_heads, self.head_dim)
+        k_BT1E = self.k_norm(self.wk(x))[:, :, None, :]
+        q_BTIE = core.apply_rope(q_BTIE, cos, sin)
+        k_BTE = core.apply_rope(k_BT1E, cos, sin)[:, :, 0]
+        w_BTI = self.weights_proj(x) * (self.num_heads * self.head_dim) ** -0.5
+        return q_BTIE, k_BTE, w_BTI
+
+
 class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
     """MLA with a decoupled RoPE key head.
 
@@ -71,6 +110,17 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
     the latent RMSNorms; ``rope_style`` (``"interleaved"`` is DeepSeek's ``rope_interleave``);
     ``rope_scaling`` (``core.RopeScaling``): with YaRN and ``mscale_all_dim`` the softmax scale
     is multiplied by ``(0.1 mscale_all_dim ln(factor) + 1) ** 2``, as DeepSeek-V3 does.
+
+    DeepSeek-V3.2's sparse attention (DSA on MLA, Hugging Face's ``DeepseekV32Attention``):
+    ``index_top_k > 0`` adds a ``LatentIndexer`` (``indexer``: ``index_num_heads`` heads of
+    ``index_head_dim``, reading the query latent, so ``q_lora_rank`` must not be None) and each
+    query reads only its ``index_top_k`` best-scored keys at or before it (the registry's ``dsa``
+    op under ``index_impl``: ``reference`` masks a dense (T, T) computation, ``xla`` / ``pallas``
+    select with the fused indexer top-k and attend over the selected tokens only). The indexer
+    reads detached inputs, so only ``index_loss="sparse"|"dense"`` (call argument; the call then
+    returns ``(out, loss)``) trains it. FP8 scoring and the Hadamard rotation of DeepSeek's
+    release are out of scope (the rotation is orthogonal: it does not change the scores).
+    Decoding caches the indexer's keys too and masks the step's latent read to the selection.
 
     ``impl`` (``auto`` | ``xla`` | ``cudnn``; no variable depends on it) picks the registry's
     ``dense`` op, ``core.cudnn_unsupported`` says when cuDNN can run; ``precision`` reaches every
@@ -108,6 +158,10 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
     norm_eps: float = 1e-6
     rope_style: core.RopeStyle = "half"
     rope_scaling: core.RopeScaling | None = None
+    index_top_k: int = 0
+    index_num_heads: int = 64
+    index_head_dim: int = 128
+    index_impl: registry.SparseImpl = "auto"
 
     def dims(self) -> tuple[int | None, int, int, int, int]:
         """Resolved (q_lora_rank, kv_lora_rank, nope, rope, v_head_dim), attnhut's defaults applied
@@ -117,6 +171,11 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
         return (ql, self.kv_lora_rank or self.dim // 4,
                 self.qk_nope_head_dim or head_dim // 2, self.qk_rope_head_dim or head_dim // 2,
                 self.v_head_dim or head_dim)
+
+    def decode_scored(self, n: int) -> int:
+        """Index keys the indexer scores per decode query: every cached one (none without an
+        indexer). The step still reads the whole latent, masked to the selection."""
+        return int(n) if self.index_top_k else 0
 
     def softmax_scale(self) -> float:
         """(nope + rope) ** -0.5, times DeepSeek's YaRN ``mscale_all_dim`` factor squared."""
@@ -135,23 +194,36 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
     def _rope(self, a: Array, cos: Array, sin: Array) -> Array:
         return core.apply_rope(a, cos, sin, self.rope_style)
 
-    def _query(self, x: Array) -> Array:
+    def _query(self, x: Array) -> tuple[Array, Array | None]:
+        """The query (B, T, N * (nope + rope)) and the normalised query latent (None at full
+        rank)."""
         if self.q_lora_rank is None:
-            return self.q(x)
-        return self.q_up(core.rms_norm(self.q_down(x), self.q_norm, self.norm_eps))
+            return self.q(x), None
+        latent = core.rms_norm(self.q_down(x), self.q_norm, self.norm_eps)
+        return self.q_up(latent), latent
+
+    def _index(self, x: Array, q_latent: Array, pos: Array):
+        """The indexer's (queries, keys, gates) at positions ``pos``."""
+        rope = self.dims()[3]
+        cos, sin = core.rope_tables(pos, rope, self.rope_theta, jnp.float32,
+                                    scaling=self.rope_scaling, style="half")
+        return self.indexer(x, q_latent, cos, sin)
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
         """Bytes a decoder caches per token in ``dtype``: the latent (``kv_lora_rank``) and the rope
         key shared by all heads."""
         _, kv_lora_rank, _, rope_dim, _ = self.dims()
-        return float((kv_lora_rank + rope_dim) * jnp.dtype(dtype).itemsize)
+        index_key = self.index_head_dim * 4 if self.index_top_k else 0  # float32 index keys
+        return float((kv_lora_rank + rope_dim) * jnp.dtype(dtype).itemsize + index_key)
 
     def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
         """Bytes of the decode cache's arrays in ``dtype``: the latent (``kv_lora_rank``) and the
         rotated rope key (``qk_rope_head_dim``) per token, and the index."""
         _, kvl, _, rope, _ = self.dims()
+        index_keys = (cache.nbytes((batch, max_len, self.index_head_dim), jnp.float32)
+                      if self.index_top_k else 0)
         return (cache.nbytes((batch, max_len, kvl), dtype) + cache.nbytes((batch, max_len, rope), dtype)
-                + cache.index_bytes(batch))
+                + index_keys + cache.index_bytes(batch))
 
     def setup(self) -> None:
         owner = "MultiHeadLatentAttention"
@@ -172,6 +244,21 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, core.RopeScaling):
             raise TypeError(f"{owner}: rope_scaling must be a core.RopeScaling, got "
                             f"{type(self.rope_scaling).__name__}")
+        if self.index_top_k < 0:
+            raise ValueError(f"{owner}: index_top_k={self.index_top_k} must be >= 0 (0: dense)")
+        if self.index_top_k:
+            if ql is None:
+                raise ValueError(f"{owner}: index_top_k={self.index_top_k} needs a query latent "
+                                 f"(the indexer reads it): q_lora_rank must not be None")
+            core.check_positive(owner, index_num_heads=self.index_num_heads,
+                                index_head_dim=self.index_head_dim)
+            if self.index_head_dim < rope:
+                raise ValueError(f"{owner}: index_head_dim={self.index_head_dim} must be >= "
+                                 f"qk_rope_head_dim={rope} (the indexer rotates that many)")
+            cache.check_causal(owner + " with an indexer", True, self.causal)
+            registry.check(owner, "dsa", self.index_impl)
+            self.indexer = LatentIndexer(self.dim, ql, self.index_num_heads, self.index_head_dim,
+                                         self.param_dtype, self.precision)
         cache.check_causal(owner, self.decode, self.causal)
         n = self.num_heads
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -189,7 +276,7 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
 
     def __call__(self, x: Array, attn_mask: Array | None = None, *,
                  segment_ids: Array | None = None, positions: Array | None = None,
-                 lengths: Array | None = None) -> Array:
+                 lengths: Array | None = None, index_loss: str | None = None):
         """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T).
 
         ``segment_ids`` (B, T) int: packed sequences, as ``StandardAttention`` takes them
@@ -202,11 +289,25 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
         With ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
         appends (``attnhut_jax.cache``); ``attn_mask``, ``segment_ids`` and ``positions`` are
         refused (positions continue from the cache).
+
+        With an indexer (``index_top_k > 0``): ``attn_mask`` is refused; ``index_loss``
+        ``"sparse"`` | ``"dense"`` returns ``(out, loss)`` (DSA's index losses, computed by the
+        ``dsa`` op without a (T, T) array off the ``reference`` impl).
         """
         core.check_input(x, self.dim, "MultiHeadLatentAttention")
         cache.check_options("MultiHeadLatentAttention", decode=self.decode, lengths=lengths,
                             attn_mask=attn_mask, segment_ids=segment_ids, positions=positions)
+        if index_loss is not None and (not self.index_top_k or index_loss not in (
+                "sparse", "dense")):
+            raise ValueError(f"MultiHeadLatentAttention: index_loss={index_loss!r} needs an "
+                             f"indexer (index_top_k > 0) and is 'sparse' or 'dense'")
+        if self.index_top_k and attn_mask is not None:
+            raise ValueError("MultiHeadLatentAttention: attn_mask is refused with an indexer "
+                             "(index_top_k > 0); give segment_ids for packing")
         if self.decode:
+            if index_loss is not None:
+                raise ValueError("MultiHeadLatentAttention: index_loss is a training loss; "
+                                 "decode=True refuses it")
             return self._decode(x, lengths)
         seg, pos = core.check_packing("MultiHeadLatentAttention", x, segment_ids, positions)
         x = core.mask_padding(x, seg)
@@ -214,7 +315,8 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
         n = self.num_heads
         _, kvl, nope, rope, vd = self.dims()
 
-        q_BTNH = self._query(x).reshape(b, t, n, nope + rope)
+        q, q_latent = self._query(x)
+        q_BTNH = q.reshape(b, t, n, nope + rope)
         c_BSL, k_rope_BSR = jnp.split(self.kv_down(x), [kvl], axis=-1)
         kv = self.kv_up(core.rms_norm(c_BSL, self.kv_norm, self.norm_eps)).reshape(
             b, t, n, nope + vd)
@@ -226,6 +328,15 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
         k_rope_BS1R = self._rope(k_rope_BSR[:, :, None, :], cos, sin)
         k_BSNH = jnp.concatenate(
             [k_nope_BSNH, jnp.broadcast_to(k_rope_BS1R, (b, t, n, rope))], axis=-1)
+        if self.index_top_k:
+            index_qkw = self._index(x, q_latent, core.rope_positions(pos, t))
+            out = registry.call("MultiHeadLatentAttention", "dsa", self.index_impl, q_BTNH,
+                                k_BSNH, v_BSNV, *index_qkw, top_k=self.index_top_k, causal=True,
+                                scale=self.softmax_scale(), q_seg_BT=seg, k_seg_BS=seg,
+                                index_loss=index_loss, precision=self.precision)
+            out, loss = out if index_loss is not None else (out, None)
+            out = self.proj(out.reshape(b, t, n * vd))
+            return out if loss is None else (out, loss)
         out = core.sdpa(q_BTNH, k_BSNH, v_BSNV, attn_mask=attn_mask, causal=self.causal,
                         owner="MultiHeadLatentAttention", impl=self.impl,
                         scale=self.softmax_scale(), precision=self.precision, q_seg_BT=seg,
@@ -239,7 +350,8 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
         b, t, _ = step.x.shape
         n = self.num_heads
         _, kvl, nope, rope, vd = self.dims()
-        q_BTNH = self._query(step.x).reshape(b, t, n, nope + rope)
+        q, q_latent = self._query(step.x)
+        q_BTNH = q.reshape(b, t, n, nope + rope)
         c_BTL, k_rope_BTR = jnp.split(self.kv_down(step.x), [kvl], axis=-1)
         cos, sin = self._rope_tables(step.pos_BT, q_BTNH.dtype)
         q_nope_BTNH = q_BTNH[..., :nope]
@@ -248,6 +360,14 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
         k_rope_BSR = step.append("rope_key",
                                  self._rope(k_rope_BTR[:, :, None, :], cos, sin)[:, :, 0])
         keep_BTS = step.keep()
+        if self.index_top_k:
+            qi_BTIE, ki_BTE, w_BTI = self._index(step.x, q_latent, step.pos_BT)
+            ki_BSE = step.append("index_key", ki_BTE)
+            if not step.initializing:
+                ki_BSE = jax.lax.optimization_barrier(ki_BSE)
+            scores_BTS = core.masked_lightning_scores(qi_BTIE, ki_BSE, w_BTI, keep_BTS,
+                                                      self.precision)
+            keep_BTS = core.topk_keep(scores_BTS, keep_BTS, self.index_top_k)
         if not step.initializing:
             # the attention reads the written cache as it is (XLA would otherwise fuse a second
             # copy of the write into each matmul's operand and copy the whole cache for it)

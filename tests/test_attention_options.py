@@ -383,3 +383,99 @@ def test_mla_default_rank_is_attnhuts():
     m = _mla()
     p = nn.unbox(m.init(jax.random.key(0), _x()))["params"]
     assert p["q_down"]["kernel"].shape == (D, D // 2)
+
+
+# ----------------------------------------------------------------------------- MLA + indexer
+
+
+V32 = dict(q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5,
+           rope_style="interleaved", index_top_k=5, index_num_heads=3, index_head_dim=8)
+
+
+def v32_reference(m, p, x, keep=None):
+    """MLA whose queries read their indexer's top-k keys, from the definitions (``keep``: a
+    selection computed before, for gradients: the selection itself has none)."""
+    b, t, _ = x.shape
+    ql, kvl, nope, rope, vd = m.dims()
+    n, ih, ie = m.num_heads, m.index_num_heads, m.index_head_dim
+
+    def lin(tree, name, a):
+        return a @ tree[name]["kernel"] + (tree[name]["bias"] if "bias" in tree[name] else 0.0)
+
+    def norm(a, w):
+        return a / jnp.sqrt(jnp.mean(a * a, -1, keepdims=True) + m.norm_eps) * w
+
+    lat = norm(lin(p, "q_down", x), p["q_norm"])
+    q = lin(p, "q_up", lat).reshape(b, t, n, nope + rope)
+    c, kr = jnp.split(lin(p, "kv_down", x), [kvl], -1)
+    kn, v = jnp.split(lin(p, "kv_up", norm(c, p["kv_norm"])).reshape(b, t, n, nope + vd), [nope], -1)
+    pos = jnp.arange(t, dtype=jnp.float32)
+    qf = jnp.concatenate([q[..., :nope], _rope_ref(q[..., nope:], pos, rope, m.rope_theta,
+                                                   m.rope_style)], -1)
+    kr = _rope_ref(kr[:, :, None], pos, rope, m.rope_theta, m.rope_style)
+    kf = jnp.concatenate([kn, jnp.broadcast_to(kr, (b, t, n, rope))], -1)
+    ip = p["indexer"]
+    qi = _rope_ref(lin(ip, "wq_b", lat).reshape(b, t, ih, ie), pos, rope, m.rope_theta, "half")
+    ki = lin(ip, "wk", x)
+    mu = ki.mean(-1, keepdims=True)
+    ki = (ki - mu) / jnp.sqrt(((ki - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
+    ki = ki * ip["k_norm"]["scale"] + ip["k_norm"]["bias"]
+    ki = _rope_ref(ki[:, :, None], pos, rope, m.rope_theta, "half")[:, :, 0]
+    w = lin(ip, "weights_proj", x) * ih ** -0.5
+    scores = jnp.einsum("bti,btis->bts", w, jax.nn.relu(
+        jnp.einsum("btie,bse->btis", qi, ki) * ie ** -0.5))
+    causal = np.tril(np.ones((t, t), bool))
+    if keep is None:
+        scores = np.where(causal, np.asarray(scores), -np.inf)
+        order = np.argsort(-scores, axis=-1, kind="stable")[..., : m.index_top_k]
+        keep = np.zeros((b, t, t), bool)
+        np.put_along_axis(keep, order, True, axis=-1)
+        keep &= causal
+    logits = jnp.einsum("btnh,bsnh->bnts", qf, kf) * (nope + rope) ** -0.5
+    logits = jnp.where(keep[:, None], logits, -jnp.inf)
+    out = jnp.einsum("bnts,bsnv->btnv", jax.nn.softmax(logits, -1), v)
+    return lin(p, "proj", out.reshape(b, t, n * vd)), keep
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+def test_mla_indexer_matches_the_reference(impl):
+    m = _mla(index_impl=impl, **V32)
+    x = _x()
+    p = nn.unbox(m.init(jax.random.key(0), x))["params"]
+    want, keep = v32_reference(m, p, x)
+    assert 0 < keep.sum(-1).min() and keep.sum(-1).max() == m.index_top_k
+    close(jax.jit(lambda p: m.apply({"params": p}, x))(p), want, 1e-5, impl)
+    g = jax.jit(jax.grad(lambda p, x: m.apply({"params": p}, x).sum(), (0, 1)))(p, x)
+    g_ref = jax.grad(lambda p, x: v32_reference(m, p, x, keep)[0].sum(), (0, 1))(p, x)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref), strict=True):
+        close(a, b, 1e-4, impl)
+    assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree_util.tree_leaves(g[0]["indexer"]))
+
+
+def test_mla_indexer_index_loss_trains_the_indexer_only():
+    m = _mla(index_impl="xla", **V32)
+    x = _x()
+    p = nn.unbox(m.init(jax.random.key(0), x))["params"]
+    for kind in ("sparse", "dense"):
+        g = jax.grad(lambda p: m.apply({"params": p}, x, index_loss=kind)[1])(p)
+        assert any(float(jnp.abs(a).max()) > 0 for a in jax.tree_util.tree_leaves(g["indexer"]))
+        rest = {k: v for k, v in g.items() if k != "indexer"}
+        assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree_util.tree_leaves(rest))
+
+
+def test_mla_indexer_decode_equals_prefill():
+    check_decode_equals_prefill(_v32_maker(), _x(1))
+
+
+@functools.cache
+def _v32_maker():
+    return lambda decode: _mla(decode=decode, index_impl="xla", **V32)
+
+
+def test_mla_indexer_refusals():
+    with pytest.raises(ValueError, match=r"index_top_k=4 needs a query latent"):
+        _mla(q_lora_rank=None, index_top_k=4).init(jax.random.key(0), _x())
+    with pytest.raises(ValueError, match=r"index_head_dim=2 must be >= qk_rope_head_dim=4"):
+        _mla(index_top_k=4, index_head_dim=2).init(jax.random.key(0), _x())
+    with pytest.raises(ValueError, match=r"index_loss='sparse' needs an indexer"):
+        _mla().apply(_mla().init(jax.random.key(0), _x()), _x(), index_loss="sparse")
