@@ -457,7 +457,7 @@ def test_mla_indexer_index_loss_trains_the_indexer_only():
     x = _x()
     p = nn.unbox(m.init(jax.random.key(0), x))["params"]
     for kind in ("sparse", "dense"):
-        g = jax.grad(lambda p: m.apply({"params": p}, x, index_loss=kind)[1])(p)
+        g = jax.grad(lambda p, kind=kind: m.apply({"params": p}, x, index_loss=kind)[1])(p)
         assert any(float(jnp.abs(a).max()) > 0 for a in jax.tree_util.tree_leaves(g["indexer"]))
         rest = {k: v for k, v in g.items() if k != "indexer"}
         assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree_util.tree_leaves(rest))
