@@ -135,11 +135,12 @@ def variables_from_state(module: attnhut_jax.MultiHeadLatentAttention,
                 raise ValueError(f"hf_deepseek: {key} has no place in the module (its "
                                  f"configuration has no {'/'.join(path)})")
             node = node[p]
-        array = _numpy(value)
-        array = array.T if transpose else array
+        hub = _numpy(value)
+        array = hub.T if transpose else hub
         if tuple(array.shape) != tuple(node.shape):
-            raise ValueError(f"hf_deepseek: {key} has shape {array.shape[::-1] if transpose else array.shape}"
-                             f", the module expects {tuple(node.shape)[::-1] if transpose else tuple(node.shape)}")
+            expected = tuple(node.shape)[::-1] if transpose else tuple(node.shape)
+            raise ValueError(f"hf_deepseek: {key} has shape {tuple(hub.shape)}, the module "
+                             f"expects {expected}")
         tree = params
         for p in path[:-1]:
             tree = tree.setdefault(p, {})
