@@ -20,6 +20,12 @@ MECHANISMS = {
     "mqa": (lambda **kw: ah.MultiQueryAttention(D, 4, causal=True, **kw), (2, 12, D)),
     "gqa": (lambda **kw: ah.GroupedQueryAttention(D, 4, 2, causal=True, **kw), (2, 12, D)),
     "mla": (lambda **kw: ah.MultiHeadLatentAttention(D, 4, **kw), (2, 12, D)),
+    "gqa_options": (lambda **kw: ah.GroupedQueryAttention(
+        D, 4, 2, causal=True, head_dim=6, qk_norm=True, output_gate=True, rope_theta=100.0,
+        rope_dim=4, window=5, num_sink_logits=4, num_sink_tokens=2, **kw), (2, 12, D)),
+    "mla_v32": (lambda **kw: ah.MultiHeadLatentAttention(
+        D, 4, q_lora_rank=12, rope_style="interleaved", index_top_k=4, index_num_heads=2,
+        index_head_dim=8, **kw), (2, 12, D)),
     "differential": (lambda **kw: ah.DifferentialAttention(D, 2, **kw), (2, 12, D)),
     "slot": (lambda **kw: ah.SlotAttention(D, 3, hidden_dim=16, **kw), (2, 12, D)),
     "bigbird": (lambda **kw: ah.BigBirdAttention(D, 4, block_size=4, **kw), (2, 12, D)),
