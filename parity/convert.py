@@ -30,6 +30,16 @@ import torch
 
 import attnhut_jax
 
+from . import naming
+from .naming import conv_from_rule as _conv_from_rule
+from .naming import conv_to_rule as _conv_to_rule
+from .naming import kimi_from_rule as _kimi_from_rule
+from .naming import kimi_to_rule as _kimi_to_rule
+from .naming import next_from_rule as _next_from_rule
+from .naming import next_to_rule as _next_to_rule
+from .naming import to_numpy as _to_numpy
+from .naming import torch_key  # noqa: F401  (public here since the rule's first version)
+
 Variables = dict[str, Any]
 
 # ----------------------------------------------------------------------------- registry
@@ -162,23 +172,6 @@ class TorchLayer:
 TORCH_LAYERS: list[TorchLayer] = []
 
 
-def _reshape(sd: dict[str, Any], key: str, shape: Callable[[tuple[int, ...]], tuple[int, ...]]):
-    if key in sd:
-        value = sd[key]
-        sd[key] = value.reshape(shape(tuple(value.shape)))
-    return sd
-
-
-def _conv_to_rule(sd: dict[str, Any]) -> dict[str, Any]:
-    """torch ``Conv1d(groups=C)`` weight (C, 1, K) -> (C, K) (the rule transposes it to (K, C))."""
-    return _reshape(dict(sd), "conv1d.weight",
-                    lambda s: (s[0], s[2]) if len(s) == 3 and s[1] == 1 else s)
-
-
-def _conv_from_rule(sd: dict[str, Any]) -> dict[str, Any]:
-    return _reshape(dict(sd), "conv1d.weight", lambda s: (s[0], 1, s[1]) if len(s) == 2 else s)
-
-
 def _check_silu(layer: torch.nn.Module) -> None:
     act = getattr(layer, "activation", "silu")
     if act != "silu" or layer.conv1d.bias is not None:
@@ -209,43 +202,6 @@ def qwen_text_config(cls_name: str, fm: nn.Module):
         layer_types=["linear_attention"])
 
 
-def _next_to_rule(fm: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
-    """Qwen3-Next's fused, per-key-head-grouped ``in_proj_qkvz`` / ``in_proj_ba`` -> Qwen3.5's
-    ``in_proj_qkv`` (all q, all k, all v), ``in_proj_z``, ``in_proj_b``, ``in_proj_a``."""
-    sd = _conv_to_rule(sd)
-    hk, kd, vd = fm.num_query_key_heads, fm.head_qk_dim, fm.head_v_dim
-    r = fm.num_value_heads // hk
-    if "in_proj_qkvz.weight" in sd:
-        w = _to_numpy(sd.pop("in_proj_qkvz.weight"))
-        w = w.reshape(hk, 2 * kd + 2 * r * vd, w.shape[-1])
-        q, k, v, z = np.split(w, np.cumsum([kd, kd, r * vd]), axis=1)
-        sd["in_proj_qkv.weight"] = np.concatenate(
-            [y.reshape(-1, w.shape[-1]) for y in (q, k, v)], axis=0)
-        sd["in_proj_z.weight"] = z.reshape(-1, w.shape[-1])
-    if "in_proj_ba.weight" in sd:
-        w = _to_numpy(sd.pop("in_proj_ba.weight"))
-        w = w.reshape(hk, 2 * r, w.shape[-1])
-        sd["in_proj_b.weight"] = w[:, :r].reshape(-1, w.shape[-1])
-        sd["in_proj_a.weight"] = w[:, r:].reshape(-1, w.shape[-1])
-    return sd
-
-
-def _next_from_rule(fm: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
-    sd = _conv_from_rule(sd)
-    hk, kd, vd = fm.num_query_key_heads, fm.head_qk_dim, fm.head_v_dim
-    r = fm.num_value_heads // hk
-    qkv, z = sd.pop("in_proj_qkv.weight"), sd.pop("in_proj_z.weight")
-    d = qkv.shape[-1]
-    q, k, v = np.split(qkv, np.cumsum([hk * kd, hk * kd]), axis=0)
-    sd["in_proj_qkvz.weight"] = np.concatenate(
-        [q.reshape(hk, kd, d), k.reshape(hk, kd, d), v.reshape(hk, r * vd, d),
-         z.reshape(hk, r * vd, d)], axis=1).reshape(-1, d)
-    b, a = sd.pop("in_proj_b.weight"), sd.pop("in_proj_a.weight")
-    sd["in_proj_ba.weight"] = np.concatenate([b.reshape(hk, r, d), a.reshape(hk, r, d)],
-                                             axis=1).reshape(-1, d)
-    return sd
-
-
 def _kimi_config(layer: torch.nn.Module) -> dict[str, Any]:
     _check_silu(layer)
     return dict(hidden_size=layer.hidden_size, num_heads=layer.num_heads,
@@ -261,17 +217,6 @@ def _kimi_build(fm: nn.Module) -> torch.nn.Module:
                               rms_norm_eps=fm.norm_eps, hidden_act="silu", num_hidden_layers=1,
                               layer_types=["linear_attention"])
     return _import(_KIMI)(config, layer_idx=0)
-
-
-def _kimi_to_rule(fm: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
-    """conv (C, 1, K) -> (C, K); ``forget_gate.A_log`` (1, 1, N, 1) -> (N,)."""
-    return _reshape(_conv_to_rule(sd), "forget_gate.A_log",
-                    lambda s: (s[2],) if len(s) == 4 else s)
-
-
-def _kimi_from_rule(fm: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
-    return _reshape(_conv_from_rule(sd), "forget_gate.A_log",
-                    lambda s: (1, 1, s[0], 1) if len(s) == 1 else s)
 
 
 def _oracle_gdn_config(layer: torch.nn.Module) -> dict[str, Any]:
@@ -414,20 +359,6 @@ _NOT_MATH = {"parent", "name", "impl", "dtype", "param_dtype", "precision", "dec
 # ----------------------------------------------------------------------------- naming rule
 
 
-def torch_key(path: tuple[str, ...]) -> tuple[str, bool]:
-    """(torch state_dict key, transpose?) for a Flax parameter path."""
-    *prefix, leaf = path
-    if leaf.startswith("kernel"):
-        return ".".join([*prefix, "weight" + leaf[len("kernel"):]]), True
-    if leaf == "scale":
-        return ".".join([*prefix, "weight"]), False
-    return ".".join(path), False
-
-
-def _path_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(p, "key", p)) for p in path)
-
-
 def abstract_variables(flax_module: nn.Module) -> Variables:
     """Shapes, dtypes and logical-axis boxes of ``flax_module.init``, computed without running it."""
     x = jax.ShapeDtypeStruct(_spec_for_flax(flax_module).example_shape(flax_module), jnp.float32)
@@ -436,13 +367,6 @@ def abstract_variables(flax_module: nn.Module) -> Variables:
         flax_module = flax_module.clone(impl="recurrent")
     rngs = {"params": jax.random.key(0), "slots": jax.random.key(0), "mask": jax.random.key(0)}
     return jax.eval_shape(lambda: flax_module.init(rngs, jnp.zeros(x.shape, x.dtype)))
-
-
-def _leaves(variables: Variables):
-    """[(flax path, leaf)] over ``variables['params']``, boxes kept as leaves."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(
-        variables["params"], is_leaf=lambda v: isinstance(v, nn.meta.AxisMetadata))
-    return [(_path_names(p), leaf) for p, leaf in flat]
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -464,35 +388,7 @@ def from_state_dict(flax_module: nn.Module, state_dict: Mapping[str, Any],
 
 
 def _from_rule(flax_module: nn.Module, state_dict: Mapping[str, Any]) -> Variables:
-    abstract = abstract_variables(flax_module)
-    expected = {torch_key(path)[0]: (path, leaf) for path, leaf in _leaves(abstract)}
-    missing = sorted(set(expected) - set(state_dict))
-    extra = sorted(set(state_dict) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{type(flax_module).__name__}: state_dict mismatch; missing keys "
-                         f"{missing}, unexpected keys {extra}")
-    values = {}
-    for key, (path, leaf) in expected.items():
-        arr = _to_numpy(state_dict[key])
-        transpose = torch_key(path)[1]
-        if transpose:
-            arr = arr.T
-        box = leaf if isinstance(leaf, nn.meta.AxisMetadata) else None
-        want = (box.unbox() if box else leaf)
-        if tuple(arr.shape) != tuple(want.shape):
-            shown = tuple(arr.T.shape) if transpose else tuple(arr.shape)
-            need = tuple(want.shape[::-1]) if transpose else tuple(want.shape)
-            raise ValueError(f"{type(flax_module).__name__}: state_dict['{key}'] has shape "
-                             f"{shown}, expected {need}")
-        value = jnp.asarray(arr, dtype=want.dtype)
-        values[path] = box.replace_boxed(value) if box else value
-
-    def fill(path, leaf):
-        return values[_path_names(path)]
-
-    params = jax.tree_util.tree_map_with_path(
-        fill, abstract["params"], is_leaf=lambda v: isinstance(v, nn.meta.AxisMetadata))
-    return {"params": params}
+    return naming.from_rule(flax_module, state_dict, abstract_variables(flax_module))
 
 
 def to_state_dict(flax_module: nn.Module, variables: Variables,
@@ -500,22 +396,9 @@ def to_state_dict(flax_module: nn.Module, variables: Variables,
     """The torch-named state dict (numpy arrays) of ``variables``; inverse of ``from_state_dict``
     (the linear-attention modules' in the layout of the torch layer ``to_torch`` builds, or of
     ``torch_cls``)."""
-    out = {}
-    for path, leaf in _leaves(variables):
-        key, transpose = torch_key(path)
-        arr = np.asarray(nn.meta.unbox(leaf))
-        out[key] = arr.T if transpose else arr
+    out = naming.to_rule(variables)
     layer = _default_torch_layer(flax_module, torch_cls)
     return out if layer is None else layer.from_rule(flax_module, out)
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        if value.dtype == torch.bfloat16:
-            return value.float().numpy().astype(jnp.bfloat16)
-        return value.numpy()
-    return np.asarray(value)
 
 
 # ----------------------------------------------------------------------------- modules
