@@ -13,7 +13,8 @@ with transformers 5.24's class defaults for the fields a file may omit), and ``t
 ``from_rule`` map the layer's own state dict (numpy arrays, the layer's names) to and from the
 naming rule of ``parity.naming``. ``from_hf`` and ``load_hf_layer`` share them, so a file and a
 live layer give the same module. The softmax layers (Llama, Qwen3, gpt-oss, Qwen3-Next, Qwen3.5)
-become ``attnhut_jax.GroupedQueryAttention``; the linear ones (Qwen3.5 / Qwen3-Next Gated
+become ``attnhut_jax.GroupedQueryAttention``, DeepSeek-V3 / V3.2 ``MultiHeadLatentAttention``;
+the linear ones (Qwen3.5 / Qwen3-Next Gated
 DeltaNet, Kimi Delta Attention) are ``convert``'s ``TorchLayer``s, and ``from_hf`` / ``to_hf``
 hand them to ``from_torch`` / ``to_state_dict``.
 
@@ -40,7 +41,7 @@ import numpy as np
 import attnhut_jax
 from attnhut_jax import core
 
-from . import naming
+from . import hf_deepseek, naming
 
 Variables = dict[str, Any]
 
@@ -71,6 +72,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_5_text": dict(_QWEN_HYBRID, num_key_value_heads=4),
     "kimi_linear": dict(rms_norm_eps=1e-5, hidden_act="silu", linear_head_dim=128,
                         linear_num_heads=32, linear_conv_kernel_dim=4),
+    "deepseek_v3": dict(max_position_embeddings=4096, rope_theta=10000.0),
+    "deepseek_v32": dict(max_position_embeddings=163840, rope_theta=10000.0),
 }
 # configs whose text model is a sub-config
 _COMPOSITE = {"qwen3_5": "text_config"}
@@ -375,6 +378,12 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("Qwen3NextGatedDeltaNet", f"{_T}.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet",
          _gdn("Qwen3NextGatedDeltaNet"), naming.next_to_rule, naming.next_from_rule,
          hub="linear_attn", linear=True),
+    Arch("DeepseekV3Attention", f"{_T}.deepseek_v3.modeling_deepseek_v3.DeepseekV3Attention",
+         lambda c, i: hf_deepseek.module_from_config(c.d, c.rope_parameters()),
+         hf_deepseek.to_rule, hf_deepseek.from_rule),
+    Arch("DeepseekV32Attention", f"{_T}.deepseek_v32.modeling_deepseek_v32.DeepseekV32Attention",
+         lambda c, i: hf_deepseek.module_from_config(c.d, c.rope_parameters()),
+         hf_deepseek.to_rule, hf_deepseek.from_rule),
     Arch("KimiLinearDeltaAttention",
          f"{_T}.kimi_linear.modeling_kimi_linear.KimiLinearDeltaAttention", _kda,
          naming.kimi_to_rule, naming.kimi_from_rule, hub_layout=_kimi_hub_layout, linear=True),
@@ -388,6 +397,8 @@ _MODEL_TYPES: dict[str, tuple[str | None, str | None]] = {
     "qwen3_next": ("Qwen3NextAttention", "Qwen3NextGatedDeltaNet"),
     "qwen3_5_text": ("Qwen3_5Attention", "Qwen3_5GatedDeltaNet"),
     "kimi_linear": (None, "KimiLinearDeltaAttention"),
+    "deepseek_v3": ("DeepseekV3Attention", None),
+    "deepseek_v32": ("DeepseekV32Attention", None),
 }
 
 
@@ -416,7 +427,7 @@ def _arch_for_module(layer: Any) -> Arch:
 
 
 def _abstract(fm: nn.Module) -> Variables:
-    if isinstance(fm, attnhut_jax.GroupedQueryAttention):
+    if isinstance(fm, (attnhut_jax.GroupedQueryAttention, attnhut_jax.MultiHeadLatentAttention)):
         width = fm.dim
     else:  # no variable depends on the linear modules' impl; the token-level one traces anywhere
         fm, width = fm.clone(impl="recurrent"), fm.hidden_size
@@ -448,17 +459,21 @@ def _math(fm: nn.Module) -> dict[str, Any]:
 def _check_layer(arch: Arch, layer: Any, fm: nn.Module) -> None:
     """What the layer object holds besides its config: the scale, causality, head width,
     window."""
-    h = fm.width
-    checks = [("scaling", getattr(layer, "scaling", None), h ** -0.5),
-              ("is_causal", getattr(layer, "is_causal", None), True),
-              ("head_dim", getattr(layer, "head_dim", None), h),
-              ("sliding_window", getattr(layer, "sliding_window", None), fm.window)]
+    if isinstance(fm, attnhut_jax.MultiHeadLatentAttention):
+        checks = [("scaling", getattr(layer, "scaling", None), fm.softmax_scale()),
+                  ("is_causal", getattr(layer, "is_causal", None), True)]
+    else:
+        h = fm.width
+        checks = [("scaling", getattr(layer, "scaling", None), h ** -0.5),
+                  ("is_causal", getattr(layer, "is_causal", None), True),
+                  ("head_dim", getattr(layer, "head_dim", None), h),
+                  ("sliding_window", getattr(layer, "sliding_window", None), fm.window)]
     for name, got, want in checks:
         same = (got is not None and math.isclose(got, want, rel_tol=1e-12)
                 if name == "scaling" else got == want)
         if not same:
             raise ValueError(f"from_hf: {arch.name}.{name}={got!r}; its config implies "
-                             f"{want!r} (attnhut_jax scales by head_dim ** -0.5, causal)")
+                             f"{want!r} (attnhut_jax's scale and causal rule)")
 
 
 def _module_of(arch: Arch, layer: Any) -> nn.Module:
@@ -484,8 +499,9 @@ def from_hf(layer: Any) -> tuple[nn.Module, Variables]:
 
     Softmax layers (``LlamaAttention``, ``Qwen3Attention``, ``GptOssAttention``,
     ``Qwen3NextAttention``, ``Qwen3_5Attention``) -> ``GroupedQueryAttention`` built from
-    ``layer.config`` and ``layer.layer_idx``; ``Qwen3_5GatedDeltaNet`` /
-    ``Qwen3NextGatedDeltaNet`` / ``KimiLinearDeltaAttention`` -> ``parity.from_torch``. The
+    ``layer.config`` and ``layer.layer_idx``; ``DeepseekV3Attention`` / ``DeepseekV32Attention``
+    -> ``MultiHeadLatentAttention`` (V3.2 with its indexer, ``parity.hf_deepseek``);
+    ``Qwen3_5GatedDeltaNet`` / ``Qwen3NextGatedDeltaNet`` / ``KimiLinearDeltaAttention`` -> ``parity.from_torch``. The
     module takes positions 0..T-1 unless given ``positions`` (RoPE), as the layer takes
     ``position_embeddings``.
     """

@@ -20,7 +20,7 @@ from transformers import DeepseekV3Config, DeepseekV32Config, DynamicCache
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as v3
 from transformers.models.deepseek_v32 import modeling_deepseek_v32 as v32
 
-from parity import hf_deepseek
+from parity import hf, hf_deepseek
 
 B, T, D = 2, 13, 32
 YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
@@ -32,14 +32,14 @@ COMMON = dict(hidden_size=D, num_attention_heads=4, num_key_value_heads=4, kv_lo
               max_position_embeddings=128)
 
 CASES = {
-    "v3": (v3, lambda: DeepseekV3Config(q_lora_rank=12, **COMMON)),
-    "v3_full_rank_q_half_rope": (v3, lambda: DeepseekV3Config(q_lora_rank=None,
-                                                               rope_interleave=False, **COMMON)),
-    "v3_yarn": (v3, lambda: DeepseekV3Config(q_lora_rank=12, rope_parameters=dict(YARN),
-                                             **COMMON)),
-    "v32_yarn": (v32, lambda: DeepseekV32Config(q_lora_rank=12, rope_parameters=dict(YARN),
-                                                index_topk=5, index_n_heads=3,
-                                                index_head_dim=8, **COMMON)),
+    "v3": (v3, lambda **kw: DeepseekV3Config(q_lora_rank=12, **{**COMMON, **kw})),
+    "v3_full_rank_q_half_rope": (v3, lambda **kw: DeepseekV3Config(
+        q_lora_rank=None, rope_interleave=False, **{**COMMON, **kw})),
+    "v3_yarn": (v3, lambda **kw: DeepseekV3Config(q_lora_rank=12, rope_parameters=dict(YARN),
+                                                  **{**COMMON, **kw})),
+    "v32_yarn": (v32, lambda **kw: DeepseekV32Config(
+        q_lora_rank=12, rope_parameters=dict(YARN), index_topk=5, index_n_heads=3,
+        index_head_dim=8, **{**COMMON, **kw})),
 }
 
 
@@ -95,7 +95,7 @@ def _selection_margin(layer, rotary, x, pos):
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_gradients_match_transformers(case):
     layer, rotary = _layer(case)
-    fm, variables = hf_deepseek.from_hf(layer)
+    fm, variables = hf.from_hf(layer)
     offset = 100 if "yarn" in case else 0  # far past original_max_position_embeddings=16
     pos = torch.arange(T)[None].expand(B, T) + offset
     x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(1), requires_grad=True)
@@ -118,7 +118,7 @@ def test_forward_and_gradients_match_transformers(case):
     _close(g_x, x.grad.numpy(), 1e-4, f"{case} input grad")
     torch_grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p))
                    for k, p in layer.named_parameters()}
-    mapped = hf_deepseek.state_from_variables({"params": g_params})
+    mapped = hf.state_dict_to_hf(hf.ARCHS[type(layer).__name__], fm, {"params": g_params})
     assert set(mapped) == set(torch_grads)
     for k, g in mapped.items():
         _close(g, torch_grads[k].numpy(), 1e-4, f"{case} grad {k}")
@@ -127,7 +127,7 @@ def test_forward_and_gradients_match_transformers(case):
 @pytest.mark.parametrize("case", ["v3_yarn", "v32_yarn"])
 def test_decode_equals_transformers_cached_generation(case):
     layer, rotary = _layer(case, seed=6)
-    fm, variables = hf_deepseek.from_hf(layer)
+    fm, variables = hf.from_hf(layer)
     steps = 9
     x = torch.randn(B, steps, D, generator=torch.Generator().manual_seed(7))
     if fm.index_top_k:  # seed 3 has a tie at step 6: transformers' own decode != its prefill
@@ -153,9 +153,9 @@ def test_decode_equals_transformers_cached_generation(case):
 
 def test_round_trip_to_hf():
     layer, _ = _layer("v32_yarn")
-    fm, variables = hf_deepseek.from_hf(layer)
+    fm, variables = hf.from_hf(layer)
     fresh, _ = _layer("v32_yarn", seed=9)
-    hf_deepseek.to_hf(fm, variables, fresh)
+    hf.to_hf(fm, variables, fresh)
     for k, v in layer.state_dict().items():
         np.testing.assert_array_equal(fresh.state_dict()[k].numpy(), v.numpy())
 
@@ -180,5 +180,26 @@ def test_unknown_state_keys_are_refused():
     fm = hf_deepseek.module_from_config(layer.config)
     state = dict(layer.state_dict())
     state["q_a_proj.bias"] = torch.zeros(12)
-    with pytest.raises(ValueError, match=r"does not know: \['q_a_proj.bias'\]"):
-        hf_deepseek.variables_from_state(fm, state)
+    with pytest.raises(ValueError, match=r"q_down.bias"):
+        hf.variables_from_hf(hf.ARCHS["DeepseekV3Attention"], fm, state)
+
+
+@pytest.mark.parametrize("case", ["v3_yarn", "v32_yarn"])
+def test_load_hf_layer_reads_a_checkpoint(case, tmp_path):
+    """A tiny model written by ``save_pretrained`` (two layers): layer 1 read from its files
+    without torch's loader equals ``from_hf`` of the live layer."""
+    import transformers
+
+    _, make = CASES[case]
+    config = make(num_hidden_layers=2, first_k_dense_replace=2)
+    torch.manual_seed(0)
+    cls = (transformers.DeepseekV3ForCausalLM if case.startswith("v3_")
+           else transformers.DeepseekV32ForCausalLM)
+    model = cls(config).float()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    fm, variables = hf.load_hf_layer(tmp_path, layer=1)
+    want_fm, want = hf.from_hf(model.model.layers[1].self_attn)
+    assert fm == want_fm
+    for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(want),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
