@@ -502,8 +502,8 @@ def from_hf(layer: Any) -> tuple[nn.Module, Variables]:
     ``layer.config`` and ``layer.layer_idx``; ``DeepseekV3Attention`` / ``DeepseekV32Attention``
     -> ``MultiHeadLatentAttention`` (V3.2 with its indexer, ``parity.hf_deepseek``);
     ``Qwen3_5GatedDeltaNet`` / ``Qwen3NextGatedDeltaNet`` / ``KimiLinearDeltaAttention`` ->
-    ``parity.from_torch``. The module takes positions 0..T-1 unless given ``positions`` (RoPE), as the layer takes
-    ``position_embeddings``.
+    ``parity.from_torch``. The module takes positions 0..T-1 unless given ``positions``
+    (RoPE), as the layer takes ``position_embeddings``.
     """
     arch = _arch_for_module(layer)
     fm = _module_of(arch, layer)
