@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import attnhut_jax as ah
+from attnhut_jax import core
 
 B = 2  # batch of every example input
 D = 32  # model width of the sequence mechanisms
@@ -124,9 +125,9 @@ _BF16_DENSE = ("one softmax over float32 logits; the bf16 rounding of q, k, v, t
 
 
 def _dense(id_, cls, kwargs, causal, bad_config=_DENSE_HEADS, why=_BF16_DENSE,
-           mask=True, dropout=True):
+           mask=True, dropout=True, extra_call=()):
     call = ({"attn_mask"} if mask else set()) | ({"deterministic"} if dropout else set()) | {
-        "segment_ids", "positions", "lengths"}
+        "segment_ids", "positions", "lengths", *extra_call}
     return Mechanism(
         id_, cls, {**kwargs, "causal": causal}, causal=causal, full=True, call=frozenset(call),
         impls=DENSE_IMPLS, cpu_impls=("auto", "xla"), bad_config=bad_config, bf16_why=why,
@@ -153,9 +154,17 @@ MECHANISMS: list[Mechanism] = [
         f"gqa{'' if c else '_bidir'}", ah.GroupedQueryAttention,
         {"dim": D, "num_heads": 4, "num_kv_heads": 2}, c,
         bad_config=({"num_kv_heads": 3}, r"num_heads=4 must be divisible by num_kv_heads=3"))),
+    # the options that keep the dense contract (attn_mask, every earlier token read); the
+    # window and sink tokens are test_attention_options.py's and test_interop.py's
+    _dense("gqa_options", ah.GroupedQueryAttention,
+           {"dim": D, "num_heads": 4, "num_kv_heads": 2, "head_dim": 6, "qk_norm": True,
+            "output_gate": True, "rope_theta": 100.0, "rope_dim": 4, "num_sink_logits": 4,
+            "rope_scaling": core.RopeScaling("yarn", 4.0, 8)}, True,
+           bad_config=({"num_sink_logits": 3}, r"num_sink_logits=3 must be 0 or num_heads=4"),
+           why=_BF16_DENSE + "; RMSNorm on q and k, a sigmoid gate"),
     *_variants(lambda c: _dense(
         f"mla{'' if c else '_bidir'}", ah.MultiHeadLatentAttention, {"dim": D, "num_heads": 4}, c,
-        dropout=False,
+        dropout=False, extra_call=("index_loss",),
         why=_BF16_DENSE + "; two RMSNorms and two more low-rank products",
         # MLA's head widths are free (attnhut's too): too many heads leave no width for them
         bad_config=({"num_heads": 64}, r"qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0 "
