@@ -7,13 +7,14 @@ import jax.numpy as jnp
 
 from . import cache, core, registry
 from .core import Array, Dtype
+from .dense_options import DenseOptions
 
 
-class MultiQueryAttention(cache.ReadsEveryToken, nn.Module):
+class MultiQueryAttention(DenseOptions, cache.ReadsEveryToken, nn.Module):
     """All query heads share one key/value head: the smallest KV cache.
 
     Args mirror ``attnhut.MultiQueryAttention``: ``dim`` (divisible by ``num_heads``),
-    ``num_heads``, ``causal``, ``dropout``, ``bias``. Parameters: ``q``, ``kv`` (2 * head_dim wide),
+    ``num_heads``, ``causal``, ``dropout``, ``bias``. Parameters: ``q``, ``kv`` (2 * head width),
     ``proj``.
 
     ``impl`` (``auto`` | ``xla`` | ``cudnn``; no variable depends on it) picks the registry's
@@ -24,6 +25,11 @@ class MultiQueryAttention(cache.ReadsEveryToken, nn.Module):
     the one shared K and V head; each step appends the chunk's K and V and attends every query
     head over all cached keys at or before it (XLA, whatever ``impl``). The ``params`` are those
     of ``decode=False``.
+
+    The options of ``GroupedQueryAttention`` (``head_dim``, ``qk_norm`` / ``qk_norm_eps`` /
+    ``qk_norm_zero_centered``, ``output_gate``, ``rope_theta`` / ``rope_dim`` / ``rope_style`` /
+    ``rope_scaling``, ``window``, ``num_sink_logits``, ``num_sink_tokens``; see its docstring and
+    ``attnhut_jax.dense_options``), with the same defaults: attnhut's layer.
     """
 
     dim: int
@@ -36,32 +42,54 @@ class MultiQueryAttention(cache.ReadsEveryToken, nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
     decode: bool = False
+    head_dim: int | None = None
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
+    qk_norm_zero_centered: bool = False
+    output_gate: bool = False
+    rope_theta: float | None = None
+    rope_dim: int | None = None
+    rope_style: core.RopeStyle = "half"
+    rope_scaling: core.RopeScaling | None = None
+    window: int | tuple[int, int] | None = None
+    num_sink_logits: int = 0
+    num_sink_tokens: int = 0
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
+    def kv_heads(self) -> int:
+        return 1
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
         """Bytes a decoder caches per token in ``dtype``: one K and one V head shared by all query
         heads."""
-        return float(2 * self.head_dim * jnp.dtype(dtype).itemsize)
+        return float(2 * self.width * jnp.dtype(dtype).itemsize)
 
     def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
         """Bytes of the decode cache's arrays: K and V of the one shared head in ``dtype``, and
         the index."""
-        return cache.dense_cache_bytes(batch, max_len, 1, self.head_dim, self.head_dim, dtype)
+        return cache.dense_cache_bytes(batch, max_len, 1, self.width, self.width, dtype)
 
     def setup(self) -> None:
         core.check_positive("MultiQueryAttention", dim=self.dim, num_heads=self.num_heads)
         registry.check("MultiQueryAttention", "dense", self.impl)
-        core.check_divisible("MultiQueryAttention", ("dim", self.dim),
-                             ("num_heads", self.num_heads))
+        if self.head_dim is None:
+            core.check_divisible("MultiQueryAttention", ("dim", self.dim),
+                                 ("num_heads", self.num_heads))
         cache.check_causal("MultiQueryAttention", self.decode, self.causal)
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision)
-        self.q = core.Linear(self.dim, axes=("embed", "heads"), **kw)
-        self.kv = core.Linear(2 * self.head_dim, axes=("embed", "kv_heads"), **kw)
+        self.q = core.Linear(self.num_heads * self.width, axes=("embed", "heads"), **kw)
+        self.kv = core.Linear(2 * self.width, axes=("embed", "kv_heads"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
+        self._setup_options(kw)
+
+    def _kv_of(self, x: Array) -> tuple[Array, Array]:
+        """The shared key and value head (B, T, 1, H) each."""
+        return tuple(a[:, :, None, :] for a in jnp.split(self.kv(x), 2, axis=-1))
+
+    def _q(self, x: Array) -> Array:
+        b, t, _ = x.shape
+        return self.q(x).reshape(b, t, self.num_heads, self.width)
 
     def __call__(self, x: Array, attn_mask: Array | None = None, deterministic: bool = True, *,
                  segment_ids: Array | None = None, positions: Array | None = None,
@@ -69,8 +97,8 @@ class MultiQueryAttention(cache.ReadsEveryToken, nn.Module):
         """(B, T, D) -> (B, T, D). ``attn_mask``: boolean or additive, broadcastable to (B, N, T, T).
 
         ``segment_ids`` / ``positions``: packed sequences, as ``StandardAttention`` takes them
-        (segments AND with the causal rule and with ``attn_mask``; ``positions`` is validated and
-        otherwise unused, this module has no RoPE).
+        (segments AND with the causal rule and with ``attn_mask``; ``positions`` feed RoPE, and
+        are otherwise validated and unused).
 
         With ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
         appends (``attnhut_jax.cache``); ``attn_mask``, ``segment_ids`` and ``positions`` are
@@ -81,20 +109,10 @@ class MultiQueryAttention(cache.ReadsEveryToken, nn.Module):
                             attn_mask=attn_mask, segment_ids=segment_ids, positions=positions)
         if self.decode:
             step = cache.begin(self, "MultiQueryAttention", x, lengths, sized_by="key", axis=2)
-            b, n, _ = step.x.shape
-            k_BT1H, v_BT1V = (a[:, :, None, :] for a in jnp.split(self.kv(step.x), 2, axis=-1))
-            out = cache.attend_cache(
-                step, self.q(step.x).reshape(b, n, self.num_heads, self.head_dim), k_BT1H, v_BT1V,
-                precision=self.precision)
-            return step.finish(self.proj(out.reshape(b, n, self.dim)))
-        seg, _ = core.check_packing("MultiQueryAttention", x, segment_ids, positions)
+            out = self._attend_decode(step, self._q(step.x), *self._kv_of(step.x))
+            return step.finish(self._finish(step.x, out))
+        seg, pos = core.check_packing("MultiQueryAttention", x, segment_ids, positions)
         x = core.mask_padding(x, seg)
-        b, t, _ = x.shape
-        q_BTNH = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
-        k, v = jnp.split(self.kv(x), 2, axis=-1)
-        rate, rng = core.attention_dropout(self, self.dropout, deterministic)
-        out = core.sdpa(q_BTNH, k[:, :, None, :], v[:, :, None, :], attn_mask=attn_mask,
-                        causal=self.causal, owner="MultiQueryAttention",
-                        dropout_rate=rate, dropout_rng=rng, impl=self.impl,
-                        precision=self.precision, q_seg_BT=seg, k_seg_BS=seg)
-        return self.proj(out.reshape(b, t, self.dim))
+        out = self._attend(self._q(x), *self._kv_of(x), seg, pos, attn_mask, deterministic,
+                           "MultiQueryAttention")
+        return self._finish(x, out)

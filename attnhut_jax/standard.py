@@ -7,9 +7,10 @@ import jax.numpy as jnp
 
 from . import cache, core, registry
 from .core import Array, Dtype
+from .dense_options import DenseOptions
 
 
-class StandardAttention(cache.ReadsEveryToken, nn.Module):
+class StandardAttention(DenseOptions, cache.ReadsEveryToken, nn.Module):
     """Plain multi-head scaled dot-product attention, one fused ``qkv`` projection.
 
     Args mirror ``attnhut.StandardAttention``: ``dim`` (divisible by ``num_heads``), ``num_heads``,
@@ -25,6 +26,11 @@ class StandardAttention(cache.ReadsEveryToken, nn.Module):
     ``init`` on a (B, max_len, D) input sizes the cache, each ``apply(..., mutable=["cache"])``
     appends a chunk and attends it over every cached key at or before it (XLA, whatever
     ``impl``). The ``params`` are those of ``decode=False``.
+
+    The options of ``GroupedQueryAttention`` (``head_dim``, ``qk_norm`` / ``qk_norm_eps`` /
+    ``qk_norm_zero_centered``, ``output_gate``, ``rope_theta`` / ``rope_dim`` / ``rope_style`` /
+    ``rope_scaling``, ``window``, ``num_sink_logits``, ``num_sink_tokens``; see its docstring and
+    ``attnhut_jax.dense_options``), with the same defaults: attnhut's layer.
     """
 
     dim: int
@@ -37,29 +43,52 @@ class StandardAttention(cache.ReadsEveryToken, nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
     decode: bool = False
+    head_dim: int | None = None
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
+    qk_norm_zero_centered: bool = False
+    output_gate: bool = False
+    rope_theta: float | None = None
+    rope_dim: int | None = None
+    rope_style: core.RopeStyle = "half"
+    rope_scaling: core.RopeScaling | None = None
+    window: int | tuple[int, int] | None = None
+    num_sink_logits: int = 0
+    num_sink_tokens: int = 0
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
+    def kv_heads(self) -> int:
+        return self.num_heads
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
         """Bytes a decoder caches per token in ``dtype``: K and V of every head."""
-        return float(2 * self.dim * jnp.dtype(dtype).itemsize)
+        return float(2 * self.num_heads * self.width * jnp.dtype(dtype).itemsize)
 
     def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
         """Bytes of the decode cache's arrays: K and V of every head in ``dtype``, and the index."""
-        return cache.dense_cache_bytes(batch, max_len, self.num_heads, self.head_dim,
-                                       self.head_dim, dtype)
+        return cache.dense_cache_bytes(batch, max_len, self.num_heads, self.width, self.width,
+                                       dtype)
 
     def setup(self) -> None:
         core.check_positive("StandardAttention", dim=self.dim, num_heads=self.num_heads)
         registry.check("StandardAttention", "dense", self.impl)
-        core.check_divisible("StandardAttention", ("dim", self.dim), ("num_heads", self.num_heads))
+        if self.head_dim is None:
+            core.check_divisible("StandardAttention", ("dim", self.dim),
+                                 ("num_heads", self.num_heads))
         cache.check_causal("StandardAttention", self.decode, self.causal)
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision)
-        self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
+        self.qkv = core.Linear(3 * self.num_heads * self.width, axes=("embed", "qkv"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
+        self._setup_options(kw)
+
+    def _split(self, x: Array) -> tuple[Array, Array, Array]:
+        b, t, _ = x.shape
+        shape = (b, t, self.num_heads, self.width)
+        return tuple(a.reshape(shape) for a in jnp.split(self.qkv(x), 3, axis=-1))
+
+    def _kv_of(self, x: Array) -> tuple[Array, Array]:
+        return self._split(x)[1:]
 
     def __call__(self, x: Array, attn_mask: Array | None = None, deterministic: bool = True, *,
                  segment_ids: Array | None = None, positions: Array | None = None,
@@ -70,7 +99,7 @@ class StandardAttention(cache.ReadsEveryToken, nn.Module):
         only when both carry the same nonzero id, id 0 is padding (zeroed on input, read by no
         token; its own output is finite). Segments AND with the causal rule and with
         ``attn_mask`` (which, as in attnhut, replaces the causal rule). ``positions`` (B, T) int
-        is validated and otherwise unused: this module has no RoPE, the only reader of positions.
+        feeds RoPE (``rope_theta``) and is otherwise validated and unused.
 
         With ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
         appends (``attnhut_jax.cache``); ``attn_mask``, ``segment_ids`` and ``positions`` are
@@ -81,20 +110,10 @@ class StandardAttention(cache.ReadsEveryToken, nn.Module):
                             attn_mask=attn_mask, segment_ids=segment_ids, positions=positions)
         if self.decode:
             step = cache.begin(self, "StandardAttention", x, lengths, sized_by="key", axis=2)
-            b, n, _ = step.x.shape
-            q, k, v = jnp.split(self.qkv(step.x), 3, axis=-1)
-            shape = (b, n, self.num_heads, self.head_dim)
-            out = cache.attend_cache(step, q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                     precision=self.precision)
-            return step.finish(self.proj(out.reshape(b, n, self.dim)))
-        seg, _ = core.check_packing("StandardAttention", x, segment_ids, positions)
+            out = self._attend_decode(step, *self._split(step.x))
+            return step.finish(self._finish(step.x, out))
+        seg, pos = core.check_packing("StandardAttention", x, segment_ids, positions)
         x = core.mask_padding(x, seg)
-        b, t, _ = x.shape
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-        shape = (b, t, self.num_heads, self.head_dim)
-        rate, rng = core.attention_dropout(self, self.dropout, deterministic)
-        out = core.sdpa(q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=attn_mask,
-                        causal=self.causal, owner="StandardAttention",
-                        dropout_rate=rate, dropout_rng=rng, impl=self.impl,
-                        precision=self.precision, q_seg_BT=seg, k_seg_BS=seg)
-        return self.proj(out.reshape(b, t, self.dim))
+        out = self._attend(*self._split(x), seg, pos, attn_mask, deterministic,
+                           "StandardAttention")
+        return self._finish(x, out)

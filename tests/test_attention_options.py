@@ -43,10 +43,13 @@ GQA_CASES = {
 }
 
 
-def make_gqa(**kw):
-    args = dict(dim=D, num_heads=4, num_kv_heads=2, causal=True)
+def make_gqa(kind="gqa", **kw):
+    args = dict(dim=D, num_heads=4, causal=True)
     args.update(kw)
-    return ah.GroupedQueryAttention(**args)
+    if kind == "gqa":
+        return ah.GroupedQueryAttention(num_kv_heads=2, **args)
+    return {"standard": ah.StandardAttention, "mqa": ah.MultiQueryAttention}[kind](**args)
+
 
 
 # ----------------------------------------------------------------------------- reference
@@ -71,18 +74,26 @@ def _rope_ref(x, pos, r, theta, style, inv=None, scale=1.0):
 def gqa_reference(m, p, x, positions=None):
     b, t, _ = x.shape
     h = m.width
-    n, kv = m.num_heads, m.num_kv_heads
+    n, kv = m.num_heads, m.kv_heads
 
     def lin(name, a):
         return a @ p[name]["kernel"] + (p[name]["bias"] if "bias" in p[name] else 0.0)
+
+    def project(a):  # q (.., N, H), k and v (.., K, H) of the module's layout
+        lead = a.shape[:-1]
+        if "qkv" in p:
+            q_, k_, v_ = jnp.split(lin("qkv", a), 3, -1)
+        elif "kv" in p:
+            q_, (k_, v_) = lin("q", a), jnp.split(lin("kv", a), 2, -1)
+        else:
+            q_, k_, v_ = lin("q", a), lin("k", a), lin("v", a)
+        return (q_.reshape(*lead, n, h), k_.reshape(*lead, kv, h), v_.reshape(*lead, kv, h))
 
     def norm(a, w):
         w = w + 1.0 if m.qk_norm_zero_centered else w
         return a / jnp.sqrt(jnp.mean(a * a, -1, keepdims=True) + m.qk_norm_eps) * w
 
-    q = lin("q", x).reshape(b, t, n, h)
-    k = lin("k", x).reshape(b, t, kv, h)
-    v = lin("v", x).reshape(b, t, kv, h)
+    q, k, v = project(x)
     if m.qk_norm:
         q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
     if m.rope_theta is not None:
@@ -96,8 +107,7 @@ def gqa_reference(m, p, x, positions=None):
         k = _rope_ref(k, pos, r, m.rope_theta, m.rope_style, inv, scale)
     P = m.num_sink_tokens
     if P:
-        sk = lin("k", p["sink_tokens"]).reshape(P, kv, h)
-        sv = lin("v", p["sink_tokens"]).reshape(P, kv, h)
+        _, sk, sv = project(p["sink_tokens"])
         if m.qk_norm:
             sk = norm(sk, p["k_norm"])
         k = jnp.concatenate([jnp.broadcast_to(sk, (b, P, kv, h)), k], 1)
@@ -144,9 +154,15 @@ def _x(seed=0):
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("case", GQA_CASES)
-def test_gqa_options_match_the_reference(case):
-    m = make_gqa(**GQA_CASES[case])
+# Standard and MQA run the same shared options (dense_options): four cases each
+OPTION_RUNS = [(c, "gqa") for c in GQA_CASES] + [
+    (c, k) for k in ("standard", "mqa")
+    for c in ("head_dim_qknorm_rope", "window_sink_tokens", "everything", "bidirectional_window")]
+
+
+@pytest.mark.parametrize("case, kind", OPTION_RUNS)
+def test_gqa_options_match_the_reference(case, kind):
+    m = make_gqa(kind, **GQA_CASES[case])
     x = _x()
     p = _init(m, x)
     got = jax.jit(lambda p, x: m.apply({"params": p}, x))(p, x)
@@ -206,16 +222,18 @@ def test_causal_by_gradients(case):
             assert np.all(g[i][:, : max(0, t + 1 - m.window)] == 0), (case, t)
 
 
-@pytest.mark.parametrize("case", ["head_dim_qknorm_rope", "window_sinks", "window_sink_tokens",
-                                  "partial_interleaved_gate", "everything"])
-def test_decode_equals_prefill(case):
+@pytest.mark.parametrize("case, kind", [
+    ("head_dim_qknorm_rope", "gqa"), ("window_sinks", "gqa"), ("window_sink_tokens", "gqa"),
+    ("partial_interleaved_gate", "gqa"), ("everything", "gqa"), ("everything", "standard"),
+    ("everything", "mqa")])
+def test_decode_equals_prefill(case, kind):
     kw = GQA_CASES[case]
-    check_decode_equals_prefill(_maker(tuple(sorted(kw.items()))), _x(1))
+    check_decode_equals_prefill(_maker(kind, tuple(sorted(kw.items()))), _x(1))
 
 
 @functools.cache
-def _maker(items):
-    return lambda decode: make_gqa(decode=decode, **dict(items))
+def _maker(kind, items):
+    return lambda decode: make_gqa(kind, decode=decode, **dict(items))
 
 
 @pytest.mark.parametrize("case", ["window_sinks", "head_dim_qknorm_rope", "sink_tokens",
