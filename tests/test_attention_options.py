@@ -497,3 +497,16 @@ def test_mla_indexer_refusals():
         _mla(index_top_k=4, index_head_dim=2).init(jax.random.key(0), _x())
     with pytest.raises(ValueError, match=r"index_loss='sparse' needs an indexer"):
         _mla().apply(_mla().init(jax.random.key(0), _x()), _x(), index_loss="sparse")
+
+
+def test_cudnn_window_says_why_it_cannot_run_here():
+    """``impl="cudnn"`` takes cuDNN's local window (the dense op), not the block-sparse one: on
+    CPU it is refused with cuDNN's own reason; with sink tokens it is refused outright."""
+    x = _x().astype(jnp.bfloat16)
+    m = make_gqa(window=4, impl="cudnn", dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"impl='cudnn' cannot run 'dense' here: cuDNN attention "
+                                         r"needs an NVIDIA GPU"):
+        m.init(jax.random.key(0), x)
+    m = make_gqa(window=4, num_sink_tokens=1, impl="cudnn", dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"cannot combine a window with sink tokens"):
+        m.init(jax.random.key(0), x)
