@@ -345,7 +345,8 @@ def constructor_kwargs(flax_module: nn.Module) -> dict[str, Any]:
             raise ValueError(f"to_torch: attnhut's {spec.torch_cls.__name__} has no "
                              f"{', '.join(unheld)} (convert to a Hugging Face layer with "
                              f"parity.to_hf, or keep these at their defaults)")
-    if getattr(flax_module, "q_lora_rank", 0) is None and "q_lora_rank" in names:
+    if isinstance(flax_module, attnhut_jax.MultiHeadLatentAttention) and (
+            flax_module.q_lora_rank is None):
         raise ValueError(f"to_torch: attnhut's {spec.torch_cls.__name__} has no full-rank query "
                          f"(q_lora_rank=None)")
     return {k: getattr(flax_module, k) for k in names if k != "self"}

@@ -154,3 +154,18 @@ def test_files_load_without_unpickling(tmp_path):
     torch.save({"q_down.weight": torch.zeros(1), "x": Evil()}, evil)
     with pytest.raises(pickle.UnpicklingError):
         load_state_dict(evil)
+
+
+def test_to_torch_refuses_options_attnhut_lacks():
+    """An option attnhut's layer does not have is refused by name, never dropped."""
+    from parity import to_torch
+
+    for m, match in [(ah.GroupedQueryAttention(16, 4, 2, causal=True, rope_theta=1e4, window=4),
+                      r"has no rope_theta=10000.0, window=4"),
+                     (ah.MultiHeadLatentAttention(16, 4, q_lora_rank=None),
+                      r"has no full-rank query"),
+                     (ah.MultiHeadLatentAttention(16, 4, rope_style="interleaved"),
+                      r"has no rope_style='interleaved'")]:
+        v = m.init(jax.random.key(0), jnp.zeros((1, 3, 16)))
+        with pytest.raises(ValueError, match=match):
+            to_torch(m, v)
