@@ -5,7 +5,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # twice; LLVM's optimisation passes cost more than they save there (about 40% of the wall time).
 # The HLO (and so what every test computes) is unchanged; results may differ from optimised code
 # in the last bits only, far inside every tolerance. Any explicit level in XLA_FLAGS wins, and
-# ATTNHUT_XLA_DEFAULT_OPT=1 keeps XLA's default (test_default_optimisation.py reruns the tests
+# ATTNHUT_XLA_DEFAULT_OPT=1 keeps XLA's default (test_default_optimisation.py runs the tests
 # marked ``selections`` that way).
 if (os.environ.get("ATTNHUT_XLA_DEFAULT_OPT") != "1"
         and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):

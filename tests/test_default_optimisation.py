@@ -1,7 +1,9 @@
 """The suite compiles with LLVM's optimisations off (conftest.py). Selections are discrete: two
 programs that rank the same scores must pick the same keys whatever the optimiser does to the
-arithmetic around them. So every test marked ``selections`` runs once more here, in a fresh
-process at XLA's default optimisation level."""
+arithmetic around them. So every test marked ``selections`` runs here, in a fresh process at
+XLA's default optimisation level (what users compile with); ``make test`` deselects them from
+the main run (``-m "not selections"``), so each runs once. A plain ``pytest tests`` runs them
+both ways."""
 
 import os
 import re
