@@ -286,6 +286,11 @@ class RopeScaling:
             raise ValueError(f"RopeScaling: type={self.type!r} needs a positive "
                              f"original_max_position_embeddings, got "
                              f"{self.original_max_position_embeddings}")
+        if self.type != "yarn":
+            for name in ("mscale", "mscale_all_dim", "attention_factor"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"RopeScaling: {name}={getattr(self, name)} is YaRN's; "
+                                     f"type={self.type!r} does not read it")
         if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
             raise ValueError(f"RopeScaling: llama3 needs high_freq_factor={self.high_freq_factor}"
                              f" > low_freq_factor={self.low_freq_factor} > 0")
@@ -401,6 +406,8 @@ def rope_tables(positions: Array, dim: int, theta: float = 10000.0,
         base = theta * ((scaling.factor * length / orig) - (scaling.factor - 1)) ** (
             dim / (dim - 2))
         inv = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    elif scaling is None:  # float32, as attnhut and transformers compute it
+        inv = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     else:
         inv = jnp.asarray(rope_inverse_frequencies(dim, theta, scaling), jnp.float32)
     freqs = pos[..., None] * inv
@@ -768,6 +775,9 @@ def cudnn_unsupported(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, keep: Arra
         return "per-head sink logits are not offered by jax.nn.dot_product_attention"
     if window is not None and t != s:
         return f"a sliding window with T={t} != S={s} (cuDNN aligns windows top-left)"
+    if window is not None and not causal:
+        return (f"a bidirectional window {tuple(window)}: jax's cuDNN local window needs the "
+                f"causal mask (impl='auto' runs it on the block-sparse op)")
     if (keep is not None or bias is not None) and (t % 2 or s % 2):
         return f"a mask or bias needs even lengths for cuDNN's backward, got T={t}, S={s}"
     return None

@@ -42,6 +42,9 @@ class DenseOptions:
     def _check_options(self, owner: str) -> None:
         h = self.width
         if self.rope_theta is None:
+            if self.rope_style != "half":
+                raise ValueError(f"{owner}: rope_style={self.rope_style!r} needs RoPE: set "
+                                 f"rope_theta (None means no RoPE)")
             for name in ("rope_dim", "rope_scaling"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{owner}: {name}={getattr(self, name)!r} needs RoPE: set "
@@ -69,6 +72,8 @@ class DenseOptions:
         w = self.window
         if w is None:
             return
+        if isinstance(w, bool) or (isinstance(w, tuple) and any(isinstance(a, bool) for a in w)):
+            raise ValueError(f"{owner}: window={w!r} must be an int or a tuple of ints, not bool")
         if self.causal:
             ok = (isinstance(w, int) and w >= 1) or (
                 isinstance(w, tuple) and len(w) == 2 and all(isinstance(a, int) for a in w)
@@ -105,7 +110,7 @@ class DenseOptions:
 
     # ------------------------------------------------------------------ pieces
     def _norm(self, a_BTNH: Array, weight: Array) -> Array:
-        scale = weight + 1 if self.qk_norm_zero_centered else weight
+        scale = weight.astype(jnp.float32) + 1 if self.qk_norm_zero_centered else weight
         return core.rms_norm(a_BTNH, scale, self.qk_norm_eps)
 
     def _rope(self, a_BTNH: Array, pos: Array) -> Array:
@@ -150,7 +155,9 @@ class DenseOptions:
     def _attend_decode(self, step: cache.Step, q: Array, k: Array, v: Array) -> Array:
         """A decode step's attention with the options (the cache masked to the window, sinks
         and sink tokens in its softmax)."""
-        q, k = self._prepare(q, k, step.pos_BT)
+        # slots the chunk does not append (past a row's length) take position 0: the dynamic
+        # NTK length is then the largest position written
+        q, k = self._prepare(q, k, jnp.where(step.ok_BT, step.pos_BT, 0))
         window = self.window_extent
         return cache.attend_cache(step, q, k, v, precision=self.precision,
                                   window=None if window is None else window[0],

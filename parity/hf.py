@@ -55,6 +55,10 @@ _QWEN_HYBRID = dict(num_key_value_heads=None, head_dim=256, attention_bias=False
                     linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
                     linear_num_key_heads=16, linear_num_value_heads=32)
 
+_DEEPSEEK = dict(num_attention_heads=128, num_key_value_heads=128, kv_lora_rank=512,
+                 qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+                 attention_bias=False, attention_dropout=0.0, rope_theta=10000.0)
+
 # transformers 5.24's class defaults of the fields read here (a config.json may omit them);
 # ``rope_theta`` is the class's ``default_theta``. tests/torch_parity/test_hf_parity.py checks
 # them against the classes.
@@ -72,8 +76,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_5_text": dict(_QWEN_HYBRID, num_key_value_heads=4),
     "kimi_linear": dict(rms_norm_eps=1e-5, hidden_act="silu", linear_head_dim=128,
                         linear_num_heads=32, linear_conv_kernel_dim=4),
-    "deepseek_v3": dict(max_position_embeddings=4096, rope_theta=10000.0),
-    "deepseek_v32": dict(max_position_embeddings=163840, rope_theta=10000.0),
+    "deepseek_v3": dict(_DEEPSEEK, max_position_embeddings=4096, q_lora_rank=1536,
+                        rope_interleave=True),
+    "deepseek_v32": dict(_DEEPSEEK, max_position_embeddings=163840, q_lora_rank=1536,
+                         index_topk=2048, index_head_dim=128, index_n_heads=64),
 }
 # configs whose text model is a sub-config
 _COMPOSITE = {"qwen3_5": "text_config"}
@@ -379,10 +385,10 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
          _gdn("Qwen3NextGatedDeltaNet"), naming.next_to_rule, naming.next_from_rule,
          hub="linear_attn", linear=True),
     Arch("DeepseekV3Attention", f"{_T}.deepseek_v3.modeling_deepseek_v3.DeepseekV3Attention",
-         lambda c, i: hf_deepseek.module_from_config(c.d, c.rope_parameters()),
+         lambda c, i: hf_deepseek.module_from_config({**c.defaults, **c.d}, c.rope_parameters()),
          hf_deepseek.to_rule, hf_deepseek.from_rule),
     Arch("DeepseekV32Attention", f"{_T}.deepseek_v32.modeling_deepseek_v32.DeepseekV32Attention",
-         lambda c, i: hf_deepseek.module_from_config(c.d, c.rope_parameters()),
+         lambda c, i: hf_deepseek.module_from_config({**c.defaults, **c.d}, c.rope_parameters()),
          hf_deepseek.to_rule, hf_deepseek.from_rule),
     Arch("KimiLinearDeltaAttention",
          f"{_T}.kimi_linear.modeling_kimi_linear.KimiLinearDeltaAttention", _kda,

@@ -59,12 +59,9 @@ def module_config(config: Any, rope: Mapping[str, Any] | None = None) -> dict[st
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"hf_deepseek: partial_rotary_factor={rope['partial_rotary_factor']} "
                          f"(MLA rotates its whole qk_rope_head_dim)")
+    # (mscale_all_dim with another type than YaRN, whose softmax factor transformers would
+    # apply, is refused by RopeScaling: those fields are YaRN's)
     scaling = core.RopeScaling.from_hf(rope, _get(config, "max_position_embeddings"))
-    if rope.get("mscale_all_dim") and (scaling is None or scaling.type != "yarn"):
-        raise ValueError(f"hf_deepseek: rope_parameters mscale_all_dim="
-                         f"{rope.get('mscale_all_dim')} with rope type "
-                         f"{rope.get('rope_type', rope.get('type', 'default'))!r} (DeepSeek's "
-                         f"softmax mscale is implemented for YaRN only)")
     q_lora_rank = _get(config, "q_lora_rank")
     if kind == "deepseek_v32" and q_lora_rank is None:
         raise ValueError("hf_deepseek: DeepSeek-V3.2 with q_lora_rank=None (its indexer reads "

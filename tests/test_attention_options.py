@@ -177,6 +177,30 @@ def test_gqa_options_match_the_reference(case, kind):
         close(a, b, 1e-4, f"{case} grad {jax.tree_util.keystr(path)}")
 
 
+@pytest.mark.parametrize("case, window", [("window_sinks", 70), ("window_sink_tokens", 70),
+                                          ("bidirectional_window", (70, 40))])
+def test_windows_across_key_blocks(case, window):
+    """T = 150 spans three 64-key blocks of the block-sparse op: the block tables, the sink
+    keys in block 0, the shifted bidirectional window and a packed row, against the reference
+    (outputs and the input's gradient)."""
+    m = make_gqa(**{**GQA_CASES[case], "window": window})
+    t = 150
+    x = jax.random.normal(jax.random.key(3), (1, t, D))
+    p = _init(m, x)
+    run = jax.jit(lambda p, x: m.apply({"params": p}, x))
+    close(run(p, x), gqa_reference(m, p, x), 1e-5, case)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(run(p, x)))))(x)
+    g_ref = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(gqa_reference(m, p, x)))))(x)
+    close(g, g_ref, 1e-4, case)
+    if m.num_sink_tokens:
+        return  # sink tokens + window + segments is refused (test below)
+    seg = jnp.asarray([[1] * 100 + [2] * 50], jnp.int32)
+    pos = jnp.asarray([list(range(100)) + list(range(50))], jnp.int32)
+    packed = m.apply({"params": p}, x, segment_ids=seg, positions=pos)
+    close(packed[:, :100], run(p, x[:, :100]), 1e-5, "segment 1")
+    close(packed[:, 100:], run(p, x[:, 100:]), 1e-5, "segment 2")
+
+
 def test_positions_feed_rope():
     m = make_gqa(rope_theta=30.0, rope_dim=4)
     x = _x()
@@ -267,6 +291,8 @@ def test_sink_tokens_with_window_and_segments_is_refused():
     (dict(window=0), r"window=0: a causal module takes an int >= 1"),
     (dict(window=(3, 2)), r"window=\(3, 2\): a causal module"),
     (dict(causal=False, window=4), r"window=4: a bidirectional module takes \(left >= 1"),
+    (dict(window=True), r"window=True must be an int or a tuple of ints, not bool"),
+    (dict(rope_style="interleaved"), r"rope_style='interleaved' needs RoPE: set rope_theta"),
     (dict(num_sink_logits=3), r"num_sink_logits=3 must be 0 or num_heads=4"),
     (dict(num_sink_tokens=-1), r"num_sink_tokens=-1 must be >= 0"),
     (dict(head_dim=0), r"head_dim=0 must be >= 1"),
@@ -285,6 +311,8 @@ def test_bad_options_are_refused(kw, match):
     (dict(type="yarn", factor=2.0), r"type='yarn' needs a positive original_max_position"),
     (dict(type="llama3", factor=8.0, original_max_position_embeddings=64, low_freq_factor=4.0,
           high_freq_factor=1.0), r"high_freq_factor=1.0 > low_freq_factor=4.0"),
+    (dict(type="linear", factor=2.0, mscale_all_dim=1.0),
+     r"mscale_all_dim=1.0 is YaRN's; type='linear' does not read it"),
 ])
 def test_bad_rope_scalings_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -505,3 +533,10 @@ def test_cudnn_window_says_why_it_cannot_run_here():
     m = make_gqa(window=4, num_sink_tokens=1, impl="cudnn", dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match=r"cannot combine a window with sink tokens"):
         m.init(jax.random.key(0), x)
+
+
+def test_cudnn_refuses_a_bidirectional_window():
+    q = jnp.zeros((1, 8, 4, 16), jnp.bfloat16)
+    why = core.cudnn_unsupported(q, q, q, causal=False, window=(3, 2), backend="gpu")
+    assert why is not None and "bidirectional window (3, 2)" in why
+    assert core.cudnn_unsupported(q, q, q, causal=True, window=(3, 0), backend="gpu") is None

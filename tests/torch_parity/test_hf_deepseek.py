@@ -167,7 +167,7 @@ def test_round_trip_to_hf():
     (dict(rope_parameters={"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}),
      r"RoPE scaling type 'longrope' is not implemented"),
     (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "mscale_all_dim": 1.0,
-                           "rope_theta": 1e4}), r"mscale_all_dim=1.0 with rope type 'linear'"),
+                           "rope_theta": 1e4}), r"mscale_all_dim=1.0 is YaRN's; type='linear'"),
 ])
 def test_refusals_name_the_field(change, match):
     config = {**COMMON, "q_lora_rank": 12, "model_type": "deepseek_v3", **change}
