@@ -347,6 +347,16 @@ class RopeScaling:
         return mscale(self.factor)
 
 
+def check_rope_options(owner: str, style: str, scaling: object) -> None:
+    """A module's ``rope_style`` and ``rope_scaling`` fields: a known style, a ``RopeScaling``."""
+    if style not in ROPE_STYLES:
+        raise ValueError(f"{owner}: rope_style={style!r} is not one of {ROPE_STYLES}")
+    if scaling is not None and not isinstance(scaling, RopeScaling):
+        raise TypeError(f"{owner}: rope_scaling must be a core.RopeScaling (build one from a "
+                        f"Hugging Face dict with RopeScaling.from_hf), got "
+                        f"{type(scaling).__name__}")
+
+
 def rope_inverse_frequencies(dim: int, theta: float, scaling: RopeScaling | None = None
                              ) -> np.ndarray:
     """(dim // 2,) float64 inverse frequencies of a RoPE of width ``dim`` (static scalings only:

@@ -55,13 +55,7 @@ class DenseOptions:
             r = h if self.rope_dim is None else self.rope_dim
             if r < 2 or r % 2 or r > h:
                 raise ValueError(f"{owner}: rope_dim={r} must be even, >= 2 and <= head_dim={h}")
-        if self.rope_style not in core.ROPE_STYLES:
-            raise ValueError(f"{owner}: rope_style={self.rope_style!r} is not one of "
-                             f"{core.ROPE_STYLES}")
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, core.RopeScaling):
-            raise TypeError(f"{owner}: rope_scaling must be a core.RopeScaling (build one from "
-                            f"a Hugging Face dict with RopeScaling.from_hf), got "
-                            f"{type(self.rope_scaling).__name__}")
+        core.check_rope_options(owner, self.rope_style, self.rope_scaling)
         if self.qk_norm and not self.qk_norm_eps > 0:
             raise ValueError(f"{owner}: qk_norm_eps={self.qk_norm_eps} must be > 0")
         if self.num_sink_logits not in (0, self.num_heads):

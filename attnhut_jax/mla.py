@@ -238,12 +238,7 @@ class MultiHeadLatentAttention(cache.ReadsEveryToken, nn.Module):
             core.check_positive(owner, q_lora_rank=ql)
         if rope % 2 != 0:
             raise ValueError(f"{owner}: qk_rope_head_dim={rope} must be even")
-        if self.rope_style not in core.ROPE_STYLES:
-            raise ValueError(f"{owner}: rope_style={self.rope_style!r} is not one of "
-                             f"{core.ROPE_STYLES}")
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, core.RopeScaling):
-            raise TypeError(f"{owner}: rope_scaling must be a core.RopeScaling, got "
-                            f"{type(self.rope_scaling).__name__}")
+        core.check_rope_options(owner, self.rope_style, self.rope_scaling)
         if self.index_top_k < 0:
             raise ValueError(f"{owner}: index_top_k={self.index_top_k} must be >= 0 (0: dense)")
         if self.index_top_k:
