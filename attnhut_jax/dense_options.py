@@ -3,14 +3,16 @@ gpt-oss), shared by ``StandardAttention``, ``MultiQueryAttention`` and
 ``GroupedQueryAttention``: ``head_dim``, QK RMSNorm, the sigmoid output gate, RoPE (partial,
 half or interleaved, scaled), the sliding window, sink logits and sink tokens.
 
-``DenseOptions`` is a mixin: each module declares the fields (same names and defaults, see
-``GroupedQueryAttention``) and ``kv_heads`` / ``_kv_of(tokens)`` (its key and value projection
-of the sink tokens); the mixin validates them, creates their parameters and runs the attention
-each combination needs (the dense op, the block-sparse op for a window, cuDNN's local window,
-the decode cache).
+``DenseOptions`` is a base module holding the option fields, keyword-only (so a module's own
+positional fields, attnhut's order, come first); a module that derives from it gives
+``kv_heads`` and ``_kv_of(tokens)`` (its key and value projection of the sink tokens). It
+validates the options, creates their parameters and runs the attention each combination needs
+(the dense op, the block-sparse op for a window, cuDNN's local window, the decode cache).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -22,8 +24,26 @@ from .core import Array
 _BLOCK_K = 64  # key block of the block-sparse seam a sliding window runs on
 
 
-class DenseOptions:
-    """The options' behaviour, for a module that declares their fields."""
+def _option(default):
+    return dataclasses.field(default=default, kw_only=True)
+
+
+class DenseOptions(nn.Module):
+    """The option fields (keyword-only; the defaults are attnhut's layers) and their behaviour.
+    See ``GroupedQueryAttention``'s docstring for what each does."""
+
+    head_dim: int | None = _option(None)
+    qk_norm: bool = _option(False)
+    qk_norm_eps: float = _option(1e-6)
+    qk_norm_zero_centered: bool = _option(False)
+    output_gate: bool = _option(False)
+    rope_theta: float | None = _option(None)
+    rope_dim: int | None = _option(None)
+    rope_style: core.RopeStyle = _option("half")
+    rope_scaling: core.RopeScaling | None = _option(None)
+    window: int | tuple[int, int] | None = _option(None)
+    num_sink_logits: int = _option(0)
+    num_sink_tokens: int = _option(0)
 
     @property
     def width(self) -> int:

@@ -61,18 +61,6 @@ class GroupedQueryAttention(DenseOptions, cache.ReadsEveryToken, nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
     decode: bool = False
-    head_dim: int | None = None
-    qk_norm: bool = False
-    qk_norm_eps: float = 1e-6
-    qk_norm_zero_centered: bool = False
-    output_gate: bool = False
-    rope_theta: float | None = None
-    rope_dim: int | None = None
-    rope_style: core.RopeStyle = "half"
-    rope_scaling: core.RopeScaling | None = None
-    window: int | tuple[int, int] | None = None
-    num_sink_logits: int = 0
-    num_sink_tokens: int = 0
 
     @property
     def kv_heads(self) -> int:
