@@ -204,13 +204,16 @@ class DenseOptions(nn.Module):
         return k, v
 
     def _with_sink_tokens(self, q, k, v, seg, rate, rng, owner):
-        """Dense attention over [sink tokens; keys]: every (non-padding) query reads the sinks."""
+        """Dense attention over [sink tokens; keys]: every (non-padding) query reads the sinks
+        (and, with a window, the keys within it)."""
         b, t = q.shape[:2]
         p = self.num_sink_tokens
         k, v = self._prepend_sinks(k, v)
         keep = jnp.ones((1, 1, t, t), bool)
         if self.causal:
             keep = keep & core.causal_mask(t, t)
+        if self.window is not None:
+            keep = keep & core.window_keep(jnp.arange(t), jnp.arange(t), self.window_extent)
         sinks_keep = jnp.ones((1, 1, t, p), bool)
         if seg is not None:
             keep = keep & core.segment_keep(seg, seg)
@@ -242,9 +245,9 @@ class DenseOptions(nn.Module):
                              sink=self._sinks(), window=(left, right))
         p = self.num_sink_tokens
         if p and seg is not None:
-            raise ValueError(f"{owner}: sink tokens with a window and segment_ids is not "
-                             f"supported (the block-sparse op's segment rule would hide the "
-                             f"sinks from every segment); drop the window or the packing")
+            # keys every segment reads are beyond the block-sparse op's segment rule (a key
+            # reads for its own segment only): this one combination runs dense, (T, P + T)
+            return self._with_sink_tokens(q, k, v, seg, rate, None, owner)
         if p:
             k, v = self._prepend_sinks(k, v)
         q_pos = jnp.arange(t) + right

@@ -193,7 +193,7 @@ def test_windows_across_key_blocks(case, window):
     g_ref = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(gqa_reference(m, p, x)))))(x)
     close(g, g_ref, 1e-4, case)
     if m.num_sink_tokens:
-        return  # sink tokens + window + segments is refused (test below)
+        return  # sink tokens + window + segments run dense (test above)
     seg = jnp.asarray([[1] * 100 + [2] * 50], jnp.int32)
     pos = jnp.asarray([list(range(100)) + list(range(50))], jnp.int32)
     packed = m.apply({"params": p}, x, segment_ids=seg, positions=pos)
@@ -273,13 +273,18 @@ def test_packed_equals_separate(case):
     close(out[1:, : T - 2], alone[2], 1e-5, "row 1")
 
 
-def test_sink_tokens_with_window_and_segments_is_refused():
-    m = make_gqa(window=4, num_sink_tokens=1)
+def test_sink_tokens_with_window_and_segments_run_dense():
+    """The block-sparse op's segment rule cannot share keys across segments, so sink tokens with
+    a window and segment_ids run the dense path: still each segment alone."""
+    m = make_gqa(**GQA_CASES["window_sink_tokens"])
     x = _x()
-    seg = jnp.ones((B, T), jnp.int32)
     p = _init(m, x)
-    with pytest.raises(ValueError, match="sink tokens with a window and segment_ids"):
-        m.apply({"params": p}, x, segment_ids=seg)
+    run = jax.jit(lambda x, seg=None: m.apply({"params": p}, x, segment_ids=seg))
+    cut = 6
+    seg = jnp.asarray([[1] * cut + [2] * (T - cut)] * B, jnp.int32)
+    out = run(x, seg)
+    close(out[:, :cut], run(x[:, :cut]), 1e-5, "segment 1")
+    close(out[:, cut:], run(x[:, cut:]), 1e-5, "segment 2")
 
 
 @pytest.mark.parametrize("kw, match", [
