@@ -1,7 +1,7 @@
 """DeepSeek-V3 MLA and DeepSeek-V3.2 DSA attention between Hugging Face transformers and
 ``attnhut_jax.MultiHeadLatentAttention``.
 
-``module_config(config)`` gives the Flax module's kwargs from a config (a transformers config
+``module_config(config, rope)`` gives the Flax module's kwargs from a config (a transformers config
 object or a ``config.json`` dict); ``to_rule`` / ``from_rule`` rename the layer's state dict to
 and from ``parity.naming``'s rule. ``parity.hf`` registers both classes as ``Arch``es, so
 ``from_hf`` / ``to_hf`` / ``load_hf_layer`` take them. Config values that change the math and
@@ -33,10 +33,10 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
     return getattr(config, name, default)
 
 
-def module_config(config: Any, rope: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def module_config(config: Any, rope: Mapping[str, Any]) -> dict[str, Any]:
     """The ``MultiHeadLatentAttention`` kwargs of a DeepSeek-V3 / V3.2 config (a config dict or
-    object; ``rope``: its standardised RoPE dict, default its ``rope_parameters`` /
-    ``rope_scaling`` with ``rope_theta``); refuses what the module does not compute."""
+    object) and its RoPE dict as ``parity.hf.HFConfig.rope_parameters`` standardises it;
+    refuses what the module does not compute."""
     kind = _get(config, "model_type")
     if kind not in MODEL_TYPES:
         raise ValueError(f"hf_deepseek: model_type={kind!r} is not one of {MODEL_TYPES}")
@@ -52,9 +52,6 @@ def module_config(config: Any, rope: Mapping[str, Any] | None = None) -> dict[st
     if _get(config, "attention_dropout", 0.0):
         raise ValueError(f"hf_deepseek: attention_dropout={_get(config, 'attention_dropout')} "
                          f"is not implemented by MultiHeadLatentAttention")
-    if rope is None:
-        rope = dict(_get(config, "rope_parameters") or _get(config, "rope_scaling") or {})
-        rope.setdefault("rope_theta", _get(config, "rope_theta", 10000.0))
     rope = dict(rope)
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"hf_deepseek: partial_rotary_factor={rope['partial_rotary_factor']} "
@@ -85,7 +82,7 @@ def module_config(config: Any, rope: Mapping[str, Any] | None = None) -> dict[st
     return kw
 
 
-def module_from_config(config: Any, rope: Mapping[str, Any] | None = None,
+def module_from_config(config: Any, rope: Mapping[str, Any],
                        **overrides: Any) -> attnhut_jax.MultiHeadLatentAttention:
     return attnhut_jax.MultiHeadLatentAttention(**{**module_config(config, rope), **overrides})
 

@@ -20,7 +20,7 @@ from transformers import DeepseekV3Config, DeepseekV32Config, DynamicCache
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as v3
 from transformers.models.deepseek_v32 import modeling_deepseek_v32 as v32
 
-from parity import hf, hf_deepseek
+from parity import hf
 
 B, T, D = 2, 13, 32
 YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
@@ -64,6 +64,12 @@ def _mask(t, s=None):
     s = t if s is None else s
     keep = torch.ones(t, s, dtype=torch.bool).tril(s - t)
     return torch.where(keep, 0.0, torch.finfo(torch.float32).min)[None, None].expand(B, 1, t, s)
+
+
+def _module(config):
+    """The module ``parity.hf`` builds for layer 0 of this config (a dict or config object)."""
+    c = hf.HFConfig(config)
+    return hf.arch_for_layer(c, 0).module(c, 0)
 
 
 def _close(got, want, tol, what):
@@ -172,12 +178,12 @@ def test_round_trip_to_hf():
 def test_refusals_name_the_field(change, match):
     config = {**COMMON, "q_lora_rank": 12, "model_type": "deepseek_v3", **change}
     with pytest.raises(ValueError, match=match):
-        hf_deepseek.module_from_config(config)
+        _module(config)
 
 
 def test_unknown_state_keys_are_refused():
     layer, _ = _layer("v3")
-    fm = hf_deepseek.module_from_config(layer.config)
+    fm = _module(layer.config)
     state = dict(layer.state_dict())
     state["q_a_proj.bias"] = torch.zeros(12)
     with pytest.raises(ValueError, match=r"q_down.bias"):
