@@ -25,6 +25,12 @@ from .minimax_sparse import MiniMaxSparseAttention, msa_index_aux_loss
 from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
 from .slot import SlotAttention
+from .sparse_transformer import (
+    FixedSparseAttention,
+    StridedSparseAttention,
+    fixed_pattern,
+    strided_pattern,
+)
 from .standard import StandardAttention
 
 __version__ = "0.1.0"
@@ -52,4 +58,8 @@ __all__ = [
     "GatedDeltaNet",
     "KimiDeltaAttention",
     "LinearAttention",
+    "StridedSparseAttention",
+    "FixedSparseAttention",
+    "strided_pattern",
+    "fixed_pattern",
 ]
