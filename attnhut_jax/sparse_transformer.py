@@ -1,23 +1,26 @@
 """Sparse Transformer attention (Child, Gray, Radford and Sutskever, 2019, "Generating Long
 Sequences with Sparse Transformers", arXiv:1904.10509): strided and fixed factorised patterns.
 
-Section 4.2 ("Factorized self-attention") splits full attention into p = 2 index sets per output
-position i, ``A_i = A(1)_i`` and ``A(2)_i``, and attends over them (eq. 2, ``attend(X, S) =
-(a(x_i, S_i))_i`` with ``a(x_i, S_i) = softmax((W_q x_i) K_{S_i}^T / sqrt(d)) V_{S_i}``). With
-``l`` the stride (``stride`` / ``block_size``) and ``c`` the summary width (``num_summary``):
+Section 4.2 ("Factorized self-attention") gives each output position i index sets and attends
+over them (eqs. 2-4: ``attend(X, S) = (a(x_i, S_i))_i``, ``a(x_i, S_i) = softmax((W_q x_i)
+K_{S_i}^T / sqrt(d)) V_{S_i}``, ``K_{S_i} = (W_k x_j)_{j in S_i}``, ``V_{S_i}`` alike). With
+``l`` the stride (``stride`` / ``block_size``) and ``c`` the summary width (``num_summary``),
+Section 4.3 defines p = 2 sets:
 
-* strided (Section 4.3, first pattern): ``A(1)_i = {t, t+1, ..., i}`` with ``t = max(0, i - l)``
-  and ``A(2)_i = {j : (i - j) mod l = 0}``;
-* fixed (Section 4.3, second pattern): ``A(1)_i = {j : floor(j / l) = floor(i / l)}`` and
+* strided: ``A(1)_i = {t, t+1, ..., i}`` with ``t = max(0, i - l)`` and
+  ``A(2)_i = {j : (i - j) mod l = 0}``;
+* fixed: ``A(1)_i = {j : floor(j / l) = floor(i / l)}`` and
   ``A(2)_i = {j : j mod l in {l - c, ..., l - 1}}``;
 * causal (the paper's autoregressive case): only ``j <= i``. Bidirectional: strided reads
   ``|i - j| <= l`` and every key with ``(i - j) mod l = 0`` on either side; fixed reads its own
   block and the summary positions of every block.
 
-The two sets combine as Section 4.3 lists them (eqs. 3 and 4): ``combine="interleaved"`` is
-eq. 3 (``attention(X) = W_p . attend(X, A^(r mod p))``, one set per head: even heads read
-``A(1)``, odd heads ``A(2)``), ``combine="merged"`` is eq. 4 (``attend(X, union_m A(m))``: every
-head reads the union). A query always reads itself (the fixed pattern's ``A(2)`` holds position
+Section 5.2 ("Factorized attention heads") combines the sets: ``combine="merged"`` is the merged
+head (eq. 7, ``attention(X) = W_p . attend(X, union_m A(m))``: every head reads the union);
+``combine="interleaved"`` gives the two types to alternating heads (even heads ``A(1)``, odd
+heads ``A(2)``): the paper's interleaving ``A^(r mod p)`` (eq. 6) taken over the heads of one
+layer instead of over residual blocks, i.e. its multi-head form (eq. 8) with heads of both types.
+A query always reads itself (the fixed pattern's ``A(2)`` holds position
 i only when i is a summary position; the interleaved odd heads of ``FixedSparseAttention`` read
 ``A(2)_i`` plus i). Packed sequences (``segment_ids``, id 0 = padding): every maximal run of one
 non-zero id is one sequence; positions, blocks and residues restart at its first token.
@@ -41,6 +44,7 @@ window and the class positions, or the own block and the earlier summaries) from
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, get_args
 
 import flax.linen as nn
@@ -302,6 +306,8 @@ def _fixed_sets(op: _Op, q, k, v, *, block: int, num_summary: int, causal: bool,
     return _merge([itself, summaries])
 
 
+@functools.partial(jax.jit, static_argnames=("kind", "l", "num_summary", "causal", "combine",
+                                             "impl", "scale", "precision", "owner"))
 def sparse_transformer_attention(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, *, kind: str,
                                  l: int, num_summary: int = 1, causal: bool, combine: str,
                                  segment_ids_BT: Array | None = None, impl: str = "auto",
@@ -312,7 +318,8 @@ def sparse_transformer_attention(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, *,
     ``kind`` "strided" (``l`` = stride) or "fixed" (``l`` = block size, ``num_summary`` = c);
     ``combine`` "merged" (every head reads the union of the two sets) or "interleaved" (even
     heads ``A(1)``, odd heads ``A(2)``). ``impl="reference"`` masks the dense (T, T) logits
-    with the pattern; the others run the disjoint block-sparse passes and merge them.
+    with the pattern; the others run the disjoint block-sparse passes and merge them. Jitted
+    (the sizes static), so that an eager call compiles its passes once.
     """
     b, t, n, h = q_BTNH.shape
     scale = h ** -0.5 if scale is None else scale
@@ -516,12 +523,12 @@ _CALL_DOC = """(B, T, D) -> (B, T, D).
 
 
 class StridedSparseAttention(_SparseTransformer, nn.Module):
-    """Strided sparse attention (Child et al., 2019, Section 4.3, eqs. 3-4).
+    """Strided sparse attention (Child et al., 2019, Sections 4.3 and 5.2).
 
     Query i reads ``A(1)_i = {max(0, i - l), ..., i}`` and ``A(2)_i = {j : (i - j) mod l = 0}``
     (``l = stride``; causal: ``j <= i``; bidirectional: ``|i - j| <= l`` and the class on both
-    sides); ``combine="merged"`` (every head reads the union, eq. 4) or ``"interleaved"`` (even
-    heads ``A(1)``, odd heads ``A(2)``, eq. 3). Parameters ``qkv`` and ``proj`` (``bias``
+    sides); ``combine="merged"`` (every head reads the union, eq. 7) or ``"interleaved"`` (even
+    heads ``A(1)``, odd heads ``A(2)``). Parameters ``qkv`` and ``proj`` (``bias``
     adds biases). ``impl`` picks the block-sparse op (``auto``/``xla``/``pallas``: the window
     and class passes; ``reference``: the masked dense (T, T) computation); ``precision``
     reaches every matmul. ``decode=True`` (causal only) gathers each step's
@@ -566,13 +573,13 @@ class StridedSparseAttention(_SparseTransformer, nn.Module):
 
 
 class FixedSparseAttention(_SparseTransformer, nn.Module):
-    """Fixed sparse attention (Child et al., 2019, Section 4.3, eqs. 3-4).
+    """Fixed sparse attention (Child et al., 2019, Sections 4.3 and 5.2).
 
     Query i reads ``A(1)_i = {j : floor(j / l) = floor(i / l)}`` (its block of ``l =
     block_size``) and ``A(2)_i = {j : j mod l in {l - c, ..., l - 1}}`` (the last
     ``c = num_summary`` positions of every block); causal: ``j <= i``. ``combine="merged"``
-    (the union, eq. 4) or ``"interleaved"`` (even heads ``A(1)``, odd heads ``A(2)`` and the
-    query itself, eq. 3). Parameters ``qkv`` and ``proj``. ``impl`` as
+    (the union, eq. 7) or ``"interleaved"`` (even heads ``A(1)``, odd heads ``A(2)`` and the
+    query itself). Parameters ``qkv`` and ``proj``. ``impl`` as
     ``StridedSparseAttention``. ``decode=True`` (causal only) gathers each step's own block up
     to p and the ``c`` summaries of every earlier block from the cache.
     """
