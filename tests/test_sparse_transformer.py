@@ -114,16 +114,19 @@ def _loss(name, impl):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_default_path_equals_the_masked_dense_pattern(name):
-    """The passes (xla) against impl='reference' (the pattern's (T, T) mask): outputs and the
-    gradients of every parameter and the input."""
+    """The passes (xla; pallas once) against impl='reference' (the pattern's (T, T) mask):
+    outputs and the gradients of every parameter and the input."""
     x = jax.random.normal(jax.random.key(0), (2, SEG.shape[1], D))
     seg = jnp.asarray(SEG) if "packed" in name else None
     params = nn.unbox(jax.jit(CASES[name]("reference").init)(jax.random.key(1), x))["params"]
     (_, want), g_want = _loss(name, "reference")(params, x, seg)
-    (_, got), g_got = _loss(name, "xla")(params, x, seg)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
-        np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4), g_got, g_want)
+    # the Pallas kernels (interpret mode on CPU) on one case, with packing
+    for impl in ("xla", "pallas") if name == "fixed_causal_interleaved_packed" else ("xla",):
+        (_, got), g_got = _loss(name, impl)(params, x, seg)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5,
+                                   err_msg=impl)
+        jax.tree_util.tree_map(lambda a, b, impl=impl: np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4, err_msg=impl), g_got, g_want)
 
 
 def test_packed_equals_separate():
