@@ -892,10 +892,11 @@ def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None
 # q_seg[b, t] != 0 (id 0: padding). The op drops the key blocks without a key of the query's
 # segment from block_keep before building its tables (O(T * J), no (T, S) array). Arguments:
 # (q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale, sink, key_valid_BS,
-# q_pos_T, k_pos_S, window, num_sink_keys, precision, q_seg_BT, k_seg_BS, k_sink_BS): q_seg_BT
-# (B, T) and k_seg_BS (B, S) int segment ids, both or neither; k_sink_BS (B, S) bool, keys the
-# window rule exempts (per-segment sinks). With segments, padding queries and unreadable keys
-# are zeroed first: NaN there reaches no output or gradient.
+# q_pos_T, k_pos_S, window, num_sink_keys, precision, q_seg_BT, k_seg_BS, k_sink_BS,
+# return_lse): q_seg_BT (B, T) and k_seg_BS (B, S) int segment ids, both or neither; k_sink_BS
+# (B, S) bool, keys the window rule exempts (per-segment sinks). With segments, padding queries
+# and unreadable keys are zeroed first: NaN there reaches no output or gradient. return_lse:
+# every impl returns (out, lse_BTN), the differentiable row logsumexp (-inf on empty rows).
 
 
 @registry.register("block_sparse", "reference")

@@ -16,9 +16,11 @@ logsumexp, all under one ``jax.custom_vjp``. Here:
   ``at_most_f32`` (the TPU kernels compute float64 operands in float32);
 * the float32-accumulating products ``dot_t`` / ``dot`` / ``tn_dot``, each with ``precision``;
 * the softmax pieces: ``online_softmax_step``, ``finish_softmax`` (the sink joins here),
-  ``row_delta`` (rowsum(dO * O)), ``sink_grad``, ``group_sum`` (per-query-head dK/dV summed
-  over the group of a kv head); ``masked_attention_reference``, the dense softmax that both
-  families' references reduce to;
+  ``row_delta`` (rowsum(dO * O), less the cotangent of a returned logsumexp), ``lse_out`` /
+  ``lse_cotangent`` (a returned logsumexp is ``-inf``, not ``BIG``, on empty rows, whose
+  cotangent is dropped), ``sink_grad``, ``group_sum`` (per-query-head dK/dV summed over the
+  group of a kv head); ``masked_attention_reference``, the dense softmax that both families'
+  references reduce to, and ``masked_logsumexp``, its row logsumexp;
 * ``compact``: a visit matrix -> table rows ``[count, indices ascending, padding]``;
 * ``sparse_attention_vjp``: the differentiable entry point, selections not differentiated.
 
@@ -365,9 +367,10 @@ def sparse_attention_vjp(forward, backward):
     """The differentiable entry point shared by every implementation of these semantics.
 
     ``forward(q, k, v, sink, selection, cfg) -> (out, residuals)`` and
-    ``backward(residuals, d_out, sink, cfg) -> (dq, dk, dv, dsink)``; ``selection`` is any
-    pytree of arrays (block selection, key validity, positions, indices), never differentiated
-    (as in attnhut): it gets float0 zeros. ``cfg`` is static.
+    ``backward(residuals, d_out, sink, cfg) -> (dq, dk, dv, dsink)``; ``out`` may be a pytree
+    (block-sparse returns ``(out, lse)``, and its backward gets ``(d_out, d_lse)``).
+    ``selection`` is any pytree of arrays (block selection, key validity, positions, indices),
+    never differentiated (as in attnhut): it gets float0 zeros. ``cfg`` is static.
     """
 
     @functools.partial(jax.custom_vjp, nondiff_argnames=("cfg",))
