@@ -24,6 +24,7 @@ from .linear_attention import LinearAttention
 from .minimax_sparse import MiniMaxSparseAttention, msa_index_aux_loss
 from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
+from .sinkhorn import SinkhornAttention, sinkhorn_block_pattern
 from .slot import SlotAttention
 from .standard import StandardAttention
 
@@ -52,4 +53,6 @@ __all__ = [
     "GatedDeltaNet",
     "KimiDeltaAttention",
     "LinearAttention",
+    "SinkhornAttention",
+    "sinkhorn_block_pattern",
 ]
