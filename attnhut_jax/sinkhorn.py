@@ -128,11 +128,15 @@ def sinkhorn(log_alpha: Array, keep: Array, iters: int, *, causal: bool) -> Arra
     step at (i, j) divides by the sum over rows <= i of column j, so row i depends on rows
     <= i only. Returns the matrix (not its log): masked entries are exactly 0.
     """
-    x = jnp.where(keep, log_alpha, core.mask_value(log_alpha.dtype))
-    for _ in range(iters):
+    fill = core.mask_value(log_alpha.dtype)
+
+    def step(x, _):
         col = _prefix_lse(x, keep, axis=-2) if causal else _masked_lse(x, keep, axis=-2)
-        x = jnp.where(keep, x - col, core.mask_value(x.dtype))
-        x = jnp.where(keep, x - _masked_lse(x, keep, axis=-1), core.mask_value(x.dtype))
+        x = jnp.where(keep, x - col, fill)
+        return jnp.where(keep, x - _masked_lse(x, keep, axis=-1), fill), None
+
+    # one compiled iteration body (a scan), however many iterations
+    x, _ = jax.lax.scan(step, jnp.where(keep, log_alpha, fill), None, length=iters)
     return jnp.where(keep, jnp.exp(x), 0.0)
 
 
