@@ -196,6 +196,15 @@ def _sortcut_rows(start_BJ: Array, rid_BJ: Array, k: int) -> tuple[Array, Array]
     return rows, ok
 
 
+def _slot_readable(sort_BNQJ: Array, valid_BT: Array, nb: int, bs: int) -> Array:
+    """(B, N, Q, S) bool: slot s of sorted block i holds some real token (a block with non-zero
+    weight in row i has a real token at s); the others (padding, empty rows) are unreadable."""
+    b = valid_BT.shape[0]
+    mass = jnp.einsum("BNQJ,BJS->BNQS", sort_BNQJ.astype(jnp.float32),
+                      valid_BT.reshape(b, nb, bs).astype(jnp.float32))
+    return mass > 0
+
+
 def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_BNQJ: Array,
                              rid_BT: Array, rid_BJ: Array, start_BJ: Array, *, block_size: int,
                              causal: bool, sortcut_k: int | None = None,
@@ -208,7 +217,8 @@ def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
     Without SortCut, query block i reads its own block (causal: keys at or before the query)
     and sorted block i = sum_j P_ij block_j, in one softmax; with SortCut (bidirectional only)
     it reads the first ``sortcut_k`` sorted blocks of its segment. A sorted key slot is readable
-    when some block it mixes holds a real token there. Returns (B, T, N, H).
+    when some block with non-zero weight in its row holds a real token there (padding mixes in
+    as zeros). Returns (B, T, N, H).
     """
     b, tp, n, h = q_BTNH.shape
     nb, bs = tp // block_size, block_size
@@ -223,10 +233,7 @@ def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
     p = sort_BNQJ.astype(k_BTNH.dtype)
     ks_BNQSH = jnp.einsum("BNQJ,BNJSH->BNQSH", p, k_BNJSH, precision=precision)
     vs_BNQSH = jnp.einsum("BNQJ,BNJSH->BNQSH", p, v_BNJSH, precision=precision)
-    allow_BQJ = sort_keep(rid_BJ, causal)
-    valid_BJS = valid_BT.reshape(b, nb, bs)
-    slot_BQS = jnp.einsum("BQJ,BJS->BQS", allow_BQJ.astype(jnp.float32),
-                          valid_BJS.astype(jnp.float32)) > 0
+    slot_BNQS = _slot_readable(sort_BNQJ, valid_BT, nb, bs)
     rid_BQT = rid_BT.reshape(b, nb, bs)
     q_ok_BQT = rid_BQT != 0
     sm = core.softmax_dtype(q_BTNH.dtype)
@@ -238,9 +245,10 @@ def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
         vs = jnp.take_along_axis(vs_BNQSH, flat[:, None, :, None, None], axis=2)
         ks = ks.reshape(b, n, nb, c * bs, h)
         vs = vs.reshape(b, n, nb, c * bs, h)
-        slot = jnp.take_along_axis(slot_BQS, flat[:, :, None], axis=1).reshape(b, nb, c, bs)
-        keep_BQS = (slot & ok[..., None]).reshape(b, nb, c * bs)
-        keep = keep_BQS[:, None, :, None, :] & q_ok_BQT[:, None, :, :, None]
+        slot = jnp.take_along_axis(slot_BNQS, flat[:, None, :, None], axis=2)
+        keep_BNQS = (slot.reshape(b, n, nb, c, bs) & ok[:, None, :, :, None]).reshape(
+            b, n, nb, c * bs)
+        keep = keep_BNQS[:, :, :, None, :] & q_ok_BQT[:, None, :, :, None]
         logits = jnp.einsum("BNQTH,BNQSH->BNQTS", q_BNQTH, ks, precision=precision)
         probs = core.masked_softmax(logits.astype(sm) * scale, keep)
         out = jnp.einsum("BNQTS,BNQSH->BNQTH", probs.astype(vs.dtype), vs, precision=precision)
@@ -249,8 +257,8 @@ def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
         local = same & q_ok_BQT[:, :, :, None]
         if causal:
             local = local & jnp.tril(jnp.ones((bs, bs), bool))
-        srt = slot_BQS[:, :, None, :] & q_ok_BQT[:, :, :, None]
-        keep = jnp.concatenate([local, srt], axis=-1)[:, None]
+        srt = slot_BNQS[:, :, :, None, :] & q_ok_BQT[:, None, :, :, None]
+        keep = jnp.concatenate([jnp.broadcast_to(local[:, None], srt.shape), srt], axis=-1)
         l_loc = jnp.einsum("BNQTH,BNQSH->BNQTS", q_BNQTH, k_BNJSH, precision=precision)
         l_srt = jnp.einsum("BNQTH,BNQSH->BNQTS", q_BNQTH, ks_BNQSH, precision=precision)
         logits = jnp.concatenate([l_loc, l_srt], axis=-1).astype(sm) * scale
@@ -282,29 +290,28 @@ def sinkhorn_dense_reference(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
     vb = v_BTNH.reshape(b, nb, bs, n, h)
     ks_BTNH = jnp.einsum("BNQJ,BJSNH->BQSNH", p, kb, precision=precision).reshape(b, tp, n, h)
     vs_BTNH = jnp.einsum("BNQJ,BJSNH->BQSNH", p, vb, precision=precision).reshape(b, tp, n, h)
-    allow_BQJ = sort_keep(rid_BJ, causal)
-    slot_BQS = jnp.einsum("BQJ,BJS->BQS", allow_BQJ.astype(jnp.float32),
-                          valid_BT.reshape(b, nb, bs).astype(jnp.float32)) > 0
-    slot_BT = slot_BQS.reshape(b, tp)  # sorted key slot t is readable at all
+    slot_BNT = _slot_readable(sort_BNQJ, valid_BT, nb, bs).reshape(b, n, tp)
     blk = jnp.arange(tp) // bs
     q_ok = valid_BT[:, :, None]
     if sortcut_k is not None:
         rows, ok = _sortcut_rows(start_BJ, rid_BJ, sortcut_k)  # (B, Q, C)
         reads_BQJ = jnp.any((rows[..., None] == jnp.arange(nb)) & ok[..., None], axis=2)
-        keep_srt = reads_BQJ[:, blk][:, :, blk] & slot_BT[:, None, :] & q_ok
+        keep_srt = ((reads_BQJ[:, blk][:, :, blk] & q_ok)[:, None]
+                    & slot_BNT[:, :, None, :])
         keep = jnp.concatenate([jnp.zeros_like(keep_srt), keep_srt], axis=-1)
     else:
         local = ((blk[:, None] == blk[None, :])[None] & (rid_BT[:, :, None] == rid_BT[:, None, :])
                  & q_ok)
         if causal:
             local = local & core.causal_mask(tp, tp)
-        keep_srt = (blk[:, None] == blk[None, :])[None] & slot_BT[:, None, :] & q_ok
-        keep = jnp.concatenate([local, keep_srt], axis=-1)
+        keep_srt = (((blk[:, None] == blk[None, :])[None] & q_ok)[:, None]
+                    & slot_BNT[:, :, None, :])
+        keep = jnp.concatenate([jnp.broadcast_to(local[:, None], keep_srt.shape), keep_srt],
+                               axis=-1)
     kk = jnp.concatenate([k_BTNH, ks_BTNH], axis=1)
     vv = jnp.concatenate([v_BTNH, vs_BTNH], axis=1)
     logits = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, kk, precision=precision)
-    probs = core.masked_softmax(logits.astype(core.softmax_dtype(q_BTNH.dtype)) * scale,
-                                keep[:, None])
+    probs = core.masked_softmax(logits.astype(core.softmax_dtype(q_BTNH.dtype)) * scale, keep)
     return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(vv.dtype), vv, precision=precision)
 
 
