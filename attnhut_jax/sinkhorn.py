@@ -30,18 +30,14 @@ Where the paper leaves a choice open (see ``docs/mechanisms.md``, "Sparse Sinkho
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import cache, core
+from . import cache, core, registry
 from .core import Array, Dtype
 
-SinkhornImpl = Literal["auto", "reference"]
-SINKHORN_IMPLS: tuple[str, ...] = get_args(SinkhornImpl)
 GUMBEL_RNG = "gumbel"
 
 _DECODE_REFUSED = {
@@ -196,15 +192,17 @@ def _sortcut_rows(start_BJ: Array, rid_BJ: Array, k: int) -> tuple[Array, Array]
     return rows, ok
 
 
-def _slot_readable(sort_BNQJ: Array, valid_BT: Array, nb: int, bs: int) -> Array:
+def _slot_readable(sort_BNQJ: Array, valid_BT: Array, nb: int, bs: int,
+                   precision: core.Precision = None) -> Array:
     """(B, N, Q, S) bool: slot s of sorted block i holds some real token (a block with non-zero
     weight in row i has a real token at s); the others (padding, empty rows) are unreadable."""
     b = valid_BT.shape[0]
     mass = jnp.einsum("BNQJ,BJS->BNQS", sort_BNQJ.astype(jnp.float32),
-                      valid_BT.reshape(b, nb, bs).astype(jnp.float32))
+                      valid_BT.reshape(b, nb, bs).astype(jnp.float32), precision=precision)
     return mass > 0
 
 
+@registry.register("sinkhorn", "xla")
 def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_BNQJ: Array,
                              rid_BT: Array, rid_BJ: Array, start_BJ: Array, *, block_size: int,
                              causal: bool, sortcut_k: int | None = None,
@@ -233,7 +231,7 @@ def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
     p = sort_BNQJ.astype(k_BTNH.dtype)
     ks_BNQSH = jnp.einsum("BNQJ,BNJSH->BNQSH", p, k_BNJSH, precision=precision)
     vs_BNQSH = jnp.einsum("BNQJ,BNJSH->BNQSH", p, v_BNJSH, precision=precision)
-    slot_BNQS = _slot_readable(sort_BNQJ, valid_BT, nb, bs)
+    slot_BNQS = _slot_readable(sort_BNQJ, valid_BT, nb, bs, precision)
     rid_BQT = rid_BT.reshape(b, nb, bs)
     q_ok_BQT = rid_BQT != 0
     sm = core.softmax_dtype(q_BTNH.dtype)
@@ -269,6 +267,7 @@ def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
     return out.transpose(0, 2, 3, 1, 4).reshape(b, tp, n, h)
 
 
+@registry.register("sinkhorn", "reference")
 def sinkhorn_dense_reference(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_BNQJ: Array,
                              rid_BT: Array, rid_BJ: Array, start_BJ: Array, *, block_size: int,
                              causal: bool, sortcut_k: int | None = None,
@@ -290,7 +289,7 @@ def sinkhorn_dense_reference(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
     vb = v_BTNH.reshape(b, nb, bs, n, h)
     ks_BTNH = jnp.einsum("BNQJ,BJSNH->BQSNH", p, kb, precision=precision).reshape(b, tp, n, h)
     vs_BTNH = jnp.einsum("BNQJ,BJSNH->BQSNH", p, vb, precision=precision).reshape(b, tp, n, h)
-    slot_BNT = _slot_readable(sort_BNQJ, valid_BT, nb, bs).reshape(b, n, tp)
+    slot_BNT = _slot_readable(sort_BNQJ, valid_BT, nb, bs, precision).reshape(b, n, tp)
     blk = jnp.arange(tp) // bs
     q_ok = valid_BT[:, :, None]
     if sortcut_k is not None:
@@ -324,10 +323,11 @@ class SinkhornAttention(nn.Module):
     Fields: ``dim``, ``num_heads``, ``block_size``, ``sinkhorn_iters`` (8), ``temperature``
     (0.75), ``causal`` (False), ``sortcut_k`` (None: no SortCut; k: every query attends the first
     k sorted blocks only, bidirectional only), ``max_len`` (4096: the sorting network scores
-    ceil(max_len / block_size) blocks, so longer inputs are refused), ``bias``, ``impl``
-    (``auto``: the block path; ``reference``: the masked dense (T, 2T) computation of the same
-    pattern, for benchmarks), ``dtype`` / ``param_dtype`` / ``precision``, ``decode`` (refused:
-    see ``docs/mechanisms.md``). Parameters: ``qkv``, ``sort`` (the sorting network), ``proj``.
+    ceil(max_len / block_size) blocks, so longer inputs are refused), ``bias``, ``impl`` (the
+    registry's ``sinkhorn`` op: ``auto`` = ``xla``, the block path; ``reference``: the masked
+    dense (T, 2T) computation of the same pattern, for benchmarks), ``dtype`` / ``param_dtype``
+    / ``precision``, ``decode`` (refused: see ``docs/mechanisms.md``). Parameters: ``qkv``,
+    ``sort`` (the sorting network), ``proj``.
     """
 
     dim: int
@@ -339,7 +339,7 @@ class SinkhornAttention(nn.Module):
     sortcut_k: int | None = None
     max_len: int = 4096
     bias: bool = False
-    impl: SinkhornImpl = "auto"
+    impl: registry.SinkhornImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
@@ -348,6 +348,12 @@ class SinkhornAttention(nn.Module):
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder would cache per token in ``dtype``: K and V of every head (sorted blocks
+        mix every earlier block; the running key sum per row is not per token). No decode step is
+        written (``decode=True`` is refused)."""
+        return float(2 * self.dim * jnp.dtype(dtype).itemsize)
 
     @property
     def max_blocks(self) -> int:
@@ -372,8 +378,7 @@ class SinkhornAttention(nn.Module):
                 raise ValueError(f"{owner}: sortcut_k={self.sortcut_k} with causal=True: every "
                                  f"query reads the first sorted blocks, which mix every block "
                                  f"(SortCut is an encoder's truncation)")
-        if self.impl not in SINKHORN_IMPLS:
-            raise ValueError(f"{owner}: impl={self.impl!r} is not one of {SINKHORN_IMPLS}")
+        registry.check(owner, "sinkhorn", self.impl)
         cache.refuse_decode(owner, self.decode, _DECODE_REFUSED[self.causal])
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         self.qkv = core.Linear(3 * self.dim, use_bias=self.bias, axes=("embed", "qkv"), **kw)
@@ -434,9 +439,9 @@ class SinkhornAttention(nn.Module):
         keep_BQJ = sort_keep(rid_BJ, self.causal)
         p_BNQJ = sinkhorn(r_BNQJ / self.temperature, keep_BQJ[:, None], self.sinkhorn_iters,
                           causal=self.causal)
-        fn = sinkhorn_dense_reference if self.impl == "reference" else sinkhorn_block_attention
-        out = fn(q, k, v, p_BNQJ, rid_BT, rid_BJ, start_BJ, block_size=bs, causal=self.causal,
-                 sortcut_k=self.sortcut_k, scale=h ** -0.5, precision=self.precision)
+        out = registry.call(owner, "sinkhorn", self.impl, q, k, v, p_BNQJ, rid_BT, rid_BJ,
+                            start_BJ, block_size=bs, causal=self.causal,
+                            sortcut_k=self.sortcut_k, scale=h ** -0.5, precision=self.precision)
         out = out[:, :t].reshape(b, t, self.dim)
         if seg is not None:
             out = jnp.where(bad_B[:, None, None], jnp.nan, out)
@@ -455,4 +460,4 @@ class SinkhornAttention(nn.Module):
         rows, ok = _sortcut_rows(start_BJ, rid_BJ, self.sortcut_k)  # (B, Q, C)
         sel = (rows[..., None] == jnp.arange(nb)) & ok[..., None]  # (B, Q, C, R)
         return jnp.einsum("BQCR,BNRJ->BNQJ", sel.astype(jnp.float32),
-                          mixed.astype(jnp.float32)) > 0
+                          mixed.astype(jnp.float32), precision=self.precision) > 0
