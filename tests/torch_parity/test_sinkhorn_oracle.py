@@ -106,7 +106,6 @@ CASES = [
     ("bidir T=11", dict(), 11),
     ("causal T=11 bias", dict(causal=True, bias=True), 11),
     ("sortcut 2 T=10", dict(sortcut_k=2), 10),
-    ("one block T=2", dict(), 2),
 ]
 
 
