@@ -54,21 +54,29 @@ _DECODE_REFUSED = {
 
 
 def sinkhorn_block_pattern(num_blocks: int, *, causal: bool = False,
-                           sortcut_k: int | None = None) -> np.ndarray:
-    """(num_blocks, num_blocks) bool, a host constant: the key blocks whose keys can reach query
-    block i (one sequence, no packing).
+                           sortcut_k: int | None = None, sort_matrix=None,
+                           threshold: float = 0.0) -> np.ndarray:
+    """(num_blocks, num_blocks) bool on the host: the key blocks query block i reads (one
+    sequence, no packing), for the patterns figure.
 
-    Without SortCut: block i itself (local) and every block sorted block i mixes (all blocks;
-    causal: blocks before i). With SortCut: the blocks the first ``sortcut_k`` sorted blocks mix
-    (all blocks: SortCut is bidirectional). The weights inside this support are the Sinkhorn
-    matrix, ``SinkhornAttention(...).apply(..., return_aux=True)[1]["sort_matrix"]``.
+    Without ``sort_matrix``: the support, what any sort can make it read. Without SortCut: block
+    i itself (local) and every block sorted block i may mix (all blocks; causal: blocks before
+    i); with SortCut: the blocks the first ``sortcut_k`` sorted blocks may mix (all). With
+    ``sort_matrix`` (J, J), one head's Sinkhorn matrix (``return_aux=True`` gives them as
+    ``aux["sort_matrix"]``, (B, N, J, J)): the blocks whose weight in the sorted block(s) read is
+    above ``threshold`` (0: every block that contributes at all), plus the own block.
     """
     n = int(num_blocks)
+    if sort_matrix is None:
+        mixed = np.tril(np.ones((n, n), bool), -1) if causal else np.ones((n, n), bool)
+    else:
+        mixed = np.asarray(sort_matrix, np.float64) > threshold
+        if mixed.shape != (n, n):
+            raise ValueError(f"sinkhorn_block_pattern: sort_matrix of shape {mixed.shape} is not "
+                             f"(num_blocks, num_blocks)=({n}, {n})")
     if sortcut_k is not None:
-        return np.ones((n, n), bool)
-    if causal:
-        return np.tril(np.ones((n, n), bool))
-    return np.ones((n, n), bool)
+        return np.broadcast_to(mixed[:min(sortcut_k, n)].any(0), (n, n)).copy()
+    return mixed | np.eye(n, dtype=bool)
 
 
 def _layout(segment_ids_BT: Array | None, b: int, t: int, block_size: int):

@@ -125,13 +125,15 @@ def test_gumbel_noise():
     m, v = _module(), _vars()
     x = jax.random.normal(jax.random.key(4), (2, 12, D))
     run = jax.jit(lambda x, key: m.apply(v, x, deterministic=False, rngs={"gumbel": key}))
-    y0 = np.asarray(m.apply(v, x))
-    np.testing.assert_array_equal(np.asarray(m.apply(v, x, deterministic=True)), y0)
+    off = jax.jit(lambda x, key: (m.apply(v, x), m.apply(v, x, deterministic=True,
+                                                          rngs={"gumbel": key})))
+    y0, y1 = (np.asarray(a) for a in off(x, jax.random.key(1)))
+    np.testing.assert_array_equal(y1, y0)
     a, b, c = (np.asarray(run(x, jax.random.key(s))) for s in (1, 1, 2))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c) and not np.allclose(a, y0)
     with pytest.raises(ValueError, match="'gumbel' rng stream"):
-        m.apply(v, x, deterministic=False)
+        jax.eval_shape(lambda x_: m.apply(v, x_, deterministic=False), x)
 
 
 @pytest.mark.parametrize("kw", [{}, {"causal": True}, {"sortcut_k": 2}], ids=str)
@@ -152,6 +154,13 @@ def test_packed_equals_separate(kw):
                                      sortcut_k=kw.get("sortcut_k"))
     np.testing.assert_array_equal(np.asarray(aux["block_reads"]),
                                   np.broadcast_to(want, (1, N, 3, 3)))
+    p0 = np.asarray(aux["sort_matrix"][0, 0])
+    heavy = ah.sinkhorn_block_pattern(3, causal=kw.get("causal", False),
+                                      sortcut_k=kw.get("sortcut_k"), sort_matrix=p0,
+                                      threshold=0.3)
+    rows = p0[:kw["sortcut_k"]].max(0, keepdims=True) if "sortcut_k" in kw else p0
+    own = np.zeros((3, 3), bool) if "sortcut_k" in kw else np.eye(3, dtype=bool)
+    np.testing.assert_array_equal(heavy, np.broadcast_to(rows > 0.3, (3, 3)) | own)
     # a segment starting inside a block: refused eagerly (NaN rows under jit: one variant)
     bad = jnp.asarray([[1] * 7 + [2] * 8])
     with pytest.raises(ValueError, match=r"rows \[0\] have a segment starting inside a block"):
