@@ -24,6 +24,7 @@ from .linear_attention import LinearAttention
 from .minimax_sparse import MiniMaxSparseAttention, msa_index_aux_loss
 from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
+from .sinkhorn import SinkhornAttention, sinkhorn_block_pattern
 from .slot import SlotAttention
 from .sparse_transformer import (
     FixedSparseAttention,
@@ -62,4 +63,6 @@ __all__ = [
     "FixedSparseAttention",
     "strided_pattern",
     "fixed_pattern",
+    "SinkhornAttention",
+    "sinkhorn_block_pattern",
 ]

@@ -198,6 +198,16 @@ MECHANISMS: list[Mechanism] = [
                                        rf"\({B}, {T}\), got \({B}, {T - 1}\)"),),
         bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
         bf16_why=_BF16_DENSE + " (a fixed block pattern: no data-dependent selection)")),
+    *_variants(lambda c: Mechanism(
+        f"sinkhorn{'' if c else '_bidir'}", ah.SinkhornAttention,
+        {"dim": D, "num_heads": 4, "block_size": 3, "causal": c, "max_len": 16}, causal=c,
+        # soft sorting: every sorted block mixes every (earlier) block with a non-zero weight and
+        # the summaries read them all, so each output depends on every position it may see
+        full=True, call=frozenset({"segment_ids", "deterministic", "return_aux"}), aux=True,
+        impls=("auto", "reference", "xla"), cpu_impls=("auto", "reference", "xla"),
+        bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
+        bf16_why=_BF16_DENSE + "; the sorting network and Sinkhorn run in float32, the soft "
+                 "permutation mixes bf16 keys and values")),
     Mechanism(
         "delta", ah.DeltaAttention, {"dim": D, "num_heads": 4, "window": 3, "sink": 1, "stride": 3},
         causal=True, full=False, call=frozenset({"segment_ids", "positions", "lengths"}), impls=SPARSE_IMPLS,
@@ -323,7 +333,7 @@ MECHANISMS += [
 ]
 BY_ID = {m.id: m for m in MECHANISMS}
 assert len(BY_ID) == len(MECHANISMS)
-assert len({m.cls for m in MECHANISMS}) == 18  # every mechanism of the package is declared
+assert len({m.cls for m in MECHANISMS}) == 19  # every mechanism of the package is declared
 
 
 def rngs(seed: int = 1) -> dict[str, jax.Array]:

@@ -29,6 +29,8 @@ MECHANISMS = {
     "differential": (lambda **kw: ah.DifferentialAttention(D, 2, **kw), (2, 12, D)),
     "slot": (lambda **kw: ah.SlotAttention(D, 3, hidden_dim=16, **kw), (2, 12, D)),
     "bigbird": (lambda **kw: ah.BigBirdAttention(D, 4, block_size=4, **kw), (2, 12, D)),
+    "sinkhorn": (lambda **kw: ah.SinkhornAttention(D, 4, 4, causal=True, max_len=12, **kw),
+                 (2, 12, D)),
     "delta": (lambda **kw: ah.DeltaAttention(D, 4, window=4, sink=1, stride=3, **kw), (2, 12, D)),
     "dsa": (lambda **kw: ah.DeepSeekSparseAttention(D, 4, top_k=4, index_head_dim=8, **kw),
             (2, 12, D)),
