@@ -40,14 +40,9 @@ from .core import Array, Dtype
 
 GUMBEL_RNG = "gumbel"
 
-_DECODE_REFUSED = {
-    False: "with causal=False every block's sorted keys depend on the whole sequence (the "
-           "Sinkhorn columns sum over every block), so a prefix's outputs change as it grows",
-    True: "not implemented for causal=True: row i of the causal Sinkhorn matrix depends only on "
-          "blocks before block i, so a decoder could cache K, V and the block summaries and "
-          "recompute row i at each block start, but no decode step is written; run the full "
-          "causal forward",
-}
+_DECODE_REFUSED = ("with causal=False every block's sorted keys depend on the whole sequence (the "
+                   "Sinkhorn columns sum over every block; SortCut's first sorted blocks mix every "
+                   "block), so a prefix's outputs change as it grows; decode the causal variant")
 
 
 # ----------------------------------------------------------------------------- block layout
@@ -144,6 +139,32 @@ def sinkhorn(log_alpha: Array, keep: Array, iters: int, *, causal: bool) -> Arra
     return jnp.where(keep, jnp.exp(x), 0.0)
 
 
+def causal_sinkhorn_row(log_alpha_BNJ: Array, keep_BJ: Array, prefix_BNIJ: Array
+                        ) -> tuple[Array, Array]:
+    """Row i of the causal Sinkhorn matrix, given what rows < i left: the decode form of
+    ``sinkhorn(..., causal=True)``.
+
+    ``log_alpha_BNJ``: row i of the (tempered) sorting logits; ``keep_BJ``: its allowed entries
+    (j < i); ``prefix_BNIJ``: for each iteration (axis I, ``iters`` long) the logsumexp of
+    column j over the earlier rows' entries as that iteration's column step read them (-inf
+    where no earlier row has entry j). Iteration t's column step at (i, j) is then
+    ``logaddexp(prefix[t, j], x[j])``, the causal prefix over rows <= i, and the row step is the
+    full forward's. Returns (row i of P (B, N, J), the prefixes including row i).
+    """
+    fill = core.mask_value(log_alpha_BNJ.dtype)
+    keep = keep_BJ[:, None, :]
+
+    def step(x, pre_BNJ):
+        col = jnp.logaddexp(pre_BNJ, jnp.where(keep, x, -jnp.inf))
+        x = jnp.where(keep, x - col, fill)
+        x = jnp.where(keep, x - _masked_lse(x, keep, axis=-1), fill)
+        return x, jnp.where(keep, col, pre_BNJ)
+
+    x, pre_IBNJ = jax.lax.scan(step, jnp.where(keep, log_alpha_BNJ, fill),
+                               jnp.moveaxis(prefix_BNIJ, 2, 0))
+    return jnp.where(keep, jnp.exp(x), 0.0), jnp.moveaxis(pre_IBNJ, 0, 2)
+
+
 # ----------------------------------------------------------------------------- the pure core
 
 
@@ -210,6 +231,24 @@ def _slot_readable(sort_BNQJ: Array, valid_BT: Array, nb: int, bs: int,
     return mass > 0
 
 
+def local_sorted_attention(q_BNQTH: Array, k_BNQSH: Array, v_BNQSH: Array, ks_BNQSH: Array,
+                           vs_BNQSH: Array, local_BQTS: Array, srt_BNQTS: Array, *, scale: float,
+                           precision: core.Precision = None) -> Array:
+    """Query block q attends its own block of keys (``local_BQTS``) and its sorted block
+    (``srt_BNQTS``) in one softmax over 2 x block_size keys (Section 3.4); shared by the full
+    forward and the decode step. Returns (B, N, Q, T, H)."""
+    bs = k_BNQSH.shape[3]
+    keep = jnp.concatenate([jnp.broadcast_to(local_BQTS[:, None], srt_BNQTS.shape), srt_BNQTS],
+                           axis=-1)
+    l_loc = jnp.einsum("BNQTH,BNQSH->BNQTS", q_BNQTH, k_BNQSH, precision=precision)
+    l_srt = jnp.einsum("BNQTH,BNQSH->BNQTS", q_BNQTH, ks_BNQSH, precision=precision)
+    sm = core.softmax_dtype(q_BNQTH.dtype)
+    logits = jnp.concatenate([l_loc, l_srt], axis=-1).astype(sm) * scale
+    probs = core.masked_softmax(logits, keep).astype(v_BNQSH.dtype)
+    return (jnp.einsum("BNQTS,BNQSH->BNQTH", probs[..., :bs], v_BNQSH, precision=precision)
+            + jnp.einsum("BNQTS,BNQSH->BNQTH", probs[..., bs:], vs_BNQSH, precision=precision))
+
+
 @registry.register("sinkhorn", "xla")
 def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_BNQJ: Array,
                              rid_BT: Array, rid_BJ: Array, start_BJ: Array, *, block_size: int,
@@ -242,7 +281,6 @@ def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
     slot_BNQS = _slot_readable(sort_BNQJ, valid_BT, nb, bs, precision)
     rid_BQT = rid_BT.reshape(b, nb, bs)
     q_ok_BQT = rid_BQT != 0
-    sm = core.softmax_dtype(q_BTNH.dtype)
     if sortcut_k is not None:
         rows, ok = _sortcut_rows(start_BJ, rid_BJ, sortcut_k)  # (B, Q, C)
         c = sortcut_k
@@ -256,6 +294,7 @@ def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
             b, n, nb, c * bs)
         keep = keep_BNQS[:, :, :, None, :] & q_ok_BQT[:, None, :, :, None]
         logits = jnp.einsum("BNQTH,BNQSH->BNQTS", q_BNQTH, ks, precision=precision)
+        sm = core.softmax_dtype(q_BTNH.dtype)
         probs = core.masked_softmax(logits.astype(sm) * scale, keep)
         out = jnp.einsum("BNQTS,BNQSH->BNQTH", probs.astype(vs.dtype), vs, precision=precision)
     else:
@@ -264,14 +303,8 @@ def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
         if causal:
             local = local & jnp.tril(jnp.ones((bs, bs), bool))
         srt = slot_BNQS[:, :, :, None, :] & q_ok_BQT[:, None, :, :, None]
-        keep = jnp.concatenate([jnp.broadcast_to(local[:, None], srt.shape), srt], axis=-1)
-        l_loc = jnp.einsum("BNQTH,BNQSH->BNQTS", q_BNQTH, k_BNJSH, precision=precision)
-        l_srt = jnp.einsum("BNQTH,BNQSH->BNQTS", q_BNQTH, ks_BNQSH, precision=precision)
-        logits = jnp.concatenate([l_loc, l_srt], axis=-1).astype(sm) * scale
-        probs = core.masked_softmax(logits, keep).astype(v_BTNH.dtype)
-        out = (jnp.einsum("BNQTS,BNQSH->BNQTH", probs[..., :bs], v_BNJSH, precision=precision)
-               + jnp.einsum("BNQTS,BNQSH->BNQTH", probs[..., bs:], vs_BNQSH,
-                            precision=precision))
+        out = local_sorted_attention(q_BNQTH, k_BNJSH, v_BNJSH, ks_BNQSH, vs_BNQSH, local, srt,
+                                     scale=scale, precision=precision)
     return out.transpose(0, 2, 3, 1, 4).reshape(b, tp, n, h)
 
 
@@ -334,8 +367,9 @@ class SinkhornAttention(nn.Module):
     ceil(max_len / block_size) blocks, so longer inputs are refused), ``bias``, ``impl`` (the
     registry's ``sinkhorn`` op: ``auto`` = ``xla``, the block path; ``reference``: the masked
     dense (T, 2T) computation of the same pattern, for benchmarks), ``dtype`` / ``param_dtype``
-    / ``precision``, ``decode`` (refused: see ``docs/mechanisms.md``). Parameters: ``qkv``,
-    ``sort`` (the sorting network), ``proj``.
+    / ``precision``, ``decode`` (causal only: incremental decoding through
+    ``attnhut_jax.cache``, see ``_decode``). Parameters: ``qkv``, ``sort`` (the sorting
+    network), ``proj``.
     """
 
     dim: int
@@ -358,10 +392,41 @@ class SinkhornAttention(nn.Module):
         return self.dim // self.num_heads
 
     def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
-        """Bytes a decoder would cache per token in ``dtype``: K and V of every head (sorted blocks
-        mix every earlier block; the running key sum per row is not per token). No decode step is
-        written (``decode=True`` is refused)."""
+        """Bytes the decoder caches per token in ``dtype``: K and V of every head (sorted blocks
+        mix every earlier block); the per-row arrays (the current sorted block, the running key
+        sum, the Sinkhorn prefixes) are in ``cache_bytes``."""
         return float(2 * self.dim * jnp.dtype(dtype).itemsize)
+
+    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
+        """Bytes of the decode cache's arrays (``dtype``: the keys' and values'): ``key`` and
+        ``value`` (B, max_len, N, H); ``sorted_key`` and ``sorted_value`` (B, block_size, N, H),
+        the current block's sorted block; ``key_sum`` (B, N, H) float32, the sum of every key
+        so far; ``sort_prefix`` (B, N, sinkhorn_iters, ceil(max_len / block_size)) float32, the
+        causal Sinkhorn's column prefixes; and the index."""
+        b, n, h, bs = int(batch), self.num_heads, self.head_dim, self.block_size
+        sums = jnp.promote_types(dtype, jnp.float32)
+        return (2 * cache.nbytes((b, max_len, n, h), dtype) + 2 * cache.nbytes((b, bs, n, h), dtype)
+                + cache.nbytes((b, n, h), sums)
+                + cache.nbytes((b, n, self.sinkhorn_iters, -(-int(max_len) // bs)), jnp.float32)
+                + cache.index_bytes(b))
+
+    def decode_reads(self, n: int) -> int:
+        """Cached keys and values one decode query at cache length ``n`` (position p = n - 1)
+        reads in its softmax: its block up to p (``p mod block_size + 1``) and the
+        ``block_size`` rows of its sorted block (cached, from block 1 on). Not counted: forming
+        the sorted block, once per block at its first token, reads the ``i x block_size``
+        earlier keys and values with the Sinkhorn weights (i = the block's index; ``i`` rows per
+        query of the block on average), see ``docs/mechanisms.md``."""
+        if n <= 0:
+            return 0
+        p, bs = int(n) - 1, self.block_size
+        return p % bs + 1 + (bs if p >= bs else 0)
+
+    def decode_scored(self, n: int) -> int:
+        """Index keys a selector scores per decode query: none (the sorting row of a block is
+        the sorting network on the running key mean, no cached key is scored)."""
+        del n
+        return 0
 
     @property
     def max_blocks(self) -> int:
@@ -387,7 +452,7 @@ class SinkhornAttention(nn.Module):
                                  f"query reads the first sorted blocks, which mix every block "
                                  f"(SortCut is an encoder's truncation)")
         registry.check(owner, "sinkhorn", self.impl)
-        cache.refuse_decode(owner, self.decode, _DECODE_REFUSED[self.causal])
+        cache.refuse_decode(owner, self.decode and not self.causal, _DECODE_REFUSED)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         self.qkv = core.Linear(3 * self.dim, use_bias=self.bias, axes=("embed", "qkv"), **kw)
         # the sorting network runs in float32 (at least) whatever ``dtype``: it decides what is read
@@ -398,7 +463,8 @@ class SinkhornAttention(nn.Module):
         self.proj = core.Linear(self.dim, use_bias=self.bias, axes=("heads", "embed"), **kw)
 
     def __call__(self, x: Array, *, segment_ids: Array | None = None,
-                 deterministic: bool = True, return_aux: bool = False):
+                 deterministic: bool = True, return_aux: bool = False,
+                 lengths: Array | None = None):
         """(B, T, D) -> (B, T, D); with ``return_aux``: (out, aux), aux = {"sort_matrix":
         (B, N, J, J) float32 Sinkhorn matrices, "block_reads": (B, N, J, J) bool, the key blocks
         each query block reads (its own and those with non-zero sorting weight; SortCut: those
@@ -412,9 +478,21 @@ class SinkhornAttention(nn.Module):
 
         ``deterministic=False`` adds Gumbel noise to the sorting logits, drawn from the
         ``"gumbel"`` rng stream (``apply(..., rngs={"gumbel": key})``).
+
+        With ``decode=True`` (causal): ``x`` is the chunk to append and ``lengths`` (B,) the
+        tokens each row appends (``attnhut_jax.cache``); ``segment_ids``, ``return_aux`` and
+        ``deterministic=False`` are refused.
         """
         owner = "SinkhornAttention"
         core.check_input(x, self.dim, owner)
+        cache.check_options(owner, decode=self.decode, lengths=lengths, segment_ids=segment_ids,
+                            return_aux=return_aux)
+        if self.decode:
+            if not deterministic:
+                raise ValueError(f"{owner}: deterministic=False cannot be used with decode=True "
+                                 f"(the Gumbel noise is drawn for the whole sorting matrix at "
+                                 f"once, so a decoder cannot draw a row's share of it)")
+            return self._decode(cache.begin(self, owner, x, lengths, sized_by="key"))
         seg, _ = core.check_packing(owner, x, segment_ids, None)
         b, t, _ = x.shape
         if t > self.max_len:
@@ -458,6 +536,121 @@ class SinkhornAttention(nn.Module):
             return y
         return y, {"sort_matrix": p_BNQJ, "block_reads": self._block_reads(p_BNQJ, rid_BJ,
                                                                            start_BJ)}
+
+    def _decode(self, step: cache.Step) -> Array:
+        """One decode call (causal): append the chunk; for every block whose first token it
+        appends, the block's sorting row (the sorting network on the running key mean), its
+        row of the causal Sinkhorn matrix (``causal_sinkhorn_row``, from the cached column
+        prefixes) and its sorted block (read once from the cache with those weights, then
+        cached); then each query attends its block up to itself and its block's sorted block,
+        as the full forward does.
+
+        The chunk's queries are laid out on the grid of the blocks they touch (at most
+        ``(n + block_size - 2) // block_size + 1``), so a chunk costs O(n x block_size) logits.
+        """
+        owner = "SinkhornAttention"
+        b, n, _ = step.x.shape
+        bs, nh, h, iters = self.block_size, self.num_heads, self.head_dim, self.sinkhorn_iters
+        length = step.max_len
+        if length > self.max_len:
+            raise ValueError(f"{owner}: a decode cache of max_len={length} is longer than "
+                             f"max_len={self.max_len} (the sorting network scores "
+                             f"{self.max_blocks} blocks)")
+        nb = -(-length // bs)
+        q, k, v = jnp.split(self.qkv(step.x), 3, axis=-1)
+        q, k, v = (a.reshape(b, n, nh, h) for a in (q, k, v))
+        k_BSNH = step.append("key", k)
+        v_BSNH = step.append("value", v)
+        ft = jnp.promote_types(k.dtype, jnp.float32)
+        ksum_BNH = step.state("key_sum", (b, nh, h), ft)
+        prefix_BNIJ = step.state("sort_prefix", (b, nh, iters, nb), jnp.float32, fill=-jnp.inf)
+        sk_BONH = step.state("sorted_key", (b, bs, nh, h), k.dtype)
+        sv_BONH = step.state("sorted_value", (b, bs, nh, h), v.dtype)
+        if step.initializing:  # create the sorting network's parameters, write nothing
+            self.sort(jnp.zeros((b, nh, 1, h), ft))
+            return step.finish(self.proj(jnp.zeros((b, n, self.dim), q.dtype)))
+        k_BSNH, v_BSNH = jax.lax.optimization_barrier((k_BSNH, v_BSNH))
+
+        # the blocks the chunk touches (slot c: block first + c) and those it starts
+        start_B, end_B = step.start_B, step.end_B
+        first_B = start_B // bs
+        nc = (n + bs - 2) // bs + 1
+        blk_BC = first_B[:, None] + jnp.arange(nc)[None, :]
+        bstart_BC = blk_BC * bs
+        new_BC = (bstart_BC >= start_B[:, None]) & (bstart_BC < end_B[:, None])
+
+        # block summaries: the mean of every key before the block (the cached running sum plus
+        # the chunk's keys before the block's first position)
+        k32_BTNH = jnp.where(step.ok_BT[..., None, None], k.astype(ft), 0)
+        csum_BTNH = jnp.pad(jnp.cumsum(k32_BTNH, axis=1), ((0, 0), (1, 0), (0, 0), (0, 0)))
+        upto_BC = jnp.clip(bstart_BC - start_B[:, None], 0, n)
+        sums_BCNH = ksum_BNH[:, None] + jnp.take_along_axis(csum_BTNH, upto_BC[..., None, None],
+                                                            axis=1)
+        summ_BNCH = (sums_BCNH / jnp.maximum(bstart_BC, 1).astype(ft)[..., None, None]
+                     ).transpose(0, 2, 1, 3)
+        logits_BNCW = jax.nn.relu(self.sort(summ_BNCH))
+        logits_BNCW = logits_BNCW.astype(jnp.promote_types(logits_BNCW.dtype, jnp.float32))
+        la_BNCJ = logits_BNCW[..., :nb] / self.temperature
+        keep_BCJ = jnp.arange(nb)[None, None, :] < blk_BC[:, :, None]
+
+        # the Sinkhorn rows of the started blocks, in order (row i reads rows < i's prefixes)
+        def row(pre_BNIJ, xs):
+            la_BNJ, keep_BJ, new_B = xs
+            p_BNJ, pre_new = causal_sinkhorn_row(la_BNJ, keep_BJ, pre_BNIJ)
+            return jnp.where(new_B[:, None, None, None], pre_new, pre_BNIJ), p_BNJ
+
+        prefix_BNIJ, p_CBNJ = jax.lax.scan(row, prefix_BNIJ.astype(la_BNCJ.dtype), (
+            jnp.moveaxis(la_BNCJ, 2, 0), jnp.moveaxis(keep_BCJ, 1, 0), new_BC.T))
+
+        # sorted blocks: a started block mixes the cached blocks with its row's weights (read
+        # only when some row starts a block); a block started earlier reuses the cached one
+        full = length // bs  # blocks j < i lie in the cache's whole blocks
+
+        def mix(_):
+            p = jnp.moveaxis(p_CBNJ[..., :full], 0, 1).astype(k_BSNH.dtype)
+            kb = k_BSNH[:, :full * bs].reshape(b, full, bs, nh, h)
+            vb = v_BSNH[:, :full * bs].reshape(b, full, bs, nh, h)
+            return (jnp.einsum("BCNJ,BJONH->BCONH", p, kb, precision=self.precision),
+                    jnp.einsum("BCNJ,BJONH->BCONH", p, vb, precision=self.precision))
+
+        def cached(_):
+            return (jnp.broadcast_to(sk_BONH[:, None], (b, nc, bs, nh, h)),
+                    jnp.broadcast_to(sv_BONH[:, None], (b, nc, bs, nh, h)))
+
+        ks_BCONH, vs_BCONH = jax.lax.cond(jnp.any(new_BC), mix, cached, None)
+        ks_BCONH = jnp.where(new_BC[..., None, None, None], ks_BCONH, sk_BONH[:, None])
+        vs_BCONH = jnp.where(new_BC[..., None, None, None], vs_BCONH, sv_BONH[:, None])
+
+        # the chunk's queries on the grid of its blocks; each reads its block's keys up to
+        # itself and its block's sorted block (from block 1 on)
+        rows_BT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, n))
+        at_BT = jnp.where(step.ok_BT, step.pos_BT - first_B[:, None] * bs, nc * bs)
+        q_BXNH = jnp.zeros((b, nc * bs, nh, h), q.dtype).at[rows_BT, at_BT].set(q, mode="drop")
+        kpos_BCO = bstart_BC[:, :, None] + jnp.arange(bs)[None, None, :]
+        q_ok_BCO = (kpos_BCO >= start_B[:, None, None]) & (kpos_BCO < end_B[:, None, None])
+        local_BCTS = (jnp.tril(jnp.ones((bs, bs), bool))[None, None]
+                      & q_ok_BCO[..., :, None])
+        srt_BNCTS = jnp.broadcast_to((q_ok_BCO & (blk_BC >= 1)[..., None])[:, None, :, :, None],
+                                     (b, nh, nc, bs, bs))
+        kl_BCONH = cache.gather_rows(k_BSNH, kpos_BCO)
+        vl_BCONH = cache.gather_rows(v_BSNH, kpos_BCO)
+        heads = lambda a: a.reshape(b, nc, bs, nh, -1).transpose(0, 3, 1, 2, 4)  # noqa: E731
+        out_BNCOH = local_sorted_attention(
+            heads(q_BXNH), heads(kl_BCONH), heads(vl_BCONH), heads(ks_BCONH), heads(vs_BCONH),
+            local_BCTS, srt_BNCTS, scale=h ** -0.5, precision=self.precision)
+        out_BXNH = out_BNCOH.transpose(0, 2, 3, 1, 4).reshape(b, nc * bs, nh, h)
+        out_BTNH = jnp.take_along_axis(out_BXNH, jnp.minimum(at_BT, nc * bs - 1)[..., None, None],
+                                       axis=1)
+
+        # the cache after the chunk: the running key sum, the prefixes, the sorted block of the
+        # block holding each row's last token
+        last_B = jnp.maximum(end_B - 1, start_B) // bs - first_B
+        pick = lambda a: jnp.take_along_axis(a, last_B[:, None, None, None, None], axis=1)[:, 0]  # noqa: E731
+        step.put("key_sum", ksum_BNH + csum_BTNH[:, -1])
+        step.put("sort_prefix", prefix_BNIJ.astype(jnp.float32))
+        step.put("sorted_key", pick(ks_BCONH))
+        step.put("sorted_value", pick(vs_BCONH))
+        return step.finish(self.proj(out_BTNH.reshape(b, n, self.dim)))
 
     def _block_reads(self, p_BNQJ: Array, rid_BJ: Array, start_BJ: Array) -> Array:
         nb = rid_BJ.shape[1]
