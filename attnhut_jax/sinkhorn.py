@@ -632,8 +632,9 @@ class SinkhornAttention(nn.Module):
                       & q_ok_BCO[..., :, None])
         srt_BNCTS = jnp.broadcast_to((q_ok_BCO & (blk_BC >= 1)[..., None])[:, None, :, :, None],
                                      (b, nh, nc, bs, bs))
-        kl_BCONH = cache.gather_rows(k_BSNH, kpos_BCO)
-        vl_BCONH = cache.gather_rows(v_BSNH, kpos_BCO)
+        written = (kpos_BCO < end_B[:, None, None])[..., None, None]  # the rest is never read
+        kl_BCONH = jnp.where(written, cache.gather_rows(k_BSNH, kpos_BCO), 0)
+        vl_BCONH = jnp.where(written, cache.gather_rows(v_BSNH, kpos_BCO), 0)
         heads = lambda a: a.reshape(b, nc, bs, nh, -1).transpose(0, 3, 1, 2, 4)  # noqa: E731
         out_BNCOH = local_sorted_attention(
             heads(q_BXNH), heads(kl_BCONH), heads(vl_BCONH), heads(ks_BCONH), heads(vs_BCONH),

@@ -203,7 +203,7 @@ MECHANISMS: list[Mechanism] = [
         {"dim": D, "num_heads": 4, "block_size": 3, "causal": c, "max_len": 16}, causal=c,
         # soft sorting: every sorted block mixes every (earlier) block with a non-zero weight and
         # the summaries read them all, so each output depends on every position it may see
-        full=True, call=frozenset({"segment_ids", "deterministic", "return_aux"}), aux=True,
+        full=True, call=frozenset({"segment_ids", "deterministic", "return_aux", "lengths"}), aux=True,
         impls=("auto", "reference", "xla"), cpu_impls=("auto", "reference", "xla"),
         bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
         bf16_why=_BF16_DENSE + "; the sorting network and Sinkhorn run in float32, the soft "

@@ -1,5 +1,5 @@
-"""BigBird, Slot and CausalJEPA refuse ``decode=True`` with the reason; ``decode=False`` (the
-default, the last field) changes nothing."""
+"""BigBird, Slot, CausalJEPA and the bidirectional (and SortCut) Sinkhorn refuse ``decode=True``
+with the reason; ``decode=False`` (the default, the last field) changes nothing."""
 
 from __future__ import annotations
 
@@ -37,15 +37,16 @@ REFUSED = {
               r"attends bidirectionally over the whole"),
 }
 REFUSED.update({
+    # the causal variant decodes (tests/test_decode_sinkhorn.py); bidirectional and SortCut do not
     "sinkhorn": (lambda dec: ah.SinkhornAttention(D, 2, 2, max_len=8, decode=dec),
                  lambda: (jnp.zeros((2, 8, D)),),
                  r"SinkhornAttention cannot decode incrementally \(decode=True\): with "
                  r"causal=False every block's sorted keys depend on the whole sequence"),
-    "sinkhorn_causal": (lambda dec: ah.SinkhornAttention(D, 2, 2, causal=True, max_len=8,
-                                                         decode=dec),
-                        lambda: (jnp.zeros((2, 8, D)),),
-                        r"not implemented for causal=True: row i of the causal Sinkhorn matrix "
-                        r"depends only on blocks before block i"),
+    "sinkhorn_sortcut": (lambda dec: ah.SinkhornAttention(D, 2, 2, sortcut_k=1, max_len=8,
+                                                          decode=dec),
+                         lambda: (jnp.zeros((2, 8, D)),),
+                         r"SinkhornAttention cannot decode incrementally.*SortCut's first "
+                         r"sorted blocks mix every block"),
 })
 RNGS = {"params": jax.random.key(0), "slots": jax.random.key(1), "mask": jax.random.key(2)}
 
