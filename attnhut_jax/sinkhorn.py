@@ -26,6 +26,14 @@ Where the paper leaves a choice open (see ``docs/mechanisms.md``, "Sparse Sinkho
   division by the temperature: S((R + eps) / tau);
 * a sequence whose length is no multiple of ``block_size`` is padded; padded keys are zeros in
   the mixtures and unreadable, padded queries are dropped.
+
+Decoding (``decode=True``, causal only; ``attnhut_jax.cache``): row i of the causal Sinkhorn
+matrix depends only on blocks before i, so when block i's first token arrives the step forms its
+sorting row from the cached running key sum, its Sinkhorn row from the cached column prefixes of
+the earlier rows (``causal_sinkhorn_row``: Section 3.5's prefix column step, one row at a time)
+and its sorted block from the cached keys and values, and caches that sorted block; every query
+of the block then reads its block up to itself and the cached sorted block. Bidirectional and
+SortCut decoding are refused (their sorting reads later blocks).
 """
 
 from __future__ import annotations
