@@ -116,3 +116,52 @@ def test_decode_refusals():
         sinkhorn(False).apply({"params": variables["params"]}, x, lengths=jnp.array([1, 2]))
     with pytest.raises(ValueError, match="cache of max_len=25 is longer than max_len=24"):
         jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 25, D)))
+
+
+def _eqns_outside(jaxpr, skip: str):
+    """Every equation, nested ones included, except inside the ``skip`` primitive's branches;
+    returns (outside, the skipped equations)."""
+    outside, skipped = [], []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == skip:
+            skipped.append(eqn)
+            continue
+        outside.append(eqn)
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    o, s = _eqns_outside(inner if hasattr(inner, "eqns") else inner.jaxpr, skip)
+                    outside += o
+                    skipped += s
+    return outside, skipped
+
+
+def test_a_step_spans_the_cache_only_at_a_block_start():
+    """A single-token step's jaxpr: no product or reduction over the cache's max_len positions
+    (17, a length no other axis has) outside the block start's ``cond``; inside it, the mixture
+    contracts the cache's 5 whole blocks (never the positions)."""
+    from tests.jaxpr_walk import jaxpr_eqns
+
+    x = _x(t=4, seed=5)
+    m = sinkhorn(True)
+    variables = m.init(jax.random.key(0), jnp.zeros((2, MAX_LEN, D)))
+    jaxpr = jax.make_jaxpr(lambda v, a: m.apply(v, a, mutable=["cache"]))(variables, x[:, :1])
+    outside, conds = _eqns_outside(jaxpr.jaxpr, "cond")
+    assert len(conds) == 1
+
+    def contracted(eqn):
+        if eqn.primitive.name == "dot_general":
+            (lhs_c, _), _ = eqn.params["dimension_numbers"]
+            return {eqn.invars[0].aval.shape[d] for d in lhs_c}
+        if eqn.primitive.name.startswith("reduce_") or eqn.primitive.name in ("argmax", "cumsum"):
+            shape = eqn.invars[0].aval.shape
+            return {shape[a] for a in eqn.params.get("axes", ())}
+        return set()
+
+    assert all(MAX_LEN not in contracted(e) for e in outside)
+    # the walk sees the cache (its writes and the block's gather are outside the cond)
+    assert any(MAX_LEN in getattr(v.aval, "shape", ()) for e in outside for v in e.invars)
+    inside = [e for e in jaxpr_eqns(conds[0].params["branches"][1].jaxpr)
+              if e.primitive.name == "dot_general"]
+    assert len(inside) == 2 and all(contracted(e) == {MAX_LEN // 3} for e in inside), inside
