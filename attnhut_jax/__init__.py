@@ -25,6 +25,7 @@ from .minimax_sparse import MiniMaxSparseAttention, msa_index_aux_loss
 from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
 from .slot import SlotAttention
+from .spark import SparkAttention, spark_pattern
 from .standard import StandardAttention
 
 __version__ = "0.1.0"
@@ -52,4 +53,6 @@ __all__ = [
     "GatedDeltaNet",
     "KimiDeltaAttention",
     "LinearAttention",
+    "SparkAttention",
+    "spark_pattern",
 ]

@@ -14,6 +14,8 @@ the operation and passes its ``impl`` field, and never branches on the name itse
     msa_index_loss  reference, xla, pallas       (MiniMax's index loss over the picked blocks)
     gated_delta     recurrent, chunk, pallas     pallas on GPU and TPU, else chunk (the gated
                                                  delta rule / linear attention recurrence)
+    spark           reference, xla               xla (Spark attention's statistical top-k:
+                                                 no kernel yet)
 
 The functions register themselves where they are defined (``core`` for the shared cores, the
 mechanism's file for DSA's and CSA's selection paths and MiniMax's index loss) with
@@ -50,6 +52,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "csa": SPARSE_IMPLS,
     "msa_index_loss": SPARSE_IMPLS,
     "gated_delta": LINEAR_IMPLS,
+    "spark": ("auto", "reference", "xla"),
 }
 # op -> the impl ``auto`` ends on, on every backend (the one that supports every call)
 _LAST = {"gated_delta": "chunk"}
@@ -105,7 +108,9 @@ def auto_order(op: str, backend: str | None = None) -> tuple[str, ...]:
     """The impls ``auto`` tries for ``op`` on ``backend`` (default: JAX's default backend)."""
     backend = backend or jax.default_backend()
     order = _DENSE_ORDER if op == "dense" else _SPARSE_ORDER
-    return order.get(backend, ()) + (_LAST.get(op, "xla"),)
+    # an op without a kernel for the backend (spark has no pallas impl) skips that entry
+    first = tuple(i for i in order.get(backend, ()) if (op, i) in _TABLE)
+    return first + (_LAST.get(op, "xla"),)
 
 
 def resolve(op: str, impl: str, backend: str | None = None) -> str:

@@ -1,0 +1,459 @@
+"""Spark attention (You et al., 2025, *Spark Transformer: Reactivating Sparsity in FFN and
+Attention*, arXiv 2506.06644, NeurIPS 2025): a predictor on a low-dimensional slice of the query
+and key picks each query's keys with the statistical top-k, and only those keys are attended.
+
+The paper (Section 2, the Spark Attention equation, the analogue of its Spark FFN equation)
+splits each head's query and key into the first ``r = predictor_dim`` coordinates (the
+predictor) and the rest, and writes one query's output as
+
+    Spark-Attention(q; K, V) = V . ( sigma1(Top_k(K1^T q[:r])) (.) sigma2(K2^T q[r:]) )
+
+with ``sigma1`` the softmax and ``sigma2`` the softplus (its empirical choice). ``Top_k`` keeps the
+selected entries and sends the others to minus infinity, so the softmax runs over the selected
+keys only and every other key has weight exactly 0. The selection is the statistical top-k
+(Section 3): with ``x`` the query's predictor scores over the keys it may see (``n`` of them),
+
+    theta(x, k) = mean(x) + std(x) * Phi^{-1}(1 - k / n),      key j selected iff x_j >= theta
+
+(``Phi^{-1}``: the standard normal quantile), which keeps about ``k`` keys when the scores are
+roughly Gaussian, in linear time and without sorting. The paper soft-thresholds (``x - theta``)
+before its nonlinearity; under the softmax this shift cancels, so the hard and the soft forms
+are the same attention.
+
+Choices the paper leaves open, made here (``docs/mechanisms.md``, section Spark):
+
+* the statistics are over the keys the query may see (causal: keys at or before it; packed
+  sequences: its own segment), ``std`` is the population one (divide by ``n``), and a query
+  that sees ``n <= top_k`` keys selects all of them (``Phi^{-1}`` of a non-positive fraction);
+  there is no cap: a query reads however many keys pass the threshold;
+* the query is scaled by ``head_dim ** -0.5`` before the split (both parts, as a standard head);
+* the threshold has no gradient (the selection is piecewise constant in the scores); gradients
+  flow through the softmax of the selected predictor scores, the softplus and the values.
+
+Implementations (the registry's ``spark`` op): ``reference`` builds the (T, S) scores, threshold
+and mask (the masked-dense computation of the same pattern); ``xla`` (``auto``) streams over key
+tiles of ``block_k`` keys: one pass gathers each query's count, mean and variance of the
+predictor scores (Chan's merge of per-tile moments), a second is an online softmax over the
+selected keys; the backward is a ``jax.custom_vjp`` that recomputes the tiles from the saved
+row statistics (flash attention's rule: ``dS1 = P (dP - dout . out)``). No (T, S) array is
+built, forward or backward; the predictor still scores every (query, key) pair, O(T S r) work,
+which the statistical top-k's definition (a threshold from statistics of the whole row) needs.
+
+Incremental decoding (``decode=True``): the cache holds each head's K and V; a step scores the
+chunk's predictor queries against every cached key (``decode_scored``), thresholds with the
+statistics of the visible ones and attends over the selected keys, with the same tiled op
+(masked: the step reads every cached key, ``decode_reads``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import cache, core, registry
+from .core import Array, Dtype
+
+OWNER = "SparkAttention"
+BLOCK_K = 512  # keys per tile of the streamed (xla) path
+
+
+# ----------------------------------------------------------------------------- threshold
+
+
+def threshold(count: Array, mean: Array, m2: Array, top_k: int) -> Array:
+    """The statistical top-k threshold from a row's moments: ``count`` keys, their ``mean`` and
+    ``m2`` (sum of squared deviations from the mean). ``mean + std * Phi^{-1}(1 - k/n)`` with the
+    population std where ``n > top_k``; ``-inf`` (every visible key) where ``n <= top_k``."""
+    n = count.astype(jnp.float32)
+    more = n > top_k
+    std = jnp.sqrt(jnp.maximum(m2, 0.0) / jnp.maximum(n, 1.0))
+    z = jax.scipy.special.ndtri(jnp.where(more, 1.0 - top_k / jnp.maximum(n, 1.0), 0.5))
+    return jnp.where(more, mean + std * z, -jnp.inf)
+
+
+def _valid(q_pos_BT: Array, k_pos_S: Array, s_len: int, causal: bool, q_seg_BT: Array | None,
+           k_seg_BS: Array | None) -> Array:
+    """(B, 1, T, S) bool: query t may see key s (in range, causal rule on positions, segment)."""
+    ok = (k_pos_S < s_len)[None, None, :]
+    if causal:
+        ok = ok & (k_pos_S[None, None, :] <= q_pos_BT[:, :, None])
+    else:
+        ok = jnp.broadcast_to(ok, (q_pos_BT.shape[0], q_pos_BT.shape[1], k_pos_S.shape[0]))
+    if q_seg_BT is not None:
+        ok = ok & (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_seg_BS != 0)[:, None, :]
+    return ok[:, None]
+
+
+def _split(q_BTNH: Array, k_BSNH: Array, v_BSNH: Array, r: int, scale: float):
+    """Heads-first float32 (or wider) predictor / rest parts: q1, q2 (scaled), k1, k2, v."""
+    f = core.softmax_dtype(q_BTNH.dtype)
+    q = q_BTNH.astype(f).transpose(0, 2, 1, 3) * scale
+    k = k_BSNH.astype(f).transpose(0, 2, 1, 3)
+    v = v_BSNH.astype(core.softmax_dtype(v_BSNH.dtype)).transpose(0, 2, 1, 3)
+    return q[..., :r], q[..., r:], k[..., :r], k[..., r:], v
+
+
+def _positions(q_pos_BT: Array | None, b: int, t: int, s: int) -> Array:
+    """Query positions (B, T): given (decode), or the last T of S (``j <= i + S - T``)."""
+    if q_pos_BT is not None:
+        return q_pos_BT.astype(jnp.int32)
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def spark_scores(q_BTNH: Array, k_BSNH: Array, *, predictor_dim: int, scale: float,
+                 precision: core.Precision = None) -> tuple[Array, Array]:
+    """The (B, N, T, S) predictor scores ``q[:r] . k[:r]`` and the rest ``q[r:] . k[r:]`` (both
+    times ``scale``), float32: the reference path's and ``spark_pattern``'s (T, S) arrays."""
+    q1, q2, k1, k2, _ = _split(q_BTNH, k_BSNH, k_BSNH, predictor_dim, scale)
+    s1 = jnp.einsum("BNTR,BNSR->BNTS", q1, k1, precision=precision)
+    s2 = jnp.einsum("BNTJ,BNSJ->BNTS", q2, k2, precision=precision)
+    return s1, s2
+
+
+def selection_from_scores(s1_BNTS: Array, valid: Array, top_k: int) -> Array:
+    """(B, N, T, S) bool: the statistical top-k of the predictor scores over the ``valid`` keys
+    (broadcastable (B, 1, T, S)) of each row."""
+    valid = jnp.broadcast_to(valid, s1_BNTS.shape)
+    count = valid.sum(-1)
+    mean = jnp.where(valid, s1_BNTS, 0.0).sum(-1) / jnp.maximum(count, 1)
+    m2 = jnp.where(valid, (s1_BNTS - mean[..., None]) ** 2, 0.0).sum(-1)
+    theta = jax.lax.stop_gradient(threshold(count, mean, m2, top_k))
+    return valid & (s1_BNTS >= theta[..., None])
+
+
+@registry.register("spark", "reference")
+def spark_reference(q_BTNH, k_BSNH, v_BSNH, *, top_k, predictor_dim, scale, causal,
+                    q_pos_BT=None, q_seg_BT=None, k_seg_BS=None, block_k=BLOCK_K,
+                    precision=None):
+    """The masked-dense path: (T, S) scores, statistics, threshold and mask, then
+    ``softmax(s1 over the selection) * softplus(s2)`` times V. Returns (B, T, N, H)."""
+    del block_k
+    b, t, _, _ = q_BTNH.shape
+    s = k_BSNH.shape[1]
+    s1, s2 = spark_scores(q_BTNH, k_BSNH, predictor_dim=predictor_dim, scale=scale,
+                          precision=precision)
+    valid = _valid(_positions(q_pos_BT, b, t, s), jnp.arange(s), s, causal, q_seg_BT, k_seg_BS)
+    sel = selection_from_scores(s1, valid, top_k)
+    w = core.masked_softmax(s1, sel) * jax.nn.softplus(s2)
+    v = v_BSNH.astype(w.dtype)
+    out = jnp.einsum("BNTS,BSNH->BTNH", w, v, precision=precision)
+    return out.astype(v_BSNH.dtype)
+
+
+# ----------------------------------------------------------------------------- streamed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    top_k: int
+    scale: float
+    causal: bool
+    block_k: int
+    s_len: int
+    precision: object = None
+
+
+def _tiles(a_BNSX: Array, bk: int) -> Array:
+    """(B, N, S, X) -> (nt, B, N, bk, X), zero-padded to whole tiles."""
+    b, n, s, x = a_BNSX.shape
+    nt = -(-s // bk)
+    a = jnp.pad(a_BNSX, ((0, 0), (0, 0), (0, nt * bk - s), (0, 0)))
+    return a.reshape(b, n, nt, bk, x).transpose(2, 0, 1, 3, 4)
+
+
+def _untile(a_tBNKX: Array, s: int) -> Array:
+    """(nt, B, N, bk, X) -> (B, N, S, X)."""
+    nt, b, n, bk, x = a_tBNKX.shape
+    return a_tBNKX.transpose(1, 2, 0, 3, 4).reshape(b, n, nt * bk, x)[:, :, :s]
+
+
+def _key_tiles(k_seg_BS: Array | None, s: int, bk: int):
+    """Key positions (nt, bk) and segment ids (nt, B, bk) (or None) of each tile."""
+    nt = -(-s // bk)
+    pos = jnp.arange(nt * bk, dtype=jnp.int32).reshape(nt, bk)
+    if k_seg_BS is None:
+        return pos, None
+    seg = jnp.pad(k_seg_BS, ((0, 0), (0, nt * bk - s))).reshape(-1, nt, bk).swapaxes(0, 1)
+    return pos, seg
+
+
+def _tile_scores(cfg: _Cfg, q1, q2, k1t, k2t, kpos, kseg, q_pos_BT, q_seg_BT):
+    """One key tile: predictor scores, rest scores (B, N, T, bk) and visibility (B, 1, T, bk)."""
+    p = cfg.precision
+    s1 = jnp.einsum("BNTR,BNSR->BNTS", q1, k1t, precision=p)
+    s2 = jnp.einsum("BNTJ,BNSJ->BNTS", q2, k2t, precision=p)
+    valid = _valid(q_pos_BT, kpos, cfg.s_len, cfg.causal, q_seg_BT, kseg)
+    return s1, s2, valid
+
+
+def _moments(cfg: _Cfg, q1, k1, q_pos_BT, q_seg_BT, k_seg_BS):
+    """Per-row (count, mean, m2) of the visible predictor scores, merged tile by tile (Chan et
+    al.'s pairwise update), each (B, N, T) float32."""
+    k1t = _tiles(k1, cfg.block_k)
+    kpos, kseg = _key_tiles(k_seg_BS, k1.shape[2], cfg.block_k)
+    shape = q1.shape[:3]
+    zero = jnp.zeros(shape, q1.dtype)
+
+    def body(carry, xs):
+        n_a, mean_a, m2_a = carry
+        k1_t, pos_t, seg_t = xs
+        s1 = jnp.einsum("BNTR,BNSR->BNTS", q1, k1_t, precision=cfg.precision)
+        valid = jnp.broadcast_to(
+            _valid(q_pos_BT, pos_t, cfg.s_len, cfg.causal, q_seg_BT, seg_t), s1.shape)
+        n_b = valid.sum(-1).astype(q1.dtype)
+        mean_b = jnp.where(valid, s1, 0.0).sum(-1) / jnp.maximum(n_b, 1.0)
+        m2_b = jnp.where(valid, (s1 - mean_b[..., None]) ** 2, 0.0).sum(-1)
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        frac = n_b / jnp.maximum(n, 1.0)
+        return (n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac), None
+
+    (count, mean, m2), _ = jax.lax.scan(body, (zero, zero, zero), (k1t, kpos, kseg))
+    return count, mean, m2
+
+
+def _forward(cfg: _Cfg, q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS):
+    """Streamed forward: (out (B, N, T, H) float32, theta, row max, row sum)."""
+    count, mean, m2 = _moments(cfg, q1, k1, q_pos_BT, q_seg_BT, k_seg_BS)
+    theta = threshold(count, mean, m2, cfg.top_k)
+    bk = cfg.block_k
+    kpos, kseg = _key_tiles(k_seg_BS, k1.shape[2], bk)
+    shape = q1.shape[:3]
+    fill = core.mask_value(q1.dtype)
+
+    def body(carry, xs):
+        m_a, l_a, acc_a = carry
+        k1_t, k2_t, v_t, pos_t, seg_t = xs
+        s1, s2, valid = _tile_scores(cfg, q1, q2, k1_t, k2_t, pos_t, seg_t, q_pos_BT, q_seg_BT)
+        sel = valid & (s1 >= theta[..., None])
+        m = jnp.maximum(m_a, jnp.max(jnp.where(sel, s1, fill), axis=-1))
+        p = jnp.where(sel, jnp.exp(s1 - m[..., None]), 0.0)
+        corr = jnp.exp(m_a - m)
+        w = p * jax.nn.softplus(s2)
+        acc = acc_a * corr[..., None] + jnp.einsum("BNTS,BNSH->BNTH", w, v_t,
+                                                    precision=cfg.precision)
+        return (m, l_a * corr + p.sum(-1), acc), None
+
+    init = (jnp.full(shape, fill, q1.dtype), jnp.zeros(shape, q1.dtype),
+            jnp.zeros((*shape, v.shape[-1]), v.dtype))
+    xs = (_tiles(k1, bk), _tiles(k2, bk), _tiles(v, bk), kpos, kseg)
+    (m, l, acc), _ = jax.lax.scan(body, init, xs)
+    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+    return out, theta, m, l
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("cfg",))
+def _spark_streamed(q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, cfg):
+    return _forward(cfg, q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS)[0]
+
+
+def _spark_fwd(q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, cfg):
+    out, theta, m, l = _forward(cfg, q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS)
+    return out, (q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, out, theta, m, l)
+
+
+def _spark_bwd(cfg, res, dout):
+    q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, out, theta, m, l = res
+    bk = cfg.block_k
+    kpos, kseg = _key_tiles(k_seg_BS, k1.shape[2], bk)
+    d_row = (dout * out).sum(-1)  # sum_l P_l dP_l = dout . out (flash attention's D)
+    inv_l = 1.0 / jnp.where(l == 0.0, 1.0, l)
+    p_ = cfg.precision
+
+    def body(carry, xs):
+        dq1, dq2 = carry
+        k1_t, k2_t, v_t, pos_t, seg_t = xs
+        s1, s2, valid = _tile_scores(cfg, q1, q2, k1_t, k2_t, pos_t, seg_t, q_pos_BT, q_seg_BT)
+        sel = valid & (s1 >= theta[..., None])
+        p = jnp.where(sel, jnp.exp(s1 - m[..., None]) * inv_l[..., None], 0.0)
+        g = jax.nn.softplus(s2)
+        dv_t = jnp.einsum("BNTS,BNTH->BNSH", p * g, dout, precision=p_)
+        dw = jnp.einsum("BNTH,BNSH->BNTS", dout, v_t, precision=p_)
+        ds1 = p * (dw * g - d_row[..., None])
+        ds2 = dw * p * jax.nn.sigmoid(s2)
+        dq1 = dq1 + jnp.einsum("BNTS,BNSR->BNTR", ds1, k1_t, precision=p_)
+        dq2 = dq2 + jnp.einsum("BNTS,BNSJ->BNTJ", ds2, k2_t, precision=p_)
+        dk1_t = jnp.einsum("BNTS,BNTR->BNSR", ds1, q1, precision=p_)
+        dk2_t = jnp.einsum("BNTS,BNTJ->BNSJ", ds2, q2, precision=p_)
+        return (dq1, dq2), (dk1_t, dk2_t, dv_t)
+
+    xs = (_tiles(k1, bk), _tiles(k2, bk), _tiles(v, bk), kpos, kseg)
+    (dq1, dq2), (dk1, dk2, dv) = jax.lax.scan(
+        body, (jnp.zeros_like(q1), jnp.zeros_like(q2)), xs)
+    s = k1.shape[2]
+    return (dq1, dq2, _untile(dk1, s), _untile(dk2, s), _untile(dv, s), None, None, None)
+
+
+_spark_streamed.defvjp(_spark_fwd, _spark_bwd)
+
+
+@registry.register("spark", "xla")
+def spark_xla(q_BTNH, k_BSNH, v_BSNH, *, top_k, predictor_dim, scale, causal, q_pos_BT=None,
+              q_seg_BT=None, k_seg_BS=None, block_k=BLOCK_K, precision=None):
+    """The streamed path over key tiles (no (T, S) array, forward or backward). Returns
+    (B, T, N, H)."""
+    b, t, _, _ = q_BTNH.shape
+    s = k_BSNH.shape[1]
+    q1, q2, k1, k2, v = _split(q_BTNH, k_BSNH, v_BSNH, predictor_dim, 1.0)
+    q1, q2 = q1 * scale, q2 * scale
+    cfg = _Cfg(top_k, float(scale), causal, min(block_k, s), s, precision)
+    out = _spark_streamed(q1, q2, k1, k2, v, _positions(q_pos_BT, b, t, s), q_seg_BT, k_seg_BS,
+                          cfg=cfg)
+    return out.transpose(0, 2, 1, 3).astype(v_BSNH.dtype)
+
+
+# ----------------------------------------------------------------------------- pattern
+
+
+def spark_pattern(q_BTNH: Array, k_BSNH: Array, *, top_k: int, predictor_dim: int,
+                  causal: bool = True, scale: float | None = None,
+                  segment_ids: Array | None = None) -> Array:
+    """(B, N, T, S) bool: the keys each head's queries read (the statistical top-k of the
+    predictor scores over the visible keys), from projected (B, T, N, H) queries and
+    (B, S, N, H) keys; ``scale`` defaults to ``head_dim ** -0.5``. Builds (T, S) arrays: for
+    inspection and figures (``SparkAttention.selection`` takes the module's input)."""
+    b, t, _, h = q_BTNH.shape
+    s = k_BSNH.shape[1]
+    scale = h ** -0.5 if scale is None else scale
+    s1, _ = spark_scores(q_BTNH, k_BSNH, predictor_dim=predictor_dim, scale=scale)
+    valid = _valid(_positions(None, b, t, s), jnp.arange(s), s, causal, segment_ids, segment_ids)
+    return selection_from_scores(s1, valid, top_k)
+
+
+# ----------------------------------------------------------------------------- module
+
+SparkImpl = Literal["auto", "reference", "xla"]
+
+
+class SparkAttention(nn.Module):
+    """Spark attention (You et al., 2025, arXiv 2506.06644, Section 2's Spark Attention and
+    Section 3's statistical top-k): each head's query and key are split into a predictor slice
+    (the first ``predictor_dim`` coordinates) and the rest; the predictor scores ``q1 . k1``
+    select the keys above ``mean + std * Phi^{-1}(1 - top_k / n)`` of the query's ``n`` visible
+    keys (all of them when ``n <= top_k``), and the output is
+    ``sum_j softmax_j(q1 . k1_j) * softplus(q2 . k2_j) * v_j`` over the selected keys.
+
+    Args: ``dim``, ``num_heads``, ``top_k`` (the k of the statistical top-k: about that many keys
+    per query), ``predictor_dim`` (r, 1 <= r < head_dim), ``causal`` (True); ``bias`` of the
+    projections; ``impl`` (``auto``/``reference``/``xla``: the registry's ``spark`` op; changes
+    no variable); ``block_k`` (keys per tile of the streamed path); ``dtype``/``param_dtype``;
+    ``precision``; ``decode``. Parameters: ``qkv`` (dim -> 3 dim, heads contiguous: q, k, v)
+    and ``proj``, as ``StandardAttention``.
+
+    ``decode=True`` (causal only): the cache holds every head's K and V (``key``, ``value``); a
+    step scores the chunk's predictor queries against all cached keys, takes the statistics of
+    the visible ones and attends over the selected keys (every cached key is scored and read;
+    the weights outside the selection are exactly 0).
+    """
+
+    dim: int
+    num_heads: int
+    top_k: int
+    predictor_dim: int
+    causal: bool = True
+    bias: bool = False
+    impl: SparkImpl = "auto"
+    block_k: int = BLOCK_K
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: core.Precision = None
+    decode: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
+        """Bytes of the decode cache: K and V of every head in ``dtype``, and the index."""
+        return cache.dense_cache_bytes(batch, max_len, self.num_heads, self.head_dim,
+                                       self.head_dim, dtype)
+
+    def decode_reads(self, n: int) -> int:
+        """Cached tokens whose keys and values one decode query reads at cache length ``n``:
+        all ``n`` (the step masks the unselected ones; it does not gather the selection)."""
+        return int(n)
+
+    def decode_scored(self, n: int) -> int:
+        """Predictor keys scored per decode query at cache length ``n``: all ``n`` (the
+        statistics and the threshold need every visible score)."""
+        return int(n)
+
+    def setup(self) -> None:
+        registry.check(OWNER, "spark", self.impl)
+        core.check_positive(OWNER, dim=self.dim, num_heads=self.num_heads, top_k=self.top_k,
+                            predictor_dim=self.predictor_dim, block_k=self.block_k)
+        core.check_divisible(OWNER, ("dim", self.dim), ("num_heads", self.num_heads))
+        if self.predictor_dim >= self.head_dim:
+            raise ValueError(f"{OWNER}: predictor_dim={self.predictor_dim} must be < head_dim="
+                             f"{self.head_dim} (dim={self.dim} // num_heads={self.num_heads}): "
+                             f"the rest of the query and key forms the softplus factor")
+        cache.check_causal(OWNER, self.decode, self.causal)
+        kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision)
+        self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
+        self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
+
+    def _qkv(self, x: Array) -> tuple[Array, Array, Array]:
+        b, t, _ = x.shape
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        shape = (b, t, self.num_heads, self.head_dim)
+        return q.reshape(shape), k.reshape(shape), v.reshape(shape)
+
+    def _op(self, q, k, v, **kw) -> Array:
+        return registry.call(OWNER, "spark", self.impl, q, k, v, top_k=self.top_k,
+                             predictor_dim=self.predictor_dim, scale=self.head_dim ** -0.5,
+                             causal=self.causal, block_k=self.block_k, precision=self.precision,
+                             **kw)
+
+    def __call__(self, x: Array, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, lengths: Array | None = None) -> Array:
+        """(B, T, D) -> (B, T, D).
+
+        ``segment_ids`` (B, T) int: packed sequences (a token's statistics, selection and
+        attention run over its own segment's visible keys; id 0 is padding, read by no token,
+        its inputs zeroed first). ``positions`` is validated and unused (no RoPE). With
+        ``decode=True``: ``x`` is the chunk to append, ``lengths`` (B,) the tokens each row
+        appends (``attnhut_jax.cache``); ``segment_ids`` and ``positions`` are refused.
+        """
+        core.check_input(x, self.dim, OWNER)
+        cache.check_options(OWNER, decode=self.decode, lengths=lengths, segment_ids=segment_ids,
+                            positions=positions)
+        if self.decode:
+            return self._decode_step(x, lengths)
+        seg, _ = core.check_packing(OWNER, x, segment_ids, positions)
+        x = core.mask_padding(x, seg)
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x)
+        out = self._op(q, k, v, q_seg_BT=seg, k_seg_BS=seg)
+        return self.proj(out.reshape(b, t, self.dim))
+
+    def selection(self, x: Array, *, segment_ids: Array | None = None) -> Array:
+        """(B, N, T, T) bool: the keys each head's queries read for input ``x`` (call with
+        ``m.apply(variables, x, method="selection")``). Builds (T, T) arrays."""
+        core.check_input(x, self.dim, OWNER)
+        seg, _ = core.check_packing(OWNER, x, segment_ids, None)
+        q, k, _ = self._qkv(core.mask_padding(x, seg))
+        return spark_pattern(q, k, top_k=self.top_k, predictor_dim=self.predictor_dim,
+                             causal=self.causal, segment_ids=seg)
+
+    def _decode_step(self, x: Array, lengths: Array | None) -> Array:
+        """Append the chunk's K and V; each chunk query thresholds its predictor scores over
+        the visible cached keys and attends over the selected ones."""
+        step = cache.begin(self, OWNER, x, lengths, sized_by="key")
+        b, n, _ = step.x.shape
+        q, k, v = self._qkv(step.x)
+        k_BSNH = step.append("key", k)
+        v_BSNH = step.append("value", v)
+        if step.initializing:
+            return step.finish(self.proj(jnp.zeros((b, n, self.dim), q.dtype)))
+        # positions past a row's end are not visible (the causal rule on the chunk's positions)
+        out = self._op(q, k_BSNH, v_BSNH, q_pos_BT=step.pos_BT)
+        return step.finish(self.proj(out.reshape(b, n, self.dim)))
