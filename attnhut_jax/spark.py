@@ -89,13 +89,21 @@ def _valid(q_pos_BT: Array, k_pos_S: Array, s_len: int, causal: bool, q_seg_BT: 
     return ok[:, None]
 
 
-def _split(q_BTNH: Array, k_BSNH: Array, v_BSNH: Array, r: int, scale: float):
-    """Heads-first float32 (or wider) predictor / rest parts: q1, q2 (scaled), k1, k2, v."""
+def _split(q_BTNH: Array, k_BSNH: Array, v_BSNH: Array, r: int, scale: float,
+           q_pred_BTNR: Array | None = None, k_pred_BSNR: Array | None = None):
+    """Heads-first float32 (or wider) predictor / rest parts: q1, q2 (scaled), k1, k2, v.
+    ``q_pred`` / ``k_pred`` (B, T|S, N, r), when given, replace the predictor slices (the
+    module's float32 predictor projections under a half-precision module)."""
     f = core.softmax_dtype(q_BTNH.dtype)
     q = q_BTNH.astype(f).transpose(0, 2, 1, 3) * scale
     k = k_BSNH.astype(f).transpose(0, 2, 1, 3)
     v = v_BSNH.astype(core.softmax_dtype(v_BSNH.dtype)).transpose(0, 2, 1, 3)
-    return q[..., :r], q[..., r:], k[..., :r], k[..., r:], v
+    q1, k1 = q[..., :r], k[..., :r]
+    if q_pred_BTNR is not None:
+        f = jnp.promote_types(f, q_pred_BTNR.dtype)
+        q1 = q_pred_BTNR.astype(f).transpose(0, 2, 1, 3) * scale
+        k1 = k_pred_BSNR.astype(f).transpose(0, 2, 1, 3)
+    return q1, q[..., r:], k1, k[..., r:], v
 
 
 def _positions(q_pos_BT: Array | None, b: int, t: int, s: int) -> Array:
@@ -109,10 +117,12 @@ def _positions(q_pos_BT: Array | None, b: int, t: int, s: int) -> Array:
 
 
 def spark_scores(q_BTNH: Array, k_BSNH: Array, *, predictor_dim: int, scale: float,
-                 precision: core.Precision = None) -> tuple[Array, Array]:
+                 precision: core.Precision = None, q_pred_BTNR: Array | None = None,
+                 k_pred_BSNR: Array | None = None) -> tuple[Array, Array]:
     """The (B, N, T, S) predictor scores ``q[:r] . k[:r]`` and the rest ``q[r:] . k[r:]`` (both
     times ``scale``), float32: the reference path's and ``spark_pattern``'s (T, S) arrays."""
-    q1, q2, k1, k2, _ = _split(q_BTNH, k_BSNH, k_BSNH, predictor_dim, scale)
+    q1, q2, k1, k2, _ = _split(q_BTNH, k_BSNH, k_BSNH, predictor_dim, scale, q_pred_BTNR,
+                               k_pred_BSNR)
     s1 = jnp.einsum("BNTR,BNSR->BNTS", q1, k1, precision=precision)
     s2 = jnp.einsum("BNTJ,BNSJ->BNTS", q2, k2, precision=precision)
     return s1, s2
@@ -132,14 +142,14 @@ def selection_from_scores(s1_BNTS: Array, valid: Array, top_k: int) -> Array:
 @registry.register("spark", "reference")
 def spark_reference(q_BTNH, k_BSNH, v_BSNH, *, top_k, predictor_dim, scale, causal,
                     q_pos_BT=None, q_seg_BT=None, k_seg_BS=None, block_k=BLOCK_K,
-                    precision=None):
+                    precision=None, q_pred_BTNR=None, k_pred_BSNR=None):
     """The masked-dense path: (T, S) scores, statistics, threshold and mask, then
     ``softmax(s1 over the selection) * softplus(s2)`` times V. Returns (B, T, N, H)."""
     del block_k
     b, t, _, _ = q_BTNH.shape
     s = k_BSNH.shape[1]
     s1, s2 = spark_scores(q_BTNH, k_BSNH, predictor_dim=predictor_dim, scale=scale,
-                          precision=precision)
+                          precision=precision, q_pred_BTNR=q_pred_BTNR, k_pred_BSNR=k_pred_BSNR)
     valid = _valid(_positions(q_pos_BT, b, t, s), jnp.arange(s), s, causal, q_seg_BT, k_seg_BS)
     sel = selection_from_scores(s1, valid, top_k)
     w = core.masked_softmax(s1, sel) * jax.nn.softplus(s2)
@@ -297,13 +307,16 @@ _spark_streamed.defvjp(_spark_fwd, _spark_bwd)
 
 @registry.register("spark", "xla")
 def spark_xla(q_BTNH, k_BSNH, v_BSNH, *, top_k, predictor_dim, scale, causal, q_pos_BT=None,
-              q_seg_BT=None, k_seg_BS=None, block_k=BLOCK_K, precision=None):
+              q_seg_BT=None, k_seg_BS=None, block_k=BLOCK_K, precision=None, q_pred_BTNR=None,
+              k_pred_BSNR=None):
     """The streamed path over key tiles (no (T, S) array, forward or backward). Returns
     (B, T, N, H)."""
     b, t, _, _ = q_BTNH.shape
     s = k_BSNH.shape[1]
-    q1, q2, k1, k2, v = _split(q_BTNH, k_BSNH, v_BSNH, predictor_dim, 1.0)
-    q1, q2 = q1 * scale, q2 * scale
+    q1, q2, k1, k2, v = _split(q_BTNH, k_BSNH, v_BSNH, predictor_dim, scale, q_pred_BTNR,
+                               k_pred_BSNR)
+    f = jnp.promote_types(q1.dtype, v.dtype)
+    q1, q2, k1, k2, v = (a.astype(f) for a in (q1, q2, k1, k2, v))
     cfg = _Cfg(top_k, float(scale), causal, min(block_k, s), s, precision)
     out = _spark_streamed(q1, q2, k1, k2, v, _positions(q_pos_BT, b, t, s), q_seg_BT, k_seg_BS,
                           cfg=cfg)
@@ -345,7 +358,10 @@ class SparkAttention(nn.Module):
     per query), ``predictor_dim`` (r, 1 <= r < head_dim), ``causal`` (True); ``bias`` of the
     projections; ``impl`` (``auto``/``reference``/``xla``: the registry's ``spark`` op; changes
     no variable); ``block_k`` (keys per tile of the streamed path); ``dtype``/``param_dtype``;
-    ``precision``; ``decode``. Parameters: ``qkv`` (dim -> 3 dim, heads contiguous: q, k, v)
+    ``precision``; ``selector_dtype`` (default float32: under a half-precision module the
+    predictor slices of q and k are recomputed from the same weights in it, so the selection
+    and the softmax logits are float32's, as DSA's selector; None: the module's dtype);
+    ``decode``. Parameters: ``qkv`` (dim -> 3 dim, heads contiguous: q, k, v)
     and ``proj``, as ``StandardAttention``.
 
     ``decode=True`` (causal only): the cache holds every head's K and V (``key``, ``value``); a
@@ -365,16 +381,27 @@ class SparkAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: core.Precision = None
+    selector_dtype: Dtype | None = jnp.float32
     decode: bool = False
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    def _selector(self, dtype: Dtype) -> Dtype | None:
+        """The predictor's own dtype when it differs from the computation's (``dtype``)."""
+        if self.selector_dtype is None or jnp.dtype(self.selector_dtype) == jnp.dtype(dtype):
+            return None
+        return self.selector_dtype
+
     def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
-        """Bytes of the decode cache: K and V of every head in ``dtype``, and the index."""
+        """Bytes of the decode cache: K and V of every head in ``dtype``, the index and, when
+        ``selector_dtype`` differs from ``dtype``, the predictor key slices in it."""
+        sel = self._selector(dtype)
+        extra = 0 if sel is None else cache.nbytes(
+            (batch, max_len, self.num_heads, self.predictor_dim), sel)
         return cache.dense_cache_bytes(batch, max_len, self.num_heads, self.head_dim,
-                                       self.head_dim, dtype)
+                                       self.head_dim, dtype) + extra
 
     def decode_reads(self, n: int) -> int:
         """Cached tokens whose keys and values one decode query reads at cache length ``n``:
@@ -401,11 +428,26 @@ class SparkAttention(nn.Module):
         self.qkv = core.Linear(3 * self.dim, axes=("embed", "qkv"), **kw)
         self.proj = core.Linear(self.dim, axes=("heads", "embed"), **kw)
 
-    def _qkv(self, x: Array) -> tuple[Array, Array, Array]:
+    def _qkv(self, x: Array) -> tuple[Array, ...]:
+        """q, k, v (B, T, N, H) in the computation dtype, and the predictor slices of q and k
+        (B, T, N, r) recomputed in ``selector_dtype`` (None when that is the computation dtype:
+        the op slices q and k)."""
         b, t, _ = x.shape
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        qkv = self.qkv(x)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
         shape = (b, t, self.num_heads, self.head_dim)
-        return q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        sel = self._selector(qkv.dtype)
+        if sel is None:
+            return q.reshape(shape), k.reshape(shape), v.reshape(shape), None, None
+        params = nn.unbox(self.qkv.variables["params"])
+        r, hd = self.predictor_dim, self.head_dim
+        w = params["kernel"].reshape(self.dim, 3, self.num_heads, hd)[:, :2, :, :r]
+        pred = jnp.einsum("BTD,DCNR->BTCNR", x.astype(sel), w.astype(sel),
+                          precision=self.precision)
+        if self.bias:
+            pred = pred + params["bias"].reshape(3, self.num_heads, hd)[:2, :, :r].astype(sel)
+        return (q.reshape(shape), k.reshape(shape), v.reshape(shape), pred[:, :, 0],
+                pred[:, :, 1])
 
     def _op(self, q, k, v, **kw) -> Array:
         return registry.call(OWNER, "spark", self.impl, q, k, v, top_k=self.top_k,
@@ -431,8 +473,8 @@ class SparkAttention(nn.Module):
         seg, _ = core.check_packing(OWNER, x, segment_ids, positions)
         x = core.mask_padding(x, seg)
         b, t, _ = x.shape
-        q, k, v = self._qkv(x)
-        out = self._op(q, k, v, q_seg_BT=seg, k_seg_BS=seg)
+        q, k, v, q1, k1 = self._qkv(x)
+        out = self._op(q, k, v, q_seg_BT=seg, k_seg_BS=seg, q_pred_BTNR=q1, k_pred_BSNR=k1)
         return self.proj(out.reshape(b, t, self.dim))
 
     def selection(self, x: Array, *, segment_ids: Array | None = None) -> Array:
@@ -440,20 +482,24 @@ class SparkAttention(nn.Module):
         ``m.apply(variables, x, method="selection")``). Builds (T, T) arrays."""
         core.check_input(x, self.dim, OWNER)
         seg, _ = core.check_packing(OWNER, x, segment_ids, None)
-        q, k, _ = self._qkv(core.mask_padding(x, seg))
+        q, k, _, q1, k1 = self._qkv(core.mask_padding(x, seg))
+        if q1 is not None:
+            q, k = q1, k1
         return spark_pattern(q, k, top_k=self.top_k, predictor_dim=self.predictor_dim,
-                             causal=self.causal, segment_ids=seg)
+                             causal=self.causal, scale=self.head_dim ** -0.5, segment_ids=seg)
 
     def _decode_step(self, x: Array, lengths: Array | None) -> Array:
         """Append the chunk's K and V; each chunk query thresholds its predictor scores over
         the visible cached keys and attends over the selected ones."""
         step = cache.begin(self, OWNER, x, lengths, sized_by="key")
         b, n, _ = step.x.shape
-        q, k, v = self._qkv(step.x)
+        q, k, v, q1, k1 = self._qkv(step.x)
         k_BSNH = step.append("key", k)
         v_BSNH = step.append("value", v)
+        k1_BSNR = None if k1 is None else step.append("predictor_key", k1)
         if step.initializing:
             return step.finish(self.proj(jnp.zeros((b, n, self.dim), q.dtype)))
         # positions past a row's end are not visible (the causal rule on the chunk's positions)
-        out = self._op(q, k_BSNH, v_BSNH, q_pos_BT=step.pos_BT)
+        out = self._op(q, k_BSNH, v_BSNH, q_pos_BT=step.pos_BT, q_pred_BTNR=q1,
+                       k_pred_BSNR=k1_BSNR)
         return step.finish(self.proj(out.reshape(b, n, self.dim)))
