@@ -60,6 +60,7 @@ from .core import Array, Dtype
 
 OWNER = "SparkAttention"
 BLOCK_K = 512  # keys per tile of the streamed (xla) path
+GATHER_ROWS = 8  # decode chunks of at most this many tokens gather their selection
 
 
 # ----------------------------------------------------------------------------- threshold
@@ -341,6 +342,46 @@ def spark_pattern(q_BTNH: Array, k_BSNH: Array, *, top_k: int, predictor_dim: in
     return selection_from_scores(s1, valid, top_k)
 
 
+# ----------------------------------------------------------------------------- decode
+
+
+def compact(sel_XS: Array, slots: int) -> Array:
+    """(..., slots) int32: the positions of each row's selected keys (``sel_XS`` (..., S) bool),
+    in key order, without sorting (a running count places each); -1 in unused slots, and a row
+    with more than ``slots`` keys keeps its first ``slots`` (the caller checks the counts)."""
+    s = sel_XS.shape[-1]
+    rows = sel_XS.reshape(-1, s)
+    place = jnp.where(rows, jnp.cumsum(rows, axis=-1, dtype=jnp.int32) - 1, slots)
+
+    def one(place_S):
+        return jnp.full((slots,), -1, jnp.int32).at[place_S].set(
+            jnp.arange(s, dtype=jnp.int32), mode="drop")
+
+    return jax.vmap(one)(place).reshape(*sel_XS.shape[:-1], slots)
+
+
+def attend_gathered(q2_BNTJ: Array, s1_BNTS: Array, k_BSNH: Array, v_BSNH: Array,
+                    idx_BNTM: Array, r: int, scale: float, precision=None) -> Array:
+    """One decode chunk over its gathered selection: ``idx_BNTM`` (-1: empty slot) indexes the
+    cached keys and values (B, S, N, H) of each head; the predictor scores come from ``s1``
+    (already computed), the rest ``q2 . k2`` from the gathered keys. Returns (B, N, T, H)."""
+    b, n = idx_BNTM.shape[:2]
+    ok = idx_BNTM >= 0
+    safe = jnp.maximum(idx_BNTM, 0)
+    bi = jnp.arange(b)[:, None, None, None]
+    ni = jnp.arange(n)[None, :, None, None]
+    k_g = k_BSNH[bi, safe, ni]  # (B, N, T, M, H): only the selected rows are read
+    v_g = v_BSNH[bi, safe, ni]
+    f = s1_BNTS.dtype
+    s1 = jnp.take_along_axis(s1_BNTS, safe, axis=-1)
+    s2 = jnp.einsum("BNTJ,BNTMJ->BNTM", q2_BNTJ, k_g[..., r:].astype(f),
+                    precision=precision) * scale
+    w = core.masked_softmax(s1, ok) * jax.nn.softplus(s2)
+    w = jnp.where(ok, w, 0.0)
+    v_g = jnp.where(ok[..., None], v_g.astype(f), 0.0)
+    return jnp.einsum("BNTM,BNTMH->BNTH", w, v_g, precision=precision)
+
+
 # ----------------------------------------------------------------------------- module
 
 SparkImpl = Literal["auto", "reference", "xla"]
@@ -383,6 +424,13 @@ class SparkAttention(nn.Module):
     precision: core.Precision = None
     selector_dtype: Dtype | None = jnp.float32
     decode: bool = False
+    decode_slots: int | None = None
+
+    @property
+    def slots(self) -> int:
+        """Keys a short decode chunk's query gathers at most (``decode_slots``, default
+        2 top_k)."""
+        return 2 * self.top_k if self.decode_slots is None else self.decode_slots
 
     @property
     def head_dim(self) -> int:
@@ -405,8 +453,9 @@ class SparkAttention(nn.Module):
 
     def decode_reads(self, n: int) -> int:
         """Cached tokens whose keys and values one decode query reads at cache length ``n``:
-        all ``n`` (the step masks the unselected ones; it does not gather the selection)."""
-        return int(n)
+        its selection, about ``min(top_k, n)`` (the statistical top-k's target; a step where
+        some query selects more than ``slots`` keys reads every cached key, masked)."""
+        return min(self.top_k, int(n))
 
     def decode_scored(self, n: int) -> int:
         """Predictor keys scored per decode query at cache length ``n``: all ``n`` (the
@@ -499,7 +548,34 @@ class SparkAttention(nn.Module):
         k1_BSNR = None if k1 is None else step.append("predictor_key", k1)
         if step.initializing:
             return step.finish(self.proj(jnp.zeros((b, n, self.dim), q.dtype)))
-        # positions past a row's end are not visible (the causal rule on the chunk's positions)
-        out = self._op(q, k_BSNH, v_BSNH, q_pos_BT=step.pos_BT, q_pred_BTNR=q1,
-                       k_pred_BSNR=k1_BSNR)
+        if n > GATHER_ROWS:
+            # a long chunk (a prompt): the streamed op over the cache's key tiles; positions
+            # past a row's end are not visible (the causal rule on the chunk's positions)
+            out = self._op(q, k_BSNH, v_BSNH, q_pos_BT=step.pos_BT, q_pred_BTNR=q1,
+                           k_pred_BSNR=k1_BSNR)
+            return step.finish(self.proj(out.reshape(b, n, self.dim)))
+        # a short chunk: score every cached predictor key (decode_scored), threshold with the
+        # statistics of the visible ones, then read the selected keys and values only
+        k_BSNH, v_BSNH = jax.lax.optimization_barrier((k_BSNH, v_BSNH))
+        scale, r = self.head_dim ** -0.5, self.predictor_dim
+        q1_, q2_, _, _, _ = _split(q, q, q, r, scale, q1, q1)
+        k1_src = k_BSNH[..., :r] if k1_BSNR is None else k1_BSNR
+        f = jnp.promote_types(q1_.dtype, k1_src.dtype)
+        s1 = jnp.einsum("BNTR,BSNR->BNTS", q1_.astype(f), k1_src.astype(f),
+                        precision=self.precision)
+        sel = selection_from_scores(s1, step.keep()[:, None], self.top_k)
+        slots = min(self.slots, step.max_len)
+        idx = compact(sel, slots)
+
+        def gathered(_):
+            return attend_gathered(q2_, s1, k_BSNH, v_BSNH, idx, r, 1.0, self.precision)
+
+        def masked(_):  # some query selected more than the slots hold: read every key, masked
+            k2 = k_BSNH[..., r:].astype(f)
+            s2 = jnp.einsum("BNTJ,BSNJ->BNTS", q2_.astype(f), k2, precision=self.precision)
+            w = core.masked_softmax(s1, sel) * jax.nn.softplus(s2)
+            return jnp.einsum("BNTS,BSNH->BNTH", w, v_BSNH.astype(f), precision=self.precision)
+
+        out = jax.lax.cond(jnp.any(sel.sum(-1) > slots), masked, gathered, None)
+        out = out.transpose(0, 2, 1, 3).astype(v.dtype)
         return step.finish(self.proj(out.reshape(b, n, self.dim)))

@@ -138,9 +138,9 @@ def test_packed_equals_separate():
     p, x = _params(), _x(seed=4)
     seg = jnp.array([[1] * 10 + [2] * 13] * 2)
     (_, packed), _ = _vg("xla", True)(p, x, seg)
-    m = _make("xla")
-    first = m.apply({"params": p}, x[:, :10])
-    second = m.apply({"params": p}, x[:, 10:])
+    run = jax.jit(_make("xla").apply)
+    first = run({"params": p}, x[:, :10])
+    second = run({"params": p}, x[:, 10:])
     h.close(packed[:, :10], first, what="segment 1")
     h.close(packed[:, 10:], second, what="segment 2")
 
@@ -169,17 +169,38 @@ def test_default_path_builds_no_t_by_t_array():
 # ----------------------------------------------------------------------------- decode
 
 
-def _dec(decode):
-    return ah.SparkAttention(16, 2, top_k=3, predictor_dim=3, block_k=4, decode=decode)
+def _dec(decode, **kw):
+    return ah.SparkAttention(16, 2, top_k=3, predictor_dim=3, block_k=4, decode=decode, **kw)
+
+
+def _dec_one_slot(decode):  # every query of 2+ keys overflows one slot: the masked fallback
+    return _dec(decode, decode_slots=1)
 
 
 def test_decode_equals_prefill():
-    """Full forward == token by token == chunks [3, 4, 2] then single steps, a cache longer than
-    the sequence; rows of different prompt lengths; the cache's bytes; one compilation."""
+    """Full forward == token by token == chunks [3, 4, 2] then single steps (short chunks gather
+    their selection), and == a 10-token chunk (streamed over the cache) then steps, a cache
+    longer than the sequence; the masked fallback when a selection overflows the slots; the
+    cache's bytes."""
     x = jax.random.normal(jax.random.key(5), (2, 13, 16))
-    h.check_decode_equals_prefill(_dec, x, max_len=17)
-    h.check_ragged_prompts(_dec, x, [5, 9], steps=3)
+    params = h.check_decode_equals_prefill(_dec, x, max_len=17)
+    got, _ = h.decode_in_chunks(_dec, params, x, [10, 1, 2], 17)
+    h.close(got, h.prefill(_dec, params, x), what="a long chunk")
+    got, _ = h.decode_in_chunks(_dec_one_slot, params, x, [4, 4, 4, 1], 17)
+    h.close(got, h.prefill(_dec, params, x), what="the masked fallback")
     h.check_cache_bytes(_dec, 2, 17, 16)
+
+
+def test_a_decode_step_reads_only_its_selection():
+    """A single-token step gathers (B, N, 1, slots) keys and values of the cache: the only
+    arrays spanning the cache are the predictor scores and the selection (one row per query),
+    and the gathered values are (slots)-wide."""
+    m = _dec(True)
+    v = m.init(jax.random.key(0), jnp.zeros((1, 40, 16)))
+    x1 = jnp.ones((1, 1, 16))
+    jaxpr = jax.make_jaxpr(lambda v_, x_: m.apply(v_, x_, mutable=["cache"]))(v, x1).jaxpr
+    shapes = set(jaxpr_shapes(jaxpr))
+    assert (1, 2, 1, 6, 8) in shapes  # gathered keys / values: 2 heads, 1 query, 6 slots
 
 
 def test_decode_bf16_caches_float32_predictor_keys():
@@ -188,7 +209,7 @@ def test_decode_bf16_caches_float32_predictor_keys():
     assert v["cache"]["predictor_key"].dtype == jnp.float32
     assert v["cache"]["predictor_key"].shape == (1, 9, 2, 3)
     assert m.cache_bytes(1, 9, jnp.bfloat16) == 2 * 9 * 16 * 2 + 4 + 9 * 2 * 3 * 4
-    assert m.decode_reads(100) == 100 and m.decode_scored(100) == 100
+    assert m.decode_reads(100) == 3 and m.decode_reads(2) == 2 and m.decode_scored(100) == 100
 
 
 def test_bad_config():
