@@ -399,8 +399,8 @@ class SparkAttention(nn.Module):
     per query), ``predictor_dim`` (r, 1 <= r < head_dim), ``causal`` (True); ``bias`` of the
     projections; ``impl`` (``auto``/``reference``/``xla``: the registry's ``spark`` op; changes
     no variable); ``block_k`` (keys per tile of the streamed path); ``dtype``/``param_dtype``;
-    ``precision``; ``selector_dtype`` (default float32: under a half-precision module the
-    predictor slices of q and k are recomputed from the same weights in it, so the selection
+    ``precision``; ``selector_dtype`` (default float32: under a narrower (half-precision)
+    module the predictor slices of q and k are recomputed from the same weights in it, so the selection
     and the softmax logits are float32's, as DSA's selector; None: the module's dtype);
     ``decode``. Parameters: ``qkv`` (dim -> 3 dim, heads contiguous: q, k, v)
     and ``proj``, as ``StandardAttention``.
@@ -437,8 +437,9 @@ class SparkAttention(nn.Module):
         return self.dim // self.num_heads
 
     def _selector(self, dtype: Dtype) -> Dtype | None:
-        """The predictor's own dtype when it differs from the computation's (``dtype``)."""
-        if self.selector_dtype is None or jnp.dtype(self.selector_dtype) == jnp.dtype(dtype):
+        """The predictor's own dtype when it is wider than the computation's (``dtype``)."""
+        if self.selector_dtype is None or (jnp.promote_types(self.selector_dtype, dtype)
+                                           == jnp.dtype(dtype)):
             return None
         return self.selector_dtype
 
