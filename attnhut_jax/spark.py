@@ -165,8 +165,8 @@ def spark_reference(q_BTNH, k_BSNH, v_BSNH, *, top_k, predictor_dim, scale, caus
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
     top_k: int
-    scale: float
     causal: bool
+    block_q: int
     block_k: int
     s_len: int
     precision: object = None
@@ -181,23 +181,34 @@ def _tiles(a_BNSX: Array, bk: int) -> Array:
 
 
 def _untile(a_tBNKX: Array, s: int) -> Array:
-    """(nt, B, N, bk, X) -> (B, N, S, X)."""
-    nt, b, n, bk, x = a_tBNKX.shape
-    return a_tBNKX.transpose(1, 2, 0, 3, 4).reshape(b, n, nt * bk, x)[:, :, :s]
+    """(nt, B, N, bk, ...) -> (B, N, S, ...)."""
+    nt, b, n, bk = a_tBNKX.shape[:4]
+    a = jnp.moveaxis(a_tBNKX, 0, 2)
+    return a.reshape(b, n, nt * bk, *a_tBNKX.shape[4:])[:, :, :s]
 
 
-def _key_tiles(k_seg_BS: Array | None, s: int, bk: int):
-    """Key positions (nt, bk) and segment ids (nt, B, bk) (or None) of each tile."""
-    nt = -(-s // bk)
-    pos = jnp.arange(nt * bk, dtype=jnp.int32).reshape(nt, bk)
-    if k_seg_BS is None:
-        return pos, None
-    seg = jnp.pad(k_seg_BS, ((0, 0), (0, nt * bk - s))).reshape(-1, nt, bk).swapaxes(0, 1)
-    return pos, seg
+def _row_tiles(a_BT: Array | None, bt: int, fill: int) -> Array | None:
+    """(B, T) int -> (nt, B, bt), padded with ``fill``."""
+    if a_BT is None:
+        return None
+    b, t = a_BT.shape
+    nt = -(-t // bt)
+    return jnp.pad(a_BT, ((0, 0), (0, nt * bt - t)), constant_values=fill).reshape(
+        b, nt, bt).swapaxes(0, 1)
+
+
+def _live(cfg: _Cfg, q_pos_BT: Array, k_pos: Array) -> Array | None:
+    """Whether a (query tile, key tile) pair has a visible key (None: always, bidirectional):
+    a causal tile entirely after every query is skipped (``lax.cond``)."""
+    return k_pos[0] <= jnp.max(q_pos_BT) if cfg.causal else None
+
+
+def _maybe(live: Array | None, fn, skip, operand):
+    return fn(operand) if live is None else jax.lax.cond(live, fn, skip, operand)
 
 
 def _tile_scores(cfg: _Cfg, q1, q2, k1t, k2t, kpos, kseg, q_pos_BT, q_seg_BT):
-    """One key tile: predictor scores, rest scores (B, N, T, bk) and visibility (B, 1, T, bk)."""
+    """One (query tile, key tile): predictor and rest scores (B, N, bq, bk), visibility."""
     p = cfg.precision
     s1 = jnp.einsum("BNTR,BNSR->BNTS", q1, k1t, precision=p)
     s2 = jnp.einsum("BNTJ,BNSJ->BNTS", q2, k2t, precision=p)
@@ -205,102 +216,151 @@ def _tile_scores(cfg: _Cfg, q1, q2, k1t, k2t, kpos, kseg, q_pos_BT, q_seg_BT):
     return s1, s2, valid
 
 
-def _moments(cfg: _Cfg, q1, k1, q_pos_BT, q_seg_BT, k_seg_BS):
-    """Per-row (count, mean, m2) of the visible predictor scores, merged tile by tile (Chan et
-    al.'s pairwise update), each (B, N, T) float32."""
-    k1t = _tiles(k1, cfg.block_k)
-    kpos, kseg = _key_tiles(k_seg_BS, k1.shape[2], cfg.block_k)
+def _query_tile_forward(cfg: _Cfg, q1, q2, q_pos, q_seg, keys):
+    """One query tile against every key tile: (out (B, N, bq, H), theta, row max, row sum).
+    Pass 1 merges the visible predictor scores' moments tile by tile (Chan et al.'s pairwise
+    update); pass 2 is an online softmax over the keys at or above the threshold."""
+    k1t, k2t, vt, kpos, kseg = keys
     shape = q1.shape[:3]
     zero = jnp.zeros(shape, q1.dtype)
 
-    def body(carry, xs):
-        n_a, mean_a, m2_a = carry
+    def moments(carry, xs):
         k1_t, pos_t, seg_t = xs
-        s1 = jnp.einsum("BNTR,BNSR->BNTS", q1, k1_t, precision=cfg.precision)
-        valid = jnp.broadcast_to(
-            _valid(q_pos_BT, pos_t, cfg.s_len, cfg.causal, q_seg_BT, seg_t), s1.shape)
-        n_b = valid.sum(-1).astype(q1.dtype)
-        mean_b = jnp.where(valid, s1, 0.0).sum(-1) / jnp.maximum(n_b, 1.0)
-        m2_b = jnp.where(valid, (s1 - mean_b[..., None]) ** 2, 0.0).sum(-1)
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        frac = n_b / jnp.maximum(n, 1.0)
-        return (n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac), None
 
-    (count, mean, m2), _ = jax.lax.scan(body, (zero, zero, zero), (k1t, kpos, kseg))
-    return count, mean, m2
+        def add(c):
+            n_a, mean_a, m2_a = c
+            s1 = jnp.einsum("BNTR,BNSR->BNTS", q1, k1_t, precision=cfg.precision)
+            valid = jnp.broadcast_to(
+                _valid(q_pos, pos_t, cfg.s_len, cfg.causal, q_seg, seg_t), s1.shape)
+            n_b = valid.sum(-1).astype(q1.dtype)
+            mean_b = jnp.where(valid, s1, 0.0).sum(-1) / jnp.maximum(n_b, 1.0)
+            m2_b = jnp.where(valid, (s1 - mean_b[..., None]) ** 2, 0.0).sum(-1)
+            n = n_a + n_b
+            delta = mean_b - mean_a
+            frac = n_b / jnp.maximum(n, 1.0)
+            return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
 
+        return _maybe(_live(cfg, q_pos, pos_t), add, lambda c: c, carry), None
 
-def _forward(cfg: _Cfg, q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS):
-    """Streamed forward: (out (B, N, T, H) float32, theta, row max, row sum)."""
-    count, mean, m2 = _moments(cfg, q1, k1, q_pos_BT, q_seg_BT, k_seg_BS)
+    (count, mean, m2), _ = jax.lax.scan(moments, (zero, zero, zero), (k1t, kpos, kseg))
     theta = threshold(count, mean, m2, cfg.top_k)
-    bk = cfg.block_k
-    kpos, kseg = _key_tiles(k_seg_BS, k1.shape[2], bk)
-    shape = q1.shape[:3]
     fill = core.mask_value(q1.dtype)
 
-    def body(carry, xs):
-        m_a, l_a, acc_a = carry
+    def attend(carry, xs):
         k1_t, k2_t, v_t, pos_t, seg_t = xs
-        s1, s2, valid = _tile_scores(cfg, q1, q2, k1_t, k2_t, pos_t, seg_t, q_pos_BT, q_seg_BT)
-        sel = valid & (s1 >= theta[..., None])
-        m = jnp.maximum(m_a, jnp.max(jnp.where(sel, s1, fill), axis=-1))
-        p = jnp.where(sel, jnp.exp(s1 - m[..., None]), 0.0)
-        corr = jnp.exp(m_a - m)
-        w = p * jax.nn.softplus(s2)
-        acc = acc_a * corr[..., None] + jnp.einsum("BNTS,BNSH->BNTH", w, v_t,
-                                                    precision=cfg.precision)
-        return (m, l_a * corr + p.sum(-1), acc), None
 
-    init = (jnp.full(shape, fill, q1.dtype), jnp.zeros(shape, q1.dtype),
-            jnp.zeros((*shape, v.shape[-1]), v.dtype))
-    xs = (_tiles(k1, bk), _tiles(k2, bk), _tiles(v, bk), kpos, kseg)
-    (m, l, acc), _ = jax.lax.scan(body, init, xs)
+        def add(c):
+            m_a, l_a, acc_a = c
+            s1, s2, valid = _tile_scores(cfg, q1, q2, k1_t, k2_t, pos_t, seg_t, q_pos, q_seg)
+            sel = valid & (s1 >= theta[..., None])
+            m = jnp.maximum(m_a, jnp.max(jnp.where(sel, s1, fill), axis=-1))
+            p = jnp.where(sel, jnp.exp(s1 - m[..., None]), 0.0)
+            corr = jnp.exp(m_a - m)
+            w = p * jax.nn.softplus(s2)
+            acc = acc_a * corr[..., None] + jnp.einsum("BNTS,BNSH->BNTH", w, v_t,
+                                                        precision=cfg.precision)
+            return m, l_a * corr + p.sum(-1), acc
+
+        return _maybe(_live(cfg, q_pos, pos_t), add, lambda c: c, carry), None
+
+    init = (jnp.full(shape, fill, q1.dtype), zero, jnp.zeros((*shape, vt.shape[-1]), vt.dtype))
+    (m, l, acc), _ = jax.lax.scan(attend, init, (k1t, k2t, vt, kpos, kseg))
     out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
     return out, theta, m, l
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("cfg",))
-def _spark_streamed(q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, cfg):
-    return _forward(cfg, q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS)[0]
-
-
-def _spark_fwd(q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, cfg):
-    out, theta, m, l = _forward(cfg, q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS)
-    return out, (q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, out, theta, m, l)
-
-
-def _spark_bwd(cfg, res, dout):
-    q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, out, theta, m, l = res
-    bk = cfg.block_k
-    kpos, kseg = _key_tiles(k_seg_BS, k1.shape[2], bk)
-    d_row = (dout * out).sum(-1)  # sum_l P_l dP_l = dout . out (flash attention's D)
+def _query_tile_backward(cfg: _Cfg, q1, q2, q_pos, q_seg, out, theta, m, l, dout, keys):
+    """Gradients of one query tile: (dq1, dq2) and per key tile (dk1, dk2, dv), recomputing the
+    tiles from the saved threshold, row max and row sum (flash attention's rule:
+    ``dS1 = P (dP - dout . out)``, here ``dP = g dW`` and ``dS2 = P dW sigmoid(s2)``)."""
+    k1t, k2t, vt, kpos, kseg = keys
+    d_row = (dout * out).sum(-1)  # sum_l P_l dP_l = dout . out
     inv_l = 1.0 / jnp.where(l == 0.0, 1.0, l)
     p_ = cfg.precision
 
     def body(carry, xs):
-        dq1, dq2 = carry
         k1_t, k2_t, v_t, pos_t, seg_t = xs
-        s1, s2, valid = _tile_scores(cfg, q1, q2, k1_t, k2_t, pos_t, seg_t, q_pos_BT, q_seg_BT)
-        sel = valid & (s1 >= theta[..., None])
-        p = jnp.where(sel, jnp.exp(s1 - m[..., None]) * inv_l[..., None], 0.0)
-        g = jax.nn.softplus(s2)
-        dv_t = jnp.einsum("BNTS,BNTH->BNSH", p * g, dout, precision=p_)
-        dw = jnp.einsum("BNTH,BNSH->BNTS", dout, v_t, precision=p_)
-        ds1 = p * (dw * g - d_row[..., None])
-        ds2 = dw * p * jax.nn.sigmoid(s2)
-        dq1 = dq1 + jnp.einsum("BNTS,BNSR->BNTR", ds1, k1_t, precision=p_)
-        dq2 = dq2 + jnp.einsum("BNTS,BNSJ->BNTJ", ds2, k2_t, precision=p_)
-        dk1_t = jnp.einsum("BNTS,BNTR->BNSR", ds1, q1, precision=p_)
-        dk2_t = jnp.einsum("BNTS,BNTJ->BNSJ", ds2, q2, precision=p_)
-        return (dq1, dq2), (dk1_t, dk2_t, dv_t)
 
-    xs = (_tiles(k1, bk), _tiles(k2, bk), _tiles(v, bk), kpos, kseg)
-    (dq1, dq2), (dk1, dk2, dv) = jax.lax.scan(
-        body, (jnp.zeros_like(q1), jnp.zeros_like(q2)), xs)
-    s = k1.shape[2]
-    return (dq1, dq2, _untile(dk1, s), _untile(dk2, s), _untile(dv, s), None, None, None)
+        def grads(c):
+            dq1, dq2 = c
+            s1, s2, valid = _tile_scores(cfg, q1, q2, k1_t, k2_t, pos_t, seg_t, q_pos, q_seg)
+            sel = valid & (s1 >= theta[..., None])
+            p = jnp.where(sel, jnp.exp(s1 - m[..., None]) * inv_l[..., None], 0.0)
+            g = jax.nn.softplus(s2)
+            dv_t = jnp.einsum("BNTS,BNTH->BNSH", p * g, dout, precision=p_)
+            dw = jnp.einsum("BNTH,BNSH->BNTS", dout, v_t, precision=p_)
+            ds1 = p * (dw * g - d_row[..., None])
+            ds2 = dw * p * jax.nn.sigmoid(s2)
+            dq1 = dq1 + jnp.einsum("BNTS,BNSR->BNTR", ds1, k1_t, precision=p_)
+            dq2 = dq2 + jnp.einsum("BNTS,BNSJ->BNTJ", ds2, k2_t, precision=p_)
+            dk1_t = jnp.einsum("BNTS,BNTR->BNSR", ds1, q1, precision=p_)
+            dk2_t = jnp.einsum("BNTS,BNTJ->BNSJ", ds2, q2, precision=p_)
+            return (dq1, dq2), (dk1_t, dk2_t, dv_t)
+
+        def skip(c):
+            return c, (jnp.zeros_like(k1_t), jnp.zeros_like(k2_t), jnp.zeros_like(v_t))
+
+        return _maybe(_live(cfg, q_pos, pos_t), grads, skip, carry)
+
+    return jax.lax.scan(body, (jnp.zeros_like(q1), jnp.zeros_like(q2)),
+                        (k1t, k2t, vt, kpos, kseg))
+
+
+def _keys(cfg: _Cfg, k1, k2, v, k_seg_BS):
+    """Key tiles: k1, k2, v (nt, B, N, bk, .), positions (nt, bk), segment ids (nt, B, bk)."""
+    bk = cfg.block_k
+    nt = -(-k1.shape[2] // bk)
+    pos = jnp.arange(nt * bk, dtype=jnp.int32).reshape(nt, bk)
+    return (_tiles(k1, bk), _tiles(k2, bk), _tiles(v, bk), pos, _row_tiles(k_seg_BS, bk, 0))
+
+
+def _queries(cfg: _Cfg, q1, q2, q_pos_BT, q_seg_BT):
+    """Query tiles (nq, B, N, bq, .), positions (padded queries at -1: they see no key when
+    causal) and segment ids (padded 0: padding, which sees no key)."""
+    bq = cfg.block_q
+    return (_tiles(q1, bq), _tiles(q2, bq), _row_tiles(q_pos_BT, bq, -1),
+            _row_tiles(q_seg_BT, bq, 0))
+
+
+def _forward(cfg: _Cfg, q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS):
+    keys = _keys(cfg, k1, k2, v, k_seg_BS)
+
+    def tile(_, xs):
+        return None, _query_tile_forward(cfg, *xs, keys)
+
+    _, res = jax.lax.scan(tile, None, _queries(cfg, q1, q2, q_pos_BT, q_seg_BT))
+    return res  # (out, theta, m, l), each in query tiles (nq, B, N, bq, ...)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("cfg",))
+def _spark_streamed(q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, cfg):
+    out = _forward(cfg, q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS)[0]
+    return _untile(out, q1.shape[2])
+
+
+def _spark_fwd(q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, cfg):
+    res = _forward(cfg, q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS)
+    return (_untile(res[0], q1.shape[2]),
+            (q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, res))
+
+
+def _spark_bwd(cfg, res, dout):
+    q1, q2, k1, k2, v, q_pos_BT, q_seg_BT, k_seg_BS, (out, theta, m, l) = res
+    keys = _keys(cfg, k1, k2, v, k_seg_BS)
+    qs = _queries(cfg, q1, q2, q_pos_BT, q_seg_BT)
+
+    def tile(acc, xs):
+        q1_t, q2_t, pos_t, seg_t, out_t, theta_t, m_t, l_t, dout_t = xs
+        (dq1, dq2), (dk1, dk2, dv) = _query_tile_backward(
+            cfg, q1_t, q2_t, pos_t, seg_t, out_t, theta_t, m_t, l_t, dout_t, keys)
+        return (acc[0] + dk1, acc[1] + dk2, acc[2] + dv), (dq1, dq2)
+
+    zeros = tuple(jnp.zeros_like(a) for a in keys[:3])
+    (dk1, dk2, dv), (dq1, dq2) = jax.lax.scan(
+        tile, zeros, (*qs, out, theta, m, l, _tiles(dout, cfg.block_q)))
+    t, s = q1.shape[2], k1.shape[2]
+    return (_untile(dq1, t), _untile(dq2, t), _untile(dk1, s), _untile(dk2, s), _untile(dv, s),
+            None, None, None)
 
 
 _spark_streamed.defvjp(_spark_fwd, _spark_bwd)
@@ -310,7 +370,8 @@ _spark_streamed.defvjp(_spark_fwd, _spark_bwd)
 def spark_xla(q_BTNH, k_BSNH, v_BSNH, *, top_k, predictor_dim, scale, causal, q_pos_BT=None,
               q_seg_BT=None, k_seg_BS=None, block_k=BLOCK_K, precision=None, q_pred_BTNR=None,
               k_pred_BSNR=None):
-    """The streamed path over key tiles (no (T, S) array, forward or backward). Returns
+    """The streamed path: query tiles against key tiles of ``block_k`` (no (T, S) array,
+    forward or backward; causal tiles after every query of a tile are skipped). Returns
     (B, T, N, H)."""
     b, t, _, _ = q_BTNH.shape
     s = k_BSNH.shape[1]
@@ -318,7 +379,7 @@ def spark_xla(q_BTNH, k_BSNH, v_BSNH, *, top_k, predictor_dim, scale, causal, q_
                                k_pred_BSNR)
     f = jnp.promote_types(q1.dtype, v.dtype)
     q1, q2, k1, k2, v = (a.astype(f) for a in (q1, q2, k1, k2, v))
-    cfg = _Cfg(top_k, float(scale), causal, min(block_k, s), s, precision)
+    cfg = _Cfg(top_k, causal, min(block_k, t), min(block_k, s), s, precision)
     out = _spark_streamed(q1, q2, k1, k2, v, _positions(q_pos_BT, b, t, s), q_seg_BT, k_seg_BS,
                           cfg=cfg)
     return out.transpose(0, 2, 1, 3).astype(v_BSNH.dtype)
