@@ -2,9 +2,11 @@
 Attention*, arXiv 2506.06644, NeurIPS 2025): a predictor on a low-dimensional slice of the query
 and key picks each query's keys with the statistical top-k, and only those keys are attended.
 
-The paper (Section 2, the Spark Attention equation, the analogue of its Spark FFN equation)
-splits each head's query and key into the first ``r = predictor_dim`` coordinates (the
-predictor) and the rest, and writes one query's output as
+The paper (Section 2: Spark Attention, written in the key-value form of its Spark FFN; its
+text was not reachable from here, so the form below follows the abstract and published
+summaries, and no equation numbers are quoted: ``docs/mechanisms.md``) splits each head's
+query and key into the first ``r = predictor_dim`` coordinates (the predictor) and the rest,
+and writes one query's output as
 
     Spark-Attention(q; K, V) = V . ( sigma1(Top_k(K1^T q[:r])) (.) sigma2(K2^T q[r:]) )
 
@@ -31,18 +33,23 @@ Choices the paper leaves open, made here (``docs/mechanisms.md``, section Spark)
   flow through the softmax of the selected predictor scores, the softplus and the values.
 
 Implementations (the registry's ``spark`` op): ``reference`` builds the (T, S) scores, threshold
-and mask (the masked-dense computation of the same pattern); ``xla`` (``auto``) streams over key
-tiles of ``block_k`` keys: one pass gathers each query's count, mean and variance of the
-predictor scores (Chan's merge of per-tile moments), a second is an online softmax over the
-selected keys; the backward is a ``jax.custom_vjp`` that recomputes the tiles from the saved
-row statistics (flash attention's rule: ``dS1 = P (dP - dout . out)``). No (T, S) array is
-built, forward or backward; the predictor still scores every (query, key) pair, O(T S r) work,
-which the statistical top-k's definition (a threshold from statistics of the whole row) needs.
+and mask (the masked-dense computation of the same pattern); ``xla`` (``auto``) runs in query
+tiles against key tiles of ``block_k``: per query tile, one pass over the key tiles merges each
+query's count, mean and squared deviations of the visible predictor scores (Chan's update), a
+second is an online softmax over the selected keys; causal key tiles after every query of a
+tile are skipped (``lax.cond``). The backward is a ``jax.custom_vjp`` that recomputes the tiles
+from the saved threshold, row max and row sum (flash attention's rule: ``dS1 = P (dP - dout .
+out)``). No (T, S) array is built, forward or backward; the predictor still scores every
+visible (query, key) pair, O(T S r) work, which the definition needs (a threshold from
+statistics of the whole row).
 
-Incremental decoding (``decode=True``): the cache holds each head's K and V; a step scores the
-chunk's predictor queries against every cached key (``decode_scored``), thresholds with the
-statistics of the visible ones and attends over the selected keys, with the same tiled op
-(masked: the step reads every cached key, ``decode_reads``).
+Incremental decoding (``decode=True``): the cache holds each head's K and V (and the float32
+predictor key slices under a half-precision module). A chunk of at most ``GATHER_ROWS`` tokens
+scores every cached predictor key (``decode_scored``), thresholds with the statistics of the
+visible ones, compacts each query's selection into ``decode_slots`` slots without sorting and
+gathers only those keys and values (``decode_reads``); if some query selected more than the
+slots hold, the step reads the whole cache masked instead (``lax.cond``, exact either way).
+A longer chunk runs the streamed op over the cache.
 """
 
 from __future__ import annotations
