@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxpr_walk import jaxpr_shapes
+from jaxpr_walk import jaxpr_eqns, jaxpr_shapes
 from scipy.stats import norm
 
 import attnhut_jax as ah
-from attnhut_jax import spark
+from attnhut_jax import registry, spark
 from tests import decode_harness as h
 
 D = 32
@@ -219,3 +219,26 @@ def test_bad_config():
         _make(causal=False, decode=True).init(jax.random.key(0), _x())
     with pytest.raises(ValueError, match=r"impl='pallas' is not an implementation of 'spark'"):
         _make(impl="pallas").init(jax.random.key(0), _x())
+
+
+def test_auto_is_the_streamed_path_on_every_backend_and_precision_reaches_every_matmul():
+    """``auto`` resolves to ``xla`` where the other sparse ops take a Pallas kernel (Spark has
+    none), and ``precision`` reaches every product of the forward, the backward and a decode
+    step (the gathering one and its masked fallback)."""
+    for backend in ("cpu", "gpu", "tpu"):
+        assert registry.resolve("spark", "auto", backend) == "xla"
+    highest = (jax.lax.Precision.HIGHEST,) * 2
+    m = _make(precision="highest", bias=True)
+    x = _x(t=9)
+    v = m.init(jax.random.key(0), x)
+    dec = ah.SparkAttention(D, 4, top_k=4, predictor_dim=3, precision="highest", decode=True)
+    cache = dec.init(jax.random.key(0), jnp.zeros((2, 12, D)))
+    fns = [
+        (lambda v_, x_: jax.grad(lambda a: m.apply(a, x_).sum())(v_), (v, x)),
+        (lambda v_, x_: m.clone(impl="reference").apply(v_, x_), (v, x)),
+        (lambda c, x_: dec.apply(c, x_[:, :1], mutable=["cache"]), (cache, x)),
+    ]
+    for fn, args in fns:
+        dots = [e for e in jaxpr_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+                if e.primitive.name == "dot_general"]
+        assert dots and all(e.params["precision"] == highest for e in dots)
