@@ -35,8 +35,8 @@ def _x(t=T, b=2, seed=0):
 
 
 @functools.cache
-def _vg(impl, causal):
-    m = _make(impl, causal)
+def _vg(impl, causal, slots=None):
+    m = _make(impl, causal, slots=slots)
     r = jax.random.normal(jax.random.key(9), (2, T, D))
 
     def loss(p, x, seg):
@@ -117,14 +117,20 @@ def test_threshold_keeps_about_k_on_gaussian_scores():
 # ----------------------------------------------------------------------------- paths
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_streamed_equals_reference_outputs_and_gradients(causal):
-    """The default (key-tiled, custom VJP) path against the masked-dense reference: outputs and
-    the gradients of every parameter and the input, float32, with packed segments and padding."""
+@pytest.mark.parametrize("causal,slots", [(True, 12), (False, 12), (True, None)])
+def test_streamed_equals_reference_outputs_and_gradients(causal, slots, monkeypatch):
+    """The default path (query and key tiles; the selection gathered into ``slots`` keys per
+    query (forced here: at long T only), or the masked online softmax under its custom VJP)
+    against the masked-dense reference: outputs and the gradients of every parameter and the
+    input, float32, with packed segments and padding."""
+    if slots is not None:
+        monkeypatch.setattr(spark, "GATHER_RATIO", 0)
     p, x = _params(), _x(seed=2)
     seg = jnp.array([[1] * 7 + [2] * 12 + [0] * 4, [5] * 23])
+    sel = _make(causal=causal).apply({"params": p}, x, segment_ids=seg, method="selection")
+    assert int(sel.sum(-1).max()) <= 12  # no fallback: slots = 12 gathers every selection
     (_, y_r), g_r = _vg("reference", causal)(p, x, seg)
-    (_, y_x), g_x = _vg("xla", causal)(p, x, seg)
+    (_, y_x), g_x = _vg("xla", causal, slots)(p, x, seg)
     h.close(y_x, y_r, what="output")
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_r),
                             jax.tree_util.tree_leaves(g_x), strict=True):
@@ -174,7 +180,7 @@ def _dec(decode, **kw):
 
 
 def _dec_one_slot(decode):  # every query of 2+ keys overflows one slot: the masked fallback
-    return _dec(decode, decode_slots=1)
+    return _dec(decode, slots=1)
 
 
 def test_decode_equals_prefill():
@@ -210,6 +216,7 @@ def test_decode_bf16_caches_float32_predictor_keys():
     assert v["cache"]["predictor_key"].shape == (1, 9, 2, 3)
     assert m.cache_bytes(1, 9, jnp.bfloat16) == 2 * 9 * 16 * 2 + 4 + 9 * 2 * 3 * 4
     assert m.decode_reads(100) == 3 and m.decode_reads(2) == 2 and m.decode_scored(100) == 100
+    assert m.num_slots == 6
 
 
 def test_bad_config():
