@@ -607,6 +607,13 @@ class SparkAttention(nn.Module):
             return None
         return self.selector_dtype
 
+    def kv_cache_bytes_per_token(self, dtype: Dtype = jnp.bfloat16) -> float:
+        """Bytes a decoder caches per token in ``dtype``: K and V of every head (the predictor
+        reads the first ``predictor_dim`` coordinates of K; the float32 copy of those that a
+        half-precision module keeps, ``num_heads * predictor_dim`` floats, is a precision
+        option that ``cache_bytes`` counts)."""
+        return float(2 * self.dim * jnp.dtype(dtype).itemsize)
+
     def cache_bytes(self, batch: int, max_len: int, dtype: Dtype = jnp.bfloat16) -> int:
         """Bytes of the decode cache: K and V of every head in ``dtype``, the index and, when
         ``selector_dtype`` differs from ``dtype``, the predictor key slices in it."""
