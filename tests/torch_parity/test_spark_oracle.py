@@ -7,9 +7,10 @@ The query is scaled by head_dim ** -0.5 before the split (the module's documente
 
 Float32, CPU, batch 2, T = 13: causal and bidirectional, with projection biases, and packed
 segments with padding. Every impl (``reference``, ``xla`` with key tiles of 4, so several tiles
-and a partial one). Outputs: max |d| <= 1e-5 max(1, max |ref|); gradients of the input and of
-every parameter: max |d| <= 1e-4 max(1, max |ref|). The oracle's selection is checked to be a
-strict subset of the visible keys in most rows (the threshold bites).
+and a partial one, masked and gathering its selection). Outputs: max |d| <= 1e-5 max(1, max
+|ref|); gradients of the input and of every parameter: max |d| <= 1e-4 max(1, max |ref|). The
+oracle's selection is checked to be a strict subset of the visible keys in most rows (the
+threshold bites).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 import attnhut_jax as ah
+from attnhut_jax import spark
 
 B, T, D, N, R, K = 2, 13, 16, 2, 3, 3
 OUT_TOL, GRAD_TOL = 1e-5, 1e-4
@@ -112,12 +114,19 @@ def _close(got, want, tol, what):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} * {scale:.3g}"
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "xla_gathered"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_spark_matches_the_torch_oracle(name, impl):
+def test_spark_matches_the_torch_oracle(name, impl, monkeypatch):
+    """``xla_gathered``: the streamed path forced to gather each selection into 12 slots (it
+    does so by itself only at long sequences, ``spark.GATHER_RATIO``)."""
     case = _case(name)
     c = case["c"]
-    m = ah.SparkAttention(D, N, K, R, causal=c["causal"], bias=c["bias"], impl=impl, block_k=4)
+    slots = None
+    if impl == "xla_gathered":
+        monkeypatch.setattr(spark, "GATHER_RATIO", 0)
+        impl, slots = "xla", 12
+    m = ah.SparkAttention(D, N, K, R, causal=c["causal"], bias=c["bias"], impl=impl, block_k=4,
+                          slots=slots)
     seg = jnp.asarray(_seg()) if c["packed"] else None
     params = jax.tree_util.tree_map(jnp.asarray, case["params"])
 
