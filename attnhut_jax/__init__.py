@@ -24,8 +24,15 @@ from .linear_attention import LinearAttention
 from .minimax_sparse import MiniMaxSparseAttention, msa_index_aux_loss
 from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
+from .sinkhorn import SinkhornAttention, sinkhorn_block_pattern
 from .slot import SlotAttention
 from .spark import SparkAttention, spark_pattern
+from .sparse_transformer import (
+    FixedSparseAttention,
+    StridedSparseAttention,
+    fixed_pattern,
+    strided_pattern,
+)
 from .standard import StandardAttention
 
 __version__ = "0.1.0"
@@ -53,6 +60,12 @@ __all__ = [
     "GatedDeltaNet",
     "KimiDeltaAttention",
     "LinearAttention",
+    "StridedSparseAttention",
+    "FixedSparseAttention",
+    "strided_pattern",
+    "fixed_pattern",
+    "SinkhornAttention",
+    "sinkhorn_block_pattern",
     "SparkAttention",
     "spark_pattern",
 ]

@@ -892,16 +892,17 @@ def sdpa(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, *, attn_mask: Array | None
 # q_seg[b, t] != 0 (id 0: padding). The op drops the key blocks without a key of the query's
 # segment from block_keep before building its tables (O(T * J), no (T, S) array). Arguments:
 # (q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale, sink, key_valid_BS,
-# q_pos_T, k_pos_S, window, num_sink_keys, precision, q_seg_BT, k_seg_BS, k_sink_BS): q_seg_BT
-# (B, T) and k_seg_BS (B, S) int segment ids, both or neither; k_sink_BS (B, S) bool, keys the
-# window rule exempts (per-segment sinks). With segments, padding queries and unreadable keys
-# are zeroed first: NaN there reaches no output or gradient.
+# q_pos_T, k_pos_S, window, num_sink_keys, precision, q_seg_BT, k_seg_BS, k_sink_BS,
+# return_lse): q_seg_BT (B, T) and k_seg_BS (B, S) int segment ids, both or neither; k_sink_BS
+# (B, S) bool, keys the window rule exempts (per-segment sinks). With segments, padding queries
+# and unreadable keys are zeroed first: NaN there reaches no output or gradient. return_lse:
+# every impl returns (out, lse_BTN), the differentiable row logsumexp (-inf on empty rows).
 
 
 @registry.register("block_sparse", "reference")
 def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k, causal, scale=None,
                             sink=None, precision=None, key_valid_BS=None, q_seg_BT=None,
-                            k_seg_BS=None, k_sink_BS=None, **rules):
+                            k_seg_BS=None, k_sink_BS=None, return_lse=False, **rules):
     b, t = q_BTNH.shape[:2]
     s = k_BSKH.shape[1]
     q_seg_BT, k_seg_BS, k_sink_BS = block_sparse.check_segments(
@@ -912,8 +913,14 @@ def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k,
     if k_seg_BS is not None and key_valid_BS is not None:
         k_seg_BS = jnp.where(key_valid_BS, k_seg_BS, 0)
     q_BTNH, k_BSKH, v_BSKV = block_sparse.zero_padding(q_BTNH, k_BSKH, v_BSKV, q_seg_BT, k_seg_BS)
-    return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, scale=scale, sink=sink,
-                                 precision=precision)
+    out = dot_product_attention(q_BTNH, k_BSKH, v_BSKV, keep=keep, scale=scale, sink=sink,
+                                precision=precision)
+    if not return_lse:
+        return out
+    lse_BTN = block_sparse.masked_logsumexp(
+        q_BTNH, k_BSKH, keep[:, :, None], scale=q_BTNH.shape[-1] ** -0.5 if scale is None else scale,
+        sink=sink, precision=precision)
+    return out, lse_BTN
 
 
 # ``pallas``: the Mosaic kernels on TPU, the GPU-style (Triton) ones elsewhere (interpret mode
@@ -931,15 +938,59 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
                            num_sink_keys: int = 0, precision: Precision = None,
                            owner: str = "block_sparse_attention",
                            q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
-                           k_sink_BS: Array | None = None) -> Array:
+                           k_sink_BS: Array | None = None,
+                           return_lse: bool = False) -> Array | tuple[Array, Array]:
     """The registry's ``block_sparse`` op under ``impl``, all rule arguments spelled out
     (packed sequences: ``q_seg_BT`` / ``k_seg_BS`` segment ids, ``k_sink_BS`` per-key window
-    sinks; see the comment above)."""
+    sinks; see the comment above).
+
+    ``return_lse``: return ``(out_BTNV, lse_BTN)``, ``lse_BTN`` float32 (B, T, N) =
+    ``log(sum over the keys the row reads of exp(scale * q.k) [+ exp(sink_n)])``, ``-inf`` for a
+    row that reads nothing and has no sink. Every impl returns the same lse and differentiates
+    it (its cotangent enters the fused backward as ``delta = rowsum(dO * O) - dlse``), so
+    disjoint passes over one softmax merge exactly with ``merge_softmax_passes``.
+    """
     return registry.call(owner, "block_sparse", impl, q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ,
                          block_k=block_k, causal=causal, scale=scale, sink=sink,
                          key_valid_BS=key_valid_BS, q_pos_T=q_pos_T, k_pos_S=k_pos_S,
                          window=window, num_sink_keys=num_sink_keys, precision=precision,
-                         q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS, k_sink_BS=k_sink_BS)
+                         q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS, k_sink_BS=k_sink_BS,
+                         return_lse=return_lse)
+
+
+def merge_softmax_passes(outs: Sequence[Array], lses: Sequence[Array],
+                         owner: str = "merge_softmax_passes") -> tuple[Array, Array]:
+    """Merge passes of one softmax over disjoint key sets into the single pass over their union.
+
+    ``outs[p]`` (B, T, N, V) are the passes' normalised outputs and ``lses[p]`` (B, T, N) their
+    row logsumexps (``block_sparse_attention(..., return_lse=True)``; ``-inf`` for a row the
+    pass leaves empty). Returns ``(out, lse)`` with ``lse = logaddexp_p lse_p`` and
+    ``out = sum_p exp(lse_p - lse) * out_p``: exact when the key sets are disjoint (a sink logit
+    belongs in one pass only). Math in float32, ``out`` in the outs' dtype, ``lse`` float32. A
+    row that every pass leaves empty gives out 0 and lse ``-inf``, with zero (finite)
+    gradients; no NaN anywhere, forward or backward.
+    """
+    if len(outs) == 0 or len(outs) != len(lses):
+        raise ValueError(f"{owner}: needs one lse per output and at least one pass, got "
+                         f"{len(outs)} outputs and {len(lses)} lses")
+    shape = tuple(outs[0].shape)
+    for i, (o, lse) in enumerate(zip(outs, lses, strict=True)):
+        if tuple(o.shape) != shape or o.dtype != outs[0].dtype:
+            raise ValueError(f"{owner}: outs[{i}] has shape {tuple(o.shape)} and dtype {o.dtype}, "
+                             f"outs[0] {shape} and {outs[0].dtype}: the passes must agree")
+        if tuple(lse.shape) != shape[:-1]:
+            raise ValueError(f"{owner}: lses[{i}] must have shape {shape[:-1]} (the outputs' "
+                             f"shape without the value axis), got {tuple(lse.shape)}")
+    lse_PBTN = jnp.stack([jnp.asarray(lse, jnp.float32) for lse in lses])
+    top = jax.lax.stop_gradient(jnp.max(lse_PBTN, axis=0))  # the exact lse needs no gradient here
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # all passes empty: -inf, any finite shift
+    w_PBTN = jnp.exp(lse_PBTN - top)  # 0 for an empty pass, gradient 0 there too
+    den = w_PBTN.sum(axis=0)
+    some = den > 0
+    safe = jnp.where(some, den, 1.0)
+    lse = jnp.where(some, top + jnp.log(safe), -jnp.inf)
+    out = sum((w / safe)[..., None] * o.astype(jnp.float32) for w, o in zip(w_PBTN, outs, strict=True))
+    return out.astype(outs[0].dtype), lse
 
 
 def window_block_keep(q_pos_T: Array, k_pos_S: Array, block_k: int, *, window: int,

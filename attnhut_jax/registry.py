@@ -14,6 +14,9 @@ the operation and passes its ``impl`` field, and never branches on the name itse
     msa_index_loss  reference, xla, pallas       (MiniMax's index loss over the picked blocks)
     gated_delta     recurrent, chunk, pallas     pallas on GPU and TPU, else chunk (the gated
                                                  delta rule / linear attention recurrence)
+    sinkhorn        reference, xla               xla (sparse Sinkhorn attention given its
+                                                 sorting matrix: the masked dense (T, 2T)
+                                                 computation, or the block path; no kernel)
     spark           reference, xla               xla (Spark attention's statistical top-k:
                                                  no kernel yet)
 
@@ -41,6 +44,8 @@ DENSE_IMPLS: tuple[str, ...] = get_args(DenseImpl)
 SPARSE_IMPLS: tuple[str, ...] = get_args(SparseImpl)
 LinearImpl = Literal["auto", "chunk", "recurrent", "pallas"]
 LINEAR_IMPLS: tuple[str, ...] = get_args(LinearImpl)
+SinkhornImpl = Literal["auto", "reference", "xla"]
+SINKHORN_IMPLS: tuple[str, ...] = get_args(SinkhornImpl)
 
 # op -> the impls a module may name (``auto`` included)
 OPERATIONS: dict[str, tuple[str, ...]] = {
@@ -52,6 +57,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "csa": SPARSE_IMPLS,
     "msa_index_loss": SPARSE_IMPLS,
     "gated_delta": LINEAR_IMPLS,
+    "sinkhorn": SINKHORN_IMPLS,
     "spark": ("auto", "reference", "xla"),
 }
 # op -> the impl ``auto`` ends on, on every backend (the one that supports every call)
@@ -60,6 +66,7 @@ _LAST = {"gated_delta": "chunk"}
 # op kind -> backend -> the order in which ``auto`` tries impls
 _DENSE_ORDER = {"gpu": ("cudnn", "xla")}
 _SPARSE_ORDER = {"gpu": ("pallas",), "tpu": ("pallas",)}
+_NO_KERNEL = {"sinkhorn", "spark"}  # ops without a Pallas kernel: ``auto`` is their last impl everywhere
 
 Supports = Callable[..., "str | None"]
 # (op, impl) -> backend (None: any backend) -> (function, supports)
@@ -107,10 +114,8 @@ def implementations(op: str) -> tuple[str, ...]:
 def auto_order(op: str, backend: str | None = None) -> tuple[str, ...]:
     """The impls ``auto`` tries for ``op`` on ``backend`` (default: JAX's default backend)."""
     backend = backend or jax.default_backend()
-    order = _DENSE_ORDER if op == "dense" else _SPARSE_ORDER
-    # an op without a kernel for the backend (spark has no pallas impl) skips that entry
-    first = tuple(i for i in order.get(backend, ()) if (op, i) in _TABLE)
-    return first + (_LAST.get(op, "xla"),)
+    order = _DENSE_ORDER if op == "dense" else {} if op in _NO_KERNEL else _SPARSE_ORDER
+    return order.get(backend, ()) + (_LAST.get(op, "xla"),)
 
 
 def resolve(op: str, impl: str, backend: str | None = None) -> str:

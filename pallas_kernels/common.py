@@ -16,9 +16,11 @@ logsumexp, all under one ``jax.custom_vjp``. Here:
   ``at_most_f32`` (the TPU kernels compute float64 operands in float32);
 * the float32-accumulating products ``dot_t`` / ``dot`` / ``tn_dot``, each with ``precision``;
 * the softmax pieces: ``online_softmax_step``, ``finish_softmax`` (the sink joins here),
-  ``row_delta`` (rowsum(dO * O)), ``sink_grad``, ``group_sum`` (per-query-head dK/dV summed
-  over the group of a kv head); ``masked_attention_reference``, the dense softmax that both
-  families' references reduce to;
+  ``row_delta`` (rowsum(dO * O), less the cotangent of a returned logsumexp), ``lse_out`` /
+  ``lse_cotangent`` (a returned logsumexp is ``-inf``, not ``BIG``, on empty rows, whose
+  cotangent is dropped), ``sink_grad``, ``group_sum`` (per-query-head dK/dV summed over the
+  group of a kv head); ``masked_attention_reference``, the dense softmax that both families'
+  references reduce to, and ``masked_logsumexp``, its row logsumexp;
 * ``compact``: a visit matrix -> table rows ``[count, indices ascending, padding]``;
 * ``sparse_attention_vjp``: the differentiable entry point, selections not differentiated.
 
@@ -241,9 +243,27 @@ def finish_softmax(acc: Array, m: Array, l: Array, sink: Array | None,
     return acc / grow(safe), jnp.where(l > 0, m + jnp.log(safe), BIG)
 
 
-def row_delta(do: Array, o: Array, keepdims: bool = False) -> Array:
-    """rowsum(dO * O) in float32, the backward's correction term."""
-    return jnp.sum(do.astype(F32) * o.astype(F32), axis=-1, keepdims=keepdims)
+def row_delta(do: Array, o: Array, keepdims: bool = False, lse: Array | None = None,
+              dlse: Array | None = None) -> Array:
+    """The backward's correction term ``delta = rowsum(dO * O) - dlse`` in float32
+    (``ds = p * (dP - delta)``): d out / d s_ij brings the first part, d lse / d s_ij = p_ij the
+    second. ``dlse`` (the cotangent of the returned logsumexp, in the layout of the saved
+    ``lse``, which ``lse_cotangent`` needs to drop empty rows) is optional."""
+    delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1, keepdims=keepdims)
+    return delta if dlse is None else delta - lse_cotangent(dlse, lse)
+
+
+def lse_out(lse: Array) -> Array:
+    """The saved logsumexp as the ops return it: ``-inf`` for a row that reads no key and has no
+    sink (``BIG`` inside the kernels)."""
+    return jnp.where(lse == BIG, -jnp.inf, lse)
+
+
+def lse_cotangent(dlse: Array, lse: Array) -> Array:
+    """The returned logsumexp's cotangent, float32, zero on the rows that read nothing (saved
+    ``lse == BIG``): their probabilities are all 0 and their logsumexp is a constant ``-inf``,
+    so a non-finite cotangent there must reach no gradient."""
+    return jnp.where(lse == BIG, 0.0, dlse.astype(F32))
 
 
 def sink_grad(sink_N: Array, lse_BNT: Array, delta_BNT: Array, t: int) -> Array:
@@ -268,11 +288,13 @@ def group_sum(d: Array, kg: int, dtype) -> Array:
 
 def masked_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, keep: Array, *,
                                scale: float, sink: Array | None = None,
-                               precision: jax.lax.PrecisionLike = None) -> Array:
+                               precision: jax.lax.PrecisionLike = None,
+                               return_lse: bool = False) -> Array | tuple[Array, Array]:
     """The dense softmax every sparse reference reduces to: ``keep`` broadcastable to
     (B, K, G, T, S); masked logits (``FILL``) never contribute, empty rows give zeros, an
     optional per-head ``sink`` logit joins the denominator; float32 statistics. Returns
-    (B, T, N, V)."""
+    (B, T, N, V), and with ``return_lse`` also the row logsumexp (B, T, N) float32
+    (``masked_logsumexp``)."""
     b, t, n, h = q_BTNH.shape
     kg = k_BSKH.shape[2]
     g = n // kg
@@ -290,7 +312,37 @@ def masked_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, keep
         den = den + jnp.exp(sink.reshape(1, kg, g, 1, 1).astype(F32) - m)
     p_BKGTS = e_BKGTS / jnp.where(den == 0, 1.0, den)
     out = jnp.einsum("BKGTS,BSKV->BTKGV", p_BKGTS, v_BSKV.astype(F32), precision=precision)
-    return out.reshape(b, t, n, v_BSKV.shape[-1]).astype(q_BTNH.dtype)
+    out = out.reshape(b, t, n, v_BSKV.shape[-1]).astype(q_BTNH.dtype)
+    if not return_lse:
+        return out
+    return out, masked_logsumexp(q_BTNH, k_BSKH, keep, scale=scale, sink=sink,
+                                 precision=precision)
+
+
+def masked_logsumexp(q_BTNH: Array, k_BSKH: Array, keep: Array, *, scale: float,
+                     sink: Array | None = None, precision: jax.lax.PrecisionLike = None) -> Array:
+    """(B, T, N) float32: ``log(sum_{s kept} exp(scale * q.k_s) [+ exp(sink_n)])`` over the keys
+    ``keep`` (broadcastable to (B, K, G, T, S)) lets each row read, ``-inf`` for a row that
+    reads nothing and has no sink. Differentiable (d lse / d logit = the probability) with
+    finite zero gradients on empty rows: the dense reference of the ops' ``return_lse``."""
+    b, t, n, h = q_BTNH.shape
+    kg = k_BSKH.shape[2]
+    g = n // kg
+    q_BTKGH = q_BTNH.reshape(b, t, kg, g, h).astype(F32)
+    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(F32),
+                         precision=precision) * scale
+    keep = jnp.broadcast_to(keep, s_BKGTS.shape)
+    s_BKGTS = jnp.where(keep, s_BKGTS, FILL)
+    m = jnp.max(s_BKGTS, axis=-1)
+    sink_KG1 = None if sink is None else sink.reshape(1, kg, g, 1).astype(F32)
+    if sink_KG1 is not None:
+        m = jnp.maximum(m, sink_KG1)
+    m = jax.lax.stop_gradient(m)
+    den = jnp.where(keep, jnp.exp(s_BKGTS - m[..., None]), 0.0).sum(axis=-1)
+    if sink_KG1 is not None:
+        den = den + jnp.exp(sink_KG1 - m)
+    lse_BKGT = jnp.where(den > 0, m + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
+    return lse_BKGT.transpose(0, 3, 1, 2).reshape(b, t, n)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -315,9 +367,10 @@ def sparse_attention_vjp(forward, backward):
     """The differentiable entry point shared by every implementation of these semantics.
 
     ``forward(q, k, v, sink, selection, cfg) -> (out, residuals)`` and
-    ``backward(residuals, d_out, sink, cfg) -> (dq, dk, dv, dsink)``; ``selection`` is any
-    pytree of arrays (block selection, key validity, positions, indices), never differentiated
-    (as in attnhut): it gets float0 zeros. ``cfg`` is static.
+    ``backward(residuals, d_out, sink, cfg) -> (dq, dk, dv, dsink)``; ``out`` may be a pytree
+    (block-sparse returns ``(out, lse)``, and its backward gets ``(d_out, d_lse)``).
+    ``selection`` is any pytree of arrays (block selection, key validity, positions, indices),
+    never differentiated (as in attnhut): it gets float0 zeros. ``cfg`` is static.
     """
 
     @functools.partial(jax.custom_vjp, nondiff_argnames=("cfg",))

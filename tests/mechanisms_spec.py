@@ -198,6 +198,16 @@ MECHANISMS: list[Mechanism] = [
                                        rf"\({B}, {T}\), got \({B}, {T - 1}\)"),),
         bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
         bf16_why=_BF16_DENSE + " (a fixed block pattern: no data-dependent selection)")),
+    *_variants(lambda c: Mechanism(
+        f"sinkhorn{'' if c else '_bidir'}", ah.SinkhornAttention,
+        {"dim": D, "num_heads": 4, "block_size": 3, "causal": c, "max_len": 16}, causal=c,
+        # soft sorting: every sorted block mixes every (earlier) block with a non-zero weight and
+        # the summaries read them all, so each output depends on every position it may see
+        full=True, call=frozenset({"segment_ids", "deterministic", "return_aux"}), aux=True,
+        impls=("auto", "reference", "xla"), cpu_impls=("auto", "reference", "xla"),
+        bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
+        bf16_why=_BF16_DENSE + "; the sorting network and Sinkhorn run in float32, the soft "
+                 "permutation mixes bf16 keys and values")),
     Mechanism(
         "delta", ah.DeltaAttention, {"dim": D, "num_heads": 4, "window": 3, "sink": 1, "stride": 3},
         causal=True, full=False, call=frozenset({"segment_ids", "positions", "lengths"}), impls=SPARSE_IMPLS,
@@ -253,6 +263,25 @@ MECHANISMS: list[Mechanism] = [
         bad_config=({"num_groups": 3}, r"num_heads=4 must be divisible by num_groups=3"),
         bf16_why=_BF16_DENSE + "; the indexer ranks in float32 (selector_dtype), so it selects "
                  "the entries float32 selects"),
+    # Child et al.'s factorised patterns: strided (merged sets) and fixed (interleaved sets,
+    # two summary positions per block of 4: the row's blocks end in a partial one)
+    *_variants(lambda c: Mechanism(
+        f"strided{'' if c else '_bidir'}", ah.StridedSparseAttention,
+        {"dim": D, "num_heads": 4, "stride": 3, "causal": c}, causal=c, full=False,
+        # bidirectional: every row but the last reads its next position (|i - j| <= 3)
+        future_rows=T - 1, call=frozenset({"segment_ids", "lengths"}), impls=SPARSE_IMPLS,
+        cpu_impls=SPARSE_IMPLS,
+        bad_config=({"dim": 30}, r"dim=30 must be divisible by num_heads=4"),
+        bf16_why=_BF16_DENSE + " (a fixed pattern; the passes merge by float32 log-sum-exps)")),
+    *_variants(lambda c: Mechanism(
+        f"fixed{'' if c else '_bidir'}", ah.FixedSparseAttention,
+        {"dim": D, "num_heads": 4, "block_size": 4, "num_summary": 2, "combine": "interleaved",
+         "causal": c}, causal=c, full=False,
+        # bidirectional: rows 0-9 read a later position of their block or the summary 10
+        future_rows=T - 1, call=frozenset({"segment_ids", "lengths"}), impls=SPARSE_IMPLS,
+        cpu_impls=SPARSE_IMPLS,
+        bad_config=({"num_summary": 5}, r"num_summary=5 must be <= block_size=4"),
+        bf16_why=_BF16_DENSE + " (a fixed pattern; the passes merge by float32 log-sum-exps)")),
     Mechanism(
         "cjepa", ah.CausalJEPAAttention,
         {"dim": 16, "num_heads": 2, "num_slots": _SLOTS, "history_frames": 3, "pred_frames": 1,
@@ -315,7 +344,7 @@ MECHANISMS += [
 ]
 BY_ID = {m.id: m for m in MECHANISMS}
 assert len(BY_ID) == len(MECHANISMS)
-assert len({m.cls for m in MECHANISMS}) == 17  # every mechanism of the package is declared
+assert len({m.cls for m in MECHANISMS}) == 20  # every mechanism of the package is declared
 
 
 def rngs(seed: int = 1) -> dict[str, jax.Array]:

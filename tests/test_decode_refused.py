@@ -36,6 +36,17 @@ REFUSED = {
               r"CausalJEPAAttention cannot decode incrementally.*not a causal mask: every block "
               r"attends bidirectionally over the whole"),
 }
+REFUSED.update({
+    "sinkhorn": (lambda dec: ah.SinkhornAttention(D, 2, 2, max_len=8, decode=dec),
+                 lambda: (jnp.zeros((2, 8, D)),),
+                 r"SinkhornAttention cannot decode incrementally \(decode=True\): with "
+                 r"causal=False every block's sorted keys depend on the whole sequence"),
+    "sinkhorn_causal": (lambda dec: ah.SinkhornAttention(D, 2, 2, causal=True, max_len=8,
+                                                         decode=dec),
+                        lambda: (jnp.zeros((2, 8, D)),),
+                        r"not implemented for causal=True: row i of the causal Sinkhorn matrix "
+                        r"depends only on blocks before block i"),
+})
 RNGS = {"params": jax.random.key(0), "slots": jax.random.key(1), "mask": jax.random.key(2)}
 
 

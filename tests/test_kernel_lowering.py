@@ -66,6 +66,38 @@ def test_block_sparse_kernels_lower_for_cuda():
     assert text.count("xla.gpu.triton") == 3  # forward, dq and dk/dv kernels
 
 
+def _grad_with_lse(fwd, *nondiff):
+    """fn(q, k, v, sink) -> gradients in all four of a loss on both outputs of
+    ``fwd(q, k, v, *nondiff, sink)`` (``return_lse=True``): the lse cotangent enters the
+    backward's delta."""
+    def loss(q, k, v, sink):
+        out, lse = fwd(q, k, v, *nondiff, sink)
+        return out.astype(jnp.float32).sum() + lse.sum()
+    return lambda q, k, v, sink: jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sink)
+
+
+def test_block_sparse_kernels_lower_with_lse():
+    """``return_lse=True``: the Triton and the Mosaic kernels, forward and backward (the lse
+    cotangent joining delta), still lower to one and three kernel calls."""
+    b, t, n, kg, h, bk = 1, 256, 4, 2, 64, 64
+    q, k = sds((b, t, n, h), jnp.bfloat16), sds((b, t, kg, h), jnp.bfloat16)
+    keep, sink = sds((b, kg, t, t // bk), jnp.bool_), sds((n,), jnp.float32)
+    kernels = (
+        (lambda *a: block_sparse_attention(*a[:4], block_k=bk, causal=True, sink=a[4],
+                                           block_sizes=BlockSizes(64), interpret=False,
+                                           return_lse=True),
+         export_for_cuda, "xla.gpu.triton"),
+        (lambda *a: block_sparse_attention_tpu(*a[:4], block_k=bk, causal=True, sink=a[4],
+                                               interpret=False, return_lse=True),
+         lambda fn, *args: export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module(),
+         "tpu_custom_call"),
+    )
+    for fwd, export_fn, call in kernels:
+        fwd_bwd = lambda q, k, v, keep, sink, fwd=fwd: _grad_with_lse(fwd, keep)(q, k, v, sink)  # noqa: E731
+        for fn, calls in ((fwd, 1), (fwd_bwd, 3)):
+            assert export_fn(fn, q, k, k, keep, sink).count(call) == calls
+
+
 def test_block_sparse_kernels_lower_for_cuda_with_segments():
     """Packed sequences: segment ids and per-key sink flags enter the three kernels as tiles."""
     b, t, n, kg, h, bk = 2, 256, 4, 2, 64, 64

@@ -164,6 +164,7 @@ KV_BYTES = [
     (ah.DifferentialAttention(64, 2), 2 * 64 * 2),
     (ah.DeltaAttention(64, 4), 2 * 64 * 2),
     (ah.BigBirdAttention(64, 4), 2 * 64 * 2),
+    (ah.SinkhornAttention(64, 4, 8), 2 * 64 * 2),
     (ah.MiniMaxSparseAttention(64, 4, 2, index_dim=8), (2 * 2 * 16 + 8) * 2),
     (ah.MiniMaxSparseAttention(128, 4, 1), (2 * 1 * 32 + 32) * 2),  # index_dim: head_dim
     (ah.DeepSeekSparseAttention(64, 4, index_head_dim=16), (2 * 64 + 16) * 2),

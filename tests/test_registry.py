@@ -36,6 +36,8 @@ SPARSE = {  # module -> (factory, the registry op its impl names)
         D, 4, top_k=4, index_head_dim=8, **kw), "dsa"),
     "CompressedSparseAttention": (lambda **kw: ah.CompressedSparseAttention(
         D, 4, compression_rate=2, top_k=3, window=4, index_dim=8, **kw), "csa"),
+    "SinkhornAttention": (lambda **kw: ah.SinkhornAttention(D, 4, 4, max_len=12, **kw),
+                          "sinkhorn"),
 }
 X = jax.random.normal(jax.random.key(1), (2, 12, D), jnp.float32)
 

@@ -1,7 +1,7 @@
 """Block-sparse attention: GPU-style and TPU (Mosaic) kernels, an XLA path, the jnp reference and
 the on-device block-table builders."""
 
-from ..common import check_segments
+from ..common import check_segments, masked_logsumexp
 from .kernel import BlockSizes, block_sparse_attention
 from .reference import block_sparse_attention_reference, token_keep, zero_padding
 from .tables import build_tables, segment_block_keep, tile_visits
@@ -18,6 +18,7 @@ __all__ = [
     "zero_padding",
     "build_tables",
     "check_segments",
+    "masked_logsumexp",
     "segment_block_keep",
     "tile_visits",
 ]

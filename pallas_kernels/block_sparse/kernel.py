@@ -246,15 +246,18 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
         functools.partial(_fwd_kernel, cfg=cfg, has_sink=sink_N is not None), cfg,
         "block_sparse_attention_fwd", specs,
         (p["fwd"], *_masks(p), sink), p["q"], (p["k"], p["v"]))
-    return o.transpose(0, 2, 1, 3)[:, : cfg.t], (p, o, lse)
+    lse_BTN = common.lse_out(lse.transpose(0, 2, 1)[:, : cfg.t])
+    return (o.transpose(0, 2, 1, 3)[:, : cfg.t], lse_BTN), (p, o, lse)
 
 
-def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
+def _backward(res, cotangents, sink_N, cfg: KernelConfig):
     p, o, lse = res
+    do_BTNV, dlse_BTN = cotangents
     b, n, kg, qt, j, tp, sp = p["dims"]
     g, bk = n // kg, cfg.block_k
     do = common.head_major(zero_padding_rows(do_BTNV, p["q_seg_BT"], cfg), tp)
-    delta = common.row_delta(do, o)  # (B, N, Tp)
+    dlse = common.pad_axis(dlse_BTN, 1, tp).transpose(0, 2, 1)
+    delta = common.row_delta(do, o, lse=lse, dlse=dlse)  # (B, N, Tp)
     masks = _masks(p)
     tensors = (p["q"], (p["k"], p["v"]), do, lse, delta)
     dq = dq_call(functools.partial(_dq_kernel, cfg=cfg), cfg, "block_sparse_attention_dq",
@@ -334,7 +337,8 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
                            interpret: bool | None = None,
                            precision: jax.lax.PrecisionLike = None,
                            q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
-                           k_sink_BS: Array | None = None) -> Array:
+                           k_sink_BS: Array | None = None,
+                           return_lse: bool = False) -> Array | tuple[Array, Array]:
     """Attention over the selected key blocks only; equals ``block_sparse_attention_reference``.
 
     ``block_keep_BKTJ`` (B, K, T, ceil(S / block_k)) bool: key blocks each query token of each
@@ -351,6 +355,11 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
     bool exempts keys from the ``window`` rule besides the first ``num_sink_keys``. With
     segments, padding queries and unreadable keys are zeroed first, so NaN or inf there reaches
     no output or gradient.
+
+    ``return_lse``: also return the row logsumexp (B, T, N) float32, ``log(sum exp(scale *
+    q.k))`` over the keys the row reads plus ``exp(sink)``, ``-inf`` for a row that reads nothing
+    and has no sink; differentiable (its cotangent joins the backward's ``delta``), so that
+    disjoint passes over one softmax merge exactly.
     """
     selection = checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S,
                                  block_k=block_k, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS,
@@ -362,6 +371,7 @@ def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_ke
                        num_sink_keys=num_sink_keys, precision=precision,
                        num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,
                        segments=q_seg_BT is not None, key_sinks=k_sink_BS is not None)
-    out = _attention(common.pad_lanes(q_BTNH), common.pad_lanes(k_BSKH), common.pad_lanes(v_BSKV), sink,
-                     selection, cfg=cfg)
-    return out[..., : v_BSKV.shape[-1]]
+    out, lse_BTN = _attention(common.pad_lanes(q_BTNH), common.pad_lanes(k_BSKH),
+                              common.pad_lanes(v_BSKV), sink, selection, cfg=cfg)
+    out = out[..., : v_BSKV.shape[-1]]
+    return (out, lse_BTN) if return_lse else out

@@ -70,8 +70,11 @@ def block_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array
                                      num_sink_keys: int = 0,
                                      precision: jax.lax.PrecisionLike = None,
                                      q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
-                                     k_sink_BS: Array | None = None) -> Array:
-    """Masked dense attention with the block-sparse semantics; returns (B, T, N, V)."""
+                                     k_sink_BS: Array | None = None,
+                                     return_lse: bool = False) -> Array | tuple[Array, Array]:
+    """Masked dense attention with the block-sparse semantics; returns (B, T, N, V), and with
+    ``return_lse`` also the row logsumexp (B, T, N) float32 over the keys read and the sink
+    (``-inf`` for a row that reads nothing and has no sink; ``common.masked_logsumexp``)."""
     b, t = q_BTNH.shape[:2]
     s = k_BSKH.shape[1]
     q_seg_BT, k_seg_BS, k_sink_BS = check_segments("block_sparse_attention_reference", b, t, s,
@@ -85,4 +88,4 @@ def block_sparse_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array
     q_BTNH, k_BSKH, v_BSKV = zero_padding(q_BTNH, k_BSKH, v_BSKV, q_seg_BT, k_seg_BS)
     return masked_attention_reference(q_BTNH, k_BSKH, v_BSKV, keep[:, :, None],
                                       scale=default_scale(q_BTNH.shape[-1], scale), sink=sink,
-                                      precision=precision)
+                                      precision=precision, return_lse=return_lse)

@@ -171,7 +171,8 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
         name="block_sparse_attention_tpu_fwd",
         **cfg.mosaic_params,
     )(p["fwd"], p["q"], p["k"], p["v"], *_masks(p), sink)
-    return o.transpose(0, 2, 1, 3)[:, : cfg.t], (p, o, lse)
+    lse_BTN = common.lse_out(lse[..., 0].transpose(0, 2, 1)[:, : cfg.t])
+    return (o.transpose(0, 2, 1, 3)[:, : cfg.t], lse_BTN), (p, o, lse)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -229,12 +230,14 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, keep
     common.table_walk(table_ref[bi, ki, jb, 0], _init, _visit, _finish)
 
 
-def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
+def _backward(res, cotangents, sink_N, cfg: KernelConfig):
     p, o, lse = res
+    do_BTNV, dlse_BTN = cotangents
     b, n, kg, g, qt, j, tp, sp = p["dims"]
     bq, bk, h, vw = cfg.block_q, cfg.block_k, p["q"].shape[-1], p["v"].shape[-1]
     do = common.head_major(zero_padding_rows(do_BTNV, p["q_seg_BT"], cfg), tp)
-    delta = common.row_delta(do, o, keepdims=True)  # B N Tp 1
+    dlse = common.pad_axis(dlse_BTN, 1, tp).transpose(0, 2, 1)[..., None]
+    delta = common.row_delta(do, o, keepdims=True, lse=lse, dlse=dlse)  # B N Tp 1
     operands = (p["q"], p["k"], p["v"], do, lse, delta, *_masks(p))
 
     def specs(q_row, kv_row):
@@ -296,8 +299,10 @@ def block_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
                                interpret: bool | None = None,
                                precision: jax.lax.PrecisionLike = None,
                                q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
-                               k_sink_BS: Array | None = None) -> Array:
-    """The TPU kernel; arguments and semantics as ``kernel.block_sparse_attention``.
+                               k_sink_BS: Array | None = None,
+                               return_lse: bool = False) -> Array | tuple[Array, Array]:
+    """The TPU kernel; arguments and semantics (``return_lse`` included) as
+    ``kernel.block_sparse_attention``.
 
     ``interpret`` defaults to True off TPU (``pltpu.InterpretParams()``, which also checks DMA
     and scratch use). Mosaic wants ``block_q`` a multiple of 32 (the int8 selection column) and
@@ -313,5 +318,7 @@ def block_sparse_attention_tpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
                        causal=causal, scale=scale, interpret=interpret, window=window,
                        num_sink_keys=num_sink_keys, precision=precision,
                        segments=q_seg_BT is not None, key_sinks=k_sink_BS is not None)
-    out = _attention(*common.at_most_f32(q_BTNH, k_BSKH, v_BSKV, sink), selection, cfg=cfg)
-    return out.astype(q_BTNH.dtype)
+    out, lse_BTN = _attention(*common.at_most_f32(q_BTNH, k_BSKH, v_BSKV, sink), selection,
+                              cfg=cfg)
+    out = out.astype(q_BTNH.dtype)
+    return (out, lse_BTN) if return_lse else out

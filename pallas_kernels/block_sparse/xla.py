@@ -119,17 +119,32 @@ def _forward(q_BTNH, k_BSKH, v_BSKV, sink_N, selection, cfg: KernelConfig):
                                  p["k_sink"], p["q_seg"], kidx))
     out = o.reshape(b, kg, qt, g, cfg.block_q, vw).transpose(0, 2, 4, 1, 3, 5)
     out = out.reshape(b, tp, n, vw)[:, : cfg.t]
-    return out, (p, o, lse)
+    lse_BTN = common.lse_out(_by_token(lse, p["dims"])[:, : cfg.t])
+    return (out, lse_BTN), (p, o, lse)
 
 
-def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
+def _by_token(x, dims):
+    """A per-row statistic in the group-major layout (B * K, Q, G, T) -> (B, Tp, N)."""
+    b, n, kg, g, qt, j, tp, sp = dims
+    return x.reshape(b, kg, qt, g, -1).transpose(0, 2, 4, 1, 3).reshape(b, tp, n)
+
+
+def _by_group(x_BTN, dims):
+    """``_by_token``'s inverse, the token axis zero-padded to whole tiles."""
+    b, n, kg, g, qt, j, tp, sp = dims
+    x = common.pad_axis(x_BTN, 1, tp).reshape(b, qt, -1, kg, g)
+    return x.transpose(0, 3, 1, 4, 2).reshape(b * kg, qt, g, -1)
+
+
+def _backward(res, cotangents, sink_N, cfg: KernelConfig):
     p, o, lse = res
+    do_BTNV, dlse_BTN = cotangents
     b, n, kg, g, qt, j, tp, sp = p["dims"]
     bk, bq, k_pos_S, q_pos_QT = cfg.block_k, cfg.block_q, p["k_pos"], p["q_pos"]
     prec = cfg.precision
     do = common.pad_axis(zero_padding_rows(do_BTNV, p["q_seg_BT"], cfg), 1, tp)
     do = do.reshape(b, qt, bq, kg, g, -1).transpose(0, 3, 1, 4, 2, 5).reshape(o.shape)
-    delta = common.row_delta(do, o)  # BK Q G T
+    delta = common.row_delta(do, o, lse=lse, dlse=_by_group(dlse_BTN, p["dims"]))  # BK Q G T
     q_dtype, k_dtype, v_dtype = p["q"].dtype, p["k"].dtype, p["v"].dtype
 
     def probs(q_GTH, kb_SH, keep_col, keys, q_seg_T, q_pos_T, start, lse_GT):
@@ -206,7 +221,7 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     dv = dv.reshape(b, kg, sp, -1).transpose(0, 2, 1, 3)
     dsink = None
     if sink_N is not None:
-        by_head = lambda a: a.reshape(b, kg, qt, g, bq).transpose(0, 1, 3, 2, 4).reshape(b, n, tp)  # noqa: E731
+        by_head = lambda a: _by_token(a, p["dims"]).transpose(0, 2, 1)  # noqa: E731
         dsink = common.sink_grad(sink_N, by_head(lse), by_head(delta), cfg.t)
     return dq[:, : cfg.t], dk[:, : cfg.s], dv[:, : cfg.s], dsink
 
@@ -222,10 +237,12 @@ def block_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
                                window: int | None = None, num_sink_keys: int = 0,
                                precision: jax.lax.PrecisionLike = None,
                                q_seg_BT: Array | None = None, k_seg_BS: Array | None = None,
-                               k_sink_BS: Array | None = None) -> Array:
+                               k_sink_BS: Array | None = None,
+                               return_lse: bool = False) -> Array | tuple[Array, Array]:
     """Equals ``block_sparse_attention_reference`` (arguments as ``kernel.block_sparse_attention``,
-    packed-sequence ones included; ``block_q`` the query tile); differentiable in q, k, v and
-    ``sink`` through the fused backward above."""
+    packed-sequence ones and ``return_lse`` included; ``block_q`` the query tile);
+    differentiable in q, k, v and ``sink`` (through the output and the logsumexp) by the fused
+    backward above."""
     selection = checked_operands(q_BTNH, k_BSKH, block_keep_BKTJ, key_valid_BS, q_pos_T, k_pos_S,
                                  block_k=block_k, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS,
                                  k_sink_BS=k_sink_BS)
@@ -233,4 +250,5 @@ def block_sparse_attention_xla(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
                        scale=scale, interpret=False, window=window, num_sink_keys=num_sink_keys,
                        precision=precision, segments=q_seg_BT is not None,
                        key_sinks=k_sink_BS is not None)
-    return _attention(q_BTNH, k_BSKH, v_BSKV, sink, selection, cfg=cfg)
+    out, lse_BTN = _attention(q_BTNH, k_BSKH, v_BSKV, sink, selection, cfg=cfg)
+    return (out, lse_BTN) if return_lse else out
