@@ -14,6 +14,10 @@ the operation and passes its ``impl`` field, and never branches on the name itse
     msa_index_loss  reference, xla, pallas       (MiniMax's index loss over the picked blocks)
     gated_delta     recurrent, chunk, pallas     pallas on GPU and TPU, else chunk (the gated
                                                  delta rule / linear attention recurrence)
+    sparse_transformer reference, xla, pallas    pallas on GPU and TPU, else xla (Child et
+                                                 al.'s patterns: the masked dense (T, T)
+                                                 computation, or block-sparse passes merged
+                                                 by log-sum-exp on that block_sparse impl)
     sinkhorn        reference, xla               xla (sparse Sinkhorn attention given its
                                                  sorting matrix: the masked dense (T, 2T)
                                                  computation, or the block path; no kernel)
@@ -57,6 +61,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "csa": SPARSE_IMPLS,
     "msa_index_loss": SPARSE_IMPLS,
     "gated_delta": LINEAR_IMPLS,
+    "sparse_transformer": SPARSE_IMPLS,
     "sinkhorn": SINKHORN_IMPLS,
     "spark": ("auto", "reference", "xla"),
 }
