@@ -26,6 +26,7 @@ from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
 from .sinkhorn import SinkhornAttention, sinkhorn_block_pattern
 from .slot import SlotAttention
+from .spark import SparkAttention, spark_pattern
 from .sparse_transformer import (
     FixedSparseAttention,
     StridedSparseAttention,
@@ -65,4 +66,6 @@ __all__ = [
     "fixed_pattern",
     "SinkhornAttention",
     "sinkhorn_block_pattern",
+    "SparkAttention",
+    "spark_pattern",
 ]

@@ -14,9 +14,15 @@ the operation and passes its ``impl`` field, and never branches on the name itse
     msa_index_loss  reference, xla, pallas       (MiniMax's index loss over the picked blocks)
     gated_delta     recurrent, chunk, pallas     pallas on GPU and TPU, else chunk (the gated
                                                  delta rule / linear attention recurrence)
+    sparse_transformer reference, xla, pallas    pallas on GPU and TPU, else xla (Child et
+                                                 al.'s patterns: the masked dense (T, T)
+                                                 computation, or block-sparse passes merged
+                                                 by log-sum-exp on that block_sparse impl)
     sinkhorn        reference, xla               xla (sparse Sinkhorn attention given its
                                                  sorting matrix: the masked dense (T, 2T)
                                                  computation, or the block path; no kernel)
+    spark           reference, xla               xla (Spark attention's statistical top-k:
+                                                 no kernel yet)
 
 The functions register themselves where they are defined (``core`` for the shared cores, the
 mechanism's file for DSA's and CSA's selection paths and MiniMax's index loss) with
@@ -55,7 +61,9 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "csa": SPARSE_IMPLS,
     "msa_index_loss": SPARSE_IMPLS,
     "gated_delta": LINEAR_IMPLS,
+    "sparse_transformer": SPARSE_IMPLS,
     "sinkhorn": SINKHORN_IMPLS,
+    "spark": ("auto", "reference", "xla"),
 }
 # op -> the impl ``auto`` ends on, on every backend (the one that supports every call)
 _LAST = {"gated_delta": "chunk"}
@@ -63,7 +71,7 @@ _LAST = {"gated_delta": "chunk"}
 # op kind -> backend -> the order in which ``auto`` tries impls
 _DENSE_ORDER = {"gpu": ("cudnn", "xla")}
 _SPARSE_ORDER = {"gpu": ("pallas",), "tpu": ("pallas",)}
-_NO_KERNEL = {"sinkhorn"}  # ops without a Pallas kernel: ``auto`` is their last impl everywhere
+_NO_KERNEL = {"sinkhorn", "spark"}  # ops without a Pallas kernel: ``auto`` is their last impl everywhere
 
 Supports = Callable[..., "str | None"]
 # (op, impl) -> backend (None: any backend) -> (function, supports)

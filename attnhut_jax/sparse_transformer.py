@@ -25,8 +25,8 @@ i only when i is a summary position; the interleaved odd heads of ``FixedSparseA
 ``A(2)_i`` plus i). Packed sequences (``segment_ids``, id 0 = padding): every maximal run of one
 non-zero id is one sequence; positions, blocks and residues restart at its first token.
 
-Where it runs (``impl``, the registry's ``block_sparse`` op): the default path runs disjoint
-passes of the block-sparse op and merges them exactly by their log-sum-exps
+Where it runs (``impl``, the registry's ``sparse_transformer`` op): the default path runs disjoint
+passes of the block-sparse op (under the same impl name) and merges them exactly by their log-sum-exps
 (``core.merge_softmax_passes``), building no (T, T) array. A single pass cannot be sparse for the
 strided set: a tile of consecutive queries holds every residue class, so the union of their
 "every l-th key" blocks is the whole sequence. So the strided pattern runs a window pass in the
@@ -321,19 +321,37 @@ def sparse_transformer_attention(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, *,
     with the pattern; the others run the disjoint block-sparse passes and merge them. Jitted
     (the sizes static), so that an eager call compiles its passes once.
     """
-    b, t, n, h = q_BTNH.shape
-    scale = h ** -0.5 if scale is None else scale
-    if impl == "reference":
-        pattern = _pattern(kind, t, l, num_summary, causal, combine, n, segment_ids_BT)
-        return core.dot_product_attention(q_BTNH, k_BTNH, v_BTNV, keep=pattern, scale=scale,
-                                          precision=precision)
+    scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
+    return registry.call(owner, "sparse_transformer", impl, q_BTNH, k_BTNH, v_BTNV, kind=kind,
+                         l=l, num_summary=num_summary, causal=causal, combine=combine,
+                         segment_ids_BT=segment_ids_BT, scale=scale, precision=precision,
+                         name=owner)
+
+
+@registry.register("sparse_transformer", "reference")
+def _masked_dense(q_BTNH, k_BTNH, v_BTNV, *, kind, l, num_summary, causal, combine,
+                  segment_ids_BT, scale, precision, name):
+    """The dense (T, T) logits masked with the pattern: the selection tests' and benchmarks'
+    reference."""
+    del name
+    pattern = _pattern(kind, q_BTNH.shape[1], l, num_summary, causal, combine, q_BTNH.shape[2],
+                       segment_ids_BT)
+    return core.dot_product_attention(q_BTNH, k_BTNH, v_BTNV, keep=pattern, scale=scale,
+                                      precision=precision)
+
+
+def _passes(q_BTNH, k_BTNH, v_BTNV, *, kind, l, num_summary, causal, combine, segment_ids_BT,
+            scale, precision, name, block_impl: str):
+    """The disjoint block-sparse passes (under the block-sparse op's ``block_impl``), merged by
+    log-sum-exp; interleaved heads as two head subsets."""
+    t, n = q_BTNH.shape[1:3]
     packed = segment_ids_BT is not None
     pos_BT, run_BT = run_positions(segment_ids_BT, t)
     if packed:  # padding and its keys zeroed: nothing there reaches an output or gradient
         ok = (run_BT != 0)[:, :, None, None]
         q_BTNH, k_BTNH, v_BTNV = (jnp.where(ok, a, jnp.zeros((), a.dtype))
                                   for a in (q_BTNH, k_BTNH, v_BTNV))
-    op = _Op(impl, scale, precision, owner)
+    op = _Op(block_impl, scale, precision, name)
     sets = _strided_sets if kind == "strided" else _fixed_sets
     kw = dict(causal=causal, pos_BT=pos_BT, run_BT=run_BT, packed=packed)
     kw.update(stride=l) if kind == "strided" else kw.update(block=l, num_summary=num_summary)
@@ -344,6 +362,12 @@ def sparse_transformer_attention(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, *,
     odd = sets(op, q_BTNH[:, :, 1::2], k_BTNH[:, :, 1::2], v_BTNV[:, :, 1::2], which="a2", **kw)
     order = np.argsort(np.concatenate([np.arange(0, n, 2), np.arange(1, n, 2)]), kind="stable")
     return jnp.concatenate([even, odd], axis=2)[:, :, order]
+
+
+# ``xla`` / ``pallas``: the passes on the block-sparse op's impl of that name (whose ``pallas``
+# is the Mosaic kernel on TPU and the Triton-style one elsewhere).
+registry.register("sparse_transformer", "xla")(functools.partial(_passes, block_impl="xla"))
+registry.register("sparse_transformer", "pallas")(functools.partial(_passes, block_impl="pallas"))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -451,7 +475,7 @@ class _SparseTransformer:
         core.check_divisible(owner, ("dim", self.dim), ("num_heads", self.num_heads))
         if self.combine not in COMBINES:
             raise ValueError(f"{owner}: combine={self.combine!r} is not one of {COMBINES}")
-        registry.check(owner, "block_sparse", self.impl)
+        registry.check(owner, "sparse_transformer", self.impl)
         cache.check_causal(owner, self.decode, self.causal)
         kw = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision)

@@ -58,6 +58,9 @@ MECHANISMS: dict[str, tuple[type, dict]] = {
     "heavily_compressed": (ah.HeavilyCompressedAttention, dict(compression_rate=16, window=128)),
     "compressed_sparse": (ah.CompressedSparseAttention, dict(compression_rate=4, top_k=128,
                                                              window=128)),
+    # Child et al.'s image/text settings: stride 128, blocks of 128 with c = 8 summary cells
+    "strided_sparse": (ah.StridedSparseAttention, dict(stride=128)),
+    "fixed_sparse": (ah.FixedSparseAttention, dict(block_size=128, num_summary=8)),
 }
 ACCOUNTING = ("cache_bytes", "decode_reads", "decode_scored")
 

@@ -7,13 +7,15 @@ Each mechanism is trained for ``--steps`` on the recall task of ``train_lm.py`` 
 and batches), then reads one held-out sequence. For the last layer, a cell (query t, key s) is
 
 * 1 (dark) where the query attends the raw token s,
-* 0.5 (mid) where it reads s only through a compressed entry (HCA, CSA) or only through the
-  dense correction of its anchor row (Delta),
+* 0.5 (mid) where it reads s only through a compressed entry (HCA, CSA), only through the
+  dense correction of its anchor row (Delta), or only through the soft-sorted block, a
+  Sinkhorn-weighted mixture of earlier blocks (Sinkhorn),
 * 0 where s is out of its view.
 
 The selectors of MiniMax (blocks, kv group 0 shown), DeepSeek (tokens) and CSA (entries) come
 from the layer's own selection (``return_aux``); BigBird's blocks, Delta's window and HCA's
-entries are fixed by position. Red ticks mark the query keys of the recall task; the title
+entries, Child et al.'s strided and fixed sets (merged over the heads) and Sinkhorn's local
+block are fixed by position. Red ticks mark the query keys of the recall task; the title
 gives "recall view": the fraction of those queries whose matching key or value token the
 layer can read, raw or compressed.
 """

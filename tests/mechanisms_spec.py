@@ -235,6 +235,17 @@ MECHANISMS: list[Mechanism] = [
         bad_config=({"num_kv_groups": 3}, r"num_heads=4 must be divisible by num_kv_groups=3"),
         bf16_why=_BF16_DENSE + "; the index branch ranks blocks in float32 (selector_dtype); "
                  "with bf16 block scores, 1 row in 22 picked another block on some inputs")),
+    *_variants(lambda c: Mechanism(
+        f"spark{'' if c else '_bidir'}", ah.SparkAttention,
+        {"dim": D, "num_heads": 4, "top_k": 4, "predictor_dim": 3, "causal": c, "block_k": 4},
+        causal=c, full=False,
+        # rows 0-3 see at most top_k keys when causal (all read); bidirectional rows select
+        # about 4 of 11 keys by a threshold: row 0 reads a later key for these inputs
+        future_rows=1, call=frozenset({"segment_ids", "positions", "lengths"}),
+        impls=("auto", "reference", "xla"), cpu_impls=("auto", "reference", "xla"),
+        bad_config=({"predictor_dim": 8}, r"predictor_dim=8 must be < head_dim=8"),
+        bf16_why=_BF16_DENSE + "; the selection thresholds float32 predictor scores of bf16 "
+                 "q and k, so a score within bf16 rounding of the threshold may flip")),
     Mechanism(
         "hca", ah.HeavilyCompressedAttention,
         {"dim": D, "num_heads": 4, "compression_rate": 3, "window": 4}, causal=True,
@@ -333,7 +344,7 @@ MECHANISMS += [
 ]
 BY_ID = {m.id: m for m in MECHANISMS}
 assert len(BY_ID) == len(MECHANISMS)
-assert len({m.cls for m in MECHANISMS}) == 19  # every mechanism of the package is declared
+assert len({m.cls for m in MECHANISMS}) == 20  # every mechanism of the package is declared
 
 
 def rngs(seed: int = 1) -> dict[str, jax.Array]:

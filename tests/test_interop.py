@@ -48,6 +48,8 @@ MECHANISMS = {
     "gated_deltanet": (lambda **kw: ah.GatedDeltaNet(D, 2, 4, 8, 4, **kw), (2, 12, D)),
     "kimi_delta": (lambda **kw: ah.KimiDeltaAttention(D, 2, 8, **kw), (2, 12, D)),
     "linear": (lambda **kw: ah.LinearAttention(D, 4, **kw), (2, 12, D)),
+    "spark": (lambda **kw: ah.SparkAttention(D, 4, top_k=4, predictor_dim=3, block_k=8, **kw),
+              (2, 12, D)),
     # the exported sub-modules
     "lightning_indexer": (lambda **kw: ah.LightningIndexer(D, 2, 8, **kw), (2, 12, D)),
     "grouped_output": (lambda **kw: ah.GroupedOutputProjection(4, 8, 2, D, **kw), (2, 12, 4, 8)),

@@ -173,6 +173,10 @@ KV_BYTES = [
     (ah.HeavilyCompressedAttention(64, 4, compression_rate=16, kv_dim=24), 24 / 16 * 2),
     (ah.CompressedSparseAttention(64, 4, compression_rate=4, index_dim=16), (16 + 16) / 4 * 2),
     (ah.CompressedSparseAttention(64, 4, compression_rate=8, kv_dim=32), (32 + 64) / 8 * 2),
+    (ah.SparkAttention(64, 4, top_k=8, predictor_dim=4), 2 * 64 * 2),  # K and V of every head
+    # Child et al.'s sets reach back to the first token: K and V of every head and position
+    (ah.StridedSparseAttention(64, 4, stride=8), 2 * 64 * 2),
+    (ah.FixedSparseAttention(64, 4, block_size=8, num_summary=2), 2 * 64 * 2),
     # a recurrent state of a fixed size: nothing per token (cache_bytes counts the state)
     (ah.KimiDeltaAttention(64, 4, 16), 0.0),
     (ah.LinearAttention(64, 4), 0.0),

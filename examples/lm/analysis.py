@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import attnhut_jax as ah
+
 from .config import WITH_AUX_LOSS, Config
 from .data import Batch, Data
 from .model import LM, make_attention
@@ -24,7 +26,7 @@ Array = jax.Array
 PyTree = Any
 
 PATTERNED = ("bigbird", "minimax_sparse", "deepseek_sparse", "compressed_sparse",
-             "heavily_compressed", "delta")
+             "heavily_compressed", "delta", "strided_sparse", "fixed_sparse", "sinkhorn")
 
 
 def key_read_map(cfg: Config, selection: np.ndarray | None, t: int) -> np.ndarray:
@@ -45,6 +47,15 @@ def key_read_map(cfg: Config, selection: np.ndarray | None, t: int) -> np.ndarra
         anchor = (qpos // module.stride) * module.stride
         out[causal & (kpos <= anchor)] = 0.5  # through dense(anchor) - sparse(anchor)
         out[window | ((kpos < module.sink) & causal)] = 1.0
+    elif cfg.attn in ("strided_sparse", "fixed_sparse"):  # merged sets: every head reads these
+        pattern = ah.strided_pattern if cfg.attn == "strided_sparse" else ah.fixed_pattern
+        out[np.asarray(pattern(t, cfg.block_size))[0, 0]] = 1.0
+    elif cfg.attn == "sinkhorn":
+        # the local block raw; every earlier block only through the soft-sorted block (a
+        # Sinkhorn-weighted mixture of the earlier blocks' keys and values)
+        blk = np.arange(t) // cfg.block_size
+        out[causal & (blk[None, :] < blk[:, None])] = 0.5
+        out[causal & (blk[None, :] == blk[:, None])] = 1.0
     elif cfg.attn == "minimax_sparse":
         out[selection[0] & causal] = 1.0  # kv group 0
     elif cfg.attn == "deepseek_sparse":

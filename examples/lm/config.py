@@ -10,16 +10,20 @@ from attnhut_jax import registry
 
 MECHANISMS = ("standard", "gqa", "mqa", "mla", "differential", "delta", "bigbird",
               "minimax_sparse", "deepseek_sparse", "heavily_compressed", "compressed_sparse",
-              "gated_deltanet", "kimi_delta", "linear")
+              "gated_deltanet", "kimi_delta", "linear", "strided_sparse", "fixed_sparse",
+              "sinkhorn")
 WITH_AUX_LOSS = ("minimax_sparse", "deepseek_sparse", "compressed_sparse")
 # The mechanisms with a sparse core that ``impl`` picks (auto | reference | xla | pallas); the
 # dense ones keep their own impl default (their impls are another set).
 WITH_SPARSE_CORE = ("bigbird", "delta", "minimax_sparse", "deepseek_sparse", "heavily_compressed",
-                    "compressed_sparse")
+                    "compressed_sparse", "strided_sparse", "fixed_sparse")
 # The linear-attention family: a recurrent state in place of a KV cache, the gated delta rule's
 # ``impl`` (auto | chunk | recurrent | pallas), packed rows through ``segment_ids`` alone (no
 # positions: nothing to rotate; the state resets at each document start, at any offset).
 WITH_LINEAR_CORE = ("gated_deltanet", "kimi_delta", "linear")
+# Mechanisms that take no ``positions``: the linear family, and those that derive each token's
+# position in its document from ``segment_ids`` (a new id starts a document at position 0).
+NO_POSITIONS = WITH_LINEAR_CORE + ("strided_sparse", "fixed_sparse", "sinkhorn")
 # ``--index-loss``: ``auto`` is attnhut's definition of each selector's loss (MiniMax: over the
 # selected blocks; DeepSeek and CSA: against the dense main attention), computed inside the module
 # in memory linear in T; ``sparse`` / ``dense`` pick the support explicitly (MiniMax has no dense
@@ -50,7 +54,7 @@ class Config:
     token_shift: bool = True   # mix each position's attention input with its predecessor's
     dtype: str = "float32"     # compute dtype; parameters stay float32
     # mechanism knobs (sparse / windowed / compressed mechanisms)
-    block_size: int = 16       # bigbird, minimax_sparse
+    block_size: int = 16       # bigbird, minimax_sparse, sinkhorn, fixed_sparse; stride of strided_sparse
     top_k: int | None = None   # minimax_sparse: blocks, deepseek_sparse: tokens, compressed_sparse: entries
     window: int = 32           # delta, heavily_compressed, compressed_sparse
     compression_rate: int = 4  # heavily_compressed, compressed_sparse
@@ -162,7 +166,8 @@ class Config:
         """Packed documents start at multiples of this: the mechanism's block size, compression
         rate or anchor stride, where a packed row then equals its documents run alone."""
         return {"minimax_sparse": self.block_size, "heavily_compressed": self.compression_rate,
-                "compressed_sparse": self.compression_rate, "delta": DELTA_STRIDE}.get(self.attn, 1)
+                "compressed_sparse": self.compression_rate, "delta": DELTA_STRIDE,
+                "sinkhorn": self.block_size}.get(self.attn, 1)
 
     @property
     def min_doc_len(self) -> int:

@@ -33,7 +33,14 @@ import jax.numpy as jnp
 import attnhut_jax as ah
 from attnhut_jax import cache, core, registry
 
-from .config import DEFAULT_INDEX_LOSS, WITH_AUX_LOSS, WITH_LINEAR_CORE, WITH_SPARSE_CORE, Config
+from .config import (
+    DEFAULT_INDEX_LOSS,
+    NO_POSITIONS,
+    WITH_AUX_LOSS,
+    WITH_LINEAR_CORE,
+    WITH_SPARSE_CORE,
+    Config,
+)
 
 Array = jax.Array
 
@@ -71,6 +78,14 @@ def make_attention(cfg: Config, layer: int, name: str = "attn", decode: bool = F
             head_v_dim=hd)),
         "kimi_delta": (ah.KimiDeltaAttention, (), dict(hidden_size=d, num_heads=n, head_dim=hd)),
         "linear": (ah.LinearAttention, (d, n), dict(causal=True)),
+        # Child et al.'s patterns (the stride / block is ``block_size``) and Tay et al.'s causal
+        # Sinkhorn (its sorting network is sized for ``seq_len``).
+        "strided_sparse": (ah.StridedSparseAttention, (d, n),
+                           dict(stride=cfg.block_size, causal=True)),
+        "fixed_sparse": (ah.FixedSparseAttention, (d, n),
+                         dict(block_size=cfg.block_size, causal=True)),
+        "sinkhorn": (ah.SinkhornAttention, (d, n),
+                     dict(block_size=cfg.block_size, causal=True, max_len=cfg.seq_len)),
     }[a]
     if cfg.impl != "auto" and ((a in WITH_SPARSE_CORE and cfg.impl in registry.SPARSE_IMPLS) or
                                (a in WITH_LINEAR_CORE and cfg.impl in registry.LINEAR_IMPLS)):
@@ -93,7 +108,7 @@ def attention_with_aux(attn: nn.Module, kind: str, h: Array, with_aux: bool, *,
     """
     packing = {} if segment_ids is None and positions is None else dict(
         segment_ids=segment_ids, positions=positions)
-    if kind in WITH_LINEAR_CORE:  # no positions to read: the state resets at segment starts
+    if kind in NO_POSITIONS:  # positions come from the segment starts (see config.NO_POSITIONS)
         packing.pop("positions", None)
     zero = jnp.zeros((), jnp.float32)
     if kind not in WITH_AUX_LOSS or not (with_aux or record_selection):
