@@ -423,12 +423,19 @@ class SinkhornAttention(nn.Module):
         reads in its softmax: its block up to p (``p mod block_size + 1``) and the
         ``block_size`` rows of its sorted block (cached, from block 1 on). Not counted: forming
         the sorted block, once per block at its first token, reads the ``i x block_size``
-        earlier keys and values with the Sinkhorn weights (i = the block's index; ``i`` rows per
-        query of the block on average), see ``docs/mechanisms.md``."""
+        earlier keys and values with the Sinkhorn weights, ``i`` rows per query of block i on
+        average (``decode_mixed``)."""
         if n <= 0:
             return 0
         p, bs = int(n) - 1, self.block_size
         return p % bs + 1 + (bs if p >= bs else 0)
+
+    def decode_mixed(self, n: int) -> int:
+        """Cached keys and values the sorted-block mixture reads per decode query at cache length
+        ``n`` (position p = n - 1, block i = p // block_size), amortised over the block: the
+        block's first query reads the ``i x block_size`` earlier rows once (with the Sinkhorn
+        weights), ``i`` per query of the block. Not in ``decode_reads``."""
+        return max(int(n) - 1, 0) // self.block_size
 
     def decode_scored(self, n: int) -> int:
         """Index keys a selector scores per decode query: none (the sorting row of a block is

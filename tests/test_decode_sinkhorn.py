@@ -66,6 +66,8 @@ def test_accounting():
     # position p reads p mod 3 + 1 keys of its block and, from block 1 on, 3 sorted slots
     assert [m.decode_reads(n) for n in (0, 1, 3, 4, 6, 7, 1000)] == [0, 1, 3, 4, 6, 4, 4]
     assert m.decode_scored(1000) == 0
+    # the mixture: block i's first query reads its i x 3 earlier rows once, i per query
+    assert [m.decode_mixed(n) for n in (0, 1, 3, 4, 6, 7, 1000)] == [0, 0, 0, 1, 1, 2, 333]
     assert m.kv_cache_bytes_per_token() == 2 * D * 2
 
 
