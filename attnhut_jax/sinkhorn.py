@@ -376,7 +376,7 @@ class SinkhornAttention(nn.Module):
     registry's ``sinkhorn`` op: ``auto`` = ``xla``, the block path; ``reference``: the masked
     dense (T, 2T) computation of the same pattern, for benchmarks), ``dtype`` / ``param_dtype``
     / ``precision``, ``decode`` (causal only: incremental decoding through
-    ``attnhut_jax.cache``, see ``_decode``). Parameters: ``qkv``, ``sort`` (the sorting
+    ``attnhut_jax.cache``, see ``docs/mechanisms.md``). Parameters: ``qkv``, ``sort`` (the sorting
     network), ``proj``.
     """
 
