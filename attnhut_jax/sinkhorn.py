@@ -257,6 +257,16 @@ def local_sorted_attention(q_BNQTH: Array, k_BNQSH: Array, v_BNQSH: Array, ks_BN
             + jnp.einsum("BNQTS,BNQSH->BNQTH", probs[..., bs:], vs_BNQSH, precision=precision))
 
 
+def _common(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, rid_BT: Array, scale: float | None):
+    """(scale, real-token mask (B, T), keys and values with padding zeroed): what the block path
+    and the dense reference both start from."""
+    scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
+    valid_BT = rid_BT != 0
+    zero = jnp.zeros((), k_BTNH.dtype)
+    return (scale, valid_BT, jnp.where(valid_BT[..., None, None], k_BTNH, zero),
+            jnp.where(valid_BT[..., None, None], v_BTNH, zero))
+
+
 @registry.register("sinkhorn", "xla")
 def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_BNQJ: Array,
                              rid_BT: Array, rid_BJ: Array, start_BJ: Array, *, block_size: int,
@@ -275,11 +285,7 @@ def sinkhorn_block_attention(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
     """
     b, tp, n, h = q_BTNH.shape
     nb, bs = tp // block_size, block_size
-    scale = h ** -0.5 if scale is None else scale
-    valid_BT = rid_BT != 0
-    zero = jnp.zeros((), k_BTNH.dtype)
-    k_BTNH = jnp.where(valid_BT[..., None, None], k_BTNH, zero)
-    v_BTNH = jnp.where(valid_BT[..., None, None], v_BTNH, zero)
+    scale, valid_BT, k_BTNH, v_BTNH = _common(q_BTNH, k_BTNH, v_BTNH, rid_BT, scale)
     q_BNQTH = q_BTNH.reshape(b, nb, bs, n, h).transpose(0, 3, 1, 2, 4)
     k_BNJSH = k_BTNH.reshape(b, nb, bs, n, h).transpose(0, 3, 1, 2, 4)
     v_BNJSH = v_BTNH.reshape(b, nb, bs, n, h).transpose(0, 3, 1, 2, 4)
@@ -328,11 +334,7 @@ def sinkhorn_dense_reference(q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, sort_B
     reads. Equal to it up to rounding."""
     b, tp, n, h = q_BTNH.shape
     nb, bs = tp // block_size, block_size
-    scale = h ** -0.5 if scale is None else scale
-    valid_BT = rid_BT != 0
-    zero = jnp.zeros((), k_BTNH.dtype)
-    k_BTNH = jnp.where(valid_BT[..., None, None], k_BTNH, zero)
-    v_BTNH = jnp.where(valid_BT[..., None, None], v_BTNH, zero)
+    scale, valid_BT, k_BTNH, v_BTNH = _common(q_BTNH, k_BTNH, v_BTNH, rid_BT, scale)
     p = sort_BNQJ.astype(k_BTNH.dtype)
     kb = k_BTNH.reshape(b, nb, bs, n, h)
     vb = v_BTNH.reshape(b, nb, bs, n, h)

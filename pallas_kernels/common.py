@@ -286,6 +286,31 @@ def group_sum(d: Array, kg: int, dtype) -> Array:
 # ----------------------------------------------------------------------------- reference
 
 
+def _masked_softmax_terms(q_BTNH: Array, k_BSKH: Array, keep: Array, scale: float,
+                          sink: Array | None, precision: jax.lax.PrecisionLike):
+    """The float32 pieces of a masked dense softmax with an optional denominator-only sink:
+    (exp(s - m) on the kept logits (B, K, G, T, S), its row shift m and denominator den
+    (B, K, G, T, 1), sink included). ``m`` carries no gradient (any shift gives the same
+    softmax)."""
+    b, t, n, h = q_BTNH.shape
+    kg = k_BSKH.shape[2]
+    g = n // kg
+    q_BTKGH = q_BTNH.reshape(b, t, kg, g, h).astype(F32)
+    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(F32),
+                         precision=precision) * scale
+    s_BKGTS = jnp.where(keep, s_BKGTS, FILL)
+    m = jnp.max(s_BKGTS, axis=-1, keepdims=True)
+    sink_KG = None if sink is None else sink.reshape(1, kg, g, 1, 1).astype(F32)
+    if sink_KG is not None:
+        m = jnp.maximum(m, sink_KG)
+    m = jax.lax.stop_gradient(m)
+    e_BKGTS = jnp.where(keep, jnp.exp(s_BKGTS - m), 0.0)
+    den = e_BKGTS.sum(axis=-1, keepdims=True)
+    if sink_KG is not None:
+        den = den + jnp.exp(sink_KG - m)
+    return e_BKGTS, m, den
+
+
 def masked_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, keep: Array, *,
                                scale: float, sink: Array | None = None,
                                precision: jax.lax.PrecisionLike = None,
@@ -295,28 +320,21 @@ def masked_attention_reference(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, keep
     optional per-head ``sink`` logit joins the denominator; float32 statistics. Returns
     (B, T, N, V), and with ``return_lse`` also the row logsumexp (B, T, N) float32
     (``masked_logsumexp``)."""
-    b, t, n, h = q_BTNH.shape
-    kg = k_BSKH.shape[2]
-    g = n // kg
-    q_BTKGH = q_BTNH.reshape(b, t, kg, g, h).astype(F32)
-    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(F32),
-                         precision=precision) * scale
-    s_BKGTS = jnp.where(keep, s_BKGTS, FILL)
-    m = jnp.max(s_BKGTS, axis=-1, keepdims=True)
-    if sink is not None:
-        m = jnp.maximum(m, sink.reshape(1, kg, g, 1, 1).astype(F32))
-    m = jax.lax.stop_gradient(m)
-    e_BKGTS = jnp.where(keep, jnp.exp(s_BKGTS - m), 0.0)
-    den = e_BKGTS.sum(axis=-1, keepdims=True)
-    if sink is not None:
-        den = den + jnp.exp(sink.reshape(1, kg, g, 1, 1).astype(F32) - m)
+    b, t, n, _ = q_BTNH.shape
+    e_BKGTS, m, den = _masked_softmax_terms(q_BTNH, k_BSKH, keep, scale, sink, precision)
     p_BKGTS = e_BKGTS / jnp.where(den == 0, 1.0, den)
     out = jnp.einsum("BKGTS,BSKV->BTKGV", p_BKGTS, v_BSKV.astype(F32), precision=precision)
     out = out.reshape(b, t, n, v_BSKV.shape[-1]).astype(q_BTNH.dtype)
     if not return_lse:
         return out
-    return out, masked_logsumexp(q_BTNH, k_BSKH, keep, scale=scale, sink=sink,
-                                 precision=precision)
+    return out, _lse_by_token(m, den, b, t, n)
+
+
+def _lse_by_token(m: Array, den: Array, b: int, t: int, n: int) -> Array:
+    """(B, K, G, T, 1) shift and denominator -> the row logsumexp (B, T, N), ``-inf`` where the
+    denominator is 0 (with a finite zero gradient there)."""
+    lse = jnp.where(den > 0, m + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)[..., 0]
+    return lse.transpose(0, 3, 1, 2).reshape(b, t, n)
 
 
 def masked_logsumexp(q_BTNH: Array, k_BSKH: Array, keep: Array, *, scale: float,
@@ -325,24 +343,9 @@ def masked_logsumexp(q_BTNH: Array, k_BSKH: Array, keep: Array, *, scale: float,
     ``keep`` (broadcastable to (B, K, G, T, S)) lets each row read, ``-inf`` for a row that
     reads nothing and has no sink. Differentiable (d lse / d logit = the probability) with
     finite zero gradients on empty rows: the dense reference of the ops' ``return_lse``."""
-    b, t, n, h = q_BTNH.shape
-    kg = k_BSKH.shape[2]
-    g = n // kg
-    q_BTKGH = q_BTNH.reshape(b, t, kg, g, h).astype(F32)
-    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(F32),
-                         precision=precision) * scale
-    keep = jnp.broadcast_to(keep, s_BKGTS.shape)
-    s_BKGTS = jnp.where(keep, s_BKGTS, FILL)
-    m = jnp.max(s_BKGTS, axis=-1)
-    sink_KG1 = None if sink is None else sink.reshape(1, kg, g, 1).astype(F32)
-    if sink_KG1 is not None:
-        m = jnp.maximum(m, sink_KG1)
-    m = jax.lax.stop_gradient(m)
-    den = jnp.where(keep, jnp.exp(s_BKGTS - m[..., None]), 0.0).sum(axis=-1)
-    if sink_KG1 is not None:
-        den = den + jnp.exp(sink_KG1 - m)
-    lse_BKGT = jnp.where(den > 0, m + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
-    return lse_BKGT.transpose(0, 3, 1, 2).reshape(b, t, n)
+    b, t, n, _ = q_BTNH.shape
+    _, m, den = _masked_softmax_terms(q_BTNH, k_BSKH, keep, scale, sink, precision)
+    return _lse_by_token(m, den, b, t, n)
 
 
 # ----------------------------------------------------------------------------- tables

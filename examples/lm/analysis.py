@@ -26,7 +26,7 @@ Array = jax.Array
 PyTree = Any
 
 PATTERNED = ("bigbird", "minimax_sparse", "deepseek_sparse", "compressed_sparse",
-             "heavily_compressed", "delta", "strided_sparse", "fixed_sparse", "sinkhorn")
+             "heavily_compressed", "delta", "strided_sparse", "fixed_sparse", "sinkhorn", "spark")
 
 
 def key_read_map(cfg: Config, selection: np.ndarray | None, t: int) -> np.ndarray:
@@ -58,7 +58,7 @@ def key_read_map(cfg: Config, selection: np.ndarray | None, t: int) -> np.ndarra
         out[causal & (blk[None, :] == blk[:, None])] = 1.0
     elif cfg.attn == "minimax_sparse":
         out[selection[0] & causal] = 1.0  # kv group 0
-    elif cfg.attn == "deepseek_sparse":
+    elif cfg.attn in ("deepseek_sparse", "spark"):  # spark: head 0
         out[selection & causal] = 1.0
     elif cfg.attn in ("heavily_compressed", "compressed_sparse"):
         r = cfg.compression_rate
@@ -96,7 +96,7 @@ def _selection_fn(model: LM):
 def last_layer_selection(result: dict, tokens_BT: Array) -> np.ndarray | None:
     """The last layer's selection for ``tokens`` (None when the mechanism has no selector)."""
     cfg, trainer = result["cfg"], result["trainer"]
-    if cfg.attn not in WITH_AUX_LOSS:
+    if cfg.attn not in WITH_AUX_LOSS + ("spark",):
         return None
     _, state = _selection_fn(trainer.model)(result["state"]["params"], tokens_BT)
     sel = state["intermediates"][f"block_{cfg.depth - 1}"]["selection"][0]

@@ -11,7 +11,7 @@ from attnhut_jax import registry
 MECHANISMS = ("standard", "gqa", "mqa", "mla", "differential", "delta", "bigbird",
               "minimax_sparse", "deepseek_sparse", "heavily_compressed", "compressed_sparse",
               "gated_deltanet", "kimi_delta", "linear", "strided_sparse", "fixed_sparse",
-              "sinkhorn")
+              "sinkhorn", "spark")
 WITH_AUX_LOSS = ("minimax_sparse", "deepseek_sparse", "compressed_sparse")
 # The mechanisms with a sparse core that ``impl`` picks (auto | reference | xla | pallas); the
 # dense ones keep their own impl default (their impls are another set).
@@ -55,10 +55,10 @@ class Config:
     dtype: str = "float32"     # compute dtype; parameters stay float32
     # mechanism knobs (sparse / windowed / compressed mechanisms)
     block_size: int = 16       # bigbird, minimax_sparse, sinkhorn, fixed_sparse; stride of strided_sparse
-    top_k: int | None = None   # minimax_sparse: blocks, deepseek_sparse: tokens, compressed_sparse: entries
+    top_k: int | None = None   # minimax_sparse: blocks, deepseek_sparse, spark: tokens, csa: entries
     window: int = 32           # delta, heavily_compressed, compressed_sparse
     compression_rate: int = 4  # heavily_compressed, compressed_sparse
-    index_dim: int = 16        # width of the index / lightning-indexer heads
+    index_dim: int = 16        # width of the index / lightning-indexer heads; spark's predictor slice
     impl: str = "auto"         # sparse core of WITH_SPARSE_CORE: auto|reference|xla|pallas;
                                # gated delta rule of WITH_LINEAR_CORE: auto|chunk|recurrent|pallas
                                # (each mechanism takes the impl if it is one of its own)
@@ -152,6 +152,7 @@ class Config:
         t = self.seq_len
         return {"minimax_sparse": max(1, min(16, t // self.block_size // 4)),
                 "deepseek_sparse": max(1, min(256, t // 4)),
+                "spark": max(1, min(256, t // 4)),
                 "compressed_sparse": max(1, min(64, t // self.compression_rate // 4))
                 }.get(self.attn, 0)
 

@@ -86,6 +86,10 @@ def make_attention(cfg: Config, layer: int, name: str = "attn", decode: bool = F
                          dict(block_size=cfg.block_size, causal=True)),
         "sinkhorn": (ah.SinkhornAttention, (d, n),
                      dict(block_size=cfg.block_size, causal=True, max_len=cfg.seq_len)),
+        # Spark: the statistical top-k of a predictor slice of each head (``index_dim`` wide, at
+        # most half the head: the rest forms the softplus factor)
+        "spark": (ah.SparkAttention, (d, n),
+                  dict(top_k=k, predictor_dim=max(1, min(cfg.index_dim, hd // 2)), causal=True)),
     }[a]
     if cfg.impl != "auto" and ((a in WITH_SPARSE_CORE and cfg.impl in registry.SPARSE_IMPLS) or
                                (a in WITH_LINEAR_CORE and cfg.impl in registry.LINEAR_IMPLS)):
@@ -111,6 +115,9 @@ def attention_with_aux(attn: nn.Module, kind: str, h: Array, with_aux: bool, *,
     if kind in NO_POSITIONS:  # positions come from the segment starts (see config.NO_POSITIONS)
         packing.pop("positions", None)
     zero = jnp.zeros((), jnp.float32)
+    if kind == "spark" and record_selection:  # its selection is (B, N, T, T): head 0 kept
+        return attn(h, **packing), zero, attn.selection(
+            h, segment_ids=packing.get("segment_ids"))[:, 0]
     if kind not in WITH_AUX_LOSS or not (with_aux or record_selection):
         return attn(h, **packing), zero, None
     if not record_selection:
