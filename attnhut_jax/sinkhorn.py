@@ -421,23 +421,16 @@ class SinkhornAttention(nn.Module):
                 + cache.index_bytes(b))
 
     def decode_reads(self, n: int) -> int:
-        """Cached keys and values one decode query at cache length ``n`` (position p = n - 1)
-        reads in its softmax: its block up to p (``p mod block_size + 1``) and the
-        ``block_size`` rows of its sorted block (cached, from block 1 on). Not counted: forming
-        the sorted block, once per block at its first token, reads the ``i x block_size``
-        earlier keys and values with the Sinkhorn weights, ``i`` rows per query of block i on
-        average (``decode_mixed``)."""
+        """Cached keys and values one decode query at cache length ``n`` (position p = n - 1,
+        block i = p // block_size) reads: its block up to p (``p mod block_size + 1``), the
+        ``block_size`` rows of its sorted block (cached, from block 1 on), and the mixture that
+        formed that sorted block amortised over the block: the block's first token reads the
+        ``i x block_size`` earlier keys and values once, with the Sinkhorn weights, ``i`` rows
+        per query (as Delta counts its anchor rows' dense reads)."""
         if n <= 0:
             return 0
         p, bs = int(n) - 1, self.block_size
-        return p % bs + 1 + (bs if p >= bs else 0)
-
-    def decode_mixed(self, n: int) -> int:
-        """Cached keys and values the sorted-block mixture reads per decode query at cache length
-        ``n`` (position p = n - 1, block i = p // block_size), amortised over the block: the
-        block's first query reads the ``i x block_size`` earlier rows once (with the Sinkhorn
-        weights), ``i`` per query of the block. Not in ``decode_reads``."""
-        return max(int(n) - 1, 0) // self.block_size
+        return p % bs + 1 + (bs if p >= bs else 0) + p // bs
 
     def decode_scored(self, n: int) -> int:
         """Index keys a selector scores per decode query: none (the sorting row of a block is

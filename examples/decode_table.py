@@ -61,6 +61,8 @@ MECHANISMS: dict[str, tuple[type, dict]] = {
     # Child et al.'s image/text settings: stride 128, blocks of 128 with c = 8 summary cells
     "strided_sparse": (ah.StridedSparseAttention, dict(stride=128)),
     "fixed_sparse": (ah.FixedSparseAttention, dict(block_size=128, num_summary=8)),
+    # Sparse Sinkhorn (causal), blocks of 128 (its sorting network sized for 1M tokens)
+    "sinkhorn": (ah.SinkhornAttention, dict(block_size=128, causal=True, max_len=1 << 20)),
     # Spark Transformer's attention: at most about 256 keys per query, a 32-wide predictor slice
     "spark": (ah.SparkAttention, dict(top_k=256, predictor_dim=32)),
 }

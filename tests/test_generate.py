@@ -17,7 +17,7 @@ from tests import decode_harness as h
 # Every causal mechanism of the training example.
 MECHS = ("standard", "mqa", "gqa", "mla", "differential", "delta", "deepseek_sparse",
          "minimax_sparse", "heavily_compressed", "compressed_sparse", "gated_deltanet",
-         "kimi_delta", "linear", "strided_sparse", "fixed_sparse", "spark")
+         "kimi_delta", "linear", "strided_sparse", "fixed_sparse", "sinkhorn", "spark")
 
 PROMPTS = [[3, 17, 9, 30, 1], [8, 2, 25, 25, 14, 6, 31, 0, 19, 4, 12]]   # lengths 5 and 11
 MAX_NEW = 10  # positions up to 20: cross blocks / entries of 4, windows of 8 and Delta's stride 16
