@@ -69,8 +69,10 @@ OWNER = "SparkAttention"
 BLOCK_K = 512  # keys per tile of the streamed (xla) path
 GATHER_ROWS = 8  # decode chunks of at most this many tokens gather their selection
 # the streamed path gathers the selection when the keys outnumber the slots this many times
-# (XLA:CPU, T = 2048, top_k = 64: the masked path 3x faster; T = 16384: the gathered 1.3x)
-GATHER_RATIO = 32
+# (XLA:CPU, T = 2048, top_k = 64: the masked path 3x faster; T = 16384, top_k = 64: the gathered
+# 1.3x; T = 16384, top_k = 256 (512 slots): the masked 1.5 s, the gathered 15.4 s, its per-slot
+# searches dominate)
+GATHER_RATIO = 256
 
 
 # ----------------------------------------------------------------------------- threshold
