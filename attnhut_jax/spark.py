@@ -97,9 +97,8 @@ def _valid(q_pos_BT: Array, k_pos_S: Array, s_len: int, causal: bool, q_seg_BT: 
         ok = ok & (k_pos_S[None, None, :] <= q_pos_BT[:, :, None])
     else:
         ok = jnp.broadcast_to(ok, (q_pos_BT.shape[0], q_pos_BT.shape[1], k_pos_S.shape[0]))
-    if q_seg_BT is not None:
-        ok = ok & (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_seg_BS != 0)[:, None, :]
-    return ok[:, None]
+    ok = ok[:, None]
+    return ok if q_seg_BT is None else ok & core.segment_keep(q_seg_BT, k_seg_BS)
 
 
 def _split(q_BTNH: Array, k_BSNH: Array, v_BSNH: Array, r: int, scale: float,
