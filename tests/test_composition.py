@@ -50,7 +50,9 @@ def test_scanned_rematerialised_layers_equal_the_unrolled_stack(name):
     x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
     args = _call_args(name, x)
     stack = _stack(name, remat=True)
-    v = stack.init(jax.random.key(0), x, *args)
+    # initialised under jit: one compiled program instead of every init op dispatched (and
+    # compiled) one by one
+    v = jax.jit(stack.init)(jax.random.key(0), x, *args)
     params = nn.unbox(v)["params"]
     assert all(a.shape[0] == LAYERS for a in jax.tree.leaves(params))
     # the layer axis is unnamed (replicated); the mechanism's own logical axes follow it
@@ -58,7 +60,7 @@ def test_scanned_rematerialised_layers_equal_the_unrolled_stack(name):
     assert box.names[0] is None and len(box.names) == box.value.ndim
     layer = _layer(factory)()
     # remat changes no variable: a plain layer takes each slice of the stacked parameters
-    one = nn.unbox(layer.init(jax.random.key(0), x, *args))["params"]
+    one = nn.unbox(jax.eval_shape(layer.init, jax.random.key(0), x, *args))["params"]
     assert jax.tree.structure(one) == jax.tree.structure(params)
 
     def unrolled(params, x):
@@ -68,14 +70,18 @@ def test_scanned_rematerialised_layers_equal_the_unrolled_stack(name):
             ys.append(y)
         return h, jnp.stack(ys)
 
-    def run(f):  # the outputs and the gradient of a loss of them, one compiled program
+    def run(f, p, x):  # the outputs and the gradient of a loss of them
         def loss(p, x):
             out = f(p, x)
             return sum(jnp.sum(jnp.square(a)) for a in out), out
-        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(p, x)
 
-    g_scan, out_scan = run(lambda p, x: stack.apply({"params": p}, x, *args))
-    g_unrolled, out_unrolled = run(unrolled)
+    @jax.jit  # both stacks in one compiled program
+    def both(p, x):
+        return (run(lambda p, x: stack.apply({"params": p}, x, *args), p, x),
+                run(unrolled, p, x))
+
+    (g_scan, out_scan), (g_unrolled, out_unrolled) = both(params, x)
     for a, b in zip(out_scan, out_unrolled, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4,

@@ -38,7 +38,8 @@ def spread_params(cfg: Config):
     that repeat one token): the embeddings drawn at unit scale, every other matrix at
     1 / sqrt(fan-in) (numpy draws: nothing to compile), vectors (norms, biases, mixes) as
     initialised."""
-    params = LM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    # initialised under jit: one compiled program, not every init op dispatched one by one
+    params = jax.jit(LM(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     rng = np.random.default_rng(2)
 
     def redraw(path, p):

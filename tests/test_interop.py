@@ -75,8 +75,9 @@ def test_float64_forward_and_grad(name):
     factory, shape = MECHANISMS[name]
     x32 = jax.random.normal(jax.random.key(1), shape, jnp.float32)
     mod32 = factory()
-    v32 = mod32.init(jax.random.key(0), x32, *_call_args(name, x32))
-    y32 = _output(name, mod32.apply(v32, x32, *_call_args(name, x32)))
+    # float32 init and output under jit: one compiled program each, not every op dispatched
+    v32 = jax.jit(mod32.init)(jax.random.key(0), x32, *_call_args(name, x32))
+    y32 = jax.jit(lambda v, x: _output(name, mod32.apply(v, x, *_call_args(name, x))))(v32, x32)
     with jax.enable_x64(True):
         mod = factory(param_dtype=jnp.float64)
         x = x32.astype(jnp.float64)
