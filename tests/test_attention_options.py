@@ -135,7 +135,7 @@ def gqa_reference(m, p, x, positions=None):
 
 
 def _init(m, x, seed=0):
-    params = nn.unbox(m.init(jax.random.key(seed), x))["params"]
+    params = nn.unbox(jax.jit(m.init)(jax.random.key(seed), x))["params"]
     # non-trivial norm weights and sink logits (their inits are ones / zeros)
     leaves = {}
     rng = np.random.default_rng(seed)
@@ -405,7 +405,7 @@ def mla_reference(m, p, x):
 def test_mla_deepseek_layout_matches_the_reference(case):
     m = _mla(**MLA_CASES[case])
     x = _x()
-    p = nn.unbox(m.init(jax.random.key(0), x))["params"]
+    p = nn.unbox(jax.jit(m.init)(jax.random.key(0), x))["params"]
     assert ("q" in p) == (m.q_lora_rank is None) and ("q_down" in p) != ("q" in p)
     close(m.apply({"params": p}, x), mla_reference(m, p, x), 1e-5, case)
     g = jax.grad(lambda p: m.apply({"params": p}, x).sum())(p)
@@ -427,7 +427,7 @@ def _mla_maker(case, absorb):
 
 def test_mla_default_rank_is_attnhuts():
     m = _mla()
-    p = nn.unbox(m.init(jax.random.key(0), _x()))["params"]
+    p = nn.unbox(jax.jit(m.init)(jax.random.key(0), _x()))["params"]
     assert p["q_down"]["kernel"].shape == (D, D // 2)
 
 
@@ -487,7 +487,7 @@ def v32_reference(m, p, x, keep=None):
 def test_mla_indexer_matches_the_reference(impl):
     m = _mla(index_impl=impl, **V32)
     x = _x()
-    p = nn.unbox(m.init(jax.random.key(0), x))["params"]
+    p = nn.unbox(jax.jit(m.init)(jax.random.key(0), x))["params"]
     want, keep = v32_reference(m, p, x)
     assert 0 < keep.sum(-1).min() and keep.sum(-1).max() == m.index_top_k
     close(jax.jit(lambda p: m.apply({"params": p}, x))(p), want, 1e-5, impl)
@@ -501,7 +501,7 @@ def test_mla_indexer_matches_the_reference(impl):
 def test_mla_indexer_index_loss_trains_the_indexer_only():
     m = _mla(index_impl="xla", **V32)
     x = _x()
-    p = nn.unbox(m.init(jax.random.key(0), x))["params"]
+    p = nn.unbox(jax.jit(m.init)(jax.random.key(0), x))["params"]
     for kind in ("sparse", "dense"):
         g = jax.grad(lambda p, kind=kind: m.apply({"params": p}, x, index_loss=kind)[1])(p)
         assert any(float(jnp.abs(a).max()) > 0 for a in jax.tree_util.tree_leaves(g["indexer"]))

@@ -25,7 +25,7 @@ def _x(shape=(2, HIST, S, D), dtype=jnp.float32, seed=0):
 
 
 def _init(m, x=None):
-    return m.init({"params": jax.random.key(1), "mask": jax.random.key(2)}, _x() if x is None else x)
+    return jax.jit(m.init)({"params": jax.random.key(1), "mask": jax.random.key(2)}, _x() if x is None else x)
 
 
 def test_permuting_objects_permutes_the_prediction():
@@ -256,9 +256,9 @@ def test_bad_mask_slots():
 def test_more_masked_slots_than_objects_hides_every_object_as_attnhut():
     m = ah.CausalJEPAAttention(D, 2, S, HIST, num_masked_slots=S + 2, depth=1)
     x = jax.random.normal(jax.random.key(0), (1, HIST, S, D))
-    v = m.init({"params": jax.random.key(1), "mask": jax.random.key(2)}, x)
+    v = jax.jit(m.init)({"params": jax.random.key(1), "mask": jax.random.key(2)}, x)
     _, ms = m.apply(v, x, rngs={"mask": jax.random.key(3)})
     assert sorted(np.asarray(ms).tolist()) == list(range(S))
     m1 = ah.CausalJEPAAttention(D, 2, 1, HIST, depth=1)  # default num_masked_slots=2, one object
-    v1 = m1.init({"params": jax.random.key(1), "mask": jax.random.key(2)}, x[:, :, :1])
+    v1 = jax.jit(m1.init)({"params": jax.random.key(1), "mask": jax.random.key(2)}, x[:, :, :1])
     assert m1.apply(v1, x[:, :, :1], rngs={"mask": jax.random.key(3)})[1].shape == (1,)

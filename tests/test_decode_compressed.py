@@ -128,7 +128,7 @@ def test_csa_attends_only_the_gathered_entries():
 def test_decode_refuses_prefill_arguments(name):
     x = _x(3)
     m = COMPRESSED[name](True)
-    variables = m.init(jax.random.key(0), x)
+    variables = jax.jit(m.init)(jax.random.key(0), x)
     bad = [{"segment_ids": jnp.ones((2, 3), int)}, {"positions": jnp.zeros((2, 3), int)}]
     if name == "csa":
         bad += [{"return_aux": True}, {"index_loss": "dense"}]

@@ -131,7 +131,7 @@ def test_decode_refuses_prefill_arguments():
     make = delta()
     x = _x(3)
     m = make(True)
-    variables = m.init(jax.random.key(0), x)
+    variables = jax.jit(m.init)(jax.random.key(0), x)
     for kw in ({"segment_ids": jnp.ones((2, 3), int)}, {"positions": jnp.zeros((2, 3), int)}):
         with pytest.raises(ValueError, match="cannot be used with decode=True"):
             m.apply(variables, x, mutable=["cache"], **kw)

@@ -93,7 +93,7 @@ def test_decode_refuses_non_causal_and_prefill_arguments(name):
     with pytest.raises(ValueError, match="decode=True needs causal=True"):
         DENSE[name](True).clone(causal=False).init(jax.random.key(0), x)
     m = DENSE[name](True)
-    variables = m.init(jax.random.key(0), x)
+    variables = jax.jit(m.init)(jax.random.key(0), x)
     takes = inspect.signature(type(m).__call__).parameters
     for kw in ({"attn_mask": jnp.ones((3, 3), bool)}, {"segment_ids": jnp.ones((2, 3), int)},
                {"positions": jnp.zeros((2, 3), int)}):
@@ -159,7 +159,7 @@ def test_mla_absorbed_equals_expanded_equals_prefill():
 
 def test_mla_cache_holds_only_the_latent_and_the_rope_key():
     m = _mla(True, **ODD)
-    variables = m.init(jax.random.key(0), jnp.zeros((2, 9, D)))
+    variables = jax.jit(m.init)(jax.random.key(0), jnp.zeros((2, 9, D)))
     shapes = {k: tuple(v.shape) for k, v in variables["cache"].items()}
     assert shapes == {"index": (2,), "latent": (2, 9, 10), "rope_key": (2, 9, 2)}
     assert m.cache_bytes(2, 9, jnp.float32) == (2 * 9 * (10 + 2)) * 4 + 2 * 4

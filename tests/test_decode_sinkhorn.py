@@ -106,7 +106,7 @@ def test_scanned_layers():
 def test_decode_refusals():
     x = _x(t=3)
     m = sinkhorn(True)
-    variables = m.init(jax.random.key(0), x)
+    variables = jax.jit(m.init)(jax.random.key(0), x)
     for kw in ({"return_aux": True}, {"segment_ids": jnp.ones((2, 3), int)}):
         with pytest.raises(ValueError, match="cannot be used with decode=True"):
             m.apply(variables, x, mutable=["cache"], **kw)
@@ -146,7 +146,7 @@ def test_a_step_spans_the_cache_only_at_a_block_start():
 
     x = _x(t=4, seed=5)
     m = sinkhorn(True)
-    variables = m.init(jax.random.key(0), jnp.zeros((2, MAX_LEN, D)))
+    variables = jax.jit(m.init)(jax.random.key(0), jnp.zeros((2, MAX_LEN, D)))
     jaxpr = jax.make_jaxpr(lambda v, a: m.apply(v, a, mutable=["cache"]))(variables, x[:, :1])
     outside, conds = _eqns_outside(jaxpr.jaxpr, "cond")
     assert len(conds) == 1

@@ -204,7 +204,7 @@ def test_decode_refuses_non_causal_and_prefill_arguments(name):
     with pytest.raises(ValueError, match="decode=True needs causal=True"):
         make(True, causal=False).init(jax.random.key(0), x)
     m = make(True)
-    variables = m.init(jax.random.key(0), x)
+    variables = jax.jit(m.init)(jax.random.key(0), x)
     for kw in ({"return_aux": True}, {"index_loss": "sparse"},
                {"segment_ids": jnp.ones((2, 3), int)}, {"positions": jnp.zeros((2, 3), int)}):
         with pytest.raises(ValueError, match="cannot be used with decode=True"):

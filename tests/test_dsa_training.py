@@ -136,7 +136,7 @@ def test_detached_index_input_trains_only_the_indexer():
 def test_bad_index_loss_and_packing_arguments_raise():
     x = jnp.zeros((1, 6, D))
     m = _module("xla")
-    v = m.init(jax.random.key(0), x)
+    v = jax.jit(m.init)(jax.random.key(0), x)
     with pytest.raises(ValueError, match="index_loss='kl'"):
         m.apply(v, x, index_loss="kl")
     with pytest.raises(ValueError, match="positions must have shape"):

@@ -211,7 +211,7 @@ def _paper_linear_attention(m, p, x, causal):
 def test_linear_attention_is_the_papers_equations(causal):
     m = _linear(causal=causal, bias=True, eps=1e-3)
     x = _x(10, seed=9)
-    p = nn.unbox(m.init(jax.random.key(3), x))["params"]
+    p = nn.unbox(jax.jit(m.init)(jax.random.key(3), x))["params"]
     with jax.default_matmul_precision("highest"):
         _close(m.apply({"params": p}, x), _paper_linear_attention(m, p, x, causal),
                what=f"causal={causal}")

@@ -45,7 +45,7 @@ def _x(shape=(2, 7, 32), dtype=jnp.float32, seed=0):
 def _init(mech: Mech, x, **kw):
     m = mech.make(**kw)
     rngs = {"params": jax.random.key(1), "slots": jax.random.key(2)}
-    return m, m.init(rngs, x)
+    return m, jax.jit(m.init)(rngs, x)
 
 
 def _apply(m, v, x, **kw):

@@ -63,7 +63,7 @@ def test_dsa_dense_weights_are_the_main_attention_without_top_k(impl, causal):
     attn = ah.DeepSeekSparseAttention(D, N, top_k=3, num_index_heads=2, index_head_dim=8,
                                       causal=causal, impl=impl)
     x = _x()
-    params = nn.meta.unbox(attn.init(jax.random.key(1), x)["params"])
+    params = nn.meta.unbox(jax.jit(attn.init)(jax.random.key(1), x)["params"])
     out, aux = jax.jit(lambda p, x: attn.apply({"params": p}, x, return_aux=True))(params, x)
     _same_output(attn, params, x, out)
 
@@ -98,7 +98,7 @@ def test_csa_dense_weights_are_the_main_branch_over_every_visible_entry(impl):
     attn = ah.CompressedSparseAttention(D, N, compression_rate=r, top_k=1, num_index_heads=2,
                                         index_dim=8, window=4, impl=impl)
     x = _x(2)
-    params = nn.meta.unbox(attn.init(jax.random.key(3), x)["params"])
+    params = nn.meta.unbox(jax.jit(attn.init)(jax.random.key(3), x)["params"])
     # a non-zero sink per head, so that leaving it out of the denominator would show
     params["sink"] = jnp.linspace(-1.0, 1.5, N, dtype=jnp.float32)
     out, aux = jax.jit(lambda p, x: attn.apply({"params": p}, x, return_aux=True))(params, x)
@@ -144,7 +144,7 @@ def test_dense_weights_follow_the_module_dtype_rules():
     attn = ah.DeepSeekSparseAttention(D, N, top_k=3, num_index_heads=2, index_head_dim=8,
                                       dtype=jnp.bfloat16)
     x = _x().astype(jnp.bfloat16)
-    params = attn.init(jax.random.key(1), x)
+    params = jax.jit(attn.init)(jax.random.key(1), x)
     _, aux = attn.apply(params, x, return_aux=True)
     w = np.asarray(aux["dense_weights"])
     assert w.dtype == np.float32 and np.all(np.isfinite(w))

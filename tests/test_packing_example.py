@@ -63,7 +63,7 @@ def test_packed_row_equals_its_documents_alone(attn):
     b = _packed(cfg, seed=1, rows=1)
     model = lm.LM(cfg)
     tokens = jnp.asarray(b["tokens"])
-    params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
     packed, _ = jax.jit(lambda p: model.apply({"params": p}, tokens,
                                               segment_ids=jnp.asarray(b["segment_ids"]),
                                               positions=jnp.asarray(b["positions"])))(params)

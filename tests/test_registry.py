@@ -123,7 +123,7 @@ def test_no_module_body_branches_on_an_impl_name():
 def test_auto_equals_xla_on_cpu(name):
     assert jax.default_backend() == "cpu"
     mod = DENSE[name]()
-    v = mod.init(jax.random.key(0), X)
+    v = jax.jit(mod.init)(jax.random.key(0), X)
     np.testing.assert_array_equal(np.asarray(mod.apply(v, X)),
                                   np.asarray(DENSE[name](impl="xla").apply(v, X)))
 
@@ -227,7 +227,7 @@ def test_precision_reaches_every_matmul(name, impl):
     kw = {} if impl is None else dict(impl=impl)
     mod = factory(precision="highest", **kw)
     args = _inputs(name)
-    v = mod.init(jax.random.key(0), *args)
+    v = jax.jit(mod.init)(jax.random.key(0), *args)
     jaxpr = jax.make_jaxpr(lambda v, *a: mod.apply(v, *a))(v, *args)
     dots = list(_dots(jaxpr.jaxpr))
     assert dots

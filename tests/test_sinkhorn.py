@@ -116,7 +116,7 @@ def _module(**kw):
 
 @functools.cache
 def _vars():
-    return _module().init(jax.random.key(0), jnp.zeros((2, 12, D)))
+    return jax.jit(_module().init)(jax.random.key(0), jnp.zeros((2, 12, D)))
 
 
 def test_gumbel_noise():

@@ -47,7 +47,7 @@ def _vg(impl, causal, slots=None):
 
 
 def _params(seed=0):
-    return _make().init(jax.random.key(seed), _x())["params"]
+    return jax.jit(_make().init)(jax.random.key(seed), _x())["params"]
 
 
 # ----------------------------------------------------------------------------- definition
@@ -158,7 +158,7 @@ def test_default_path_builds_no_t_by_t_array():
     t = 256
     x = _x(t=t, b=1)
     m = _make("auto", block_k=32)
-    v = m.init(jax.random.key(0), x)
+    v = jax.jit(m.init)(jax.random.key(0), x)
 
     def grad(mm):
         return jax.grad(lambda v_, x_: mm.apply(v_, x_).sum(), argnums=(0, 1))
@@ -202,7 +202,7 @@ def test_a_decode_step_reads_only_its_selection():
     arrays spanning the cache are the predictor scores and the selection (one row per query),
     and the gathered values are (slots)-wide."""
     m = _dec(True)
-    v = m.init(jax.random.key(0), jnp.zeros((1, 40, 16)))
+    v = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 40, 16)))
     x1 = jnp.ones((1, 1, 16))
     jaxpr = jax.make_jaxpr(lambda v_, x_: m.apply(v_, x_, mutable=["cache"]))(v, x1).jaxpr
     shapes = set(jaxpr_shapes(jaxpr))
@@ -211,7 +211,7 @@ def test_a_decode_step_reads_only_its_selection():
 
 def test_decode_bf16_caches_float32_predictor_keys():
     m = ah.SparkAttention(16, 2, top_k=3, predictor_dim=3, decode=True, dtype=jnp.bfloat16)
-    v = m.init(jax.random.key(0), jnp.zeros((1, 9, 16)))
+    v = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 9, 16)))
     assert v["cache"]["predictor_key"].dtype == jnp.float32
     assert v["cache"]["predictor_key"].shape == (1, 9, 2, 3)
     assert m.cache_bytes(1, 9, jnp.bfloat16) == 2 * 9 * 16 * 2 + 4 + 9 * 2 * 3 * 4
@@ -237,9 +237,9 @@ def test_auto_is_the_streamed_path_on_every_backend_and_precision_reaches_every_
     highest = (jax.lax.Precision.HIGHEST,) * 2
     m = _make(precision="highest", bias=True)
     x = _x(t=9)
-    v = m.init(jax.random.key(0), x)
+    v = jax.jit(m.init)(jax.random.key(0), x)
     dec = ah.SparkAttention(D, 4, top_k=4, predictor_dim=3, precision="highest", decode=True)
-    cache = dec.init(jax.random.key(0), jnp.zeros((2, 12, D)))
+    cache = jax.jit(dec.init)(jax.random.key(0), jnp.zeros((2, 12, D)))
     fns = [
         (lambda v_, x_: jax.grad(lambda a: m.apply(a, x_).sum())(v_), (v, x)),
         (lambda v_, x_: m.clone(impl="reference").apply(v_, x_), (v, x)),

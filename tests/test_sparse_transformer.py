@@ -287,6 +287,6 @@ def test_bad_values_are_named():
     with pytest.raises(ValueError, match=r"combine='sum' is not one of"):
         ah.strided_pattern(5, 2, combine="sum")
     m = strided(True)
-    v = m.init(jax.random.key(0), x)
+    v = jax.jit(m.init)(jax.random.key(0), x)
     with pytest.raises(ValueError, match="cannot be used with decode=True"):
         m.apply(v, x, mutable=["cache"], segment_ids=jnp.ones((2, 5), int))

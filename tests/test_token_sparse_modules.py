@@ -193,7 +193,7 @@ def test_eager_and_jit_select_the_same_keys(name):
         else:
             m, key = MODULES[name]("auto", dtype=dtype), "selected"
         x = jax.random.normal(jax.random.key(4), (2, 37, D))
-        v = m.init(jax.random.key(1), x)
+        v = jax.jit(m.init)(jax.random.key(1), x)
         eager = m.apply(v, x, return_aux=True)[1][key]
         jitted = jax.jit(lambda v, x, m=m, key=key: m.apply(v, x, return_aux=True)[1][key])(v, x)
         np.testing.assert_array_equal(np.asarray(eager), np.asarray(jitted), err_msg=str(dtype))
