@@ -163,15 +163,19 @@ def test_gqa_options_match_the_reference(case, kind):
     m = make_gqa(kind, **GQA_CASES[case])
     x = _x()
     p = _init(m, x)
-    got = jax.jit(lambda p, x: m.apply({"params": p}, x))(p, x)
-    close(got, gqa_reference(m, p, x), 1e-5, case)
-    cot = jax.random.normal(jax.random.key(7), got.shape)
+    cot = jax.random.normal(jax.random.key(7), x.shape)  # the output's shape
 
-    def loss(f):
-        return lambda p, x: jnp.sum(f(p, x) * cot)
+    @jax.jit  # the module and the reference, outputs and gradients: one compiled program
+    def both(p, x):
+        def out_and_grad(f):
+            y, pull = jax.vjp(f, p, x)
+            return y, pull(cot)
+        return (out_and_grad(lambda p, x: m.apply({"params": p}, x)),
+                out_and_grad(lambda p, x: gqa_reference(m, p, x)))
 
-    g_got = jax.jit(jax.grad(loss(lambda p, x: m.apply({"params": p}, x)), (0, 1)))(p, x)
-    g_want = jax.jit(jax.grad(loss(lambda p, x: gqa_reference(m, p, x)), (0, 1)))(p, x)
+    (got, g_got), (want, g_want) = both(p, x)
+    assert got.shape == cot.shape
+    close(got, want, 1e-5, case)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_got),
                             jax.tree_util.tree_leaves(g_want), strict=True):
         close(a, b, 1e-4, f"{case} grad {jax.tree_util.keystr(path)}")
@@ -187,18 +191,30 @@ def test_windows_across_key_blocks(case, window):
     t = 150
     x = jax.random.normal(jax.random.key(3), (1, t, D))
     p = _init(m, x)
-    run = jax.jit(lambda p, x: m.apply({"params": p}, x))
-    close(run(p, x), gqa_reference(m, p, x), 1e-5, case)
-    g = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(run(p, x)))))(x)
-    g_ref = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(gqa_reference(m, p, x)))))(x)
-    close(g, g_ref, 1e-4, case)
-    if m.num_sink_tokens:
-        return  # sink tokens + window + segments run dense (test above)
     seg = jnp.asarray([[1] * 100 + [2] * 50], jnp.int32)
     pos = jnp.asarray([list(range(100)) + list(range(50))], jnp.int32)
-    packed = m.apply({"params": p}, x, segment_ids=seg, positions=pos)
-    close(packed[:, :100], run(p, x[:, :100]), 1e-5, "segment 1")
-    close(packed[:, 100:], run(p, x[:, 100:]), 1e-5, "segment 2")
+
+    @jax.jit  # every output and gradient below from one compiled program
+    def run(p, x):
+        def out_and_grad(f):
+            y, pull = jax.vjp(f, x)
+            return y, pull(jnp.cos(y))[0]  # the gradient of sum(sin(out))
+        mod, ref = (out_and_grad(lambda x: m.apply({"params": p}, x)),
+                    out_and_grad(lambda x: gqa_reference(m, p, x)))
+        if m.num_sink_tokens:
+            return mod, ref, None  # sink tokens + window + segments run dense (test above)
+        packed = m.apply({"params": p}, x, segment_ids=seg, positions=pos)
+        return mod, ref, (packed, m.apply({"params": p}, x[:, :100]),
+                          m.apply({"params": p}, x[:, 100:]))
+
+    (out, g), (want, g_ref), packed = run(p, x)
+    close(out, want, 1e-5, case)
+    close(g, g_ref, 1e-4, case)
+    if packed is None:
+        return
+    packed, alone1, alone2 = packed
+    close(packed[:, :100], alone1, 1e-5, "segment 1")
+    close(packed[:, 100:], alone2, 1e-5, "segment 2")
 
 
 def test_positions_feed_rope():
@@ -206,10 +222,13 @@ def test_positions_feed_rope():
     x = _x()
     p = _init(m, x)
     pos = jnp.broadcast_to(jnp.arange(T) + 50, (B, T)).astype(jnp.int32)
-    got = m.apply({"params": p}, x, positions=pos)
-    close(got, gqa_reference(m, p, x, positions=jnp.arange(T, dtype=jnp.float32) + 50), 1e-5)
+    got, want, unshifted = jax.jit(lambda p, x: (  # one compiled program
+        m.apply({"params": p}, x, positions=pos),
+        gqa_reference(m, p, x, positions=jnp.arange(T, dtype=jnp.float32) + 50),
+        m.apply({"params": p}, x)))(p, x)
+    close(got, want, 1e-5)
     # RoPE scores depend on differences only: a shift changes nothing beyond rounding
-    close(got, m.apply({"params": p}, x), 1e-4)
+    close(got, unshifted, 1e-4)
 
 
 @pytest.mark.parametrize("case", ["window_sinks", "window_sink_tokens", "bidirectional_window"])
@@ -407,9 +426,15 @@ def test_mla_deepseek_layout_matches_the_reference(case):
     x = _x()
     p = nn.unbox(jax.jit(m.init)(jax.random.key(0), x))["params"]
     assert ("q" in p) == (m.q_lora_rank is None) and ("q_down" in p) != ("q" in p)
-    close(m.apply({"params": p}, x), mla_reference(m, p, x), 1e-5, case)
-    g = jax.grad(lambda p: m.apply({"params": p}, x).sum())(p)
-    g_ref = jax.grad(lambda p: mla_reference(m, p, x).sum())(p)
+    @jax.jit  # the module and the reference, outputs and gradients: one compiled program
+    def both(p):
+        return (jax.value_and_grad(lambda p: m.apply({"params": p}, x).sum())(p),
+                m.apply({"params": p}, x),
+                jax.value_and_grad(lambda p: mla_reference(m, p, x).sum())(p),
+                mla_reference(m, p, x))
+
+    (_, g), out, (_, g_ref), want = both(p)
+    close(out, want, 1e-5, case)
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref), strict=True):
         close(a, b, 1e-4, case)
 
@@ -490,9 +515,14 @@ def test_mla_indexer_matches_the_reference(impl):
     p = nn.unbox(jax.jit(m.init)(jax.random.key(0), x))["params"]
     want, keep = v32_reference(m, p, x)
     assert 0 < keep.sum(-1).min() and keep.sum(-1).max() == m.index_top_k
-    close(jax.jit(lambda p: m.apply({"params": p}, x))(p), want, 1e-5, impl)
-    g = jax.jit(jax.grad(lambda p, x: m.apply({"params": p}, x).sum(), (0, 1)))(p, x)
-    g_ref = jax.grad(lambda p, x: v32_reference(m, p, x, keep)[0].sum(), (0, 1))(p, x)
+    @jax.jit  # the module's output and gradients, the reference's gradients (for the
+    def run(p, x):  # reference's selection): one compiled program
+        return (m.apply({"params": p}, x),
+                jax.grad(lambda p, x: m.apply({"params": p}, x).sum(), (0, 1))(p, x),
+                jax.grad(lambda p, x: v32_reference(m, p, x, keep)[0].sum(), (0, 1))(p, x))
+
+    out, g, g_ref = run(p, x)
+    close(out, want, 1e-5, impl)
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref), strict=True):
         close(a, b, 1e-4, impl)
     assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree_util.tree_leaves(g[0]["indexer"]))
@@ -502,8 +532,11 @@ def test_mla_indexer_index_loss_trains_the_indexer_only():
     m = _mla(index_impl="xla", **V32)
     x = _x()
     p = nn.unbox(jax.jit(m.init)(jax.random.key(0), x))["params"]
+    grads = jax.jit(lambda p: {kind: jax.grad(  # both losses' gradients in one program
+        lambda p, kind=kind: m.apply({"params": p}, x, index_loss=kind)[1])(p)
+        for kind in ("sparse", "dense")})(p)
     for kind in ("sparse", "dense"):
-        g = jax.grad(lambda p, kind=kind: m.apply({"params": p}, x, index_loss=kind)[1])(p)
+        g = grads[kind]
         assert any(float(jnp.abs(a).max()) > 0 for a in jax.tree_util.tree_leaves(g["indexer"]))
         rest = {k: v for k, v in g.items() if k != "indexer"}
         assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree_util.tree_leaves(rest))
