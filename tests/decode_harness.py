@@ -173,7 +173,8 @@ def check_scanned_layers(make, x, chunks, layers: int):
                        split_rngs={"params": True}, length=layers)(decode)
 
     variables = jax.jit(stack(True).init)(jax.random.key(0), jnp.zeros(x.shape), None)
-    want, _ = stack(False).apply({"params": variables["params"]}, x, None)
+    want, _ = jax.jit(lambda p, x: stack(False).apply({"params": p}, x, None))(
+        variables["params"], x)
     step = jax.jit(lambda c, a: stack(True).apply({"params": variables["params"], "cache": c}, a,
                                                   None, mutable=["cache"]))
     cache, outs, at = variables["cache"], [], 0

@@ -154,17 +154,26 @@ def test_packed_row_equals_its_segments_run_alone(name, causal):
     p = _params(name)
     x = _x(11, seed=6)
     seg = jnp.array([[1, 1, 1, 1, 0, 2, 2, 0, 2, 0, 0], [0, 0, 5, 5, 5, 5, 5, 5, 5, 5, 5]])
-    run = jax.jit(lambda x_: m.apply({"params": p}, x_, segment_ids=seg))
+    runs = ((0, [0, 1, 2, 3]), (0, [5, 6, 8]), (1, list(range(2, 11))))
+
+    def packed(x_):
+        return m.apply({"params": p}, x_, segment_ids=seg)
+
+    @jax.jit  # each segment alone and the gradient: one compiled program
+    def alone_and_grad(x):
+        # gradients of the first segment's outputs: zero from every other token
+        grad = jax.grad(lambda x_: jnp.sum(packed(x_)[0, :4] ** 2))(x)
+        return [m.apply({"params": p}, x[row:row + 1, np.array(idx)]) for row, idx in runs], grad
+
+    run = jax.jit(packed)
     out = run(x)
-    for row, idx in ((0, [0, 1, 2, 3]), (0, [5, 6, 8]), (1, list(range(2, 11)))):
-        alone = m.apply({"params": p}, x[row:row + 1, np.array(idx)])
-        _close(out[row:row + 1, np.array(idx)], alone, what=f"row {row} segment {idx}")
+    alone, grad = alone_and_grad(x)
+    for (row, idx), a in zip(runs, alone, strict=True):
+        _close(out[row:row + 1, np.array(idx)], a, what=f"row {row} segment {idx}")
     pad = np.asarray(seg) == 0
     assert np.all(np.asarray(out)[pad] == 0)
     poisoned = x.at[0, 4].set(jnp.nan).at[1, 0].set(jnp.inf)
     np.testing.assert_array_equal(np.asarray(run(poisoned)), np.asarray(out))
-    # gradients of the first segment's outputs: zero from every other token
-    grad = jax.grad(lambda x_: jnp.sum(run(x_)[0, :4] ** 2))(x)
     assert np.all(np.asarray(grad[0, 4:]) == 0) and np.all(np.asarray(grad[1]) == 0)
     assert np.any(np.asarray(grad[0, :4]) != 0)
 

@@ -78,14 +78,19 @@ def test_rows_without_visible_key_give_zeros_and_finite_grads(name, dtype):
     x = _x(dtype=dtype)
     m, v = _init(mech, x)
     mask = jnp.ones((2, 1, 7, 7), bool).at[:, :, 2].set(False)
-    y = _apply(m, v, x, attn_mask=mask)
+
+    def loss(x_):
+        y = _apply(m, v, x_, attn_mask=mask)
+        return y.astype(jnp.float32).sum(), y
+
+    # output and input gradient from one compiled program
+    (_, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
     # an empty row yields zeros before the output projection: only proj's bias remains
     proj = nn.unbox(v)["params"]["proj"]
     expect = proj["bias"] if "bias" in proj else jnp.zeros(32)
     np.testing.assert_allclose(np.asarray(y[:, 2], np.float32),
                                np.broadcast_to(np.asarray(expect, np.float32), (2, 32)),
                                atol=1e-6)
-    g = jax.grad(lambda x_: _apply(m, v, x_, attn_mask=mask).astype(jnp.float32).sum())(x)
     assert np.all(np.isfinite(np.asarray(g, np.float32)))
 
 
@@ -95,13 +100,12 @@ def test_boolean_and_additive_masks_agree(name):
     x = _x()
     keep = jax.random.bernoulli(jax.random.key(9), 0.5, (2, 1, 7, 7)).at[:, :, :, 0].set(True)
     additive = jnp.where(keep, 0.0, -jnp.inf)
-    y_bool = _apply(m, v, x, attn_mask=keep)
-    y_add = _apply(m, v, x, attn_mask=additive)
+    per_head = jnp.broadcast_to(keep, (2, 4, 7, 7))
+    y_bool, y_add, y_head = jax.jit(lambda v, x: [  # one compiled program
+        _apply(m, v, x, attn_mask=mask) for mask in (keep, additive, per_head)])(v, x)
     np.testing.assert_allclose(np.asarray(y_bool), np.asarray(y_add), atol=1e-6)
     # a per-head (B, N, T, T) mask is accepted too
-    per_head = jnp.broadcast_to(keep, (2, 4, 7, 7))
-    np.testing.assert_allclose(np.asarray(_apply(m, v, x, attn_mask=per_head)),
-                               np.asarray(y_bool), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(y_head), np.asarray(y_bool), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", [k for k, m in MECHS.items() if m.dropout])
@@ -175,16 +179,18 @@ def test_initialisers_follow_torch():
 def test_slot_noise_from_rng_stream_and_permutation_invariance():
     m = ah.SlotAttention(16, 4)
     x = _x((2, 9, 16))
-    v = m.init({"params": jax.random.key(0), "slots": jax.random.key(1)}, x)
-    a = m.apply(v, x, rngs={"slots": jax.random.key(5)})
-    b = m.apply(v, x, rngs={"slots": jax.random.key(5)})
-    c = m.apply(v, x, rngs={"slots": jax.random.key(6)})
+    v = jax.jit(m.init)({"params": jax.random.key(0), "slots": jax.random.key(1)}, x)
+    # compiled once each (not op by op); the same key drawn in two calls
+    from_stream = jax.jit(lambda v, x, key: m.apply(v, x, rngs={"slots": key}))
+    a = from_stream(v, x, jax.random.key(5))
+    b = from_stream(v, x, jax.random.key(5))
+    c = from_stream(v, x, jax.random.key(6))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(a, c)
     noise = jax.random.normal(jax.random.key(7), (2, 4, 16))
-    y = m.apply(v, x, noise)
+    given = jax.jit(lambda v, x: m.apply(v, x, noise))
+    y = given(v, x)
     perm = jax.random.permutation(jax.random.key(8), 9)
-    np.testing.assert_allclose(np.asarray(m.apply(v, x[:, perm], noise)), np.asarray(y),
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(given(v, x[:, perm])), np.asarray(y), atol=1e-5)
     with pytest.raises(ValueError, match=r"noise must have shape .*\(2, 4, 16\).*\(2, 3, 16\)"):
         m.apply(v, x, jnp.zeros((2, 3, 16)))
