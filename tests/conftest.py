@@ -13,6 +13,23 @@ if (os.environ.get("ATTNHUT_XLA_DEFAULT_OPT") != "1"
         f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0") if f)
 
 
+# Programs compiled again in one run (every test file drops JAX's in-memory caches, below; the
+# two xdist workers and test_default_optimisation's process compile many of the same small
+# programs: eager ops, inits) load from an on-disk compilation cache that lives for this run
+# only: a fresh directory, made by the first process (pytest's, before xdist starts its workers,
+# which inherit it) and removed when that process exits. The cache key holds the XLA flags
+# (the optimisation level among them), so each level keeps its own programs. About 8% of the
+# CPU time of the behaviour, interop, mechanisms, registry and dense decode tests.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnhut-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import gc  # noqa: E402
 import sys  # noqa: E402
 
