@@ -928,6 +928,10 @@ def _block_sparse_reference(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k,
 registry.register("block_sparse", "pallas")(block_sparse.block_sparse_attention)
 registry.register("block_sparse", "pallas", backend="tpu")(block_sparse.block_sparse_attention_tpu)
 registry.register("block_sparse", "xla")(block_sparse.block_sparse_attention_xla)
+# ``mosaic_gpu``: the warp-specialised Hopper kernels (TMA pipeline, wgmma, full-block flags);
+# interpret mode off GPU. Its ``supports`` refuses dtypes, block sizes and shared-memory overflows.
+registry.register("block_sparse", "mosaic_gpu", supports=block_sparse.mosaic_gpu_unsupported)(
+    block_sparse.block_sparse_attention_mgpu)
 
 
 def block_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array, block_keep_BKTJ: Array,

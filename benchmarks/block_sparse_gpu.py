@@ -12,6 +12,7 @@ the speedup, and TFLOP/s: the kernel's counted on the blocks it visits (4 * bq *
 query-key block pair and head forward, 2.5x that for the backward), cuDNN's on the causal half.
 
     python benchmarks/block_sparse_gpu.py --lengths 8192 32768
+    python benchmarks/block_sparse_gpu.py --kernel mosaic_gpu   # the Hopper kernels (bq = 64)
     python benchmarks/block_sparse_gpu.py --dry-run   # tiny sizes, any backend, dense = XLA
 """
 
@@ -24,7 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from gpu_timing import dense_causal, median_ms, sparse_vs_dense
 
-from pallas_kernels.block_sparse import BlockSizes, block_sparse_attention, build_tables
+from pallas_kernels.block_sparse import (
+    BlockSizes,
+    block_sparse_attention,
+    block_sparse_attention_mgpu,
+    build_tables,
+)
+from pallas_kernels.block_sparse.mosaic_gpu import BLOCK_Q as MGPU_BLOCK_Q
 
 
 def selection(pattern: str, t: int, bk: int, frac: float, seed: int = 0) -> np.ndarray:
@@ -58,10 +65,11 @@ def main() -> None:
     ap.add_argument("--num-stages", type=int, default=BlockSizes().num_stages)
     ap.add_argument("--patterns", nargs="+", default=["local", "random"])
     ap.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"])
+    ap.add_argument("--kernel", choices=["triton", "mosaic_gpu"], default="triton")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes; dense attention via XLA")
     args = ap.parse_args()
     if args.dry_run:
-        args.lengths, args.heads, args.head_dim, args.block, args.reps = [256], 2, 32, 32, 1
+        args.lengths, args.heads, args.head_dim, args.block, args.reps = [256], 2, 32, 64, 1
     dense = dense_causal("xla" if args.dry_run else "cudnn")
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}, {dev.platform}: {getattr(dev, 'device_kind', '?')}; bf16, "
@@ -70,8 +78,10 @@ def main() -> None:
     print(f"{'pattern':<8} {'T':>6} {'pass':<8} {'kernel':>9} {'cudnn':>9} {'speedup':>8} "
           f"{'kernel TF/s':>12} {'cudnn TF/s':>11}")
     n, h, bk = args.heads, args.head_dim, args.block
-    bs = BlockSizes(args.block_q, args.num_warps, args.num_stages)
-    print(f"kernel {bs}")
+    mgpu = args.kernel == "mosaic_gpu"
+    bs = (BlockSizes(MGPU_BLOCK_Q) if mgpu
+          else BlockSizes(args.block_q, args.num_warps, args.num_stages))
+    print(f"kernel {args.kernel} {'' if mgpu else bs}")
     for t in args.lengths:
         ks = jax.random.split(jax.random.key(0), 3)
         q, k, v = (jax.random.normal(kk, (1, t, n, h), jnp.bfloat16) for kk in ks)
@@ -88,6 +98,8 @@ def main() -> None:
             dense_flops = 4 * t * t * h * n / 2
 
             def sparse(q, k, v, keep=keep):
+                if mgpu:
+                    return block_sparse_attention_mgpu(q, k, v, keep, block_k=bk, causal=True)
                 return block_sparse_attention(q, k, v, keep, block_k=bk, causal=True,
                                               block_sizes=bs)
 

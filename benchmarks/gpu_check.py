@@ -7,9 +7,11 @@ the largest absolute error. float32 inputs must land under 1e-4 (the kernels' fl
 IEEE), bfloat16 inputs under 2e-2. Every check runs whatever happens to the others, so one run
 shows every failure; the exit status is the number of failed checks.
 
-Sections: the block-sparse kernel, the token-sparse kernel, the fused indexer top-k (the
-selected sets equal ``lax.top_k``'s, ties broken by key index), and each sparse module with
-``impl="pallas"`` against ``impl="reference"``.
+Sections: the block-sparse kernel (``block``: Triton; ``mgpu``: the Mosaic GPU kernels, Hopper
+only, whose float32 products are TF32 whatever the precision, so their float32 bound is 2e-3),
+the token-sparse kernel, the fused indexer top-k (the selected sets equal ``lax.top_k``'s, ties
+broken by key index), and each sparse module with ``impl="pallas"`` against
+``impl="reference"``.
 
     python benchmarks/gpu_check.py            # on a GPU machine
     python benchmarks/gpu_check.py --quick    # fewer configurations
@@ -27,7 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse import BlockSizes as BlockSparseSizes
-from pallas_kernels.block_sparse import block_sparse_attention, block_sparse_attention_reference
+from pallas_kernels.block_sparse import (
+    block_sparse_attention,
+    block_sparse_attention_mgpu,
+    block_sparse_attention_reference,
+)
 from pallas_kernels.token_sparse import BlockSizes as TokenSparseSizes
 from pallas_kernels.token_sparse import (
     indexer_scores_reference,
@@ -38,6 +44,7 @@ from pallas_kernels.token_sparse import (
 )
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+TF32_TOL = 2e-3
 RESULTS: list[tuple[str, bool, str]] = []
 
 
@@ -71,7 +78,7 @@ def _grads(fn, args, g, argnums):
     return out, grads
 
 
-def _compare(kern, ref, args, g, argnums, dtype, names):
+def _compare(kern, ref, args, g, argnums, dtype, names, tol=None):
     # float32 dots follow JAX's default matmul precision, TF32 on NVIDIA GPUs; "highest" makes
     # them IEEE float32 in the kernels (Triton) and in the XLA reference alike
     with jax.default_matmul_precision("highest"):
@@ -80,7 +87,7 @@ def _compare(kern, ref, args, g, argnums, dtype, names):
                 else a for a in args)
     with jax.default_matmul_precision("highest"):
         r_out, r_grads = _grads(ref, f32, g, argnums)
-    tol = TOL[dtype]
+    tol = TOL[dtype] if tol is None else tol
     rows = [("out", *_rel(out, r_out), tol)]
     for n, a, r in zip(names[: len(argnums)], grads, r_grads, strict=True):
         rows.append((n, *_rel(a, r), 2 * tol))
@@ -88,7 +95,7 @@ def _compare(kern, ref, args, g, argnums, dtype, names):
 
 
 def block_sparse_case(b, t, s, n, kg, h, vw, bk, bq, causal, p, dtype, sink=False, valid=False,
-                      seed=0, **rules):
+                      seed=0, mgpu=False, **rules):
     ks = jax.random.split(jax.random.key(seed), 7)
     q = jax.random.normal(ks[0], (b, t, n, h), dtype)
     k = jax.random.normal(ks[1], (b, s, kg, h), dtype)
@@ -105,9 +112,11 @@ def block_sparse_case(b, t, s, n, kg, h, vw, bk, bq, causal, p, dtype, sink=Fals
         return f
 
     argnums = (0, 1, 2, 3) if sink else (0, 1, 2)
-    return _compare(make(block_sparse_attention, block_sizes=BlockSparseSizes(bq)),
-                    make(block_sparse_attention_reference), (q, k, v, sk), g, argnums, dtype,
-                    ("dq", "dk", "dv", "dsink"))
+    kern = (make(block_sparse_attention_mgpu) if mgpu
+            else make(block_sparse_attention, block_sizes=BlockSparseSizes(bq)))
+    tol = TF32_TOL if mgpu and dtype == jnp.float32 else None
+    return _compare(kern, make(block_sparse_attention_reference), (q, k, v, sk), g, argnums,
+                    dtype, ("dq", "dk", "dv", "dsink"), tol)
 
 
 def _selection(key, b, t, s, m, causal=True):
@@ -212,7 +221,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sections", nargs="+", default=["block", "token", "indexer", "modules"])
+    ap.add_argument("--sections", nargs="+",
+                    default=["block", "mgpu", "token", "indexer", "modules"])
     ap.add_argument("--modules", nargs="+", default=list(MODULES))
     args = ap.parse_args()
     dev = jax.devices()[0]
@@ -232,6 +242,20 @@ def main() -> int:
                 num_sink_keys=64))
             check("block bf16 causal T<S h128", lambda: block_sparse_case(
                 1, 200, 520, 4, 4, 128, 128, 64, 64, True, 0.5, bf16))
+    if "mgpu" in args.sections:  # bq is the kernel's own (64)
+        check("mgpu bf16 causal gqa h128 bk128 sink valid", lambda: block_sparse_case(
+            2, 1024, 1024, 8, 2, 128, 128, 128, 64, True, 0.2, bf16, sink=True, valid=True,
+            mgpu=True))
+        check("mgpu bf16 causal full selection h128 bk128", lambda: block_sparse_case(
+            1, 2048, 2048, 4, 4, 128, 128, 128, 64, True, 1.0, bf16, mgpu=True))
+        check("mgpu f32 bidirectional t!=tile h96 vw80", lambda: block_sparse_case(
+            1, 300, 333, 4, 2, 96, 80, 64, 64, False, 0.4, f32, sink=True, mgpu=True))
+        if not args.quick:
+            check("mgpu f32 window+sink keys h32", lambda: block_sparse_case(
+                1, 700, 700, 2, 1, 32, 32, 64, 64, True, 1.0, f32, window=100,
+                num_sink_keys=64, mgpu=True))
+            check("mgpu bf16 causal T<S h64 bk64", lambda: block_sparse_case(
+                1, 200, 520, 4, 4, 64, 64, 64, 64, True, 0.5, bf16, mgpu=True))
     if "token" in args.sections:
         check("token f32 causal mha h64 m64", lambda: token_sparse_case(
             1, 512, 512, 4, 4, 64, 64, f32))

@@ -13,6 +13,7 @@ quiet() { grep -v -E "slow_operation_alarm|Constant folding|This isn't|If you'd|
 "$PY" -c "import jax; d = jax.devices()[0]; print('jax', jax.__version__, d.device_kind)"
 if [[ $steps == *check* ]]; then
   timeout 200 "$PY" benchmarks/gpu_check.py --sections block token indexer > "$LOG/check.log" 2>&1
+  timeout 200 "$PY" benchmarks/gpu_check.py --sections mgpu >> "$LOG/check.log" 2>&1
   timeout 140 "$PY" benchmarks/gpu_check.py --sections modules >> "$LOG/check.log" 2>&1
   grep -E "^(PASS|FAIL)" "$LOG/check.log" | cut -c1-220
 fi
@@ -33,6 +34,8 @@ fi
 if [[ $steps == *bench* ]]; then
   timeout 150 "$PY" benchmarks/block_sparse_gpu.py --lengths 8192 32768 2>&1 | quiet \
     | tee "$LOG/block_bench.log"
+  timeout 150 "$PY" benchmarks/block_sparse_gpu.py --lengths 8192 32768 --kernel mosaic_gpu \
+    2>&1 | quiet | tee -a "$LOG/block_bench.log"
   timeout 200 "$PY" benchmarks/token_sparse_gpu.py --lengths 32768 2>&1 | quiet \
     | tee "$LOG/token_bench.log"
 fi
