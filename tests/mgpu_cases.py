@@ -116,8 +116,8 @@ def run(name: str) -> None:
 
 
 def run_registry() -> None:
-    """``core.block_sparse_attention(impl="mosaic_gpu")`` equals ``impl="xla"``: outputs and
-    gradients, GQA, causal with a window."""
+    """``core.block_sparse_attention(impl="mosaic_gpu")`` equals ``impl="xla"`` (outputs and
+    gradients, GQA, causal with a window), and so does ``BigBirdAttention(impl=...)``."""
     from attnhut_jax import core
 
     ks = jax.random.split(jax.random.key(7), 4)
@@ -138,6 +138,19 @@ def run_registry() -> None:
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
     for a, r in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=5e-5, rtol=5e-5)
+
+    # a module that routes its attention through the op takes the impl by name
+    from attnhut_jax import BigBirdAttention
+
+    x = jax.random.normal(ks[0], (1, 256, 64))
+    outs = {}
+    for impl in ("mosaic_gpu", "xla"):
+        mod = BigBirdAttention(64, 2, block_size=64, num_window_blocks=1, num_random_blocks=1,
+                               num_global_blocks=1, causal=True, impl=impl)
+        params = mod.init(jax.random.key(0), x)
+        outs[impl] = jax.jit(mod.apply)(params, x)
+    np.testing.assert_allclose(np.asarray(outs["mosaic_gpu"]), np.asarray(outs["xla"]),
+                               atol=2e-5, rtol=2e-5)
     print("registry: ok")
 
 
