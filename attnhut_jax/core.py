@@ -1024,6 +1024,9 @@ registry.register("token_sparse", "xla")(token_sparse.token_sparse_attention_xla
 
 registry.register("token_sparse", "pallas")(token_sparse.token_sparse_attention)
 registry.register("token_sparse", "pallas", backend="tpu")(token_sparse.token_sparse_attention_tpu)
+# ``mosaic_gpu``: the Hopper kernels over the same bitmask and tables (interpret mode off GPU)
+registry.register("token_sparse", "mosaic_gpu", supports=token_sparse.mosaic_gpu_unsupported)(
+    token_sparse.token_sparse_attention_mgpu)
 
 
 def token_sparse_attention(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | None,

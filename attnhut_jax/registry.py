@@ -54,10 +54,10 @@ SINKHORN_IMPLS: tuple[str, ...] = get_args(SinkhornImpl)
 # op -> the impls a module may name (``auto`` included)
 OPERATIONS: dict[str, tuple[str, ...]] = {
     "dense": DENSE_IMPLS,
-    # ``mosaic_gpu``: the Hopper kernels (``pallas_kernels/block_sparse/mosaic_gpu.py``), named
-    # explicitly until they are measured faster than the Triton kernels behind ``pallas``
+    # ``mosaic_gpu``: the Hopper kernels (``pallas_kernels/*/mosaic_gpu.py``), named explicitly
+    # until they are measured faster than the Triton kernels behind ``pallas``
     "block_sparse": SPARSE_IMPLS + ("mosaic_gpu",),
-    "token_sparse": SPARSE_IMPLS,
+    "token_sparse": SPARSE_IMPLS + ("mosaic_gpu",),
     "indexer_topk": SPARSE_IMPLS,
     "dsa": SPARSE_IMPLS,
     "csa": SPARSE_IMPLS,

@@ -7,8 +7,9 @@ the largest absolute error. float32 inputs must land under 1e-4 (the kernels' fl
 IEEE), bfloat16 inputs under 2e-2. Every check runs whatever happens to the others, so one run
 shows every failure; the exit status is the number of failed checks.
 
-Sections: the block-sparse kernel (``block``: Triton; ``mgpu``: the Mosaic GPU kernels, Hopper
-only, whose float32 products are TF32 whatever the precision, so their float32 bound is 2e-3),
+Sections: the block-sparse kernel (``block``: Triton; ``mgpu``: the Mosaic GPU block-sparse and
+token-sparse kernels, Hopper only, whose float32 products are TF32 whatever the precision, so
+their float32 bound is 2e-3),
 the token-sparse kernel, the fused indexer top-k (the selected sets equal ``lax.top_k``'s, ties
 broken by key index), and each sparse module with ``impl="pallas"`` against
 ``impl="reference"``.
@@ -40,6 +41,7 @@ from pallas_kernels.token_sparse import (
     indexer_topk_pallas,
     indexer_topk_reference,
     token_sparse_attention,
+    token_sparse_attention_mgpu,
     token_sparse_attention_reference,
 )
 
@@ -128,7 +130,7 @@ def _selection(key, b, t, s, m, causal=True):
 
 
 def token_sparse_case(b, t, s, n, kg, h, m, dtype, shared=False, window=None, bq=64, wpb=2,
-                      seed=0):
+                      seed=0, mgpu=False):
     ks = jax.random.split(jax.random.key(seed), 6)
     q = jax.random.normal(ks[0], (b, t, n, h), dtype)
     k = jax.random.normal(ks[1], (b, s, kg, h), dtype)
@@ -146,9 +148,11 @@ def token_sparse_case(b, t, s, n, kg, h, m, dtype, shared=False, window=None, bq
 
     args = (q, k, sk) if shared else (q, k, v, sk)
     names = ("dq", "dkv", "dsink") if shared else ("dq", "dk", "dv", "dsink")
-    return _compare(make(token_sparse_attention, block_sizes=TokenSparseSizes(bq, wpb)),
-                    make(token_sparse_attention_reference), args, g,
-                    tuple(range(len(args))), dtype, names)
+    kern = (make(token_sparse_attention_mgpu, words_per_block=wpb) if mgpu
+            else make(token_sparse_attention, block_sizes=TokenSparseSizes(bq, wpb)))
+    return _compare(kern, make(token_sparse_attention_reference), args, g,
+                    tuple(range(len(args))), dtype, names,
+                    TF32_TOL if mgpu and dtype == jnp.float32 else None)
 
 
 def indexer_case(b, t, s, ni, e, top_k, causal, seed=0, integer=False):
@@ -250,7 +254,13 @@ def main() -> int:
             1, 2048, 2048, 4, 4, 128, 128, 128, 64, True, 1.0, bf16, mgpu=True))
         check("mgpu f32 bidirectional t!=tile h96 vw80", lambda: block_sparse_case(
             1, 300, 333, 4, 2, 96, 80, 64, 64, False, 0.4, f32, sink=True, mgpu=True))
+        check("mgpu token bf16 gqa h128 m256", lambda: token_sparse_case(
+            2, 1024, 1024, 8, 2, 128, 256, bf16, mgpu=True))
+        check("mgpu token f32 shared kv window (CSA) h96", lambda: token_sparse_case(
+            1, 300, 380, 4, 1, 96, 16, f32, shared=True, window=64, mgpu=True))
         if not args.quick:
+            check("mgpu token bf16 shared kv h128 m32 wpb4", lambda: token_sparse_case(
+                1, 777, 900, 4, 1, 128, 32, bf16, shared=True, window=128, wpb=4, mgpu=True))
             check("mgpu f32 window+sink keys h32", lambda: block_sparse_case(
                 1, 700, 700, 2, 1, 32, 32, 64, 64, True, 1.0, f32, window=100,
                 num_sink_keys=64, mgpu=True))

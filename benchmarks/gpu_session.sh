@@ -38,4 +38,6 @@ if [[ $steps == *bench* ]]; then
     2>&1 | quiet | tee -a "$LOG/block_bench.log"
   timeout 200 "$PY" benchmarks/token_sparse_gpu.py --lengths 32768 2>&1 | quiet \
     | tee "$LOG/token_bench.log"
+  timeout 150 "$PY" benchmarks/token_sparse_gpu.py --lengths 32768 --kernel mosaic_gpu \
+    --no-indexer 2>&1 | quiet | tee -a "$LOG/token_bench.log"
 fi

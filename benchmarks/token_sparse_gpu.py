@@ -19,6 +19,7 @@ backward; cuDNN: the causal half). Then the fused indexer + top-k alone (Pallas 
 the XLA running top-k, and ``lax.top_k`` on the full (T, T) scores) at the same T and top_k.
 
     python benchmarks/token_sparse_gpu.py --lengths 32768 --top-k 2048
+    python benchmarks/token_sparse_gpu.py --kernel mosaic_gpu --no-indexer   # Hopper kernels
     python benchmarks/token_sparse_gpu.py --dry-run   # tiny sizes, any backend, dense = XLA
 """
 
@@ -39,6 +40,7 @@ from pallas_kernels.token_sparse import (
     key_bitmask,
     tile_visits,
     token_sparse_attention,
+    token_sparse_attention_mgpu,
 )
 
 
@@ -79,11 +81,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-dense-topk", action="store_true",
                     help="skip lax.top_k on the full scores (a (T, T) float32 array)")
+    ap.add_argument("--kernel", choices=["triton", "mosaic_gpu"], default="triton",
+                    help="mosaic_gpu: query tiles of 64 (block_q and warps ignored)")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes; dense attention via XLA")
     args = ap.parse_args()
+    mgpu = args.kernel == "mosaic_gpu"
+    if mgpu:
+        args.block_q = 64
     if args.dry_run:
         args.lengths, args.heads, args.head_dim, args.top_k, args.reps = [512], 2, 32, 64, 1
-        args.block_q, args.words_per_block = 16, 1
+        args.block_q, args.words_per_block = (64, 2) if mgpu else (16, 1)
     dense = dense_causal("xla" if args.dry_run else "cudnn")
     dev = jax.devices()[0]
     bs = BlockSizes(args.block_q, args.words_per_block, args.num_warps, args.num_stages)
@@ -114,6 +121,9 @@ def main() -> None:
             dense_flops = 4 * t * t * h * n / 2
 
             def sparse(q, k, v, idx=idx):
+                if mgpu:
+                    return token_sparse_attention_mgpu(q, k, v, idx,
+                                                       words_per_block=bs.words_per_block)
                 return token_sparse_attention(q, k, v, idx, block_sizes=bs)
 
             for name, mult, ks_ms, dn_ms in sparse_vs_dense(sparse, dense, (q, k, v),

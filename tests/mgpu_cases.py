@@ -1,5 +1,5 @@
-"""GPU interpret-mode cases of the Mosaic GPU block-sparse kernels, run by
-``test_block_sparse_mgpu.py`` each in a fresh process: ``python tests/mgpu_cases.py NAME``.
+"""GPU interpret-mode cases of the Mosaic GPU block-sparse and token-sparse kernels, run by
+``test_mosaic_gpu.py`` each in a fresh process: ``python tests/mgpu_cases.py NAME``.
 
 Why a process of its own: the interpreter runs every simulated warpgroup as a separately
 compiled program whose callbacks block until the other warpgroup reaches a barrier, and those
@@ -11,9 +11,9 @@ this process ``PJRT_NPROC=8`` (XLA's override of the pool size), and the script 
 asynchronous dispatch first thing, before any array exists. It runs without the suite's shared
 compilation cache.
 
-Each case compares outputs, the returned logsumexp and the gradients in q, k, v and the sink
-(with a non-zero logsumexp cotangent) against ``block_sparse_attention_reference`` computed in
-float32 from the same inputs.
+Each case compares outputs (block-sparse: also the returned logsumexp, with a non-zero
+cotangent) and the gradients in q, k, v and the sink against the reference of its op computed
+in float32 from the same inputs.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.block_sparse import block_sparse_attention_reference  # noqa: E402
 from pallas_kernels.block_sparse.mosaic_gpu import block_sparse_attention_mgpu  # noqa: E402
+from pallas_kernels.token_sparse import token_sparse_attention_reference  # noqa: E402
+from pallas_kernels.token_sparse.mosaic_gpu import token_sparse_attention_mgpu  # noqa: E402
 
 F32 = jnp.float32
 # (output / lse atol, gradient atol relative to the largest reference gradient)
@@ -115,6 +117,69 @@ def run(name: str) -> None:
     print(f"{name}: ok")
 
 
+TOKEN_CASES = {
+    # GQA, a raw window at an offset (fewer queries than keys), widths off the tiles, a sink
+    "tok_f32_gqa_window_sink": dict(dtype="float32", b=1, t=130, s=200, n=4, kg=2, h=40, vw=24,
+                                    m=24, window=40, sink=True),
+    # keys that are the values (CSA), key blocks of 128 (4 words)
+    "tok_bf16_shared_kv_wpb4": dict(dtype="bfloat16", b=2, t=256, s=256, n=2, kg=1, h=64,
+                                    vw=None, m=64, wpb=4),
+    # packed sequences with a window, trailing padding
+    "tok_f32_segments_window": dict(dtype="float32", b=1, t=192, s=192, n=2, kg=1, h=32, vw=32,
+                                    m=16, window=24, segments=(0, 60, 170, 185)),
+    # every visible key selected: the causal interior takes the full-block path
+    "tok_f16_every_key": dict(dtype="float16", b=1, t=128, s=128, n=2, kg=2, h=64, vw=64,
+                              m=128),
+}
+
+
+def run_token(name: str) -> None:
+    c = dict(TOKEN_CASES[name])
+    dtype = jnp.dtype(c.pop("dtype"))
+    b, t, s, n, kg, h, vw, m = (c.pop(x) for x in ("b", "t", "s", "n", "kg", "h", "vw", "m"))
+    ks = jax.random.split(jax.random.key(sum(map(ord, name))), 6)
+    q = jax.random.normal(ks[0], (b, t, n, h), dtype)
+    k = jax.random.normal(ks[1], (b, s, kg, h), dtype)
+    v = None if vw is None else jax.random.normal(ks[2], (b, s, kg, vw), dtype)
+    scores = jax.random.uniform(ks[3], (b, t, s))
+    visible = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
+    vals, idx = jax.lax.top_k(jnp.where(visible, scores, -1.0), min(m, s))
+    idx = jnp.where(vals < 0, -1, idx)
+    sink = jax.random.normal(ks[4], (n,)) if c.pop("sink", False) else None
+    kw = {}
+    if (window := c.pop("window", None)) is not None:
+        kw.update(window=window, window_start=s - t)
+    if (bounds := c.pop("segments", None)) is not None:
+        kw["q_seg_BT"] = kw["k_seg_BS"] = _segments(b, t, bounds)
+    wpb = c.pop("wpb", 2)
+    assert not c, c
+    g_out = jax.random.normal(ks[5], (b, t, n, h if vw is None else vw), F32)
+    argn = (0, 1, 3) if v is None else (0, 1, 2, 3)
+
+    def grads(fn, q, k, v, **extra):
+        def loss(q, k, v, sk):
+            out = fn(q, k, v, idx, sink=sk, **kw, **extra)
+            return (out.astype(F32) * g_out).sum(), out
+        wrt = tuple(a if a < 2 or v is not None else a - 1 for a in argn)
+        if v is None:
+            return jax.jit(jax.value_and_grad(lambda q, k, sk: loss(q, k, None, sk), argnums=wrt,
+                                              has_aux=True))(q, k, sink)
+        return jax.jit(jax.value_and_grad(loss, argnums=wrt, has_aux=True))(q, k, v, sink)
+
+    (_, out), got = grads(token_sparse_attention_mgpu, q, k, v, words_per_block=wpb)
+    (_, ref), want = grads(token_sparse_attention_reference, q.astype(F32), k.astype(F32),
+                           None if v is None else v.astype(F32))
+    atol, gtol = TOL[dtype.name]
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=atol,
+                               rtol=atol, err_msg="out")
+    names = ("dq", "dkv", "dsink") if v is None else ("dq", "dk", "dv", "dsink")
+    for what, a, r in zip(names[: len(want)], got, want, strict=True):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        np.testing.assert_allclose(a, r, atol=gtol * max(1.0, float(np.abs(r).max())),
+                                   err_msg=what)
+    print(f"{name}: ok")
+
+
 def run_registry() -> None:
     """``core.block_sparse_attention(impl="mosaic_gpu")`` equals ``impl="xla"`` (outputs and
     gradients, GQA, causal with a window), and so does ``BigBirdAttention(impl=...)``."""
@@ -159,5 +224,10 @@ if __name__ == "__main__":
     assert int(os.environ.get("PJRT_NPROC", "0")) >= 4, "run with PJRT_NPROC=8 (see above)"
     assert jax.devices()[0].client is not None and not jax.config.read(
         "jax_cpu_enable_async_dispatch")
-    for case in sys.argv[1:] or [*CASES, "registry"]:
-        run_registry() if case == "registry" else run(case)
+    for case in sys.argv[1:] or [*CASES, *TOKEN_CASES, "registry"]:
+        if case == "registry":
+            run_registry()
+        elif case in TOKEN_CASES:
+            run_token(case)
+        else:
+            run(case)
