@@ -76,7 +76,8 @@ class KernelConfig:
         # data-dependent trip count and data-dependent block offsets (the tables), which
         # Triton's SIMT model expresses directly and which lowers unchanged under jax 0.10 to
         # 0.12 (jax 0.10's default Mosaic GPU lowering of ``pl.pallas_call`` rejects them).
-        # ``plgpu.kernel`` with explicit warpgroup/TMA pipelines is the Hopper-only follow-up.
+        # The Hopper-only ``plgpu.kernel`` variants with explicit warpgroup / TMA pipelines are
+        # ``mgpu_flash.py`` (impl ``mosaic_gpu``).
         return pl_triton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
     @property

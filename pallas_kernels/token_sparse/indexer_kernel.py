@@ -26,10 +26,11 @@ So the selected *set* equals ``indexer_topk_reference`` (whose columns come in s
 here they come in key order, which is all attention needs), with no (T, S) array and O(1)
 state per row; the price is recomputing the scores in 9 passes. On an H100 that price is
 high: 104 ms at T = 32768, top_k 2048, 4 x 64 index heads, where the attention itself takes
-~5 ms (docs/performance.md; measured with float32 score products; the products now take the input
-dtype, unmeasured). On CPU the XLA path of ``indexer.py`` is used. Key tiles after a
-query tile's last valid key are not visited, nor, with segment ids, the key tiles before the
-first (after the last) one whose ids' range meets the range of the query tile's ids.
+~5 ms (docs/performance.md; measured with float32 score products, one per index head; the
+products now take the input dtype and all heads are one product, unmeasured). On CPU the XLA
+path of ``indexer.py`` is used. Key tiles after a query tile's last valid key are not visited,
+nor, with segment ids, the key tiles before the first (after the last) one whose ids' range
+meets the range of the query tile's ids.
 ``-0.0`` ranks below ``+0.0`` (the total order of the float bits).
 
 There is no Mosaic (TPU) variant: Mosaic lowers neither ``cumsum`` nor scatter stores, which
@@ -91,18 +92,19 @@ def _kernel(first_ref, end_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: 
     # tensor cores; float32 inputs follow ``precision`` (default: JAX's default matmul
     # precision, like the XLA paths)
     dt = score_dtype(q_ref.dtype, k_ref.dtype)
-    qs = [q_ref[:, h, :].astype(dt) for h in range(heads)]
-    ws = [w_ref[:, pl.ds(h, 1)].astype(F32) for h in range(heads)]
+    # every index head in ONE product: the tile's queries x heads as (bq * heads) rows (row
+    # t * heads + h), so the tensor cores see an M of bq * heads instead of ``heads`` products
+    # of M = bq; the weighted ReLU sum over heads is a reduction of the reshaped result
+    q_all = q_ref[...].astype(dt).reshape(bq * heads, q_ref.shape[-1])
+    w_all = w_ref[...].astype(F32).reshape(bq * heads, 1)
     first, end = first_ref[0], end_ref[0]  # the key tiles this query tile walks
 
     def tile(jt):
         start = jt * block_k
         kb = k_ref[pl.ds(start, block_k), :].astype(dt)
-        sc_TS = jnp.zeros((bq, block_k), F32)
-        for h in range(heads):
-            dots_TS = jax.lax.dot_general(qs[h], kb, (((1,), (1,)), ((), ())), precision=precision,
-                                          preferred_element_type=F32)
-            sc_TS = sc_TS + ws[h] * jnp.maximum(dots_TS, 0.0)
+        dots = jax.lax.dot_general(q_all, kb, (((1,), (1,)), ((), ())), precision=precision,
+                                   preferred_element_type=F32)  # (bq * heads, block_k)
+        sc_TS = (w_all * jnp.maximum(dots, 0.0)).reshape(bq, heads, block_k).sum(axis=1)
         cols = start + jnp.arange(block_k, dtype=jnp.int32)
         valid_TS = jnp.broadcast_to((cols < s_len)[None, :], (bq, block_k))
         if causal:
