@@ -35,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -167,9 +169,26 @@ def _t(x, on: bool):
 
 
 def params(cfg: KernelConfig) -> dict:
+    if cfg.interpret:
+        _warn_small_pool()
     return dict(num_threads=2, thread_name="wg",
                 interpret=plgpu.InterpretGPUParams() if cfg.interpret else False,
                 compiler_params=plgpu.CompilerParams(approx_math=False))
+
+
+def _warn_small_pool() -> None:
+    """GPU interpret mode runs every simulated warpgroup as its own XLA program whose barrier
+    callbacks block threads of XLA:CPU's client pool, one thread per core unless ``PJRT_NPROC``
+    says otherwise; with few threads the warpgroup a barrier waits for may never get one, and
+    the call hangs (seen on 2 cores: ``tests/mgpu_cases.py``)."""
+    size = os.environ.get("PJRT_NPROC") or os.environ.get("NPROC")
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    threads = int(size) if size and size.isdigit() else cores
+    if threads < 6:
+        warnings.warn(f"GPU interpret mode with XLA:CPU's pool of {threads} threads can deadlock "
+                      "(simulated warpgroups block pool threads at barriers); set PJRT_NPROC=8 in "
+                      "the environment before JAX starts", RuntimeWarning, stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- in-kernel pieces

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -77,6 +78,16 @@ def test_interpret_mode_matches_reference(name):
 @needs_interpret
 def test_registry_impl_equals_xla():
     _run_case("registry")
+
+
+def test_interpret_mode_warns_when_the_cpu_pool_can_starve(monkeypatch):
+    monkeypatch.setenv("PJRT_NPROC", "2")
+    with pytest.warns(RuntimeWarning, match="set PJRT_NPROC=8"):
+        mgpu_flash._warn_small_pool()
+    monkeypatch.setenv("PJRT_NPROC", "8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mgpu_flash._warn_small_pool()
 
 
 def _tile_selection(seed, b, t, s, kg, bk, p):

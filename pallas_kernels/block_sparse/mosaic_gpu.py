@@ -190,6 +190,8 @@ def block_sparse_attention_mgpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array,
     (``mosaic_gpu_unsupported`` names what fails; this function raises ``ValueError`` with
     it). ``interpret`` defaults to True off GPU (``plgpu.InterpretGPUParams``). ``precision``
     is accepted for a common signature: the tensor cores fix it (TF32 for float32).
+    Interpret mode on a CPU with few cores needs ``PJRT_NPROC=8`` set before JAX starts, or
+    it can hang (``mgpu_flash._warn_small_pool`` warns).
     """
     why = mosaic_gpu_unsupported(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, block_k=block_k,
                                  interpret=interpret)

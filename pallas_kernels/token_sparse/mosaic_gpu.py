@@ -175,6 +175,8 @@ def token_sparse_attention_mgpu(q_BTNH: Array, k_BSKH: Array, v_BSKV: Array | No
     memory for at least one pipeline stage (``mosaic_gpu_unsupported`` names what fails; this
     function raises ``ValueError`` with it). ``interpret`` defaults to True off GPU
     (``plgpu.InterpretGPUParams``). ``precision`` is accepted for a common signature.
+    Interpret mode on a CPU with few cores needs ``PJRT_NPROC=8`` set before JAX starts, or
+    it can hang (``mgpu_flash._warn_small_pool`` warns).
     """
     check_shapes(q_BTNH, k_BSKH, v_BSKV, indices_BTM)
     why = mosaic_gpu_unsupported(q_BTNH, k_BSKH, v_BSKV, indices_BTM,
