@@ -15,7 +15,8 @@ warm-up) of the kernel (``token_sparse_attention``, bitmask and tables built ins
 call) and of ``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)``, the
 speedup, the fraction of causal (query tile, key block) pairs the kernel visits, and TFLOP/s
 (kernel: counted on the visited blocks, 4 * bq * bk * H per head and pair forward, 2.5x that
-backward; cuDNN: the causal half). Then the fused indexer + top-k alone (Pallas radix select,
+backward; cuDNN: the causal half). Then the fused indexer + top-k alone (Pallas radix select
+recomputing the scores in each pass, the same select on scores stored once in 1 GiB chunks,
 the XLA running top-k, and ``lax.top_k`` on the full (T, T) scores) at the same T and top_k.
 
     python benchmarks/token_sparse_gpu.py --lengths 32768 --top-k 2048
@@ -26,6 +27,7 @@ the XLA running top-k, and ``lax.top_k`` on the full (T, T) scores) at the same 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,7 @@ from gpu_timing import dense_causal, median_ms, sparse_vs_dense
 
 from pallas_kernels.token_sparse import (
     BlockSizes,
+    IndexerKernelBlocks,
     indexer_topk,
     indexer_topk_pallas,
     indexer_topk_reference,
@@ -136,7 +139,10 @@ def main() -> None:
             continue
         print(f"indexer + top-k alone, T {t}, {args.index_heads} x {args.index_dim} heads, "
               f"top_k {m}:", flush=True)
+        stored = functools.partial(indexer_topk_pallas,
+                                   blocks=IndexerKernelBlocks(score_buffer_mib=1024))
         variants = [("pallas radix select", indexer_topk_pallas),
+                    ("pallas stored scores", stored),  # scored once, 1 GiB chunks
                     ("xla running top-k", indexer_topk)]
         if not args.no_dense_topk:
             variants.append(("lax.top_k on (T, T)", indexer_topk_reference))

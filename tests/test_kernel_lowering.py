@@ -22,7 +22,7 @@ from pallas_kernels.block_sparse import BlockSizes, block_sparse_attention
 from pallas_kernels.block_sparse.tpu import block_sparse_attention_tpu
 from pallas_kernels.gated_delta.kernel import scan_bwd, scan_fwd
 from pallas_kernels.gated_delta.kernel_tpu import scan_bwd_tpu, scan_fwd_tpu
-from pallas_kernels.token_sparse.indexer_kernel import indexer_topk_pallas
+from pallas_kernels.token_sparse.indexer_kernel import IndexerKernelBlocks, indexer_topk_pallas
 from pallas_kernels.token_sparse.kernel import token_sparse_attention
 from pallas_kernels.token_sparse.kernel_tpu import token_sparse_attention_tpu
 
@@ -157,6 +157,12 @@ def test_indexer_kernel_lowers_for_cuda():
     text = export_for_cuda(lambda q, k, w, qs, ks: indexer_topk_pallas(
         q, k, w, 64, causal=True, q_seg_BT=qs, k_seg_BS=ks, interpret=False), q, k, w, seg, seg)
     assert text.count("xla.gpu.triton") == 1
+    # scores stored once per chunk of query tiles, then the selection passes: two kernels
+    stored = IndexerKernelBlocks(score_buffer_mib=0.25)
+    text = export_for_cuda(lambda q, k, w, qs, ks: indexer_topk_pallas(
+        q, k, w, 64, causal=True, q_seg_BT=qs, k_seg_BS=ks, interpret=False, blocks=stored),
+        q, k, w, seg, seg)
+    assert text.count("xla.gpu.triton") == 2
 
 
 def test_block_sparse_tpu_kernels_lower_for_tpu():

@@ -304,6 +304,24 @@ def test_pallas_indexer_kernel_selects_the_same_sets():
     assert (s[..., 4] == s[..., 3]).mean() > 0.3  # the tie rule is exercised
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_stored_scores_select_what_the_fused_kernel_selects(causal):
+    """The two-kernel path (scores stored once per chunk of query tiles, the radix passes read
+    them) gives the fused kernel's indices and scores exactly: packed rows with padding, a
+    last chunk padded with tiles that walk nothing, one chunk and several."""
+    q, k, w = _int_indexer(7, 2, 45, 45, 4, 8)
+    seg = jnp.asarray([[1] * 20 + [2] * 22 + [0] * 3, [3] * 45], jnp.int32)
+    kw = dict(causal=causal, q_seg_BT=seg, k_seg_BS=seg)
+    want = indexer_topk_pallas(q, k, w, 7, blocks=IndexerKernelBlocks(8, 16), **kw)
+    ref_i, ref_v = indexer_topk_reference(q, k, w, 7, **kw)
+    _assert_same_sets(*want, ref_i, ref_v)
+    for mib in (1.0, 8 / 1024, 1 / 1024):  # 1 chunk; 2 tiles (2 x 8 rows x 48 keys x 4 B x B)
+        got = jax.jit(lambda q, k, w, mib=mib: indexer_topk_pallas(
+            q, k, w, 7, blocks=IndexerKernelBlocks(8, 16, score_buffer_mib=mib), **kw))(q, k, w)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{mib} MiB")
+
+
 def test_pallas_indexer_kernel_runs_eagerly():
     """The radix-select kernel called op by op (no jit), bidirectional: the reference's sets."""
     q, k, w = _int_indexer(4, 1, 21, 21, 2, 4)
@@ -324,6 +342,10 @@ def _assert_same_sets(got_i, got_v, ref_i, ref_v, msg="", score_rtol=0.0):
 INDEXERS = {
     "xla": lambda *a, **kw: indexer_topk(*a, blocks=IndexerBlocks(8, 16, 3, 1), **kw),
     "pallas": lambda *a, **kw: indexer_topk_pallas(*a, blocks=IndexerKernelBlocks(8, 16), **kw),
+    # scores stored once, in chunks of 2 query tiles (a 4 KiB buffer): the selection passes
+    # read them instead of recomputing
+    "pallas_stored": lambda *a, **kw: indexer_topk_pallas(
+        *a, blocks=IndexerKernelBlocks(8, 16, score_buffer_mib=4 / 1024), **kw),
 }
 
 

@@ -24,7 +24,10 @@ differently in the last pass and left a slot at -1).
 
 So the selected *set* equals ``indexer_topk_reference`` (whose columns come in score order;
 here they come in key order, which is all attention needs), with no (T, S) array and O(1)
-state per row; the price is recomputing the scores in 9 passes. On an H100 that price is
+state per row; the price is recomputing the scores in 9 passes. ``IndexerKernelBlocks(
+score_buffer_mib=...)`` trades that for memory: ``_score_kernel`` computes each score once into
+a float32 buffer of a chunk of query tiles, and the same passes (``_kernel(scored=True)``) read
+it, chunk after chunk: the same bits in every pass, O(chunk x S) memory. On an H100 that price is
 high: 104 ms at T = 32768, top_k 2048, 4 x 64 index heads, where the attention itself takes
 ~5 ms (docs/performance.md; measured with float32 score products, one per index head; the
 products now take the input dtype and all heads are one product, unmeasured). On CPU the XLA
@@ -60,9 +63,17 @@ _PASSES, _DIGIT = 8, 4
 
 @dataclasses.dataclass(frozen=True)
 class IndexerKernelBlocks:
+    """Query tile, key tile and warps of the kernels. ``score_buffer_mib``: None runs the one
+    fused kernel, which recomputes the scores in each of its 9 passes; a number scores every
+    (query, key) pair once into a float32 buffer of at most that many MiB (chunks of query
+    tiles, one after the other) and runs the same passes on the stored scores (``_score_kernel``
+    then ``_kernel(scored=True)``): O(chunk x S) memory, never (T, S). Not yet timed on a GPU,
+    so not the default."""
+
     block_q: int = 32
     block_k: int = 64
     num_warps: int = 4
+    score_buffer_mib: float | None = None
 
 
 def _ukey(sc: Array) -> Array:
@@ -79,32 +90,62 @@ def score_dtype(*dtypes):
     return F32 if jnp.finfo(dt).bits > 32 else dt
 
 
-def _kernel(first_ref, end_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: int, s_len: int, m: int,
-            causal: bool, packed: bool, precision):
-    if packed:  # the tile's query segment ids (bq,) and all key segment ids (Sp,)
-        qseg_ref, kseg_ref, q_ref, w_ref, k_ref, idx_ref, val_ref = refs
-    else:
-        q_ref, w_ref, k_ref, idx_ref, val_ref = refs
-    bq = q_ref.shape[0]
-    q_pos = qpos_ref[...]
-    q_seg = qseg_ref[...] if packed else None
+def _head_rows(q_ref, w_ref, k_dtype):
+    """The tile's queries x index heads as (bq * heads) rows (row ``t * heads + h``) in the
+    product dtype, and their weights as a column: every index head in ONE product, so the
+    tensor cores see an M of bq * heads instead of ``heads`` products of M = bq."""
+    bq, heads, e = q_ref.shape
     # products in the input dtype, float32 accumulation: exact products for bf16 inputs on the
     # tensor cores; float32 inputs follow ``precision`` (default: JAX's default matmul
     # precision, like the XLA paths)
-    dt = score_dtype(q_ref.dtype, k_ref.dtype)
-    # every index head in ONE product: the tile's queries x heads as (bq * heads) rows (row
-    # t * heads + h), so the tensor cores see an M of bq * heads instead of ``heads`` products
-    # of M = bq; the weighted ReLU sum over heads is a reduction of the reshaped result
-    q_all = q_ref[...].astype(dt).reshape(bq * heads, q_ref.shape[-1])
-    w_all = w_ref[...].astype(F32).reshape(bq * heads, 1)
+    dt = score_dtype(q_ref.dtype, k_dtype)
+    return (q_ref[...].astype(dt).reshape(bq * heads, e),
+            w_ref[...].astype(F32).reshape(bq * heads, 1))
+
+
+def _scores(q_all, w_all, k_ref, start, block_k: int, heads: int, precision):
+    """(bq, block_k) float32 scores of keys ``start ...``: the weighted ReLU sum over heads is a
+    reduction of the one product's reshaped result."""
+    kb = k_ref[pl.ds(start, block_k), :].astype(q_all.dtype)
+    dots = jax.lax.dot_general(q_all, kb, (((1,), (1,)), ((), ())), precision=precision,
+                               preferred_element_type=F32)  # (bq * heads, block_k)
+    return (w_all * jnp.maximum(dots, 0.0)).reshape(-1, heads, block_k).sum(axis=1)
+
+
+def _score_kernel(first_ref, end_ref, q_ref, w_ref, k_ref, sc_ref, *, heads: int, block_k: int,
+                  precision):
+    """Grid (B, query tiles, key tiles): the scores of one (query tile, key tile), computed
+    once and stored, for the key tiles the selection walks (the others are never read)."""
+    jt = pl.program_id(2)
+
+    @pl.when((jt >= first_ref[0]) & (jt < end_ref[0]))
+    def _():
+        q_all, w_all = _head_rows(q_ref, w_ref, k_ref.dtype)
+        sc_ref[...] = _scores(q_all, w_all, k_ref, 0, block_k, heads, precision)
+
+
+def _kernel(first_ref, end_ref, qpos_ref, kpos_ref, *refs, heads: int, block_k: int, s_len: int, m: int,
+            causal: bool, packed: bool, precision, scored: bool = False):
+    """The radix select over a query tile's key tiles. ``scored``: the scores come from a
+    stored (bq, Sp) buffer (``_score_kernel``) instead of being computed in every pass."""
+    segs, refs = (refs[:2], refs[2:]) if packed else (None, refs)
+    if scored:
+        sc_ref, idx_ref, val_ref = refs
+    else:
+        q_ref, w_ref, k_ref, idx_ref, val_ref = refs
+        q_all, w_all = _head_rows(q_ref, w_ref, k_ref.dtype)
+    bq = idx_ref.shape[0]
+    q_pos = qpos_ref[...]
+    q_seg = segs[0][...] if packed else None  # the tile's query ids (bq,), all key ids (Sp,)
+    kseg_ref = segs[1] if packed else None
     first, end = first_ref[0], end_ref[0]  # the key tiles this query tile walks
 
     def tile(jt):
         start = jt * block_k
-        kb = k_ref[pl.ds(start, block_k), :].astype(dt)
-        dots = jax.lax.dot_general(q_all, kb, (((1,), (1,)), ((), ())), precision=precision,
-                                   preferred_element_type=F32)  # (bq * heads, block_k)
-        sc_TS = (w_all * jnp.maximum(dots, 0.0)).reshape(bq, heads, block_k).sum(axis=1)
+        if scored:
+            sc_TS = sc_ref[:, pl.ds(start, block_k)]
+        else:
+            sc_TS = _scores(q_all, w_all, k_ref, start, block_k, heads, precision)
         cols = start + jnp.arange(block_k, dtype=jnp.int32)
         valid_TS = jnp.broadcast_to((cols < s_len)[None, :], (bq, block_k))
         if causal:
@@ -239,32 +280,80 @@ def indexer_topk_pallas(q_BTIE: Array, k_BSE: Array, w_BTI: Array, top_k: int, *
     q = jnp.pad(q_BTIE, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
     w = jnp.pad(w_BTI, ((0, 0), (0, tp - t), (0, 0)))
     k = jnp.pad(k_BSE, ((0, 0), (0, sp - s), (0, 0)))
-    kernel = functools.partial(_kernel, heads=ni, block_k=bk, s_len=s, m=m, causal=causal,
-                               packed=packed, precision=precision)
-    seg_specs, segs = [], []
-    if packed:  # padded queries and keys get segment 0 (never valid)
-        seg_specs = [pl.BlockSpec((None, bq), lambda bi, qi: (bi, qi)),
-                     pl.BlockSpec((None, sp), lambda bi, qi: (bi, 0))]
-        segs = [jnp.pad(q_seg_BT, ((0, 0), (0, tp - t))), jnp.pad(k_seg_BS, ((0, 0), (0, sp - s)))]
-    idx, vals = pl.pallas_call(
-        kernel,
-        grid=(b, qt),
-        in_specs=[
-            pl.BlockSpec((None, 1), lambda bi, qi: (bi, qi)),
-            pl.BlockSpec((None, 1), lambda bi, qi: (bi, qi)),
-            pl.BlockSpec((bq,), lambda bi, qi: (qi,)),
-            pl.BlockSpec((sp,), lambda bi, qi: (0,)),
-            *seg_specs,
-            pl.BlockSpec((None, bq, ni, e), lambda bi, qi: (bi, qi, 0, 0)),
-            pl.BlockSpec((None, bq, ni), lambda bi, qi: (bi, qi, 0)),
-            pl.BlockSpec((None, sp, e), lambda bi, qi: (bi, 0, 0)),
-        ],
-        out_specs=[pl.BlockSpec((None, bq, mp), lambda bi, qi: (bi, qi, 0)),
-                   pl.BlockSpec((None, bq, mp), lambda bi, qi: (bi, qi, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, mp), jnp.int32),
-                   jax.ShapeDtypeStruct((b, tp, mp), F32)],
-        interpret=interpret,
-        compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
-        name="lightning_indexer_topk",
-    )(first, end, qp, kp, *segs, q, w, k)
+    q_seg = jnp.pad(q_seg_BT, ((0, 0), (0, tp - t))) if packed else None
+    k_seg = jnp.pad(k_seg_BS, ((0, 0), (0, sp - s))) if packed else None  # padding: id 0
+    cfg = dict(heads=ni, block_k=bk, s_len=s, m=m, causal=causal, packed=packed,
+               precision=precision)
+    params = dict(interpret=interpret,
+                  compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps,
+                                                           num_stages=1))
+
+    def select(first, end, qp, q, w, q_seg, scores=None):
+        """The radix-select kernel over the query tiles of ``q`` (rows ``qp``), scoring in
+        every pass, or reading ``scores`` (B, rows, Sp) when given."""
+        rows = qp.shape[0]
+        tile = lambda bi, qi: (bi, qi, 0)  # noqa: E731
+        seg_specs = ([pl.BlockSpec((None, bq), lambda bi, qi: (bi, qi)),
+                      pl.BlockSpec((None, sp), lambda bi, qi: (bi, 0))] if packed else [])
+        if scores is None:
+            specs = [pl.BlockSpec((None, bq, ni, e), lambda bi, qi: (bi, qi, 0, 0)),
+                     pl.BlockSpec((None, bq, ni), tile),
+                     pl.BlockSpec((None, sp, e), lambda bi, qi: (bi, 0, 0))]
+            operands = (q, w, k)
+        else:
+            specs, operands = [pl.BlockSpec((None, bq, sp), tile)], (scores,)
+        return pl.pallas_call(
+            functools.partial(_kernel, **cfg, scored=scores is not None),
+            grid=(b, rows // bq),
+            in_specs=[pl.BlockSpec((None, 1), lambda bi, qi: (bi, qi)),
+                      pl.BlockSpec((None, 1), lambda bi, qi: (bi, qi)),
+                      pl.BlockSpec((bq,), lambda bi, qi: (qi,)),
+                      pl.BlockSpec((sp,), lambda bi, qi: (0,)), *seg_specs, *specs],
+            out_specs=[pl.BlockSpec((None, bq, mp), tile), pl.BlockSpec((None, bq, mp), tile)],
+            out_shape=[jax.ShapeDtypeStruct((b, rows, mp), jnp.int32),
+                       jax.ShapeDtypeStruct((b, rows, mp), F32)],
+            name="lightning_indexer_topk" if scores is None else "lightning_indexer_select",
+            **params,
+        )(first, end, qp, kp, *((q_seg, k_seg) if packed else ()), *operands)
+
+    def score(first, end, q, w):
+        """Every (query, key) score of the walked key tiles, once: (B, rows, Sp) float32."""
+        rows = q.shape[1]
+        return pl.pallas_call(
+            functools.partial(_score_kernel, heads=ni, block_k=bk, precision=precision),
+            grid=(b, rows // bq, j),
+            in_specs=[pl.BlockSpec((None, 1), lambda bi, qi, jt: (bi, qi)),
+                      pl.BlockSpec((None, 1), lambda bi, qi, jt: (bi, qi)),
+                      pl.BlockSpec((None, bq, ni, e), lambda bi, qi, jt: (bi, qi, 0, 0)),
+                      pl.BlockSpec((None, bq, ni), lambda bi, qi, jt: (bi, qi, 0)),
+                      pl.BlockSpec((None, bk, e), lambda bi, qi, jt: (bi, jt, 0))],
+            out_specs=pl.BlockSpec((None, bq, bk), lambda bi, qi, jt: (bi, qi, jt)),
+            out_shape=jax.ShapeDtypeStruct((b, rows, sp), F32),
+            name="lightning_indexer_scores", **params,
+        )(first, end, q, w, k)
+
+    if blocks.score_buffer_mib is None:
+        idx, vals = select(first, end, qp, q, w, q_seg)
+    else:
+        # chunks of query tiles whose scores fit the buffer, one after the other; the padding
+        # tiles of the last chunk walk no key tile (first = end = 0)
+        per_tile = b * bq * sp * 4
+        ct = max(1, min(qt, int(blocks.score_buffer_mib * 2 ** 20) // per_tile))
+        nc = cdiv(qt, ct)
+        pad_t = nc * ct - qt
+
+        def chunked(x, axis):  # (..., qt * bq or qt, ...) on ``axis`` -> (nc, ...)
+            x = jnp.pad(x, [(0, 0)] * axis + [(0, pad_t * (x.shape[axis] // qt))]
+                        + [(0, 0)] * (x.ndim - axis - 1))
+            x = x.reshape(*x.shape[:axis], nc, -1, *x.shape[axis + 1:])
+            return jnp.moveaxis(x, axis, 0)
+
+        def run(args):
+            f, n_, qp_, q_, w_, qs_ = args
+            return select(f, n_, qp_, q_, w_, qs_, scores=score(f, n_, q_, w_))
+
+        xs = (chunked(first, 1), chunked(end, 1), chunked(qp, 0), chunked(q, 1), chunked(w, 1),
+              chunked(q_seg, 1) if packed else jnp.zeros((nc,), jnp.int32))
+        idx, vals = jax.lax.map(run, xs)  # (nc, B, ct * bq, mp)
+        idx, vals = (jnp.moveaxis(a, 0, 1).reshape(b, nc * ct * bq, mp) for a in (idx, vals))
     return jax.lax.stop_gradient(idx[:, :t, :m]), jax.lax.stop_gradient(vals[:, :t, :m])
