@@ -2,15 +2,16 @@
 on-device tables, shared by the block-sparse and the token-sparse kernels (as ``flash.py``'s
 tile loops are shared by their Triton kernels).
 
-Each kernel instance runs two warpgroups. An instance is one query head and one tile of
-``BLOCK_Q`` queries (forward, dQ), or one query head and one key block (dK/dV).
+Each kernel instance runs a producer warpgroup and one or two consumer warpgroups. An instance
+is one or two query heads of a GQA group and one tile of ``BLOCK_Q`` queries (forward, dQ:
+``heads_per_instance``), or one query head and one key block (dK/dV).
 
-- The *producer* (warpgroup 1) walks the instance's table row in global memory. For every listed
-  block (or query tile, for dK/dV) it TMA-copies the operand tiles and the mask operands of that
-  step into a ring of ``stages`` shared-memory slots, each guarded by "loaded" barriers, and
-  waits on the slot's "consumed" barrier before reusing it.
-- The *consumer* (warpgroup 0) runs the warpgroup matrix products (``plgpu.wgmma``, float32
-  accumulation) on whatever slot is ready.
+- The *producer* (the last warpgroup) walks the instance's table row in global memory. For every
+  listed block (or query tile, for dK/dV) it TMA-copies the operand tiles and the mask operands
+  of that step into a ring of ``stages`` shared-memory slots, each guarded by "loaded" barriers,
+  and waits on the slot's "consumed" barrier (every consumer arrives) before reusing it.
+- Each *consumer* runs the warpgroup matrix products (``plgpu.wgmma``, float32 accumulation) of
+  its head on whatever slot is ready.
 
 Table rows are ``[count, 2 * index + full, ...]``. ``full`` says every token of the tile reads
 every key of the block; the consumer then skips the per-token mask (``lax.cond``), which is most
@@ -101,14 +102,15 @@ def _nbytes(sources) -> int:
     return sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in sources)
 
 
-def smem_plan(dtype, h: int, hv: int, block_k: int, spec: MaskSpec,
+def smem_plan(dtype, h: int, hv: int, block_k: int, sources: tuple[Source, ...],
               heads: int = 1) -> dict[str, int]:
     """Stages per pass (``fwd``, ``dq``, ``dkv``) that fit ``SMEM_BYTES``; 0 where none does.
-    ``h``, ``hv``: head widths before padding; ``heads``: query heads per forward / dQ instance
-    (each with its own tiles, sharing the K/V stages)."""
+    ``h``, ``hv``: head widths before padding; ``sources``: the mask operands
+    (``MaskSpec.sources``); ``heads``: query heads per forward / dQ instance (each with its own
+    tiles, sharing the K/V stages)."""
     h, hv = padded_width(h, dtype), padded_width(hv, dtype)
     it, bq, bk, i4 = jnp.dtype(dtype).itemsize, BLOCK_Q, block_k, 4
-    src = {kind: _nbytes(s for s in spec.sources if s.kind == kind)
+    src = {kind: _nbytes(s for s in sources if s.kind == kind)
            for kind in ("tile", "block", "pair")}
     t32 = tf32(dtype)
     # (fixed, per stage): fwd q, o, P, lse | K, V; dq q (dQ out), dO, dS, lse, delta | K, V, K^T;
@@ -127,8 +129,10 @@ def smem_plan(dtype, h: int, hv: int, block_k: int, spec: MaskSpec,
             for k, (fixed, per) in passes.items()}
 
 
-def unsupported(q, k, v, block_k: int, spec: MaskSpec, interpret: bool | None) -> str | None:
-    """Why a call cannot run on these kernels (None when it can)."""
+def unsupported(q, k, v, block_k: int, sources: tuple[Source, ...],
+                interpret: bool | None) -> str | None:
+    """Why a call cannot run on these kernels (None when it can); ``sources``: the call's mask
+    operands (``MaskSpec.sources``)."""
     if (interpret or (interpret is None and jax.default_backend() != "gpu")) and not hasattr(
             plgpu, "InterpretGPUParams"):
         return (f"off GPU the Mosaic GPU kernels run in GPU interpret mode, which jax "
@@ -140,7 +144,7 @@ def unsupported(q, k, v, block_k: int, spec: MaskSpec, interpret: bool | None) -
     if block_k % 64:
         return f"the Mosaic GPU kernels need key blocks of a multiple of 64 keys, got {block_k}"
     dtype = next(iter(dtypes))
-    plan = smem_plan(dtype, q.shape[-1], v.shape[-1], block_k, spec)
+    plan = smem_plan(dtype, q.shape[-1], v.shape[-1], block_k, sources)
     if short := [name for name, n in plan.items() if n == 0]:
         return (f"the Mosaic GPU {'/'.join(short)} pass(es) do not fit {SMEM_BYTES} bytes of "
                 f"shared memory at head widths {q.shape[-1]}/{v.shape[-1]}, "
@@ -297,8 +301,22 @@ def _step_types(spec: MaskSpec, idx):
     return [(spec.sources[i].shape, spec.sources[i].dtype, False) for i in idx]
 
 
-def _fixed(spec: MaskSpec, idx, heads: int = 1):
-    return [plgpu.SMEM((heads, *spec.sources[i].shape), spec.sources[i].dtype) for i in idx]
+def _fixed(spec: MaskSpec, idx, heads: int | None = None):
+    """Shared memory for the mask operands ``idx`` loaded once, one copy per consumer head
+    (a leading ``heads`` axis) when ``heads`` is given."""
+    lead = () if heads is None else (heads,)
+    return [plgpu.SMEM((*lead, *spec.sources[i].shape), spec.sources[i].dtype) for i in idx]
+
+
+def _mask_sources(spec: MaskSpec, src_refs, idx, b, k, *, tile=None, block=None):
+    """Producer sources (step index -> global slice) of the mask operands ``idx``: the step
+    walks key blocks for a fixed query ``tile``, or query tiles for a fixed key ``block``."""
+    def source(i):
+        at, ref = spec.sources[i].at, src_refs[i]
+        if block is None:
+            return lambda j: at(ref, b, k, tile, j)
+        return lambda t: at(ref, b, k, t, block)
+    return [source(i) for i in idx]
 
 
 def heads_per_instance(g: int, plan) -> int:
@@ -324,10 +342,6 @@ def _zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, F32), plgpu.Layout.WGMMA)
 
 
-def _src_step(spec, src_refs, i, bi, ki, qi, jb):
-    return spec.sources[i].at(src_refs[i], bi, ki, qi, jb)
-
-
 # ----------------------------------------------------------------------------- forward
 
 
@@ -350,8 +364,7 @@ def _fwd_kernel(table, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, spec: Mask
         _produce(row, stages, [
             lambda jb: k_ref.at[bi, ki, pl.ds(jb * bk, bk)],
             lambda jb: _rows(v_ref.at[bi, ki], pl.ds(jb * bk, bk), t32),
-            *(functools.partial(lambda i, jb: _src_step(spec, src_refs, i, bi, ki, qi, jb), i)
-              for i in per_step),
+            *_mask_sources(spec, src_refs, per_step, bi, ki, tile=qi),
         ], rings, loaded, consumed)
 
     @pl.when(wg < hg)
@@ -360,7 +373,7 @@ def _fwd_kernel(table, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, spec: Mask
         q_s, o_s, p_c, lse_c = qo_s[0].at[wg], qo_s[-1].at[wg], p_s.at[wg], lse_s.at[wg]
         tile_c = [r.at[wg] for r in tile_s]
         _load_once([(q_ref.at[bi, ni, tile], q_s)]
-                   + [(_src_step(spec, src_refs, i, bi, ki, qi, 0), r)
+                   + [(spec.sources[i].at(src_refs[i], bi, ki, qi, 0), r)
                       for i, r in zip(tiles, tile_c, strict=True)], once, wg * (1 + len(tiles)))
         shape = (bq, bk)
 
@@ -397,8 +410,8 @@ def forward(q, k, v, table, srcs, cfg: KernelConfig, spec: MaskSpec, *, g: int, 
     b, n, tp, wd = q.shape
     wv, bq, bk, dt = v.shape[-1], cfg.block_q, cfg.block_k, q.dtype
     t32 = tf32(dt)
-    hg = heads_per_instance(g, lambda h: smem_plan(dt, wd, wv, bk, spec, h)["fwd"])
-    st = smem_plan(dt, wd, wv, bk, spec, hg)["fwd"]
+    hg = heads_per_instance(g, lambda h: smem_plan(dt, wd, wv, bk, spec.sources, h)["fwd"])
+    st = smem_plan(dt, wd, wv, bk, spec.sources, hg)["fwd"]
     tiles, per_step = spec.of("tile"), spec.of("pair") + spec.of("block")
     qo = [_tile((hg, bq, wd), dt)] + ([] if wv == wd else [_tile((hg, bq, wv), dt)])
     scratch = [qo, _tile((hg, bq, bk), dt), plgpu.SMEM((hg, bq), F32), _fixed(spec, tiles, hg),
@@ -442,8 +455,7 @@ def _dq_kernel(table, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, cf
     def _producer():
         sources = [lambda jb: k_ref.at[bi, ki, pl.ds(jb * bk, bk)],
                    lambda jb: v_ref.at[bi, ki, pl.ds(jb * bk, bk)],
-                   *(functools.partial(lambda i, jb: _src_step(spec, src_refs, i, bi, ki, qi, jb),
-                                       i) for i in per_step)]
+                   *_mask_sources(spec, src_refs, per_step, bi, ki, tile=qi)]
         if t32:
             sources.append(lambda jb: kt_ref.at[bi, ki, :, pl.ds(jb * bk, bk)])
         _produce(row, stages, sources, rings, loaded, consumed)
@@ -455,7 +467,7 @@ def _dq_kernel(table, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, cf
         tile_c = [r.at[wg] for r in tile_s]
         _load_once([(q_ref.at[bi, ni, tile], q_c), (do_ref.at[bi, ni, tile], do_c),
                     (lse_ref.at[bi, ni, tile], lse_c), (delta_ref.at[bi, ni, tile], delta_c)]
-                   + [(_src_step(spec, src_refs, i, bi, ki, qi, 0), r)
+                   + [(spec.sources[i].at(src_refs[i], bi, ki, qi, 0), r)
                       for i, r in zip(tiles, tile_c, strict=True)], once, wg * (4 + len(tiles)))
         shape = (bq, bk)
         lse = bcast(vec(lse_c, _ROWS) * LOG2E, shape, 0)
@@ -485,7 +497,6 @@ def _dkv_kernel(table, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, c
     n_src = len(spec.sources)
     src_refs = refs[:n_src]
     dk_ref, dv_ref, k_s, v_s, pt_s, block_s, rings, loaded, consumed, once = refs[n_src:]
-    block_s = [r.at[0] for r in block_s]  # one consumer
     q_s, do_s, lse_s, delta_s, *step_s = rings
     (qt_s, dot_s), step_s = (step_s[-2:], step_s[:-2]) if t32 else ((None, None), step_s)
     bi, ni, jb = lax.axis_index("b"), lax.axis_index("n"), lax.axis_index("j")
@@ -502,8 +513,7 @@ def _dkv_kernel(table, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, c
                    lambda qi: do_ref.at[bi, ni, pl.ds(qi * bq, bq)],
                    lambda qi: lse_ref.at[bi, ni, pl.ds(qi * bq, bq)],
                    lambda qi: delta_ref.at[bi, ni, pl.ds(qi * bq, bq)],
-                   *(functools.partial(lambda i, qi: _src_step(spec, src_refs, i, bi, ki, qi, jb),
-                                       i) for i in per_step)]
+                   *_mask_sources(spec, src_refs, per_step, bi, ki, block=jb)]
         if t32:
             sources += [lambda qi: qt_ref.at[bi, ni, :, pl.ds(qi * bq, bq)],
                         lambda qi: dot_ref.at[bi, ni, :, pl.ds(qi * bq, bq)]]
@@ -512,7 +522,7 @@ def _dkv_kernel(table, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, c
     @pl.when(lax.axis_index("wg") == 0)
     def _consumer():
         _load_once([(k_ref.at[bi, ki, keys], k_s), (v_ref.at[bi, ki, keys], v_s)]
-                   + [(_src_step(spec, src_refs, i, bi, ki, 0, jb), r)
+                   + [(spec.sources[i].at(src_refs[i], bi, ki, 0, jb), r)
                       for i, r in zip(blocks, block_s, strict=True)], once)
         shape = (bk, bq)
 
@@ -561,8 +571,8 @@ def backward(q, k, v, do, o, lse, dlse, fwd_table, bwd_table, srcs, cfg: KernelC
     delta = common.row_delta(do, o, lse=lse, dlse=dlse)
     tiles, blocks = spec.of("tile"), spec.of("block")
     per_q = spec.of("pair") + blocks
-    hg = heads_per_instance(g, lambda h: smem_plan(dt, wd, wv, bk, spec, h)["dq"])
-    st = smem_plan(dt, wd, wv, bk, spec, hg)["dq"]
+    hg = heads_per_instance(g, lambda h: smem_plan(dt, wd, wv, bk, spec.sources, h)["dq"])
+    st = smem_plan(dt, wd, wv, bk, spec.sources, hg)["dq"]
     ring_k = [((bk, wd), dt, True), ((bk, wv), dt, True), *_step_types(spec, per_q)]
     if t32:
         ring_k.append(((wd, bk), dt, True))
@@ -576,9 +586,9 @@ def backward(q, k, v, do, o, lse, dlse, fwd_table, bwd_table, srcs, cfg: KernelC
         grid=(b, n // hg, tp // bq), grid_names=("b", "n", "q"),
         **(params(cfg) | dict(num_threads=hg + 1)),
     )(fwd_table, q, do, lse, delta, k, v, *([_t(k, True)] if t32 else []), *srcs)
-    if cfg.interpret:  # the interpreter runs one kernel at a time
-        dq, do = lax.optimization_barrier((dq, do))
-    st = smem_plan(dt, wd, wv, bk, spec)["dkv"]
+    if cfg.interpret:  # dK/dV after dQ: two interpreted kernels at once would block twice the
+        dq, do = lax.optimization_barrier((dq, do))  # XLA:CPU pool threads (_warn_small_pool)
+    st = smem_plan(dt, wd, wv, bk, spec.sources)["dkv"]
     per_k = spec.of("pair") + tiles
     ring_q = [((bq, wd), dt, True), ((bq, wv), dt, True), ((bq,), F32, False),
               ((bq,), F32, False), *_step_types(spec, per_k)]

@@ -207,10 +207,10 @@ def test_shared_memory_plan_of_the_benchmark_shapes():
 
 
 def test_gqa_heads_share_each_k_v_load_where_shared_memory_allows():
-    spec = mgpu_flash.MaskSpec(mgpu._sources(128), None, None)
+    sources = mgpu._sources(128)
 
     def plan(kind):
-        return lambda heads: mgpu_flash.smem_plan(jnp.bfloat16, 128, 128, 128, spec, heads)[kind]
+        return lambda heads: mgpu_flash.smem_plan(jnp.bfloat16, 128, 128, 128, sources, heads)[kind]
 
     # the benchmark shape: two heads per forward instance at full pipeline depth; dQ's two
     # heads would lose a stage, so it keeps one; odd groups and MHA keep one

@@ -81,15 +81,14 @@ def _mask_spec(cfg: KernelConfig) -> MaskSpec:
 
 def smem_plan(dtype, h: int, hv: int, block_k: int) -> dict[str, int]:
     """Pipeline stages per pass (``mgpu_flash.smem_plan``) of a block-sparse call."""
-    return mgpu_flash.smem_plan(dtype, h, hv, block_k, MaskSpec(_sources(block_k), None, None))
+    return mgpu_flash.smem_plan(dtype, h, hv, block_k, _sources(block_k))
 
 
 def mosaic_gpu_unsupported(q_BTNH, k_BSKH, v_BSKV, block_keep_BKTJ, *, block_k: int,
                            interpret: bool | None = None, **kwargs) -> str | None:
     """Why this call cannot run on the Mosaic GPU kernels (None when it can): the registry's
     ``supports`` check of the ``mosaic_gpu`` impl."""
-    return mgpu_flash.unsupported(q_BTNH, k_BSKH, v_BSKV, block_k,
-                                  MaskSpec(_sources(block_k), None, None), interpret)
+    return mgpu_flash.unsupported(q_BTNH, k_BSKH, v_BSKV, block_k, _sources(block_k), interpret)
 
 
 # ----------------------------------------------------------------------------- operands

@@ -74,9 +74,8 @@ def mosaic_gpu_unsupported(q_BTNH, k_BSKH, v_BSKV, indices_BTM, *, words_per_blo
     """Why this call cannot run on the Mosaic GPU kernels (None when it can): the registry's
     ``supports`` check of the ``mosaic_gpu`` impl."""
     bk = WORD * words_per_block
-    spec = MaskSpec(_sources(bk, q_seg_BT is not None), None, None)
-    return mgpu_flash.unsupported(q_BTNH, k_BSKH, k_BSKH if v_BSKV is None else v_BSKV, bk, spec,
-                                  interpret)
+    return mgpu_flash.unsupported(q_BTNH, k_BSKH, k_BSKH if v_BSKV is None else v_BSKV, bk,
+                                  _sources(bk, q_seg_BT is not None), interpret)
 
 
 def full_flags(bits_BTW: Array, cfg: KernelConfig, tp: int, sp: int, segs) -> Array:
