@@ -147,13 +147,14 @@ def _backward(res, do_BTNV, sink_N, cfg: KernelConfig):
     dq, dk, dv, delta = mgpu_flash.backward(p["q"], p["k"], p["v"], do, o, lse, None, p["fwd"],
                                             p["bwd"], p["srcs"], cfg,
                                             _mask_spec(cfg, p["packed"]), g=p["g"])
-    dk, dv = (common.group_sum(a, p["kg"], p["k"].dtype).transpose(0, 2, 1, 3)[:, : cfg.s]
+    if cfg.shared_kv:  # keys are the values: one gradient, summed before the group's rounding
+        dk, dv = dk.astype(F32) + dv.astype(F32), None
+    dk, dv = (None if a is None else
+              common.group_sum(a, p["kg"], p["k"].dtype).transpose(0, 2, 1, 3)[:, : cfg.s]
               for a in (dk, dv))
     dsink = None if sink_N is None else common.sink_grad(sink_N, lse, delta, cfg.t)
     dq = dq.transpose(0, 2, 1, 3)[:, : cfg.t, :, :h]
-    if cfg.shared_kv:  # keys are the values: one gradient
-        return dq, (dk[..., :h].astype(F32) + dv[..., :h].astype(F32)).astype(dk.dtype), None, dsink
-    return dq, dk[..., :h], dv[..., :hv], dsink
+    return dq, dk[..., :h], None if dv is None else dv[..., :hv], dsink
 
 
 _attention = common.sparse_attention_vjp(_forward, _backward)
