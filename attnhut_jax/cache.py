@@ -359,6 +359,19 @@ def read_values(probs_BKXS: Array, v_BKSV: Array, precision: Precision = None) -
                       precision=precision)
 
 
+def row_dots(rows_BSE: Array, q_BXE: Array, precision: Precision = None) -> Array:
+    """Products (B, S, X) of cached rows (B, S, E), e.g. a selector's index keys, with X query
+    rows (B, X, E), in float32 (or wider) and read in the rows' own (S, E) layout, once. For
+    X <= ``WEIGHTED_SUM_ROWS`` (a decode step's few queries) one fused multiply-and-sum pass over
+    the rows: XLA:CPU's product of a (S, 64) cache with 2 or 4 rows runs 1.2-1.6x slower
+    (measured at S = 128k). Longer chunks use the product (``precision`` reaches it)."""
+    acc = jnp.promote_types(jnp.result_type(rows_BSE, q_BXE), jnp.float32)
+    rows_BSE, q_BXE = rows_BSE.astype(acc), q_BXE.astype(acc)
+    if q_BXE.shape[1] <= WEIGHTED_SUM_ROWS:
+        return jnp.sum(rows_BSE[:, :, None, :] * q_BXE[:, None], axis=-1)
+    return jax.lax.dot_general(rows_BSE, q_BXE, (((2,), (2,)), ((0,), (0,))), precision=precision)
+
+
 def dense_cache_bytes(batch: int, max_len: int, kv_heads: int, key_width: int, value_width: int,
                       dtype) -> int:
     """``cache_bytes`` of a dense K/V cache: keys and values of every kv head, and the index."""

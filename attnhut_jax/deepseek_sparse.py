@@ -181,18 +181,13 @@ def cached_index_scores(qi_BTIE: Array, ki_BSE: Array, w_BTI: Array, keep_BTS: A
                         precision: core.Precision = None) -> Array:
     """``core.masked_lightning_scores`` of a decode chunk's indexer queries against the cached
     index keys (B, S, E): float32 scores (B, T, S), the fill where ``keep_BTS`` is False. The
-    cache is the matmul's left operand in its own (S, E) row layout, so a step reads it once and
-    never transposes it (the queries and the (S, T) scores are what get rearranged); a
-    single-token step's few products are one fused multiply-and-sum pass over the cache rows
-    instead (float32; 20% faster than XLA:CPU's product there, measured at S = 128k)."""
+    cache is read once in its own (S, E) row layout (``cache.row_dots``: a single-token step's
+    few products are one fused multiply-and-sum pass), never transposed: the queries and the
+    (S, T) scores are what get rearranged."""
     b, t, i, e = qi_BTIE.shape
     f32 = jnp.float32
-    q_BXE = qi_BTIE.reshape(b, t * i, e).astype(f32)
-    if t * i <= cache.WEIGHTED_SUM_ROWS:
-        dots_BSX = jnp.sum(ki_BSE.astype(f32)[:, :, None, :] * q_BXE[:, None], axis=-1)
-    else:
-        dots_BSX = jax.lax.dot_general(ki_BSE.astype(f32), q_BXE, (((2,), (2,)), ((0,), (0,))),
-                                       precision=precision)
+    dots_BSX = cache.row_dots(ki_BSE.astype(f32), qi_BTIE.reshape(b, t * i, e).astype(f32),
+                              precision)
     relu_BSTI = jax.nn.relu(dots_BSX).reshape(b, -1, t, i)
     # the gates' sum over I in the same layout, written out head by head: one elementwise pass
     # over the (S, T, I) products (XLA's reduce over a minor axis of I = 4 runs 2-3x slower)

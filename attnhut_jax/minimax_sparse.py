@@ -52,15 +52,14 @@ def cached_block_scores(qi_BTKE: Array, ki_BSE: Array, keep_BTS: Array, *, block
                         precision: core.Precision = None) -> Array:
     """A decode chunk's max-pooled index scores (B, K, T, J) against the cached index keys
     (B, S, E), ``J = ceil(S / block_size)``: ``_index_logits`` with the fill where ``keep_BTS``
-    is False, max-pooled over each block. The cache is the matmul's left operand in its own
-    (S, E) row layout, so a step reads it once and never transposes it; the (S, T, K) scores are
-    pooled in that layout and only the (J, T, K) block scores are rearranged."""
+    is False, max-pooled over each block. The cache is read once in its own (S, E) row layout
+    (``cache.row_dots``), never transposed; the (S, T, K) scores are pooled in that layout and
+    only the (J, T, K) block scores are rearranged."""
     b, t, kg, e = qi_BTKE.shape
     s = ki_BSE.shape[1]
     dtype = jnp.promote_types(qi_BTKE.dtype, jnp.float32)
-    q_BXE = qi_BTKE.reshape(b, t * kg, e).astype(dtype)
-    dots_BSX = jax.lax.dot_general(ki_BSE.astype(dtype), q_BXE, (((2,), (2,)), ((0,), (0,))),
-                                   precision=precision)
+    dots_BSX = cache.row_dots(ki_BSE.astype(dtype), qi_BTKE.reshape(b, t * kg, e).astype(dtype),
+                              precision)
     fill = core.mask_value(dtype)
     scores_BSTK = jnp.where(keep_BTS.swapaxes(1, 2)[..., None],
                             (dots_BSX * e ** -0.5).reshape(b, s, t, kg), fill)

@@ -212,3 +212,27 @@ def test_published_cache_sizes():
 def test_layers_stacked_with_nn_scan_decode_like_their_forward(name):
     """Decoding layers stack with ``nn.scan`` over a 'cache' axis as over the params axis."""
     h.check_scanned_layers(DENSE[name], _x(7), chunks=(3, 1, 2, 1), layers=3)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 9])
+def test_cache_reads_agree_in_both_forms(rows):
+    """``cache.row_dots`` and ``cache.read_values`` switch at ``WEIGHTED_SUM_ROWS`` from a
+    multiply-and-sum pass (decode steps) to a matrix product (chunks): both forms give the
+    product's numbers, in float32 for half operands, on either side of the switch."""
+    from attnhut_jax import cache
+
+    ks = jax.random.split(jax.random.key(rows), 4)
+    keys_BSE = jax.random.normal(ks[0], (2, 37, 8), jnp.bfloat16)
+    q_BXE = jax.random.normal(ks[1], (2, rows, 8), jnp.bfloat16)
+    dots = cache.row_dots(keys_BSE, q_BXE)
+    assert dots.shape == (2, 37, rows) and dots.dtype == jnp.float32
+    want = jnp.einsum("BSE,BXE->BSX", keys_BSE.astype(jnp.float32), q_BXE.astype(jnp.float32),
+                      precision="highest")
+    np.testing.assert_allclose(np.asarray(dots), np.asarray(want), rtol=1e-5, atol=1e-5)
+    probs_BKXS = jax.nn.softmax(jax.random.normal(ks[2], (2, 3, rows, 37)), axis=-1)
+    v_BKSV = jax.random.normal(ks[3], (2, 3, 37, 5))
+    out = cache.read_values(probs_BKXS, v_BKSV, precision="highest")
+    np.testing.assert_allclose(np.asarray(out),
+                               np.asarray(jnp.einsum("BKXS,BKSV->BKXV", probs_BKXS, v_BKSV,
+                                                     precision="highest")),
+                               rtol=1e-5, atol=1e-6)
