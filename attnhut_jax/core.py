@@ -211,7 +211,13 @@ class Linear(nn.Module):
         bias = (param(self, "bias", init, (self.features,), self.axes[1:], self.param_dtype)
                 if self.use_bias else None)
         x, kernel, bias = dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.einsum("...Y,YO->...O", x, kernel, precision=self.precision)
+        # the leading axes flattened into one: the kernel's gradient is then one product
+        # contracting the tokens, (Y, B*T) x (B*T, O). Contracting (B, T) as two axes, XLA:CPU
+        # copies the (B, T, O) cotangent into an (O, B, T) layout first, fused into whatever
+        # produced it (1.3 s of Gated DeltaNet's 4.8 s forward + backward at T = 8192).
+        lead = x.shape[:-1]
+        y = jnp.dot(x.reshape(-1, fan_in), kernel, precision=self.precision)
+        y = y.reshape(*lead, self.features)
         return y + bias if bias is not None else y
 
 
