@@ -83,7 +83,7 @@ CONFIGS: dict[str, tuple[type, dict]] = {
 }
 SELECTORS = ("deepseek_sparse", "deepseek_sparse_top64", "minimax_sparse", "compressed_sparse")
 GOAL_SPEEDUP, GOAL_LENGTH = 5.0, 131072
-LOOP_STEPS = 8  # decode steps per compiled loop (time_step_in_loop)
+LOOP_STEPS = 8  # decode steps per compiled loop (time_step's loop_steps)
 
 
 # ``--prefill-mode auto``: these time the decode=False forward over the prompt instead of the
@@ -180,55 +180,46 @@ def compiled_step(m, params, cache, x, index: int | None = None):
     return jax.jit(step, donate_argnums=1).lower(params, cache, x).compile()
 
 
-def time_step(name: str, n: int, warmup: int, reps: int) -> tuple[float, list[str]]:
-    m = build(name)
-    params, cache = init(m, 1, n)
-    cache, kept = fill_cache(cache, n, jax.random.key(1))
-    x = jax.random.normal(jax.random.key(2), (1, 1, DIM))
-    step = compiled_step(m, params, cache, x, index=n - 1)
-    state = {"cache": cache}
-
-    def run():
-        out, state["cache"] = step(params, state["cache"], x)
-        out.block_until_ready()
-
-    return median_ms(run, warmup, reps), kept
-
-
 def compiled_loop(m, params, cache, x, index: int, steps: int):
-    """The jit-compiled (cache donated) ``(params, cache, x) -> (cache, checksum)`` that runs
+    """The jit-compiled (cache donated) ``(params, cache, x) -> (checksum, cache)`` that runs
     ``steps`` decode steps at cache index ``index`` in one ``lax.fori_loop``: each iteration
     resets every index to ``index`` and appends a different token (x scaled by the iteration, so
     nothing is loop-invariant), the way a compiled generation loop runs its steps, with no Python
     or runtime dispatch between them."""
     def body(i, carry):
-        cache, acc = carry
+        acc, cache = carry
         xi = x * (1.0 + i.astype(x.dtype) * 1e-3)
         out, state = m.apply({"params": params, "cache": set_index(cache, index)}, xi,
                              mutable=["cache"])
-        return state["cache"], acc + out[0, 0, 0]
+        return acc + out[0, 0, 0], state["cache"]
 
     def loop(params, cache, x):
-        return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((), x.dtype)))
+        return jax.lax.fori_loop(0, steps, body, (jnp.zeros((), x.dtype), cache))
 
     return jax.jit(loop, donate_argnums=1).lower(params, cache, x).compile()
 
 
-def time_step_in_loop(name: str, n: int, warmup: int, reps: int, steps: int = LOOP_STEPS) -> float:
-    """Milliseconds per step of ``steps`` steps at cache length n in one compiled loop
-    (``compiled_loop``; median of ``reps`` loops after ``warmup``, divided by ``steps``)."""
+def time_step(name: str, n: int, warmup: int, reps: int,
+              loop_steps: int | None = None) -> tuple[float, list[str]]:
+    """(milliseconds per step at cache length n, the integer cache arrays left as initialised).
+    One compiled call per step (``compiled_step``), or with ``loop_steps`` that many steps per
+    compiled loop (``compiled_loop``; the loop's time divided by ``loop_steps``); median of
+    ``reps`` after ``warmup``."""
     m = build(name)
     params, cache = init(m, 1, n)
-    cache, _ = fill_cache(cache, n, jax.random.key(1))
+    cache, kept = fill_cache(cache, n, jax.random.key(1))
     x = jax.random.normal(jax.random.key(2), (1, 1, DIM))
-    loop = compiled_loop(m, params, cache, x, n - 1, steps)
+    if loop_steps is None:
+        fn, per = compiled_step(m, params, cache, x, index=n - 1), 1
+    else:
+        fn, per = compiled_loop(m, params, cache, x, n - 1, loop_steps), loop_steps
     state = {"cache": cache}
 
     def run():
-        state["cache"], acc = loop(params, state["cache"], x)
-        acc.block_until_ready()
+        out, state["cache"] = fn(params, state["cache"], x)
+        out.block_until_ready()
 
-    return median_ms(run, warmup, reps) / steps
+    return median_ms(run, warmup, reps) / per, kept
 
 
 def scoring_fn(name: str, n: int):
@@ -364,13 +355,12 @@ def main(argv=None) -> dict:
             # while the latter's were still held
             release()
             steps[name][n], kept = time_step(name, n, a.warmup, a.reps)
-            release()
             if kept and n == a.lengths[0]:
                 notes.append(f"{name}: integer cache arrays left as initialised: {kept}")
             if not a.no_loop:
-                looped.setdefault(name, {})[n] = time_step_in_loop(
-                    name, n, max(1, a.warmup // 4), max(3, a.reps // 3))
                 release()
+                looped.setdefault(name, {})[n] = time_step(
+                    name, n, max(1, a.warmup // 4), max(3, a.reps // 3), LOOP_STEPS)[0]
             if name in SELECTORS:
                 scoring.setdefault(name, {})[n] = time_scoring(name, n, a.warmup, a.reps)
             print(f"  {name:<20} n={n:>7}  step {steps[name][n]:9.3f} ms"
