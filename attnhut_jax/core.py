@@ -54,8 +54,14 @@ def check_input(x: Array, dim: int, owner: str) -> None:
         raise TypeError(f"{owner}: input must be floating point, got dtype {x.dtype}")
 
 
-def check_positive(owner: str, **values: int | float) -> None:
-    """Raise ``ValueError`` naming every value that is not >= 1."""
+def check_positive(owner: str, **values: int) -> None:
+    """Raise ``TypeError`` naming every value that is not an integer (a size: Python or NumPy
+    int, not bool), then ``ValueError`` naming every one that is not >= 1."""
+    wrong = {k: v for k, v in values.items() if v is not None
+             and (isinstance(v, bool) or not isinstance(v, (int, np.integer)))}
+    if wrong:
+        named = ", ".join(f"{k}={v!r} ({type(v).__name__})" for k, v in wrong.items())
+        raise TypeError(f"{owner}: {named} must be an integer")
     bad = {k: v for k, v in values.items() if v is None or v < 1}
     if bad:
         named = ", ".join(f"{k}={v}" for k, v in bad.items())

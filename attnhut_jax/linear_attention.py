@@ -146,7 +146,10 @@ class LinearAttention(linear_core.FixedStateCache, nn.Module):
         return jnp.einsum("BNTS,BSNV->BTNV", a_BNTS, v, precision=p)
 
     def _out(self, o_BTNV: Array, dtype) -> Array:
-        """Numerator / (normaliser + eps), heads merged, through ``o_proj``."""
+        """Numerator / (normaliser + eps), heads merged, through ``o_proj``. A token that reads
+        no key (padding: numerator and normaliser 0) divides by 1 instead, so ``eps=0`` gives
+        it a zero output and finite gradients rather than 0 / 0."""
         b, t = o_BTNV.shape[:2]
-        o = o_BTNV[..., :-1] / (o_BTNV[..., -1:] + self.eps)
+        den = o_BTNV[..., -1:] + self.eps
+        o = o_BTNV[..., :-1] / jnp.where(den == 0, 1.0, den)
         return self.o_proj(o.reshape(b, t, self.dim).astype(dtype))

@@ -95,6 +95,32 @@ def test_chunks_run_the_modules_impl(impl):
     h.close(got, h.prefill(LINEAR["kda"], params, x), what=f"kda impl={impl}")
 
 
+@pytest.mark.parametrize("name", sorted(LINEAR))
+def test_tokens_past_a_rows_length_are_not_read(name):
+    """A chunk step with ``lengths``: NaN and inf in the tokens past each row's length change
+    neither the row's outputs nor the cache (the chunked impl: its products would carry a NaN
+    into every token of the chunk if the op let a skipped token in)."""
+    make = {"gdn": lambda dec: ah.GatedDeltaNet(D, 2, 4, 4, 3, impl="chunk", chunk_size=4,
+                                                decode=dec),
+            "kda": _CHUNKED["chunk"],
+            "linear": lambda dec: ah.LinearAttention(D, 2, impl="chunk", chunk_size=4,
+                                                     decode=dec)}[name]
+    x = _x(7, seed=3)
+    params = h.params_of(make, x)
+    cache = h.empty_cache(make, 2, 8, D)["cache"]
+    lengths = jnp.array([5, 2])
+    clean = x.at[0, 5:].set(0.0).at[1, 2:].set(0.0)
+    poisoned = x.at[0, 5:].set(jnp.nan).at[1, 2:].set(jnp.inf).at[1, 4].set(-jnp.inf)
+    step = h.stepper(make)
+    want, want_cache = step(params, cache, clean, lengths)
+    got, got_cache = step(params, cache, poisoned, lengths)
+    for row, n in enumerate(lengths.tolist()):
+        np.testing.assert_array_equal(np.asarray(got[row, :n]), np.asarray(want[row, :n]))
+    for key in want_cache:
+        np.testing.assert_array_equal(np.asarray(got_cache[key]), np.asarray(want_cache[key]),
+                                      err_msg=key)
+
+
 _CHUNKED = {impl: (lambda dec, impl=impl: ah.KimiDeltaAttention(
     D, 2, 4, conv_size=3, impl=impl, chunk_size=4, decode=dec)) for impl in ("chunk", "pallas")}
 

@@ -131,6 +131,24 @@ def test_fully_skipped_row_keeps_its_state():
     np.testing.assert_array_equal(np.asarray(s[0]), np.asarray(args[5][0]))
 
 
+@pytest.mark.parametrize("impl", ["chunk", "pallas"])
+def test_skipped_tokens_are_never_read(impl):
+    """NaN and inf in skipped tokens' q, k, v, g and beta change no output, state or gradient
+    (the chunked forms multiply every token into products that the masks zero afterwards:
+    the op zeroes skipped tokens first)."""
+    args = _inputs(18, per_channel=True)               # the shapes of a case above
+    ids = _segments(19, 2, 37)
+    skip = (ids == 0)[..., None, None]
+    poison = lambda a, val: jnp.where(skip.reshape(skip.shape[:2] + (1,) * (a.ndim - 2)),  # noqa: E731
+                                      val, a)
+    poisoned = (*(poison(a, v) for a, v in zip(args[:5], (jnp.nan, jnp.inf, jnp.nan, -jnp.inf,
+                                                          jnp.nan), strict=True)), args[5])
+    want = _value_and_grads(*args, ids, impl=impl, chunk_size=16)
+    got = _value_and_grads(*poisoned, ids, impl=impl, chunk_size=16)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_packed_equals_separate():
     """Two sequences packed in one row (the second after three skipped tokens) give each one's
     own outputs; the initial state enters only the first; the final state is the second's."""

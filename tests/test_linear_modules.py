@@ -263,6 +263,31 @@ def test_bad_configuration_names_the_values(make, match):
         jax.eval_shape(make().init, jax.random.key(0), jnp.zeros((B, 5, D)))
 
 
+@pytest.mark.parametrize("make, field", [
+    (lambda: _gdn(conv_size=2.0), "conv_size"),
+    (lambda: ah.GatedDeltaNet(D, 2, 4, 2.0, 3), "head_qk_dim"),
+])
+def test_a_size_that_is_not_an_integer_is_named(make, field):
+    with pytest.raises(TypeError, match=rf"GatedDeltaNet: {field}=2.0 \(float\) must be an "
+                                        r"integer"):
+        jax.eval_shape(make().init, jax.random.key(0), jnp.zeros((B, 5, D)))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_linear_attention_without_eps_pads_with_finite_gradients(causal):
+    """``eps=0`` (the paper's form: the normaliser of a token that reads a key is positive):
+    a padding token reads none, its output is zero and no gradient is NaN."""
+    m = _linear(eps=0.0, causal=causal, impl="chunk")
+    x = _x(6)
+    seg = jnp.array([[1, 1, 1, 1, 0, 0], [0, 2, 2, 2, 2, 2]])
+    p = _params("linear")
+    out = m.apply({"params": p}, x, segment_ids=seg)
+    assert np.all(np.asarray(out)[np.asarray(seg) == 0] == 0)
+    grads = jax.grad(lambda p_, x_: jnp.sum(m.apply({"params": p_}, x_, segment_ids=seg) ** 2),
+                     argnums=(0, 1))(p, x)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_bad_state_names_the_values(name):
     m = MODULES[name]()

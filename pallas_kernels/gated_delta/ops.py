@@ -245,6 +245,14 @@ def _chunked_bwd(cfg: ChunkConfig, res, cotangents):
 chunked_gated_delta.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+def zero_skipped(segment_ids: Array, *arrays: Array | None) -> tuple[Array | None, ...]:
+    """``arrays`` (each (B, T, ...)) with the tokens whose ``segment_ids`` is 0 set to zero."""
+    skip = segment_ids == 0
+    return tuple(None if a is None else
+                 jnp.where(skip.reshape(skip.shape + (1,) * (a.ndim - 2)), jnp.zeros((), a.dtype), a)
+                 for a in arrays)
+
+
 def gated_delta_rule(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array,
                      beta_BTN: Array | None, *, scale: float | None = None,
                      initial_state: Array | None = None, segment_ids: Array | None = None,
@@ -279,6 +287,12 @@ def gated_delta_rule(q_BTNH: Array, k_BTNH: Array, v_BTNV: Array, g: Array,
                                    initial_state=initial_state, segment_ids=segment_ids)
     if interpret is None:
         interpret = jax.default_backend() != {"pallas": "gpu", "pallas_tpu": "tpu"}.get(impl)
+    if segment_ids is not None:
+        # a skipped token must not reach the chunk arithmetic at all: its q, k, v, g, beta
+        # enter products that the masks zero afterwards, and 0 * NaN is NaN (decode steps
+        # pass whatever the caller put past a row's length)
+        q_BTNH, k_BTNH, v_BTNV, g, beta_BTN = zero_skipped(
+            segment_ids, q_BTNH, k_BTNH, v_BTNV, g, beta_BTN)
     b, t, n, h = q_BTNH.shape
     s0 = (jnp.zeros((b, n, h, v_BTNV.shape[-1]), jnp.float32) if initial_state is None
           else initial_state)
