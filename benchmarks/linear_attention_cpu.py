@@ -17,6 +17,16 @@ to measured peaks of this script) exceeds ``--torch-gib`` is skipped and says so
 fallback builds (heads, T, 64, 128) float32 decay masks and their products, 2 GiB each at T = 8192.
 ``--skip-torch-above T`` times only ours beyond T.
 
+``--growth T`` times only ours, at ``T`` and ``4T`` alternately (a round times one call of
+each, each timed call after an untimed one of its length), and prints the growth with the
+page faults and user / system CPU time per call. ``--keep-heap`` runs the script (and its
+children) with the glibc malloc tunables ``KEEP_HEAP``: XLA:CPU allocates its temporaries with
+``malloc`` on every call, and by default glibc serves blocks that large with fresh ``mmap``s,
+which the kernel then faults in page by page.
+
+``--projections T`` times only Gated DeltaNet's projections at length T, as two bare
+products in torch and in XLA (needs torch): a floor under either framework's forward.
+
 ``--fits T`` instead times and measures only our forward + backward at length T (default run of
 the goal: ``--fits 65536``), in this process: the peak resident memory (``VmHWM``, reset after the
 weights are built, compilation included) and XLA's own figure for the compiled gradient
@@ -25,6 +35,8 @@ weights are built, compilation included) and XLA's own figure for the compiled g
     .venv-parity/bin/python benchmarks/linear_attention_cpu.py                  # 2048 8192 32768
     .venv-parity/bin/python benchmarks/linear_attention_cpu.py --lengths 2048 --reps 1
     .venv-parity/bin/python benchmarks/linear_attention_cpu.py --fits 65536
+    .venv/bin/python benchmarks/linear_attention_cpu.py --growth 8192 [--keep-heap]
+    .venv-parity/bin/python benchmarks/linear_attention_cpu.py --projections 8192 --reps 5
 
 Goals (issue 14): ours at least 5x faster than the torch fallback at T = 8192, time(32768) /
 time(8192) <= 4.5, and T = 65536 forward + backward fitting in this 23 GiB machine.
@@ -33,6 +45,8 @@ time(8192) <= 4.5, and T = 65536 forward + backward fitting in this 23 GiB machi
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import sys
 import time
@@ -53,6 +67,12 @@ GDN = dict(num_query_key_heads=16, num_value_heads=16, head_qk_dim=128, head_v_d
            conv_size=4, norm_eps=1e-6)
 KDA = dict(num_heads=8, head_dim=128, conv_size=4, norm_eps=1e-5)  # KimiLinearConfig's eps
 LAYERS = ("GatedDeltaNet", "KimiDeltaAttention")
+# glibc malloc settings that keep XLA:CPU's per-call temporaries in the heap (``--keep-heap``):
+# one arena (a thread's own arena maps any block over its 64 MiB heaps afresh, whatever
+# mmap_max says), no mmap, no trimming. Without them every call maps its temporaries anew and
+# the kernel faults them in page by page.
+KEEP_HEAP = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+             f"glibc.malloc.trim_threshold={2**36}")
 ONCE_S = 5.0  # a torch call longer than this is timed once (no separate warm-up)
 
 
@@ -193,6 +213,74 @@ def fits(name: str, t: int, reps: int) -> None:
           f"{compile_s:.1f} s); peak resident {_status_gib('VmHWM'):.2f} GiB (process before "
           f"compiling {base:.2f} GiB); XLA arguments + outputs + temporaries {xla:.2f} GiB",
           flush=True)
+
+
+def _usage() -> tuple[int, float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt, r.ru_utime, r.ru_stime
+
+
+def growth(name: str, t: int, rounds: int) -> None:
+    """time(4t) / time(t) of our forward and forward + backward, the two lengths alternating:
+    each round times one call at ``t`` then one at ``4t``, so a change of the machine's speed
+    during the run reaches both lengths alike. Each timed call follows an untimed call of the
+    same length (a call right after a longer one pays for the memory that one released: the
+    forward at 8192 takes about 20% longer). Printed per mode:
+    the medians, their ratio, the range of the rounds' own ratios, and per call the page faults
+    and the user / system CPU seconds (``getrusage``) at each length."""
+    fm = our_layer(name)
+    params = jax.jit(fm.init)(jax.random.key(0), jnp.zeros((1, 64, HIDDEN), jnp.float32))["params"]
+    fwd = jax.jit(lambda p, x: fm.apply({"params": p}, x))
+    grad = jax.jit(jax.grad(lambda p, x, c: jnp.vdot(fm.apply({"params": p}, x), c),
+                            argnums=(0, 1)))
+    data = {n: tuple(jnp.asarray(a) for a in _inputs(n)) for n in (t, 4 * t)}
+    calls = {("fwd", n): (lambda n=n: fwd(params, data[n][0])) for n in (t, 4 * t)}
+    calls |= {("fwd+bwd", n): (lambda n=n: grad(params, *data[n])) for n in (t, 4 * t)}
+    for mode in ("fwd", "fwd+bwd"):
+        ms = {t: [], 4 * t: []}
+        use = {t: np.zeros(3), 4 * t: np.zeros(3)}
+        for _ in range(rounds):
+            for n in (t, 4 * t):
+                jax.block_until_ready(calls[mode, n]())
+                u0, t0 = _usage(), time.perf_counter()
+                jax.block_until_ready(calls[mode, n]())
+                ms[n].append((time.perf_counter() - t0) * 1e3)
+                use[n] += np.subtract(_usage(), u0)
+        ratios = [b / a for a, b in zip(ms[t], ms[4 * t], strict=True)]
+        small, big = statistics.median(ms[t]), statistics.median(ms[4 * t])
+        per = {n: use[n] / rounds for n in use}
+        print(f"{name:<20} {mode:<8} T={t}: {small:7.0f} ms  T={4 * t}: {big:7.0f} ms  "
+              f"growth {big / small:.2f} (rounds {min(ratios):.2f}-{max(ratios):.2f})  "
+              f"per call: faults {per[t][0]:,.0f} -> {per[4 * t][0]:,.0f}, user "
+              f"{per[t][1]:.2f} -> {per[4 * t][1]:.2f} s, system {per[t][2]:.2f} -> "
+              f"{per[4 * t][2]:.2f} s", flush=True)
+
+
+def projections(t: int, reps: int) -> None:
+    """Gated DeltaNet's projections alone at length ``t``, torch and XLA in this process: the
+    in-projections (hidden -> q, k, v, z and a, b) and the output projection as two products of
+    the layer's sizes (the floor of either framework's forward: every other op is extra)."""
+    import torch
+
+    torch.set_num_threads(2)
+    heads, width = GDN["num_value_heads"], GDN["head_v_dim"]
+    n_in = 2 * GDN["num_query_key_heads"] * GDN["head_qk_dim"] + 2 * heads * width + 2 * heads
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((t, HIDDEN), dtype=np.float32)
+    w_in = rng.standard_normal((HIDDEN, n_in), dtype=np.float32) * HIDDEN ** -0.5
+    w_out = rng.standard_normal((heads * width, HIDDEN), dtype=np.float32) * HIDDEN ** -0.5
+    xt, wt_in, wt_out = map(torch.from_numpy, (x, w_in, w_out))
+
+    def torch_pass():
+        return (xt @ wt_in)[:, :heads * width].contiguous() @ wt_out
+
+    xla = jax.jit(lambda x, a, b: (x @ a)[:, :heads * width] @ b)
+    xj, wj_in, wj_out = map(jnp.asarray, (x, w_in, w_out))
+    macs = t * (HIDDEN * n_in + heads * width * HIDDEN)
+    print(f"GatedDeltaNet projections at T={t} ({HIDDEN} x {n_in} and {heads * width} x "
+          f"{HIDDEN}, {macs / 1e9:.0f} G multiply-adds), median of {reps}: torch "
+          f"{_median_ms(torch_pass, reps):.0f} ms, XLA (jax {jax.__version__}) "
+          f"{_median_ms(lambda: jax.block_until_ready(xla(xj, wj_in, wj_out)), reps):.0f} ms")
 
 
 def _inputs(t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -344,10 +432,21 @@ def main() -> None:
                     help="skip a torch case whose estimated peak memory exceeds this")
     ap.add_argument("--fits", type=int, default=None, metavar="T",
                     help="only our forward + backward at length T: time and peak memory")
+    ap.add_argument("--growth", type=int, default=None, metavar="T",
+                    help="only ours: time(4T) / time(T), the two lengths alternating")
+    ap.add_argument("--projections", type=int, default=None, metavar="T",
+                    help="only Gated DeltaNet's projections at length T, torch and XLA")
+    ap.add_argument("--keep-heap", action="store_true",
+                    help="run with glibc malloc tunables that keep freed memory in the heap "
+                         "(KEEP_HEAP; children inherit them)")
     ap.add_argument("--ours-python", default=None, metavar="PYTHON",
                     help="time ours in a child process of this interpreter (another jax)")
     ap.add_argument("--ours-only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.keep_heap and os.environ.get("GLIBC_TUNABLES") != KEEP_HEAP:
+        # glibc reads its tunables at start-up: run this script again with them set
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "GLIBC_TUNABLES": KEEP_HEAP})
     if args.ours_only is not None:
         _ours_only(args.ours_only, args.layers, args.lengths, args.reps)
         return
@@ -355,6 +454,15 @@ def main() -> None:
         print(f"jax {jax.__version__} ({jax.default_backend()}), float32, batch 1")
         for name in args.layers:
             fits(name, args.fits, args.reps)
+        return
+    if args.projections is not None:
+        projections(args.projections, args.reps)
+        return
+    if args.growth is not None:
+        print(f"jax {jax.__version__} ({jax.default_backend()}), float32, batch 1, "
+              f"{args.reps} rounds")
+        for name in args.layers:
+            growth(name, args.growth, args.reps)
         return
     compare(args.layers, args.lengths, args.reps, args.skip_torch_above, args.torch_gib,
             args.ours_python)
