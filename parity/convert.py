@@ -31,6 +31,10 @@ import torch
 import attnhut_jax
 
 from . import naming
+from .naming import (
+    SILU_NAMES,
+    torch_key,  # noqa: F401  (public here since the rule's first version)
+)
 from .naming import conv_from_rule as _conv_from_rule
 from .naming import conv_to_rule as _conv_to_rule
 from .naming import kimi_from_rule as _kimi_from_rule
@@ -38,7 +42,6 @@ from .naming import kimi_to_rule as _kimi_to_rule
 from .naming import next_from_rule as _next_from_rule
 from .naming import next_to_rule as _next_to_rule
 from .naming import to_numpy as _to_numpy
-from .naming import torch_key  # noqa: F401  (public here since the rule's first version)
 
 Variables = dict[str, Any]
 
@@ -174,9 +177,12 @@ TORCH_LAYERS: list[TorchLayer] = []
 
 def _check_silu(layer: torch.nn.Module) -> None:
     act = getattr(layer, "activation", "silu")
-    if act != "silu" or layer.conv1d.bias is not None:
-        raise ValueError(f"from_torch: {type(layer).__name__} with activation={act!r}, conv bias "
-                         f"{layer.conv1d.bias is not None}; attnhut_jax has SiLU and no conv bias")
+    if act not in SILU_NAMES:
+        raise ValueError(f"from_torch: {type(layer).__name__} with activation={act!r}; "
+                         f"attnhut_jax's short convolution applies SiLU ({SILU_NAMES})")
+    if layer.conv1d.bias is not None:
+        raise ValueError(f"from_torch: {type(layer).__name__} with a conv bias; attnhut_jax's "
+                         f"short convolution has none")
 
 
 def _hf_gdn_config(layer: torch.nn.Module) -> dict[str, Any]:
@@ -313,10 +319,14 @@ def _spec_for_torch(module: Any) -> Spec:
     if layer is not None:
         return SPECS[layer.flax_name]
     spec = SPECS.get(type(module).__name__)
-    if spec is None or not isinstance(module, spec.torch_cls):
+    # a linear-attention name (torch_cls nn.Module) converts only the classes of TORCH_LAYERS:
+    # another library's layer of that name (fla.layers.GatedDeltaNet) is not one of them
+    if spec is None or spec.torch_cls is torch.nn.Module or not isinstance(module,
+                                                                            spec.torch_cls):
         raise TypeError(
             f"from_torch: no converter for {type(module).__module__}.{type(module).__qualname__}; "
-            f"known attnhut modules: {', '.join(sorted(SPECS))}")
+            f"known attnhut modules: {', '.join(sorted(SPECS))}; known torch layers: "
+            f"{', '.join(t.torch_cls for t in TORCH_LAYERS)}")
     return spec
 
 
@@ -411,6 +421,9 @@ def from_torch(torch_module: torch.nn.Module) -> tuple[nn.Module, Variables]:
     Also takes transformers' ``Qwen3_5GatedDeltaNet`` / ``Qwen3NextGatedDeltaNet`` (->
     ``GatedDeltaNet``, decay gate "mamba"), ``KimiLinearDeltaAttention`` (->
     ``KimiDeltaAttention``) and ``parity.oracles``' ``GatedDeltaNet`` / ``LinearAttention``.
+    The variables are float32 (the Flax modules' ``param_dtype``) whatever the torch layer's
+    dtype, and ``to_torch`` builds a float32 torch layer: a bfloat16 layer's weights convert
+    exactly, and cast back with ``.to(torch.bfloat16)``.
     """
     layer = _torch_layer_for(torch_module)
     if layer is not None:

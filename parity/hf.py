@@ -42,6 +42,7 @@ import attnhut_jax
 from attnhut_jax import core
 
 from . import hf_deepseek, naming
+from .naming import SILU_NAMES
 
 Variables = dict[str, Any]
 
@@ -322,7 +323,7 @@ def _attention_from_rule(fm: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
 
 def _check_silu(c: HFConfig, owner: str) -> None:
     act = c["hidden_act"]
-    if act != "silu":
+    if act not in SILU_NAMES:
         raise ValueError(f"{owner}: hidden_act={act!r} is not converted (the short convolution's "
                          f"activation is SiLU here)")
 
@@ -490,7 +491,7 @@ def _module_of(arch: Arch, layer: Any) -> nn.Module:
         from .convert import _torch_layer_for
 
         act = getattr(layer, "activation", "silu")  # the config's hidden_act
-        if act != "silu":
+        if act not in SILU_NAMES:
             raise ValueError(f"from_hf: {arch.name} with hidden_act={act!r} is not converted "
                              f"(the short convolution's activation is SiLU here)")
         spec = _torch_layer_for(layer)

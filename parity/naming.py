@@ -18,6 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# transformers' names of the activation the linear layers' short convolutions apply
+# (ACT2FN maps both to nn.SiLU)
+SILU_NAMES = ("silu", "swish")
+
 Variables = dict[str, Any]
 
 # ----------------------------------------------------------------------------- the rule

@@ -381,6 +381,36 @@ def test_unsupported_hf_configurations_are_refused():
         from_torch(qwen35.Qwen3_5GatedDeltaNet(config, 0))
 
 
+def test_swish_is_silu_and_a_conv_bias_is_refused():
+    """transformers' "swish" is SiLU (ACT2FN): converted, same outputs as the "silu" layer; a
+    conv bias is refused by name."""
+    config = qwen_text_config("Qwen3_5TextConfig", _gdn_shape())
+    torch.manual_seed(0)
+    silu = qwen35.Qwen3_5GatedDeltaNet(config, 0)
+    config.hidden_act = "swish"
+    swish = qwen35.Qwen3_5GatedDeltaNet(config, 0)
+    swish.load_state_dict(silu.state_dict())
+    fm, v = from_torch(swish)
+    x = np.random.default_rng(1).standard_normal((B, 5, fm.hidden_size)).astype(np.float32)
+    with torch.no_grad():
+        want = silu(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(jax.jit(fm.apply)(v, jnp.asarray(x))), want,
+                               atol=1e-5)
+    biased = qwen35.Qwen3_5GatedDeltaNet(config, 0)
+    biased.conv1d.bias = torch.nn.Parameter(torch.zeros(biased.conv1d.out_channels))
+    with pytest.raises(ValueError, match="with a conv bias"):
+        from_torch(biased)
+
+
+def test_another_librarys_layer_of_the_same_name_is_refused():
+    """A torch module named like a linear-attention module but of no registered class (as
+    flash-linear-attention's ``fla.layers.GatedDeltaNet``) gets the "no converter" error."""
+    for name in ("GatedDeltaNet", "KimiDeltaAttention", "LinearAttention"):
+        foreign = type(name, (torch.nn.Module,), {})()
+        with pytest.raises(TypeError, match=f"from_torch: no converter for .*{name}"):
+            from_torch(foreign)
+
+
 def test_the_comparison_can_fail():
     """One weight off by 0.1 %: the check must fail."""
     ref = dict(torch_reference("linear-causal", True))
