@@ -193,22 +193,30 @@ def _torch_gib(name: str, t: int, grad: bool) -> float:
 
 # --------------------------------------------------------------------------- the two modes
 
+def _compiled_calls(fm) -> tuple[Callable, Callable]:
+    """Our jitted forward ``(params, x) -> out`` and forward + backward ``(params, x, cot) ->``
+    the gradients of ``<out, cot>`` for every parameter and the input."""
+    fwd = jax.jit(lambda p, x: fm.apply({"params": p}, x))
+    grad = jax.jit(jax.grad(lambda p, x, c: jnp.vdot(fm.apply({"params": p}, x), c),
+                            argnums=(0, 1)))
+    return fwd, grad
+
+
 def fits(name: str, t: int, reps: int) -> None:
     """Our forward + backward at length ``t``: time, peak resident memory, XLA's figure."""
     fm = our_layer(name)
     x = jax.random.normal(jax.random.key(1), (1, t, HIDDEN), jnp.float32)
     cot = jax.random.normal(jax.random.key(2), (1, t, HIDDEN), jnp.float32)
     params = jax.jit(fm.init)(jax.random.key(0), x[:, :64])["params"]
-    grad = jax.jit(jax.grad(lambda p, x: jnp.vdot(fm.apply({"params": p}, x), cot),
-                            argnums=(0, 1)))
+    _, grad = _compiled_calls(fm)
     _reset_peak()
     base = _status_gib("VmRSS")
     t0 = time.perf_counter()
-    compiled = grad.lower(params, x).compile()
+    compiled = grad.lower(params, x, cot).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     xla = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**30
-    ms = _median_ms(lambda: jax.block_until_ready(compiled(params, x)), reps)
+    ms = _median_ms(lambda: jax.block_until_ready(compiled(params, x, cot)), reps)
     print(f"{name:<20} T={t}: forward + backward {ms:,.0f} ms (median of {reps}, compile "
           f"{compile_s:.1f} s); peak resident {_status_gib('VmHWM'):.2f} GiB (process before "
           f"compiling {base:.2f} GiB); XLA arguments + outputs + temporaries {xla:.2f} GiB",
@@ -225,14 +233,12 @@ def growth(name: str, t: int, rounds: int) -> None:
     each round times one call at ``t`` then one at ``4t``, so a change of the machine's speed
     during the run reaches both lengths alike. Each timed call follows an untimed call of the
     same length (a call right after a longer one pays for the memory that one released: the
-    forward at 8192 takes about 20% longer). Printed per mode:
-    the medians, their ratio, the range of the rounds' own ratios, and per call the page faults
-    and the user / system CPU seconds (``getrusage``) at each length."""
+    forward at 8192 takes about 20% longer). Printed per mode: the medians, their ratio, the
+    range of the rounds' own ratios, and per call the page faults and the user / system CPU
+    seconds (``getrusage``) at each length."""
     fm = our_layer(name)
     params = jax.jit(fm.init)(jax.random.key(0), jnp.zeros((1, 64, HIDDEN), jnp.float32))["params"]
-    fwd = jax.jit(lambda p, x: fm.apply({"params": p}, x))
-    grad = jax.jit(jax.grad(lambda p, x, c: jnp.vdot(fm.apply({"params": p}, x), c),
-                            argnums=(0, 1)))
+    fwd, grad = _compiled_calls(fm)
     data = {n: tuple(jnp.asarray(a) for a in _inputs(n)) for n in (t, 4 * t)}
     calls = {("fwd", n): (lambda n=n: fwd(params, data[n][0])) for n in (t, 4 * t)}
     calls |= {("fwd+bwd", n): (lambda n=n: grad(params, *data[n])) for n in (t, 4 * t)}
@@ -297,9 +303,7 @@ def ours_side(names: list[str], lengths: list[int], reps: int,
     for name in names:
         fm = our_layer(name)
         params = our_params_from_torch(fm, states[name])
-        fwd = jax.jit(lambda p, x, fm=fm: fm.apply({"params": p}, x))
-        grad = jax.jit(jax.grad(lambda p, x, c, fm=fm: jnp.vdot(fm.apply({"params": p}, x), c),
-                                argnums=(0, 1)))
+        fwd, grad = _compiled_calls(fm)
         for i, t in enumerate(lengths):
             xj, cj = (jnp.asarray(a) for a in _inputs(t))
             times[name, "ours fwd", t] = _median_ms(
